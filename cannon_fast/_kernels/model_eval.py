@@ -1,0 +1,264 @@
+"""Label fitting on precomputed moments: batched Levenberg-Marquardt (numba).
+
+Same contract as ``_reference.model_eval.lm_fit``; see its docstring for the math.
+"""
+import numba as nb
+import numpy as np
+
+from .._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from ._jit import JIT
+
+
+@nb.njit(**JIT)
+def _ipow(x, e):
+    out = 1.0
+    for _ in range(e):
+        out *= x
+    return out
+
+
+@nb.njit(**JIT)
+def label_vector_and_jacobian(x, exponents, v_out, dv_out):
+    """``v(x)`` (T,) and ``dv/dx`` (T, L) for one star: ``(l),(t,l)->(t),(t,l)``."""
+    n_terms, n_labels = exponents.shape
+    for t in range(n_terms):
+        prod = 1.0
+        for l in range(n_labels):
+            prod *= _ipow(x[l], exponents[t, l])
+        v_out[t] = prod
+        for l in range(n_labels):
+            e = exponents[t, l]
+            if e == 0:
+                dv_out[t, l] = 0.0
+                continue
+            d = e * _ipow(x[l], e - 1)
+            for m in range(n_labels):
+                if m != l:
+                    d *= _ipow(x[m], exponents[t, m])
+            dv_out[t, l] = d
+
+
+@nb.njit(**JIT)
+def _objective(x, c, h, g, exponents, v, dv):
+    label_vector_and_jacobian(x, exponents, v, dv)
+    n_terms = v.shape[0]
+    acc = c
+    for t in range(n_terms):
+        gv = 0.0
+        for s in range(n_terms):
+            gv += g[t, s] * v[s]
+        acc += v[t] * (gv - 2.0 * h[t])
+    return acc
+
+
+@nb.njit(**JIT)
+def _solve_small(a, b, out, n):
+    """Gaussian elimination with partial pivoting on copies; False if singular."""
+    m = a.copy()
+    r = b.copy()
+    for col in range(n):
+        piv = col
+        for i in range(col + 1, n):
+            if abs(m[i, col]) > abs(m[piv, col]):
+                piv = i
+        if m[piv, col] == 0.0 or not np.isfinite(m[piv, col]):
+            return False
+        if piv != col:
+            for j in range(n):
+                tmp = m[col, j]
+                m[col, j] = m[piv, j]
+                m[piv, j] = tmp
+            tmp = r[col]
+            r[col] = r[piv]
+            r[piv] = tmp
+        for i in range(col + 1, n):
+            f = m[i, col] / m[col, col]
+            for j in range(col, n):
+                m[i, j] -= f * m[col, j]
+            r[i] -= f * r[col]
+    for i in range(n - 1, -1, -1):
+        s = r[i]
+        for j in range(i + 1, n):
+            s -= m[i, j] * out[j]
+        out[i] = s / m[i, i]
+    return True
+
+
+@nb.njit(**JIT)
+def _grad_hess(g, h, v, dv, grad, hess):
+    n_terms, n_labels = dv.shape
+    gv = np.empty(n_terms)
+    gdv = np.empty((n_terms, n_labels))
+    for t in range(n_terms):
+        acc = 0.0
+        for s in range(n_terms):
+            acc += g[t, s] * v[s]
+        gv[t] = acc - h[t]
+        for l in range(n_labels):
+            acc = 0.0
+            for s in range(n_terms):
+                acc += g[t, s] * dv[s, l]
+            gdv[t, l] = acc
+    for l in range(n_labels):
+        acc = 0.0
+        for t in range(n_terms):
+            acc += dv[t, l] * gv[t]
+        grad[l] = acc
+        for m in range(n_labels):
+            acc = 0.0
+            for t in range(n_terms):
+                acc += dv[t, l] * gdv[t, m]
+            hess[l, m] = acc
+
+
+@nb.njit(**JIT)
+def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
+    """LM from x (modified in place); returns (phi, iterations, converged)."""
+    n_labels = x.shape[0]
+    grad = np.empty(n_labels)
+    hess = np.empty((n_labels, n_labels))
+    damp = np.empty((n_labels, n_labels))
+    step = np.empty(n_labels)
+    x_new = np.empty(n_labels)
+    phi = _objective(x, c, h, g, exponents, v, dv)
+    lam = 1e-3
+    it = 0
+    while it < max_iter:
+        it += 1
+        label_vector_and_jacobian(x, exponents, v, dv)
+        _grad_hess(g, h, v, dv, grad, hess)
+        for l in range(n_labels):
+            for m in range(n_labels):
+                damp[l, m] = hess[l, m]
+            damp[l, l] += lam * (hess[l, l] + 1e-12)
+            grad[l] = -grad[l]
+        if not _solve_small(damp, grad, step, n_labels):
+            lam *= 10.0
+            continue
+        moved = 0.0
+        for l in range(n_labels):
+            xn = x[l] + step[l]
+            if xn < lo[l]:
+                xn = lo[l]
+            elif xn > hi[l]:
+                xn = hi[l]
+            x_new[l] = xn
+            if abs(xn - x[l]) > moved:
+                moved = abs(xn - x[l])
+        phi_new = _objective(x_new, c, h, g, exponents, v, dv)
+        if phi_new <= phi:
+            x[:] = x_new
+            phi = phi_new
+            lam = max(lam / 10.0, 1e-9)
+            if moved < xtol:
+                return phi, it, True
+        else:
+            lam *= 4.0
+            if lam > 1e12:
+                return phi, it, False
+    return phi, it, False
+
+
+@nb.njit(parallel=True, **JIT)
+def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
+           x_out, phi_out, iters_out, status_out):
+    """Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts:
+    ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``."""
+    n_stars = c.shape[0]
+    n_terms, n_labels = exponents.shape
+    n_cand = starts.shape[0]
+    n_runs = min(n_polish, n_cand)
+    for i in nb.prange(n_stars):
+        g = np.empty((n_terms, n_terms))
+        k = 0
+        for a in range(n_terms):
+            for b in range(a, n_terms):
+                g[a, b] = g_packed[i, k]
+                g[b, a] = g_packed[i, k]
+                k += 1
+        v = np.empty(n_terms)
+        dv = np.empty((n_terms, n_labels))
+        cand = np.empty((n_cand, n_labels))
+        first = np.empty(n_cand)
+        for s in range(n_cand):
+            for l in range(n_labels):
+                cand[s, l] = min(max(starts[s, l], lo[l]), hi[l])
+            first[s] = _objective(cand[s], c[i], h[i], g, exponents, v, dv)
+        order = np.argsort(first, kind="mergesort")
+        ends = np.empty((n_runs, n_labels))
+        phis = np.empty(n_runs)
+        convs = np.zeros(n_runs, dtype=np.bool_)
+        total_it = 0
+        for s in range(n_runs):
+            x = cand[order[s]].copy()
+            phi, it, conv = _lm_one(x, c[i], h[i], g, exponents, lo, hi, max_iter, xtol, v, dv)
+            ends[s] = x
+            phis[s] = phi
+            convs[s] = conv
+            total_it += it
+        best = 0
+        for s in range(1, n_runs):
+            if phis[s] < phis[best]:
+                best = s
+        status = 0 if convs[best] else NOT_CONVERGED
+        for l in range(n_labels):
+            if ends[best, l] <= lo[l] or ends[best, l] >= hi[l]:
+                status |= HIT_BOUND
+        label_vector_and_jacobian(ends[best], exponents, v, dv)
+        grad = np.empty(n_labels)
+        hess = np.empty((n_labels, n_labels))
+        _grad_hess(g, h[i], v, dv, grad, hess)
+        for s in range(n_runs):
+            if not convs[s] or phis[s] - phis[best] >= disagree_dchi2:
+                continue
+            d2 = 0.0
+            for l in range(n_labels):
+                for m in range(n_labels):
+                    d2 += (ends[s, l] - ends[best, l]) * hess[l, m] * (ends[s, m] - ends[best, m])
+            if d2 > disagree_dchi2:
+                status |= STARTS_DISAGREE
+        x_out[i] = ends[best]
+        phi_out[i] = phis[best]
+        iters_out[i] = total_it
+        status_out[i] = status
+
+
+@nb.njit(parallel=True, **JIT)
+def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
+                 moments_out):
+    """Weights (float32), ``w (f - theta0)``, its chi², good-pixel counts and weight moments
+    per star: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``."""
+    n_stars, n_pix = flux.shape
+    for i in nb.prange(n_stars):
+        acc = 0.0
+        cnt = 0
+        m0 = 0.0
+        m1 = 0.0
+        m2 = 0.0
+        for p in range(n_pix):
+            iv = ivar[i, p]
+            if iv > 0 and good_pix[p]:
+                w = 1.0 / (1.0 / iv + s2[p])
+                r = flux[i, p] - theta0[p]
+                w_out[i, p] = w
+                wr_out[i, p] = w * r
+                acc += w * r * r
+                cnt += 1
+                m0 += w
+                m1 += w * t_pix[p]
+                m2 += w * w * t_pix[p]
+            else:
+                w_out[i, p] = 0.0
+                wr_out[i, p] = 0.0
+        c_out[i] = acc
+        npix_out[i] = cnt
+        moments_out[i, 0] = m0
+        moments_out[i, 1] = m1
+        moments_out[i, 2] = m2
+
+
+@nb.njit(parallel=True, **JIT)
+def design(x, exponents, v_out, dv_out):
+    """Label vectors and their Jacobian for a batch: ``(l),(t,l)->(t),(t,l)``."""
+    for i in nb.prange(x.shape[0]):
+        label_vector_and_jacobian(x[i], exponents, v_out[i], dv_out[i])

@@ -1,0 +1,10 @@
+"""Plain numpy reference kernels: readable, unoptimised, the ground truth.
+
+Every backend (``_kernels`` for numba, ``_ccannon`` for C) implements these
+functions with the same names, arguments and ``*_out`` conventions.
+"""
+from .model_eval import design, lm_fit, star_weights
+from .normal_equations import solve_normal_equations
+from .s2_grid import s2_update
+
+__all__ = ["design", "lm_fit", "star_weights", "solve_normal_equations", "s2_update"]

@@ -1,0 +1,61 @@
+"""The ``cannon-fast`` command line: one subcommand per step of the workflow.
+
+Each module in this package registers its own subcommands with
+``register(subparsers, parent)``; they share the ``parent`` parser's options.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# (module, what it provides) -- kept in workflow order for ``--help``.
+_COMMAND_MODULES = ("data", "core", "lab", "nn", "survey")
+
+
+def build_parser():
+    """Build the argument parser with every subcommand."""
+    from .. import __version__
+
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--backend", default="auto", choices=("auto", "c", "numba", "numpy"),
+                        help="kernel implementation (default: fastest available)")
+    parent.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parent.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(
+        prog="cannon-fast",
+        description="Stellar labels from APOGEE spectra with The Cannon: data to labels to figures.")
+    parser.add_argument("--version", action="version", version=f"cannon-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:  # only our own not-yet-written modules
+            if err.name != f"{__name__}.{name}":
+                raise
+            continue
+        mod.register(sub, parent)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "quiet", False):
+        import os
+        os.environ["CANNON_FAST_PROGRESS"] = "0"
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"cannon-fast {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

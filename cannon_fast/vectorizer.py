@@ -1,0 +1,135 @@
+"""Polynomial label vectors: the terms of the model, label scaling, and their Jacobian.
+
+The model at one pixel is ``flux = theta . v(x)``, where ``x`` are the labels
+scaled to order unity and ``v(x)`` holds every monomial of total degree
+``<= order`` (Ness et al. 2015, eq. 8 for ``order = 2``). Terms are described
+by an integer exponent matrix ``E`` of shape (T, L): ``v_t = prod_l x_l ** E[t, l]``,
+ordered by degree (constant, linear, then quadratic in upper-triangle order, ...).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+__all__ = ["polynomial_exponents", "term_names", "label_vector", "label_vector_jacobian",
+           "packed_outer", "unpack_symmetric", "n_packed"]
+
+
+def polynomial_exponents(n_labels, order):
+    """Exponent matrix of all monomials of degree <= ``order`` in ``n_labels`` variables.
+
+    Parameters
+    ----------
+    n_labels : int
+        L, the number of labels (>= 1).
+    order : int
+        Maximum total degree (>= 1).
+
+    Returns
+    -------
+    ndarray of int64, (T, L)
+        ``T = comb(L + order, order)``; row 0 is the constant term.
+    """
+    if int(n_labels) < 1:
+        raise ValueError(f"need at least one label, got {n_labels}")
+    if int(order) < 1:
+        raise ValueError(f"polynomial order must be >= 1, got {order}")
+    rows = [np.zeros(n_labels, dtype=np.int64)]
+    for degree in range(1, order + 1):
+        for combo in itertools.combinations_with_replacement(range(n_labels), degree):
+            e = np.zeros(n_labels, dtype=np.int64)
+            for i in combo:
+                e[i] += 1
+            rows.append(e)
+    return np.ascontiguousarray(np.array(rows, dtype=np.int64))
+
+
+def term_names(label_names, exponents):
+    """Human-readable names of the terms, e.g. ``'1'``, ``'TEFF'``, ``'TEFF*LOGG'``."""
+    out = []
+    for e in exponents:
+        parts = []
+        for name, k in zip(label_names, e):
+            parts.extend([name] * int(k))
+        out.append("*".join(parts) if parts else "1")
+    return out
+
+
+def label_vector(x, exponents):
+    """Label vectors ``v(x)``.
+
+    Parameters
+    ----------
+    x : ndarray, (N, L)
+        Scaled labels.
+    exponents : ndarray, (T, L)
+
+    Returns
+    -------
+    ndarray, (N, T)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return np.prod(x[:, None, :] ** exponents[None, :, :], axis=2)
+
+
+def label_vector_jacobian(x, exponents):
+    """Derivatives ``dv_t / dx_l``.
+
+    Parameters
+    ----------
+    x : ndarray, (N, L)
+    exponents : ndarray, (T, L)
+
+    Returns
+    -------
+    ndarray, (N, T, L)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, n_labels = x.shape
+    out = np.empty((n, exponents.shape[0], n_labels))
+    for l in range(n_labels):
+        e = exponents.copy()
+        coef = e[:, l].astype(np.float64)
+        e[:, l] = np.maximum(e[:, l] - 1, 0)
+        out[:, :, l] = coef[None, :] * np.prod(x[:, None, :] ** e[None, :, :], axis=2)
+    return out
+
+
+def n_packed(n_terms):
+    """Number of unique entries of a symmetric (T, T) matrix."""
+    return n_terms * (n_terms + 1) // 2
+
+
+def packed_outer(a):
+    """Upper-triangle products ``a_i a_j`` (i <= j) of each row.
+
+    Parameters
+    ----------
+    a : ndarray, (N, T)
+
+    Returns
+    -------
+    ndarray, (N, T(T+1)/2)
+    """
+    iu, ju = np.triu_indices(a.shape[1])
+    return np.ascontiguousarray(a[:, iu] * a[:, ju])
+
+
+def unpack_symmetric(packed, n_terms):
+    """Rebuild symmetric matrices from their packed upper triangles.
+
+    Parameters
+    ----------
+    packed : ndarray, (..., T(T+1)/2)
+    n_terms : int
+
+    Returns
+    -------
+    ndarray, (..., T, T)
+    """
+    iu, ju = np.triu_indices(n_terms)
+    out = np.zeros(packed.shape[:-1] + (n_terms, n_terms))
+    out[..., iu, ju] = packed
+    out[..., ju, iu] = packed
+    return out
