@@ -36,9 +36,14 @@ __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf"]
 
 #: Bits of ``FitResult.flags``.
 FLAGS = {"NOT_CONVERGED": NOT_CONVERGED, "HIT_BOUND": HIT_BOUND,
-         "STARTS_DISAGREE": STARTS_DISAGREE, "TOO_FEW_PIXELS": 8, "FAILED": 16}
-#: A star needs at least this many good pixels per label to be fitted.
-MIN_PIXELS_PER_LABEL = 10
+         "STARTS_DISAGREE": STARTS_DISAGREE, "TOO_FEW_PIXELS": 8, "FAILED": 16,
+         "NOT_DEBIASED": 32}
+
+
+
+def min_good_pixels(n_labels, n_model_pixels):
+    """Fewest good pixels a star needs to be fitted: 3 per label, and 10 % of the model's."""
+    return max(3 * n_labels, int(0.1 * n_model_pixels))
 
 
 @dataclasses.dataclass
@@ -238,26 +243,46 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         x = np.zeros((n, n_labels))
         iters = np.zeros(n, dtype=np.int64)
         status = np.zeros(n, dtype=np.int64)
-        fittable = n_pix >= MIN_PIXELS_PER_LABEL * n_labels
+        fittable = n_pix >= min_good_pixels(n_labels, pre["good_pix"].sum())
         idx = np.flatnonzero(fittable)
         if len(idx):
-            xs, ph = np.empty((len(idx), n_labels)), np.empty(len(idx))
-            it, st = np.zeros(len(idx), np.int64), np.zeros(len(idx), np.int64)
-            k.lm_fit(np.ascontiguousarray(g_eff[idx]), np.ascontiguousarray(h[idx]),
-                     np.ascontiguousarray(c[idx]), model.exponents, starts, lo, hi,
-                     int(n_polish), int(max_iter), float(xtol), float(disagree_dchi2),
-                     xs, ph, it, st)
-            x[idx], iters[idx], status[idx] = xs, it, st
+            x[idx], iters[idx], status[idx] = _run_lm(
+                k, g[idx], h[idx], c[idx], model.exponents,
+                np.broadcast_to(starts, (len(idx),) + starts.shape), lo, hi, n_polish, max_iter,
+                xtol, disagree_dchi2)
+            if debias:
+                # From the plain minimum, a short LM run on the corrected objective. With a
+                # poorly constrained model G - B can be indefinite and the corrected
+                # objective unbounded: a run that does not converge, or runs into a bound
+                # the plain fit did not touch, keeps the plain fit (flag NOT_DEBIASED).
+                x_d, it_d, st_d = _run_lm(k, g_eff[idx], h[idx], c[idx], model.exponents,
+                                          x[idx][:, None, :], lo, hi, 1, max_iter, xtol,
+                                          disagree_dchi2)
+                ok = (st_d & NOT_CONVERGED) == 0
+                ok &= ((st_d & HIT_BOUND) == 0) | ((status[idx] & HIT_BOUND) > 0)
+                # ... or where the corrected objective does not curve upwards
+                dv_d = np.empty((len(idx), n_terms, n_labels))
+                k.design(x_d, model.exponents, np.empty((len(idx), n_terms)), dv_d)
+                h_d = np.swapaxes(dv_d, 1, 2) @ vz.unpack_symmetric(g_eff[idx], n_terms) @ dv_d
+                ok &= np.all(np.linalg.eigvalsh(h_d) > 0, axis=1)
+                keep = idx[ok]
+                x[keep] = x_d[ok]
+                iters[idx] += it_d
+                status[idx[~ok]] |= FLAGS["NOT_DEBIASED"]
         status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
         # chi², Fisher matrix and covariance at the solution
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
         k.design(x, model.exponents, v, dv)
         g_full = vz.unpack_symmetric(g, n_terms)
-        gv = np.matmul(g_full, v[:, :, None])[:, :, 0]
-        chi2 = c - 2 * np.einsum("nt,nt->n", h, v) + np.einsum("nt,nt->n", v, gv)
+        # chi² from the residuals themselves (G, accumulated in float32, is not used here)
+        m = v @ pre["theta_rest"].T  # (n, P): model minus its constant term
+        chi2 = c - 2 * np.einsum("np,np->n", wr, m) + np.einsum("np,np,np->n", w, m, m)
         dvt = np.swapaxes(dv, 1, 2)
         fisher = dvt @ g_full @ dv  # (n, L, L)
+        debiased = np.zeros(n, bool)
         if debias:
+            debiased = fittable & ((status & FLAGS["NOT_DEBIASED"]) == 0)
+        if debiased.any():
             hess = dvt @ vz.unpack_symmetric(g_eff, n_terms) @ dv
             if exact_debias:
                 q = (vz.packed_outer(v) * pre["twice"]).astype(np.float32) @ cov32.T  # v^T C_p v
@@ -270,7 +295,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
                 lev = np.einsum("nt,nt->n", v, (vz.unpack_symmetric(cbar, n_terms) @ v.T).T)
                 kappa = mom[:, 2] / np.maximum(mom[:, 0], 1e-300)
                 extra = (lev * kappa)[:, None, None] * fisher
-            cov_x = _sandwich(hess, fisher + extra)
+            cov_x = _inverse(fisher)
+            cov_x[debiased] = _sandwich(hess[debiased], (fisher + extra)[debiased])
         else:
             cov_x = _inverse(fisher)
         # a non-positive-definite covariance means the fit is not trustworthy
@@ -293,6 +319,17 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         bar.update(n)
     bar.close()
     return FitResult.concatenate(parts)
+
+
+def _run_lm(k, g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2):
+    """Call the backend's ``lm_fit`` on C-contiguous copies; returns (x, iterations, status)."""
+    n, n_labels = len(c), exponents.shape[1]
+    x, phi = np.empty((n, n_labels)), np.empty(n)
+    it, st = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    k.lm_fit(np.ascontiguousarray(g), np.ascontiguousarray(h), np.ascontiguousarray(c),
+             exponents, np.ascontiguousarray(starts), lo, hi, int(n_polish), int(max_iter),
+             float(xtol), float(disagree_dchi2), x, phi, it, st)
+    return x, it, st
 
 
 def _inverse(m):
@@ -354,7 +391,7 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
                       disable=None if progress_bar is None else not progress_bar):
         ok = (ivar[i] > 0) & good_pix
         out["n_pixels"][i] = ok.sum()
-        if ok.sum() < MIN_PIXELS_PER_LABEL * n_labels:
+        if ok.sum() < min_good_pixels(n_labels, good_pix.sum()):
             out["flags"][i] = FLAGS["TOO_FEW_PIXELS"]
             continue
         w = 1.0 / (1.0 / ivar[i, ok] + model.s2[ok])
@@ -531,7 +568,7 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
         flags = np.where(conv_best, 0, FLAGS["NOT_CONVERGED"])
         at_bound = np.any(np.isclose(best_x, bounds[0]) | np.isclose(best_x, bounds[1]), axis=1)
         flags[at_bound] |= FLAGS["HIT_BOUND"]
-        few = n_pix < MIN_PIXELS_PER_LABEL * n_labels
+        few = n_pix < min_good_pixels(n_labels, len(s2))
         flags[few] |= FLAGS["TOO_FEW_PIXELS"]
         labels = best_x * scale + med
         labels[few] = np.nan

@@ -162,11 +162,11 @@ def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
 @nb.njit(parallel=True, **JIT)
 def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
            x_out, phi_out, iters_out, status_out):
-    """Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts:
+    """Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts per star:
     ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``."""
     n_stars = c.shape[0]
     n_terms, n_labels = exponents.shape
-    n_cand = starts.shape[0]
+    n_cand = starts.shape[1]
     n_runs = min(n_polish, n_cand)
     for i in nb.prange(n_stars):
         g = np.empty((n_terms, n_terms))
@@ -182,7 +182,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         first = np.empty(n_cand)
         for s in range(n_cand):
             for l in range(n_labels):
-                cand[s, l] = min(max(starts[s, l], lo[l]), hi[l])
+                cand[s, l] = min(max(starts[i, s, l], lo[l]), hi[l])
             first[s] = _objective(cand[s], c[i], h[i], g, exponents, v, dv)
         order = np.argsort(first, kind="mergesort")
         ends = np.empty((n_runs, n_labels))

@@ -36,7 +36,8 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
     The objective is evaluated at every starting point (O(T²) each); LM runs
     from the ``n_polish`` best of them and the best end point wins.
 
-    Contract: ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()`` over stars.
+    Contract: ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()`` over stars
+    (``starts`` is per star).
 
     Parameters
     ----------
@@ -45,8 +46,8 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
     h : ndarray, (N, T)
     c : ndarray, (N,)
     exponents : ndarray of int64, (T, L)
-    starts : ndarray, (K, L)
-        Candidate starting points in scaled labels.
+    starts : ndarray, (N, K, L)
+        Candidate starting points of each star, in scaled labels.
     lo, hi : ndarray, (L,)
         Bounds in scaled labels.
     n_polish : int
@@ -67,7 +68,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
     for i in range(len(c)):
         g = unpack_symmetric(g_packed[i], n_terms)
         ends, phis, its, convs = [], [], [], []
-        cand = np.clip(starts, lo, hi)
+        cand = np.clip(starts[i], lo, hi)
         first = np.array([_objective(x0, c[i], h[i], g, exponents) for x0 in cand])
         for j in np.argsort(first, kind="stable")[:n_polish]:
             x = cand[j].copy()

@@ -12,7 +12,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # (module, what it provides) -- kept in workflow order for ``--help``.
-_COMMAND_MODULES = ("data", "core", "lab", "nn", "survey")
+_COMMAND_MODULES = ("data", "core", "lab", "science", "nn", "survey")
 
 
 def build_parser():

@@ -1,0 +1,126 @@
+"""``cannon-fast train`` and ``cannon-fast fit``: the model on prepared spectra."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+DEFAULT_LABELS = "TEFF,LOGG,FE_H,MG_FE,SI_FE"
+
+
+def register(sub, parent):
+    """Add the ``train`` and ``fit`` subcommands."""
+    p = sub.add_parser("train", parents=[parent], help="train a Cannon model on prepared spectra",
+                       description="Train a polynomial Cannon model (with per-pixel s²) on "
+                                   "normalized spectra with known labels.")
+    p.add_argument("spectra", help="a SpectraStore directory (cannon-fast prepare) or an .npz "
+                                   "with flux, ivar, labels, label_names")
+    p.add_argument("--out", required=True, help="model file to write (.fits or .npz)")
+    p.add_argument("--labels", default=None,
+                   help=f"comma-separated label names (default: the store's, or {DEFAULT_LABELS})")
+    p.add_argument("--order", type=int, default=2, help="polynomial order (default: 2)")
+    p.add_argument("--rows", default=None, help="train on rows START:STOP of the input only")
+    p.add_argument("--force", action="store_true", help="overwrite an existing model file")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("fit", parents=[parent], help="fit labels to prepared spectra",
+                       description="Fit labels with a trained model (batched, de-biased by "
+                                   "default) and write a FITS table of labels, errors, chi², flags.")
+    p.add_argument("model", help="model file written by cannon-fast train")
+    p.add_argument("spectra", help="a SpectraStore directory or an .npz with flux, ivar")
+    p.add_argument("--out", required=True, help="output FITS table")
+    p.add_argument("--rows", default=None, help="fit rows START:STOP of the input only")
+    p.add_argument("--no-debias", action="store_true",
+                   help="plain chi² fit (as other Cannon codes), errors (J^T W J)^-1")
+    p.add_argument("--method", choices=("fast", "trf"), default="fast",
+                   help="fast batched LM (default) or the scipy trf reference")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=_fit)
+
+
+def _rows(text, n):
+    if text is None:
+        return slice(0, n)
+    start, _, stop = text.partition(":")
+    return slice(int(start) if start else 0, int(stop) if stop else n)
+
+
+def load_spectra(path, need_labels=False):
+    """Read flux, ivar, labels, label names and ids from a SpectraStore or an .npz."""
+    if os.path.isdir(path):
+        from ..store import SpectraStore
+        store = SpectraStore(path)
+        out = dict(flux=store.flux, ivar=store.ivar, labels=store.labels,
+                   label_names=list(store.label_names), ids=store.ids)
+    elif os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("flux", "ivar") if k not in f.files]
+            if missing:
+                raise ValueError(f"{path} lacks the array(s) {missing}")
+            out = dict(flux=f["flux"], ivar=f["ivar"],
+                       labels=f["labels"] if "labels" in f.files else None,
+                       label_names=[str(x) for x in f["label_names"]]
+                       if "label_names" in f.files else None,
+                       ids=f["ids"] if "ids" in f.files else None)
+    else:
+        raise FileNotFoundError(f"no spectra at {path} (expected a SpectraStore directory or .npz)")
+    if need_labels and out["labels"] is None:
+        raise ValueError(f"{path} has no labels to train on")
+    return out
+
+
+def _train(args):
+    from ..model import CannonModel
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
+    data = load_spectra(args.spectra, need_labels=True)
+    names = args.labels.split(",") if args.labels else (data["label_names"]
+                                                        or DEFAULT_LABELS.split(","))
+    columns = list(range(len(names)))
+    if data["label_names"]:
+        unknown = [n for n in names if n not in data["label_names"]]
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in {args.spectra} "
+                             f"(it has {data['label_names']})")
+        columns = [data["label_names"].index(n) for n in names]
+    rows = _rows(args.rows, len(data["flux"]))
+    labels = np.asarray(data["labels"][rows])[:, columns]
+    keep = np.all(np.isfinite(labels), axis=1)
+    if not keep.all():
+        print(f"dropping {int((~keep).sum())} star(s) with missing labels")
+    t0 = time.perf_counter()
+    model = CannonModel(names, order=args.order, backend=args.backend)
+    model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
+                labels[keep])
+    model.write(args.out, overwrite=args.force)
+    info = model.train_info
+    print(f"trained {model!r} in {time.perf_counter() - t0:.2f} s "
+          f"({info['n_flagged_pixels']} flagged pixels); wrote {args.out}")
+    return 0
+
+
+def _fit(args):
+    from ..fitting import fit_spectra
+    from ..model import CannonModel
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
+    model = CannonModel.read(args.model, backend=args.backend)
+    data = load_spectra(args.spectra)
+    rows = _rows(args.rows, len(data["flux"]))
+    t0 = time.perf_counter()
+    kwargs = {} if args.method == "trf" else dict(debias=not args.no_debias)
+    result = fit_spectra(model, np.asarray(data["flux"][rows]), np.asarray(data["ivar"][rows]),
+                         method=args.method, **kwargs)
+    dt = time.perf_counter() - t0
+    ids = None if data["ids"] is None else np.asarray(data["ids"][rows])
+    table = result.to_table(ids=ids)
+    table.meta["MODEL"] = os.path.basename(args.model)
+    table.meta["MODELHSH"] = model.training_hash
+    from .._util import atomic_path
+    with atomic_path(args.out) as tmp:
+        table.write(tmp, format="fits")
+    n = len(result)
+    print(f"fitted {n} spectra in {dt:.2f} s ({n / max(dt, 1e-9):.0f} stars/s); "
+          f"{int((~result.ok).sum())} flagged as unusable; wrote {args.out}")
+    return 0

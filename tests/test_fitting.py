@@ -1,0 +1,146 @@
+"""The test step: fast batched fits vs the scipy "trf" reference, de-biasing, flags, bad input."""
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from cannon_fast import CannonModel, fit_spectra
+from cannon_fast import vectorizer as vz
+from cannon_fast.fitting import FLAGS, fit_trf
+from cannon_fast.testing import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train = make_synthetic(n_stars=300, n_pix=300, n_labels=3, seed=11)
+    test = make_synthetic(n_stars=40, n_pix=300, n_labels=3, seed=12, coeffs=train.coeffs,
+                          s2_true=train.s2_true)
+    model = CannonModel(train.label_names).train(train.flux, train.ivar, train.labels)
+    return model, train, test
+
+
+def test_fast_matches_trf_reference(setup, backend):
+    model, _, test = setup
+    fast = model.fit(test.flux, test.ivar, debias=False, backend=backend)
+    ref = fit_trf(model, test.flux, test.ivar)
+    assert not np.any(fast.flags & (FLAGS["NOT_CONVERGED"] | FLAGS["FAILED"]))
+    # labels agree to a tiny fraction of their errors; errors and chi² agree closely
+    assert np.max(np.abs(fast.labels - ref.labels) / ref.errors) < 2e-3
+    assert_allclose(fast.errors, ref.errors, rtol=1e-4)
+    assert_allclose(fast.chi2, ref.chi2, rtol=1e-7)
+
+
+def test_chi2_is_the_direct_sum(setup):
+    model, _, test = setup
+    r = model.fit(test.flux, test.ivar)
+    w = np.where(test.ivar > 0, 1 / (1 / np.where(test.ivar > 0, test.ivar, 1) + model.s2), 0)
+    w[:, model.pixel_flags & 3 > 0] = 0
+    direct = np.sum(w * (test.flux - model.predict(r.labels)) ** 2, axis=1)
+    assert_allclose(r.chi2, direct, rtol=1e-7)
+    assert_allclose(r.reduced_chi2, direct / (r.n_pixels - 3), rtol=1e-7)
+
+
+def test_debiased_fast_matches_its_reference(setup):
+    """Fast de-biased fit vs minimising chi² - sum_p w_p v^T C_p v directly (L-BFGS-B)."""
+    model, _, test = setup
+    exact = model.fit(test.flux[:15], test.ivar[:15], exact_debias=True)
+    approx = model.fit(test.flux[:15], test.ivar[:15])
+    ref = fit_trf(model, test.flux[:15], test.ivar[:15], debias=True)
+    assert np.max(np.abs(exact.labels - ref.labels) / exact.errors) < 5e-3
+    # the factorised Cov(theta_p) ~ t_p Cbar changes labels by a small fraction of sigma
+    assert np.max(np.abs(approx.labels - exact.labels) / exact.errors) < 0.05
+    assert_allclose(approx.errors, exact.errors, rtol=0.03)
+
+
+def test_debiasing_removes_the_pull_to_the_centre():
+    """Few training stars: plain fits shrink toward the training centre; de-biased do not."""
+    train = make_synthetic(n_stars=120, n_pix=600, n_labels=3, seed=21)
+    test = make_synthetic(n_stars=300, n_pix=600, n_labels=3, seed=22, coeffs=train.coeffs,
+                          s2_true=train.s2_true)
+    model = CannonModel(train.label_names).train(train.flux, train.ivar, train.labels)
+    slopes = {}
+    for debias in (False, True):
+        r = model.fit(test.flux, test.ivar, debias=debias)
+        dev = test.labels - test.labels.mean(axis=0)
+        slopes[debias] = [np.polyfit(dev[:, l], r.labels[:, l] - test.labels.mean(0)[l], 1)[0]
+                          for l in range(3)]
+        pulls = np.std((r.labels - test.labels) / r.errors, axis=0)
+        if debias:
+            assert np.all((pulls > 0.8) & (pulls < 1.25)), pulls
+        else:
+            assert np.all(pulls > 1.2), pulls  # plain errors are too small
+    assert np.all(np.abs(np.array(slopes[True]) - 1) < np.abs(np.array(slopes[False]) - 1))
+
+
+def test_masked_star_is_flagged_and_the_rest_go_on(setup):
+    model, _, test = setup
+    ivar = test.ivar.copy()
+    ivar[5] = 0
+    r = model.fit(test.flux, ivar)
+    assert r.flags[5] & FLAGS["TOO_FEW_PIXELS"] and np.all(np.isnan(r.labels[5]))
+    assert "TOO_FEW_PIXELS" in r.flag_names(5)
+    others = np.delete(np.arange(40), 5)
+    assert np.all(np.isfinite(r.labels[others])) and np.all(r.ok[others]) and not r.ok[5]
+
+
+def test_star_beyond_the_training_range_hits_a_bound(setup):
+    model, train, _ = setup
+    far = train.labels[:1].copy()
+    far[0, 0] = 9000.0  # Teff far above the 3800-5700 K training range
+    flux = 1.0 - vz.label_vector((far - 4750.0) / 950.0 * np.array([[1, 0, 0]])
+                                 + np.array([[0, *(train.scale_labels(far)[0, 1:])]]),
+                                 vz.polynomial_exponents(3, 2)) @ train.coeffs.T
+    r = model.fit(flux, np.full_like(flux, 1e4))
+    assert r.flags[0] & FLAGS["HIT_BOUND"]
+    assert r.labels[0, 0] == pytest.approx(model.label_bounds[0, 1])
+
+
+def test_symmetric_model_sets_starts_disagree():
+    """flux = 1 - 0.1 x² has minima at +x and -x: the starts must see both."""
+    rng = np.random.default_rng(0)
+    lab = rng.uniform(-1, 1, (200, 1))
+    flux = 1 - 0.1 * lab ** 2 + rng.normal(0, 0.001, (200, 50))
+    model = CannonModel(["X"]).train(flux, np.full_like(flux, 1e6), lab)
+    test = 1 - 0.1 * 0.7 ** 2 + rng.normal(0, 0.001, (1, 50))
+    r = model.fit(test, np.full_like(test, 1e6), debias=False)
+    assert r.flags[0] & FLAGS["STARTS_DISAGREE"]
+    assert abs(r.labels[0, 0]) == pytest.approx(0.7, abs=0.02)
+
+
+def test_generic_forward_model_matches_fast_path(setup):
+    model, _, test = setup
+
+    class Wrapped:  # any object with the forward-model protocol
+        label_names = model.label_names
+        label_bounds = model.label_bounds
+        training_labels = model.training_labels
+        s2 = model.s2
+
+        def predict_with_jacobian(self, labels):
+            return model.predict_with_jacobian(labels)
+
+    good = model.pixel_flags == 0
+    ivar = test.ivar * good[None, :]
+    gen = fit_spectra(Wrapped(), test.flux[:10], ivar[:10])
+    fast = model.fit(test.flux[:10], ivar[:10], debias=False)
+    assert np.max(np.abs(gen.labels - fast.labels) / fast.errors) < 1e-2
+    assert_allclose(gen.errors, fast.errors, rtol=1e-3)
+
+
+def test_bad_fit_input(setup):
+    model, _, test = setup
+    with pytest.raises(ValueError, match="have 299 pixels but the model has 300"):
+        model.fit(test.flux[:, :-1], test.ivar[:, :-1])
+    flux = test.flux.copy()
+    flux[3, 10] = np.inf
+    with pytest.raises(ValueError, match=r"star 3 \(1 pixels, 10\)"):
+        model.fit(flux, test.ivar)
+    with pytest.raises(ValueError, match="unknown method"):
+        fit_spectra(model, test.flux, test.ivar, method="lbfgs")
+
+
+def test_result_table_and_single_spectrum(setup):
+    model, _, test = setup
+    r = model.fit(test.flux[0], test.ivar[0])
+    assert r.labels.shape == (1, 3)
+    t = model.fit(test.flux[:3], test.ivar[:3]).to_table(ids=["a", "b", "c"])
+    assert list(t.colnames[:3]) == ["ID", "TEFF", "TEFF_ERR"] and len(t) == 3

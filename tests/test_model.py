@@ -1,0 +1,239 @@
+"""CannonModel: training, s², prediction, gradients, file round trips and bad input."""
+import os
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from cannon_fast import CannonModel
+from cannon_fast import vectorizer as vz
+from cannon_fast._reference.literal import train_profile_grid
+from cannon_fast.testing import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(n_stars=400, n_pix=120, n_labels=3, seed=3, intrinsic_frac=0.4,
+                          intrinsic_level=0.01)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    return CannonModel(data.label_names).train(data.flux, data.ivar, data.labels)
+
+
+def test_shapes_and_metadata(trained, data):
+    assert trained.theta.shape == (120, 10)
+    assert trained.s2.shape == (120,)
+    assert trained.theta_cov.shape == (120, 55)
+    assert np.all(np.isfinite(trained.theta)) and np.all(trained.s2 >= 0)
+    assert trained.n_labels == 3 and trained.n_terms == 10
+    assert "3 " not in repr(trained) or "CannonModel" in repr(trained)
+
+
+def test_prediction_error_matches_theta_covariance(trained, data):
+    """The model's error against the noise-free truth is what Cov(theta) predicts."""
+    resid = trained.predict(data.labels) - data.true_flux  # (N, P)
+    v = vz.label_vector(trained.scale_labels(data.labels), trained.exponents)
+    cov = vz.unpack_symmetric(trained.theta_cov, trained.n_terms)  # (P, T, T)
+    expected = np.einsum("nt,pts,ns->np", v, cov, v)
+    good = slice(0, -1)
+    ratio = np.sqrt(np.mean(resid[:, good] ** 2) / np.mean(expected[:, good]))
+    assert 0.85 < ratio < 1.15
+    noise = np.median(1 / np.sqrt(data.ivar[data.ivar > 0]))
+    assert np.sqrt(np.mean(resid[:, good] ** 2)) < 0.25 * noise
+
+
+def test_fully_masked_pixel_is_flagged_not_nan(trained):
+    # the last pixel has ivar = 0 in every star (see make_synthetic)
+    assert trained.pixel_flags[-1] & 1
+    assert np.all(np.isfinite(trained.theta[-1])) and trained.s2[-1] == 0
+    assert np.count_nonzero(trained.pixel_flags & 3) == 1
+
+
+def test_s2_matches_the_literal_profile_likelihood_grid(data):
+    """Fast alternating training vs the lab's algorithm (grid in s², theta re-solved)."""
+    sub = slice(0, 40)
+    model = CannonModel(data.label_names, backend="numpy")
+    model.train(data.flux[:, sub], data.ivar[:, sub], data.labels, s2_rtol=1e-4)
+    design = vz.label_vector(model.scale_labels(data.labels), model.exponents)
+    theta_ref, s2_ref = train_profile_grid(design, data.flux[:, sub], data.ivar[:, sub])
+    noise_var = np.median(1 / data.ivar[data.ivar > 0])
+    resolved = s2_ref > 0.05 * noise_var
+    assert resolved.sum() >= 5
+    assert_allclose(model.s2[resolved], s2_ref[resolved], rtol=0.01)
+    assert np.all(model.s2[s2_ref == 0] < 1e-3 * noise_var)
+    assert_allclose(model.theta, theta_ref, atol=1e-4)
+
+
+def test_s2_recovers_the_true_intrinsic_scatter(trained, data):
+    noise = np.median(1 / np.sqrt(data.ivar[data.ivar > 0]))
+    big = np.sqrt(data.s2_true) > 0.5 * noise
+    ratio = np.sqrt(trained.s2[big] / data.s2_true[big])
+    assert big.sum() >= 10
+    assert 0.85 < np.median(ratio) < 1.1
+    # pixels without intrinsic scatter mostly get (near) zero
+    assert np.median(np.sqrt(trained.s2[data.s2_true == 0])) < 0.3 * noise
+
+
+def test_gradient_matches_finite_differences(trained, data):
+    labels = data.labels[:3]
+    grad = trained.gradient(labels)
+    assert grad.shape == (3, 3, 120)
+    for l, step in enumerate([1.0, 0.001, 0.001]):
+        d = np.zeros(3)
+        d[l] = step
+        fd = (trained.predict(labels + d) - trained.predict(labels - d)) / (2 * step)
+        assert_allclose(grad[:, l], fd, rtol=1e-6, atol=1e-9)
+    flux, jac = trained.predict_with_jacobian(labels)
+    assert_allclose(jac, np.swapaxes(grad, 1, 2))
+    assert trained.predict(labels[0]).shape == (120,)
+
+
+@pytest.mark.parametrize("n_labels,order", [(2, 3), (4, 1), (1, 2)])
+def test_any_order_and_number_of_labels(n_labels, order):
+    d = make_synthetic(n_stars=200, n_pix=30, n_labels=n_labels, seed=5)
+    m = CannonModel(d.label_names, order=order).train(d.flux, d.ivar, d.labels)
+    assert m.theta.shape == (30, vz.polynomial_exponents(n_labels, order).shape[0])
+    r = m.fit(d.flux[:20], d.ivar[:20])
+    assert r.labels.shape == (20, n_labels) and np.all(np.isfinite(r.labels))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".fits"])
+def test_write_read_round_trip_is_exact(trained, tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    trained.write(path)
+    back = CannonModel.read(path)
+    for name in ("theta", "s2", "theta_cov", "pixel_flags", "label_offsets", "label_scales",
+                 "training_labels", "exponents"):
+        assert_array_equal(getattr(back, name), getattr(trained, name))
+    assert back.label_names == trained.label_names and back.order == trained.order
+    assert back.training_hash == trained.training_hash
+    assert back.train_info["trained_with_backend"] == trained.backend
+    labels = trained.training_labels[:4]
+    assert_array_equal(back.predict(labels), trained.predict(labels))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.write(path)
+    trained.write(path, overwrite=True)
+
+
+def test_npz_needs_no_pickle(trained, tmp_path):
+    path = tmp_path / "m.npz"
+    trained.write(path)
+    with np.load(path, allow_pickle=False) as f:
+        assert "theta" in f.files and "meta" in f.files
+
+
+def test_interrupted_write_leaves_the_old_file(trained, tmp_path, monkeypatch):
+    path = tmp_path / "m.npz"
+    trained.write(path)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        trained.write(path, overwrite=True)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]  # no temporary left behind
+
+
+def test_read_rejects_foreign_files(tmp_path):
+    bad = tmp_path / "x.npz"
+    np.savez(bad, a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a cannon_fast model"):
+        CannonModel.read(bad)
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        CannonModel.read(tmp_path / "missing.fits")
+
+
+def test_untrained_model_says_so():
+    with pytest.raises(RuntimeError, match="not trained"):
+        CannonModel(["A"]).predict([1.0])
+
+
+# ---------------------------------------------------------------------- bad input
+def _small():
+    return make_synthetic(n_stars=60, n_pix=20, n_labels=2, seed=9, masked_pixel=False)
+
+
+def test_nan_flux_where_ivar_positive_names_star_and_pixel():
+    d = _small()
+    d.flux[7, 3:5] = np.nan
+    with pytest.raises(ValueError, match=r"flux is NaN/inf where ivar > 0 at star 7 \(2 pixels, 3-4\)"):
+        CannonModel(d.label_names).train(d.flux, d.ivar, d.labels)
+
+
+def test_nan_flux_where_masked_is_fine():
+    d = _small()
+    d.flux[7, 3] = np.nan
+    d.ivar[7, 3] = 0
+    m = CannonModel(d.label_names).train(d.flux, d.ivar, d.labels)
+    assert np.all(np.isfinite(m.theta))
+
+
+@pytest.mark.parametrize("value,match", [(np.nan, "non-finite"), (-1.0, "negative")])
+def test_bad_ivar(value, match):
+    d = _small()
+    d.ivar[2, 5] = value
+    with pytest.raises(ValueError, match=f"ivar has {match} values at star 2"):
+        CannonModel(d.label_names).train(d.flux, d.ivar, d.labels)
+
+
+def test_shape_mismatches():
+    d = _small()
+    m = CannonModel(d.label_names)
+    with pytest.raises(ValueError, match="shapes differ"):
+        m.train(d.flux, d.ivar[:, :-1], d.labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N, L\) = \(60, 2\)"):
+        m.train(d.flux, d.ivar, d.labels[:, :1])
+
+
+def test_missing_label_names_star_and_label():
+    d = _small()
+    d.labels[11, 1] = np.nan
+    with pytest.raises(ValueError, match="star 11 label LOGG"):
+        CannonModel(d.label_names).train(d.flux, d.ivar, d.labels)
+
+
+def test_all_masked_star_and_empty_set():
+    d = _small()
+    d.ivar[4] = 0
+    with pytest.raises(ValueError, match=r"masked at every pixel \(ivar = 0\): star 4"):
+        CannonModel(d.label_names).train(d.flux, d.ivar, d.labels)
+    with pytest.raises(ValueError, match="training set is empty"):
+        CannonModel(d.label_names).train(d.flux[:0], d.ivar[:0], d.labels[:0])
+
+
+def test_degenerate_labels():
+    d = _small()
+    const = d.labels.copy()
+    const[:, 1] = 2.5
+    with pytest.raises(ValueError, match=r"label\(s\) \['LOGG'\] are constant"):
+        CannonModel(d.label_names).train(d.flux, d.ivar, const)
+    collinear = np.column_stack([d.labels[:, 0], 2 * d.labels[:, 0] + 1])
+    with pytest.raises(ValueError, match="collinear"):
+        CannonModel(d.label_names).train(d.flux, d.ivar, collinear)
+    with pytest.raises(ValueError, match="6 terms per pixel"):
+        CannonModel(d.label_names).train(d.flux[:4], d.ivar[:4], d.labels[:4])
+
+
+def test_pixel_with_too_few_stars_is_flagged():
+    d = _small()
+    d.ivar[3:, 0] = 0  # only 3 stars see pixel 0
+    m = CannonModel(d.label_names).train(d.flux, d.ivar, d.labels)
+    assert m.pixel_flags[0] & 1 and not np.any(m.pixel_flags[1:] & 3)
+    assert np.all(np.isfinite(m.theta[0])) and m.theta[0, 1:].tolist() == [0.0] * 5
+
+
+def test_unknown_backend_and_duplicate_labels():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        CannonModel(["A"], backend="cuda")
+    with pytest.raises(ValueError, match="unique"):
+        CannonModel(["A", "A"])
+
+
+def test_env_override_picks_backend(monkeypatch):
+    monkeypatch.setenv("CANNON_FAST_BACKEND", "numpy")
+    assert CannonModel(["A"]).backend == "numpy"
+    assert os.environ["CANNON_FAST_BACKEND"] == "numpy"
