@@ -1,0 +1,196 @@
+"""Benchmark of the core: training, label fitting and accuracy against the truth, per backend.
+
+Run ``python benchmarks/bench_core.py`` (about 2-4 minutes on 2 cores). The data are
+``make_dataset(seed=42, n_train, n_test, 8575)`` from ``../shared/tools/peer_bench.py``
+(5 labels, SNR 80-120, intrinsic scatter on 30 % of pixels, 1 % bad pixels) and the
+Cramer-Rao bound ``crb_errors`` computed there with the TRUE model. Without ``../shared``
+the package's own ``cannon_fast.testing.make_synthetic`` (same recipe) is used and the
+bound is computed here. Each backend runs in a child process so that its peak memory
+is its own. With ``--peer-python`` (a Python that has ``annieslasso`` and ``TheCannon``
+installed; see peer_bench.py's docstring for the venv), the peers run on the same data
+and the ratios are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+LABELS = ["TEFF", "LOGG", "FE_H", "MG_FE", "SI_FE"]
+
+
+def _shared_tools(shared):
+    tools = Path(shared) / "tools"
+    if (tools / "peer_bench.py").exists():
+        sys.path.insert(0, str(tools))
+        import peer_bench
+        return peer_bench
+    return None
+
+
+def load_data(args):
+    """(train, test, s_true, crb, source) on the benchmark recipe."""
+    pb = _shared_tools(args.shared)
+    if pb is not None:
+        data = pb.make_dataset(args.seed, args.n_train, args.n_test, args.n_pix)
+        crb = pb.crb_errors(data)
+        return data["train"][:3], data["test"][:3], data["s_true"], crb, "peer_bench.make_dataset"
+    from cannon_fast.testing import make_synthetic
+    tr = make_synthetic(args.n_train, args.n_pix, 5, seed=args.seed, masked_pixel=False)
+    te = make_synthetic(args.n_test, args.n_pix, 5, seed=args.seed + 1, coeffs=tr.coeffs,
+                        s2_true=tr.s2_true, masked_pixel=False)
+    crb = crb_from_truth(tr, te)
+    return ((tr.labels, tr.flux, tr.ivar), (te.labels, te.flux, te.ivar), np.sqrt(tr.s2_true),
+            crb, "cannon_fast.testing.make_synthetic")
+
+
+def crb_from_truth(tr, te, n_max=100):
+    """Cramer-Rao bound with the true model (as peer_bench.crb_errors)."""
+    from cannon_fast import vectorizer as vz
+    from cannon_fast.testing import LABEL_RANGES
+    e = vz.polynomial_exponents(5, 2)
+    half = 0.5 * (LABEL_RANGES[:, 1] - LABEL_RANGES[:, 0])
+    out = []
+    for i in range(min(n_max, len(te.labels))):
+        x = te.scale_labels(te.labels[i:i + 1])
+        jac = -(vz.label_vector_jacobian(x, e)[0].T @ te.coeffs.T).T  # (P, L)
+        good = te.ivar[i] > 0
+        w = np.where(good, 1 / (1 / np.where(good, te.ivar[i], 1) + te.s2_true), 0)
+        fisher = jac.T @ (w[:, None] * jac)
+        out.append(np.sqrt(np.diag(np.linalg.inv(fisher))) * half)
+    return dict(zip(LABELS, np.median(out, axis=0).tolist()))
+
+
+def run_backend(args):
+    """Child: train and fit with one backend, print one JSON line."""
+    from cannon_fast import CannonModel
+    (tl, tf, ti), (sl, sf, si), s_true, crb, source = load_data(args)
+    n_test = args.n_test if args.backend != "numpy" else min(args.n_test, args.numpy_stars)
+    sl, sf, si = sl[:n_test], sf[:n_test], si[:n_test]
+    model = CannonModel(LABELS, backend=args.backend)
+    model.train(tf[:60], ti[:60], tl[:60])  # warm-up: JIT compilation is not timed
+    model.fit(sf[:8], si[:8])
+    times = []
+    for _ in range(args.repeat if args.backend != "numpy" else 1):
+        t0 = time.perf_counter()
+        model.train(tf, ti, tl)
+        times.append(time.perf_counter() - t0)
+    out = dict(backend=args.backend, source=source, n_train=len(tl), n_test=n_test,
+               n_pix=tf.shape[1], t_train=min(times), train_info=model.train_info, crb=crb)
+    for debias in (True, False):
+        t0 = time.perf_counter()
+        res = model.fit(sf, si, debias=debias)
+        dt = time.perf_counter() - t0
+        d = res.labels - sl
+        ok = res.ok
+        out["debias" if debias else "plain"] = dict(
+            stars_per_s=n_test / dt, t_fit=dt, n_flagged=int(np.count_nonzero(res.flags)),
+            bias={n: float(np.median(d[ok, i])) for i, n in enumerate(LABELS)},
+            std={n: float(np.std(d[ok, i])) for i, n in enumerate(LABELS)},
+            pull={n: float(np.std(d[ok, i] / res.errors[ok, i])) for i, n in enumerate(LABELS)})
+    s_est = np.sqrt(model.s2)
+    big = s_true >= 0.005  # half the typical noise (sigma ~ 0.01)
+    out["s_ratio_median"] = float(np.median(s_est[big] / s_true[big]))
+    out["s_zero_frac_where_true_gt0"] = float(np.mean(s_est[s_true > 0] < 1e-3))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def run_peers(args):
+    tool = Path(args.shared) / "tools" / "peer_bench.py"
+    cmd = [args.peer_python, str(tool), "--n-train", str(args.n_train), "--n-test",
+           str(min(args.n_test, 200)), "--seed", str(args.seed), "--json", "/tmp/peers.json"]
+    print("# running peers:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        print("# peers failed:", proc.stderr[-800:])
+        return []
+    return json.load(open("/tmp/peers.json"))["results"]
+
+
+def report(results, peers):
+    crb = results[0]["crb"]
+    print(f"\n# data: {results[0]['source']}, N_train={results[0]['n_train']}, "
+          f"P={results[0]['n_pix']}, 5 labels, quadratic; CRB (true model): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in crb.items()))
+    print(f"# machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"\n{'backend':8s} {'train s':>8s} {'fit stars/s':>12s} {'plain stars/s':>14s} "
+          f"{'peak MB':>8s} {'s/s_true':>9s}")
+    for r in results:
+        print(f"{r['backend']:8s} {r['t_train']:8.3f} {r['debias']['stars_per_s']:12.0f} "
+              f"{r['plain']['stars_per_s']:14.0f} {r['peak_rss_mb']:8.0f} {r['s_ratio_median']:9.3f}"
+              f"   (N_test={r['n_test']})")
+    for r in results:
+        print(f"\n## {r['backend']}: label recovery (std / CRB, pull std); "
+              f"flagged {r['debias']['n_flagged']} de-biased, {r['plain']['n_flagged']} plain")
+        print(f"{'label':6s} {'bias':>10s} {'std':>9s} {'std/CRB':>8s} {'pull':>6s}   "
+              f"{'plain std/CRB':>13s} {'plain pull':>10s}")
+        for n in LABELS:
+            d, p = r["debias"], r["plain"]
+            print(f"{n:6s} {d['bias'][n]:+10.4g} {d['std'][n]:9.4g} {d['std'][n] / crb[n]:8.3f} "
+                  f"{d['pull'][n]:6.3f}   {p['std'][n] / crb[n]:13.3f} {p['pull'][n]:10.3f}")
+    for p in peers:
+        if "error" in p:
+            print(f"\n## peer {p['peer']}: failed ({p['error'][:200]})")
+            continue
+        best = results[0]
+        ratio_fit = best["debias"]["stars_per_s"] * p["t_test_per_star_ms"] / 1e3
+        print(f"\n## peer {p['peer']} {p['version']}: train {p['t_train_s']:.2f} s "
+              f"({p['t_train_s'] / best['t_train']:.0f}x ours), fit {p['t_test_per_star_ms']:.2f} "
+              f"ms/star ({ratio_fit:.0f}x slower than ours), peak {p['peak_rss_mb']:.0f} MB")
+        for n in LABELS:
+            s = p["recovery"][n]
+            print(f"   {n:6s} std/CRB {s['std'] / crb[n]:.3f} (ours {best['debias']['std'][n] / crb[n]:.3f})"
+                  f"  pull {p['pull_std'][n]:.2f}")
+        print(f"   s recovered: median s/s_true {p['s2']['median_ratio_where_s_true_gt_0p005']:.3f}, "
+              f"s = 0 where true > 0 on {100 * p['s2']['frac_s_est_zero_where_true_gt0']:.0f} % of pixels")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-train", type=int, default=900)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--n-pix", type=int, default=8575)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--repeat", type=int, default=3, help="training repeats (best is shown)")
+    ap.add_argument("--numpy-stars", type=int, default=200,
+                    help="test stars for the (slow) numpy reference backend")
+    ap.add_argument("--backends", default=None, help="comma list (default: all available)")
+    ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    ap.add_argument("--peer-python", default=None, help="a Python with the peer packages")
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.backend:
+        run_backend(args)
+        return
+    from cannon_fast import available_backends
+    backends = args.backends.split(",") if args.backends else available_backends()
+    results = []
+    for b in backends:
+        cmd = [sys.executable, __file__, "--backend", b, "--n-train", str(args.n_train),
+               "--n-test", str(args.n_test), "--n-pix", str(args.n_pix), "--seed", str(args.seed),
+               "--repeat", str(args.repeat), "--numpy-stars", str(args.numpy_stars),
+               "--shared", args.shared]
+        print(f"# backend {b} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            print(f"# backend {b} failed:\n{proc.stderr[-2000:]}")
+            continue
+        results.append(json.loads(lines[-1][7:]))
+    peers = run_peers(args) if args.peer_python else []
+    if results:
+        report(results, peers)
+
+
+if __name__ == "__main__":
+    main()
