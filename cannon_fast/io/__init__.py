@@ -1,0 +1,1 @@
+"""Readers and downloads for APOGEE files: apStar, allStar, PIXMASK bits, archive layouts."""
