@@ -46,7 +46,7 @@ def _rows(text, n):
     return slice(int(start) if start else 0, int(stop) if stop else n)
 
 
-def load_spectra(path, need_labels=False):
+def read_spectra_file(path, need_labels=False):
     """Read flux, ivar, labels, label names and ids from a SpectraStore or an .npz."""
     if os.path.isdir(path):
         from ..store import SpectraStore
@@ -74,7 +74,7 @@ def _train(args):
     from ..model import CannonModel
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
-    data = load_spectra(args.spectra, need_labels=True)
+    data = read_spectra_file(args.spectra, need_labels=True)
     names = args.labels.split(",") if args.labels else (data["label_names"]
                                                         or DEFAULT_LABELS.split(","))
     columns = list(range(len(names)))
@@ -106,7 +106,7 @@ def _fit(args):
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
     model = CannonModel.read(args.model, backend=args.backend)
-    data = load_spectra(args.spectra)
+    data = read_spectra_file(args.spectra)
     rows = _rows(args.rows, len(data["flux"]))
     t0 = time.perf_counter()
     kwargs = {} if args.method == "trf" else dict(debias=not args.no_debias)
