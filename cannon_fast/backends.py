@@ -78,10 +78,15 @@ def resolve_backend(backend="auto"):
 
 
 def kernels(backend):
-    """Return the kernel module for a resolved backend name."""
+    """Return the kernel module for a resolved backend name.
+
+    Every module exposes ``solve_normal_equations``, ``s2_update``, ``lm_fit``,
+    ``star_weights`` and ``design`` with the signatures of ``_reference``.
+    """
     if backend == "c":
-        from . import _ckernels
-        return _ckernels
+        if _ccannon is None:  # resolve_backend("c") already refuses this
+            raise ValueError(f"backend 'c' is not available. Available: {available_backends()}")
+        return _ccannon  # the extension takes the kernels' arguments unchanged
     if backend == "numba":
         from . import _kernels
         return _kernels

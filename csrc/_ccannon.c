@@ -1,0 +1,472 @@
+/*
+ * _ccannon.c: Python/numpy glue for the C kernels in cannon.c -> cannon_fast._ccannon.
+ *
+ * Each function has the Python signature of its numba twin in cannon_fast/_kernels:
+ * positional (or keyword) arrays, caller-allocated *_out arrays, returns None. The
+ * glue only validates (exact dtype, C-contiguity, shapes, writeable outputs) and
+ * never casts or allocates: a wrong array is a caller bug, reported with the
+ * function and argument names. The numerics run with the GIL released, so Python
+ * threads (e.g. a threaded survey run) can call the kernels concurrently.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define PY_ARRAY_UNIQUE_SYMBOL cannon_fast_ccannon_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include "cannon.h"
+
+/* ------------------------------------------------------------------ validation */
+
+/* Check that obj is a C-contiguous, native-byte-order ndarray of the given type and
+ * dimensionality (and writeable if an output). Returns it (borrowed) or NULL with
+ * TypeError (not an array, wrong dtype) or ValueError (ndim, layout, read-only) set. */
+static PyArrayObject *as_array(PyObject *obj, const char *func, const char *name, int typenum,
+                               const char *type_name, int ndim, int output)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a numpy.ndarray of %s, got %s", func, name,
+                     type_name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (!PyArray_EquivTypenums(PyArray_TYPE(arr), typenum) || !PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must have dtype %s (native byte order), got %S",
+                     func, name, type_name, (PyObject *)PyArray_DESCR(arr));
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) != ndim) {
+        PyObject *shape = PyObject_GetAttrString(obj, "shape");
+        if (shape) {
+            PyErr_Format(PyExc_ValueError, "%s: %s must be %d-dimensional, got shape %R", func,
+                         name, ndim, shape);
+            Py_DECREF(shape);
+        }
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: %s must be C-contiguous (use numpy.ascontiguousarray)", func, name);
+        return NULL;
+    }
+    if (output && !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: output %s is read-only", func, name);
+        return NULL;
+    }
+    return arr;
+}
+
+/* Check arr.shape[axis] == expected; `dims` names the expected shape, e.g. "(P, T)". */
+static int check_dim(PyArrayObject *arr, int axis, npy_intp expected, const char *func,
+                     const char *name, const char *dims, const char *what)
+{
+    if (PyArray_DIM(arr, axis) == expected) return 0;
+    PyObject *shape = PyObject_GetAttrString((PyObject *)arr, "shape");
+    if (shape) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has shape %R but must be %s with %s = %zd", func,
+                     name, shape, dims, what, (Py_ssize_t)expected);
+        Py_DECREF(shape);
+    }
+    return -1;
+}
+
+/* Turn a CF_* return code into a Python exception (or None). */
+static PyObject *finish(int code, const char *func)
+{
+    if (code == CF_OK) Py_RETURN_NONE;
+    if (code == CF_ERR_NOMEM) return PyErr_NoMemory();
+    PyErr_Format(PyExc_ValueError, "%s: invalid arguments (C status %d)", func, code);
+    return NULL;
+}
+
+#define F64 NPY_FLOAT64, "float64"
+#define F32 NPY_FLOAT32, "float32"
+#define I64 NPY_INT64, "int64"
+#define I8 NPY_INT8, "int8"
+#define BOOL NPY_BOOL, "bool"
+#define IN 0
+#define OUT 1
+
+/* ------------------------------------------------------------------ solve_normal_equations */
+
+PyDoc_STRVAR(solve_normal_equations_doc,
+"solve_normal_equations(a_packed, b, theta_out, cinv_out, status_out)\n--\n\n"
+"Solve ``A theta = b`` per pixel and return ``A^-1`` packed: ``(t2),(t)->(t),(t2),()``.\n\n"
+"a_packed (P, T2) float64, b (P, T) float64 -> theta_out (P, T) float64,\n"
+"cinv_out (P, T2) or (0, T2) float64 (empty: skip the inverse), status_out (P,) int8\n"
+"(1 where A is not positive definite; theta and cinv are then 0).");
+
+static PyObject *py_solve_normal_equations(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"a_packed", "b", "theta_out", "cinv_out", "status_out", NULL};
+    static const char *fn = "solve_normal_equations";
+    PyObject *o[5];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO:solve_normal_equations", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4]))
+        return NULL;
+    PyArrayObject *a, *b, *theta, *cinv, *status;
+    if (!(a = as_array(o[0], fn, "a_packed", F64, 2, IN))) return NULL;
+    if (!(b = as_array(o[1], fn, "b", F64, 2, IN))) return NULL;
+    if (!(theta = as_array(o[2], fn, "theta_out", F64, 2, OUT))) return NULL;
+    if (!(cinv = as_array(o[3], fn, "cinv_out", F64, 2, OUT))) return NULL;
+    if (!(status = as_array(o[4], fn, "status_out", I8, 1, OUT))) return NULL;
+    npy_intp n_pix = PyArray_DIM(b, 0), n_terms = PyArray_DIM(b, 1);
+    npy_intp n2 = n_terms * (n_terms + 1) / 2;
+    if (check_dim(a, 0, n_pix, fn, "a_packed", "(P, T(T+1)/2)", "P") ||
+        check_dim(a, 1, n2, fn, "a_packed", "(P, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(theta, 0, n_pix, fn, "theta_out", "(P, T)", "P") ||
+        check_dim(theta, 1, n_terms, fn, "theta_out", "(P, T)", "T") ||
+        check_dim(cinv, 1, n2, fn, "cinv_out", "(P, T(T+1)/2) or (0, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(status, 0, n_pix, fn, "status_out", "(P,)", "P"))
+        return NULL;
+    if (PyArray_DIM(cinv, 0) != 0 &&
+        check_dim(cinv, 0, n_pix, fn, "cinv_out", "(P, T(T+1)/2) or (0, T(T+1)/2)", "P"))
+        return NULL;
+    double *cinv_ptr = PyArray_DIM(cinv, 0) ? (double *)PyArray_DATA(cinv) : NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_solve_normal_equations(n_pix, n_terms, (const double *)PyArray_DATA(a),
+                                     (const double *)PyArray_DATA(b),
+                                     (double *)PyArray_DATA(theta), cinv_ptr,
+                                     (int8_t *)PyArray_DATA(status));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
+/* ------------------------------------------------------------------ s2_update */
+
+PyDoc_STRVAR(s2_update_doc,
+"s2_update(resid, var, s2_out, status_out)\n--\n\n"
+"Maximise the likelihood in s2 at every pixel: ``(n),(n)->(),()``.\n\n"
+"resid (N, P) float64, var (N, P) float64 (non-finite where a star is not valid)\n"
+"-> s2_out (P,) float64, status_out (P,) int8 (1 where fewer than two stars are valid).");
+
+static PyObject *py_s2_update(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"resid", "var", "s2_out", "status_out", NULL};
+    static const char *fn = "s2_update";
+    PyObject *o[4];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:s2_update", kwlist, &o[0], &o[1], &o[2],
+                                     &o[3]))
+        return NULL;
+    PyArrayObject *resid, *var, *s2, *status;
+    if (!(resid = as_array(o[0], fn, "resid", F64, 2, IN))) return NULL;
+    if (!(var = as_array(o[1], fn, "var", F64, 2, IN))) return NULL;
+    if (!(s2 = as_array(o[2], fn, "s2_out", F64, 1, OUT))) return NULL;
+    if (!(status = as_array(o[3], fn, "status_out", I8, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(resid, 0), n_pix = PyArray_DIM(resid, 1);
+    if (check_dim(var, 0, n_stars, fn, "var", "(N, P)", "N") ||
+        check_dim(var, 1, n_pix, fn, "var", "(N, P)", "P") ||
+        check_dim(s2, 0, n_pix, fn, "s2_out", "(P,)", "P") ||
+        check_dim(status, 0, n_pix, fn, "status_out", "(P,)", "P"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_s2_update(n_stars, n_pix, (const double *)PyArray_DATA(resid),
+                        (const double *)PyArray_DATA(var), (double *)PyArray_DATA(s2),
+                        (int8_t *)PyArray_DATA(status));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
+/* ------------------------------------------------------------------ lm_fit */
+
+PyDoc_STRVAR(lm_fit_doc,
+"lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2, "
+"x_out, phi_out, iters_out, status_out)\n--\n\n"
+"Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts per star:\n"
+"``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``.\n\n"
+"g_packed (N, T2), h (N, T), c (N,), exponents (T, L) int64, starts (N, K, L), lo (L,), hi (L,)\n"
+"float64; n_polish >= 1, max_iter >= 0 int; xtol, disagree_dchi2 float -> x_out (N, L),\n"
+"phi_out (N,) float64, iters_out (N,) int64, status_out (N,) int64 (bits NOT_CONVERGED,\n"
+"HIT_BOUND, STARTS_DISAGREE).");
+
+static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"g_packed", "h", "c", "exponents", "starts", "lo", "hi",
+                             "n_polish", "max_iter", "xtol", "disagree_dchi2", "x_out",
+                             "phi_out", "iters_out", "status_out", NULL};
+    static const char *fn = "lm_fit";
+    PyObject *o[7], *q[4];
+    Py_ssize_t n_polish, max_iter;
+    double xtol, disagree;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOnnddOOOO:lm_fit", kwlist, &o[0], &o[1],
+                                     &o[2], &o[3], &o[4], &o[5], &o[6], &n_polish, &max_iter,
+                                     &xtol, &disagree, &q[0], &q[1], &q[2], &q[3]))
+        return NULL;
+    PyArrayObject *g, *h, *c, *ex, *st, *lo, *hi, *x, *phi, *it, *status;
+    if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
+    if (!(h = as_array(o[1], fn, "h", F64, 2, IN))) return NULL;
+    if (!(c = as_array(o[2], fn, "c", F64, 1, IN))) return NULL;
+    if (!(ex = as_array(o[3], fn, "exponents", I64, 2, IN))) return NULL;
+    if (!(st = as_array(o[4], fn, "starts", F64, 3, IN))) return NULL;
+    if (!(lo = as_array(o[5], fn, "lo", F64, 1, IN))) return NULL;
+    if (!(hi = as_array(o[6], fn, "hi", F64, 1, IN))) return NULL;
+    if (!(x = as_array(q[0], fn, "x_out", F64, 2, OUT))) return NULL;
+    if (!(phi = as_array(q[1], fn, "phi_out", F64, 1, OUT))) return NULL;
+    if (!(it = as_array(q[2], fn, "iters_out", I64, 1, OUT))) return NULL;
+    if (!(status = as_array(q[3], fn, "status_out", I64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(c, 0);
+    npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
+    npy_intp n_cand = PyArray_DIM(st, 1), n2 = n_terms * (n_terms + 1) / 2;
+    if (check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(h, 0, n_stars, fn, "h", "(N, T)", "N") ||
+        check_dim(h, 1, n_terms, fn, "h", "(N, T)", "T") ||
+        check_dim(st, 0, n_stars, fn, "starts", "(N, K, L)", "N") ||
+        check_dim(st, 2, n_labels, fn, "starts", "(N, K, L)", "L") ||
+        check_dim(lo, 0, n_labels, fn, "lo", "(L,)", "L") ||
+        check_dim(hi, 0, n_labels, fn, "hi", "(L,)", "L") ||
+        check_dim(x, 0, n_stars, fn, "x_out", "(N, L)", "N") ||
+        check_dim(x, 1, n_labels, fn, "x_out", "(N, L)", "L") ||
+        check_dim(phi, 0, n_stars, fn, "phi_out", "(N,)", "N") ||
+        check_dim(it, 0, n_stars, fn, "iters_out", "(N,)", "N") ||
+        check_dim(status, 0, n_stars, fn, "status_out", "(N,)", "N"))
+        return NULL;
+    if (n_cand < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: starts must hold at least one point per star, got shape (%zd, 0, %zd)",
+                     fn, (Py_ssize_t)n_stars, (Py_ssize_t)n_labels);
+        return NULL;
+    }
+    if (n_polish < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: n_polish must be >= 1, got %zd", fn, n_polish);
+        return NULL;
+    }
+    if (max_iter < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: max_iter must be >= 0, got %zd", fn, max_iter);
+        return NULL;
+    }
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_lm_fit(n_stars, n_terms, n_labels, n_cand, (const double *)PyArray_DATA(g),
+                     (const double *)PyArray_DATA(h), (const double *)PyArray_DATA(c),
+                     (const int64_t *)PyArray_DATA(ex), (const double *)PyArray_DATA(st),
+                     (const double *)PyArray_DATA(lo), (const double *)PyArray_DATA(hi),
+                     n_polish, max_iter, xtol, disagree, (double *)PyArray_DATA(x),
+                     (double *)PyArray_DATA(phi), (int64_t *)PyArray_DATA(it),
+                     (int64_t *)PyArray_DATA(status));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
+/* ------------------------------------------------------------------ star_weights */
+
+PyDoc_STRVAR(star_weights_doc,
+"star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out, "
+"moments_out)\n--\n\n"
+"Weights (float32), ``w (f - theta0)``, its chi2, good-pixel counts and weight moments\n"
+"per star: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``.\n\n"
+"flux, ivar (N, P) float64; s2 (P,) float64; good_pix (P,) bool; theta0, t_pix (P,) float64\n"
+"-> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
+"moments_out (N, 3) float64.");
+
+static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"flux", "ivar", "s2", "good_pix", "theta0", "t_pix", "w_out",
+                             "wr_out", "c_out", "npix_out", "moments_out", NULL};
+    static const char *fn = "star_weights";
+    PyObject *o[11];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOO:star_weights", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                                     &o[9], &o[10]))
+        return NULL;
+    PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom;
+    if (!(flux = as_array(o[0], fn, "flux", F64, 2, IN))) return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
+    if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
+    if (!(good = as_array(o[3], fn, "good_pix", BOOL, 1, IN))) return NULL;
+    if (!(th0 = as_array(o[4], fn, "theta0", F64, 1, IN))) return NULL;
+    if (!(tp = as_array(o[5], fn, "t_pix", F64, 1, IN))) return NULL;
+    if (!(w = as_array(o[6], fn, "w_out", F32, 2, OUT))) return NULL;
+    if (!(wr = as_array(o[7], fn, "wr_out", F64, 2, OUT))) return NULL;
+    if (!(c = as_array(o[8], fn, "c_out", F64, 1, OUT))) return NULL;
+    if (!(np_ = as_array(o[9], fn, "npix_out", I64, 1, OUT))) return NULL;
+    if (!(mom = as_array(o[10], fn, "moments_out", F64, 2, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(flux, 0), n_pix = PyArray_DIM(flux, 1);
+    if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
+        check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
+        check_dim(s2, 0, n_pix, fn, "s2", "(P,)", "P") ||
+        check_dim(good, 0, n_pix, fn, "good_pix", "(P,)", "P") ||
+        check_dim(th0, 0, n_pix, fn, "theta0", "(P,)", "P") ||
+        check_dim(tp, 0, n_pix, fn, "t_pix", "(P,)", "P") ||
+        check_dim(w, 0, n_stars, fn, "w_out", "(N, P)", "N") ||
+        check_dim(w, 1, n_pix, fn, "w_out", "(N, P)", "P") ||
+        check_dim(wr, 0, n_stars, fn, "wr_out", "(N, P)", "N") ||
+        check_dim(wr, 1, n_pix, fn, "wr_out", "(N, P)", "P") ||
+        check_dim(c, 0, n_stars, fn, "c_out", "(N,)", "N") ||
+        check_dim(np_, 0, n_stars, fn, "npix_out", "(N,)", "N") ||
+        check_dim(mom, 0, n_stars, fn, "moments_out", "(N, 3)", "N") ||
+        check_dim(mom, 1, 3, fn, "moments_out", "(N, 3)", "the second axis"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_star_weights(n_stars, n_pix, (const double *)PyArray_DATA(flux),
+                           (const double *)PyArray_DATA(ivar), (const double *)PyArray_DATA(s2),
+                           (const uint8_t *)PyArray_DATA(good),
+                           (const double *)PyArray_DATA(th0), (const double *)PyArray_DATA(tp),
+                           (float *)PyArray_DATA(w), (double *)PyArray_DATA(wr),
+                           (double *)PyArray_DATA(c), (int64_t *)PyArray_DATA(np_),
+                           (double *)PyArray_DATA(mom));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
+/* ------------------------------------------------------------------ design */
+
+PyDoc_STRVAR(design_doc,
+"design(x, exponents, v_out, dv_out)\n--\n\n"
+"Label vectors and their Jacobian for a batch: ``(l),(t,l)->(t),(t,l)``.\n\n"
+"x (N, L) float64, exponents (T, L) int64 -> v_out (N, T), dv_out (N, T, L) float64.");
+
+static PyObject *py_design(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"x", "exponents", "v_out", "dv_out", NULL};
+    static const char *fn = "design";
+    PyObject *o[4];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:design", kwlist, &o[0], &o[1], &o[2],
+                                     &o[3]))
+        return NULL;
+    PyArrayObject *x, *ex, *v, *dv;
+    if (!(x = as_array(o[0], fn, "x", F64, 2, IN))) return NULL;
+    if (!(ex = as_array(o[1], fn, "exponents", I64, 2, IN))) return NULL;
+    if (!(v = as_array(o[2], fn, "v_out", F64, 2, OUT))) return NULL;
+    if (!(dv = as_array(o[3], fn, "dv_out", F64, 3, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(x, 0), n_labels = PyArray_DIM(x, 1);
+    npy_intp n_terms = PyArray_DIM(ex, 0);
+    if (check_dim(ex, 1, n_labels, fn, "exponents", "(T, L)", "L") ||
+        check_dim(v, 0, n_stars, fn, "v_out", "(N, T)", "N") ||
+        check_dim(v, 1, n_terms, fn, "v_out", "(N, T)", "T") ||
+        check_dim(dv, 0, n_stars, fn, "dv_out", "(N, T, L)", "N") ||
+        check_dim(dv, 1, n_terms, fn, "dv_out", "(N, T, L)", "T") ||
+        check_dim(dv, 2, n_labels, fn, "dv_out", "(N, T, L)", "L"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_design(n_stars, n_terms, n_labels, (const double *)PyArray_DATA(x),
+                     (const int64_t *)PyArray_DATA(ex), (double *)PyArray_DATA(v),
+                     (double *)PyArray_DATA(dv));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
+/* ------------------------------------------------------------------ module */
+
+PyDoc_STRVAR(max_threads_doc,
+"max_threads()\n--\n\n"
+"Threads the parallel loops use (OpenMP's ``omp_get_max_threads()``; 1 without OpenMP).");
+
+static PyObject *py_max_threads(PyObject *self, PyObject *noargs)
+{
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = cf_max_threads();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(n);
+}
+
+PyDoc_STRVAR(set_num_threads_doc,
+"set_num_threads(n)\n--\n\n"
+"Cap the threads of the parallel loops at ``n`` (0: OpenMP's default); returns the old cap.\n\n"
+"A process forked after the loops ran (e.g. a ``multiprocessing`` worker) is capped at 1\n"
+"automatically: GNU OpenMP's thread pool does not survive ``fork``.");
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > 1 << 20) {
+        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be >= 0, got %ld", n);
+        return NULL;
+    }
+    return PyLong_FromLong(cf_set_num_threads((int)n));
+}
+
+static PyObject *py_after_fork_in_child(PyObject *self, PyObject *noargs)
+{
+    cf_set_num_threads(1);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_num_threads", py_set_num_threads, METH_O, set_num_threads_doc},
+    {"_after_fork_in_child", py_after_fork_in_child, METH_NOARGS,
+     "Run single-threaded in a forked child (registered with os.register_at_fork)."},
+    {"solve_normal_equations", (PyCFunction)(void (*)(void))py_solve_normal_equations,
+     METH_VARARGS | METH_KEYWORDS, solve_normal_equations_doc},
+    {"s2_update", (PyCFunction)(void (*)(void))py_s2_update, METH_VARARGS | METH_KEYWORDS,
+     s2_update_doc},
+    {"lm_fit", (PyCFunction)(void (*)(void))py_lm_fit, METH_VARARGS | METH_KEYWORDS,
+     lm_fit_doc},
+    {"star_weights", (PyCFunction)(void (*)(void))py_star_weights, METH_VARARGS | METH_KEYWORDS,
+     star_weights_doc},
+    {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
+     design_doc},
+    {"max_threads", py_max_threads, METH_NOARGS, max_threads_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(module_doc,
+"C kernels: the same names and contracts as ``cannon_fast._reference`` and ``_kernels``.\n\n"
+"Optional (built from csrc/ unless CANNON_FAST_NO_EXT=1); select with backend=\"c\".\n"
+"Arrays must be C-contiguous with the documented dtypes; outputs are caller-allocated.\n"
+"The constants mirror ``_reference.s2_grid`` and ``_reference.model_eval``; ``OPENMP``\n"
+"says whether the loops over pixels and stars run in parallel.");
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_ccannon", module_doc, -1, methods, NULL, NULL, NULL, NULL,
+};
+
+/* PyModule_AddObjectRef that also drops our reference (obj may be NULL on error). */
+static int add_object(PyObject *m, const char *name, PyObject *obj)
+{
+    int rc = obj ? PyModule_AddObjectRef(m, name, obj) : -1;
+    Py_XDECREF(obj);
+    return rc;
+}
+
+PyMODINIT_FUNC PyInit__ccannon(void)
+{
+    import_array();
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) return NULL;
+#ifdef _OPENMP
+    PyObject *openmp = Py_True;
+#else
+    PyObject *openmp = Py_False;
+#endif
+    if (add_object(m, "S2_RTOL", PyFloat_FromDouble(CF_S2_RTOL)) < 0 ||
+        add_object(m, "S2_FLOOR", PyFloat_FromDouble(CF_S2_FLOOR)) < 0 ||
+        PyModule_AddIntConstant(m, "GRID_PER_DECADE", CF_GRID_PER_DECADE) < 0 ||
+        PyModule_AddIntConstant(m, "NOT_CONVERGED", CF_NOT_CONVERGED) < 0 ||
+        PyModule_AddIntConstant(m, "HIT_BOUND", CF_HIT_BOUND) < 0 ||
+        PyModule_AddIntConstant(m, "STARTS_DISAGREE", CF_STARTS_DISAGREE) < 0 ||
+        PyModule_AddObjectRef(m, "OPENMP", openmp) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#ifdef _OPENMP
+    /* GNU OpenMP hangs in a forked child that enters a parallel region (its pool's
+     * threads were not copied): make children single-threaded, which never touches it. */
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *hook = os ? PyObject_GetAttrString(m, "_after_fork_in_child") : NULL;
+    PyObject *reg = os ? PyObject_GetAttrString(os, "register_at_fork") : NULL;
+    PyObject *res = NULL;
+    if (hook && reg) {
+        PyObject *kw = Py_BuildValue("{s:O}", "after_in_child", hook);
+        PyObject *empty = PyTuple_New(0);
+        if (kw && empty) res = PyObject_Call(reg, empty, kw);
+        Py_XDECREF(kw);
+        Py_XDECREF(empty);
+    }
+    Py_XDECREF(os);
+    Py_XDECREF(hook);
+    Py_XDECREF(reg);
+    if (!res) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(res);
+#endif
+    return m;
+}

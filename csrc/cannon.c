@@ -1,0 +1,725 @@
+/*
+ * cannon.c: the Cannon kernels in pure C99; see cannon.h for the contracts.
+ *
+ * Each function mirrors its numba twin in cannon_fast/_kernels (same loops,
+ * same tolerances, same status codes), so the three backends agree to
+ * rounding. Scratch memory is allocated once per thread, never per pixel.
+ */
+#include "cannon.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define CF_OMP(directive) _Pragma(#directive)
+#else
+#define CF_OMP(directive) /* single-threaded build: no pragma, no warning */
+#endif
+
+/* Below these sizes a parallel region costs more than it saves. */
+#define CF_PAR_MIN_PIX 256
+#define CF_PAR_MIN_STARS 16
+
+/* Runtime dispatch to wider SIMD for the hot loops where the toolchain supports it
+ * (GCC, x86-64, glibc ifunc): portable wheels without -march, yet AVX2/AVX-512 speed. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8 && defined(__x86_64__) && \
+    defined(__GLIBC__) && !defined(CF_NO_CLONES)
+#define CF_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CF_SIMD_CLONES
+#endif
+
+/* Pixels gathered per block in cf_s2_update, so reads of (N, P) rows are contiguous. */
+#define CF_S2_BLOCK 32
+
+/* Thread cap set by cf_set_num_threads (0: OpenMP's default). */
+static int cf_thread_cap = 0;
+
+int cf_set_num_threads(int n)
+{
+    int old = cf_thread_cap;
+    cf_thread_cap = n > 0 ? n : 0;
+    return old;
+}
+
+int cf_max_threads(void)
+{
+#ifdef _OPENMP
+    int n = omp_get_max_threads();
+    return cf_thread_cap > 0 && cf_thread_cap < n ? cf_thread_cap : n;
+#else
+    return 1;
+#endif
+}
+
+/* Threads for a loop of n items, or 1 when the loop is too short to pay for a team.
+ * With 1 the regions below run with if(0), which never touches the thread pool: that
+ * is what keeps a forked child (whose pool threads are gone) from hanging in libgomp. */
+static int team_size(ptrdiff_t n, ptrdiff_t min_n)
+{
+    if (n < min_n) return 1;
+    return cf_max_threads();
+}
+
+/* ------------------------------------------------------------------ normal equations */
+
+/* Lower Cholesky factor of a (n, n) in place; 0 if not positive definite. */
+static int cholesky_inplace(double *a, ptrdiff_t n)
+{
+    double dmax = 0.0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        if (a[i * n + i] > dmax) dmax = a[i * n + i];
+    }
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double s = a[j * n + j];
+        for (ptrdiff_t k = 0; k < j; k++) s -= a[j * n + k] * a[j * n + k];
+        /* a relative pivot this small is numerically singular (same test as numba) */
+        if (s <= CF_CHOL_RTOL * dmax) return 0;
+        double d = sqrt(s);
+        a[j * n + j] = d;
+        for (ptrdiff_t i = j + 1; i < n; i++) {
+            double t = a[i * n + j];
+            for (ptrdiff_t k = 0; k < j; k++) t -= a[i * n + k] * a[j * n + k];
+            a[i * n + j] = t / d;
+        }
+    }
+    return 1;
+}
+
+/* Solve (L L^T) out = b with the lower factor L. */
+static void cho_solve(const double *chol, const double *b, double *out, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        double s = b[i];
+        for (ptrdiff_t k = 0; k < i; k++) s -= chol[i * n + k] * out[k];
+        out[i] = s / chol[i * n + i];
+    }
+    for (ptrdiff_t i = n - 1; i >= 0; i--) {
+        double s = out[i];
+        for (ptrdiff_t k = i + 1; k < n; k++) s -= chol[k * n + i] * out[k];
+        out[i] = s / chol[i * n + i];
+    }
+}
+
+int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *a_packed,
+                              const double *b, double *theta_out, double *cinv_out,
+                              int8_t *status_out)
+{
+    const ptrdiff_t nt = n_terms;
+    const ptrdiff_t n2 = nt * (nt + 1) / 2;
+    int err = CF_OK;
+    if (n_pix < 0 || nt < 0) return CF_ERR_ARG;
+    if (n_pix == 0) return CF_OK;
+    const int nthr = team_size(n_pix, CF_PAR_MIN_PIX);
+    (void)nthr; /* unused without OpenMP */
+
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        /* a: the matrix, then its factor; linv: the inverse of the factor */
+        double *a = (double *)malloc(sizeof(double) * (size_t)(2 * nt * nt + 1));
+        double *linv = a ? a + nt * nt : NULL;
+        if (!a) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        CF_OMP(omp for schedule(static))
+        for (ptrdiff_t p = 0; p < n_pix; p++) {
+            if (!a) continue;
+            const double *ap = a_packed + p * n2;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t i = 0; i < nt; i++) {
+                for (ptrdiff_t j = i; j < nt; j++, k++) {
+                    a[i * nt + j] = ap[k];
+                    a[j * nt + i] = ap[k];
+                }
+            }
+            double *th = theta_out + p * nt;
+            if (!cholesky_inplace(a, nt)) {
+                for (ptrdiff_t i = 0; i < nt; i++) th[i] = 0.0;
+                if (cinv_out) {
+                    for (ptrdiff_t i = 0; i < n2; i++) cinv_out[p * n2 + i] = 0.0;
+                }
+                status_out[p] = CF_SINGULAR;
+                continue;
+            }
+            cho_solve(a, b + p * nt, th, nt);
+            if (cinv_out) {
+                /* A^-1 = L^-T L^-1: invert the triangular factor, then one product
+                 * (T^3/3 flops instead of a general inverse) */
+                memset(linv, 0, sizeof(double) * (size_t)(nt * nt));
+                for (ptrdiff_t j = 0; j < nt; j++) {
+                    linv[j * nt + j] = 1.0 / a[j * nt + j];
+                    for (ptrdiff_t i = j + 1; i < nt; i++) {
+                        double acc = 0.0;
+                        for (ptrdiff_t k2 = j; k2 < i; k2++) acc -= a[i * nt + k2] * linv[k2 * nt + j];
+                        linv[i * nt + j] = acc / a[i * nt + i];
+                    }
+                }
+                double *cp = cinv_out + p * n2;
+                k = 0;
+                for (ptrdiff_t i = 0; i < nt; i++) {
+                    for (ptrdiff_t j = i; j < nt; j++, k++) {
+                        double acc = 0.0;
+                        for (ptrdiff_t k2 = j; k2 < nt; k2++) acc += linv[k2 * nt + i] * linv[k2 * nt + j];
+                        cp[k] = acc;
+                    }
+                }
+            }
+            status_out[p] = 0;
+        }
+        free(a);
+    }
+    return err;
+}
+
+/* ------------------------------------------------------------------ s2 grid */
+
+/* 2 g'(s2) = sum (r2 - v - s2) / (v + s2)^2, written as (r2 u - 1) u with u = 1/(v + s2).
+ * Eight fixed partial sums, added in a fixed order: the compiler may put them in SIMD
+ * lanes (SSE2, or AVX2/AVX-512 in the CF_SIMD_CLONES) and every clone gives the same bits. */
+#define CF_LANES 8
+CF_SIMD_CLONES
+static double s2_dg(double s, const double *r2, const double *v, ptrdiff_t m)
+{
+    double acc[CF_LANES] = {0.0};
+    ptrdiff_t i = 0;
+    for (; i + CF_LANES <= m; i += CF_LANES) {
+        for (int j = 0; j < CF_LANES; j++) {
+            double u = 1.0 / (v[i + j] + s);
+            acc[j] += (r2[i + j] * u - 1.0) * u;
+        }
+    }
+    for (int j = 0; i < m; i++, j++) {
+        double u = 1.0 / (v[i] + s);
+        acc[j] += (r2[i] * u - 1.0) * u;
+    }
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* g(s2) = -1/2 sum [r2 / (v + s2) + log(v + s2)]: only at the candidates. */
+static double s2_g(double s, const double *r2, const double *v, ptrdiff_t m)
+{
+    double acc = 0.0;
+    for (ptrdiff_t i = 0; i < m; i++) {
+        double t = v[i] + s;
+        acc -= r2[i] / t + log(t);
+    }
+    return 0.5 * acc;
+}
+
+/* Root of g' in (a, b) with g'(a) > 0 >= g'(b): regula falsi (Illinois), to S2_RTOL. */
+static double s2_refine(double a, double b, const double *r2, const double *v, ptrdiff_t m)
+{
+    double fa = s2_dg(a, r2, v, m);
+    double fb = s2_dg(b, r2, v, m);
+    int side = 0;
+    for (int it = 0; it < 100; it++) {
+        if (b - a <= CF_S2_RTOL * b) break;
+        double mid = (a * fb - b * fa) / (fb - fa);
+        if (!(a < mid && mid < b)) mid = 0.5 * (a + b); /* also catches NaN */
+        double fm = s2_dg(mid, r2, v, m);
+        if (fm > 0) {
+            a = mid;
+            fa = fm;
+            if (side == 1) fb *= 0.5;
+            side = 1;
+        } else {
+            b = mid;
+            fb = fm;
+            if (side == -1) fa *= 0.5;
+            side = -1;
+        }
+    }
+    return 0.5 * (a + b);
+}
+
+/* s2 at one pixel from the m valid stars' r2 and v. */
+static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_t *status)
+{
+    if (m < 2) {
+        *status = CF_TOO_FEW;
+        return 0.0;
+    }
+    *status = 0;
+    double hi = 0.0, vsum = 0.0;
+    for (ptrdiff_t i = 0; i < m; i++) {
+        if (r2[i] > hi) hi = r2[i];
+        vsum += v[i];
+    }
+    double lo = CF_S2_FLOOR * (vsum / (double)m);
+    if (hi <= lo) return 0.0;
+    double span = ceil(log10(hi / lo) * CF_GRID_PER_DECADE);
+    /* hi / lo = inf (a zero variance): no grid, as in the numba kernel */
+    if (!(span >= 0.0 && span < 1e6)) return 0.0;
+    ptrdiff_t n_grid = (ptrdiff_t)span + 1;
+    double ratio = n_grid > 1 ? pow(hi / lo, 1.0 / (double)(n_grid - 1)) : 1.0;
+    double best_s = 0.0, best_g = -INFINITY;
+    double prev_s = 0.0;
+    double prev_d = s2_dg(0.0, r2, v, m);
+    if (prev_d <= 0) best_g = s2_g(0.0, r2, v, m);
+    double s = lo;
+    for (ptrdiff_t k = 0; k < n_grid; k++) {
+        double d = s2_dg(s, r2, v, m);
+        if (prev_d > 0 && d <= 0) { /* a local maximum in (prev_s, s) */
+            double root = s2_refine(prev_s, s, r2, v, m);
+            double gr = s2_g(root, r2, v, m);
+            if (gr > best_g) {
+                best_s = root;
+                best_g = gr;
+            }
+        }
+        prev_s = s;
+        prev_d = d;
+        s *= ratio;
+    }
+    return best_s;
+}
+
+int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *var,
+                 double *s2_out, int8_t *status_out)
+{
+    const ptrdiff_t n_blocks = (n_pix + CF_S2_BLOCK - 1) / CF_S2_BLOCK;
+    int err = CF_OK;
+    if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
+    if (n_pix == 0) return CF_OK;
+    const int nthr = team_size(n_pix, CF_PAR_MIN_PIX);
+    (void)nthr; /* unused without OpenMP */
+
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        size_t width = (size_t)CF_S2_BLOCK * (size_t)(n_stars > 0 ? n_stars : 1);
+        double *r2 = (double *)malloc(sizeof(double) * 2 * width);
+        ptrdiff_t *counts = (ptrdiff_t *)malloc(sizeof(ptrdiff_t) * CF_S2_BLOCK);
+        double *vv = r2 ? r2 + width : NULL;
+        if (!r2 || !counts) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        /* dynamic: the cost of a pixel depends on its number of sign changes */
+        CF_OMP(omp for schedule(dynamic, 1))
+        for (ptrdiff_t blk = 0; blk < n_blocks; blk++) {
+            if (!r2 || !counts) continue;
+            ptrdiff_t p0 = blk * CF_S2_BLOCK;
+            ptrdiff_t w = n_pix - p0 < CF_S2_BLOCK ? n_pix - p0 : CF_S2_BLOCK;
+            for (ptrdiff_t j = 0; j < w; j++) counts[j] = 0;
+            for (ptrdiff_t n = 0; n < n_stars; n++) {
+                const double *vrow = var + n * n_pix + p0;
+                const double *rrow = resid + n * n_pix + p0;
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    double x = vrow[j];
+                    if (isfinite(x)) {
+                        ptrdiff_t c = counts[j];
+                        r2[j * n_stars + c] = rrow[j] * rrow[j];
+                        vv[j * n_stars + c] = x;
+                        counts[j] = c + 1;
+                    }
+                }
+            }
+            for (ptrdiff_t j = 0; j < w; j++) {
+                s2_out[p0 + j] = s2_one_pixel(r2 + j * n_stars, vv + j * n_stars, counts[j],
+                                              &status_out[p0 + j]);
+            }
+        }
+        free(r2);
+        free(counts);
+    }
+    return err;
+}
+
+/* ------------------------------------------------------------------ label vectors */
+
+static double ipow(double x, int64_t e)
+{
+    double out = 1.0;
+    for (int64_t i = 0; i < e; i++) out *= x;
+    return out;
+}
+
+void cf_label_vector_and_jacobian(ptrdiff_t n_terms, ptrdiff_t n_labels, const double *x,
+                                  const int64_t *exponents, double *v_out, double *dv_out)
+{
+    for (ptrdiff_t t = 0; t < n_terms; t++) {
+        const int64_t *e_t = exponents + t * n_labels;
+        double prod = 1.0;
+        for (ptrdiff_t l = 0; l < n_labels; l++) prod *= ipow(x[l], e_t[l]);
+        v_out[t] = prod;
+        for (ptrdiff_t l = 0; l < n_labels; l++) {
+            int64_t e = e_t[l];
+            if (e == 0) {
+                dv_out[t * n_labels + l] = 0.0;
+                continue;
+            }
+            double d = (double)e * ipow(x[l], e - 1);
+            for (ptrdiff_t m = 0; m < n_labels; m++) {
+                if (m != l) d *= ipow(x[m], e_t[m]);
+            }
+            dv_out[t * n_labels + l] = d;
+        }
+    }
+}
+
+/* v(x) alone (the objective needs no Jacobian); same products as above. */
+static void label_vector(ptrdiff_t n_terms, ptrdiff_t n_labels, const double *x,
+                         const int64_t *exponents, double *v_out)
+{
+    for (ptrdiff_t t = 0; t < n_terms; t++) {
+        const int64_t *e_t = exponents + t * n_labels;
+        double prod = 1.0;
+        for (ptrdiff_t l = 0; l < n_labels; l++) prod *= ipow(x[l], e_t[l]);
+        v_out[t] = prod;
+    }
+}
+
+int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const double *x,
+              const int64_t *exponents, double *v_out, double *dv_out)
+{
+    if (n_stars < 0 || n_terms < 0 || n_labels < 0) return CF_ERR_ARG;
+    const int nthr = team_size(n_stars, 4 * CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        cf_label_vector_and_jacobian(n_terms, n_labels, x + i * n_labels, exponents,
+                                     v_out + i * n_terms, dv_out + i * n_terms * n_labels);
+    }
+    return CF_OK;
+}
+
+/* ------------------------------------------------------------------ label fits */
+
+/* Per-thread scratch of cf_lm_fit, carved from one allocation. */
+typedef struct {
+    double *g;     /* (T, T) */
+    double *v;     /* (T,) */
+    double *dv;    /* (T, L) */
+    double *gv;    /* (T,) */
+    double *gdv;   /* (T, L) */
+    double *cand;  /* (K, L) */
+    double *first; /* (K,) */
+    double *ends;  /* (R, L) */
+    double *phis;  /* (R,) */
+    double *x;     /* (L,) */
+    double *x_new; /* (L,) */
+    double *grad;  /* (L,) */
+    double *step;  /* (L,) */
+    double *hess;  /* (L, L) */
+    double *damp;  /* (L, L) */
+    double *m;     /* (L, L) elimination copy */
+    double *r;     /* (L,) elimination copy */
+    ptrdiff_t *order; /* (K,) */
+    int *convs;       /* (R,) */
+    void *block;
+} lm_scratch;
+
+static int lm_scratch_alloc(lm_scratch *s, ptrdiff_t nt, ptrdiff_t nl, ptrdiff_t k, ptrdiff_t r)
+{
+    size_t n_dbl = (size_t)(nt * nt + 2 * nt + 2 * nt * nl + k * nl + k + r * nl + r
+                            + 5 * nl + 3 * nl * nl + 1);
+    size_t bytes = sizeof(double) * n_dbl + sizeof(ptrdiff_t) * (size_t)(k + 1)
+                   + sizeof(int) * (size_t)(r + 1);
+    double *d = (double *)malloc(bytes);
+    s->block = d;
+    if (!d) return 0;
+    s->g = d; d += nt * nt;
+    s->v = d; d += nt;
+    s->gv = d; d += nt;
+    s->dv = d; d += nt * nl;
+    s->gdv = d; d += nt * nl;
+    s->cand = d; d += k * nl;
+    s->first = d; d += k;
+    s->ends = d; d += r * nl;
+    s->phis = d; d += r;
+    s->x = d; d += nl;
+    s->x_new = d; d += nl;
+    s->grad = d; d += nl;
+    s->step = d; d += nl;
+    s->r = d; d += nl;
+    s->hess = d; d += nl * nl;
+    s->damp = d; d += nl * nl;
+    s->m = d; d += nl * nl;
+    d += 1;
+    s->order = (ptrdiff_t *)d;
+    s->convs = (int *)(s->order + k + 1);
+    return 1;
+}
+
+/* c - 2 h.v(x) + v(x)^T G v(x); v is scratch. */
+static double lm_objective(const double *x, double c, const double *h, const double *g,
+                           const int64_t *exponents, ptrdiff_t nt, ptrdiff_t nl, double *v)
+{
+    label_vector(nt, nl, x, exponents, v);
+    double acc = c;
+    for (ptrdiff_t t = 0; t < nt; t++) {
+        double gv = 0.0;
+        for (ptrdiff_t s = 0; s < nt; s++) gv += g[t * nt + s] * v[s];
+        acc += v[t] * (gv - 2.0 * h[t]);
+    }
+    return acc;
+}
+
+/* Gaussian elimination with partial pivoting on copies (m, r); 0 if singular. */
+static int solve_small(const double *a, const double *b, double *out, ptrdiff_t n, double *m,
+                       double *r)
+{
+    memcpy(m, a, sizeof(double) * (size_t)(n * n));
+    memcpy(r, b, sizeof(double) * (size_t)n);
+    for (ptrdiff_t col = 0; col < n; col++) {
+        ptrdiff_t piv = col;
+        for (ptrdiff_t i = col + 1; i < n; i++) {
+            if (fabs(m[i * n + col]) > fabs(m[piv * n + col])) piv = i;
+        }
+        double pv = m[piv * n + col];
+        if (pv == 0.0 || !isfinite(pv)) return 0;
+        if (piv != col) {
+            for (ptrdiff_t j = 0; j < n; j++) {
+                double tmp = m[col * n + j];
+                m[col * n + j] = m[piv * n + j];
+                m[piv * n + j] = tmp;
+            }
+            double tmp = r[col];
+            r[col] = r[piv];
+            r[piv] = tmp;
+        }
+        for (ptrdiff_t i = col + 1; i < n; i++) {
+            double f = m[i * n + col] / m[col * n + col];
+            for (ptrdiff_t j = col; j < n; j++) m[i * n + j] -= f * m[col * n + j];
+            r[i] -= f * r[col];
+        }
+    }
+    for (ptrdiff_t i = n - 1; i >= 0; i--) {
+        double s = r[i];
+        for (ptrdiff_t j = i + 1; j < n; j++) s -= m[i * n + j] * out[j];
+        out[i] = s / m[i * n + i];
+    }
+    return 1;
+}
+
+/* Gradient dv^T (G v - h) and Gauss-Newton Hessian dv^T G dv. */
+static void lm_grad_hess(const double *g, const double *h, const double *v, const double *dv,
+                         ptrdiff_t nt, ptrdiff_t nl, double *gv, double *gdv, double *grad,
+                         double *hess)
+{
+    for (ptrdiff_t t = 0; t < nt; t++) {
+        double acc = 0.0;
+        for (ptrdiff_t s = 0; s < nt; s++) acc += g[t * nt + s] * v[s];
+        gv[t] = acc - h[t];
+        for (ptrdiff_t l = 0; l < nl; l++) {
+            acc = 0.0;
+            for (ptrdiff_t s = 0; s < nt; s++) acc += g[t * nt + s] * dv[s * nl + l];
+            gdv[t * nl + l] = acc;
+        }
+    }
+    for (ptrdiff_t l = 0; l < nl; l++) {
+        double acc = 0.0;
+        for (ptrdiff_t t = 0; t < nt; t++) acc += dv[t * nl + l] * gv[t];
+        grad[l] = acc;
+        for (ptrdiff_t m = 0; m < nl; m++) {
+            acc = 0.0;
+            for (ptrdiff_t t = 0; t < nt; t++) acc += dv[t * nl + l] * gdv[t * nl + m];
+            hess[l * nl + m] = acc;
+        }
+    }
+}
+
+/* LM from s->x (modified in place); returns phi, sets *iters and *converged. */
+static double lm_one(lm_scratch *s, double c, const double *h, const int64_t *exponents,
+                     const double *lo, const double *hi, ptrdiff_t nt, ptrdiff_t nl,
+                     ptrdiff_t max_iter, double xtol, int64_t *iters, int *converged)
+{
+    double *x = s->x;
+    double phi = lm_objective(x, c, h, s->g, exponents, nt, nl, s->v);
+    double lam = 1e-3;
+    ptrdiff_t it = 0;
+    *converged = 0;
+    while (it < max_iter) {
+        it++;
+        cf_label_vector_and_jacobian(nt, nl, x, exponents, s->v, s->dv);
+        lm_grad_hess(s->g, h, s->v, s->dv, nt, nl, s->gv, s->gdv, s->grad, s->hess);
+        for (ptrdiff_t l = 0; l < nl; l++) {
+            for (ptrdiff_t m = 0; m < nl; m++) s->damp[l * nl + m] = s->hess[l * nl + m];
+            s->damp[l * nl + l] += lam * (s->hess[l * nl + l] + 1e-12);
+            s->grad[l] = -s->grad[l];
+        }
+        if (!solve_small(s->damp, s->grad, s->step, nl, s->m, s->r)) {
+            lam *= 10.0;
+            continue;
+        }
+        double moved = 0.0;
+        for (ptrdiff_t l = 0; l < nl; l++) {
+            double xn = x[l] + s->step[l];
+            if (xn < lo[l]) {
+                xn = lo[l];
+            } else if (xn > hi[l]) {
+                xn = hi[l];
+            }
+            s->x_new[l] = xn;
+            if (fabs(xn - x[l]) > moved) moved = fabs(xn - x[l]);
+        }
+        double phi_new = lm_objective(s->x_new, c, h, s->g, exponents, nt, nl, s->v);
+        if (phi_new <= phi) {
+            memcpy(x, s->x_new, sizeof(double) * (size_t)nl);
+            phi = phi_new;
+            lam = lam / 10.0 > 1e-9 ? lam / 10.0 : 1e-9;
+            if (moved < xtol) {
+                *converged = 1;
+                break;
+            }
+        } else {
+            lam *= 4.0;
+            if (lam > 1e12) break;
+        }
+    }
+    *iters = (int64_t)it;
+    return phi;
+}
+
+/* a sorts before b: numpy's order (NaN last) */
+static int less_nan_last(double a, double b)
+{
+    return a < b || (isnan(b) && !isnan(a));
+}
+
+int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_t n_cand,
+              const double *g_packed, const double *h, const double *c,
+              const int64_t *exponents, const double *starts, const double *lo,
+              const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter, double xtol,
+              double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
+              int64_t *status_out)
+{
+    const ptrdiff_t nt = n_terms, nl = n_labels;
+    const ptrdiff_t n2 = nt * (nt + 1) / 2;
+    const ptrdiff_t n_runs = n_polish < n_cand ? n_polish : n_cand;
+    int err = CF_OK;
+    if (n_stars < 0 || nt < 0 || nl < 0 || n_cand < 1 || n_polish < 1) return CF_ERR_ARG;
+    if (n_stars == 0) return CF_OK;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+
+    /* dynamic: stars differ in the number of LM iterations they need */
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        lm_scratch s = {0};
+        int ok = lm_scratch_alloc(&s, nt, nl, n_cand, n_runs);
+        if (!ok) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        CF_OMP(omp for schedule(dynamic, 4))
+        for (ptrdiff_t i = 0; i < n_stars; i++) {
+            if (!ok) continue;
+            const double *gp = g_packed + i * n2;
+            const double *hrow = h + i * nt;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t b = a; b < nt; b++, k++) {
+                    s.g[a * nt + b] = gp[k];
+                    s.g[b * nt + a] = gp[k];
+                }
+            }
+            /* the objective at every clipped start is O(T^2): nearly free */
+            for (ptrdiff_t j = 0; j < n_cand; j++) {
+                double *cj = s.cand + j * nl;
+                for (ptrdiff_t l = 0; l < nl; l++) {
+                    double x = starts[(i * n_cand + j) * nl + l];
+                    x = x > lo[l] ? x : lo[l];
+                    cj[l] = x < hi[l] ? x : hi[l];
+                }
+                s.first[j] = lm_objective(cj, c[i], hrow, s.g, exponents, nt, nl, s.v);
+            }
+            /* stable insertion sort of the candidates (K is small) */
+            for (ptrdiff_t j = 0; j < n_cand; j++) {
+                ptrdiff_t q = j;
+                while (q > 0 && less_nan_last(s.first[j], s.first[s.order[q - 1]])) {
+                    s.order[q] = s.order[q - 1];
+                    q--;
+                }
+                s.order[q] = j;
+            }
+            int64_t total_it = 0;
+            for (ptrdiff_t r = 0; r < n_runs; r++) {
+                memcpy(s.x, s.cand + s.order[r] * nl, sizeof(double) * (size_t)nl);
+                int64_t it;
+                int conv;
+                s.phis[r] = lm_one(&s, c[i], hrow, exponents, lo, hi, nt, nl, max_iter, xtol,
+                                   &it, &conv);
+                memcpy(s.ends + r * nl, s.x, sizeof(double) * (size_t)nl);
+                s.convs[r] = conv;
+                total_it += it;
+            }
+            ptrdiff_t best = 0;
+            for (ptrdiff_t r = 1; r < n_runs; r++) {
+                if (s.phis[r] < s.phis[best]) best = r;
+            }
+            const double *xb = s.ends + best * nl;
+            int64_t status = s.convs[best] ? 0 : CF_NOT_CONVERGED;
+            for (ptrdiff_t l = 0; l < nl; l++) {
+                if (xb[l] <= lo[l] || xb[l] >= hi[l]) status |= CF_HIT_BOUND;
+            }
+            cf_label_vector_and_jacobian(nt, nl, xb, exponents, s.v, s.dv);
+            lm_grad_hess(s.g, hrow, s.v, s.dv, nt, nl, s.gv, s.gdv, s.grad, s.hess);
+            for (ptrdiff_t r = 0; r < n_runs; r++) {
+                if (!s.convs[r] || s.phis[r] - s.phis[best] >= disagree_dchi2) continue;
+                const double *xr = s.ends + r * nl;
+                double d2 = 0.0;
+                for (ptrdiff_t l = 0; l < nl; l++) {
+                    for (ptrdiff_t m = 0; m < nl; m++) {
+                        d2 += (xr[l] - xb[l]) * s.hess[l * nl + m] * (xr[m] - xb[m]);
+                    }
+                }
+                if (d2 > disagree_dchi2) status |= CF_STARTS_DISAGREE;
+            }
+            memcpy(x_out + i * nl, xb, sizeof(double) * (size_t)nl);
+            phi_out[i] = s.phis[best];
+            iters_out[i] = total_it;
+            status_out[i] = status;
+        }
+        free(s.block);
+    }
+    return err;
+}
+
+/* ------------------------------------------------------------------ star weights */
+
+int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
+                    const double *s2, const uint8_t *good_pix, const double *theta0,
+                    const double *t_pix, float *w_out, double *wr_out, double *c_out,
+                    int64_t *npix_out, double *moments_out)
+{
+    if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    /* one pass over each spectrum: this kernel is bound by memory bandwidth */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        const double *f = flux + i * n_pix;
+        const double *iv = ivar + i * n_pix;
+        float *wo = w_out + i * n_pix;
+        double *wro = wr_out + i * n_pix;
+        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0;
+        int64_t cnt = 0;
+        for (ptrdiff_t p = 0; p < n_pix; p++) {
+            double x = iv[p];
+            if (x > 0 && good_pix[p]) {
+                double w = 1.0 / (1.0 / x + s2[p]);
+                double r = f[p] - theta0[p];
+                wo[p] = (float)w;
+                wro[p] = w * r;
+                acc += w * r * r;
+                cnt++;
+                m0 += w;
+                m1 += w * t_pix[p];
+                m2 += w * w * t_pix[p];
+            } else {
+                wo[p] = 0.0f;
+                wro[p] = 0.0;
+            }
+        }
+        c_out[i] = acc;
+        npix_out[i] = cnt;
+        moments_out[3 * i] = m0;
+        moments_out[3 * i + 1] = m1;
+        moments_out[3 * i + 2] = m2;
+    }
+    return CF_OK;
+}

@@ -1,0 +1,188 @@
+/*
+ * cannon.h: the Cannon kernels in pure C99 (no Python.h).
+ *
+ * Same algorithms, names and contracts as cannon_fast/_kernels (numba) and
+ * cannon_fast/_reference (numpy, the ground truth); csrc/_ccannon.c wraps
+ * them for Python. Every array is C-contiguous and caller-allocated; outputs
+ * end in _out. Shapes use the package's letters: N stars, P pixels, L labels,
+ * T terms, T2 = T (T + 1) / 2 packed upper-triangle entries, K starts.
+ *
+ * The functions return a CF_* code (never exit or abort); per-pixel or
+ * per-star outcomes go into status_out arrays, as in the Python kernels.
+ * Loops over pixels or stars run in parallel when compiled with OpenMP
+ * (cf_set_num_threads caps them; 1 is safe in a forked child). Results do
+ * not depend on the number of threads.
+ */
+#ifndef CANNON_FAST_CANNON_H
+#define CANNON_FAST_CANNON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* return codes of every cf_ function */
+#define CF_OK 0
+#define CF_ERR_NOMEM (-1) /* a scratch allocation failed; outputs are incomplete */
+#define CF_ERR_ARG (-2)   /* an argument is out of range (e.g. n_polish < 1) */
+
+/* per-pixel status of cf_solve_normal_equations and cf_s2_update */
+#define CF_SINGULAR 1 /* matrix not positive definite: theta = cinv = 0 */
+#define CF_TOO_FEW 1  /* fewer than two valid stars: s2 = 0 */
+
+/* per-star status bits of cf_lm_fit (= _reference.model_eval) */
+#define CF_NOT_CONVERGED 1
+#define CF_HIT_BOUND 2
+#define CF_STARTS_DISAGREE 4
+
+/* constants of _reference.s2_grid, which must be honoured identically */
+#define CF_S2_RTOL 1e-4      /* relative precision to which s2 is refined */
+#define CF_S2_FLOOR 1e-4     /* grid bottom, as a fraction of the mean noise variance */
+#define CF_GRID_PER_DECADE 3 /* grid points per factor of ten */
+
+/* relative pivot below which a Cholesky factorisation is declared singular */
+#define CF_CHOL_RTOL 1e-12
+
+/**
+ * Solve A theta = b per pixel by Cholesky and return A^-1 packed.
+ * Contract: (t2),(t)->(t),(t2),() over pixels.
+ *
+ * @param n_pix P: number of pixels.
+ * @param n_terms T: number of terms.
+ * @param a_packed (P, T2): upper triangles of X^T W_p X, row by row.
+ * @param b (P, T): X^T W_p f_p.
+ * @param theta_out (P, T): the solutions; 0 where singular.
+ * @param cinv_out (P, T2) or NULL: upper triangles of A^-1; NULL skips the inverse.
+ * @param status_out (P,): 0, or CF_SINGULAR where A is not positive definite.
+ * @return CF_OK, CF_ERR_ARG or CF_ERR_NOMEM.
+ */
+int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *a_packed,
+                              const double *b, double *theta_out, double *cinv_out,
+                              int8_t *status_out);
+
+/**
+ * Maximise the likelihood in s2 at every pixel given the residuals.
+ * Contract: (n),(n)->(),() over pixels.
+ *
+ * A geometric grid over [S2_FLOOR mean(v), max r2] (plus s2 = 0) locates the
+ * sign changes of g'(s2); Illinois regula falsi refines each to S2_RTOL and
+ * g itself (the logarithms) is evaluated only at those candidates.
+ *
+ * @param n_stars N: number of stars.
+ * @param n_pix P: number of pixels.
+ * @param resid (N, P): residuals f - theta . v of the training stars.
+ * @param var (N, P): noise variances; a non-finite value marks the star invalid there.
+ * @param s2_out (P,): the maximum-likelihood s2.
+ * @param status_out (P,): 0, or CF_TOO_FEW where fewer than two stars are valid.
+ * @return CF_OK or CF_ERR_NOMEM.
+ */
+int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *var,
+                 double *s2_out, int8_t *status_out);
+
+/**
+ * Label vector v(x) and its Jacobian dv/dx for one star.
+ * Contract: (l),(t,l)->(t),(t,l).
+ *
+ * @param n_terms T: number of terms.
+ * @param n_labels L: number of labels.
+ * @param x (L,): scaled labels.
+ * @param exponents (T, L): the exponent of each label in each term.
+ * @param v_out (T,): prod_l x_l^e_tl.
+ * @param dv_out (T, L): d v_t / d x_l.
+ */
+void cf_label_vector_and_jacobian(ptrdiff_t n_terms, ptrdiff_t n_labels, const double *x,
+                                  const int64_t *exponents, double *v_out, double *dv_out);
+
+/**
+ * Label vectors and their Jacobian for a batch of stars.
+ * Contract: (l),(t,l)->(t),(t,l) over stars.
+ *
+ * @param n_stars N: number of stars.
+ * @param n_terms T: number of terms.
+ * @param n_labels L: number of labels.
+ * @param x (N, L): scaled labels.
+ * @param exponents (T, L): the exponent of each label in each term.
+ * @param v_out (N, T): label vectors.
+ * @param dv_out (N, T, L): their Jacobians.
+ * @return CF_OK.
+ */
+int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const double *x,
+              const int64_t *exponents, double *v_out, double *dv_out);
+
+/**
+ * Minimise c - 2 h.v(x) + v(x)^T G v(x) per star within bounds, by
+ * Levenberg-Marquardt from the n_polish best of the star's K clipped starting points.
+ * Contract: (t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),() over stars
+ * (starts is per star).
+ *
+ * @param n_stars N: number of stars.
+ * @param n_terms T: number of terms.
+ * @param n_labels L: number of labels.
+ * @param n_cand K: number of starting points.
+ * @param g_packed (N, T2): packed upper triangles of G (or G - B).
+ * @param h (N, T): Theta^T W f.
+ * @param c (N,): sum_p w_p f_p^2.
+ * @param exponents (T, L): the exponent of each label in each term.
+ * @param starts (N, K, L): candidate starting points of each star, in scaled labels.
+ * @param lo (L,): lower bounds in scaled labels.
+ * @param hi (L,): upper bounds in scaled labels.
+ * @param n_polish LM runs from this many of the best candidates (>= 1).
+ * @param max_iter LM iterations per run.
+ * @param xtol convergence when the largest step is below this.
+ * @param disagree_dchi2 threshold of the CF_STARTS_DISAGREE bit.
+ * @param x_out (N, L): the best end point.
+ * @param phi_out (N,): the objective there.
+ * @param iters_out (N,): LM iterations summed over runs.
+ * @param status_out (N,): bit field of CF_NOT_CONVERGED, CF_HIT_BOUND, CF_STARTS_DISAGREE.
+ * @return CF_OK, CF_ERR_ARG (K < 1 or n_polish < 1) or CF_ERR_NOMEM.
+ */
+int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_t n_cand,
+              const double *g_packed, const double *h, const double *c,
+              const int64_t *exponents, const double *starts, const double *lo,
+              const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter, double xtol,
+              double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
+              int64_t *status_out);
+
+/**
+ * Fit weights, weighted residuals from the constant term, their chi2,
+ * good-pixel counts and weight moments per star, in one pass over the spectra.
+ * Contract: (p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3) over stars.
+ *
+ * @param n_stars N: number of stars.
+ * @param n_pix P: number of pixels.
+ * @param flux (N, P): normalised flux.
+ * @param ivar (N, P): inverse variances; ivar <= 0 (or NaN) masks a pixel.
+ * @param s2 (P,): intrinsic variance of the model.
+ * @param good_pix (P,): nonzero where the model's pixel is usable.
+ * @param theta0 (P,): the constant term of the model.
+ * @param t_pix (P,): per-pixel scale of Cov(theta_p).
+ * @param w_out (N, P): 1 / (1/ivar + s2) in float32; 0 where masked.
+ * @param wr_out (N, P): w (f - theta0); 0 where masked.
+ * @param c_out (N,): sum_p w (f - theta0)^2.
+ * @param npix_out (N,): number of usable pixels.
+ * @param moments_out (N, 3): sum w, sum w t and sum w^2 t.
+ * @return CF_OK.
+ */
+int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
+                    const double *s2, const uint8_t *good_pix, const double *theta0,
+                    const double *t_pix, float *w_out, double *wr_out, double *c_out,
+                    int64_t *npix_out, double *moments_out);
+
+/** Number of threads the parallel loops use (1 without OpenMP). */
+int cf_max_threads(void);
+
+/**
+ * Cap the threads of the parallel loops (process-wide; no effect without OpenMP).
+ *
+ * @param n the cap; 0 or less restores OpenMP's default (OMP_NUM_THREADS).
+ * @return the previous cap (0: none).
+ */
+int cf_set_num_threads(int n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CANNON_FAST_CANNON_H */

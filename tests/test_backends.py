@@ -1,0 +1,602 @@
+"""Backends: every kernel against the numpy reference, on every available backend.
+
+Also hand-worked cases, the status paths, the full model per backend, backend
+resolution, the C glue's validation and threads, and numba kernels in user @njit code.
+"""
+import inspect
+import multiprocessing
+import re
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import cannon_fast.backends as backends
+from cannon_fast import CannonModel
+from cannon_fast import _kernels as nb_kernels
+from cannon_fast import _reference as ref
+from cannon_fast import vectorizer as vz
+from cannon_fast._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from cannon_fast._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, loglike_s2
+from cannon_fast.backends import available_backends, kernels, resolve_backend
+from cannon_fast.testing import make_synthetic
+
+KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design")
+needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
+
+
+# ------------------------------------------------------------------ helpers
+
+def _normal_system(rng, n_pix=60, n_terms=10, n_stars=200):
+    """Packed X^T W X and X^T W f from random designs and weights, as train() builds them."""
+    x = rng.normal(size=(n_stars, n_terms))
+    w = rng.uniform(0.2, 3.0, size=(n_stars, n_pix))
+    a_packed = np.ascontiguousarray((vz.packed_outer(x).T @ w).T)  # (P, T2)
+    b = np.ascontiguousarray((x.T @ (w * rng.normal(size=(n_stars, n_pix)))).T)  # (P, T)
+    return a_packed, b
+
+
+def _solve(k, a_packed, b, with_inverse=True):
+    n_pix, n_terms = b.shape
+    theta = np.full((n_pix, n_terms), np.nan)
+    cinv = np.full((n_pix if with_inverse else 0, a_packed.shape[1]), np.nan)
+    status = np.full(n_pix, -1, dtype=np.int8)
+    k.solve_normal_equations(a_packed, b, theta, cinv, status)
+    return theta, cinv, status
+
+
+def _s2(k, resid, var):
+    s2 = np.full(resid.shape[1], np.nan)
+    status = np.full(resid.shape[1], -1, dtype=np.int8)
+    k.s2_update(np.ascontiguousarray(resid), np.ascontiguousarray(var), s2, status)
+    return s2, status
+
+
+def _design(k, x, exponents):
+    v = np.full((len(x), len(exponents)), np.nan)
+    dv = np.full((len(x),) + exponents.shape, np.nan)
+    k.design(x, exponents, v, dv)
+    return v, dv
+
+
+def _weights(k, flux, ivar, s2, good, theta0, t_pix):
+    n, p = flux.shape
+    out = (np.full((n, p), np.nan, np.float32), np.full((n, p), np.nan), np.full(n, np.nan),
+           np.full(n, -1, np.int64), np.full((n, 3), np.nan))
+    k.star_weights(flux, ivar, s2, good, theta0, t_pix, *out)
+    return out
+
+
+def _lm(k, g, h, c, exponents, starts, lo, hi, n_polish=2, max_iter=100, xtol=1e-8,
+        disagree=9.0):
+    n, n_labels = len(c), exponents.shape[1]
+    x, phi = np.full((n, n_labels), np.nan), np.full(n, np.nan)
+    it, st = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    k.lm_fit(g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree,
+             x, phi, it, st)
+    return x, phi, it, st
+
+
+@pytest.fixture(scope="module")
+def lm_problem():
+    """Moments (G, h, c) of noisy spectra from a random quadratic model, with per-star starts."""
+    rng = np.random.default_rng(7)
+    n_stars, n_pix, n_labels, n_cand = 40, 300, 3, 8
+    exponents = vz.polynomial_exponents(n_labels, 2)
+    theta = rng.normal(scale=0.05, size=(n_pix, len(exponents)))
+    theta[:, 0] = 0.0  # fits work with r = f - theta_0, so the constant term is gone
+    x_true = rng.uniform(-0.8, 0.8, size=(n_stars, n_labels))
+    w = rng.uniform(1e3, 1e4, size=(n_stars, n_pix))
+    flux = vz.label_vector(x_true, exponents) @ theta.T + rng.normal(size=(n_stars, n_pix)) \
+        / np.sqrt(w)
+    g = np.ascontiguousarray(w @ vz.packed_outer(theta))  # (N, T2): packed Theta^T W Theta
+    h = np.ascontiguousarray((w * flux) @ theta)  # (N, T)
+    c = np.einsum("np,np->n", w, flux ** 2)
+    starts = np.ascontiguousarray(rng.uniform(-1, 1, size=(n_stars, n_cand, n_labels)))
+    lo, hi = np.full(n_labels, -1.5), np.full(n_labels, 1.5)
+    return dict(g=g, h=h, c=c, exponents=exponents, starts=starts, lo=lo, hi=hi, x_true=x_true)
+
+
+@pytest.fixture(scope="module")
+def weights_problem():
+    rng = np.random.default_rng(11)
+    n, p = 30, 400
+    flux = rng.normal(1.0, 0.1, size=(n, p))
+    ivar = rng.uniform(100, 1e4, size=(n, p))
+    ivar[rng.uniform(size=(n, p)) < 0.05] = 0.0
+    ivar[-1] = 0.0  # a fully masked star
+    good = rng.uniform(size=p) > 0.1
+    good[-1] = False
+    s2 = np.where(rng.uniform(size=p) < 0.3, rng.uniform(0, 1e-3, size=p), 0.0)
+    theta0 = rng.normal(1.0, 0.05, size=p)
+    t_pix = rng.uniform(0.5, 2.0, size=p)
+    return flux, ivar, s2, good, theta0, t_pix
+
+
+# ------------------------------------------------------------------ registry
+
+def test_every_backend_exposes_the_five_kernels(backend):
+    k = kernels(backend)
+    for name in KERNELS:
+        assert callable(getattr(k, name)), (backend, name)
+
+
+def test_auto_prefers_c_then_numba_then_numpy(monkeypatch):
+    monkeypatch.delenv("CANNON_FAST_BACKEND", raising=False)
+    assert resolve_backend("auto") == available_backends()[0]
+    assert available_backends()[-1] == "numpy"
+    monkeypatch.setattr(backends, "_ccannon", object())
+    monkeypatch.setattr(backends, "_HAVE_NUMBA", True)
+    assert available_backends() == ["c", "numba", "numpy"]
+    assert resolve_backend("auto") == "c"
+    monkeypatch.setattr(backends, "_ccannon", None)
+    assert resolve_backend("auto") == "numba"
+    monkeypatch.setattr(backends, "_HAVE_NUMBA", False)
+    assert resolve_backend("auto") == "numpy"
+    assert resolve_backend() == "numpy"
+
+
+def test_environment_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv("CANNON_FAST_BACKEND", "numpy")
+    assert resolve_backend("auto") == "numpy"
+    if "numba" in available_backends():
+        assert resolve_backend("numba") == "numba"  # an explicit request wins
+    monkeypatch.setenv("CANNON_FAST_BACKEND", " NumPy ")
+    assert resolve_backend("auto") == "numpy"
+    monkeypatch.setenv("CANNON_FAST_BACKEND", "auto")
+    assert resolve_backend("auto") == available_backends()[0]
+    monkeypatch.setenv("CANNON_FAST_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="unknown backend 'fortran'"):
+        resolve_backend("auto")
+
+
+def test_missing_backend_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.delenv("CANNON_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_ccannon", None)
+    assert "c" not in available_backends()
+    with pytest.raises(ValueError, match="backend 'c' is not available.*C extension"):
+        resolve_backend("c")
+    with pytest.raises(ValueError, match="not available"):
+        CannonModel(["TEFF", "LOGG"], backend="c")
+    with pytest.raises(ValueError, match="not available"):
+        kernels("c")
+    monkeypatch.setenv("CANNON_FAST_BACKEND", "c")
+    with pytest.raises(ValueError, match="backend 'c' is not available"):
+        resolve_backend("auto")
+    monkeypatch.setattr(backends, "_HAVE_NUMBA", False)
+    with pytest.raises(ValueError, match="numba is not installed"):
+        resolve_backend("numba")
+
+
+@pytest.mark.parametrize("name", ["C", "cuda", "", None])
+def test_unknown_backend_name(name):
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend(name)
+
+
+def test_model_records_the_resolved_backend(backend):
+    assert CannonModel(["TEFF", "LOGG"], backend=backend).backend == backend
+
+
+# ------------------------------------------------------------------ normal equations
+
+def test_normal_equations_match_reference(backend):
+    rng = np.random.default_rng(0)
+    a_packed, b = _normal_system(rng)
+    theta, cinv, status = _solve(kernels(backend), a_packed, b)
+    theta_r, cinv_r, status_r = _solve(ref, a_packed, b)
+    assert_array_equal(status, status_r)
+    assert_allclose(theta, theta_r, rtol=1e-9, atol=1e-12)
+    assert_allclose(cinv, cinv_r, rtol=1e-9, atol=1e-14)
+    # skipping the inverse (an empty cinv_out) leaves theta unchanged
+    theta2, cinv2, status2 = _solve(kernels(backend), a_packed, b, with_inverse=False)
+    assert cinv2.shape == (0, a_packed.shape[1])
+    assert_array_equal(theta2, theta)
+    assert_array_equal(status2, status)
+
+
+def test_reference_normal_equations_match_dense_linalg():
+    rng = np.random.default_rng(1)
+    a_packed, b = _normal_system(rng, n_pix=5, n_terms=6)
+    theta, cinv, status = _solve(ref, a_packed, b)
+    a = vz.unpack_symmetric(a_packed, 6)
+    assert_allclose(theta, np.linalg.solve(a, b[:, :, None])[:, :, 0], rtol=1e-10)
+    iu = np.triu_indices(6)
+    assert_allclose(cinv, np.linalg.inv(a)[:, iu[0], iu[1]], rtol=1e-10)
+    assert not status.any()
+
+
+def test_normal_equations_2x2_by_hand(backend):
+    # A = [[4, 2], [2, 3]], det 8, A^-1 = [[3, -2], [-2, 4]] / 8; b = [2, 1] -> theta = [1/2, 0]
+    a_packed = np.array([[4.0, 2.0, 3.0]])
+    b = np.array([[2.0, 1.0]])
+    theta, cinv, status = _solve(kernels(backend), a_packed, b)
+    assert_allclose(theta, [[0.5, 0.0]], atol=1e-15)
+    assert_allclose(cinv, [[3 / 8, -2 / 8, 4 / 8]], rtol=1e-14)
+    assert_array_equal(status, [0])
+
+
+def test_normal_equations_singular_pixels_give_status_1_and_zeros(backend):
+    rng = np.random.default_rng(2)
+    a_packed, b = _normal_system(rng, n_pix=6, n_terms=3)
+    a_packed[1] = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # rank one
+    a_packed[3] = 0.0  # no data at all
+    a_packed[4] = [-1.0, 0.0, 0.0, 1.0, 0.0, 1.0]  # indefinite
+    a_packed[5] = [1.0, 0.0, 0.0, 1.0, 0.0, 1e-14]  # pivot below 1e-12 of the largest
+    theta, cinv, status = _solve(kernels(backend), a_packed, b)
+    assert_array_equal(status, [0, 1, 0, 1, 1, 1])
+    assert_array_equal(theta[[1, 3, 4, 5]], 0.0)
+    assert_array_equal(cinv[[1, 3, 4, 5]], 0.0)
+    assert np.all(np.isfinite(theta)) and np.all(theta[[0, 2]] != 0)
+
+
+# ------------------------------------------------------------------ s2
+
+def _s2_problem(rng, n_stars=150, n_pix=300):
+    var = rng.uniform(0.5, 2.0, size=(n_stars, n_pix)) * 1e-4  # (N, P)
+    s2_true = np.where(rng.uniform(size=n_pix) < 0.5, rng.uniform(0, 4e-4, size=n_pix), 0.0)
+    resid = rng.normal(size=(n_stars, n_pix)) * np.sqrt(var + s2_true)
+    var[rng.uniform(size=(n_stars, n_pix)) < 0.05] = np.inf
+    var[:, 0] = np.inf  # no valid star
+    var[1:, 1] = np.inf  # one valid star
+    var[2:, 2] = np.inf  # two: the smallest pixel that gets an s²
+    resid[:, 3] = 1e-9  # every residual far below the noise: hi <= lo
+    return resid, var
+
+
+def test_s2_matches_reference(backend):
+    rng = np.random.default_rng(3)
+    resid, var = _s2_problem(rng)
+    s2, status = _s2(kernels(backend), resid, var)
+    s2_r, status_r = _s2(ref, resid, var)
+    assert_array_equal(status, status_r)
+    assert_array_equal(status[:3], [1, 1, 0])
+    assert s2[0] == s2[1] == s2[3] == 0.0
+    # both refine s² to a relative S2_RTOL; the floor is S2_FLOOR of the noise variance
+    assert_allclose(s2, s2_r, rtol=2 * S2_RTOL, atol=1e-3 * S2_FLOOR * 1e-4)
+    assert (s2 > 0).sum() > 50
+    # and the likelihood at the backend's s² is as high as at the reference's
+    for p in range(2, resid.shape[1]):
+        ok = np.isfinite(var[:, p])
+        r, v = resid[ok, p], var[ok, p]
+        assert loglike_s2(s2[p], r, v) >= loglike_s2(s2_r[p], r, v) - 1e-6, p
+
+
+def test_s2_equal_variances_closed_form(backend):
+    # with v_n = v, g'(s²) = 0 at s² = mean(r²) - v, clipped at 0
+    rng = np.random.default_rng(4)
+    n_stars, v = 80, 1e-4
+    scale = np.array([0.5, 0.9, 1.2, 2.0, 3.0, 10.0])
+    resid = rng.normal(size=(n_stars, len(scale))) * np.sqrt(v) * scale
+    var = np.full_like(resid, v)
+    expected = np.maximum((resid ** 2).mean(axis=0) - v, 0.0)
+    s2, status = _s2(kernels(backend), resid, var)
+    assert_array_equal(status, 0)
+    assert_allclose(s2, expected, rtol=S2_RTOL, atol=0)
+    assert s2[0] == 0.0 and s2[-1] > 0
+
+
+def test_s2_two_stars_by_hand(backend):
+    # r² = (9, 1) v, v = 1: g' = 0 at s² = 4 (mean r² - v), valid as a maximum
+    resid = np.array([[3.0], [1.0]])
+    var = np.ones((2, 1))
+    s2, status = _s2(kernels(backend), resid, var)
+    assert_allclose(s2, [4.0], rtol=S2_RTOL)
+    assert_array_equal(status, [0])
+
+
+def test_s2_fewer_than_two_valid_stars(backend):
+    resid = np.ones((3, 2))
+    var = np.array([[np.inf, 1.0], [np.inf, np.inf], [np.inf, np.nan]])
+    s2, status = _s2(kernels(backend), resid, var)
+    assert_array_equal(s2, [0.0, 0.0])
+    assert_array_equal(status, [1, 1])
+
+
+@needs_c
+def test_c_s2_constants_are_the_reference_constants():
+    c = backends._ccannon
+    assert (c.S2_RTOL, c.S2_FLOOR, c.GRID_PER_DECADE) == (S2_RTOL, S2_FLOOR, GRID_PER_DECADE)
+    assert (c.NOT_CONVERGED, c.HIT_BOUND, c.STARTS_DISAGREE) == (NOT_CONVERGED, HIT_BOUND,
+                                                                 STARTS_DISAGREE)
+
+
+# ------------------------------------------------------------------ design
+
+@pytest.mark.parametrize("n_labels, order", [(3, 2), (5, 2), (2, 3)])
+def test_design_matches_reference(backend, n_labels, order):
+    rng = np.random.default_rng(5)
+    exponents = vz.polynomial_exponents(n_labels, order)
+    x = rng.uniform(-1.5, 1.5, size=(17, n_labels))
+    x[0] = 0.0  # 0**0 = 1 and the derivative of x at 0
+    v, dv = _design(kernels(backend), x, exponents)
+    v_r, dv_r = _design(ref, x, exponents)
+    assert_allclose(v, v_r, rtol=1e-14, atol=1e-15)
+    assert_allclose(dv, dv_r, rtol=1e-14, atol=1e-15)
+
+
+def test_design_by_hand(backend):
+    # terms 1, a, b, a², ab, b² at (a, b) = (2, 3)
+    exponents = np.array([[0, 0], [1, 0], [0, 1], [2, 0], [1, 1], [0, 2]], dtype=np.int64)
+    v, dv = _design(kernels(backend), np.array([[2.0, 3.0]]), exponents)
+    assert_array_equal(v, [[1, 2, 3, 4, 6, 9]])
+    assert_array_equal(dv, [[[0, 0], [1, 0], [0, 1], [4, 0], [3, 2], [0, 6]]])
+
+
+# ------------------------------------------------------------------ star weights
+
+def test_star_weights_match_reference(backend, weights_problem):
+    out = _weights(kernels(backend), *weights_problem)
+    out_r = _weights(ref, *weights_problem)
+    w, wr, c, npix, mom = out
+    assert w.dtype == np.float32
+    assert_array_equal(w, out_r[0])  # the same float64 formula, rounded once to float32
+    assert_allclose(wr, out_r[1], rtol=1e-14, atol=0)
+    assert_allclose(c, out_r[2], rtol=1e-12)
+    assert_array_equal(npix, out_r[3])
+    assert_allclose(mom, out_r[4], rtol=1e-12)
+    flux, ivar, s2, good = weights_problem[:4]
+    assert npix[-1] == 0 and c[-1] == 0 and np.all(mom[-1] == 0)
+    masked = (ivar <= 0) | ~good[None, :]
+    assert np.all(w[masked] == 0) and np.all(wr[masked] == 0) and np.all(w[~masked] > 0)
+
+
+def test_star_weights_by_hand(backend):
+    # ivar 4, s² 0.25: w = 1 / (0.25 + 0.25) = 2; r = 1.5 - 1 = 0.5
+    flux, ivar = np.array([[1.5, 9.0, 1.5]]), np.array([[4.0, 0.0, 4.0]])
+    s2, good = np.array([0.25, 0.0, 0.25]), np.array([True, True, False])
+    theta0, t_pix = np.ones(3), np.array([3.0, 1.0, 1.0])
+    w, wr, c, npix, mom = _weights(kernels(backend), flux, ivar, s2, good, theta0, t_pix)
+    assert_array_equal(w, [[2, 0, 0]])
+    assert_array_equal(wr, [[1, 0, 0]])
+    assert_array_equal(c, [0.5])
+    assert_array_equal(npix, [1])
+    assert_array_equal(mom, [[2, 6, 12]])
+
+
+# ------------------------------------------------------------------ lm_fit
+
+def test_lm_fit_matches_reference(backend, lm_problem):
+    p = {k: v for k, v in lm_problem.items() if k != "x_true"}
+    args = [p[k] for k in ("g", "h", "c", "exponents", "starts", "lo", "hi")]
+    x, phi, it, st = _lm(kernels(backend), *args)
+    x_r, phi_r, it_r, st_r = _lm(ref, *args)
+    assert_array_equal(st, st_r)
+    assert_allclose(x, x_r, rtol=0, atol=1e-6)
+    assert_allclose(phi, phi_r, rtol=1e-10)
+    assert np.all(it > 0)
+    if backend == "c" and "numba" in available_backends():
+        # the C kernel mirrors the numba one step by step: the same LM paths
+        _, _, it_nb, _ = _lm(nb_kernels, *args)
+        assert np.mean(it == it_nb) >= 0.9
+    assert_allclose(x, lm_problem["x_true"], atol=0.05)  # and the fits are right
+
+
+def test_lm_fit_status_bits(backend, lm_problem):
+    p = lm_problem
+    k = kernels(backend)
+    args = [p["g"], p["h"], p["c"], p["exponents"], p["starts"]]
+    # bounds that exclude the truth of every star on the first label
+    lo, hi = p["lo"].copy(), p["hi"].copy()
+    hi[0] = -0.9
+    x, _, _, st = _lm(k, *args, lo, hi)
+    assert np.all(st & HIT_BOUND)
+    assert np.all(x[:, 0] <= -0.9)
+    # one iteration cannot converge
+    _, _, it, st = _lm(k, *args, p["lo"], p["hi"], n_polish=1, max_iter=1)
+    assert np.all(st & NOT_CONVERGED) and np.all(it == 1)
+    # more polish runs than candidates is fine
+    x, _, _, st = _lm(k, *args, p["lo"], p["hi"], n_polish=100)
+    assert np.all(st == 0)
+
+
+def test_lm_fit_two_minima_set_starts_disagree(backend):
+    # one label, v = (1, x, x²): c - 2 h.v + v G v = 1 - 2x² + x⁴ = (x² - 1)², minima at ±1
+    exponents = np.array([[0], [1], [2]], dtype=np.int64)
+    g = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])  # packed diag(0, 0, 1)
+    h, c = np.array([[0.0, 0.0, 1.0]]), np.array([1.0])
+    starts = np.array([[[-0.5], [0.7]]])
+    lo, hi = np.array([-3.0]), np.array([3.0])
+    # the Hessian at ±1 is |dv/dx|²_G = 4x² = 4, so the ends are 2² * 4 = 16 > 9 apart
+    x, phi, _, st = _lm(kernels(backend), g, h, c, exponents, starts, lo, hi, n_polish=2)
+    assert_allclose(np.abs(x), [[1.0]], atol=1e-6)
+    assert_allclose(phi, [0.0], atol=1e-10)
+    assert_array_equal(st, [STARTS_DISAGREE])
+    # one run: nothing to disagree with, and the better start (0.7 -> phi 0.26) wins
+    x, _, _, st = _lm(kernels(backend), g, h, c, exponents, starts, lo, hi, n_polish=1)
+    assert_allclose(x, [[1.0]], atol=1e-6)
+    assert_array_equal(st, [0])
+
+
+# ------------------------------------------------------------------ full model
+
+@pytest.fixture(scope="module")
+def synthetic():
+    train = make_synthetic(n_stars=64, n_pix=200, n_labels=3, seed=0)
+    test = make_synthetic(n_stars=24, n_pix=200, n_labels=3, seed=1, coeffs=train.coeffs,
+                          s2_true=train.s2_true)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def numpy_model(synthetic):
+    train, test = synthetic
+    model = CannonModel(train.label_names, backend="numpy").train(train.flux, train.ivar,
+                                                                   train.labels)
+    return model, model.fit(test.flux, test.ivar)
+
+
+def test_train_and_fit_match_numpy(backend, synthetic, numpy_model):
+    train, test = synthetic
+    m0, r0 = numpy_model
+    m = CannonModel(train.label_names, backend=backend).train(train.flux, train.ivar,
+                                                               train.labels)
+    assert_array_equal(m.pixel_flags, m0.pixel_flags)
+    assert_allclose(m.theta, m0.theta, rtol=1e-6, atol=1e-8)
+    assert_allclose(m.s2, m0.s2, rtol=1e-3, atol=1e-9)
+    scale = np.abs(m0.theta_cov).max(axis=1, keepdims=True) + 1e-300  # per pixel
+    assert_allclose(m.theta_cov / scale, m0.theta_cov / scale, rtol=0, atol=1e-6)
+    r = m.fit(test.flux, test.ivar)
+    assert_array_equal(r.flags, r0.flags)
+    assert_allclose(r.labels, r0.labels, rtol=0, atol=1e-4 * np.nanmax(r0.errors))
+    assert_allclose(r.errors, r0.errors, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the C glue
+
+def _c_ok_args():
+    """Return valid arguments of every C kernel, to be spoiled one at a time."""
+    rng = np.random.default_rng(0)
+    a_packed, b = _normal_system(rng, n_pix=4, n_terms=3)
+    ex = vz.polynomial_exponents(2, 2)
+    n, t, l2 = 3, len(ex), vz.n_packed(len(ex))
+    return {
+        "solve_normal_equations": [a_packed, b, np.empty((4, 3)), np.empty((4, 6)),
+                                   np.empty(4, np.int8)],
+        "s2_update": [np.ones((5, 4)), np.ones((5, 4)), np.empty(4), np.empty(4, np.int8)],
+        "lm_fit": [np.ones((n, l2)), np.ones((n, t)), np.ones(n), ex, np.zeros((n, 2, 2)),
+                   -np.ones(2), np.ones(2), 1, 10, 1e-6, 9.0, np.empty((n, 2)), np.empty(n),
+                   np.empty(n, np.int64), np.empty(n, np.int64)],
+        "star_weights": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
+                         np.ones(4), np.ones(4), np.empty((n, 4), np.float32),
+                         np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
+                         np.empty((n, 3))],
+        "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
+    }
+
+
+@needs_c
+@pytest.mark.parametrize("name", KERNELS)
+def test_c_valid_arguments_run(name):
+    assert getattr(backends._ccannon, name)(*_c_ok_args()[name]) is None
+
+
+@needs_c
+@pytest.mark.parametrize("name, pos, bad, exc, match", [
+    ("solve_normal_equations", 0, [[1.0, 2.0, 3.0]], TypeError, "a_packed must be a numpy"),
+    ("solve_normal_equations", 1, np.ones((4, 3), np.float32), TypeError, "b must have dtype"),
+    ("solve_normal_equations", 4, np.empty(4, np.int64), TypeError, "status_out .*int8"),
+    ("solve_normal_equations", 0, np.ones((4, 5)), ValueError, r"a_packed has shape \(4, 5\)"),
+    ("solve_normal_equations", 3, np.empty((2, 6)), ValueError, "cinv_out has shape"),
+    ("solve_normal_equations", 2, np.empty((3, 4)).T, ValueError, "theta_out must be C-contig"),
+    ("s2_update", 1, np.ones((5, 3)), ValueError, r"var has shape \(5, 3\)"),
+    ("s2_update", 0, np.ones(20), ValueError, "resid must be 2-dimensional"),
+    ("s2_update", 0, np.ones((5, 8))[:, ::2], ValueError, "C-contiguous"),
+    ("lm_fit", 3, vz.polynomial_exponents(2, 2).astype(np.int32), TypeError, "exponents"),
+    ("lm_fit", 4, np.zeros((2, 2)), ValueError, "starts must be 3-dimensional"),
+    ("lm_fit", 4, np.zeros((3, 0, 2)), ValueError, "at least one point"),
+    ("lm_fit", 7, 0, ValueError, "n_polish must be >= 1"),
+    ("lm_fit", 8, -1, ValueError, "max_iter must be >= 0"),
+    ("lm_fit", 9, "tight", TypeError, "must be real number"),
+    ("lm_fit", 14, np.empty(2, np.int64), ValueError, "status_out has shape"),
+    ("star_weights", 3, np.ones(4), TypeError, "good_pix must have dtype bool"),
+    ("star_weights", 6, np.empty((3, 4)), TypeError, "w_out must have dtype float32"),
+    ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
+    ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
+    ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
+])
+def test_c_rejects_bad_arguments(name, pos, bad, exc, match):
+    args = _c_ok_args()[name]
+    args[pos] = bad
+    with pytest.raises(exc, match=match):
+        getattr(backends._ccannon, name)(*args)
+
+
+@needs_c
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+@pytest.mark.parametrize("name", KERNELS)
+def test_c_signatures_are_the_numba_signatures(name):
+    c_sig = inspect.signature(getattr(backends._ccannon, name))
+    nb_fn = getattr(nb_kernels, name)
+    nb_sig = inspect.signature(getattr(nb_fn, "py_func", nb_fn))  # plain with NUMBA_DISABLE_JIT
+    assert list(c_sig.parameters) == list(nb_sig.parameters)
+
+
+@needs_c
+def test_c_rejects_read_only_output_and_accepts_keywords():
+    args = _c_ok_args()["design"]
+    args[2].flags.writeable = False
+    with pytest.raises(ValueError, match="output v_out is read-only"):
+        backends._ccannon.design(*args)
+    args[2] = np.empty_like(args[2])
+    backends._ccannon.design(x=args[0], exponents=args[1], v_out=args[2], dv_out=args[3])
+    with pytest.raises(TypeError):
+        backends._ccannon.design(*args[:3])
+
+
+@needs_c
+@pytest.mark.parametrize("name", KERNELS)
+def test_c_docstrings_register_the_gufunc_contract(name):
+    contract = re.search(r"``(\([^`]*->[^`]*)``", getattr(nb_kernels, name).__doc__).group(1)
+    assert contract in getattr(backends._ccannon, name).__doc__
+
+
+def _c_s2_in_child(seed):
+    rng = np.random.default_rng(seed)
+    resid, var = _s2_problem(rng, n_stars=20, n_pix=1000)
+    return float(np.sum(_s2(backends._ccannon, resid, var)[0]))
+
+
+@needs_c
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_c_kernels_work_in_forked_workers():
+    """GNU OpenMP hangs in a forked child; the extension runs children single-threaded."""
+    expected = [_c_s2_in_child(s) for s in range(2)]  # parent: the thread pool is up
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        got = pool.map_async(_c_s2_in_child, range(2)).get(timeout=60)
+    assert_allclose(got, expected, rtol=1e-12)
+
+
+@needs_c
+def test_c_thread_cap_does_not_change_results():
+    c = backends._ccannon
+    rng = np.random.default_rng(9)
+    resid, var = _s2_problem(rng, n_stars=40, n_pix=2000)
+    s2_many, _ = _s2(c, resid, var)
+    old = c.set_num_threads(1)
+    try:
+        assert c.max_threads() == 1
+        s2_one, _ = _s2(c, resid, var)
+    finally:
+        c.set_num_threads(old)
+    assert_array_equal(s2_one, s2_many)
+    with pytest.raises(ValueError):
+        c.set_num_threads(-1)
+
+
+def test_kernels_from_concurrent_python_threads(backend):
+    """The C and numba kernels release the GIL; concurrent calls must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = kernels(backend)
+    problems = [_s2_problem(np.random.default_rng(20 + i), n_stars=30, n_pix=400)
+                for i in range(4)]
+    expected = [_s2(k, *p)[0] for p in problems]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda p: _s2(k, *p)[0], problems))
+    for g, e in zip(got, expected):
+        assert_array_equal(g, e)
+
+
+# ------------------------------------------------------------------ numba in user code
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+def test_numba_kernels_work_inside_user_njit():
+    import numba as nb
+
+    from cannon_fast._kernels.model_eval import label_vector_and_jacobian
+
+    @nb.njit
+    def user_design(x, exponents):
+        n_terms, n_labels = exponents.shape
+        v = np.empty((x.shape[0], n_terms))
+        dv = np.empty((x.shape[0], n_terms, n_labels))
+        for i in range(x.shape[0]):
+            label_vector_and_jacobian(x[i], exponents, v[i], dv[i])
+        return v, dv
+
+    exponents = vz.polynomial_exponents(3, 2)
+    x = np.random.default_rng(6).uniform(-1, 1, size=(9, 3))
+    v, dv = user_design(x, exponents)
+    assert_allclose(v, vz.label_vector(x, exponents), rtol=1e-14)
+    assert_allclose(dv, vz.label_vector_jacobian(x, exponents), rtol=1e-14, atol=1e-15)
