@@ -1,0 +1,97 @@
+"""``cannon-fast demo`` and ``cannon-fast report``: the modeling lab end to end."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+__all__ = ["register"]
+
+
+def register(subparsers, parent):
+    """Add the ``demo`` and ``report`` subcommands.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+    parent : argparse.ArgumentParser
+        Shared options (``--backend``, ``--seed``, ``--quiet``).
+    """
+    p = subparsers.add_parser(
+        "demo", parents=[parent],
+        help="the whole modeling lab on the embedded survey (or --data DIR), with a report",
+        description="Generate (or reuse) the embedded synthetic APOGEE survey, apply the lab's "
+                    "cuts, normalize, train the 5-label quadratic Cannon on a random half, fit "
+                    "the other half and write a report folder (report.html, PNG figures, "
+                    "summary.json, the model). No network. --data DIR runs the same pipeline "
+                    "on downloaded files in the SDSS archive layout.")
+    p.add_argument("--data", metavar="DIR",
+                   help="downloaded apStar files + allStar catalogue (SAS layout) instead of the "
+                        "embedded survey")
+    p.add_argument("--out", default="cannon_fast_report",
+                   help="report folder (default ./cannon_fast_report)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the report files in an existing report folder")
+    p.add_argument("--allstar", help="allStar catalogue (default: found under --data)")
+    p.add_argument("--truth", help="truth.fits with true labels (default: <data>/truth.fits "
+                                   "if present)")
+    p.add_argument("--continuum", help="continuum pixel file (.npz/.npy/text); default: the "
+                                       "embedded survey's mask, or found from --data")
+    p.add_argument("--lines", metavar="FILE",
+                   help="line list (wavelength ;species, AIR Å) for the gradient spectra")
+    p.add_argument("--isochrone", action="append", metavar="FILE",
+                   help="MIST (.iso/.iso.cmd) or PARSEC isochrone to overlay on the Kiel diagram "
+                        "(repeatable); default for the demo: the survey's own giant branch")
+    p.add_argument("--n-stars", type=int, default=1200,
+                   help="size of the embedded survey (default 1200)")
+    p.add_argument("--min-stars", type=int, default=60,
+                   help="fewest stars that must pass the cuts (default 60)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes reading files / generating the survey")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the optional steps (MCMC, movies, binaries, NN)")
+    p.set_defaults(func=_demo)
+
+    q = subparsers.add_parser(
+        "report", parents=[parent],
+        help="rebuild report.html of a report folder from its summary.json and figures",
+        description="Rebuild report.html in a folder written by `cannon-fast demo`, picking up "
+                    "every PNG (and GIF/MP4) in it, e.g. after `cannon-fast mcmc` or `movie` "
+                    "added figures.")
+    q.add_argument("folder", nargs="?", default="cannon_fast_report",
+                   help="report folder (default ./cannon_fast_report)")
+    q.set_defaults(func=_report)
+
+
+def _demo(args):
+    from ..pipeline import run_lab
+
+    quiet = getattr(args, "quiet", False)
+    t0 = time.perf_counter()
+    summary = run_lab(data_dir=args.data, out_dir=args.out, seed=args.seed, force=args.force,
+                      allstar=args.allstar, truth=args.truth, continuum=args.continuum,
+                      line_file=args.lines, isochrones=args.isochrone,
+                      n_stars=args.n_stars, min_stars=args.min_stars,
+                      workers=args.workers, backend=args.backend, extras=not args.no_extras,
+                      show_progress=False if quiet else None,
+                      log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    v = summary["validation"][summary["primary_fit"]]
+    ref = "vs_true" if "vs_true" in v else "vs_catalog"
+    print(f"validation ({summary['primary_fit']} fit, {ref.replace('_', ' ')}), "
+          f"{v['n_ok']} stars:")
+    for name, s in v[ref].items():
+        if s["bias"] is not None:
+            print(f"  {name:6s} bias {s['bias']:+10.4f}  scatter {s['scatter']:9.4f}")
+    t = (summary.get("targets") or {}).get("primary")
+    if t:
+        print("targets (issue 4): " + ("met" if t["all_met"] else "NOT met"))
+    print(f"done in {time.perf_counter() - t0:.0f} s; report: {summary['report']}")
+    return 0
+
+
+def _report(args):
+    from ..report import rebuild_report
+
+    path = rebuild_report(args.folder)
+    print(f"report: {os.path.abspath(path)}")
+    return 0

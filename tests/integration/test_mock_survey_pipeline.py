@@ -1,0 +1,78 @@
+"""The lab pipeline on the realistic mock survey (../shared/tools/mock_survey.py) against its truth.
+
+Issue 4 asks for the lab's targets (Teff scatter <= 30 K, [Fe/H] <= 0.02 dex, |bias| <= 5 K
+and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (2 shared cores,
+Nov 2026): 1876 stars kept, 938/937 split; de-biased fit Teff 2.8 / 54.5 K, [Fe/H]
+0.0040 / 0.0266 dex (bias / scatter); plain fit 1.0 / 47.7 K, 0.0047 / 0.0267 -- comparable
+to the peers (PEERS.md section 2), NOT the targets, so that test is a strict xfail.
+Trained on the true labels the plain fit gives 40 K / 0.023 (the catalog's errors cost the
+rest); the remaining Teff error is the quadratic model's compression at the edges (bias
++24 K at 4200-4600 K, -21 K at 5000-5400 K, -224 K above 5400 K; ~22 K scatter within a
+bin). Measured run time of this file: 1 min 50 s on 2 quiet cores (generation 57 s, lab
+38 s), ~6 min with the cores shared by several jobs, so CI runs all 3036 stars; set
+CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under
+pytest's tmp_path and removed afterwards.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cannon_fast.pipeline import run_lab
+
+#: Stars generated (the lab's 3036).
+N_STARS = int(os.environ.get("CANNON_FAST_MOCK_STARS", 3036))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mock_lab(shared_dir, tmp_path_factory):
+    tool = shared_dir / "tools" / "mock_survey.py"
+    cont = shared_dir / "data" / "real" / "lab2" / "cannon_continuum_apogee.npz"
+    if not tool.exists() or not cont.exists():
+        pytest.skip(f"{tool} or {cont} missing")
+    root = tmp_path_factory.mktemp("mock_survey")
+    data = root / "mock"
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(tool), "--n-stars", str(N_STARS), "--format", "sas",
+                        "--out", str(data), "--workers", "2"], check=True,
+                       stdout=subprocess.DEVNULL)
+        t_gen = time.perf_counter() - t0
+        s = run_lab(data_dir=data, out_dir=root / "report", continuum=cont, extras=False,
+                    show_progress=False, log=None)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    print(f"mock survey: {N_STARS} stars generated in {t_gen:.0f} s; lab {s['timings']}")
+    yield s
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _numbers(s):
+    v = s["validation"][s["primary_fit"]]["vs_true"]
+    return {k: (round(v[k]["bias"], 4), round(v[k]["scatter"], 4)) for k in ("TEFF", "FE_H")}
+
+
+def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
+    s = mock_lab
+    if N_STARS == 3036:
+        assert s["cuts"]["n_kept"] == 1876  # the lab's own count (PEERS.md section 2)
+    v = s["validation"][s["primary_fit"]]
+    assert v["n_ok"] >= 0.9 * s["n_validation"]
+    st = v["vs_true"]
+    # regression guard at the peers' level (Ho 40 K / 0.024, AnniesLasso 45 K / 0.029)
+    assert st["TEFF"]["scatter"] < 60 and abs(st["TEFF"]["bias"]) < 10, _numbers(s)
+    assert st["FE_H"]["scatter"] < 0.032 and abs(st["FE_H"]["bias"]) < 0.01, _numbers(s)
+    assert "trained_on_true_labels" in s["diagnostics"] and "teff_bins" in s["diagnostics"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4 targets not reached on the realistic mock "
+                   "survey (Teff ~48-55 K, [Fe/H] ~0.027 dex vs 30 K / 0.02): catalog label "
+                   "errors and the quadratic model's edge compression; see module docstring")
+def test_mock_survey_meets_the_lab_targets(mock_lab):
+    t = mock_lab["validation"][mock_lab["primary_fit"]]["targets_vs_true"]
+    assert t["all_met"], _numbers(mock_lab)

@@ -1,0 +1,122 @@
+"""The lab pipeline's contracts that need no full run: refusals, errors, the report page."""
+import json
+
+import numpy as np
+import pytest
+
+from cannon_fast import pipeline, report
+from cannon_fast.catalog import TooFewStarsError
+from cannon_fast.cli import main
+
+
+def test_refuses_an_existing_report_folder(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--force"):
+        pipeline.run_lab(out_dir=out, cache_dir=tmp_path / "cache")
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_cli_demo_refuses_an_existing_report_folder(tmp_path, capsys):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main(["demo", "--out", str(out), "-q"]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_force_replaces_only_report_files(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "old.png").write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")
+    pipeline._prepare_out_dir(out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_missing_isochrone_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="isochrone file not found"):
+        pipeline.run_lab(out_dir=tmp_path / "rep", isochrones=[tmp_path / "nope.iso"])
+    assert not (tmp_path / "rep").exists()
+
+
+def test_too_few_stars_lists_the_per_cut_counts(tmp_path):
+    from cannon_fast.datasets import make_demo_survey
+
+    make_demo_survey(tmp_path / "survey", n_stars=12, seed=3, progress=False)
+    with pytest.raises(TooFewStarsError) as info:
+        pipeline.run_lab(data_dir=tmp_path / "survey", out_dir=tmp_path / "rep",
+                         continuum=_continuum(), min_stars=60, extras=False,
+                         show_progress=False, log=None)
+    msg = str(info.value)
+    for cut in ("missing_labels", "low_snr", "dwarf", "metal_poor", "remaining", "need >= 60"):
+        assert cut in msg
+    assert not (tmp_path / "rep" / ".work").exists()
+
+
+def _continuum():
+    from cannon_fast.datasets import continuum_mask
+    return continuum_mask(n_stars=40)
+
+
+def test_label_statistics_and_targets():
+    ref = np.zeros((4, 2))
+    fit = np.array([[10.0, 0.01], [-10.0, -0.01], [10.0, 0.01], [-10.0, -0.01]])
+    st = pipeline.label_statistics(fit, ref, ["TEFF", "FE_H"])
+    assert st["TEFF"]["bias"] == 0.0 and st["TEFF"]["n"] == 4
+    assert np.isclose(st["TEFF"]["scatter"], np.std([10, -10, 10, -10], ddof=1))
+    t = pipeline._targets(st)
+    assert t["TEFF"]["met"] and t["FE_H"]["met"] and t["all_met"]
+    st["FE_H"]["scatter"] = 0.05
+    assert not pipeline._targets(st)["all_met"]
+
+
+def test_report_html_references_every_png(tmp_path):
+    summary = dict(created="now", labels=["TEFF"], figures=[dict(file="a.png", caption="A")],
+                   timings=dict(total=1.0), notes=["a note"])
+    report.write_summary(summary, tmp_path)
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    path = report.rebuild_report(tmp_path)
+    with open(path, encoding="utf-8") as fh:
+        page = fh.read()
+    for name in ("a.png", "b.png", "c.png"):
+        assert f"src='{name}'" in page
+    assert "a note" in page and page.index("a.png") < page.index("b.png")
+    with open(tmp_path / "summary.json") as fh:
+        assert json.load(fh)["figures"][0]["file"] == "a.png"
+
+
+def test_report_cli_needs_a_summary(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "summary.json" in capsys.readouterr().err
+
+
+def test_to_jsonable_handles_numpy_and_nan():
+    out = report.to_jsonable({"a": np.float32(1.5), "b": np.array([1, 2]), "c": float("nan"),
+                              "d": (np.str_("x"),)})
+    assert out == {"a": 1.5, "b": [1, 2], "c": None, "d": ["x"]}
+    json.dumps(out)
+
+
+def test_optional_steps_never_sink_the_lab():
+    def missing(ctx):
+        raise ImportError("No module named 'cannon_fast.nothing'")
+
+    def broken(ctx):
+        raise RuntimeError("boom")
+
+    status, value = pipeline._guarded("x", missing, {})
+    assert status["status"] == "skipped" and "nothing" in status["reason"] and value is None
+    status, value = pipeline._guarded("x", broken, {})
+    assert status["status"] == "failed" and "boom" in status["reason"]
+    status, value = pipeline._guarded("x", lambda ctx: {"n": 1, "figure": None}, {})
+    assert status["status"] == "ok" and status["n"] == 1 and "figure" not in status
+
+
+def test_unknown_optional_step_is_rejected_before_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown optional steps"):
+        pipeline.run_lab(out_dir=tmp_path / "rep", extras=("mcmc", "telepathy"))
