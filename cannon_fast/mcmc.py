@@ -311,8 +311,7 @@ class PosteriorResult:
     fit_labels, fit_errors : ndarray, (L,)
         The chi² fit (no de-biasing: the same likelihood) the walkers started from.
     fit_errors_debiased : ndarray, (L,)
-        Errors of the default (de-biased, sandwich) fit, for comparison (NaN
-        when that fit fell back to the plain one, flag NOT_DEBIASED).
+        Errors of the default (de-biased, sandwich) fit, for comparison.
     fit_flags : int
     chi2, reduced_chi2 : float
         At the chi² fit.
@@ -583,11 +582,9 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
         from .fitting import fit_spectra
         deb = fit_spectra(model, flux[None], ivar[None], debias=True)
         deb_errors = deb.errors[0]
-        not_deb = getattr(deb, "FLAGS", {}).get("NOT_DEBIASED", 0)
-        if not_deb and int(deb.flags[0]) & not_deb:
-            deb_errors = np.full(n_labels, np.nan)
-            deb_note = ("the de-biased chi² fit fell back to the plain one (NOT_DEBIASED): "
-                        "no de-biased errors")
+        if int(deb.flags[0]) & deb.FLAGS["DEBIAS_CAPPED"]:
+            deb_note = ("the de-biasing was capped for this star (DEBIAS_CAPPED): the model's "
+                        "training noise is comparable to some labels' signal")
     chi2 = float(np.ravel(init.chi2)[0])
     red = float(np.ravel(init.reduced_chi2)[0])
     flags = int(np.ravel(init.flags)[0])

@@ -522,6 +522,52 @@ static void lm_grad_hess(const double *g, const double *h, const double *v, cons
     }
 }
 
+/* Whether the Cholesky factorisation of the symmetric (n, n) a succeeds; low is scratch. */
+static int is_positive_definite(const double *a, ptrdiff_t n, double *low)
+{
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double s = a[j * n + j];
+        for (ptrdiff_t k = 0; k < j; k++) s -= low[j * n + k] * low[j * n + k];
+        if (!(s > 0.0)) return 0;
+        double d = sqrt(s);
+        low[j * n + j] = d;
+        for (ptrdiff_t i = j + 1; i < n; i++) {
+            double t = a[i * n + j];
+            for (ptrdiff_t k = 0; k < j; k++) t -= low[i * n + k] * low[j * n + k];
+            low[i * n + j] = t / d;
+        }
+    }
+    return 1;
+}
+
+/* out[l, m] += sum_t gv[t] d²v_t/dx_l dx_m: the term Gauss-Newton leaves out. */
+static void lm_add_second_order(const double *x, const int64_t *exponents, const double *gv,
+                                ptrdiff_t nt, ptrdiff_t nl, double *out)
+{
+    for (ptrdiff_t t = 0; t < nt; t++) {
+        if (gv[t] == 0.0) continue;
+        const int64_t *e = exponents + t * nl;
+        for (ptrdiff_t l = 0; l < nl; l++) {
+            if (e[l] == 0) continue;
+            for (ptrdiff_t m = l; m < nl; m++) {
+                double d;
+                if (l == m) {
+                    if (e[l] < 2) continue;
+                    d = (double)(e[l] * (e[l] - 1)) * ipow(x[l], e[l] - 2);
+                } else {
+                    if (e[m] == 0) continue;
+                    d = (double)(e[l] * e[m]) * ipow(x[l], e[l] - 1) * ipow(x[m], e[m] - 1);
+                }
+                for (ptrdiff_t k = 0; k < nl; k++) {
+                    if (k != l && k != m) d *= ipow(x[k], e[k]);
+                }
+                out[l * nl + m] += gv[t] * d;
+                if (m != l) out[m * nl + l] += gv[t] * d;
+            }
+        }
+    }
+}
+
 /* LM from s->x (modified in place); returns phi, sets *iters and *converged. */
 static double lm_one(lm_scratch *s, double c, const double *h, const int64_t *exponents,
                      const double *lo, const double *hi, ptrdiff_t nt, ptrdiff_t nl,
@@ -536,11 +582,16 @@ static double lm_one(lm_scratch *s, double c, const double *h, const int64_t *ex
         it++;
         cf_label_vector_and_jacobian(nt, nl, x, exponents, s->v, s->dv);
         lm_grad_hess(s->g, h, s->v, s->dv, nt, nl, s->gv, s->gdv, s->grad, s->hess);
-        for (ptrdiff_t l = 0; l < nl; l++) {
-            for (ptrdiff_t m = 0; m < nl; m++) s->damp[l * nl + m] = s->hess[l * nl + m];
-            s->damp[l * nl + l] += lam * (s->hess[l * nl + l] + 1e-12);
-            s->grad[l] = -s->grad[l];
+        /* full Newton Hessian (converges where Gauss-Newton crawls along curved, flat
+           valleys); damping scales with the Gauss-Newton diagonal, never negative */
+        memcpy(s->damp, s->hess, sizeof(double) * (size_t)(nl * nl));
+        lm_add_second_order(x, exponents, s->gv, nt, nl, s->damp);
+        for (ptrdiff_t l = 0; l < nl; l++) s->damp[l * nl + l] += lam * (s->hess[l * nl + l] + 1e-12);
+        if (!is_positive_definite(s->damp, nl, s->m)) { /* away from a minimum: Gauss-Newton */
+            memcpy(s->damp, s->hess, sizeof(double) * (size_t)(nl * nl));
+            for (ptrdiff_t l = 0; l < nl; l++) s->damp[l * nl + l] += lam * (s->hess[l * nl + l] + 1e-12);
         }
+        for (ptrdiff_t l = 0; l < nl; l++) s->grad[l] = -s->grad[l];
         if (!solve_small(s->damp, s->grad, s->step, nl, s->m, s->r)) {
             lam *= 10.0;
             continue;

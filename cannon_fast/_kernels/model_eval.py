@@ -85,9 +85,8 @@ def _solve_small(a, b, out, n):
 
 
 @nb.njit(**JIT)
-def _grad_hess(g, h, v, dv, grad, hess):
+def _grad_hess(g, h, v, dv, grad, hess, gv):
     n_terms, n_labels = dv.shape
-    gv = np.empty(n_terms)
     gdv = np.empty((n_terms, n_labels))
     for t in range(n_terms):
         acc = 0.0
@@ -112,6 +111,56 @@ def _grad_hess(g, h, v, dv, grad, hess):
 
 
 @nb.njit(**JIT)
+def _is_positive_definite(a):
+    """Whether a Cholesky factorisation of the symmetric matrix ``a`` succeeds."""
+    n = a.shape[0]
+    low = np.zeros((n, n))
+    for j in range(n):
+        s = a[j, j]
+        for k in range(j):
+            s -= low[j, k] * low[j, k]
+        if not s > 0.0:
+            return False
+        d = np.sqrt(s)
+        low[j, j] = d
+        for i in range(j + 1, n):
+            s = a[i, j]
+            for k in range(j):
+                s -= low[i, k] * low[j, k]
+            low[i, j] = s / d
+    return True
+
+
+@nb.njit(**JIT)
+def _add_second_order(x, exponents, gv, out):
+    """out[l, m] += sum_t gv[t] d²v_t / dx_l dx_m (the term Gauss-Newton leaves out)."""
+    n_terms, n_labels = exponents.shape
+    for t in range(n_terms):
+        if gv[t] == 0.0:
+            continue
+        for l in range(n_labels):
+            el = exponents[t, l]
+            if el == 0:
+                continue
+            for m in range(l, n_labels):
+                em = exponents[t, m]
+                if l == m:
+                    if el < 2:
+                        continue
+                    d = el * (el - 1) * _ipow(x[l], el - 2)
+                else:
+                    if em == 0:
+                        continue
+                    d = el * em * _ipow(x[l], el - 1) * _ipow(x[m], em - 1)
+                for k in range(n_labels):
+                    if k != l and k != m:
+                        d *= _ipow(x[k], exponents[t, k])
+                out[l, m] += gv[t] * d
+                if m != l:
+                    out[m, l] += gv[t] * d
+
+
+@nb.njit(**JIT)
 def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
     """LM from x (modified in place); returns (phi, iterations, converged)."""
     n_labels = x.shape[0]
@@ -120,17 +169,29 @@ def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
     damp = np.empty((n_labels, n_labels))
     step = np.empty(n_labels)
     x_new = np.empty(n_labels)
+    gv = np.empty(v.shape[0])
     phi = _objective(x, c, h, g, exponents, v, dv)
     lam = 1e-3
     it = 0
     while it < max_iter:
         it += 1
         label_vector_and_jacobian(x, exponents, v, dv)
-        _grad_hess(g, h, v, dv, grad, hess)
+        _grad_hess(g, h, v, dv, grad, hess, gv)
+        # full Newton Hessian (the polynomial's second derivatives too): converges where
+        # Gauss-Newton crawls along curved, nearly flat valleys; damping scales with the
+        # Gauss-Newton diagonal, which is never negative
         for l in range(n_labels):
             for m in range(n_labels):
                 damp[l, m] = hess[l, m]
+        _add_second_order(x, exponents, gv, damp)
+        for l in range(n_labels):
             damp[l, l] += lam * (hess[l, l] + 1e-12)
+        if not _is_positive_definite(damp):  # away from a minimum: Gauss-Newton
+            for l in range(n_labels):
+                for m in range(n_labels):
+                    damp[l, m] = hess[l, m]
+                damp[l, l] += lam * (hess[l, l] + 1e-12)
+        for l in range(n_labels):
             grad[l] = -grad[l]
         if not _solve_small(damp, grad, step, n_labels):
             lam *= 10.0
@@ -207,7 +268,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         label_vector_and_jacobian(ends[best], exponents, v, dv)
         grad = np.empty(n_labels)
         hess = np.empty((n_labels, n_labels))
-        _grad_hess(g, h[i], v, dv, grad, hess)
+        _grad_hess(g, h[i], v, dv, grad, hess, np.empty(n_terms))
         for s in range(n_runs):
             if not convs[s] or phis[s] - phis[best] >= disagree_dchi2:
                 continue

@@ -24,6 +24,22 @@ from ..vectorizer import label_vector, label_vector_jacobian, unpack_symmetric
 NOT_CONVERGED, HIT_BOUND, STARTS_DISAGREE = 1, 2, 4
 
 
+def _second_derivatives(x, exponents):
+    """d²v_t / dx_l dx_m for one star: (T, L, L), by differentiating the monomials."""
+    n_terms, n_labels = exponents.shape
+    out = np.zeros((n_terms, n_labels, n_labels))
+    for l in range(n_labels):
+        for m in range(n_labels):
+            e = exponents.astype(float).copy()
+            coef = e[:, l].copy()
+            e[:, l] -= 1
+            coef = coef * e[:, m]
+            e[:, m] -= 1
+            ok = coef != 0
+            out[ok, l, m] = coef[ok] * np.prod(x[None, :] ** e[ok], axis=1)
+    return out
+
+
 def _objective(x, c, h, g, exponents):
     v = label_vector(x[None, :], exponents)[0]
     return c - 2.0 * h @ v + v @ g @ v
@@ -78,9 +94,16 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
                 it += 1
                 v = label_vector(x[None, :], exponents)[0]
                 dv = label_vector_jacobian(x[None, :], exponents)[0]  # (T, L)
-                grad = dv.T @ (g @ v - h[i])
+                gv = g @ v - h[i]
+                grad = dv.T @ gv
                 hess = dv.T @ g @ dv
-                damp = hess + lam * np.diag(np.diag(hess) + 1e-12)
+                # full Newton: add sum_t gv_t d²v_t/dx dx (see _second_derivatives)
+                full = hess + np.einsum("t,tlm->lm", gv, _second_derivatives(x, exponents))
+                damp = full + lam * np.diag(np.diag(hess) + 1e-12)
+                try:
+                    np.linalg.cholesky(damp)
+                except np.linalg.LinAlgError:  # away from a minimum: Gauss-Newton
+                    damp = hess + lam * np.diag(np.diag(hess) + 1e-12)
                 try:
                     step = -np.linalg.solve(damp, grad)
                 except np.linalg.LinAlgError:
