@@ -504,8 +504,8 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
             out["flags"][i] |= FLAGS["HIT_BOUND"]
     errors = np.sqrt(np.diagonal(out["covariance"], axis1=1, axis2=2))
     dof = np.maximum(out["n_pixels"] - n_labels, 1)
-    return FitResult(errors=errors, reduced_chi2=out["chi2"] / dof, label_names=list(model.label_names),
-                     debiased=bool(debias), **out)
+    return FitResult(errors=errors, reduced_chi2=out["chi2"] / dof,
+                     label_names=list(model.label_names), debiased=bool(debias), **out)
 
 
 def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
@@ -612,7 +612,8 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
                 jtw = jac * w[:, :, None]
                 a = np.einsum("npl,npm->nlm", jtw, jac)
                 g = np.einsum("npl,np->nl", jtw, r)
-                damp = a + lam[:, None, None] * (np.eye(n_labels) * (np.diagonal(a, axis1=1, axis2=2)[:, :, None] + 1e-12))
+                diag = np.diagonal(a, axis1=1, axis2=2)[:, :, None] + 1e-12
+                damp = a + lam[:, None, None] * (np.eye(n_labels) * diag)
                 step = np.linalg.solve(damp, g[:, :, None])[:, :, 0]
                 x_new = np.clip(x + step, bounds[0], bounds[1])
                 chi_new, r_new, jac_new = evaluate(x_new, f, w)

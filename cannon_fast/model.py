@@ -247,7 +247,8 @@ class CannonModel:
         if bad.any():
             wsum = np.where(valid[:, bad], 1.0 / var[:, bad], 0.0)
             tot = wsum.sum(axis=0)
-            mean = np.where(tot > 0, (wsum * flux[:, bad]).sum(axis=0) / np.maximum(tot, 1e-300), 1.0)
+            wmean = (wsum * flux[:, bad]).sum(axis=0) / np.maximum(tot, 1e-300)
+            mean = np.where(tot > 0, wmean, 1.0)
             theta[bad] = 0.0
             theta[bad, 0] = mean
             cov[bad] = 0.0

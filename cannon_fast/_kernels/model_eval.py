@@ -223,8 +223,10 @@ def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
 @nb.njit(parallel=True, **JIT)
 def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
            x_out, phi_out, iters_out, status_out):
-    """Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts per star:
-    ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``."""
+    """Minimise ``c - 2 h.v + v^T G v`` per star, LM from its ``n_polish`` best starts.
+
+    ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``
+    """
     n_stars = c.shape[0]
     n_terms, n_labels = exponents.shape
     n_cand = starts.shape[1]
@@ -287,8 +289,10 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 @nb.njit(parallel=True, **JIT)
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
                  moments_out):
-    """Weights (float32), ``w (f - theta0)``, its chi², good-pixel counts and weight moments
-    per star: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``."""
+    """Weights (float32), ``w (f - theta0)``, chi², good pixels and weight moments per star.
+
+    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``
+    """
     n_stars, n_pix = flux.shape
     for i in nb.prange(n_stars):
         acc = 0.0

@@ -1,4 +1,4 @@
-"""The modeling lab's training algorithm, literally: a grid in s² with theta re-solved at each point.
+"""The modeling lab's training algorithm, literally: a grid in s², theta re-solved at each point.
 
 Slow (a weighted least-squares solve per pixel per grid point) and used only to
 check the fast alternating scheme of ``CannonModel.train`` on small problems.

@@ -26,7 +26,8 @@ def build_parser():
     parent.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser = argparse.ArgumentParser(
         prog="cannon-fast",
-        description="Stellar labels from APOGEE spectra with The Cannon: data to labels to figures.")
+        description="Stellar labels from APOGEE spectra with The Cannon: "
+                    "data to labels to figures.")
     parser.add_argument("--version", action="version", version=f"cannon-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:

@@ -26,7 +26,8 @@ def register(sub, parent):
 
     p = sub.add_parser("fit", parents=[parent], help="fit labels to prepared spectra",
                        description="Fit labels with a trained model (batched, de-biased by "
-                                   "default) and write a FITS table of labels, errors, chi², flags.")
+                                   "default) and write a FITS table of labels, errors, chi², "
+                                   "flags.")
     p.add_argument("model", help="model file written by cannon-fast train")
     p.add_argument("spectra", help="a SpectraStore directory or an .npz with flux, ivar")
     p.add_argument("--out", required=True, help="output FITS table")
