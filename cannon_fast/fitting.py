@@ -259,10 +259,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
                 np.broadcast_to(starts, (len(idx),) + starts.shape), lo, hi, n_polish, max_iter,
                 xtol, disagree_dchi2)
             if debias:
-                for _ in range(DEBIAS_STEPS):
-                    step, capped = _debias_step(k, x[idx], g[idx], h[idx], b[idx],
-                                                 model.exponents)
-                    x[idx] = np.clip(x[idx] + step, lo, hi)
+                capped = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
                 status[idx[capped]] |= FLAGS["DEBIAS_CAPPED"]
         status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
         # chi², Fisher matrix and covariance at the solution
@@ -357,18 +354,29 @@ def _capped_hessian(fisher, bmat, cap=None):
     return hess, push, capped
 
 
-def _debias_step(k, x, g, h, b, exponents):
-    """One Newton step on the (capped) corrected objective ``chi² - v^T B v`` from x."""
-    n, (n_terms, n_labels) = len(x), exponents.shape
+def _debias(k, x, idx, g, h, b, exponents, lo, hi):
+    """Newton steps on the (capped) corrected objective ``chi² - v^T B v``, in place on x[idx].
+
+    The Hessian and the capping come from the first step (the plain minimum) and are
+    reused: the steps shrink geometrically (by ~4 each on the benchmark data).
+    Returns the (len(idx),) DEBIAS_CAPPED mask.
+    """
+    n_terms, n_labels = exponents.shape
+    n = len(idx)
+    g_full, b_full = vz.unpack_symmetric(g[idx], n_terms), vz.unpack_symmetric(b[idx], n_terms)
     v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
-    k.design(x, exponents, v, dv)
-    g_full, b_full = vz.unpack_symmetric(g, n_terms), vz.unpack_symmetric(b, n_terms)
-    dvt = np.swapaxes(dv, 1, 2)
-    hess, push, capped = _capped_hessian(dvt @ g_full @ dv, dvt @ b_full @ dv)
-    # half the gradient: J^T W (model - f) (zero at the plain minimum) minus the capped push
-    plain = (dvt @ ((g_full @ v[:, :, None])[:, :, 0] - h)[:, :, None])[:, :, 0]
-    bias_push = (push @ (dvt @ (b_full @ v[:, :, None])))[:, :, 0]
-    return _solve_batched(hess, bias_push - plain), capped
+    hess = push = capped = None
+    for _ in range(DEBIAS_STEPS):
+        xi = np.ascontiguousarray(x[idx])
+        k.design(xi, exponents, v, dv)
+        dvt = np.swapaxes(dv, 1, 2)
+        if hess is None:
+            hess, push, capped = _capped_hessian(dvt @ g_full @ dv, dvt @ b_full @ dv)
+        # half the gradient: J^T W (model - f) (zero at the plain minimum) minus the push
+        plain = (dvt @ ((g_full @ v[:, :, None])[:, :, 0] - h[idx])[:, :, None])[:, :, 0]
+        bias_push = (push @ (dvt @ (b_full @ v[:, :, None])))[:, :, 0]
+        x[idx] = np.clip(xi + _solve_batched(hess, bias_push - plain), lo, hi)
+    return capped
 
 
 def _solve_batched(a, rhs):
