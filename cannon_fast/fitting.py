@@ -38,6 +38,8 @@ __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf"]
 FLAGS = {"NOT_CONVERGED": NOT_CONVERGED, "HIT_BOUND": HIT_BOUND,
          "STARTS_DISAGREE": STARTS_DISAGREE, "TOO_FEW_PIXELS": 8, "FAILED": 16,
          "DEBIAS_CAPPED": 32}
+#: Flags that describe how a fit was done rather than a problem with it.
+INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"]
 #: De-biasing divides by (1 - lambda), lambda the generalized eigenvalues of the model-error
 #: curvature against the Fisher matrix: lambda -> 1 where the training set's noise, summed
 #: over all pixels, is as large as a label's signal, and removing all of the shrinkage

@@ -1,0 +1,374 @@
+"""Survey runner: chunked labeling, resuming, refusals, bad inputs, apStar visits, the CLI."""
+import errno
+import json
+import os
+
+import fitsio
+import numpy as np
+import pytest
+
+from cannon_fast import CannonModel
+from cannon_fast import survey as sv
+from cannon_fast.cli import main
+from cannon_fast.io.apogee import CHIP_RANGES, NPIX
+from cannon_fast.store import SpectraStore
+from cannon_fast.testing import make_synthetic
+
+LABEL_COLS = ("TEFF", "LOGG", "FE_H")
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Train a model (P = 200) on 300 stars; keep 700 other stars of the same set."""
+    s = make_synthetic(n_stars=1000, n_pix=200, n_labels=3, seed=7)
+    model = CannonModel(s.label_names, backend="numba").train(s.flux[:300], s.ivar[:300],
+                                                              s.labels[:300])
+    return model, s.flux[300:], s.ivar[300:], s.labels[300:]
+
+
+@pytest.fixture
+def npz(tmp_path, small):
+    _, flux, ivar, _ = small
+    path = tmp_path / "survey.npz"
+    ids = np.array([f"STAR{i:04d}" for i in range(len(flux))])
+    np.savez(path, flux=flux.astype(np.float32), ivar=ivar.astype(np.float32), ids=ids)
+    return path
+
+
+def _labels(path):
+    t = sv.read_catalog(path)
+    return t, {k: np.asarray(t[k]) for k in t.colnames}
+
+
+def test_npz_labels_match_a_direct_fit(tmp_path, small, npz):
+    model, flux, ivar, truth = small
+    out = tmp_path / "cat.fits"
+    s = sv.label_survey(model, npz, out, chunk_size=256)
+    assert (s.n_read, s.n_spectra, s.n_chunks, s.n_resumed) == (700, 700, 3, 0)
+    assert s.n_fitted + s.n_failed == 700 and s.n_failed == 0
+    assert not os.path.exists(f"{out}.parts")  # merged and cleaned up
+    t, c = _labels(out)
+    direct = model.fit(flux.astype(np.float32), ivar.astype(np.float32))
+    # other batches than the direct fit: the fit's float32 products round differently
+    for i, name in enumerate(LABEL_COLS):
+        np.testing.assert_allclose(c[name], direct.labels[:, i], rtol=1e-6)
+        np.testing.assert_allclose(c[name + "_ERR"], direct.errors[:, i], rtol=1e-6)
+    np.testing.assert_allclose(c["COV_TEFF_LOGG"], direct.covariance[:, 0, 1], rtol=1e-6)
+    np.testing.assert_allclose(c["CHI2"], direct.chi2, rtol=1e-6)
+    assert np.mean(c["FLAGS"] == direct.flags) > 0.99  # a threshold flag may flip
+    assert list(c["ID"][:2]) == ["STAR0000", "STAR0001"]
+    np.testing.assert_array_equal(c["INDEX"], np.arange(700))
+    meta = t.meta["cannon_fast"]
+    assert meta["model_hash"] == sv.model_hash(model) == c["MODEL_HASH"][0]
+    assert meta["counts"]["n_read"] == 700 and meta["label_names"] == list(LABEL_COLS)
+    assert fitsio.read_header(str(out), ext=1)["MODELHSH"] == sv.model_hash(model)
+    # the labels are right, not only self-consistent
+    assert np.median(np.abs(c["TEFF"] - truth[:, 0]) / c["TEFF_ERR"]) < 1.5
+
+
+def test_store_input_and_parquet_output_agree(tmp_path, small, npz):
+    pytest.importorskip("pyarrow")
+    model, flux, ivar, _ = small
+    store = SpectraStore.write(tmp_path / "s.store", flux, ivar, np.arange(200.0),
+                               ids=[f"STAR{i:04d}" for i in range(len(flux))])
+    sv.label_survey(model, store.path, tmp_path / "a.parquet", chunk_size=300)
+    sv.label_survey(model, npz, tmp_path / "b.fits", chunk_size=300)
+    _, a = _labels(tmp_path / "a.parquet")
+    _, b = _labels(tmp_path / "b.fits")
+    assert set(a) == set(b)
+    for k in a:
+        if a[k].dtype.kind == "f":
+            np.testing.assert_array_equal(a[k], b[k])
+        else:
+            assert list(a[k]) == list(b[k]), k
+
+
+class _DiskFillsUp:
+    """A part writer that works ``n`` times, then fails as a full disk does."""
+
+    def __init__(self, n):
+        self.n = n
+        self.real = sv._write_part
+
+    def __call__(self, path, columns):
+        if self.n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        self.n -= 1
+        self.real(path, columns)
+
+
+def test_full_disk_keeps_committed_chunks_and_resumes_identically(tmp_path, small, npz,
+                                                                  monkeypatch):
+    model = small[0]
+    sv.label_survey(model, npz, tmp_path / "ref.fits", chunk_size=100)
+    out = tmp_path / "cat.fits"
+    monkeypatch.setattr(sv, "_write_part", _DiskFillsUp(3))
+    with pytest.raises(sv.SurveyError, match=r"disk full .* 3 of 7 chunks are committed"):
+        sv.label_survey(model, npz, out, chunk_size=100)
+    parts = sorted(os.listdir(f"{out}.parts"))
+    assert parts == ["chunk-000000.npz", "chunk-000001.npz", "chunk-000002.npz",
+                     "manifest.json"]  # no half-written file left behind
+    assert not out.exists()
+    monkeypatch.undo()
+    s = sv.label_survey(model, npz, out, chunk_size=100)
+    assert (s.n_resumed, s.n_chunks, s.n_read) == (3, 7, 700)
+    _, ref = _labels(tmp_path / "ref.fits")
+    _, got = _labels(out)
+    for k in ref:
+        if ref[k].dtype.kind == "f":
+            assert ref[k].tobytes() == got[k].tobytes(), k  # byte-identical
+
+
+def test_refuses_other_model_and_other_options(tmp_path, small, npz, monkeypatch):
+    model, flux, ivar, labels = small
+    other = CannonModel(model.label_names, backend="numba").train(flux[:200], ivar[:200],
+                                                                  labels[:200])
+    out = tmp_path / "cat.fits"
+    sv.label_survey(model, npz, out, chunk_size=300)
+    with pytest.raises(sv.SurveyError, match="refusing to append.*holds labels from model "
+                       + sv.model_hash(model)):
+        sv.label_survey(other, npz, out)
+    # a partial run made with another model or chunk size is not mixed with this one
+    out2 = tmp_path / "cat2.fits"
+    monkeypatch.setattr(sv, "_write_part", _DiskFillsUp(1))
+    with pytest.raises(sv.SurveyError):
+        sv.label_survey(model, npz, out2, chunk_size=100)
+    monkeypatch.undo()
+    with pytest.raises(sv.SurveyError, match="started with model"):
+        sv.label_survey(other, npz, out2, chunk_size=100)
+    with pytest.raises(sv.SurveyError, match="chunk_size: 100 then, 50 now"):
+        sv.label_survey(model, npz, out2, chunk_size=50)
+
+
+def test_appending_and_rerunning(tmp_path, small, npz):
+    model, flux, ivar, _ = small
+    out = tmp_path / "cat.fits"
+    sv.label_survey(model, npz, out, chunk_size=300)
+    more = tmp_path / "more.npz"
+    np.savez(more, flux=flux[:50], ivar=ivar[:50])
+    s = sv.label_survey(model, more, out)
+    assert s.catalog_rows == 750 and s.n_read == 50
+    t, c = _labels(out)
+    assert len(t) == 750 and c["ID"][700] == "row0"  # IDs default to the row number
+    np.testing.assert_allclose(c["TEFF"][700:], c["TEFF"][:50], rtol=1e-6)  # other batches
+    assert t.meta["cannon_fast"]["counts"]["n_read"] == 750
+    again = sv.label_survey(model, more, out)
+    assert again.already_done and again.catalog_rows == 750 and again.n_read == 50
+
+
+def test_bad_grid_and_visits_of_arrays(tmp_path, small):
+    model, flux, ivar, _ = small
+    path = tmp_path / "short.npz"
+    np.savez(path, flux=flux[:10, :150], ivar=ivar[:10, :150])
+    with pytest.raises(ValueError, match="trained on 200 pixels but the input spectra have 150"):
+        sv.label_survey(model, path, tmp_path / "x.fits")
+    with pytest.raises(ValueError, match="only available from apStar files"):
+        sv.label_survey(model, path, tmp_path / "x.fits", visits=True)
+    assert not os.path.exists(tmp_path / "x.fits.parts")
+
+
+def test_unfittable_star_is_kept_with_a_reason(tmp_path, small):
+    model, flux, ivar, _ = small
+    iv = ivar[:20].copy()
+    iv[5] = 0.0
+    fl = flux[:20].copy()
+    fl[7, :50] = np.nan  # NaN flux where ivar > 0: those pixels are dropped, not the star
+    path = tmp_path / "holes.npz"
+    np.savez(path, flux=fl, ivar=iv)
+    s = sv.label_survey(model, path, tmp_path / "c.fits")
+    assert (s.n_read, s.n_failed) == (20, 1)
+    assert s.failures[0][0] == "row5" and "TOO_FEW_PIXELS" in s.failures[0][1]
+    _, c = _labels(tmp_path / "c.fits")
+    assert np.isnan(c["TEFF"][5]) and c["FLAGS"][5] & sv.ALL_FLAGS["TOO_FEW_PIXELS"]
+    assert "0 usable pixels" in c["REASON"][5] and c["REASON"][4] == ""
+    assert np.isfinite(c["TEFF"][7]) and c["N_PIXELS"][7] <= c["N_PIXELS"][8] - 45
+
+
+# ---------------------------------------------------------------------------- raw spectra
+@pytest.fixture(scope="module")
+def full_grid():
+    """Train a 2-label model on the 8575-pixel grid; return it, continuum pixels, stars."""
+    s = make_synthetic(n_stars=160, n_pix=NPIX, n_labels=2, seed=3, snr=(150.0, 200.0))
+    model = CannonModel(s.label_names, backend="numba").train(s.flux[:120], s.ivar[:120],
+                                                              s.labels[:120])
+    cont = (s.coeffs[:, 0] < 1e-3) & (s.s2_true == 0)  # the flat pixels of make_synthetic
+    return model, cont, s
+
+
+def _continuum(n, seed):
+    """Draw a smooth positive per-chip continuum, (n, 8575)."""
+    rng = np.random.default_rng(seed)
+    c = np.ones((n, NPIX))
+    for a, b in CHIP_RANGES:
+        u = np.linspace(-1, 1, b - a)
+        coef = rng.uniform([800, -100, -40], [1200, 100, 40], (n, 3))
+        c[:, a:b] = coef[:, :1] + coef[:, 1:2] * u + coef[:, 2:3] * (2 * u * u - 1)
+    return c
+
+
+def test_raw_npz_is_masked_and_normalized(tmp_path, full_grid):
+    model, cont, s = full_grid
+    flux, ivar = s.flux[120:], s.ivar[120:]
+    c = _continuum(len(flux), 1)
+    bm = np.zeros(flux.shape, np.uint16)
+    raw = flux * c
+    raw[:, 4000:4010] = 1e6  # garbage at pixels the PIXMASK flags as bad (bit 0)
+    bm[:, 4000:4010] = 1
+    bm[:, 5000:5010] = 1 << 9  # a harmless bit (PERSIST_HIGH): not masked by default
+    path = tmp_path / "raw.npz"
+    np.savez(path, flux=raw.astype(np.float32), ivar=(ivar / c ** 2).astype(np.float32),
+             bitmask=bm)
+    s1 = sv.label_survey(model, path, tmp_path / "raw.fits", continuum_pixels=cont)
+    assert s1.n_failed == 0
+    _, got = _labels(tmp_path / "raw.fits")
+    # the flagged pixels are ignored: the same spectra without the garbage give the same labels
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, flux=(flux * c).astype(np.float32),
+             ivar=(ivar / c ** 2).astype(np.float32), bitmask=bm)
+    sv.label_survey(model, clean, tmp_path / "clean.fits", continuum_pixels=cont)
+    _, same = _labels(tmp_path / "clean.fits")
+    for name in model.label_names:
+        np.testing.assert_array_equal(got[name], same[name])
+    # and close to the labels of the truly normalized spectra (the continuum pixels of
+    # make_synthetic lie up to 0.1 % below 1, which biases the normalization slightly)
+    norm = tmp_path / "norm.npz"
+    np.savez(norm, flux=flux.astype(np.float32), ivar=ivar.astype(np.float32))
+    sv.label_survey(model, norm, tmp_path / "norm.fits")
+    _, ref = _labels(tmp_path / "norm.fits")
+    np.testing.assert_allclose(got["TEFF"], ref["TEFF"], rtol=0.01)
+    np.testing.assert_allclose(got["LOGG"], ref["LOGG"], atol=0.05)
+
+
+def _write_apstar(path, flux, err, nvis, apogee_id, seed):
+    """Write a minimal DR17-like apStar: combined, global-weighted, ``nvis`` visit rows."""
+    rng = np.random.default_rng(seed)
+    rows = 2 + nvis if nvis > 1 else 2
+    f = np.zeros((rows, NPIX), np.float32)
+    e = np.zeros((rows, NPIX), np.float32)
+    f[0], e[0] = flux, err
+    f[1], e[1] = flux, err
+    for v in range(nvis if nvis > 1 else 0):
+        f[2 + v] = flux + err * np.sqrt(nvis) * rng.standard_normal(NPIX)
+        e[2 + v] = err * np.sqrt(nvis)
+    pm = np.zeros((rows, NPIX), np.int32)
+    hdr = {"OBJID": apogee_id, "NVISITS": nvis, "SNR": 150.0, "CRVAL1": 4.179,
+           "CDELT1": 6e-6, "NWAVE": NPIX}
+    for v in range(1, nvis + 1):
+        hdr.update({f"SFILE{v}": f"apVisit-dr17-1234-5900{v}-{100 + v:03d}.fits",
+                    f"JD{v}": 2459000.5 + v, f"FIBER{v}": 100 + v})
+    with fitsio.FITS(str(path), "rw", clobber=True) as fh:
+        fh.write(None, header=[{"name": k, "value": v} for k, v in hdr.items()])
+        for a in (f, e, pm):
+            fh.write(a)
+
+
+def test_apstar_files_visits_and_bad_files(tmp_path, full_grid):
+    model, cont, s = full_grid
+    d = tmp_path / "stars"
+    d.mkdir()
+    c = _continuum(3, 2)
+    paths = []
+    for i in range(3):
+        sid = f"2M0000000{i}+0000000"
+        p = d / f"apStar-dr17-{sid}.fits"
+        flux = s.true_flux[130 + i] * c[i]
+        err = 0.004 * c[i]
+        _write_apstar(p, flux, err, nvis=2 if i < 2 else 1, apogee_id=sid, seed=i)
+        paths.append(p)
+    broken = d / "apStar-dr17-2M99999999+9999999.fits"
+    broken.write_bytes(paths[0].read_bytes()[:5000])  # a truncated download
+    listing = tmp_path / "list.txt"
+    listing.write_text("stars/apStar-dr17-2M00000000+0000000.fits\n"
+                       "stars/apStar-dr17-2M88888888+8888888.fits  # not downloaded\n")
+    out = tmp_path / "visits.fits"
+    summ = sv.label_survey(model, [listing, paths[1], paths[2], broken], out, visits=True,
+                           continuum_pixels=cont)
+    assert (summ.n_read, summ.n_failed) == (5, 2)
+    assert summ.n_spectra == 3 + 2 + 3 + 2  # combined + visits (the 1-visit star: itself)
+    _, t = _labels(out)
+    why = dict(zip(t["ID"], t["REASON"]))
+    assert "not found" in why["2M88888888+8888888"]
+    assert "truncated" in why["2M99999999+9999999"]
+    failed = (t["FLAGS"] & sv.SURVEY_FLAGS["READ_FAILED"]) != 0
+    assert failed.sum() == 2 and np.all(np.isnan(t["TEFF"][failed]))
+    first = t["ID"] == "2M00000000+0000000"
+    np.testing.assert_array_equal(t["VISIT"][first], [0, 1, 2])
+    assert list(t["VISIT_FILE"][first]) == ["", "apVisit-dr17-1234-59001-101.fits",
+                                            "apVisit-dr17-1234-59002-102.fits"]
+    np.testing.assert_array_equal(t["VISIT_FIBER"][first], [-1, 101, 102])
+    # the combined spectra recover the true labels (to the small bias of normalizing on
+    # make_synthetic's not-quite-flat continuum pixels); the visits scatter around them
+    comb = (t["VISIT"] == 0) & ~failed
+    truth = s.labels[[130, 131, 132]]
+    np.testing.assert_allclose(t["TEFF"][comb], truth[:, 0], rtol=0.01)
+    np.testing.assert_allclose(t["LOGG"][comb], truth[:, 1], atol=0.05)
+    vis = (t["VISIT"] > 0) & ~failed & (t["ID"] != "2M00000002+0000000")
+    assert np.all(np.abs(t["TEFF"][vis] - np.repeat(t["TEFF"][comb][:2], 2))
+                  < 5 * t["TEFF_ERR"][vis])
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_label(tmp_path, small, npz, capsys):
+    model = small[0]
+    mpath = tmp_path / "model.npz"
+    model.write(mpath)
+    out = tmp_path / "cat.fits"
+    assert main(["label", str(mpath), str(npz), "--out", str(out), "--chunk-size", "350",
+                 "--backend", "numba", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "read 700 stars (700 spectra): fitted 700" in text and "2 chunks" in text
+    other = CannonModel(model.label_names, backend="numba").train(
+        small[1][:200], small[2][:200], small[3][:200])
+    opath = tmp_path / "other.npz"
+    other.write(opath)
+    assert main(["label", str(opath), str(npz), "--out", str(out), "-q",
+                 "--backend", "numba"]) == 1
+    assert "refusing to append" in capsys.readouterr().err
+
+
+def test_cli_help_states_the_memory_bound(capsys):
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "memory is bounded by it" in text and "0.85 GB" in text
+
+
+def test_model_hash_tracks_coefficients(small):
+    model = small[0]
+    h = sv.model_hash(model)
+    theta = model.theta.copy()
+    model.theta[0, 0] += 1e-12
+    try:
+        assert sv.model_hash(model) != h
+    finally:
+        model.theta[:] = theta
+    assert sv.model_hash(model) == h
+
+
+def test_catalog_records_the_job(tmp_path, small, npz):
+    sv.label_survey(small[0], npz, tmp_path / "c.fits", chunk_size=700)
+    with fitsio.FITS(str(tmp_path / "c.fits")) as fh:
+        meta = json.loads(fh["JOBS"].read().tobytes().decode())
+    assert meta["jobs"][0]["chunk_size"] == 700
+    assert meta["flags"]["READ_FAILED"] == 256
+    assert set(meta["flags"].values()) >= {1, 2, 4, 8, 16, 256, 512, 1024}
+
+
+def test_flag_bits_are_distinct():
+    from cannon_fast.fitting import FLAGS
+
+    assert len(set(sv.ALL_FLAGS.values())) == len(sv.ALL_FLAGS)
+    assert min(sv.SURVEY_FLAGS.values()) > max(FLAGS.values())
+
+
+def test_process_pool_gives_the_same_catalog(tmp_path, small, npz):
+    model = small[0]
+    sv.label_survey(model, npz, tmp_path / "one.fits", chunk_size=100)
+    s = sv.label_survey(model, npz, tmp_path / "pool.fits", chunk_size=100,
+                        scheduler="processes", n_workers=2)
+    assert (s.n_read, s.n_chunks) == (700, 7)
+    _, a = _labels(tmp_path / "one.fits")
+    _, b = _labels(tmp_path / "pool.fits")
+    for k in a:
+        if a[k].dtype.kind == "f":
+            assert a[k].tobytes() == b[k].tobytes(), k
