@@ -322,8 +322,10 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
         moments_out[i, 2] = m2
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT)
 def design(x, exponents, v_out, dv_out):
     """Label vectors and their Jacobian for a batch: ``(l),(t,l)->(t),(t,l)``."""
-    for i in nb.prange(x.shape[0]):
+    # serial: ~200 flops a star, and waking threads right after a BLAS call (whose
+    # threads still spin) cost 20x the work itself
+    for i in range(x.shape[0]):
         label_vector_and_jacobian(x[i], exponents, v_out[i], dv_out[i])
