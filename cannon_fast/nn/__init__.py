@@ -1,0 +1,28 @@
+"""Neural networks for stellar labels (PyTorch; optional extra ``nn``).
+
+* :class:`SpectrumRegressor` -- spectrum -> labels: a StarNet-style 1-D CNN
+  (Fabbro et al. 2018) or a plain MLP, with astroNN-style uncertainties
+  (Leung & Bovy 2019): Monte-Carlo dropout combined with a predicted
+  (heteroscedastic) variance, and a loss that ignores missing labels.
+* :class:`PayneEmulator` -- labels -> normalized spectrum: The Payne's MLP
+  (Ting et al. 2019) exported to plain numpy arrays, with an analytic Jacobian,
+  usable as a forward model by :func:`cannon_fast.fit_spectra`; trained by
+  :func:`train_emulator`.
+* :mod:`cannon_fast.nn.evaluate` -- bias, RMSE, MAD, R^2, calibration, plots and
+  a side-by-side table against the Cannon.
+
+Importing this package needs torch: ``pip install cannon_fast[nn]``.
+"""
+try:
+    import torch  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "cannon_fast.nn needs PyTorch, which is not installed; install the optional "
+        "extra with `pip install cannon_fast[nn]`") from err
+
+from .emulator import PayneEmulator, train_emulator
+from .evaluate import calibration_fraction, comparison_table, label_metrics
+from .regressor import NNResult, SpectrumRegressor
+
+__all__ = ["SpectrumRegressor", "NNResult", "PayneEmulator", "train_emulator",
+           "label_metrics", "calibration_fraction", "comparison_table"]

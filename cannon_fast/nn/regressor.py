@@ -1,0 +1,701 @@
+"""Spectrum -> labels: a StarNet-style CNN or an MLP with astroNN-style uncertainties.
+
+References
+----------
+Fabbro, S. et al. 2018, MNRAS 475, 2978 (StarNet).
+Leung, H. W. & Bovy, J. 2019, MNRAS 483, 3255 (astroNN: dropout variational
+inference, heteroscedastic loss, missing labels).
+Kendall, A. & Gal, Y. 2017, NeurIPS (aleatoric + epistemic uncertainty).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .._util import progress as _progress
+from ._common import (MISSING_VALUE, load_checkpoint, prepare_labels, prepare_spectra,
+                      resolve_device, save_checkpoint, seeded, split_indices)
+
+__all__ = ["SpectrumRegressor", "NNResult", "masked_gaussian_nll", "ARCHITECTURES"]
+
+ARCHITECTURES = ("cnn", "mlp")
+# Bounds on the predicted log-variance (standardized labels): keeps exp() finite early on.
+_LOGVAR_MIN, _LOGVAR_MAX = -14.0, 6.0
+#: Default "uncertain label" thresholds on the total 1-sigma error, after astroNN's
+#: flags (Teff 300 K, log g 0.2; [X/H], [X/Fe] 0.12 dex taken as absolute errors).
+DEFAULT_UNCERTAIN = {"TEFF": 300.0, "LOGG": 0.2, "FE_H": 0.12, "M_H": 0.12}
+
+
+def masked_gaussian_nll(mean, log_var, target, label_var=None):
+    """Heteroscedastic Gaussian negative log-likelihood that ignores missing labels.
+
+    ``0.5 * (log v + (y - mu)^2 / v)`` with ``v = exp(log_var) + label_var``,
+    averaged over the labels that are present (finite in ``target``); missing
+    ones contribute neither to the loss nor to the gradient, so a star with
+    some labels missing is kept rather than dropped (astroNN's masked loss).
+
+    Parameters
+    ----------
+    mean, log_var : Tensor, (B, L)
+        Predicted mean and log-variance (standardized labels).
+    target : Tensor, (B, L)
+        Standardized labels, NaN where missing.
+    label_var : Tensor, (B, L), optional
+        Known variance of the training labels (standardized), added to the
+        predicted one so that the network learns the scatter beyond them.
+
+    Returns
+    -------
+    Tensor, ()
+    """
+    present = torch.isfinite(target)
+    y = torch.where(present, target, torch.zeros_like(target))
+    var = torch.exp(log_var)
+    if label_var is not None:
+        var = var + torch.where(present, label_var, torch.zeros_like(label_var))
+    nll = 0.5 * (torch.log(var) + (y - mean) ** 2 / var)
+    nll = torch.where(present, nll, torch.zeros_like(nll))
+    return nll.sum() / present.sum().clamp(min=1)
+
+
+def _per_layer(value, n, name):
+    """Broadcast an int to ``n`` layers or check a sequence of length ``n``."""
+    if np.ndim(value) == 0:
+        return [int(value)] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries but there are {n} conv layers")
+    return value
+
+
+def _make_config(arch, n_pixels, n_labels, filters, kernel_size, stride, pool_size, hidden,
+                 dropout):
+    """Validate architecture arguments into a plain dict (what the checkpoint stores)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    hidden = [int(h) for h in np.atleast_1d(hidden)]
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"hidden must list at least one positive layer width, got {hidden}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    cfg = {"arch": arch, "n_pixels": int(n_pixels), "n_labels": int(n_labels),
+           "hidden": hidden, "dropout": float(dropout)}
+    if arch == "cnn":
+        filters = [int(f) for f in np.atleast_1d(filters)]
+        n = len(filters)
+        cfg.update(filters=filters, kernel_size=_per_layer(kernel_size, n, "kernel_size"),
+                   stride=_per_layer(stride, n, "stride"),
+                   pool_size=_per_layer(pool_size, n, "pool_size"))
+        length = cfg["n_pixels"]
+        for k, s, p in zip(cfg["kernel_size"], cfg["stride"], cfg["pool_size"]):
+            length = ((length - k) // s + 1) // max(p, 1)
+            if length < 1:
+                raise ValueError(f"the conv layers shrink {n_pixels} pixels to nothing; use "
+                                 "smaller kernels, strides or pools")
+        cfg["n_features"] = length * filters[-1]
+    else:
+        cfg["n_features"] = cfg["n_pixels"]
+    return cfg
+
+
+class _Net(torch.nn.Module):
+    """Trunk (conv layers + first dense layer, no dropout) and a dropout head.
+
+    Dropout acts on every hidden dense layer's output; the trunk is
+    deterministic, so MC-dropout samples re-run only the small head.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_labels = cfg["n_labels"]
+        layers, c = [], 1
+        if cfg["arch"] == "cnn":
+            for f, k, s, p in zip(cfg["filters"], cfg["kernel_size"], cfg["stride"],
+                                  cfg["pool_size"]):
+                layers += [torch.nn.Conv1d(c, f, k, stride=s), torch.nn.ReLU()]
+                if p > 1:
+                    layers.append(torch.nn.MaxPool1d(p))
+                c = f
+        self.conv = torch.nn.Sequential(*layers)
+        self.is_cnn = cfg["arch"] == "cnn"
+        hidden = cfg["hidden"]
+        self.dense = torch.nn.Linear(cfg["n_features"], hidden[0])
+        head = []
+        for h_in, h_out in zip(hidden[:-1], hidden[1:]):
+            head += [torch.nn.Dropout(cfg["dropout"]), torch.nn.Linear(h_in, h_out),
+                     torch.nn.ReLU()]
+        head += [torch.nn.Dropout(cfg["dropout"]), torch.nn.Linear(hidden[-1], 2 * self.n_labels)]
+        self.head = torch.nn.Sequential(*head)
+        # input standardization, saved with the weights
+        self.register_buffer("pixel_mean", torch.zeros(cfg["n_pixels"]))
+        self.register_buffer("pixel_scale", torch.ones(()))
+
+    def trunk(self, flux, good):
+        """Deterministic features (B, H1) of standardized spectra."""
+        x = (flux - self.pixel_mean) / self.pixel_scale * good
+        if self.is_cnn:
+            x = self.conv(x[:, None, :]).flatten(1)
+        return torch.relu(self.dense(x))
+
+    def split(self, out):
+        """Split the head output into mean and clamped log-variance."""
+        return out[..., :self.n_labels], out[..., self.n_labels:].clamp(_LOGVAR_MIN, _LOGVAR_MAX)
+
+    def forward(self, flux, good):
+        """Return the predicted mean and log-variance, each (B, L)."""
+        return self.split(self.head(self.trunk(flux, good)))
+
+
+@dataclass
+class NNResult:
+    """Labels predicted by :meth:`SpectrumRegressor.predict`, in physical units.
+
+    Attributes
+    ----------
+    labels : ndarray, (N, L)
+        Mean over the MC-dropout samples (NaN when ``NO_RESULT``).
+    errors : ndarray, (N, L)
+        Total 1-sigma: ``sqrt(model_errors**2 + predictive_errors**2)``.
+    model_errors : ndarray, (N, L)
+        Standard deviation over the MC-dropout samples (epistemic), times the
+        regressor's ``error_scale``.
+    predictive_errors : ndarray, (N, L)
+        Square root of the mean predicted variance (aleatoric), times ``error_scale``.
+    flags : ndarray, (N,) int
+        Bit field, see ``FLAGS``.
+    uncertain : ndarray, (N, L) bool
+        The error of that label is above its threshold.
+    bad_pixel_fraction : ndarray, (N,)
+        Fraction of masked pixels of each input spectrum.
+    label_names : tuple of str
+    """
+
+    labels: np.ndarray
+    errors: np.ndarray
+    model_errors: np.ndarray
+    predictive_errors: np.ndarray
+    flags: np.ndarray
+    uncertain: np.ndarray
+    bad_pixel_fraction: np.ndarray
+    label_names: tuple = field(default_factory=tuple)
+
+    #: ``UNCERTAIN_LABEL``: some label's error is above its threshold (see ``uncertain``);
+    #: ``OUT_OF_RANGE``: some label lies outside the training labels' range;
+    #: ``NO_RESULT``: too many masked pixels, the spectrum was not used.
+    FLAGS = {"UNCERTAIN_LABEL": 1, "OUT_OF_RANGE": 2, "NO_RESULT": 4}
+
+    def flag_names(self, i):
+        """Names of the flags set for star ``i``."""
+        return [k for k, v in self.FLAGS.items() if self.flags[i] & v]
+
+    @property
+    def warn(self):
+        """(N,) bool: any flag set (astroNN's ``flag_warn``)."""
+        return self.flags != 0
+
+    @property
+    def bad(self):
+        """(N,) bool, astroNN's ``flag_bad``.
+
+        ``NO_RESULT``, or Teff uncertain, or both log g and [Fe/H] (or [M/H])
+        uncertain; with none of those labels, any uncertain label.
+        """
+        names = [n.upper() for n in self.label_names]
+        bad = (self.flags & self.FLAGS["NO_RESULT"]) != 0
+        col = {n: self.uncertain[:, names.index(n)] for n in names}
+        feh = col.get("FE_H", col.get("M_H"))
+        if "TEFF" in col or ("LOGG" in col and feh is not None):
+            if "TEFF" in col:
+                bad = bad | col["TEFF"]
+            if "LOGG" in col and feh is not None:
+                bad = bad | (col["LOGG"] & feh)
+            return bad
+        return bad | self.uncertain.any(axis=1)
+
+    def to_table(self):
+        """Return an astropy Table: one column per label, ``<name>_ERR``, flags."""
+        from astropy.table import Table
+
+        t = Table()
+        for j, name in enumerate(self.label_names):
+            t[name] = self.labels[:, j]
+            t[name + "_ERR"] = self.errors[:, j]
+            t[name + "_MODEL_ERR"] = self.model_errors[:, j]
+        t["NN_FLAGS"] = self.flags
+        t["NN_WARN"] = self.warn
+        t["NN_BAD"] = self.bad
+        t["BAD_PIXEL_FRACTION"] = self.bad_pixel_fraction
+        return t
+
+
+class SpectrumRegressor:
+    """Normalized spectrum -> labels, with MC-dropout and predicted uncertainties.
+
+    Parameters
+    ----------
+    label_names : sequence of str
+        The L labels to predict (any number, any names).
+    arch : {"cnn", "mlp"}
+        StarNet-style 1-D CNN, or a plain MLP on the pixels.
+    filters : sequence of int
+        CNN: output channels of each conv layer (StarNet: 4, 16).
+    kernel_size, stride, pool_size : int or sequence of int
+        CNN: per conv layer (one value for all); ``pool_size`` 1 means no max-pool
+        after that layer. StarNet pools once, after the last conv: ``(1, 4)``.
+    hidden : sequence of int
+        Widths of the dense layers (StarNet: 256, 128).
+    dropout : float
+        Dropout rate after each dense layer; also used at inference (MC dropout).
+    device : str or torch.device
+        ``"auto"``: CUDA if available, else CPU.
+    seed : int
+        Seeds the split, the initial weights, the batches and dropout.
+
+    Attributes
+    ----------
+    config : dict
+        The architecture (set by :meth:`train` once the pixel count is known).
+    history : dict
+        ``train_loss``, ``val_loss``, ``lr`` per epoch, ``best_epoch``, ``train_time`` (wall)
+        and ``train_cpu_time`` (seconds).
+    split : dict
+        ``train``, ``val``, ``test`` indices into the training arrays.
+    label_offsets, label_scales : ndarray, (L,)
+        Label standardization: ``x = (label - offset) / scale``.
+    label_range : ndarray, (L, 2)
+        Training labels' min and max.
+    error_scale : ndarray, (L,)
+        Factor on the predicted errors from the validation-set calibration.
+
+    References
+    ----------
+    Fabbro et al. 2018; Leung & Bovy 2019.
+    """
+
+    def __init__(self, label_names, arch="cnn", *, filters=(4, 16), kernel_size=8, stride=1,
+                 pool_size=(1, 4), hidden=(256, 128), dropout=0.1, device="auto", seed=0):
+        self.label_names = tuple(str(n) for n in label_names)
+        if not self.label_names:
+            raise ValueError("label_names is empty")
+        self._arch_args = dict(arch=arch, filters=filters, kernel_size=kernel_size,
+                               stride=stride, pool_size=pool_size, hidden=hidden,
+                               dropout=dropout)
+        # validate now (with a nominal pixel count) so that mistakes surface early
+        _make_config(n_pixels=10 ** 6, n_labels=len(self.label_names), **self._arch_args)
+        self.device = resolve_device(device)
+        self.seed = int(seed)
+        self.config = None
+        self.net = None
+        self.history = {}
+        self.split = {}
+        self.label_offsets = self.label_scales = self.label_range = None
+        self.error_scale = np.ones(self.n_labels)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_labels(self):
+        """L."""
+        return len(self.label_names)
+
+    @property
+    def n_pixels(self):
+        """P the network was trained on (None before training)."""
+        return None if self.config is None else self.config["n_pixels"]
+
+    @property
+    def n_parameters(self):
+        """Number of trainable weights."""
+        self._check_trained()
+        return sum(p.numel() for p in self.net.parameters())
+
+    def _check_trained(self):
+        if self.net is None:
+            raise RuntimeError("the network is not trained: call train() or load()")
+
+    # ------------------------------------------------------------------ training
+    def train(self, flux, labels, ivar=None, *, label_errors=None, split=(5, 1, 2),
+              epochs=100, batch_size=64, learning_rate=1e-3, weight_decay=0.0, patience=10,
+              min_delta=1e-4, lr_factor=0.5, lr_patience=4, missing_value=MISSING_VALUE,
+              max_bad_fraction=0.3, calibrate=True, augment_noise=0.0, progress=None):
+        """Train on normalized spectra with (possibly incomplete) labels.
+
+        The stars are split (seeded) into train/validation/test by ``split``;
+        the network with the lowest validation loss is kept (early stopping
+        after ``patience`` epochs without an improvement of ``min_delta``), and
+        the learning rate drops by ``lr_factor`` after ``lr_patience`` epochs
+        on a plateau.
+
+        Parameters
+        ----------
+        flux : array_like, (N, P)
+            Continuum-normalized spectra.
+        labels : array_like, (N, L)
+            Training labels; NaN or ``missing_value`` marks a missing label,
+            which the loss ignores. A star with every label missing is an error.
+        ivar : array_like, (N, P), optional
+            Pixels with ``ivar == 0`` are masked (fed as the mean spectrum).
+        label_errors : array_like, (N, L), optional
+            1-sigma errors of the training labels (astroNN adds their variance to
+            the predicted one, so the network learns only the scatter beyond them).
+        split : (float, float, float)
+            Train : validation : test ratio (5:1:2 as in StarNet's lab).
+        epochs, batch_size, learning_rate, weight_decay : int, int, float, float
+            Adam optimization.
+        patience, min_delta : int, float
+            Early stopping on the validation loss.
+        lr_factor, lr_patience : float, int
+            ``ReduceLROnPlateau`` on the validation loss.
+        missing_value : float or None
+            Marker for a missing label besides NaN.
+        max_bad_fraction : float
+            A training star with more masked pixels than this is an error.
+        calibrate : bool
+            Rescale the predicted errors per label so that 68.3 % of the
+            validation stars lie within 1 sigma (``error_scale``). The
+            heteroscedastic variance is learnt with dropout on, so adding the
+            MC-dropout variance double-counts some scatter, and label residuals
+            have heavier tails than a Gaussian; this post-hoc step (Kuleshov
+            et al. 2018) fixes both. With ``label_errors`` the validation
+            labels' errors are added in quadrature first.
+        augment_noise : float
+            Data augmentation: each training batch gets fresh Gaussian noise of
+            ``augment_noise`` times each pixel's own sigma (capped at 0.05;
+            needs ``ivar``);
+            a regularizer against over-fitting small training sets.
+        progress : bool, optional
+            Progress bar per epoch (default: when stderr is a terminal).
+
+        Returns
+        -------
+        self
+        """
+        labels = prepare_labels(labels, self.n_labels, missing_value)
+        flux, good = prepare_spectra(flux, ivar)
+        n, n_pix = flux.shape
+        if labels.shape[0] != n:
+            raise ValueError(f"labels has {labels.shape[0]} rows but flux has {n} spectra")
+        bad_frac = 1.0 - good.mean(axis=1)
+        if np.any(bad_frac > max_bad_fraction):
+            from .._util import describe_bad
+            raise ValueError(f"more than {max_bad_fraction:.0%} of the pixels are masked in "
+                             f"{describe_bad(bad_frac > max_bad_fraction)}; remove them")
+        if label_errors is not None:
+            label_errors = np.asarray(label_errors, float)
+            if label_errors.shape != labels.shape:
+                raise ValueError(f"label_errors has shape {label_errors.shape}, labels "
+                                 f"{labels.shape}")
+            label_errors = np.where(np.isfinite(label_errors), label_errors, 0.0)
+        cfg = _make_config(n_pixels=n_pix, n_labels=self.n_labels, **self._arch_args)
+        tr, va, te = split_indices(n, split, self.seed)
+        for part, idx in (("training", tr), ("validation", va)):
+            empty = np.all(np.isnan(labels[idx]), axis=0)
+            if empty.any():
+                raise ValueError(f"the {part} set has no value of "
+                                 f"{[self.label_names[j] for j in np.flatnonzero(empty)]}")
+        offsets = np.nanmean(labels[tr], axis=0)
+        scales = np.nanstd(labels[tr], axis=0)
+        scales = np.where(scales > 0, scales, 1.0)
+        self.label_offsets, self.label_scales = offsets, scales
+        self.label_range = np.column_stack([np.nanmin(labels[tr], 0), np.nanmax(labels[tr], 0)])
+        self.config, self.split = cfg, {"train": tr, "val": va, "test": te}
+
+        dev = self.device
+        y = (labels - offsets) / scales
+        lv = None if label_errors is None else (label_errors / scales) ** 2
+
+        sigma = None
+        if augment_noise > 0:
+            if ivar is None:
+                raise ValueError("augment_noise needs ivar")
+            iv = np.asarray(ivar, float)
+            iv = iv[None, :] if iv.ndim == 1 else iv
+            # capped: a nearly-zero ivar must not turn into noise that swamps the flux
+            sigma = np.where(good, np.minimum(1.0 / np.sqrt(np.where(good, iv, 1.0)), 0.05), 0.0)
+            sigma_t = torch.as_tensor((augment_noise * sigma[tr]).astype(np.float32), device=dev)
+
+        def tensors(idx):
+            out = [torch.as_tensor(flux[idx], device=dev),
+                   torch.as_tensor(good[idx], dtype=torch.float32, device=dev),
+                   torch.as_tensor(y[idx], dtype=torch.float32, device=dev)]
+            out.append(None if lv is None else torch.as_tensor(lv[idx], dtype=torch.float32,
+                                                               device=dev))
+            return out
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        with seeded(self.seed, dev):
+            net = _Net(cfg).to(dev)
+            gmask = good[tr]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(gmask.sum(0) > 0, (flux[tr] * gmask).sum(0)
+                                / np.maximum(gmask.sum(0), 1), 1.0)
+            resid = (flux[tr] - mean) * gmask
+            scale = float(np.sqrt((resid ** 2).sum() / max(gmask.sum(), 1))) or 1.0
+            net.pixel_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            net.pixel_scale.fill_(scale)
+            self.net = net
+            train_t, val_t = tensors(tr), tensors(va)
+            opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=lr_factor,
+                                                               patience=lr_patience)
+            hist = {"train_loss": [], "val_loss": [], "lr": [],
+                    "loss_name": "Gaussian NLL (standardized labels)"}
+            best, best_state, best_epoch, wait = np.inf, None, -1, 0
+            gen = torch.Generator().manual_seed(self.seed)
+            bar = _progress(range(epochs), total=epochs, desc="nn-train", unit="epoch",
+                            disable=None if progress is None else not progress)
+            for epoch in bar:
+                net.train()
+                order = torch.randperm(len(tr), generator=gen).to(dev)
+                total, count = 0.0, 0
+                for start in range(0, len(tr), batch_size):
+                    b = order[start:start + batch_size]
+                    xb, gb, yb = train_t[0][b], train_t[1][b], train_t[2][b]
+                    if sigma is not None:
+                        xb = xb + sigma_t[b] * torch.randn(xb.shape, generator=gen).to(dev)
+                    lb = None if train_t[3] is None else train_t[3][b]
+                    mu, logv = net(xb, gb)
+                    loss = masked_gaussian_nll(mu, logv, yb, lb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    k = int(torch.isfinite(yb).sum())
+                    total += float(loss.detach()) * k
+                    count += k
+                val = self._loss(val_t, batch_size=4 * batch_size)
+                hist["train_loss"].append(total / max(count, 1))
+                hist["val_loss"].append(val)
+                hist["lr"].append(opt.param_groups[0]["lr"])
+                sched.step(val)
+                bar.set_postfix(train=f"{hist['train_loss'][-1]:.3f}", val=f"{val:.3f}")
+                if val < best - min_delta:
+                    best, best_epoch, wait = val, epoch, 0
+                    best_state = copy.deepcopy(net.state_dict())
+                else:
+                    wait += 1
+                    if wait >= patience:
+                        break
+            bar.close()
+            if best_state is not None:
+                net.load_state_dict(best_state)
+        net.eval()
+        self.error_scale = np.ones(self.n_labels)
+        if calibrate:
+            val_err = None if label_errors is None else label_errors[va]
+            self.error_scale = self._calibration_scale(flux[va], good[va], labels[va], val_err)
+        hist.update(best_epoch=best_epoch, train_time=time.perf_counter() - t0,
+                    train_cpu_time=time.process_time() - c0,
+                    n_epochs=len(hist["train_loss"]))
+        self.history = hist
+        return self
+
+    def _calibration_scale(self, flux, good, labels, label_errors, target=0.6827):
+        """Per-label factor on the errors giving ``target`` coverage on these stars."""
+        res = self.predict(flux, np.where(good, 1.0, 0.0), n_samples=20)
+        scale = np.ones(self.n_labels)
+        for j in range(self.n_labels):
+            ok = np.isfinite(labels[:, j]) & np.isfinite(res.labels[:, j])
+            if ok.sum() < 10:
+                continue
+            d = np.abs(res.labels[ok, j] - labels[ok, j])
+            sig = res.errors[ok, j]
+            e2 = 0.0 if label_errors is None else label_errors[ok, j] ** 2
+            lo, hi = 1e-2, 1e2  # coverage rises with the scale: bisect in log space
+            for _ in range(50):
+                mid = np.sqrt(lo * hi)
+                if np.mean(d < np.sqrt((mid * sig) ** 2 + e2)) < target:
+                    lo = mid
+                else:
+                    hi = mid
+            scale[j] = np.sqrt(lo * hi)
+        return scale
+
+    def _loss(self, data, batch_size):
+        """Mean masked NLL on a dataset with dropout off."""
+        self.net.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, data[0].shape[0], batch_size):
+                sl = slice(start, start + batch_size)
+                mu, logv = self.net(data[0][sl], data[1][sl])
+                yb = data[2][sl]
+                k = int(torch.isfinite(yb).sum())
+                lv = None if data[3] is None else data[3][sl]
+                total += float(masked_gaussian_nll(mu, logv, yb, lv)) * k
+                count += k
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, flux, ivar=None, *, n_samples=30, batch_size=256, seed=None,
+                max_bad_fraction=0.3, uncertain_thresholds=None):
+        """Predict labels with MC-dropout and predicted (aleatoric) uncertainties.
+
+        Parameters
+        ----------
+        flux : array_like, (N, P) or (P,)
+            Normalized spectra on the training pixel grid (P must match).
+        ivar : array_like, (N, P), optional
+            Pixels with ``ivar == 0`` are masked; NaN flux must be masked.
+        n_samples : int
+            MC-dropout samples; 1 or 0 switches dropout off (errors are then the
+            predicted ones only).
+        batch_size : int
+        seed : int, optional
+            Seed of the dropout masks (default: the regressor's seed).
+        max_bad_fraction : float
+            Spectra with more masked pixels get ``NO_RESULT`` and NaN labels.
+        uncertain_thresholds : dict, optional
+            Label name -> error above which ``UNCERTAIN_LABEL`` is set. Defaults:
+            ``DEFAULT_UNCERTAIN`` for known names, 0.12 dex for other abundances
+            (names ending in ``_H`` or ``_FE``), else half the training scatter.
+
+        Returns
+        -------
+        NNResult
+        """
+        self._check_trained()
+        flux, good = prepare_spectra(flux, ivar, n_pixels=self.n_pixels)
+        n = flux.shape[0]
+        bad_frac = 1.0 - good.mean(axis=1)
+        dev = self.device
+        s_count = max(int(n_samples), 1)
+        mean = np.empty((n, self.n_labels))
+        mvar = np.zeros((n, self.n_labels))
+        avar = np.empty((n, self.n_labels))
+        net = self.net
+        net.eval()
+        with seeded(self.seed if seed is None else seed, dev), torch.inference_mode():
+            if s_count > 1:
+                for m in net.head.modules():
+                    if isinstance(m, torch.nn.Dropout):
+                        m.train()
+            try:
+                for start in range(0, n, batch_size):
+                    sl = slice(start, start + batch_size)
+                    xb = torch.as_tensor(flux[sl], device=dev)
+                    gb = torch.as_tensor(good[sl], dtype=torch.float32, device=dev)
+                    z = net.trunk(xb, gb)  # (B, H1)
+                    b = z.shape[0]
+                    out = net.head(z.repeat(s_count, 1)).reshape(s_count, b, -1)
+                    mu, logv = net.split(out)  # (S, B, L)
+                    mean[sl] = mu.mean(0).double().cpu().numpy()
+                    if s_count > 1:
+                        mvar[sl] = mu.var(0).double().cpu().numpy()
+                    avar[sl] = torch.exp(logv).mean(0).double().cpu().numpy()
+            finally:
+                net.eval()
+        labels = mean * self.label_scales + self.label_offsets
+        model_err = np.sqrt(mvar) * self.label_scales * self.error_scale
+        pred_err = np.sqrt(avar) * self.label_scales * self.error_scale
+        errors = np.hypot(model_err, pred_err)
+        no_result = bad_frac > max_bad_fraction
+        for a in (labels, errors, model_err, pred_err):
+            a[no_result] = np.nan
+        thr = self._thresholds(uncertain_thresholds)
+        with np.errstate(invalid="ignore"):
+            uncertain = errors > thr
+            lo, hi = self.label_range.T
+            outside = ((labels < lo) | (labels > hi)).any(axis=1)
+        flags = np.zeros(n, np.int64)
+        flags[uncertain.any(axis=1)] |= NNResult.FLAGS["UNCERTAIN_LABEL"]
+        flags[outside] |= NNResult.FLAGS["OUT_OF_RANGE"]
+        flags[no_result] |= NNResult.FLAGS["NO_RESULT"]
+        return NNResult(labels=labels, errors=errors, model_errors=model_err,
+                        predictive_errors=pred_err, flags=flags, uncertain=uncertain,
+                        bad_pixel_fraction=bad_frac, label_names=self.label_names)
+
+    def _thresholds(self, given):
+        """(L,) uncertain-label thresholds in physical units."""
+        given = {k.upper(): float(v) for k, v in (given or {}).items()}
+        unknown = set(given) - {n.upper() for n in self.label_names}
+        if unknown:
+            raise ValueError(f"uncertain_thresholds names unknown labels {sorted(unknown)}")
+        out = np.empty(self.n_labels)
+        for j, name in enumerate(self.label_names):
+            key = name.upper()
+            default = DEFAULT_UNCERTAIN.get(key)
+            if default is None:  # abundances ([X/H], [X/Fe]) as [Fe/H]; else half the scatter
+                default = (DEFAULT_UNCERTAIN["FE_H"] if key.endswith(("_H", "_FE"))
+                           else 0.5 * self.label_scales[j])
+            out[j] = given.get(key, default)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path):
+        """Write a checkpoint (architecture, version, label scaling, weights, history).
+
+        Readable with ``torch.load(path, weights_only=True)``; written atomically.
+        """
+        self._check_trained()
+        extra = {
+            "label_names": list(self.label_names),
+            "label_offsets": torch.as_tensor(self.label_offsets, dtype=torch.float64),
+            "label_scales": torch.as_tensor(self.label_scales, dtype=torch.float64),
+            "label_range": torch.as_tensor(self.label_range, dtype=torch.float64),
+            "error_scale": torch.as_tensor(self.error_scale, dtype=torch.float64),
+            "seed": self.seed,
+            "history": {k: (list(map(float, v)) if isinstance(v, list)
+                            else v if isinstance(v, str) else float(v))
+                        for k, v in self.history.items()},
+            "split": {k: torch.as_tensor(v, dtype=torch.int64) for k, v in self.split.items()},
+        }
+        save_checkpoint(path, "regressor", self.config, self.net.state_dict(), extra)
+
+    @classmethod
+    def load(cls, path, device="auto", arch=None):
+        """Read a checkpoint written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        device : str or torch.device
+        arch : {"cnn", "mlp"}, optional
+            Require this architecture.
+
+        Raises
+        ------
+        ValueError
+            Another kind of network or architecture, another checkpoint format
+            version, or weights that do not match the stored architecture.
+        """
+        ck = load_checkpoint(path, "regressor")
+        cfg = dict(ck["config"])
+        if arch is not None and cfg.get("arch") != arch:
+            raise ValueError(f"{path} holds a {cfg.get('arch')!r} regressor, not {arch!r}")
+        args = {k: cfg[k] for k in ("arch", "hidden", "dropout")}
+        if cfg["arch"] == "cnn":
+            args.update({k: cfg[k] for k in ("filters", "kernel_size", "stride", "pool_size")})
+        self = cls(ck["label_names"], device=device, seed=ck.get("seed", 0), **args)
+        expected = _make_config(n_pixels=cfg["n_pixels"], n_labels=self.n_labels,
+                                **self._arch_args)
+        if expected != cfg:
+            raise ValueError(f"{path}: inconsistent architecture in the checkpoint: {cfg}")
+        net = _Net(cfg)
+        try:
+            net.load_state_dict(ck["state_dict"])
+        except RuntimeError as err:
+            raise ValueError(f"{path}: the weights do not fit the stored architecture "
+                             f"{cfg['arch']!r}: {err}") from err
+        self.net = net.to(self.device).eval()
+        self.config = cfg
+        self.label_offsets = ck["label_offsets"].numpy()
+        self.label_scales = ck["label_scales"].numpy()
+        self.label_range = ck["label_range"].numpy()
+        self.error_scale = ck["error_scale"].numpy()
+        self.history = dict(ck.get("history", {}))
+        self.split = {k: v.numpy() for k, v in ck.get("split", {}).items()}
+        return self
+
+    def plot_loss(self, path=None):
+        """Plot training and validation loss per epoch; save to ``path`` if given.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        from .evaluate import plot_loss
+
+        return plot_loss(self.history, path)
