@@ -590,6 +590,9 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
     starts = np.clip(np.array(starts), bounds[0], bounds[1])
 
     def evaluate(x, f, w):
+        if len(x) == 0:
+            shape = (0,) + f.shape[1:]
+            return np.zeros(0), np.zeros(shape), np.zeros(shape + (n_labels,))
         model_f, jac = forward_model.predict_with_jacobian(x * scale + med)
         jac = jac * scale[None, None, :]
         r = f - model_f
@@ -615,27 +618,29 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
             lam = np.full(n, 1e-3)
             done = np.zeros(n, bool)
             for _ in range(max_iter):
-                active = ~done
-                if not active.any():
+                act = np.flatnonzero(~done)  # only stars still moving cost a model call
+                if len(act) == 0:
                     break
-                iters[active] += 1
-                jtw = jac * w[:, :, None]
-                a = np.einsum("npl,npm->nlm", jtw, jac)
-                g = np.einsum("npl,np->nl", jtw, r)
+                iters[act] += 1
+                jtw = jac[act] * w[act, :, None]
+                a = np.einsum("npl,npm->nlm", jtw, jac[act])
+                g = np.einsum("npl,np->nl", jtw, r[act])
                 diag = np.diagonal(a, axis1=1, axis2=2)[:, :, None] + 1e-12
-                damp = a + lam[:, None, None] * (np.eye(n_labels) * diag)
-                step = np.linalg.solve(damp, g[:, :, None])[:, :, 0]
-                x_new = np.clip(x + step, bounds[0], bounds[1])
-                chi_new, r_new, jac_new = evaluate(x_new, f, w)
-                accept = (chi_new <= chi) & active
-                moved = np.max(np.abs(x_new - x), axis=1)
-                x[accept], chi[accept], r[accept], jac[accept] = \
-                    x_new[accept], chi_new[accept], r_new[accept], jac_new[accept]
-                lam = np.where(accept, np.maximum(lam / 3, 1e-9), lam * 4)
-                done |= (accept & (moved < xtol)) | (lam > 1e12)
+                damp = a + lam[act, None, None] * (np.eye(n_labels) * diag)
+                step = _solve_batched(damp, g)
+                x_new = np.clip(x[act] + step, bounds[0], bounds[1])
+                chi_new, r_new, jac_new = evaluate(x_new, f[act], w[act])
+                ok = chi_new <= chi[act]
+                moved = np.max(np.abs(x_new - x[act]), axis=1)
+                acc = act[ok]
+                x[acc], chi[acc], r[acc], jac[acc] = x_new[ok], chi_new[ok], r_new[ok], jac_new[ok]
+                lam[act] = np.where(ok, np.maximum(lam[act] / 3, 1e-9), lam[act] * 4)
+                # converged: a small accepted step, or no step lowers chi² any more (a
+                # piecewise-linear emulator has kinks where damping alone cannot help)
+                done[act] = (ok & (moved < xtol)) | (lam[act] > 1e12)
             better = chi < best_chi
             best_x[better], best_chi[better] = x[better], chi[better]
-            conv_best[better] = done[better] & (lam[better] <= 1e12)
+            conv_best[better] = done[better]
         chi, r, jac = evaluate(best_x, f, w)
         a = np.einsum("npl,np,npm->nlm", jac, w, jac)
         cov = _inverse(a) * scale[None, :, None] * scale[None, None, :]
