@@ -524,22 +524,11 @@ static void lm_grad_hess(const double *g, const double *h, const double *v, cons
     }
 }
 
-/* Whether the Cholesky factorisation of the symmetric (n, n) a succeeds; low is scratch. */
-static int is_positive_definite(const double *a, ptrdiff_t n, double *low)
+/* Whether the symmetric (n, n) a is (numerically) positive definite; work is scratch. */
+static int is_positive_definite(const double *a, ptrdiff_t n, double *work)
 {
-    for (ptrdiff_t j = 0; j < n; j++) {
-        double s = a[j * n + j];
-        for (ptrdiff_t k = 0; k < j; k++) s -= low[j * n + k] * low[j * n + k];
-        if (!(s > 0.0)) return 0;
-        double d = sqrt(s);
-        low[j * n + j] = d;
-        for (ptrdiff_t i = j + 1; i < n; i++) {
-            double t = a[i * n + j];
-            for (ptrdiff_t k = 0; k < j; k++) t -= low[i * n + k] * low[j * n + k];
-            low[i * n + j] = t / d;
-        }
-    }
-    return 1;
+    memcpy(work, a, sizeof(double) * (size_t)(n * n));
+    return cholesky_inplace(work, n);
 }
 
 /* out[l, m] += sum_t gv[t] d²v_t/dx_l dx_m: the term Gauss-Newton leaves out. */

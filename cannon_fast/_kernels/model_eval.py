@@ -7,6 +7,7 @@ import numpy as np
 
 from .._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._jit import JIT
+from .normal_equations import _cholesky_inplace
 
 
 @nb.njit(**JIT)
@@ -112,23 +113,8 @@ def _grad_hess(g, h, v, dv, grad, hess, gv):
 
 @nb.njit(**JIT)
 def _is_positive_definite(a):
-    """Whether a Cholesky factorisation of the symmetric matrix ``a`` succeeds."""
-    n = a.shape[0]
-    low = np.zeros((n, n))
-    for j in range(n):
-        s = a[j, j]
-        for k in range(j):
-            s -= low[j, k] * low[j, k]
-        if not s > 0.0:
-            return False
-        d = np.sqrt(s)
-        low[j, j] = d
-        for i in range(j + 1, n):
-            s = a[i, j]
-            for k in range(j):
-                s -= low[i, k] * low[j, k]
-            low[i, j] = s / d
-    return True
+    """Whether the symmetric matrix ``a`` is (numerically) positive definite."""
+    return _cholesky_inplace(a.copy(), a.shape[0])
 
 
 @nb.njit(**JIT)
