@@ -49,8 +49,10 @@ INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"]
 #: mock survey (see the issue #2 note): 0.3-0.35 is best or near best on all but the
 #: mock survey trained on catalog labels, where label errors already expand the fits.
 DEBIAS_LAMBDA_CAP = 0.3
-#: Newton steps on the corrected objective, from the plain minimum.
+#: Newton steps on the corrected objective, from the plain minimum (at most) ...
 DEBIAS_STEPS = 4
+#: ... until the step is below this (scaled labels, as ``xtol`` of the LM).
+DEBIAS_XTOL = 1e-6
 
 
 
@@ -364,28 +366,29 @@ def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     the one before it, so a correction can only converge, never run away.
     Returns the (len(idx),) DEBIAS_CAPPED mask.
     """
-    n_terms, n_labels = exponents.shape
-    n = len(idx)
+    n_terms = exponents.shape[0]
     g_full, b_full = vz.unpack_symmetric(g[idx], n_terms), vz.unpack_symmetric(b[idx], n_terms)
-    v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
-    capped = np.zeros(n, bool)
-    last = np.full(n, np.inf)
-    moving = np.ones(n, bool)
+    capped = np.zeros(len(idx), bool)
+    last = np.full(len(idx), np.inf)
+    act = np.arange(len(idx))  # stars still moving (converged or stalled ones drop out)
     for _ in range(DEBIAS_STEPS):
-        xi = np.ascontiguousarray(x[idx])
+        xi = np.ascontiguousarray(x[idx[act]])
+        v, dv = np.empty((len(act), n_terms)), np.empty((len(act),) + exponents.shape)
         k.design(xi, exponents, v, dv)
         dvt = np.swapaxes(dv, 1, 2)
-        hess, push, cap = _capped_hessian(dvt @ g_full @ dv, dvt @ b_full @ dv)
-        capped |= cap & moving
+        gf, bf = g_full[act], b_full[act]
+        hess, push, cap = _capped_hessian(dvt @ gf @ dv, dvt @ bf @ dv)
+        capped[act] |= cap
         # half the gradient: J^T W (model - f) (zero at the plain minimum) minus the push
-        plain = (dvt @ ((g_full @ v[:, :, None])[:, :, 0] - h[idx])[:, :, None])[:, :, 0]
-        bias_push = (push @ (dvt @ (b_full @ v[:, :, None])))[:, :, 0]
+        plain = (dvt @ ((gf @ v[:, :, None])[:, :, 0] - h[idx[act]])[:, :, None])[:, :, 0]
+        bias_push = (push @ (dvt @ (bf @ v[:, :, None])))[:, :, 0]
         step = _solve_batched(hess, bias_push - plain)
         size = np.max(np.abs(step), axis=1)
-        moving &= size < last
-        last = np.where(moving, size, last)
-        x[idx[moving]] = np.clip(xi[moving] + step[moving], lo, hi)
-        if not moving.any():
+        go = size < last[act]
+        x[idx[act[go]]] = np.clip(xi[go] + step[go], lo, hi)
+        last[act] = size
+        act = act[go & (size > DEBIAS_XTOL)]
+        if len(act) == 0:
             break
     return capped
 
