@@ -11,7 +11,7 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
-# (module, what it provides) -- kept in workflow order for ``--help``.
+# one module per workflow step, in the order ``--help`` lists them
 _COMMAND_MODULES = ("data", "core", "lab", "science", "nn", "survey")
 
 
@@ -31,13 +31,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"cannon-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:  # only our own not-yet-written modules
-            if err.name != f"{__name__}.{name}":
-                raise
-            continue
-        mod.register(sub, parent)
+        importlib.import_module(f".{name}", __name__).register(sub, parent)
     return parser
 
 
