@@ -8,6 +8,7 @@ import numba as nb
 import numpy as np
 
 from ._jit import JIT
+from ._linalg import gauss_solve_inplace
 
 __all__ = ["_normalize"]
 
@@ -104,41 +105,12 @@ def _normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
                 for q in range(k):
                     for r in range(q):
                         A[q, r] = A[r, q]
-                # Gaussian elimination, partial pivoting (K <= 8: cheaper than LAPACK)
                 scale = 0.0
                 for q in range(k):
                     scale = max(scale, abs(A[q, q]))
-                if not scale > 0.0:
+                if not (scale > 0.0 and gauss_solve_inplace(A, b, coef, k, 1e-13 * scale)):
                     code = 3
-                for q in range(k):
-                    if code != 0:
-                        break
-                    piv = q
-                    for r in range(q + 1, k):
-                        if abs(A[r, q]) > abs(A[piv, q]):
-                            piv = r
-                    if not abs(A[piv, q]) > 1e-13 * scale:
-                        code = 3
-                        break
-                    if piv != q:
-                        for r in range(k):
-                            t = A[q, r]
-                            A[q, r] = A[piv, r]
-                            A[piv, r] = t
-                        t = b[q]
-                        b[q] = b[piv]
-                        b[piv] = t
-                    for r in range(q + 1, k):
-                        mm = A[r, q] / A[q, q]
-                        for u in range(q, k):
-                            A[r, u] -= mm * A[q, u]
-                        b[r] -= mm * b[q]
             if code == 0:
-                for q in range(k - 1, -1, -1):
-                    acc = b[q]
-                    for r in range(q + 1, k):
-                        acc -= A[q, r] * coef[r]
-                    coef[q] = acc / A[q, q]
                 # one branch-free pass (vectorizes): evaluate, divide, note non-positive values
                 nonpos = 0
                 if k == 4:  # the default degree 3, unrolled

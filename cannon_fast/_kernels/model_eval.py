@@ -7,6 +7,7 @@ import numpy as np
 
 from .._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._jit import JIT
+from ._linalg import gauss_solve_inplace
 from .normal_equations import _cholesky_inplace
 
 
@@ -54,35 +55,8 @@ def _objective(x, c, h, g, exponents, v, dv):
 
 @nb.njit(**JIT)
 def _solve_small(a, b, out, n):
-    """Gaussian elimination with partial pivoting on copies; False if singular."""
-    m = a.copy()
-    r = b.copy()
-    for col in range(n):
-        piv = col
-        for i in range(col + 1, n):
-            if abs(m[i, col]) > abs(m[piv, col]):
-                piv = i
-        if m[piv, col] == 0.0 or not np.isfinite(m[piv, col]):
-            return False
-        if piv != col:
-            for j in range(n):
-                tmp = m[col, j]
-                m[col, j] = m[piv, j]
-                m[piv, j] = tmp
-            tmp = r[col]
-            r[col] = r[piv]
-            r[piv] = tmp
-        for i in range(col + 1, n):
-            f = m[i, col] / m[col, col]
-            for j in range(col, n):
-                m[i, j] -= f * m[col, j]
-            r[i] -= f * r[col]
-    for i in range(n - 1, -1, -1):
-        s = r[i]
-        for j in range(i + 1, n):
-            s -= m[i, j] * out[j]
-        out[i] = s / m[i, i]
-    return True
+    """Solve ``a out = b`` on copies (a and b are reused); False if singular."""
+    return gauss_solve_inplace(a.copy(), b.copy(), out, n, 0.0)
 
 
 @nb.njit(**JIT)
