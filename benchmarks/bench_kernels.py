@@ -42,9 +42,7 @@ def train_inputs(n_stars, n_pix, seed):
     kernels("numpy").solve_normal_equations(a_packed, b, theta, np.empty((0, a_packed.shape[1])),
                                             np.empty(n_pix, np.int8))
     resid = np.ascontiguousarray(tr.flux - design @ theta.T)  # (N, P)
-    with np.errstate(divide="ignore"):
-        var = 1.0 / tr.ivar  # (N, P); inf where masked
-    return tr, dict(a_packed=a_packed, b=b, resid=resid, var=var)
+    return tr, dict(a_packed=a_packed, b=b, resid=resid, ivar=tr.ivar)
 
 
 def fit_inputs(tr, n_stars, n_starts, seed):
@@ -81,7 +79,7 @@ def calls(train, fit, n_train, n_fit, n_pix):
                                  np.empty(n_pix, np.int8))
 
     def s2(k):
-        k.s2_update(train["resid"], train["var"], np.empty(n_pix), np.empty(n_pix, np.int8))
+        k.s2_update(train["resid"], train["ivar"], np.empty(n_pix), np.empty(n_pix, np.int8))
 
     def weights(k):
         k.star_weights(*fit["star_weights"], np.empty((n_fit, n_pix), np.float32),

@@ -183,47 +183,55 @@ class CannonModel:
         x = self.scale_labels(labels)
         design = vz.label_vector(x, self.exponents)  # (N, T)
         _check_design(design, self.term_names)
-        design_packed = vz.packed_outer(design)  # (N, T2)
+        # Each pixel's packed normal matrix sum_n w_n v_n v_n^T from one product over
+        # the distinct monomials v_i v_j only (126 of 231 columns for 5 labels, quadratic).
+        mono_first, mono_index = vz.packed_outer_monomials(self.exponents)
+        monomials_t = np.ascontiguousarray(vz.packed_outer(design)[:, mono_first].T)  # (M, N)
 
         valid = ivar > 0
-        with np.errstate(divide="ignore"):
-            var = 1.0 / ivar  # (N, P); inf where ivar = 0, so those stars get zero weight
         if not np.isfinite(flux).all():  # NaN flux is allowed where ivar = 0
             flux = np.where(valid, flux, 0.0)
         n_valid = valid.sum(axis=0)
         too_few = n_valid < self.n_terms + 1
         # s² below this is "zero" for convergence purposes
-        s2_floor = 1e-12 * float(np.mean(var[0][valid[0]]))
+        s2_floor = 1e-12 * float(np.mean(1.0 / ivar[0][valid[0]]))
 
         s2 = np.zeros(n_pix)
         theta = np.empty((n_pix, self.n_terms))
         cov = np.empty((n_pix, vz.n_packed(self.n_terms)))
         status = np.zeros(n_pix, dtype=np.int8)
+        # One (N, P) work buffer serves every pass (weights, weighted flux, residuals):
+        # fresh (N, P) temporaries cost as much in first-touch page faults as the
+        # arithmetic. Views of its start are contiguous (N, P_a) arrays.
+        work = np.empty(n_stars * n_pix)
         # Alternate theta | s² and s² | theta. Only pixels whose s² moved by more than
         # s2_rtol are solved again, so later passes are cheap (most pixels settle at once).
         active = np.arange(n_pix)
         history = []
         for it in range(max_iter):
+            n_act = len(active)
+            buf = work[:n_stars * n_act].reshape(n_stars, n_act)
             if it == 0:  # all pixels, s² = 0: the weights are ivar itself
-                v_a, f_a, weights = var, flux, ivar
+                iv_a, f_a, weights = ivar, flux, ivar
             else:
                 # np.take gathers columns ~8x faster than fancy indexing
-                v_a = np.take(var, active, axis=1)
+                iv_a = np.take(ivar, active, axis=1)
                 f_a = np.take(flux, active, axis=1)
-                weights = v_a + s2[active]
-                np.reciprocal(weights, out=weights)  # (N, P_a); 0 where var = inf
-            a_packed = np.ascontiguousarray((design_packed.T @ weights).T)  # (P_a, T2)
-            wf = weights * f_a
+                weights = np.multiply(iv_a, s2[active], out=buf)
+                weights += 1.0
+                np.divide(iv_a, weights, out=weights)  # 1 / (1/ivar + s²); 0 where ivar = 0
+            a_packed = np.ascontiguousarray((monomials_t @ weights)[mono_index].T)  # (P_a, T2)
+            wf = np.multiply(weights, f_a, out=buf)
             b = np.ascontiguousarray((design.T @ wf).T)  # (P_a, T)
-            th = np.empty((len(active), self.n_terms))
-            cv = np.empty((len(active), cov.shape[1]))
-            st = np.empty(len(active), dtype=np.int8)
+            th = np.empty((n_act, self.n_terms))
+            cv = np.empty((n_act, cov.shape[1]))
+            st = np.empty(n_act, dtype=np.int8)
             k.solve_normal_equations(a_packed, b, th, cv, st)
             theta[active], cov[active], status[active] = th, cv, st
-            resid = np.matmul(design, th.T, out=wf)  # reuse the buffer: (N, P_a)
+            resid = np.matmul(design, th.T, out=buf)
             np.subtract(f_a, resid, out=resid)
-            s2_new = np.empty(len(active))
-            k.s2_update(resid, v_a, s2_new, np.empty(len(active), dtype=np.int8))
+            s2_new = np.empty(n_act)
+            k.s2_update(resid, iv_a, s2_new, np.empty(n_act, dtype=np.int8))
             s2_new[too_few[active] | (st != 0)] = 0.0
             old = s2[active]
             moved = (np.abs(s2_new - old) > s2_rtol * np.maximum(s2_new, old)) \
@@ -246,7 +254,7 @@ class CannonModel:
         # A flagged pixel gets a constant model (the weighted mean flux) and no scatter,
         # never NaN; fits ignore it.
         if bad.any():
-            wsum = np.where(valid[:, bad], 1.0 / var[:, bad], 0.0)
+            wsum = ivar[:, bad]
             tot = wsum.sum(axis=0)
             wmean = (wsum * flux[:, bad]).sum(axis=0) / np.maximum(tot, 1e-300)
             mean = np.where(tot > 0, wmean, 1.0)

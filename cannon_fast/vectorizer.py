@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 
 __all__ = ["polynomial_exponents", "term_names", "label_vector", "label_vector_jacobian",
-           "packed_outer", "unpack_symmetric", "n_packed"]
+           "packed_outer", "packed_outer_monomials", "unpack_symmetric", "n_packed"]
 
 
 def polynomial_exponents(n_labels, order):
@@ -114,6 +114,31 @@ def packed_outer(a):
     """
     iu, ju = np.triu_indices(a.shape[1])
     return np.ascontiguousarray(a[:, iu] * a[:, ju])
+
+
+def packed_outer_monomials(exponents):
+    """The distinct monomials among the packed products of the terms.
+
+    ``v_i v_j`` is the monomial with exponents ``E[i] + E[j]``, and many pairs
+    share one (a quadratic model in 5 labels has 231 pairs but 126 monomials of
+    degree <= 4). Training builds every pixel's normal matrix from one product
+    over the distinct monomials only, then scatters it to the packed pairs.
+
+    Parameters
+    ----------
+    exponents : ndarray, (T, L)
+
+    Returns
+    -------
+    first : ndarray of int64, (M,)
+        A packed column for each distinct monomial.
+    index : ndarray of int64, (T(T+1)/2,)
+        ``packed_outer(v) == packed_outer(v)[:, first][:, index]``.
+    """
+    iu, ju = np.triu_indices(exponents.shape[0])
+    _, first, index = np.unique(exponents[iu] + exponents[ju], axis=0, return_index=True,
+                                return_inverse=True)
+    return first.astype(np.int64), index.reshape(-1).astype(np.int64)
 
 
 def unpack_symmetric(packed, n_terms):

@@ -136,34 +136,34 @@ static PyObject *py_solve_normal_equations(PyObject *self, PyObject *args, PyObj
 /* ------------------------------------------------------------------ s2_update */
 
 PyDoc_STRVAR(s2_update_doc,
-"s2_update(resid, var, s2_out, status_out)\n--\n\n"
+"s2_update(resid, ivar, s2_out, status_out)\n--\n\n"
 "Maximise the likelihood in s2 at every pixel: ``(n),(n)->(),()``.\n\n"
-"resid (N, P) float64, var (N, P) float64 (non-finite where a star is not valid)\n"
+"resid (N, P) float64, ivar (N, P) float64 (0 where a star is not valid)\n"
 "-> s2_out (P,) float64, status_out (P,) int8 (1 where fewer than two stars are valid).");
 
 static PyObject *py_s2_update(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"resid", "var", "s2_out", "status_out", NULL};
+    static char *kwlist[] = {"resid", "ivar", "s2_out", "status_out", NULL};
     static const char *fn = "s2_update";
     PyObject *o[4];
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:s2_update", kwlist, &o[0], &o[1], &o[2],
                                      &o[3]))
         return NULL;
-    PyArrayObject *resid, *var, *s2, *status;
+    PyArrayObject *resid, *ivar, *s2, *status;
     if (!(resid = as_array(o[0], fn, "resid", F64, 2, IN))) return NULL;
-    if (!(var = as_array(o[1], fn, "var", F64, 2, IN))) return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
     if (!(s2 = as_array(o[2], fn, "s2_out", F64, 1, OUT))) return NULL;
     if (!(status = as_array(o[3], fn, "status_out", I8, 1, OUT))) return NULL;
     npy_intp n_stars = PyArray_DIM(resid, 0), n_pix = PyArray_DIM(resid, 1);
-    if (check_dim(var, 0, n_stars, fn, "var", "(N, P)", "N") ||
-        check_dim(var, 1, n_pix, fn, "var", "(N, P)", "P") ||
+    if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
+        check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
         check_dim(s2, 0, n_pix, fn, "s2_out", "(P,)", "P") ||
         check_dim(status, 0, n_pix, fn, "status_out", "(P,)", "P"))
         return NULL;
     int code;
     Py_BEGIN_ALLOW_THREADS
     code = cf_s2_update(n_stars, n_pix, (const double *)PyArray_DATA(resid),
-                        (const double *)PyArray_DATA(var), (double *)PyArray_DATA(s2),
+                        (const double *)PyArray_DATA(ivar), (double *)PyArray_DATA(s2),
                         (int8_t *)PyArray_DATA(status));
     Py_END_ALLOW_THREADS
     return finish(code, fn);

@@ -198,6 +198,33 @@ static double s2_dg(double s, const double *r2, const double *v, ptrdiff_t m)
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
+/* 2 g'(s2) as s2_dg, and in *lip a bound on |2 g''| over [s2, inf):
+ * d/ds (r2 - v - s)/(v + s)^2 = (v + s - 2 r2)/(v + s)^3, whose modulus is at most
+ * (v + s + 2 r2)/(v + s)^3 = u^2 + 2 r2 u^3, a decreasing function of s. So g' keeps its
+ * sign on [s2, s2 + |g'(s2)| / lip): the scan may step that far without missing a root.
+ * Called once per pixel (at s2 = 0), so it is left to the compiler as it is. */
+static double s2_dg_lip(double s, const double *r2, const double *v, ptrdiff_t m, double *lip)
+{
+    double acc[CF_LANES] = {0.0}, bnd[CF_LANES] = {0.0};
+    ptrdiff_t i = 0;
+    for (; i + CF_LANES <= m; i += CF_LANES) {
+        for (int j = 0; j < CF_LANES; j++) {
+            double u = 1.0 / (v[i + j] + s);
+            double ru = r2[i + j] * u;
+            acc[j] += (ru - 1.0) * u;
+            bnd[j] += (1.0 + 2.0 * ru) * u * u;
+        }
+    }
+    for (int j = 0; i < m; i++, j++) {
+        double u = 1.0 / (v[i] + s);
+        double ru = r2[i] * u;
+        acc[j] += (ru - 1.0) * u;
+        bnd[j] += (1.0 + 2.0 * ru) * u * u;
+    }
+    *lip = ((bnd[0] + bnd[4]) + (bnd[2] + bnd[6])) + ((bnd[1] + bnd[5]) + (bnd[3] + bnd[7]));
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
 /* g(s2) = -1/2 sum [r2 / (v + s2) + log(v + s2)]: only at the candidates. */
 static double s2_g(double s, const double *r2, const double *v, ptrdiff_t m)
 {
@@ -209,11 +236,11 @@ static double s2_g(double s, const double *r2, const double *v, ptrdiff_t m)
     return 0.5 * acc;
 }
 
-/* Root of g' in (a, b) with g'(a) > 0 >= g'(b): regula falsi (Illinois), to S2_RTOL. */
-static double s2_refine(double a, double b, const double *r2, const double *v, ptrdiff_t m)
+/* Root of g' in (a, b) with fa = g'(a) > 0 >= g'(b) = fb (known from the scan):
+ * regula falsi (Illinois), to S2_RTOL. */
+static double s2_refine(double a, double b, double fa, double fb, const double *r2,
+                        const double *v, ptrdiff_t m)
 {
-    double fa = s2_dg(a, r2, v, m);
-    double fb = s2_dg(b, r2, v, m);
     int side = 0;
     for (int it = 0; it < 100; it++) {
         if (b - a <= CF_S2_RTOL * b) break;
@@ -255,21 +282,36 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
     if (!(span >= 0.0 && span < 1e6)) return 0.0;
     ptrdiff_t n_grid = (ptrdiff_t)span + 1;
     double ratio = n_grid > 1 ? pow(hi / lo, 1.0 / (double)(n_grid - 1)) : 1.0;
-    double best_s = 0.0, best_g = -INFINITY;
-    double prev_s = 0.0;
-    double prev_d = s2_dg(0.0, r2, v, m);
-    if (prev_d <= 0) best_g = s2_g(0.0, r2, v, m);
-    double s = lo;
-    for (ptrdiff_t k = 0; k < n_grid; k++) {
+    /* Candidates for the maximum: s2 = 0 when g'(0) <= 0, and every root of g' where it
+     * goes from + to -. g itself (a logarithm per star) is only needed to choose between
+     * two or more of them, which is rare: best_g stays NaN until then. */
+    int n_cand = 0;
+    double best_s = 0.0, best_g = NAN;
+    double prev_s = 0.0, lip;
+    double prev_d = s2_dg_lip(0.0, r2, v, m, &lip);
+    if (prev_d <= 0) n_cand = 1;
+    /* g' cannot change sign before |g'(0)| / lip (s2_dg_lip): the scan starts there
+     * when that is above lo, which skips about two of the five decades of the grid
+     * that lie below the noise variance. The last point is hi, where g' < 0 for certain. */
+    double s = fmax(lo, fabs(prev_d) / lip);
+    for (;;) {
+        if (s > hi) s = hi;
         double d = s2_dg(s, r2, v, m);
         if (prev_d > 0 && d <= 0) { /* a local maximum in (prev_s, s) */
-            double root = s2_refine(prev_s, s, r2, v, m);
-            double gr = s2_g(root, r2, v, m);
-            if (gr > best_g) {
+            double root = s2_refine(prev_s, s, prev_d, d, r2, v, m);
+            if (n_cand == 0) {
                 best_s = root;
-                best_g = gr;
+            } else {
+                if (isnan(best_g)) best_g = s2_g(best_s, r2, v, m);
+                double gr = s2_g(root, r2, v, m);
+                if (gr > best_g) {
+                    best_s = root;
+                    best_g = gr;
+                }
             }
+            n_cand++;
         }
+        if (s >= hi) break;
         prev_s = s;
         prev_d = d;
         s *= ratio;
@@ -277,7 +319,7 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
     return best_s;
 }
 
-int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *var,
+int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
                  double *s2_out, int8_t *status_out)
 {
     const ptrdiff_t n_blocks = (n_pix + CF_S2_BLOCK - 1) / CF_S2_BLOCK;
@@ -305,14 +347,14 @@ int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const 
             ptrdiff_t w = n_pix - p0 < CF_S2_BLOCK ? n_pix - p0 : CF_S2_BLOCK;
             for (ptrdiff_t j = 0; j < w; j++) counts[j] = 0;
             for (ptrdiff_t n = 0; n < n_stars; n++) {
-                const double *vrow = var + n * n_pix + p0;
+                const double *irow = ivar + n * n_pix + p0;
                 const double *rrow = resid + n * n_pix + p0;
                 for (ptrdiff_t j = 0; j < w; j++) {
-                    double x = vrow[j];
-                    if (isfinite(x)) {
+                    double x = irow[j];
+                    if (x > 0) {
                         ptrdiff_t c = counts[j];
                         r2[j * n_stars + c] = rrow[j] * rrow[j];
-                        vv[j * n_stars + c] = x;
+                        vv[j * n_stars + c] = 1.0 / x;
                         counts[j] = c + 1;
                     }
                 }

@@ -73,12 +73,12 @@ int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *
  * @param n_stars N: number of stars.
  * @param n_pix P: number of pixels.
  * @param resid (N, P): residuals f - theta . v of the training stars.
- * @param var (N, P): noise variances; a non-finite value marks the star invalid there.
+ * @param ivar (N, P): inverse noise variances; 0 (or NaN) marks the star invalid there.
  * @param s2_out (P,): the maximum-likelihood s2.
  * @param status_out (P,): 0, or CF_TOO_FEW where fewer than two stars are valid.
  * @return CF_OK or CF_ERR_NOMEM.
  */
-int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *var,
+int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
                  double *s2_out, int8_t *status_out);
 
 /**

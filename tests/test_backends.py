@@ -46,9 +46,12 @@ def _solve(k, a_packed, b, with_inverse=True):
 
 
 def _s2(k, resid, var):
+    """s2_update on variances (inf or NaN: star not valid), passed as the kernels' ivar."""
     s2 = np.full(resid.shape[1], np.nan)
     status = np.full(resid.shape[1], -1, dtype=np.int8)
-    k.s2_update(np.ascontiguousarray(resid), np.ascontiguousarray(var), s2, status)
+    with np.errstate(divide="ignore"):
+        ivar = np.where(np.isfinite(var), 1.0 / var, 0.0)
+    k.s2_update(np.ascontiguousarray(resid), ivar, s2, status)
     return s2, status
 
 
@@ -479,7 +482,7 @@ def test_c_valid_arguments_run(name):
     ("solve_normal_equations", 0, np.ones((4, 5)), ValueError, r"a_packed has shape \(4, 5\)"),
     ("solve_normal_equations", 3, np.empty((2, 6)), ValueError, "cinv_out has shape"),
     ("solve_normal_equations", 2, np.empty((3, 4)).T, ValueError, "theta_out must be C-contig"),
-    ("s2_update", 1, np.ones((5, 3)), ValueError, r"var has shape \(5, 3\)"),
+    ("s2_update", 1, np.ones((5, 3)), ValueError, r"ivar has shape \(5, 3\)"),
     ("s2_update", 0, np.ones(20), ValueError, "resid must be 2-dimensional"),
     ("s2_update", 0, np.ones((5, 8))[:, ::2], ValueError, "C-contiguous"),
     ("lm_fit", 3, vz.polynomial_exponents(2, 2).astype(np.int32), TypeError, "exponents"),

@@ -50,3 +50,15 @@ def test_bad_order_and_labels():
         vz.polynomial_exponents(3, 0)
     with pytest.raises(ValueError, match="at least one label"):
         vz.polynomial_exponents(0, 2)
+
+
+@pytest.mark.parametrize("n_labels, order", [(1, 1), (3, 2), (5, 2), (4, 3)])
+def test_packed_outer_monomials_rebuild_every_pair(n_labels, order):
+    e = vz.polynomial_exponents(n_labels, order)
+    first, index = vz.packed_outer_monomials(e)
+    x = np.random.default_rng(3).normal(size=(11, n_labels))
+    packed = vz.packed_outer(vz.label_vector(x, e))
+    # equal up to the order of the multiplications (x1 * x1x2 against x1² * x2)
+    assert_allclose(packed[:, first][:, index], packed, rtol=1e-14, atol=0)
+    # distinct monomials of degree <= 2 * order: comb(L + 2 order, 2 order)
+    assert len(first) == comb(n_labels + 2 * order, 2 * order)

@@ -25,6 +25,19 @@ def _dg(s, r2, v, m):
 
 
 @nb.njit(fastmath=True, **JIT)
+def _dg_lip(s, r2, v, m):
+    """``_dg`` and a bound on ``|d/ds _dg|`` over ``[s, inf)`` (see ``_one_pixel``)."""
+    acc = 0.0
+    bnd = 0.0
+    for i in range(m):
+        u = 1.0 / (v[i] + s)
+        ru = r2[i] * u
+        acc += (ru - 1.0) * u
+        bnd += (1.0 + 2.0 * ru) * u * u
+    return acc, bnd
+
+
+@nb.njit(fastmath=True, **JIT)
 def _g(s, r2, v, m):
     acc = 0.0
     for i in range(m):
@@ -34,10 +47,11 @@ def _g(s, r2, v, m):
 
 
 @nb.njit(**JIT)
-def _refine(a, b, r2, v, m):
-    """Root of g' in (a, b) with g'(a) > 0 >= g'(b): regula falsi (Illinois), to S2_RTOL."""
-    fa = _dg(a, r2, v, m)
-    fb = _dg(b, r2, v, m)
+def _refine(a, b, fa, fb, r2, v, m):
+    """Root of g' in (a, b) with ``fa = g'(a) > 0 >= g'(b) = fb`` (known from the scan).
+
+    Regula falsi (Illinois), to S2_RTOL.
+    """
     side = 0
     for _ in range(100):
         if b - a <= S2_RTOL * b:
@@ -72,26 +86,45 @@ def _one_pixel(r2, v, m):
         return 0.0, 0
     n_grid = int(np.ceil(np.log10(hi / lo) * GRID_PER_DECADE)) + 1
     ratio = (hi / lo) ** (1.0 / (n_grid - 1)) if n_grid > 1 else 1.0
-    best_s, best_g = 0.0, -np.inf
+    # Candidates for the maximum: s² = 0 when g'(0) <= 0, and every root of g' where it
+    # goes from + to -. g itself (a logarithm per star) is only needed to choose between
+    # two or more of them, which is rare: best_g stays NaN until then.
+    n_cand = 0
+    best_s, best_g = 0.0, np.nan
     prev_s = 0.0
-    prev_d = _dg(0.0, r2, v, m)
+    prev_d, lip = _dg_lip(0.0, r2, v, m)
     if prev_d <= 0:
-        best_g = _g(0.0, r2, v, m)
-    s = lo
-    for k in range(n_grid):
+        n_cand = 1
+    # d/ds of each term of g' is (v + s - 2 r2) / (v + s)^3, of modulus at most
+    # u^2 + 2 r2 u^3 (u = 1 / (v + s)), which decreases with s: g' keeps its sign on
+    # [0, |g'(0)| / lip). The scan starts there when that is above lo, which skips about
+    # two of the five decades of the grid that lie below the noise variance. The last
+    # point is hi, where g' < 0 for certain.
+    s = max(lo, abs(prev_d) / lip)
+    while True:
+        if s > hi:
+            s = hi
         d = _dg(s, r2, v, m)
         if prev_d > 0 and d <= 0:  # a local maximum in (prev_s, s)
-            root = _refine(prev_s, s, r2, v, m)
-            gr = _g(root, r2, v, m)
-            if gr > best_g:
-                best_s, best_g = root, gr
+            root = _refine(prev_s, s, prev_d, d, r2, v, m)
+            if n_cand == 0:
+                best_s = root
+            else:
+                if np.isnan(best_g):
+                    best_g = _g(best_s, r2, v, m)
+                gr = _g(root, r2, v, m)
+                if gr > best_g:
+                    best_s, best_g = root, gr
+            n_cand += 1
+        if s >= hi:
+            break
         prev_s, prev_d = s, d
         s *= ratio
     return best_s, 0
 
 
 @nb.njit(parallel=True, **JIT)
-def s2_update(resid, var, s2_out, status_out):
+def s2_update(resid, ivar, s2_out, status_out):
     """Maximise the likelihood in s² at every pixel: ``(n),(n)->(),()``."""
     n_stars, n_pix = resid.shape
     n_blocks = (n_pix + _BLOCK - 1) // _BLOCK
@@ -104,12 +137,12 @@ def s2_update(resid, var, s2_out, status_out):
         counts = np.zeros(width, dtype=np.int64)
         for n in range(n_stars):
             for j in range(width):
-                vv = var[n, p0 + j]
-                if np.isfinite(vv):
+                iv = ivar[n, p0 + j]
+                if iv > 0:
                     c = counts[j]
                     rr = resid[n, p0 + j]
                     r2[j, c] = rr * rr
-                    v[j, c] = vv
+                    v[j, c] = 1.0 / iv
                     counts[j] = c + 1
         for j in range(width):
             s, st = _one_pixel(r2[j], v[j], counts[j])

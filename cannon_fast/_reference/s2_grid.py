@@ -32,7 +32,7 @@ def loglike_s2(s2, resid, var):
     return -0.5 * np.sum(resid ** 2 / tot + np.log(tot))
 
 
-def s2_update(resid, var, s2_out, status_out):
+def s2_update(resid, ivar, s2_out, status_out):
     """Maximise the likelihood in s² at every pixel given the residuals.
 
     Contract: ``(n),(n)->(),()`` over pixels.
@@ -41,15 +41,17 @@ def s2_update(resid, var, s2_out, status_out):
     ----------
     resid : ndarray, (N, P)
         Residuals ``f - theta . v`` of the training stars.
-    var : ndarray, (N, P)
-        Noise variances; ``inf`` where a star is not valid at a pixel.
+    ivar : ndarray, (N, P)
+        Inverse noise variances; 0 where a star is not valid at a pixel. (The
+        inverse, not the variance, so that training needs no (N, P) array of
+        variances: the kernels invert while they gather each pixel's stars.)
     s2_out : ndarray, (P,)
     status_out : ndarray of int8, (P,)
         0 (interior or zero maximum) or 1 (fewer than two valid stars: s² = 0).
     """
     for p in range(resid.shape[1]):
-        ok = np.isfinite(var[:, p])
-        r, v = resid[ok, p], var[ok, p]
+        ok = ivar[:, p] > 0
+        r, v = resid[ok, p], 1.0 / ivar[ok, p]
         if len(r) < 2:
             s2_out[p], status_out[p] = 0.0, 1
             continue
