@@ -169,7 +169,11 @@ def _precompute(model):
     # residual r = f - theta_0, see star_weights); zero columns keep the packed layout.
     theta_rest = model.theta.copy()
     theta_rest[:, 0] = 0.0
-    cache = dict(key=key, theta_outer32=vz.packed_outer(theta_rest).astype(np.float32),
+    # packed columns that involve the constant term are zero: the product skips them
+    nonzero = np.flatnonzero((iu > 0) & (ju > 0))
+    cache = dict(key=key, g_columns=nonzero,
+                 theta_outer32=np.ascontiguousarray(
+                     vz.packed_outer(theta_rest)[:, nonzero].astype(np.float32)),
                  theta_rest=theta_rest, theta0=np.ascontiguousarray(model.theta[:, 0]),
                  cbar=cbar, t_pix=t_pix, twice=twice,
                  good_pix=(model.pixel_flags & 3) == 0)
@@ -229,8 +233,10 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     bounds = model.scale_labels(model.label_bounds.T)  # (2, L)
     lo, hi = np.ascontiguousarray(bounds[0]), np.ascontiguousarray(bounds[1])
     batch = min(batch_size, n_stars)
+    # batch buffers, reused: fresh (batch, P) arrays would cost their page faults again
     w_buf = np.empty((batch, model.n_pixels), dtype=np.float32)
     wr_buf = np.empty((batch, model.n_pixels))
+    m_buf = np.empty((batch, model.n_pixels))
     parts = []
     bar = progress(total=n_stars, desc="fitting labels", unit="star",
                    disable=None if progress_bar is None and n_stars > batch_size
@@ -245,7 +251,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         # chi²(x) = c - 2 h.v + v^T G v with r = f - theta_0 (the constant term's row of
         # G and entry of h are zero); G in float32 costs half, and its rounding moves
         # the labels by ~1e-6 of their errors.
-        g = (w @ theta_outer32).astype(np.float64)  # (n, T2)
+        g = np.zeros((n, vz.n_packed(n_terms)))  # (n, T2)
+        g[:, pre["g_columns"]] = w @ theta_outer32
         h = wr @ pre["theta_rest"]  # (n, T)
         if debias:
             if exact_debias:
@@ -271,8 +278,11 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         k.design(x, model.exponents, v, dv)
         g_full = vz.unpack_symmetric(g, n_terms)
         # chi² from the residuals themselves (G, accumulated in float32, is not used here)
-        m = v @ pre["theta_rest"].T  # (n, P): model minus its constant term
-        chi2 = c - 2 * np.einsum("np,np->n", wr, m) + np.einsum("np,np,np->n", w, m, m)
+        m = np.matmul(v, pre["theta_rest"].T, out=m_buf[:n])  # model minus its constant term
+        chi2 = c - 2 * np.einsum("np,np->n", wr, m)
+        np.square(m, out=m)
+        np.multiply(m, w, out=m)
+        chi2 += m.sum(axis=1)
         dvt = np.swapaxes(dv, 1, 2)
         fisher = dvt @ g_full @ dv  # (n, L, L)
         if debias:
@@ -281,7 +291,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
                 q = (vz.packed_outer(v) * pre["twice"]).astype(np.float32) @ cov32.T  # v^T C_p v
                 q *= w
                 q *= w
-                s_t = (q @ theta_outer32).astype(np.float64)  # sum_p w² q_p theta theta^T
+                s_t = np.zeros_like(g)  # sum_p w² q_p theta theta^T
+                s_t[:, pre["g_columns"]] = q @ theta_outer32
                 extra = dvt @ vz.unpack_symmetric(s_t, n_terms) @ dv
             else:
                 # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ lev * kappa * F
@@ -332,30 +343,50 @@ def _capped_hessian(fisher, bmat, cap=None):
     """
     cap = DEBIAS_LAMBDA_CAP if cap is None else cap
     n, n_labels = fisher.shape[0], fisher.shape[1]
-    hess = fisher.copy()
+    # Every eigenvalue is below the cap exactly where cap * F - B is positive definite:
+    # those stars (all of them on the benchmark data) need no eigendecomposition.
+    easy = _batched_cholesky(cap * fisher - bmat)[1]
+    hess = fisher - bmat
     push = np.repeat(np.eye(n_labels)[None], n, axis=0)
-    # batched Cholesky; stars whose F is not positive definite get no correction
-    fine = np.ones(n, bool)
-    try:
-        chol = np.linalg.cholesky(fisher)
-    except np.linalg.LinAlgError:
-        chol = np.zeros_like(fisher)
-        for i in range(n):
-            try:
-                chol[i] = np.linalg.cholesky(fisher[i])
-            except np.linalg.LinAlgError:
-                fine[i] = False
+    capped = np.zeros(n, bool)
+    hard = np.flatnonzero(~easy)
+    if len(hard) == 0:
+        return hess, push, capped
+    fisher, bmat = fisher[hard], bmat[hard]
+    hess[hard] = fisher
+    # stars whose F is not positive definite get no correction
+    chol, fine = _batched_cholesky(fisher)
     c = chol[fine]
     a = np.linalg.solve(c, np.swapaxes(np.linalg.solve(c, bmat[fine]), 1, 2))  # L^-1 B L^-T
     lam, u = np.linalg.eigh(0.5 * (a + np.swapaxes(a, 1, 2)))
-    capped = np.zeros(n, bool)
-    capped[fine] = lam.max(axis=1) > cap
+    capped[hard[fine]] = lam.max(axis=1) > cap
     ut = np.swapaxes(u, 1, 2)
-    hess[fine] = c @ ((u * (1.0 - np.minimum(lam, cap))[:, None, :]) @ ut) @ np.swapaxes(c, 1, 2)
+    hess[hard[fine]] = c @ ((u * (1.0 - np.minimum(lam, cap))[:, None, :]) @ ut) \
+        @ np.swapaxes(c, 1, 2)
     scale = np.where(lam > cap, cap / np.where(lam > cap, lam, 1.0), 1.0)
-    push[fine] = c @ ((u * scale[:, None, :]) @ ut) @ np.linalg.inv(c)
-    push[~fine] = 0.0
+    push[hard[fine]] = c @ ((u * scale[:, None, :]) @ ut) @ np.linalg.inv(c)
+    push[hard[~fine]] = 0.0
     return hess, push, capped
+
+
+def _batched_cholesky(a):
+    """Lower Cholesky factors of (n, L, L) matrices, vectorised over n (L is small).
+
+    Returns ``(chol, ok)``; ``ok`` is False where a matrix is not positive definite
+    (its factor is then meaningless). One numpy call per entry instead of one LAPACK
+    call per matrix, and no exception for the whole batch when one matrix fails.
+    """
+    n, size = a.shape[0], a.shape[1]
+    c = np.zeros_like(a)
+    ok = np.ones(n, bool)
+    for j in range(size):
+        d = a[:, j, j] - np.einsum("nk,nk->n", c[:, j, :j], c[:, j, :j])
+        ok &= d > 0
+        dj = np.sqrt(np.where(d > 0, d, 1.0))
+        c[:, j, j] = dj
+        for i in range(j + 1, size):
+            c[:, i, j] = (a[:, i, j] - np.einsum("nk,nk->n", c[:, i, :j], c[:, j, :j])) / dj
+    return c, ok
 
 
 def _debias(k, x, idx, g, h, b, exponents, lo, hi):

@@ -152,3 +152,27 @@ def test_result_table_and_single_spectrum(setup):
     assert r.labels.shape == (1, 3)
     t = model.fit(test.flux[:3], test.ivar[:3]).to_table(ids=["a", "b", "c"])
     assert list(t.colnames[:3]) == ["ID", "TEFF", "TEFF_ERR"] and len(t) == 3
+
+
+def test_capped_hessian_matches_a_generalized_eigendecomposition():
+    """F - B with the eigenvalues of B against F capped, checked star by star with scipy."""
+    from scipy.linalg import eigh
+
+    from cannon_fast.fitting import _capped_hessian
+    rng = np.random.default_rng(8)
+    n, size, cap = 40, 4, 0.3
+    a = rng.normal(size=(n, size, size))
+    fisher = a @ np.swapaxes(a, 1, 2) + 0.5 * np.eye(size)
+    b = rng.normal(size=(n, size, size))
+    # B from small to large against F, so that some stars are capped and some are not
+    bmat = np.geomspace(1e-3, 3.0, n)[:, None, None] * (b @ np.swapaxes(b, 1, 2))
+    hess, push, capped = _capped_hessian(fisher, bmat, cap)
+    assert 0 < capped.sum() < n
+    for i in range(n):
+        lam, u = eigh(bmat[i], fisher[i])  # B u = lam F u, u^T F u = I
+        assert capped[i] == (lam.max() > cap)
+        fu = fisher[i] @ u
+        expected = fu @ np.diag(1.0 - np.minimum(lam, cap)) @ fu.T
+        assert_allclose(hess[i], expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+        scale = np.minimum(1.0, cap / lam)
+        assert_allclose(push[i], fu @ np.diag(scale) @ u.T, rtol=1e-8, atol=1e-9)
