@@ -21,8 +21,10 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
         "extra with `pip install cannon_fast[nn]`") from err
 
 from .emulator import PayneEmulator, train_emulator
-from .evaluate import calibration_fraction, comparison_table, label_metrics
+from .evaluate import (calibration_fraction, calibration_scale, comparison_table, label_metrics,
+                       three_cornered_hat)
 from .regressor import NNResult, SpectrumRegressor
 
 __all__ = ["SpectrumRegressor", "NNResult", "PayneEmulator", "train_emulator",
-           "label_metrics", "calibration_fraction", "comparison_table"]
+           "label_metrics", "calibration_fraction", "calibration_scale", "three_cornered_hat",
+           "comparison_table"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["label_metrics", "calibration_fraction", "plot_predictions", "plot_loss",
-           "comparison_table"]
+__all__ = ["label_metrics", "calibration_fraction", "calibration_scale", "three_cornered_hat",
+           "plot_predictions", "plot_loss", "comparison_table"]
 
 
 def _check_pair(pred, true):
@@ -69,6 +69,99 @@ def calibration_fraction(pred, errors, true):
     ok = np.isfinite(pred) & np.isfinite(true) & np.isfinite(errors)
     inside = (np.abs(pred - true) < errors) & ok
     return inside.sum(axis=0) / np.maximum(ok.sum(axis=0), 1)
+
+
+def calibration_scale(pred, errors, labels, label_errors=None, method="coverage",
+                      target=0.6827):
+    """Per-label factor ``s`` on ``errors`` from reference labels that have errors of their own.
+
+    The residuals ``d = pred - labels`` have variance ``s^2 errors^2 +
+    label_errors^2`` if the reference labels' errors are right and independent
+    of the predictions' (true for stars the predictor was not trained on).
+
+    Parameters
+    ----------
+    pred, errors : array_like, (N, L)
+        Predictions and their (uncalibrated) 1-sigma errors.
+    labels : array_like, (N, L)
+        Reference labels (NaN where missing), e.g. a catalogue's.
+    label_errors : array_like, (N, L), optional
+        1-sigma errors of ``labels`` (default 0: exact labels).
+    method : {"coverage", "variance"}
+        ``"coverage"``: the fraction of stars with ``|d| < sqrt((s e)^2 +
+        label_errors^2)`` is ``target`` (bisection; robust to outliers, but
+        when the reference errors are as large as the predictions' it depends
+        on the shape of their distribution, not just on their size).
+        ``"variance"``: method of moments, ``s^2 = (<d^2> - <label_errors^2>) /
+        <errors^2>`` (needs only the reference errors' rms; ``target`` unused).
+    target : float
+
+    Returns
+    -------
+    ndarray, (L,)
+        1 where fewer than 10 stars have every value.
+    """
+    pred, labels = _check_pair(pred, labels)
+    errors = np.atleast_2d(np.asarray(errors, float))
+    le = (np.zeros_like(labels) if label_errors is None
+          else np.atleast_2d(np.asarray(label_errors, float)))
+    if method not in ("coverage", "variance"):
+        raise ValueError(f"method must be 'coverage' or 'variance', got {method!r}")
+    scale = np.ones(pred.shape[1])
+    for j in range(pred.shape[1]):
+        ok = (np.isfinite(labels[:, j]) & np.isfinite(pred[:, j]) & np.isfinite(errors[:, j])
+              & np.isfinite(le[:, j]))
+        if ok.sum() < 10:
+            continue
+        d = pred[ok, j] - labels[ok, j]
+        sig, e2 = errors[ok, j], le[ok, j] ** 2
+        if method == "variance":
+            s2 = (np.mean(d ** 2) - np.mean(e2)) / max(np.mean(sig ** 2), 1e-300)
+            scale[j] = np.sqrt(np.clip(s2, 1e-4, 1e4))
+            continue
+        lo, hi = 1e-2, 1e2  # coverage rises with the scale: bisect in log space
+        for _ in range(50):
+            mid = np.sqrt(lo * hi)
+            if np.mean(np.abs(d) < np.sqrt((mid * sig) ** 2 + e2)) < target:
+                lo = mid
+            else:
+                hi = mid
+        scale[j] = np.sqrt(lo * hi)
+    return scale
+
+
+def three_cornered_hat(a, b, c):
+    """Scatter of each of three independent estimates of the same labels.
+
+    With ``a = t + e_a`` etc. and independent errors, ``var(a - b) = s_a^2 +
+    s_b^2`` and so on, which three pairs solve for (Gray & Allan 1974; used in
+    astronomy to check catalogue errors against two other pipelines). Errors
+    correlated between two of them (the same spectrum, the same training
+    labels) make those two look better and the third worse.
+
+    Parameters
+    ----------
+    a, b, c : array_like, (N, L)
+        Stars where any of the three is not finite are skipped for that label.
+
+    Returns
+    -------
+    ndarray, (3, L)
+        1-sigma scatter of a, b, c (NaN where a variance comes out negative).
+    """
+    a, b = _check_pair(a, b)
+    a, c = _check_pair(a, c)
+    out = np.full((3, a.shape[1]), np.nan)
+    for j in range(a.shape[1]):
+        ok = np.isfinite(a[:, j]) & np.isfinite(b[:, j]) & np.isfinite(c[:, j])
+        if ok.sum() < 3:
+            continue
+        vab = np.var(a[ok, j] - b[ok, j])
+        vac = np.var(a[ok, j] - c[ok, j])
+        vbc = np.var(b[ok, j] - c[ok, j])
+        v = np.array([vab + vac - vbc, vab + vbc - vac, vac + vbc - vab]) / 2
+        out[:, j] = np.where(v >= 0, np.sqrt(np.abs(v)), np.nan)
+    return out
 
 
 def plot_predictions(pred, true, label_names, errors=None, path=None):

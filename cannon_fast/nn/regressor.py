@@ -382,6 +382,8 @@ class SpectrumRegressor:
         -------
         self
         """
+        if not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         labels = prepare_labels(labels, self.n_labels, missing_value)
         flux, good = prepare_spectra(flux, ivar)
         n, n_pix = flux.shape
@@ -507,33 +509,52 @@ class SpectrumRegressor:
         self.error_scale = np.ones(self.n_labels)
         if calibrate:
             val_err = None if label_errors is None else label_errors[va]
-            self.error_scale = self._calibration_scale(flux[va], good[va], labels[va], val_err)
+            self.calibrate(flux[va], labels[va], np.where(good[va], 1.0, 0.0),
+                           label_errors=val_err)
         hist.update(best_epoch=best_epoch, train_time=time.perf_counter() - t0,
                     train_cpu_time=time.process_time() - c0,
                     n_epochs=len(hist["train_loss"]))
         self.history = hist
         return self
 
-    def _calibration_scale(self, flux, good, labels, label_errors, target=0.6827):
-        """Per-label factor on the errors giving ``target`` coverage on these stars."""
-        res = self.predict(flux, np.where(good, 1.0, 0.0), n_samples=20)
-        scale = np.ones(self.n_labels)
-        for j in range(self.n_labels):
-            ok = np.isfinite(labels[:, j]) & np.isfinite(res.labels[:, j])
-            if ok.sum() < 10:
-                continue
-            d = np.abs(res.labels[ok, j] - labels[ok, j])
-            sig = res.errors[ok, j]
-            e2 = 0.0 if label_errors is None else label_errors[ok, j] ** 2
-            lo, hi = 1e-2, 1e2  # coverage rises with the scale: bisect in log space
-            for _ in range(50):
-                mid = np.sqrt(lo * hi)
-                if np.mean(d < np.sqrt((mid * sig) ** 2 + e2)) < target:
-                    lo = mid
-                else:
-                    hi = mid
-            scale[j] = np.sqrt(lo * hi)
-        return scale
+    def calibrate(self, flux, labels, ivar=None, *, label_errors=None, method="coverage",
+                  n_samples=20, missing_value=MISSING_VALUE):
+        """Set ``error_scale`` from stars the network was not trained on.
+
+        :meth:`train` does this on its validation split (``method="coverage"``,
+        the stated ``label_errors``). Call it again when better information
+        exists: more stars with reference labels, or reference errors known to
+        be wrong by some factor (from repeat observations, cluster members, or
+        :func:`~cannon_fast.nn.evaluate.three_cornered_hat` against another
+        pipeline). The predicted errors can only be as right as the reference
+        errors: when those are as large as the network's own, every 10 % error
+        in them moves the calibrated coverage by about 0.05-0.1.
+
+        Parameters
+        ----------
+        flux, labels, ivar : array_like
+            Spectra, reference labels (NaN / ``missing_value`` where missing), mask.
+        label_errors : array_like, (N, L), optional
+            1-sigma errors of ``labels``.
+        method : {"coverage", "variance"}
+            See :func:`~cannon_fast.nn.evaluate.calibration_scale`.
+        n_samples : int
+            MC-dropout samples of the predictions.
+
+        Returns
+        -------
+        ndarray, (L,)
+            The new ``error_scale``.
+        """
+        from .evaluate import calibration_scale
+
+        self._check_trained()
+        labels = prepare_labels(labels, self.n_labels, missing_value)
+        res = self.predict(flux, ivar, n_samples=n_samples)
+        raw = res.errors / self.error_scale
+        self.error_scale = calibration_scale(res.labels, raw, labels, label_errors,
+                                             method=method)
+        return self.error_scale
 
     def _loss(self, data, batch_size):
         """Mean masked NLL on a dataset with dropout off."""
