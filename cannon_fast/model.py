@@ -35,6 +35,12 @@ class CannonModel:
         Polynomial order (2, quadratic, as in Ness et al. 2015, by default).
     backend : {"auto", "c", "numba", "numpy"}, optional
         Kernel implementation for training and fitting (see ``cannon_fast.backends``).
+    extra_terms : sequence of str or of int sequences, optional
+        Terms added to the full polynomial of ``order``, e.g. ``["TEFF^3", "TEFF^4"]``
+        (see ``vectorizer.parse_term``): more freedom along one label without the
+        cost of the next full order (56 terms for a cubic in 5 labels). Line
+        strengths vary with temperature roughly as exp(-chi / kT), which a
+        quadratic in Teff follows poorly at the hot and cool edges of a giant sample.
 
     Attributes
     ----------
@@ -51,7 +57,7 @@ class CannonModel:
     training_labels : ndarray, (N_train, L)
     """
 
-    def __init__(self, label_names, order=2, backend="auto"):
+    def __init__(self, label_names, order=2, backend="auto", extra_terms=()):
         label_names = [str(n) for n in label_names]
         if not label_names:
             raise ValueError("a CannonModel needs at least one label name")
@@ -59,7 +65,17 @@ class CannonModel:
             raise ValueError(f"label names must be unique, got {label_names}")
         self.label_names = label_names
         self.order = int(order)
-        self.exponents = vz.polynomial_exponents(len(label_names), self.order)
+        base = vz.polynomial_exponents(len(label_names), self.order)
+        extra = [vz.parse_term(t, label_names) for t in (extra_terms or ())]
+        seen = {tuple(r) for r in base}
+        for t, e in zip(extra_terms or (), extra):
+            if tuple(e) in seen:
+                raise ValueError(f"extra term {t!r} is already in the model (order {self.order} "
+                                 "or listed twice)")
+            seen.add(tuple(e))
+        self.extra_terms = [[int(v) for v in e] for e in extra]
+        self.exponents = np.ascontiguousarray(np.vstack([base] + [e[None] for e in extra]),
+                                              dtype=np.int64)
         self.backend = resolve_backend(backend)
         self.theta = self.s2 = self.theta_cov = self.pixel_flags = None
         self.label_offsets = self.label_scales = self.training_labels = None
@@ -104,7 +120,9 @@ class CannonModel:
     def __repr__(self):
         state = f"P={self.n_pixels}, trained on N={len(self.training_labels)}" \
             if self.is_trained else "untrained"
-        return (f"<CannonModel labels={self.label_names} order={self.order} "
+        extra = (" + " + ", ".join(self.term_names[-len(self.extra_terms):])
+                 if self.extra_terms else "")
+        return (f"<CannonModel labels={self.label_names} order={self.order}{extra} "
                 f"T={self.n_terms} backend={self.backend!r} {state}>")
 
     def _require_trained(self):
@@ -348,7 +366,8 @@ class CannonModel:
     def _metadata(self):
         from . import __version__
         return dict(format=FILE_FORMAT, package="cannon_fast", version=__version__,
-                    label_names=self.label_names, order=self.order, backend=self.backend,
+                    label_names=self.label_names, order=self.order,
+                    extra_terms=self.extra_terms, backend=self.backend,
                     training_hash=self.training_hash, train_info=self.train_info)
 
     def write(self, path, overwrite=False):
@@ -424,10 +443,11 @@ class CannonModel:
         if meta.get("package") != "cannon_fast" or meta.get("format") != FILE_FORMAT:
             raise ValueError(f"{path}: unsupported model file (format {meta.get('format')!r}, "
                              f"package {meta.get('package')!r})")
-        model = cls(meta["label_names"], order=meta["order"], backend=backend)
+        model = cls(meta["label_names"], order=meta["order"], backend=backend,
+                    extra_terms=meta.get("extra_terms", ()))
         if not np.array_equal(model.exponents, arrays["exponents"]):
             raise ValueError(f"{path}: the stored polynomial terms do not match order "
-                             f"{meta['order']}")
+                             f"{meta['order']} and extra terms {meta.get('extra_terms', [])}")
         model.theta = np.ascontiguousarray(arrays["theta"], dtype=np.float64)
         model.s2 = np.ascontiguousarray(arrays["s2"], dtype=np.float64)
         model.theta_cov = np.ascontiguousarray(arrays["theta_cov"], dtype=np.float64)

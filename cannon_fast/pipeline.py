@@ -71,6 +71,52 @@ def label_statistics(fitted, reference, label_names, good=None):
                        rms=_num(rms[j]), n=int(n[j])) for j, name in enumerate(label_names)}
 
 
+def choose_test_step(new_model, flux, ivar, labels, n_folds=3, seed=0):
+    """Choose the de-biased or the plain label fit by cross-validation on a training set.
+
+    Each fold is fitted both ways by a model trained on the other folds; the scatter
+    of (fit - catalogue label) then compares the two, because the catalogue's own
+    errors add the same variance to both. The score is the mean over labels of
+    log(variance), so every label counts by its relative change.
+
+    Parameters
+    ----------
+    new_model : callable
+        Returns an untrained ``CannonModel``.
+    flux, ivar : ndarray, (N, P)
+    labels : ndarray, (N, L)
+        The training (catalogue) labels.
+    n_folds : int
+    seed : int
+
+    Returns
+    -------
+    choice : {"debias", "plain"}
+    info : dict
+        ``scatter`` per fit and label, ``score`` per fit, and a one-line ``note``.
+    """
+    n = len(labels)
+    folds = np.random.default_rng(seed).permutation(n) % n_folds
+    resid = {"debias": [], "plain": []}
+    for k in range(n_folds):
+        inner, held = folds != k, folds == k
+        m = new_model().train(flux[inner], ivar[inner], labels[inner])
+        for key in resid:
+            r = m.fit(flux[held], ivar[held], debias=key == "debias")
+            resid[key].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
+    scatter, score = {}, {}
+    for key, parts in resid.items():
+        d = np.concatenate(parts)
+        sd = np.nanstd(d, axis=0)
+        scatter[key] = sd.tolist()
+        score[key] = float(np.mean(np.log(sd ** 2)))
+    choice = "debias" if score["debias"] <= score["plain"] else "plain"
+    ratio = np.exp(0.5 * (score["debias"] - score["plain"]))
+    note = (f"de-biased / plain scatter against the catalogue labels: {ratio:.3f} "
+            f"(geometric mean over labels, {n_folds} folds of {n} training stars)")
+    return choice, dict(scatter=scatter, score=score, note=note)
+
+
 def _num(x):
     x = float(x)
     return x if np.isfinite(x) else None
@@ -452,7 +498,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             n_stars=1200, survey_seed=0, cache_dir=None, allstar=None, truth=None,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
-            nn_epochs=30, keep_store=False, show_progress=None, log=print):
+            nn_epochs=30, keep_store=False, extra_terms=(), test_step="auto",
+            show_progress=None, log=print):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -505,6 +552,17 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         Maximum epochs of the NN comparison.
     keep_store : bool
         Keep the normalized SpectraStore in ``out_dir/.work``.
+    extra_terms : sequence of str
+        Terms added to the lab's quadratic model (``CannonModel(extra_terms=...)``),
+        e.g. ``("TEFF^3", "TEFF^4")``; none by default (the lab's model).
+    test_step : {"auto", "debias", "plain"}
+        The label fit whose results the figures and the headline numbers use. Both
+        are always computed and in ``summary.json``. ``"auto"`` chooses by 3-fold
+        cross-validation inside the training set against the catalogue labels
+        (:func:`choose_test_step`): de-biasing removes the pull of the model's
+        training noise, but when the catalogue labels themselves are noisy (their
+        errors attenuate the model) it can add scatter, and only the data can say
+        which effect wins.
     show_progress : bool, optional
         Progress bars (default: when stderr is a terminal).
     log : callable or None
@@ -535,6 +593,13 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     t_start = time.perf_counter()
     timings = {}
     names = ("mcmc", "movies", "binaries", "nn")
+    if test_step not in ("auto", "debias", "plain"):
+        raise ValueError(f"test_step must be 'auto', 'debias' or 'plain', got {test_step!r}")
+
+    def new_model():
+        return CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=extra_terms)
+
+    new_model()  # bad extra terms fail here, before any work
     wanted = set(names) if extras is True else set(extras or ())
     if wanted - set(names):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(names))}; "
@@ -647,7 +712,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     t0 = time.perf_counter()
     with progress(total=1, desc="training the model", unit="model",
                   disable=None if show_progress is None else not show_progress) as bar:
-        model = CannonModel(LAB_LABELS, order=2, backend=backend)
+        model = new_model()
         model.train(flux[train], ivar[train], cat_labels[train])
         bar.update(1)
     model_path = os.path.join(out_dir, "model.fits")
@@ -679,10 +744,22 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         return b
 
     validation = {"debias": block(fit_db), "plain": block(fit_plain)}
-    primary_key = "debias"
-    primary = fit_db
+    if test_step == "auto":
+        t0 = time.perf_counter()
+        primary_key, cv = choose_test_step(new_model, flux[train], ivar[train], cat_labels[train],
+                                           seed=seed)
+        timings["choose_test_step"] = time.perf_counter() - t0
+        say(f"test step chosen by 3-fold cross-validation on the training set: {primary_key} "
+            f"({cv['note']})")
+        notes.append(f"The figures and headline numbers use the {primary_key} label fit, chosen "
+                     f"by 3-fold cross-validation inside the training set against the catalogue "
+                     f"labels ({cv['note']}); both fits are in summary.json.")
+    else:
+        primary_key, cv = test_step, dict(note=f"test_step={test_step!r} given")
+    primary = fit_db if primary_key == "debias" else fit_plain
     # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
-    if validation["debias"]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
+    if primary_key == "debias" and \
+            validation["debias"]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
         notes.append(f"the de-biased fit (model.fit default) left only "
                      f"{validation['debias']['n_ok']} of {len(valid)} fits usable "
                      f"(flags {validation['debias']['flags']}); the figures use the plain "
@@ -695,7 +772,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     diagnostics = {}
     if truth_labels is not None and np.isfinite(truth_labels[train]).all():
         t0 = time.perf_counter()
-        m_true = CannonModel(LAB_LABELS, order=2, backend=backend).train(
+        m_true = new_model().train(
             flux[train], ivar[train], truth_labels[train])
         r_true = m_true.fit(flux[valid], ivar[valid], debias=primary_key == "debias")
         diagnostics["trained_on_true_labels"] = dict(
@@ -889,12 +966,14 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         continuum=cont_info,
         n_train=int(len(train)), n_validation=int(len(valid)),
         mystery_star=dict(apogee_id=ids[mystery], path=id_to_path.get(ids[mystery])),
-        model=dict(path=model_path, order=model.order, n_terms=model.n_terms,
+        model=dict(path=model_path, order=model.order, extra_terms=model.term_names[
+                       len(model.term_names) - len(model.extra_terms):], n_terms=model.n_terms,
                    n_pixels=int(model.n_pixels), backend=model.backend,
                    n_flagged_pixels=int(np.sum(model.pixel_flags != 0)),
                    training_labels="catalog",
                    train_info={k: v for k, v in model.train_info.items()}),
-        primary_fit=primary_key, validation=validation,
+        primary_fit=primary_key, test_step=dict(requested=test_step, chosen=primary_key, **cv),
+        validation=validation,
         targets=dict(against="true labels" if val_true is not None else "unavailable (no truth)",
                      primary=validation[primary_key].get("targets_vs_true")),
         diagnostics=diagnostics, outliers=outl,

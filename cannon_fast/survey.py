@@ -150,6 +150,8 @@ def model_hash(model):
     """
     h = hashlib.sha256()
     h.update(json.dumps([list(model.label_names), int(model.order)]).encode())
+    if getattr(model, "extra_terms", None):  # (absent from the hash of a plain polynomial)
+        h.update(json.dumps(model.extra_terms).encode())
     for name in ("theta", "s2", "theta_cov", "pixel_flags", "label_offsets", "label_scales",
                  "training_labels"):
         a = getattr(model, name, None)

@@ -12,8 +12,9 @@ import itertools
 
 import numpy as np
 
-__all__ = ["polynomial_exponents", "term_names", "label_vector", "label_vector_jacobian",
-           "packed_outer", "packed_outer_monomials", "unpack_symmetric", "n_packed"]
+__all__ = ["polynomial_exponents", "parse_term", "term_names", "label_vector",
+           "label_vector_jacobian", "packed_outer", "packed_outer_monomials", "unpack_symmetric",
+           "n_packed"]
 
 
 def polynomial_exponents(n_labels, order):
@@ -43,6 +44,44 @@ def polynomial_exponents(n_labels, order):
                 e[i] += 1
             rows.append(e)
     return np.ascontiguousarray(np.array(rows, dtype=np.int64))
+
+
+def parse_term(term, label_names):
+    """Exponents of one term given as text or as a sequence of L integers.
+
+    Parameters
+    ----------
+    term : str or sequence of int
+        ``"TEFF^3"``, ``"TEFF^2*LOGG"``, ``"TEFF*TEFF*LOGG"`` (factors joined by
+        ``*``, each a label name with an optional ``^power``), or L exponents.
+    label_names : sequence of str
+
+    Returns
+    -------
+    ndarray of int64, (L,)
+
+    Raises
+    ------
+    ValueError
+        An unknown label name, a power that is not a positive integer, or a
+        sequence of the wrong length or with negative entries.
+    """
+    names = list(label_names)
+    if not isinstance(term, str):
+        e = np.asarray(term)
+        if e.shape != (len(names),) or not np.issubdtype(e.dtype, np.integer) or (e < 0).any():
+            raise ValueError(f"term {term!r}: expected {len(names)} non-negative integer "
+                             f"exponents (one per label {names})")
+        return e.astype(np.int64)
+    e = np.zeros(len(names), dtype=np.int64)
+    for factor in term.replace(" ", "").split("*"):
+        name, _, power = factor.partition("^")
+        if name not in names:
+            raise ValueError(f"term {term!r}: unknown label {name!r} (labels: {names})")
+        if power and not (power.isdigit() and int(power) >= 1):
+            raise ValueError(f"term {term!r}: the power of {name} must be a positive integer")
+        e[names.index(name)] += int(power) if power else 1
+    return e
 
 
 def term_names(label_names, exponents):

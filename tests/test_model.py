@@ -99,6 +99,38 @@ def test_any_order_and_number_of_labels(n_labels, order):
     assert r.labels.shape == (20, n_labels) and np.all(np.isfinite(r.labels))
 
 
+def test_extra_terms_fit_what_the_quadratic_cannot(tmp_path):
+    """A TEFF³ dependence: the quadratic leaves it in the residuals, quadratic + TEFF^3 does not."""
+    d = make_synthetic(n_stars=400, n_pix=60, n_labels=3, seed=6, intrinsic_frac=0.0,
+                       bad_frac=0.0, masked_pixel=False)
+    x = (d.labels - d.labels.mean(axis=0)) / d.labels.std(axis=0)
+    cubic = 0.02 * np.random.default_rng(7).uniform(0.5, 1.0, 60)  # per-pixel TEFF³ coefficient
+    flux = d.true_flux + x[:, :1] ** 3 * cubic  # noise-free: only the model's form matters
+    ivar = np.full_like(flux, 1e6)
+    train, test = slice(0, 300), slice(300, None)
+    rms = {}
+    for extra in ((), ("TEFF^3",)):
+        m = CannonModel(d.label_names, extra_terms=extra).train(flux[train], ivar[train],
+                                                              d.labels[train])
+        rms[extra] = np.sqrt(np.mean((m.predict(d.labels[test]) - flux[test]) ** 2))
+    assert rms[("TEFF^3",)] < 0.05 * rms[()], rms
+    assert m.n_terms == 11 and m.term_names[-1] == "TEFF*TEFF*TEFF"
+    for suffix in (".npz", ".fits"):
+        m.write(tmp_path / f"m{suffix}")
+        back = CannonModel.read(tmp_path / f"m{suffix}")
+        assert back.extra_terms == m.extra_terms
+        assert_array_equal(back.predict(d.labels[test]), m.predict(d.labels[test]))
+
+
+@pytest.mark.parametrize("terms, match", [
+    (["TEFF^2"], "already in the model"), (["TEFF^3", "TEFF*TEFF*TEFF"], "listed twice"),
+    (["MASS^3"], "unknown label 'MASS'"), (["TEFF^0"], "positive integer"),
+    ([[1, 2]], "3 non-negative integer exponents")])
+def test_bad_extra_terms(terms, match):
+    with pytest.raises(ValueError, match=match):
+        CannonModel(["TEFF", "LOGG", "FE_H"], extra_terms=terms)
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".fits"])
 def test_write_read_round_trip_is_exact(trained, tmp_path, suffix):
     path = tmp_path / f"model{suffix}"

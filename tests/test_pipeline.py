@@ -120,3 +120,37 @@ def test_optional_steps_never_sink_the_lab():
 def test_unknown_optional_step_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="unknown optional steps"):
         pipeline.run_lab(out_dir=tmp_path / "rep", extras=("mcmc", "telepathy"))
+
+
+def test_cross_validation_prefers_the_debiased_fit_on_exact_labels():
+    """Few training stars, many pixels, exact labels: the plain fit is pulled to the centre."""
+    from cannon_fast import CannonModel
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=150, n_pix=1500, n_labels=3, seed=12)
+    choice, info = pipeline.choose_test_step(lambda: CannonModel(s.label_names), s.flux, s.ivar,
+                                             s.labels)
+    assert choice == "debias", info
+    assert np.all(np.array(info["scatter"]["debias"]) < np.array(info["scatter"]["plain"])), info
+    assert "3 folds of 150 training stars" in info["note"]
+
+
+def test_unknown_test_step_and_bad_extra_terms_fail_before_work(tmp_path):
+    with pytest.raises(ValueError, match="test_step"):
+        pipeline.run_lab(out_dir=tmp_path / "a", cache_dir=tmp_path / "cache", test_step="best")
+    with pytest.raises(ValueError, match="unknown label 'MASS'"):
+        pipeline.run_lab(out_dir=tmp_path / "b", cache_dir=tmp_path / "cache",
+                         extra_terms=["MASS^3"])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_train_with_extra_terms(tmp_path, capsys):
+    from cannon_fast import CannonModel
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=120, n_pix=40, n_labels=3, seed=13)
+    path = tmp_path / "train.npz"
+    np.savez(path, flux=s.flux, ivar=s.ivar, labels=s.labels, label_names=np.array(s.label_names))
+    assert main(["train", str(path), "--out", str(tmp_path / "m.npz"), "--labels",
+                 ",".join(s.label_names), "--extra-terms", "TEFF^3, TEFF^4"]) == 0
+    m = CannonModel.read(tmp_path / "m.npz")
+    assert m.term_names[-2:] == ["TEFF*TEFF*TEFF", "TEFF*TEFF*TEFF*TEFF"] and m.n_terms == 12
+    assert "TEFF*TEFF*TEFF" in capsys.readouterr().out

@@ -20,6 +20,8 @@ def register(sub, parent):
     p.add_argument("--labels", default=None,
                    help=f"comma-separated label names (default: the store's, or {DEFAULT_LABELS})")
     p.add_argument("--order", type=int, default=2, help="polynomial order (default: 2)")
+    p.add_argument("--extra-terms", default="", metavar="TERMS",
+                   help="terms added to the polynomial, comma-separated, e.g. TEFF^3,TEFF^4")
     p.add_argument("--rows", default=None, help="train on rows START:STOP of the input only")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     p.set_defaults(func=_train)
@@ -91,7 +93,8 @@ def _train(args):
     if not keep.all():
         print(f"dropping {int((~keep).sum())} star(s) with missing labels")
     t0 = time.perf_counter()
-    model = CannonModel(names, order=args.order, backend=args.backend)
+    model = CannonModel(names, order=args.order, backend=args.backend,
+                        extra_terms=[t for t in args.extra_terms.split(",") if t.strip()])
     model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
                 labels[keep])
     model.write(args.out, overwrite=args.force)

@@ -50,6 +50,12 @@ def register(subparsers, parent):
                    help="processes reading files / generating the survey")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the optional steps (MCMC, movies, binaries, NN)")
+    p.add_argument("--extra-terms", default="", metavar="TERMS",
+                   help="terms added to the lab's quadratic model, comma-separated, e.g. "
+                        "TEFF^3,TEFF^4 (default: none)")
+    p.add_argument("--test-step", choices=("auto", "debias", "plain"), default="auto",
+                   help="label fit used for the figures and headline numbers (both are in "
+                        "summary.json); auto: chosen by cross-validation on the training set")
     p.set_defaults(func=_demo)
 
     q = subparsers.add_parser(
@@ -73,6 +79,8 @@ def _demo(args):
                       line_file=args.lines, isochrones=args.isochrone,
                       n_stars=args.n_stars, min_stars=args.min_stars,
                       workers=args.workers, backend=args.backend, extras=not args.no_extras,
+                      extra_terms=[t for t in args.extra_terms.split(",") if t.strip()],
+                      test_step=args.test_step,
                       show_progress=False if quiet else None,
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     v = summary["validation"][summary["primary_fit"]]
