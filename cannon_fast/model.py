@@ -211,8 +211,12 @@ class CannonModel:
             flux = np.where(valid, flux, 0.0)
         n_valid = valid.sum(axis=0)
         too_few = n_valid < self.n_terms + 1
-        # s² below this is "zero" for convergence purposes
-        s2_floor = 1e-12 * float(np.mean(1.0 / ivar[0][valid[0]]))
+        # s² below this is "zero" for convergence purposes: 1e-6 of a typical noise
+        # variance changes no weight. A median over up to 64 stars, because a mean is
+        # ruled by the odd pixel with an enormous variance (one star's mean once made
+        # this floor so high that no pixel was re-solved at its s²).
+        rows = slice(None, None, max(1, n_stars // 64))
+        s2_floor = 1e-6 * float(np.median(1.0 / ivar[rows][valid[rows]]))
 
         s2 = np.zeros(n_pix)
         theta = np.empty((n_pix, self.n_terms))
