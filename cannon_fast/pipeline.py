@@ -71,50 +71,63 @@ def label_statistics(fitted, reference, label_names, good=None):
                        rms=_num(rms[j]), n=int(n[j])) for j, name in enumerate(label_names)}
 
 
-def choose_test_step(new_model, flux, ivar, labels, n_folds=3, seed=0):
-    """Choose the de-biased or the plain label fit by cross-validation on a training set.
+#: Candidate models of ``run_lab(extra_terms="auto")``: the lab's quadratic, and the
+#: quadratic with two more powers of Teff (line strengths go roughly as exp(-chi/kT),
+#: which a quadratic follows poorly at the hot and cool edges of a giant sample).
+AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^4")}
 
-    Each fold is fitted both ways by a model trained on the other folds; the scatter
-    of (fit - catalogue label) then compares the two, because the catalogue's own
-    errors add the same variance to both. The score is the mean over labels of
-    log(variance), so every label counts by its relative change.
+
+def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_folds=3, seed=0):
+    """Choose a model and a label fit by cross-validation on a training set.
+
+    Each fold is fitted by each model trained on the other folds, with each label
+    fit; the scatter of (fit - catalogue label) then compares them, because the
+    catalogue's own errors add the same variance to all. The score is the mean over
+    labels of log(variance), so every label counts by its relative change.
+    De-biasing removes the pull of the model's training noise, but when the
+    catalogue labels are noisy (their errors attenuate the model) it can add
+    scatter instead: only the data can say which effect wins.
 
     Parameters
     ----------
-    new_model : callable
-        Returns an untrained ``CannonModel``.
+    models : dict of str -> callable
+        Name -> a function returning an untrained ``CannonModel``.
     flux, ivar : ndarray, (N, P)
     labels : ndarray, (N, L)
         The training (catalogue) labels.
+    steps : sequence of {"debias", "plain"}
     n_folds : int
     seed : int
 
     Returns
     -------
-    choice : {"debias", "plain"}
+    model_name : str
+    step : str
     info : dict
-        ``scatter`` per fit and label, ``score`` per fit, and a one-line ``note``.
+        ``scatter`` and ``score`` per ``"model / step"``, and a one-line ``note``.
     """
     n = len(labels)
     folds = np.random.default_rng(seed).permutation(n) % n_folds
-    resid = {"debias": [], "plain": []}
+    resid = {(m, st): [] for m in models for st in steps}
     for k in range(n_folds):
         inner, held = folds != k, folds == k
-        m = new_model().train(flux[inner], ivar[inner], labels[inner])
-        for key in resid:
-            r = m.fit(flux[held], ivar[held], debias=key == "debias")
-            resid[key].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
+        for name, new_model in models.items():
+            m = new_model().train(flux[inner], ivar[inner], labels[inner])
+            for st in steps:
+                r = m.fit(flux[held], ivar[held], debias=st == "debias")
+                resid[name, st].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
     scatter, score = {}, {}
     for key, parts in resid.items():
-        d = np.concatenate(parts)
-        sd = np.nanstd(d, axis=0)
-        scatter[key] = sd.tolist()
-        score[key] = float(np.mean(np.log(sd ** 2)))
-    choice = "debias" if score["debias"] <= score["plain"] else "plain"
-    ratio = np.exp(0.5 * (score["debias"] - score["plain"]))
-    note = (f"de-biased / plain scatter against the catalogue labels: {ratio:.3f} "
-            f"(geometric mean over labels, {n_folds} folds of {n} training stars)")
-    return choice, dict(scatter=scatter, score=score, note=note)
+        sd = np.nanstd(np.concatenate(parts), axis=0)
+        scatter[" / ".join(key)] = sd.tolist()
+        score[" / ".join(key)] = float(np.mean(np.log(sd ** 2)))
+    best = min(resid, key=lambda key: score[" / ".join(key)])
+    ranked = sorted(score, key=score.get)
+    note = (f"{n_folds}-fold cross-validation on {n} training stars, scatter against the "
+            f"catalogue labels (geometric mean over labels) relative to the best: "
+            + ", ".join(f"{k} {np.exp(0.5 * (score[k] - score[ranked[0]])):.3f}"
+                        for k in ranked))
+    return best[0], best[1], dict(scatter=scatter, score=score, note=note)
 
 
 def _num(x):
@@ -498,7 +511,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             n_stars=1200, survey_seed=0, cache_dir=None, allstar=None, truth=None,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
-            nn_epochs=30, keep_store=False, extra_terms=(), test_step="auto",
+            nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
             show_progress=None, log=print):
     """Run the modeling lab end to end and write a report folder.
 
@@ -552,17 +565,16 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         Maximum epochs of the NN comparison.
     keep_store : bool
         Keep the normalized SpectraStore in ``out_dir/.work``.
-    extra_terms : sequence of str
+    extra_terms : "auto" or sequence of str
         Terms added to the lab's quadratic model (``CannonModel(extra_terms=...)``),
-        e.g. ``("TEFF^3", "TEFF^4")``; none by default (the lab's model).
+        e.g. ``("TEFF^3", "TEFF^4")``; ``()`` for the lab's model as it is.
+        ``"auto"`` chooses between the candidates of :data:`AUTO_MODELS` by
+        cross-validation (:func:`cross_validate`).
     test_step : {"auto", "debias", "plain"}
         The label fit whose results the figures and the headline numbers use. Both
         are always computed and in ``summary.json``. ``"auto"`` chooses by 3-fold
         cross-validation inside the training set against the catalogue labels
-        (:func:`choose_test_step`): de-biasing removes the pull of the model's
-        training noise, but when the catalogue labels themselves are noisy (their
-        errors attenuate the model) it can add scatter, and only the data can say
-        which effect wins.
+        (:func:`cross_validate`, together with the model when that is "auto").
     show_progress : bool, optional
         Progress bars (default: when stderr is a terminal).
     log : callable or None
@@ -596,10 +608,16 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     if test_step not in ("auto", "debias", "plain"):
         raise ValueError(f"test_step must be 'auto', 'debias' or 'plain', got {test_step!r}")
 
-    def new_model():
-        return CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=extra_terms)
+    def model_factory(terms):
+        return lambda: CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=terms)
 
-    new_model()  # bad extra terms fail here, before any work
+    if isinstance(extra_terms, str) and extra_terms == "auto":
+        candidates = {name: model_factory(t) for name, t in AUTO_MODELS.items()}
+    else:
+        terms = tuple(extra_terms or ())
+        candidates = {"quadratic" + "".join(f" + {t}" for t in terms): model_factory(terms)}
+    for make in candidates.values():
+        make()  # bad extra terms fail here, before any work
     wanted = set(names) if extras is True else set(extras or ())
     if wanted - set(names):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(names))}; "
@@ -708,7 +726,21 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     say(f"{n_kept} stars kept: {len(train)} training, {len(valid)} validation, 1 held back "
         f"({ids[mystery]})")
 
-    # 5. train ---------------------------------------------------------------------------
+    # 5. choose (cross-validation inside the training set) and train -------------------------
+    steps = ("debias", "plain") if test_step == "auto" else (test_step,)
+    if len(candidates) * len(steps) > 1:
+        t0 = time.perf_counter()
+        model_name, primary_key, cv = cross_validate(candidates, flux[train], ivar[train],
+                                                     cat_labels[train], steps=steps, seed=seed)
+        timings["cross_validation"] = time.perf_counter() - t0
+        say(f"chosen by cross-validation: model {model_name}, {primary_key} fit ({cv['note']})")
+        notes.append(f"Model ({model_name}) and label fit ({primary_key}) chosen by "
+                     f"{cv['note']}. The figures and headline numbers use them; summary.json "
+                     "also has the other label fit.")
+    else:
+        (model_name,), primary_key = candidates, steps[0]
+        cv = dict(note="model and label fit given")
+    new_model = candidates[model_name]
     t0 = time.perf_counter()
     with progress(total=1, desc="training the model", unit="model",
                   disable=None if show_progress is None else not show_progress) as bar:
@@ -744,18 +776,6 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         return b
 
     validation = {"debias": block(fit_db), "plain": block(fit_plain)}
-    if test_step == "auto":
-        t0 = time.perf_counter()
-        primary_key, cv = choose_test_step(new_model, flux[train], ivar[train], cat_labels[train],
-                                           seed=seed)
-        timings["choose_test_step"] = time.perf_counter() - t0
-        say(f"test step chosen by 3-fold cross-validation on the training set: {primary_key} "
-            f"({cv['note']})")
-        notes.append(f"The figures and headline numbers use the {primary_key} label fit, chosen "
-                     f"by 3-fold cross-validation inside the training set against the catalogue "
-                     f"labels ({cv['note']}); both fits are in summary.json.")
-    else:
-        primary_key, cv = test_step, dict(note=f"test_step={test_step!r} given")
     primary = fit_db if primary_key == "debias" else fit_plain
     # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
     if primary_key == "debias" and \
@@ -972,7 +992,10 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
                    n_flagged_pixels=int(np.sum(model.pixel_flags != 0)),
                    training_labels="catalog",
                    train_info={k: v for k, v in model.train_info.items()}),
-        primary_fit=primary_key, test_step=dict(requested=test_step, chosen=primary_key, **cv),
+        primary_fit=primary_key,
+        choice=dict(requested=dict(extra_terms=extra_terms if isinstance(extra_terms, str)
+                                   else list(extra_terms), test_step=test_step),
+                    model=model_name, test_step=primary_key, **cv),
         validation=validation,
         targets=dict(against="true labels" if val_true is not None else "unavailable (no truth)",
                      primary=validation[primary_key].get("targets_vs_true")),

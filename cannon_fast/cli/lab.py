@@ -50,9 +50,11 @@ def register(subparsers, parent):
                    help="processes reading files / generating the survey")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the optional steps (MCMC, movies, binaries, NN)")
-    p.add_argument("--extra-terms", default="", metavar="TERMS",
+    p.add_argument("--extra-terms", default="auto", metavar="TERMS",
                    help="terms added to the lab's quadratic model, comma-separated, e.g. "
-                        "TEFF^3,TEFF^4 (default: none)")
+                        "TEFF^3,TEFF^4; 'none' for the quadratic alone; default 'auto': the "
+                        "quadratic with or without TEFF^3,TEFF^4, chosen by cross-validation "
+                        "on the training set")
     p.add_argument("--test-step", choices=("auto", "debias", "plain"), default="auto",
                    help="label fit used for the figures and headline numbers (both are in "
                         "summary.json); auto: chosen by cross-validation on the training set")
@@ -69,6 +71,13 @@ def register(subparsers, parent):
     q.set_defaults(func=_report)
 
 
+def _extra_terms(text):
+    """'auto', 'none' or a comma-separated list of terms -> run_lab's extra_terms."""
+    if text.strip().lower() in ("auto", "none"):
+        return "auto" if text.strip().lower() == "auto" else ()
+    return [t for t in text.split(",") if t.strip()]
+
+
 def _demo(args):
     from ..pipeline import run_lab
 
@@ -79,7 +88,7 @@ def _demo(args):
                       line_file=args.lines, isochrones=args.isochrone,
                       n_stars=args.n_stars, min_stars=args.min_stars,
                       workers=args.workers, backend=args.backend, extras=not args.no_extras,
-                      extra_terms=[t for t in args.extra_terms.split(",") if t.strip()],
+                      extra_terms=_extra_terms(args.extra_terms),
                       test_step=args.test_step,
                       show_progress=False if quiet else None,
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))

@@ -1,17 +1,17 @@
 """The lab pipeline on the realistic mock survey (../shared/tools/mock_survey.py) against its truth.
 
 Issue 4 asks for the lab's targets (Teff scatter <= 30 K, [Fe/H] <= 0.02 dex, |bias| <= 5 K
-and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (2 shared cores,
-Nov 2026): 1876 stars kept, 938/937 split; de-biased fit Teff 2.6 / 56.8 K, [Fe/H]
-0.0044 / 0.0275 dex (bias / scatter); plain fit 1.5 / 51.6 K, 0.0048 / 0.0274 -- comparable
-to the peers (PEERS.md section 2), NOT the targets, so that test is a strict xfail.
-Trained on the true labels the plain fit gives 40 K / 0.023 (the catalog's errors cost the
-rest); the remaining Teff error is the quadratic model's compression at the edges (bias
-+24 K at 4200-4600 K, -21 K at 5000-5400 K, -224 K above 5400 K; ~22 K scatter within a
-bin). Measured run time of this file: 1 min 50 s on 2 quiet cores (generation 57 s, lab
-38 s), ~6 min with the cores shared by several jobs, so CI runs all 3036 stars; set
-CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under
-pytest's tmp_path and removed afterwards.
+and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (Nov 2026): 1876
+stars kept, 938/937 split. Cross-validation inside the training set chooses the quadratic
+model + TEFF^3 + TEFF^4 and the plain label fit: Teff -3.2 / 38.0 K, [Fe/H] 0.0037 / 0.0207
+dex (bias / scatter). The lab's quadratic alone gives 48.0 K / 0.0253 (plain) -- the same as
+TheCannon (Ho) on the same normalized spectra, 48.1 K -- and the peers reach 40-45 K on their
+own pipeline (PEERS.md section 2). So the targets are NOT met, and that test is a strict
+xfail. Trained on the TRUE labels the same model reaches 28.9 K / 0.0177 (de-biased): the
+catalogue's label errors (60 K in Teff, 1.5x the stated ones) cost the rest. Run time of this
+file: ~2 min on 2 quiet cores (generation ~40-60 s, lab ~25 s), so CI runs all 3036 stars;
+set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under pytest's
+tmp_path and removed afterwards.
 """
 import os
 import shutil
@@ -64,15 +64,19 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     v = s["validation"][s["primary_fit"]]
     assert v["n_ok"] >= 0.9 * s["n_validation"]
     st = v["vs_true"]
-    # regression guard at the peers' level (Ho 40 K / 0.024, AnniesLasso 45 K / 0.029)
-    assert st["TEFF"]["scatter"] < 60 and abs(st["TEFF"]["bias"]) < 10, _numbers(s)
-    assert st["FE_H"]["scatter"] < 0.032 and abs(st["FE_H"]["bias"]) < 0.01, _numbers(s)
+    # regression guard below the peers' level (Ho 40 K / 0.024, AnniesLasso 45 K / 0.029)
+    assert st["TEFF"]["scatter"] < 42 and abs(st["TEFF"]["bias"]) < 6, _numbers(s)
+    assert st["FE_H"]["scatter"] < 0.023 and abs(st["FE_H"]["bias"]) < 0.006, _numbers(s)
+    # the choice is made inside the training set and recorded; both fits are reported
+    assert s["choice"]["model"] in ("quadratic", "quadratic + TEFF^3 + TEFF^4")
+    assert s["primary_fit"] == s["choice"]["test_step"] and set(s["validation"]) == {
+        "debias", "plain"}
     assert "trained_on_true_labels" in s["diagnostics"] and "teff_bins" in s["diagnostics"]
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not reached on the realistic mock "
-                   "survey (Teff ~48-55 K, [Fe/H] ~0.027 dex vs 30 K / 0.02): catalog label "
-                   "errors and the quadratic model's edge compression; see module docstring")
+                   "survey (Teff ~38 K, [Fe/H] ~0.021 dex vs 30 K / 0.02): the catalogue's label "
+                   "errors (60 K in Teff); see the module docstring")
 def test_mock_survey_meets_the_lab_targets(mock_lab):
     t = mock_lab["validation"][mock_lab["primary_fit"]]["targets_vs_true"]
     assert t["all_met"], _numbers(mock_lab)
