@@ -43,7 +43,11 @@ from .io.apogee import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
 __all__ = [
     "CONTINUUM_FLAGS", "NormalizedSpectra", "chebyshev_basis", "normalize",
     "load_continuum_pixels", "continuum_pixels_from_model", "find_continuum_pixels",
+    "record_continuum", "model_continuum",
 ]
+
+#: Chebyshev degree of the pseudo-continuum when nothing else says (see the table above).
+DEFAULT_DEGREE = 3
 
 #: Per-star flag bits returned by :func:`normalize`.  A flagged chip keeps
 #: ``flux = 1`` and ``ivar = 0`` (it carries no weight); the other chips are usable.
@@ -123,8 +127,8 @@ def _as_mask(continuum_pixels, npix):
     return out
 
 
-def normalize(flux, ivar, continuum_pixels, degree=3, chip_ranges=CHIP_RANGES, min_pixels=None,
-              backend="auto", batch=2048, dtype=np.float32, keep_continuum=False):
+def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=CHIP_RANGES,
+              min_pixels=None, backend="auto", batch=2048, dtype=np.float32, keep_continuum=False):
     """Pseudo-continuum normalize spectra, chip by chip.
 
     Parameters
@@ -330,6 +334,66 @@ def load_continuum_pixels(source, grid=None):
     return to_apstar_grid(arr, grid)
 
 
+def record_continuum(model, continuum_pixels, degree=DEFAULT_DEGREE):
+    """Keep with a model the continuum pixels and degree of its training spectra.
+
+    They go into ``model.train_info`` (written with the model file), so that
+    the spectra fitted later with it (``cannon-fast mcmc``, ``binaries``,
+    ``label``) are normalized exactly as its training set was
+    (:func:`model_continuum`).  Call it after ``train``, which resets
+    ``train_info``.
+
+    Parameters
+    ----------
+    model : CannonModel
+        A trained model.
+    continuum_pixels : str, os.PathLike or array_like
+        Anything :func:`load_continuum_pixels` reads.
+    degree : int
+        The Chebyshev degree used in :func:`normalize`.
+
+    Returns
+    -------
+    model : CannonModel
+    """
+    if not getattr(model, "is_trained", False):
+        raise ValueError("record the continuum after training: train() resets train_info")
+    mask = load_continuum_pixels(continuum_pixels)
+    model.train_info.update(continuum_pixels=np.flatnonzero(mask).tolist(),
+                            continuum_degree=int(degree))
+    return model
+
+
+def model_continuum(model):
+    """Continuum pixels and degree to normalize spectra fitted with ``model``.
+
+    The record of :func:`record_continuum` when the model has one; otherwise
+    pixels picked from the model itself (:func:`continuum_pixels_from_model`)
+    and degree :data:`DEFAULT_DEGREE`.
+
+    Parameters
+    ----------
+    model : CannonModel
+
+    Returns
+    -------
+    pixels : ndarray of bool, shape (8575,)
+    degree : int
+    source : str
+        Where they came from, for logs and reports.
+    """
+    info = getattr(model, "train_info", None) or {}
+    degree = int(info.get("continuum_degree", DEFAULT_DEGREE))
+    if info.get("continuum_pixels") is not None:
+        mask = to_apstar_grid(np.asarray(info["continuum_pixels"], dtype=np.int64), grid=NPIX)
+        return mask, degree, (f"the model's record ({int(mask.sum())} pixels, "
+                              f"degree {degree})")
+    mask = continuum_pixels_from_model(model)
+    mask = mask if mask.size == NPIX else to_apstar_grid(mask)  # a 7214/7514-pixel model
+    return mask, degree, (f"picked from the model ({int(mask.sum())} pixels; it has no record "
+                          "of the ones used in training)")
+
+
 def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, chip_ranges=CHIP_RANGES):
     """Pick continuum pixels from a trained model (Ness et al. 2015, §2.3).
 
@@ -402,8 +466,8 @@ def _initial_continuum_pixels(flux, ivar, chip_ranges, fraction):
 
 
 def find_continuum_pixels(flux, ivar, labels, model_factory, n_iter=3, fraction=0.07,
-                          base_tol=0.02, degree=3, chip_ranges=CHIP_RANGES, initial=None,
-                          backend="auto"):
+                          base_tol=0.02, degree=DEFAULT_DEGREE, chip_ranges=CHIP_RANGES,
+                          initial=None, backend="auto"):
     """Find continuum pixels from the data by iterating normalize -> train -> select.
 
     Ness et al. (2015, §5.3): start from a rough normalization, train a model,

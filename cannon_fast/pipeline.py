@@ -594,7 +594,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     """
     from . import __version__
     from .catalog import TooFewStarsError
-    from .continuum import load_continuum_pixels, normalize
+    from .continuum import DEFAULT_DEGREE, load_continuum_pixels, normalize, record_continuum
     from .io.apogee import parse_apstar_path, read_apstar
     from .io.bitmask import mask_spectra
     from .model import CannonModel
@@ -747,6 +747,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         model = new_model()
         model.train(flux[train], ivar[train], cat_labels[train])
         bar.update(1)
+    record_continuum(model, cont_mask, int(store.meta.get("continuum_degree", DEFAULT_DEGREE)))
     model_path = os.path.join(out_dir, "model.fits")
     model.write(model_path, overwrite=True)
     timings["train"] = time.perf_counter() - t0
@@ -837,7 +838,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     try:
         spec = read_apstar(id_to_path[ex_id])
         f_raw, v_raw, _ = mask_spectra(spec.flux, spec.err, spec.pixmask)
-        ns = normalize(f_raw, v_raw, cont_mask, degree=int(store.meta.get("continuum_degree", 3)),
+        ns = normalize(f_raw, v_raw, cont_mask,
+                       degree=int(store.meta.get("continuum_degree", DEFAULT_DEGREE)),
                        keep_continuum=True, dtype=np.float64)
         plan.append(("example_spectrum", lambda: pl.plot_spectrum(
             spec.wavelength, spec.flux, good=v_raw > 0,

@@ -889,18 +889,6 @@ def _merge(out, fmt, parts_dir, n_chunks, meta, existing):
 
 
 # --------------------------------------------------------------------------- the job
-def _default_continuum(model):
-    """Continuum pixels of a raw-input job: the model's record, else picked from the model."""
-    from .continuum import continuum_pixels_from_model
-    from .io.apogee import NPIX, to_apstar_grid
-
-    rec = (getattr(model, "train_info", None) or {}).get("continuum_pixels")
-    if rec is not None:
-        return to_apstar_grid(np.asarray(rec, dtype=np.int64), grid=NPIX)
-    m = continuum_pixels_from_model(model)
-    return m if m.size == NPIX else to_apstar_grid(m)
-
-
 def _describe_difference(old, new):
     keys = sorted(set(old) | set(new))
     diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys
@@ -928,7 +916,7 @@ def _start_dask(scheduler, n_workers):
 
 
 def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
-                 scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=3,
+                 scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=None,
                  bad_bits=None, normalized=None, release=None, fit_options=None,
                  show_progress=None, log=None, _on_commit=None):
     """Label a whole survey, chunk by chunk, into one catalogue (resumable).
@@ -965,11 +953,10 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     continuum_pixels : array_like, str or os.PathLike, optional
         For raw spectra (apStar files, raw npz): see
         :func:`cannon_fast.continuum.load_continuum_pixels`; default the
-        model's ``train_info["continuum_pixels"]`` (8575-grid indices) or,
-        failing that, pixels picked from the model
-        (:func:`cannon_fast.continuum.continuum_pixels_from_model`).
-    degree : int
-        Continuum Chebyshev degree.
+        model's record, else pixels picked from the model
+        (:func:`cannon_fast.continuum.model_continuum`).
+    degree : int, optional
+        Continuum Chebyshev degree (default: the model's record, else 3).
     bad_bits : iterable of str or int, optional
         APOGEE_PIXMASK bits that mask a pixel (default bits 0-7 and 12).
     normalized : bool, optional
@@ -1009,25 +996,30 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     mh = model_hash(model)
     source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
-    options = dict(model_hash=mh, degree=int(degree), bad_bits=bit_value(
+    options = dict(model_hash=mh, degree=None, bad_bits=bit_value(
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
         backend=model.backend)
     if not source.normalized:
-        from .continuum import load_continuum_pixels
+        from .continuum import load_continuum_pixels, model_continuum
 
         if source.n_pixels != 8575:
             raise ValueError(f"{source.describe}: raw (un-normalized) spectra must be on the "
                              "8575-pixel apStar grid to be continuum-normalized; if they are "
                              "already normalized, say so (normalized=True, --normalized)")
 
-        cont = (_default_continuum(model) if continuum_pixels is None
-                else load_continuum_pixels(continuum_pixels))
-        options["continuum_pixels"] = cont
+        recorded, recorded_degree, cont_source = model_continuum(model)
+        if continuum_pixels is None:
+            cont = recorded
+        else:
+            cont, cont_source = load_continuum_pixels(continuum_pixels), str(continuum_pixels)
+        options.update(continuum_pixels=cont,
+                       degree=recorded_degree if degree is None else int(degree))
+        log(f"continuum pixels: {cont_source}")
     if source.n_items == 0:
         raise ValueError(f"no spectra in the inputs ({source.describe})")
     job = dict(model_hash=mh, inputs=source.identity, chunk_size=chunk_size,
                backend=model.backend,
-               degree=int(degree), bad_bits=options["bad_bits"], fit=options["fit"],
+               degree=options["degree"], bad_bits=options["bad_bits"], fit=options["fit"],
                continuum=(hashlib.sha256(np.packbits(options["continuum_pixels"]).tobytes())
                           .hexdigest()[:16] if "continuum_pixels" in options else None))
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]

@@ -195,3 +195,23 @@ def test_continuum_pixels_from_model_and_iteration():
     ns = cn.normalize(flux, ivar, found, dtype=np.float64)
     on = ns.ivar > 0
     assert np.median(np.abs(ns.flux[on] - norm[on])) < 0.01
+
+
+def test_model_keeps_its_continuum_record(tmp_path):
+    from cannon_fast import CannonModel
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=60, n_pix=NPIX, n_labels=2, seed=4)
+    model = CannonModel(s.label_names, backend="numba")
+    chosen = np.zeros(NPIX, bool)
+    chosen[np.random.default_rng(0).choice(NPIX, 400, replace=False)] = True
+    with pytest.raises(ValueError, match="after training"):
+        cn.record_continuum(model, chosen)
+    model.train(s.flux, s.ivar, s.labels)
+    picked, degree, source = cn.model_continuum(model)  # no record: picked, the default degree
+    np.testing.assert_array_equal(picked, cn.continuum_pixels_from_model(model))
+    assert degree == cn.DEFAULT_DEGREE and "no record" in source
+    cn.record_continuum(model, chosen, degree=2)
+    model.write(tmp_path / "m.fits")
+    got, degree, source = cn.model_continuum(CannonModel.read(tmp_path / "m.fits"))
+    np.testing.assert_array_equal(got, chosen)
+    assert degree == 2 and "record (400 pixels, degree 2)" in source

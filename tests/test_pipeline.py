@@ -157,3 +157,21 @@ def test_cli_train_with_extra_terms(tmp_path, capsys):
     m = CannonModel.read(tmp_path / "m.npz")
     assert m.term_names[-2:] == ["TEFF*TEFF*TEFF", "TEFF*TEFF*TEFF*TEFF"] and m.n_terms == 12
     assert "TEFF*TEFF*TEFF" in capsys.readouterr().out
+
+
+def test_cli_train_records_the_stores_continuum(tmp_path, capsys):
+    from cannon_fast import CannonModel
+    from cannon_fast.continuum import model_continuum
+    from cannon_fast.io.apogee import NPIX, wavelength_grid
+    from cannon_fast.store import SpectraStore
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=60, n_pix=NPIX, n_labels=2, seed=14)
+    cont = np.sort(np.random.default_rng(1).choice(NPIX, 300, replace=False))
+    SpectraStore.write(tmp_path / "store", s.flux, s.ivar, wavelength_grid(), labels=s.labels,
+                       label_names=s.label_names,
+                       meta=dict(continuum_pixels=cont.tolist(), continuum_degree=2))
+    assert main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "m.fits")]) == 0
+    assert "the store's 300 continuum pixels recorded" in capsys.readouterr().out
+    pixels, degree, _ = model_continuum(CannonModel.read(tmp_path / "m.fits"))
+    np.testing.assert_array_equal(np.flatnonzero(pixels), cont)
+    assert degree == 2

@@ -372,3 +372,22 @@ def test_process_pool_gives_the_same_catalog(tmp_path, small, npz):
     for k in a:
         if a[k].dtype.kind == "f":
             assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_raw_spectra_use_the_models_continuum_record(tmp_path, full_grid):
+    from cannon_fast.continuum import record_continuum
+    model, cont, s = full_grid
+    flux, ivar = s.flux[120:130], s.ivar[120:130]
+    c = _continuum(len(flux), 5)
+    path = tmp_path / "raw.npz"
+    np.savez(path, flux=(flux * c).astype(np.float32), ivar=(ivar / c ** 2).astype(np.float32))
+    sv.label_survey(model, path, tmp_path / "given.fits", continuum_pixels=cont)
+    _, given = _labels(tmp_path / "given.fits")
+    model.write(tmp_path / "m.npz")
+    recorded = record_continuum(CannonModel.read(tmp_path / "m.npz", backend="numba"), cont)
+    lines = []
+    sv.label_survey(recorded, path, tmp_path / "rec.fits", log=lines.append)
+    _, got = _labels(tmp_path / "rec.fits")
+    assert any("the model's record" in line for line in lines), lines
+    for name in model.label_names:  # the same pixels, so the same labels
+        np.testing.assert_array_equal(got[name], given[name])

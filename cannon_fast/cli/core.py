@@ -50,12 +50,18 @@ def _rows(text, n):
 
 
 def read_spectra_file(path, need_labels=False):
-    """Read flux, ivar, labels, label names and ids from a SpectraStore or an .npz."""
+    """Read flux, ivar, labels, label names and ids from a SpectraStore or an .npz.
+
+    A store written by ``prepare`` also gives its ``continuum_pixels`` and
+    ``continuum_degree`` (None otherwise).
+    """
     if os.path.isdir(path):
         from ..store import SpectraStore
         store = SpectraStore(path)
         out = dict(flux=store.flux, ivar=store.ivar, labels=store.labels,
-                   label_names=list(store.label_names), ids=store.ids)
+                   label_names=list(store.label_names), ids=store.ids,
+                   continuum_pixels=store.meta.get("continuum_pixels"),
+                   continuum_degree=store.meta.get("continuum_degree"))
     elif os.path.isfile(path):
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("flux", "ivar") if k not in f.files]
@@ -65,7 +71,8 @@ def read_spectra_file(path, need_labels=False):
                        labels=f["labels"] if "labels" in f.files else None,
                        label_names=[str(x) for x in f["label_names"]]
                        if "label_names" in f.files else None,
-                       ids=f["ids"] if "ids" in f.files else None)
+                       ids=f["ids"] if "ids" in f.files else None,
+                       continuum_pixels=None, continuum_degree=None)
     else:
         raise FileNotFoundError(f"no spectra at {path} (expected a SpectraStore directory or .npz)")
     if need_labels and out["labels"] is None:
@@ -97,10 +104,18 @@ def _train(args):
                         extra_terms=[t for t in args.extra_terms.split(",") if t.strip()])
     model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
                 labels[keep])
-    model.write(args.out, overwrite=args.force)
     info = model.train_info
+    cont_note = ""
+    if data["continuum_pixels"] is not None:  # later fits of raw spectra normalize the same way
+        from ..continuum import DEFAULT_DEGREE, record_continuum
+        from ..io.apogee import NPIX
+        mask = np.zeros(NPIX, bool)  # the store keeps apStar-grid indices
+        mask[np.asarray(data["continuum_pixels"], dtype=np.int64)] = True
+        record_continuum(model, mask, data["continuum_degree"] or DEFAULT_DEGREE)
+        cont_note = f", the store's {len(data['continuum_pixels'])} continuum pixels recorded"
+    model.write(args.out, overwrite=args.force)
     print(f"trained {model!r} in {time.perf_counter() - t0:.2f} s "
-          f"({info['n_flagged_pixels']} flagged pixels); wrote {args.out}")
+          f"({info['n_flagged_pixels']} flagged pixels{cont_note}); wrote {args.out}")
     return 0
 
 

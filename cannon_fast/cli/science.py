@@ -112,7 +112,8 @@ def load_one_spectrum(path, model, continuum=None):
         ``ivar`` (already normalized; (P,) or (N, P)).
     model : CannonModel
     continuum : str, optional
-        Continuum-pixel file; default ``continuum_pixels_from_model(model)``.
+        Continuum-pixel file; default the model's record, else pixels picked
+        from the model (``cannon_fast.continuum.model_continuum``).
 
     Returns
     -------
@@ -135,25 +136,19 @@ def load_one_spectrum(path, model, continuum=None):
             raise ValueError(f"{path}: {flux.shape[1]} pixels but the model has "
                              f"{model.n_pixels}")
         return flux.astype(np.float64), ivar.astype(np.float64), ids, notes
-    from ..continuum import continuum_pixels_from_model, load_continuum_pixels, normalize
+    from ..continuum import load_continuum_pixels, model_continuum, normalize
     from ..io.apogee import NPIX, grid_indices, read_apstar
 
     star = read_apstar(path)
     flux, ivar, bad = star.masked()
     if flux.shape[-1] != NPIX:
         raise ValueError(f"{path}: {flux.shape[-1]} pixels, expected the {NPIX}-pixel apStar grid")
+    cont, degree, source = model_continuum(model)
     if continuum is not None:
         cont = load_continuum_pixels(continuum)
-        notes.append(f"continuum pixels from {continuum} ({int(cont.sum())} pixels)")
-    else:
-        if model.n_pixels != NPIX:
-            raise ValueError(f"the model has {model.n_pixels} pixels: pass --continuum to "
-                             "normalize the apStar spectrum (pixels are picked from the model "
-                             "only for 8575-pixel models)")
-        cont = continuum_pixels_from_model(model)
-        notes.append(f"continuum pixels picked from the model ({int(cont.sum())} pixels; pass "
-                     "--continuum with the list used in training for consistency)")
-    norm = normalize(flux, ivar, cont, dtype=np.float64)
+        source = f"{continuum} ({int(cont.sum())} pixels, degree {degree})"
+    notes.append(f"continuum pixels: {source}")
+    norm = normalize(flux, ivar, cont, degree=degree, dtype=np.float64)
     if norm.flags[0]:
         notes.append(f"continuum flags: {', '.join(norm.flag_names(0))}")
     f, iv = norm.flux, norm.ivar

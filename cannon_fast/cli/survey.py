@@ -55,7 +55,8 @@ def register(subparsers, parent):
     p.add_argument("--continuum", default=None, metavar="FILE",
                    help="continuum pixels for raw spectra (default: the model's record, or "
                         "pixels picked from the model)")
-    p.add_argument("--degree", type=int, default=3, help="continuum Chebyshev degree (3)")
+    p.add_argument("--degree", type=int, default=None,
+                   help="continuum Chebyshev degree (default: the model's record, else 3)")
     p.add_argument("--bad-bits", default=None,
                    help="PIXMASK bits that mask a pixel, names or numbers, comma-separated "
                         "(default 0-7,12)")
