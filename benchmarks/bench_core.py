@@ -148,12 +148,25 @@ def run_peers(args):
     return json.load(open("/tmp/peers.json"))["results"]
 
 
+def dgemm_gflops(n=2000, repeat=3):
+    """A yardstick for comparing runs on different machines: best-of-3 BLAS dgemm rate."""
+    a = np.random.default_rng(0).random((n, n))
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 def report(results, peers):
     crb = results[0]["crb"]
     print(f"\n# data: {results[0]['source']}, N_train={results[0]['n_train']}, "
           f"P={results[0]['n_pix']}, 5 labels, quadratic; CRB (true model): "
           + ", ".join(f"{k} {v:.4g}" for k, v in crb.items()))
-    print(f"# machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"# machine: {os.cpu_count()} cores, BLAS dgemm {dgemm_gflops():.0f} GFLOP/s, load "
+          f"average {os.getloadavg()[0]:.1f} at the end (the peers' ratios are the portable "
+          "figures: absolute rates differ by 2x between machines of the same kind)")
     print(f"\n{'backend':8s} {'train s':>8s} {'fit stars/s':>12s} {'plain stars/s':>14s} "
           f"{'peak MB':>8s} {'s/s_true':>9s}")
     for r in results:

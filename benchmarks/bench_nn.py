@@ -152,9 +152,10 @@ def compare_regressors(which, train, test, names, args, out_dir):
     print(f"Cannon (CannonModel, quadratic): train {c_train:.1f} s, fit {c_rate:.0f} spectra/s")
 
     if args.arch == "cnn":
-        # StarNet's layout; the first conv samples every 4th pixel (its kernel of 8 still
-        # overlaps) so that inference reaches >= 2000 spectra/s on 2 cores
-        arch = dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(4, 1),
+        # StarNet's layout; the first conv samples every 3rd pixel (its kernel of 8 still
+        # overlaps) so that inference reaches >= 2000 spectra/s on 2 cores. Stride 4 was
+        # 1.6x faster but lost [Fe/H] (true-label training, RMSE 0.0326 vs 0.0236 dex).
+        arch = dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(3, 1),
                     pool_size=(1, 4), hidden=(256, 128), dropout=0.1)
     else:
         arch = dict(arch="mlp", hidden=(256, 128), dropout=0.1)
