@@ -77,7 +77,8 @@ def label_statistics(fitted, reference, label_names, good=None):
 AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^4")}
 
 
-def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_folds=3, seed=0):
+def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_folds=3, seed=0,
+                   label_errors=None):
     """Choose a model and a label fit by cross-validation on a training set.
 
     Each fold is fitted by each model trained on the other folds, with each label
@@ -91,13 +92,16 @@ def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_fold
     Parameters
     ----------
     models : dict of str -> callable
-        Name -> a function returning an untrained ``CannonModel``.
+        Name -> a function ``(flux, ivar, labels, label_errors)`` returning a
+        trained ``CannonModel`` (``label_errors`` is None when not given).
     flux, ivar : ndarray, (N, P)
     labels : ndarray, (N, L)
         The training (catalogue) labels.
     steps : sequence of {"debias", "plain"}
     n_folds : int
     seed : int
+    label_errors : ndarray, (N, L), optional
+        The catalogue's label errors, passed on to the models.
 
     Returns
     -------
@@ -111,8 +115,9 @@ def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_fold
     resid = {(m, st): [] for m in models for st in steps}
     for k in range(n_folds):
         inner, held = folds != k, folds == k
-        for name, new_model in models.items():
-            m = new_model().train(flux[inner], ivar[inner], labels[inner])
+        for name, train_model in models.items():
+            m = train_model(flux[inner], ivar[inner], labels[inner],
+                            None if label_errors is None else label_errors[inner])
             for st in steps:
                 r = m.fit(flux[held], ivar[held], debias=st == "debias")
                 resid[name, st].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
@@ -128,6 +133,30 @@ def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_fold
             + ", ".join(f"{k} {np.exp(0.5 * (score[k] - score[ranked[0]])):.3f}"
                         for k in ranked))
     return best[0], best[1], dict(scatter=scatter, score=score, note=note)
+
+
+def _catalogue_errors(errors, wanted):
+    """The catalogue's label errors for training, filled where missing; and a note.
+
+    Returns (None, note) when they are not wanted or there are none to use.
+    """
+    if wanted is False:
+        return None, ""
+    errors = np.array(errors, dtype=float)
+    usable = np.isfinite(errors) & (errors > 0)
+    if not usable.any(axis=0).all():
+        missing = [n for n, u in zip(LAB_LABELS, usable.any(axis=0)) if not u]
+        if wanted is True:
+            raise ValueError(f"label_errors=True but the catalogue has no errors for {missing} "
+                             "(<LABEL>_ERR columns)")
+        return None, f"Label errors not used: the catalogue has none for {missing}."
+    note = ""
+    if not usable.all():
+        med = np.array([np.median(errors[usable[:, j], j]) for j in range(errors.shape[1])])
+        errors = np.where(usable, errors, med)
+        note = (f"{int((~usable).any(axis=1).sum())} star(s) without a catalogue error for some "
+                "label got that label's median error.")
+    return errors, note
 
 
 def _num(x):
@@ -512,7 +541,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
             nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
-            show_progress=None, log=print):
+            label_errors="auto", show_progress=None, log=print):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -570,6 +599,12 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         e.g. ``("TEFF^3", "TEFF^4")``; ``()`` for the lab's model as it is.
         ``"auto"`` chooses between the candidates of :data:`AUTO_MODELS` by
         cross-validation (:func:`cross_validate`).
+    label_errors : {"auto", True, False}
+        Train with the catalogue's label errors (``CannonModel.train(...,
+        label_errors=)``: regression-calibrated labels and error-weighted
+        stars). ``"auto"`` lets the cross-validation choose when the
+        catalogue has ``<LABEL>_ERR`` columns (missing errors are filled with
+        the label's median error).
     test_step : {"auto", "debias", "plain"}
         The label fit whose results the figures and the headline numbers use. Both
         are always computed and in ``summary.json``. ``"auto"`` chooses by 3-fold
@@ -608,16 +643,22 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     if test_step not in ("auto", "debias", "plain"):
         raise ValueError(f"test_step must be 'auto', 'debias' or 'plain', got {test_step!r}")
 
-    def model_factory(terms):
-        return lambda: CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=terms)
+    if label_errors not in ("auto", True, False):
+        raise ValueError(f"label_errors must be 'auto', True or False, got {label_errors!r}")
+
+    def trainer(terms, with_errors):
+        def train_model(flux, ivar, labels, errors):
+            m = CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=terms)
+            return m.train(flux, ivar, labels, label_errors=errors if with_errors else None)
+        return train_model
 
     if isinstance(extra_terms, str) and extra_terms == "auto":
-        candidates = {name: model_factory(t) for name, t in AUTO_MODELS.items()}
+        term_sets = dict(AUTO_MODELS)
     else:
         terms = tuple(extra_terms or ())
-        candidates = {"quadratic" + "".join(f" + {t}" for t in terms): model_factory(terms)}
-    for make in candidates.values():
-        make()  # bad extra terms fail here, before any work
+        term_sets = {"quadratic" + "".join(f" + {t}" for t in terms): terms}
+    for terms in term_sets.values():  # bad extra terms fail here, before any work
+        CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=terms)
     wanted = set(names) if extras is True else set(extras or ())
     if wanted - set(names):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(names))}; "
@@ -704,6 +745,14 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     flux = np.asarray(store.flux)
     ivar = np.asarray(store.ivar)
     cat_labels = np.asarray(store.labels, float)
+    cat_errors, error_note = _catalogue_errors(store.label_errors, label_errors)
+    if error_note:
+        notes.append(error_note)
+    error_options = {"auto": (False, True), True: (True,), False: (False,)}[label_errors]
+    if cat_errors is None:
+        error_options = (False,)
+    candidates = {name + (", label errors" if e else ""): trainer(terms, e)
+                  for name, terms in term_sets.items() for e in error_options}
     ids = np.asarray(store.ids).astype(str)
     cflags = np.asarray(store.flags)
     wave = np.asarray(store.wavelength)
@@ -730,8 +779,9 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     steps = ("debias", "plain") if test_step == "auto" else (test_step,)
     if len(candidates) * len(steps) > 1:
         t0 = time.perf_counter()
-        model_name, primary_key, cv = cross_validate(candidates, flux[train], ivar[train],
-                                                     cat_labels[train], steps=steps, seed=seed)
+        model_name, primary_key, cv = cross_validate(
+            candidates, flux[train], ivar[train], cat_labels[train], steps=steps, seed=seed,
+            label_errors=None if cat_errors is None else cat_errors[train])
         timings["cross_validation"] = time.perf_counter() - t0
         say(f"chosen by cross-validation: model {model_name}, {primary_key} fit ({cv['note']})")
         notes.append(f"Model ({model_name}) and label fit ({primary_key}) chosen by "
@@ -740,12 +790,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     else:
         (model_name,), primary_key = candidates, steps[0]
         cv = dict(note="model and label fit given")
-    new_model = candidates[model_name]
     t0 = time.perf_counter()
     with progress(total=1, desc="training the model", unit="model",
                   disable=None if show_progress is None else not show_progress) as bar:
-        model = new_model()
-        model.train(flux[train], ivar[train], cat_labels[train])
+        model = candidates[model_name](flux[train], ivar[train], cat_labels[train],
+                                       None if cat_errors is None else cat_errors[train])
         bar.update(1)
     record_continuum(model, cont_mask, int(store.meta.get("continuum_degree", DEFAULT_DEGREE)))
     model_path = os.path.join(out_dir, "model.fits")
@@ -793,8 +842,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     diagnostics = {}
     if truth_labels is not None and np.isfinite(truth_labels[train]).all():
         t0 = time.perf_counter()
-        m_true = new_model().train(
-            flux[train], ivar[train], truth_labels[train])
+        m_true = candidates[model_name](flux[train], ivar[train], truth_labels[train], None)
         r_true = m_true.fit(flux[valid], ivar[valid], debias=primary_key == "debias")
         diagnostics["trained_on_true_labels"] = dict(
             vs_true=label_statistics(r_true.labels, val_true, LAB_LABELS, good=r_true.ok),

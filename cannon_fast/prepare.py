@@ -231,6 +231,10 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
     sel_rows = rows[keep]
     sel_labels = np.column_stack([np.asarray(sel_rows[c], float) for c in labels]) \
         if len(labels) else np.zeros((len(sel_rows), 0))
+    sel_errors = np.column_stack(
+        [np.asarray(sel_rows[f"{c}_ERR"], float) if f"{c}_ERR" in sel_rows.colnames
+         else np.full(len(sel_rows), np.nan) for c in labels]) \
+        if len(labels) else np.zeros((len(sel_rows), 0))
     sel_ids = np.asarray(sel_rows["APOGEE_ID"]).astype(str)
     meta = dict(source="cannon_fast.prepare_dataset", n_files=n_files,
                 allstar=getattr(cat, "meta", {}).get("path"), release=release,
@@ -255,7 +259,7 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
         use = ok & ~dead
         n_flagged += int(np.sum(use & (ns.flags != 0)))
         store.append(ns.flux[use], ns.ivar[use], sel_labels[a:b][use], sel_ids[a:b][use],
-                     ns.flags[use])
+                     ns.flags[use], label_errors=sel_errors[a:b][use])
     remaining = report.n_kept
     for name, desc, n in (("unreadable", "apStar file unreadable or wrong layout", n_unreadable),
                           ("normalization_failed", "no chip could be normalized", n_failed)):

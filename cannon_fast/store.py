@@ -7,6 +7,8 @@ A store is a directory::
     flux.npy         (N, P)  float32, normalized flux
     ivar.npy         (N, P)  float32, inverse variance (0 = no weight)
     labels.npy       (N, L)  float64 (NaN where unknown)
+    label_errors.npy (N, L)  float64, the catalogue's 1-sigma label errors (NaN where unknown;
+                             absent in stores written before it existed: read as NaN)
     ids.npy          (N,)    fixed-width unicode star identifiers
     flags.npy        (N,)    int64 per-star flag bits (e.g. continuum flags)
 
@@ -34,7 +36,7 @@ __all__ = ["SpectraStore"]
 _FORMAT = "cannon_fast.SpectraStore"
 _VERSION = 1
 _HEADER = 256  # fixed .npy header size, so the row count can grow in place
-_ROW_ARRAYS = ("flux", "ivar", "labels", "ids", "flags")
+_ROW_ARRAYS = ("flux", "ivar", "labels", "label_errors", "ids", "flags")
 
 
 def _npy_header(dtype, shape):
@@ -136,6 +138,7 @@ class SpectraStore:
             np.save(os.path.join(tmp, "wavelength.npy"), wave, allow_pickle=False)
             empties = {"flux": np.zeros((0, p), np.float32), "ivar": np.zeros((0, p), np.float32),
                        "labels": np.zeros((0, len(label_names)), np.float64),
+                       "label_errors": np.zeros((0, len(label_names)), np.float64),
                        "ids": np.zeros(0, f"<U{int(id_width)}"), "flags": np.zeros(0, np.int64)}
             for k, a in empties.items():
                 _write_growable(os.path.join(tmp, f"{k}.npy"), a)
@@ -153,7 +156,7 @@ class SpectraStore:
 
     @classmethod
     def write(cls, path, flux, ivar, wavelength, labels=None, label_names=(), ids=None,
-              flags=None, meta=None, overwrite=False):
+              flags=None, meta=None, overwrite=False, label_errors=None):
         """Create a store holding the given spectra.
 
         Parameters
@@ -167,6 +170,7 @@ class SpectraStore:
         flags : array_like of int, shape (N,), optional
         meta : dict, optional
         overwrite : bool
+        label_errors : array_like, shape (N, L), optional
 
         Returns
         -------
@@ -178,11 +182,11 @@ class SpectraStore:
             width = max(width, max(len(str(x)) for x in ids))
         s = cls.create(path, wavelength, label_names, id_width=width, meta=meta,
                        overwrite=overwrite)
-        s.append(flux, ivar, labels, ids, flags)
+        s.append(flux, ivar, labels, ids, flags, label_errors=label_errors)
         return cls(path)
 
     # ------------------------------------------------------------------ appending
-    def append(self, flux, ivar, labels=None, ids=None, flags=None):
+    def append(self, flux, ivar, labels=None, ids=None, flags=None, label_errors=None):
         """Append rows (a chunk of stars) and commit them.
 
         Parameters
@@ -194,6 +198,8 @@ class SpectraStore:
             Empty strings if omitted.
         flags : array_like of int, shape (n,), optional
             Zeros if omitted.
+        label_errors : array_like, shape (n, L), optional
+            1-sigma errors of ``labels``; NaN if omitted.
 
         Returns
         -------
@@ -213,6 +219,11 @@ class SpectraStore:
                   else np.ascontiguousarray(labels, dtype=np.float64).reshape(n, -1))
         if labels.shape != (n, L):
             raise ValueError(f"{self.path}: labels shape {labels.shape}, expected ({n}, {L})")
+        label_errors = (np.full((n, L), np.nan) if label_errors is None
+                        else np.ascontiguousarray(label_errors, dtype=np.float64).reshape(n, -1))
+        if label_errors.shape != (n, L):
+            raise ValueError(f"{self.path}: label_errors shape {label_errors.shape}, expected "
+                             f"({n}, {L})")
         width = int(self._index["id_width"])
         ids = np.asarray([""] * n if ids is None else [str(x) for x in ids])
         if ids.shape != (n,):
@@ -225,8 +236,11 @@ class SpectraStore:
         old = int(self._index["n_stars"])
         new = old + n
         self._cache.clear()
-        for name, arr in (("flux", flux), ("ivar", ivar), ("labels", labels), ("ids", ids),
-                          ("flags", flags)):
+        fn = os.path.join(self.path, "label_errors.npy")
+        if not os.path.exists(fn):  # a store written before label errors were kept
+            _write_growable(fn, np.full((old, L), np.nan))
+        for name, arr in (("flux", flux), ("ivar", ivar), ("labels", labels),
+                          ("label_errors", label_errors), ("ids", ids), ("flags", flags)):
             fn = os.path.join(self.path, f"{name}.npy")
             row = arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
             with open(fn, "r+b") as fh:
@@ -258,6 +272,10 @@ class SpectraStore:
         a = self._cache.get(name)
         if a is None:
             fn = os.path.join(self.path, f"{name}.npy")
+            if name == "label_errors" and not os.path.exists(fn):  # an older store
+                a = np.full((self.n_stars, len(self.label_names)), np.nan)
+                self._cache[name] = a
+                return a
             try:
                 a = np.load(fn, mmap_mode="r", allow_pickle=False)
             except ValueError:  # zero-size arrays cannot be memory-mapped
@@ -306,6 +324,11 @@ class SpectraStore:
         return self._array("labels")
 
     @property
+    def label_errors(self):
+        """1-sigma label errors, (N, L) float64 (NaN where unknown)."""
+        return self._array("label_errors")
+
+    @property
     def ids(self):
         """Star IDs, (N,) str."""
         return self._array("ids")
@@ -324,7 +347,7 @@ class SpectraStore:
         return self.n_stars
 
     def __getitem__(self, rows):
-        """Rows as in-memory arrays: dict with flux, ivar, labels, ids, flags."""
+        """Rows as in-memory arrays: dict with flux, ivar, labels, label_errors, ids, flags."""
         return {k: np.array(self._array(k)[rows]) for k in _ROW_ARRAYS}
 
     def __repr__(self):

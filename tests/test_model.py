@@ -289,3 +289,45 @@ def test_env_override_picks_backend(monkeypatch):
     monkeypatch.setenv("CANNON_FAST_BACKEND", "numpy")
     assert CannonModel(["A"]).backend == "numpy"
     assert os.environ["CANNON_FAST_BACKEND"] == "numpy"
+
+
+def test_expected_true_labels_undo_the_attenuation():
+    from cannon_fast.model import expected_true_labels
+    rng = np.random.default_rng(3)
+    n = 20000
+    true = rng.multivariate_normal([4500.0, 2.5], [[300.0 ** 2, 0.8 * 300 * 0.6],
+                                                   [0.8 * 300 * 0.6, 0.6 ** 2]], n)
+    err = np.column_stack([rng.uniform(30, 200, n), rng.uniform(0.05, 0.4, n)])
+    noisy = true + err * rng.standard_normal((n, 2))
+    exp = expected_true_labels(noisy, err, ["TEFF", "LOGG"])
+    for j in range(2):
+        slope_noisy = np.polyfit(noisy[:, j], true[:, j], 1)[0]
+        slope_exp = np.polyfit(exp[:, j], true[:, j], 1)[0]
+        assert slope_noisy < 0.93 and abs(slope_exp - 1) < 0.02, (slope_noisy, slope_exp)
+        assert np.std(exp[:, j] - true[:, j]) < 0.9 * np.std(noisy[:, j] - true[:, j])
+    with pytest.raises(ValueError, match="as large as the spread.*LOGG"):
+        expected_true_labels(noisy, err * [1, 10], ["TEFF", "LOGG"])
+
+
+def test_training_with_label_errors_recovers_the_true_label_scale():
+    """Noisy training labels attenuate the model and stretch the fitted labels; training
+    with their errors recovers most of the precision of training on the truth."""
+    s = make_synthetic(n_stars=700, n_pix=800, n_labels=3, seed=21)
+    rng = np.random.default_rng(5)
+    tr, te = slice(0, 400), slice(400, 700)
+    spread = s.labels[tr].std(0)
+    err = spread * rng.uniform(0.1, 0.4, (400, 3))
+    noisy = s.labels[tr] + err * rng.standard_normal((400, 3))
+    scatter = {}
+    for name, e in (("plain", None), ("errors", err)):
+        m = CannonModel(s.label_names).train(s.flux[tr], s.ivar[tr], noisy, label_errors=e)
+        scatter[name] = (m.fit(s.flux[te], s.ivar[te]).labels - s.labels[te]).std(0) / spread
+    assert np.all(scatter["errors"] < 0.85 * scatter["plain"]), scatter
+    np.testing.assert_array_equal(m.training_labels, noisy)  # ranges stay the catalogue's
+    assert set(m.train_info["label_errors"]) == {"median_error", "median_shift"}
+    bad = err.copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match=r"star 7 LOGG_ERR = nan"):
+        CannonModel(s.label_names).train(s.flux[tr], s.ivar[tr], noisy, label_errors=bad)
+    with pytest.raises(ValueError, match="shape of labels"):
+        CannonModel(s.label_names).train(s.flux[tr], s.ivar[tr], noisy, label_errors=err[:, :2])

@@ -128,8 +128,8 @@ def test_cross_validation_prefers_the_right_model_and_the_debiased_fit():
     from cannon_fast import CannonModel
     from cannon_fast.testing import make_synthetic
     s = make_synthetic(n_stars=150, n_pix=1500, n_labels=3, seed=12)
-    models = {"quadratic": lambda: CannonModel(s.label_names),
-              "cubic": lambda: CannonModel(s.label_names, order=3)}
+    models = {"quadratic": lambda f, v, lab, err: CannonModel(s.label_names).train(f, v, lab),
+              "cubic": lambda f, v, lab, err: CannonModel(s.label_names, order=3).train(f, v, lab)}
     name, step, info = pipeline.cross_validate(models, s.flux, s.ivar, s.labels)
     assert (name, step) == ("quadratic", "debias"), info
     sc = info["scatter"]
@@ -175,3 +175,20 @@ def test_cli_train_records_the_stores_continuum(tmp_path, capsys):
     pixels, degree, _ = model_continuum(CannonModel.read(tmp_path / "m.fits"))
     np.testing.assert_array_equal(np.flatnonzero(pixels), cont)
     assert degree == 2
+
+
+def test_catalogue_errors_are_filled_or_refused():
+    err = np.array([[40.0, 0.05, 0.02, 0.02, 0.03], [np.nan, 0.07, 0.03, 0.02, 0.03],
+                    [60.0, 0.09, 0.04, -9999.0, 0.03]])
+    filled, note = pipeline._catalogue_errors(err, "auto")
+    np.testing.assert_allclose(filled[1, 0], 50.0)
+    np.testing.assert_allclose(filled[2, 3], 0.02)
+    assert "2 star(s) without a catalogue error" in note
+    assert pipeline._catalogue_errors(err, False) == (None, "")
+    none = np.full((3, 5), np.nan)
+    got, note = pipeline._catalogue_errors(none, "auto")
+    assert got is None and "has none for ['TEFF'" in note
+    with pytest.raises(ValueError, match="no errors for"):
+        pipeline._catalogue_errors(none, True)
+    with pytest.raises(ValueError, match="label_errors must be"):
+        pipeline.run_lab(out_dir="never-made", label_errors="maybe")

@@ -81,3 +81,24 @@ def test_not_a_store(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="not a SpectraStore index"):
         SpectraStore(tmp_path)
+
+
+def test_label_errors_round_trip_and_older_stores(tmp_path):
+    f, v, lab, ids, fl = _data(6)
+    err = np.abs(lab) * 0.1
+    w = np.arange(50.0)
+    s = SpectraStore.write(tmp_path / "s", f, v, w, lab, ["TEFF", "LOGG"], ids, fl,
+                           label_errors=err)
+    np.testing.assert_array_equal(s.label_errors, err)
+    np.testing.assert_array_equal(s[1:3]["label_errors"], err[1:3])
+    # a store written before label errors were kept: read as NaN, and appending still works
+    os.remove(tmp_path / "s" / "label_errors.npy")
+    old = SpectraStore(tmp_path / "s", mode="a")
+    assert old.label_errors.shape == (6, 2) and np.isnan(old.label_errors).all()
+    old.append(f[:2], v[:2], lab[:2], ids[:2], label_errors=err[:2])
+    again = SpectraStore(tmp_path / "s")
+    assert np.isnan(again.label_errors[:6]).all()
+    np.testing.assert_array_equal(again.label_errors[6:], err[:2])
+    with pytest.raises(ValueError, match="label_errors shape"):
+        SpectraStore(tmp_path / "s", mode="a").append(f[:2], v[:2], lab[:2],
+                                                      label_errors=err[:2, :1])

@@ -58,6 +58,10 @@ def register(subparsers, parent):
     p.add_argument("--test-step", choices=("auto", "debias", "plain"), default="auto",
                    help="label fit used for the figures and headline numbers (both are in "
                         "summary.json); auto: chosen by cross-validation on the training set")
+    p.add_argument("--label-errors", choices=("auto", "yes", "no"), default="auto",
+                   help="train with the catalogue's label errors (regression-calibrated "
+                        "labels, error-weighted stars); auto: chosen by cross-validation when "
+                        "the catalogue has <LABEL>_ERR columns")
     p.set_defaults(func=_demo)
 
     q = subparsers.add_parser(
@@ -90,6 +94,7 @@ def _demo(args):
                       workers=args.workers, backend=args.backend, extras=not args.no_extras,
                       extra_terms=_extra_terms(args.extra_terms),
                       test_step=args.test_step,
+                      label_errors={"auto": "auto", "yes": True, "no": False}[args.label_errors],
                       show_progress=False if quiet else None,
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     v = summary["validation"][summary["primary_fit"]]

@@ -650,7 +650,8 @@ def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None,
     ----------
     path : str or os.PathLike
     columns : sequence of str, optional
-        Columns to read; default APOGEE_ID, TELESCOPE, FIELD, SNR and ``labels``.
+        Columns to read; default APOGEE_ID, TELESCOPE, FIELD, SNR, ``labels``
+        and their ``<label>_ERR`` columns (those only where the file has them).
         Columns named here must exist, except TELESCOPE/FIELD, which are
         optional cross-match keys.
     rows : array_like of int, optional
@@ -677,9 +678,10 @@ def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None,
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: allStar catalogue not found")
-    optional = {"TELESCOPE", "FIELD"}
-    if columns is None:
-        columns = ["APOGEE_ID", "TELESCOPE", "FIELD", "SNR"] + list(labels)
+    optional = {"TELESCOPE", "FIELD"} | {f"{c}_ERR".upper() for c in labels}
+    if columns is None:  # the labels' errors are read when the catalogue has them
+        columns = (["APOGEE_ID", "TELESCOPE", "FIELD", "SNR"] + list(labels)
+                   + [f"{c}_ERR" for c in labels])
     columns = [c.upper() for c in columns]
     columns = list(dict.fromkeys(columns))
     release = (release or release_of(path) or "unknown").lower()

@@ -1,16 +1,18 @@
 """The lab pipeline on the realistic mock survey (../shared/tools/mock_survey.py) against its truth.
 
 Issue 4 asks for the lab's targets (Teff scatter <= 30 K, [Fe/H] <= 0.02 dex, |bias| <= 5 K
-and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (Nov 2026): 1876
+and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (Dec 2026): 1876
 stars kept, 938/937 split. Cross-validation inside the training set chooses the quadratic
-model + TEFF^3 + TEFF^4 and the plain label fit: Teff -3.2 / 38.0 K, [Fe/H] 0.0037 / 0.0207
-dex (bias / scatter). The lab's quadratic alone gives 48.0 K / 0.0253 (plain) -- the same as
-TheCannon (Ho) on the same normalized spectra, 48.1 K -- and the peers reach 40-45 K on their
-own pipeline (PEERS.md section 2). So the targets are NOT met, and that test is a strict
-xfail. Trained on the TRUE labels the same model reaches 28.9 K / 0.0177 (de-biased): the
-catalogue's label errors (60 K in Teff, 1.5x the stated ones) cost the rest. Run time of this
-file: ~2 min on 2 quiet cores (generation ~40-60 s, lab ~25 s), so CI runs all 3036 stars;
-set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under pytest's
+model + TEFF^3 + TEFF^4 trained with the catalogue's label errors (regression-calibrated
+labels, error-weighted stars) and the plain label fit: Teff -2.7 / 34.5 K, [Fe/H] 0.0038 /
+0.0201 dex (bias / scatter); without the label errors 38.0 K / 0.0206. The lab's quadratic
+alone gives 48.0 K / 0.0253 (plain) -- the same as TheCannon (Ho) on the same normalized
+spectra, 48.1 K -- and the peers reach 40-45 K on their own pipeline (PEERS.md section 2).
+So the targets are NOT met, and that test is a strict xfail. Trained on the TRUE labels the
+same model reaches 30.4 K (plain) / 28.9 K (de-biased): the catalogue's label errors (65 K
+in Teff, 1.6x the stated ones) cost the rest. Run time of this file: ~2.5 min on 2 quiet
+cores (generation ~40-60 s, lab ~45 s), so CI runs all 3036 stars; set
+CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under pytest's
 tmp_path and removed afterwards.
 """
 import os
@@ -64,19 +66,20 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     v = s["validation"][s["primary_fit"]]
     assert v["n_ok"] >= 0.9 * s["n_validation"]
     st = v["vs_true"]
-    # regression guard below the peers' level (Ho 40 K / 0.024, AnniesLasso 45 K / 0.029)
-    assert st["TEFF"]["scatter"] < 42 and abs(st["TEFF"]["bias"]) < 6, _numbers(s)
-    assert st["FE_H"]["scatter"] < 0.023 and abs(st["FE_H"]["bias"]) < 0.006, _numbers(s)
+    # regression guard, well below the peers' level (Ho 40 K / 0.024, AnniesLasso 45 K / 0.029)
+    assert st["TEFF"]["scatter"] < 37 and abs(st["TEFF"]["bias"]) < 6, _numbers(s)
+    assert st["FE_H"]["scatter"] < 0.022 and abs(st["FE_H"]["bias"]) < 0.006, _numbers(s)
     # the choice is made inside the training set and recorded; both fits are reported
-    assert s["choice"]["model"] in ("quadratic", "quadratic + TEFF^3 + TEFF^4")
+    assert s["choice"]["model"] in [m + e for m in ("quadratic", "quadratic + TEFF^3 + TEFF^4")
+                                    for e in ("", ", label errors")]
     assert s["primary_fit"] == s["choice"]["test_step"] and set(s["validation"]) == {
         "debias", "plain"}
     assert "trained_on_true_labels" in s["diagnostics"] and "teff_bins" in s["diagnostics"]
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not reached on the realistic mock "
-                   "survey (Teff ~38 K, [Fe/H] ~0.021 dex vs 30 K / 0.02): the catalogue's label "
-                   "errors (60 K in Teff); see the module docstring")
+                   "survey (Teff ~34.5 K, [Fe/H] ~0.020 dex vs 30 K / 0.02): the catalogue's "
+                   "label errors (65 K in Teff); see the module docstring")
 def test_mock_survey_meets_the_lab_targets(mock_lab):
     t = mock_lab["validation"][mock_lab["primary_fit"]]["targets_vs_true"]
     assert t["all_met"], _numbers(mock_lab)
