@@ -192,3 +192,19 @@ def test_catalogue_errors_are_filled_or_refused():
         pipeline._catalogue_errors(none, True)
     with pytest.raises(ValueError, match="label_errors must be"):
         pipeline.run_lab(out_dir="never-made", label_errors="maybe")
+
+
+def test_cli_train_with_label_errors(tmp_path, capsys):
+    from cannon_fast import CannonModel
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=120, n_pix=40, n_labels=3, seed=15)
+    err = np.abs(s.labels).mean(0) * 0.01 * np.ones_like(s.labels)
+    path = tmp_path / "train.npz"
+    np.savez(path, flux=s.flux, ivar=s.ivar, labels=s.labels, label_names=np.array(s.label_names))
+    assert main(["train", str(path), "--out", str(tmp_path / "m.npz"), "--label-errors"]) == 1
+    assert "has no label errors" in capsys.readouterr().err
+    np.savez(path, flux=s.flux, ivar=s.ivar, labels=s.labels, label_names=np.array(s.label_names),
+             label_errors=err)
+    assert main(["train", str(path), "--out", str(tmp_path / "m.npz"), "--label-errors"]) == 0
+    info = CannonModel.read(tmp_path / "m.npz").train_info["label_errors"]
+    np.testing.assert_allclose(list(info["median_error"].values()), err[0], rtol=1e-12)

@@ -23,6 +23,9 @@ def register(sub, parent):
     p.add_argument("--extra-terms", default="", metavar="TERMS",
                    help="terms added to the polynomial, comma-separated, e.g. TEFF^3,TEFF^4")
     p.add_argument("--rows", default=None, help="train on rows START:STOP of the input only")
+    p.add_argument("--label-errors", action="store_true",
+                   help="train with the labels' errors (errors-in-variables; the store's "
+                        "<LABEL>_ERR from the allStar, or label_errors in an .npz)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     p.set_defaults(func=_train)
 
@@ -60,6 +63,7 @@ def read_spectra_file(path, need_labels=False):
         store = SpectraStore(path)
         out = dict(flux=store.flux, ivar=store.ivar, labels=store.labels,
                    label_names=list(store.label_names), ids=store.ids,
+                   label_errors=store.label_errors,
                    continuum_pixels=store.meta.get("continuum_pixels"),
                    continuum_degree=store.meta.get("continuum_degree"))
     elif os.path.isfile(path):
@@ -72,6 +76,7 @@ def read_spectra_file(path, need_labels=False):
                        label_names=[str(x) for x in f["label_names"]]
                        if "label_names" in f.files else None,
                        ids=f["ids"] if "ids" in f.files else None,
+                       label_errors=f["label_errors"] if "label_errors" in f.files else None,
                        continuum_pixels=None, continuum_degree=None)
     else:
         raise FileNotFoundError(f"no spectra at {path} (expected a SpectraStore directory or .npz)")
@@ -99,11 +104,16 @@ def _train(args):
     keep = np.all(np.isfinite(labels), axis=1)
     if not keep.all():
         print(f"dropping {int((~keep).sum())} star(s) with missing labels")
+    errors = None
+    if args.label_errors:
+        if data["label_errors"] is None:
+            raise ValueError(f"{args.spectra} has no label errors (--label-errors)")
+        errors = np.asarray(data["label_errors"][rows], float)[:, columns][keep]
     t0 = time.perf_counter()
     model = CannonModel(names, order=args.order, backend=args.backend,
                         extra_terms=[t for t in args.extra_terms.split(",") if t.strip()])
     model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
-                labels[keep])
+                labels[keep], label_errors=errors)
     info = model.train_info
     cont_note = ""
     if data["continuum_pixels"] is not None:  # later fits of raw spectra normalize the same way
