@@ -457,8 +457,11 @@ def _extra_mcmc(ctx):
         if fig is not None and hasattr(fig, "savefig"):
             out["figure"] = ("mcmc_corner", fig,
                              f"MCMC posterior of the held-back mystery star {ctx['mystery_id']}"
-                             " (uniform priors within the training range; blue lines: true labels, "
-                             "outside the axes when the posterior misses them)")
+                             " (uniform priors within the training range), in blue; orange: the "
+                             "chi² fit ± its formal error"
+                             + ("; green lines: the true labels, outside the axes when the "
+                                "posterior misses them" if ctx.get("mystery_truth") is not None
+                                else "") + ".")
     except ImportError as err:
         out["figure_note"] = f"corner plot skipped ({err})"
     return out
@@ -898,8 +901,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             spec.wavelength, f_raw, ns.continuum, ns.flux, good=v_raw > 0,
             continuum_pixels=cont_mask,
             title=f"{ex_id}: raw spectrum, per-chip pseudo-continuum, normalized spectrum"),
-            f"Pseudo-continuum normalization: a Chebyshev polynomial per chip fitted to "
-            f"{int(cont_mask.sum())} continuum pixels ({cont_info['method']})."))
+            f"Pseudo-continuum normalization: a Chebyshev polynomial per chip fitted to the "
+            f"continuum mask's {int(cont_mask.sum())} pixels (mask: {cont_info['method']}). "
+            f"Each star's fit uses only those that are good pixels in its spectrum (inside "
+            f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
+            f"for this star (orange dots)."))
     except (KeyError, OSError, ValueError) as err:
         notes.append(f"example/continuum figures skipped: {err}")
     plan.append(("corner", lambda: pl.plot_corner(

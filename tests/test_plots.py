@@ -77,6 +77,11 @@ def test_continuum_two_panels(syn, wave, tmp_path):
     assert len(fig.axes) == 2
     assert "normalized" in fig.axes[1].get_ylabel()
     assert any("continuum" in str(t.get_text()) for t in fig.axes[0].get_legend().get_texts())
+    # the legend says how many of the mask's pixels this star's fit used
+    mask = syn.coeffs[:, 0] < 0.01
+    used = int(np.sum(mask & (syn.ivar[0] > 0)))
+    assert any(f"{used} of the mask's {int(mask.sum())}" in t.get_text()
+               for t in fig.axes[0].get_legend().get_texts())
 
 
 def test_data_vs_model_has_residual_panel(syn, wave, tmp_path):
@@ -98,6 +103,10 @@ def test_gradients_mark_lines_on_the_abundance_panels(model, wave, tmp_path):
     n_vlines = [sum(1 for ln in ax.lines if np.ptp(ln.get_xdata()) == 0) for ax in fig.axes]
     assert n_vlines == [0, 0, 0, 3, 3]
     assert "Mg/Fe" in fig.axes[3].get_ylabel()
+    for ax in fig.axes:  # no feature clipped
+        y = np.asarray(ax.lines[0].get_ydata(), float)
+        lo, hi = ax.get_ylim()
+        assert lo < np.nanmin(y) and hi > np.nanmax(y)
 
 
 def test_gradients_reject_wrong_shape(model, wave):
@@ -110,6 +119,17 @@ def test_s2_log_scale(model, wave, tmp_path):
     _save(fig, tmp_path, "s2")
     assert fig.axes[0].get_yscale() == "log"
     assert "s_" in fig.axes[0].get_ylabel()
+
+
+def test_s2_counts_zero_scatter_only_where_there_is_data(tmp_path):
+    from cannon_fast.io.apogee import NPIX, on_chip_mask
+    wave = np.linspace(15100.0, 17000.0, NPIX)
+    s2 = np.full(NPIX, 1e-6)
+    s2[~on_chip_mask()] = 0.0            # chip gaps and ends: no data
+    s2[np.flatnonzero(on_chip_mask())[100:107]] = 0.0   # 7 pixels fitted with s = 0
+    fig = pl.plot_s2(wave, s2)
+    _save(fig, tmp_path, "s2_apstar")
+    assert fig.axes[0].get_title(loc="right").startswith("7 of ")
 
 
 def test_one_to_one_reports_bias_and_scatter(syn, tmp_path):
@@ -139,6 +159,9 @@ def test_kiel_axes_inverted_with_isochrone(syn, tmp_path):
     _save(fig, tmp_path, "kiel")
     ax = fig.axes[0]
     assert ax.get_xlim()[0] > ax.get_xlim()[1] and ax.get_ylim()[0] > ax.get_ylim()[1]
+    # every star inside the inverted axes, with a margin
+    assert ax.get_xlim()[1] < syn.labels[:, 0].min() and ax.get_xlim()[0] > syn.labels[:, 0].max()
+    assert ax.get_ylim()[1] < syn.labels[:, 1].min() and ax.get_ylim()[0] > syn.labels[:, 1].max()
     assert "[Fe/H]" in fig.axes[1].get_ylabel()  # the colour bar
     assert ax.get_legend() is not None
 

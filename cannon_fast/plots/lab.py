@@ -12,6 +12,7 @@ or a user's file (:func:`read_line_file`, air wavelengths converted to vacuum).
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -291,7 +292,8 @@ def plot_continuum(wavelength, flux, continuum, norm_flux, good=None, continuum_
     good : array_like of bool, (P,), optional
         Usable pixels (e.g. ``ivar > 0``).
     continuum_pixels : array_like of bool, (P,), optional
-        Marked on the raw spectrum.
+        The continuum mask; those of its pixels that are ``good`` in this spectrum
+        (the ones the fit used) are marked on the raw spectrum.
     title : str, optional
     unit : str
 
@@ -310,10 +312,11 @@ def plot_continuum(wavelength, flux, continuum, norm_flux, good=None, continuum_
     y = _gaps_to_nan(wavelength, flux, good)
     c = _gaps_to_nan(wavelength, continuum, continuum > 0)
     ax1.plot(wavelength, y, lw=0.5, color="k", label="flux")
-    if continuum_pixels is not None:
-        cp = np.asarray(continuum_pixels, bool) & good
+    if continuum_pixels is not None:  # those of the mask the fit used: good in this spectrum
+        mask = np.asarray(continuum_pixels, bool)
+        cp = mask & good
         ax1.plot(wavelength[cp], flux[cp], ".", ms=2.5, color="tab:orange",
-                 label=f"continuum pixels ({int(cp.sum())})")
+                 label=f"continuum pixels used: {int(cp.sum())} of the mask's {int(mask.sum())}")
     ax1.plot(wavelength, c, lw=1.5, color="tab:red", label="pseudo-continuum (per chip)")
     ax1.set_ylabel(f"flux [{unit}]")
     finite = y[np.isfinite(y)]
@@ -452,14 +455,16 @@ def plot_gradient_spectra(wavelength, gradients, label_names, lines=None, wave_r
             ax.set_ylabel(f"df / d{_short(name)}\n[per {unit}]", fontsize=9)
         fin = ax.lines[0].get_ydata()
         fin = np.asarray(fin, float)[np.isfinite(fin)]
-        if fin.size:
-            lim = np.percentile(np.abs(fin), 99.7)
-            ax.set_ylim(-1.15 * lim, 1.15 * lim)
+        if fin.size:  # every feature shown: the data's min and max (and 0), plus a margin
+            lo, hi = min(fin.min(), 0.0), max(fin.max(), 0.0)
+            pad = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-6)
+            ax.set_ylim(lo - pad, hi + pad)
         if lines and name.upper() in [n.upper() for n in line_labels]:
             handles = _mark_lines(ax, lines, wave_range)
-            if handles:
-                ax.legend(handles=handles, loc="lower right", fontsize=7, ncol=len(handles),
-                          title=lines_source, title_fontsize=7)
+            if handles:  # outside the axes, on the right: it hides no data
+                ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0),
+                          fontsize=7, title="\n".join(textwrap.wrap(lines_source, 15))
+                          if lines_source else None, title_fontsize=7, borderaxespad=0.0)
     axes[-1].set_xlabel(_WAVE_LABEL)
     axes[-1].set_xlim(*wave_range)
     if title:
@@ -518,17 +523,24 @@ def plot_s2(wavelength, s2, lines=None, wave_range=None, title=None, lines_sourc
         ax.set_ylim(lo / 1.5, hi * 1.5)
     if lines:
         _mark_lines(ax, lines, wave_range)
-    n_zero = int(np.sum(np.isfinite(y) & (y == 0)))
-    fig.legend(loc="outside upper right", fontsize=8, ncol=4, title=lines_source,
+    # pixels with data: on the apStar grid, those inside the chips (the chip gaps have s = 0
+    # because there is no data there, not because the model fits perfectly)
+    from ..io.apogee import NPIX, on_chip_mask
+    has_data = np.isfinite(y)
+    if wavelength.size == NPIX:
+        has_data &= on_chip_mask()[sel]
+    n_zero = int(np.sum(has_data & (y == 0)))
+    fig.legend(loc="outside lower center", fontsize=8, ncol=4,
+               title=f"lines: {lines_source}" if lines_source and lines else None,
                title_fontsize=7)
     ax.set_xlabel(_WAVE_LABEL)
     ax.set_ylabel(r"intrinsic scatter $s_\lambda = \sqrt{s^2_\lambda}$")
     ax.set_xlim(*wave_range)
-    if n_zero:
-        ax.text(0.005, 0.02, f"{n_zero} pixels with s = 0 are not drawn", transform=ax.transAxes,
-                fontsize=7, color="0.3")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, loc="left")
+    if n_zero:  # in the title line, where no line marker crosses it
+        ax.set_title(f"{n_zero} of {int(has_data.sum())} pixels with data have s = 0 "
+                     "(not drawn on the log scale)", loc="right", fontsize=8, color="0.3")
     return fig
 
 
@@ -633,9 +645,10 @@ def plot_outliers(wavelength, flux, ivar, model_flux, names, captions=None,
     for i, ax in enumerate(axes):
         w = wavelength[sel]
         f = _gaps_to_nan(wavelength, flux[i], ivar[i] > 0)[sel]
-        ax.plot(w, f, color="k", lw=0.6, label="data")
         mod = np.where(np.isfinite(f), model_flux[i][sel], np.nan)  # no model in the gaps
-        ax.plot(w, mod, color="tab:red", lw=0.6, alpha=0.85, label="model at fit")
+        # the model broad and pale underneath, the data thin on top: both stay visible
+        ax.plot(w, mod, color="tab:red", lw=1.6, alpha=0.45, label="model at fit", zorder=2)
+        ax.plot(w, f, color="k", lw=0.5, label="data", zorder=3)
         r = f - model_flux[i][sel]
         ax.plot(w, r + 0.35, color="tab:blue", lw=0.5, label="residual + 0.35")
         ax.axhline(0.35, color="tab:blue", lw=0.4, ls=":")
@@ -644,8 +657,11 @@ def plot_outliers(wavelength, flux, ivar, model_flux, names, captions=None,
         text = str(names[i]) + (f": {captions[i]}" if captions is not None else "")
         ax.set_title(text, fontsize=8, loc="left")
         ax.tick_params(labelsize=7)
-        if i == 0:
-            ax.legend(loc="lower right", fontsize=7, ncol=3)
+    # below the axes, where it hides no data
+    handles, labels = axes[0].get_legend_handles_labels()
+    order = [labels.index(t) for t in ("data", "model at fit", "residual + 0.35")]
+    fig.legend([handles[j] for j in order], [labels[j] for j in order],
+               loc="outside lower center", fontsize=8, ncol=3)
     axes[-1].set_xlabel(_WAVE_LABEL)
     axes[-1].set_xlim(*wave_range)
     return fig
@@ -682,16 +698,16 @@ def plot_kiel(teff, logg, feh, isochrones=None, title=None, note=None):
         ax.plot(iso["teff"], iso["logg"], ls=styles[i % 4], lw=1.6,
                 color=iso.get("color", f"C{i + 1}"), label=iso.get("label"))
     if isochrones:
-        import textwrap
         leg = ax.legend(loc="upper left", fontsize=8,
                         title="\n".join(textwrap.wrap(note, 48)) if note else None,
                         title_fontsize=7)
         leg.get_title().set_multialignment("left")
-    if ok.any():
-        tl = np.percentile(teff[ok], [0.5, 99.5])
-        gl = np.percentile(logg[ok], [0.5, 99.5])
-        ax.set_xlim(tl[1] + 150, tl[0] - 150)
-        ax.set_ylim(gl[1] + 0.3, gl[0] - 0.3)
+    if ok.any():  # every star inside, with a margin (axes inverted, as usual for a Kiel diagram)
+        t0, t1 = teff[ok].min(), teff[ok].max()
+        g0, g1 = logg[ok].min(), logg[ok].max()
+        tp, gp = max(0.05 * (t1 - t0), 50.0), max(0.05 * (g1 - g0), 0.1)
+        ax.set_xlim(t1 + tp, t0 - tp)
+        ax.set_ylim(g1 + gp, g0 - gp)
     else:
         ax.invert_xaxis()
         ax.invert_yaxis()

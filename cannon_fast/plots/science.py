@@ -35,7 +35,7 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
     path : str or os.PathLike, optional
         Save the figure here (PNG/PDF by suffix).
     truths : array_like (L,), optional
-        Known labels, drawn in green.
+        Known labels, drawn as green lines (the posterior is blue).
     show_fit : bool, optional
         Mark the chi² fit (orange) and its 1-sigma formal error bars.
     title : str, optional
@@ -66,8 +66,7 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
     for j, name in enumerate(names):
         med, lo, hi = result.median[j], result.median[j] - result.p16[j], \
             result.p84[j] - result.median[j]
-        axes[j, j].set_title(f"{name} = {_num(med)}$^{{+{_num(hi)}}}_{{-{_num(lo)}}}$",
-                             fontsize=9)
+        axes[j, j].set_title(_title(name, med, lo, hi), fontsize=9)
     fig.subplots_adjust(left=0.12, bottom=0.1, right=0.98, top=0.9, wspace=0.06, hspace=0.06)
     if show_fit:
         for j in range(n):
@@ -83,22 +82,35 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
     status = "converged" if result.converged else "NOT CONVERGED"
     head = title or "posterior of the labels"
     fig.suptitle(f"{head}\n{result.n_walkers} walkers x {result.n_steps} steps, "
-                 f"max tau = {np.nanmax(result.autocorr_time):.0f} ({status}); "
-                 "orange: chi² fit ± formal error", fontsize=10, y=0.995)
+                 f"max tau = {np.nanmax(result.autocorr_time):.0f} ({status})\n"
+                 "blue: posterior, dashed: its 16/50/84th percentiles"
+                 + ("; orange: chi² fit ± formal error" if show_fit else "")
+                 + ("; green: true labels" if truths is not None else ""),
+                 fontsize=10, y=0.995)
     _save(fig, path, dpi)
     return fig
 
 
-def _num(v):
-    """Compact number for titles: 4763, 2.98, 0.0345, 1.4e-03."""
-    a = abs(v)
-    if not np.isfinite(v):
-        return "nan"
-    if a >= 100:
-        return f"{v:.0f}" if a >= 1000 else f"{v:.1f}"
-    if a >= 0.01 or a == 0:
-        return f"{v:.3f}"
-    return f"{v:.1e}"
+#: Most decimals shown in a diagonal title, per label (whole kelvin are plenty for Teff).
+_MAX_DECIMALS = {"TEFF": 0}
+
+
+def _title(name, med, lo, hi):
+    r"""Diagonal title: the axis label's name, median and errors to 2 significant digits.
+
+    E.g. ``$T_\mathrm{eff}$ = 4669$^{+8}_{-8}$ K`` or ``[Fe/H] = 0.1930$^{+0.0071}_{-0.0068}$``:
+    the name and unit are those of the axis label (:data:`LABEL_TEXT`), and the median
+    and both errors have the same number of decimals, set by the smaller error.
+    """
+    text = LABEL_TEXT.get(name, name)
+    unit = ""
+    if text.endswith("]") and " [" in text:
+        text, unit = text[:-1].rsplit(" [", 1)
+    unit = "" if unit in ("", "dex", "cgs") else f" {unit}"
+    errs = [e for e in (lo, hi) if np.isfinite(e) and e > 0]
+    dec = int(np.clip(1 - np.floor(np.log10(min(errs))), 0, 4)) if errs else 3
+    dec = min(dec, _MAX_DECIMALS.get(str(name).upper(), dec))
+    return f"{text} = {med:.{dec}f}$^{{+{hi:.{dec}f}}}_{{-{lo:.{dec}f}}}${unit}"
 
 
 def binary_bias_figure(study, path=None, labels=("TEFF", "LOGG", "FE_H"), dpi=110):
