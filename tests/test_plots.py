@@ -62,6 +62,10 @@ def test_corner_has_one_panel_per_label_pair(syn, tmp_path):
     _save(fig, tmp_path, "corner")
     assert len(fig.axes) == 25
     assert "[Fe/H]" in _texts(fig)
+    # diagonal titles: the median and 16/84 % spread, digits per label (whole kelvin)
+    teff = fig.axes[0].get_title()
+    med = np.median(syn.labels[:, 0])
+    assert teff.startswith(f"$T_\\mathrm{{eff}}$ = {med:.0f}$") and teff.endswith(" K"), teff
 
 
 def test_corner_needs_enough_stars(syn):

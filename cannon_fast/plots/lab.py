@@ -261,7 +261,8 @@ def plot_corner(labels, label_names, title=None, **kwargs):
     if len(lab) <= k:
         raise ValueError(f"a corner plot of {k} labels needs more than {k} stars, got {len(lab)}")
     fig = _figure((2.0 * k + 0.6, 2.0 * k + 0.6))
-    kw = dict(labels=[_label_tex(n) for n in label_names], show_titles=True,
+    own_titles = "show_titles" not in kwargs and "title_fmt" not in kwargs
+    kw = dict(labels=[_label_tex(n) for n in label_names], show_titles=not own_titles,
               title_kwargs=dict(fontsize=9), label_kwargs=dict(fontsize=10),
               plot_contours=len(lab) >= 50, plot_density=len(lab) >= 50,
               data_kwargs=dict(alpha=0.4, ms=2), bins=20 if len(lab) >= 200 else 10,
@@ -275,6 +276,12 @@ def plot_corner(labels, label_names, title=None, **kwargs):
         fig = corner.corner(lab, fig=fig, **kw)
     for ax in fig.axes:
         ax.tick_params(labelsize=8)
+    if own_titles:  # corner's one title_fmt gives "4786.55" for Teff: digits per label instead
+        from .science import _title
+        lo, med, hi = np.percentile(lab, [16, 50, 84], axis=0)
+        for j, name in enumerate(label_names):
+            fig.axes[j * k + j].set_title(_title(name, med[j], med[j] - lo[j], hi[j] - med[j]),
+                                          fontsize=9)
     if title:
         fig.suptitle(title, fontsize=12)
     fig.subplots_adjust(left=0.1, bottom=0.1, right=0.98, top=0.94 if title else 0.97)
@@ -369,22 +376,22 @@ def plot_data_vs_model(wavelength, flux, ivar, model_flux, wave_range=(16000.0, 
     ax1.plot(w, f, color="k", lw=1.0, label="data")
     ax1.plot(w, m, color="tab:red", lw=1.0, alpha=0.85, label="model")
     ax1.set_ylabel("normalized flux")
-    ax1.legend(loc="lower right", fontsize=9)
+    ax1.legend(loc="best", fontsize=9)  # "best" keeps clear of the lines
     r = f - m
     err = np.sqrt(var)
-    ax2.fill_between(w, -err, err, color="0.8", lw=0, label=r"$\pm1\sigma$")
+    ax2.fill_between(w, -err, err, color="0.8", lw=0)
     ax2.plot(w, r, color="k", lw=0.8)
     ax2.axhline(0, color="tab:red", lw=0.8)
-    lim = np.nanpercentile(np.abs(r), 99) if np.isfinite(r).any() else 0.05
-    ax2.set_ylim(-1.3 * max(lim, 0.005), 1.3 * max(lim, 0.005))
+    lim = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 0.05  # every residual shown
+    ax2.set_ylim(-1.15 * max(lim, 0.005), 1.15 * max(lim, 0.005))
     ax2.set_ylabel("data - model")
     ax2.set_xlabel(_WAVE_LABEL)
     ax2.set_xlim(*wave_range)
-    ax2.legend(loc="lower right", fontsize=8)
     if np.isfinite(r).any():
         chi = r / err
         ax2.text(0.01, 0.93, f"rms {np.nanstd(r):.4f},  chi2/pixel "
-                 f"{np.nanmean(chi ** 2):.2f}", transform=ax2.transAxes, va="top", fontsize=8)
+                 f"{np.nanmean(chi ** 2):.2f};  grey: $\\pm1\\sigma$", transform=ax2.transAxes,
+                 va="top", fontsize=8)
     if title:
         ax1.set_title(title)
     return fig
