@@ -364,16 +364,19 @@ def record_continuum(model, continuum_pixels, degree=DEFAULT_DEGREE):
     return model
 
 
-def model_continuum(model):
+def model_continuum(model, continuum_pixels=None):
     """Continuum pixels and degree to normalize spectra fitted with ``model``.
 
-    The record of :func:`record_continuum` when the model has one; otherwise
-    pixels picked from the model itself (:func:`continuum_pixels_from_model`)
-    and degree :data:`DEFAULT_DEGREE`.
+    The user's ``continuum_pixels`` when given, else the record of
+    :func:`record_continuum`, else pixels picked from the model itself
+    (:func:`continuum_pixels_from_model`); the degree is the record's, else
+    :data:`DEFAULT_DEGREE`.
 
     Parameters
     ----------
     model : CannonModel
+    continuum_pixels : str, os.PathLike or array_like, optional
+        Anything :func:`load_continuum_pixels` reads; overrides the model's pixels.
 
     Returns
     -------
@@ -384,6 +387,10 @@ def model_continuum(model):
     """
     info = getattr(model, "train_info", None) or {}
     degree = int(info.get("continuum_degree", DEFAULT_DEGREE))
+    if continuum_pixels is not None:
+        mask = load_continuum_pixels(continuum_pixels)
+        where = continuum_pixels if isinstance(continuum_pixels, (str, os.PathLike)) else "given"
+        return mask, degree, f"{where} ({int(mask.sum())} pixels, degree {degree})"
     if info.get("continuum_pixels") is not None:
         mask = to_apstar_grid(np.asarray(info["continuum_pixels"], dtype=np.int64), grid=NPIX)
         return mask, degree, (f"the model's record ({int(mask.sum())} pixels, "

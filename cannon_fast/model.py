@@ -312,9 +312,10 @@ class CannonModel:
     def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol):
         """``train`` for noisy training labels; see ``label_errors`` there."""
         flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
-        errors = as_float64(label_errors, "label_errors").reshape(labels.shape) \
-            if np.size(label_errors) == labels.size else None
-        if errors is None:
+        errors = as_float64(label_errors, "label_errors")
+        if errors.ndim == 1 and labels.shape[1] == 1:  # as _check_training_set does for labels
+            errors = errors[:, None]
+        if errors.shape != labels.shape:
             raise ValueError(f"label_errors must have the shape of labels {labels.shape}, got "
                              f"{np.shape(label_errors)}")
         bad = ~(np.isfinite(errors) & (errors >= 0))

@@ -1000,18 +1000,14 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
         backend=model.backend)
     if not source.normalized:
-        from .continuum import load_continuum_pixels, model_continuum
+        from .continuum import model_continuum
 
         if source.n_pixels != 8575:
             raise ValueError(f"{source.describe}: raw (un-normalized) spectra must be on the "
                              "8575-pixel apStar grid to be continuum-normalized; if they are "
                              "already normalized, say so (normalized=True, --normalized)")
 
-        recorded, recorded_degree, cont_source = model_continuum(model)
-        if continuum_pixels is None:
-            cont = recorded
-        else:
-            cont, cont_source = load_continuum_pixels(continuum_pixels), str(continuum_pixels)
+        cont, recorded_degree, cont_source = model_continuum(model, continuum_pixels)
         options.update(continuum_pixels=cont,
                        degree=recorded_degree if degree is None else int(degree))
         log(f"continuum pixels: {cont_source}")

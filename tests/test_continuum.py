@@ -215,3 +215,8 @@ def test_model_keeps_its_continuum_record(tmp_path):
     got, degree, source = cn.model_continuum(CannonModel.read(tmp_path / "m.fits"))
     np.testing.assert_array_equal(got, chosen)
     assert degree == 2 and "record (400 pixels, degree 2)" in source
+    # a user's pixels override the record; the degree stays the record's
+    other = ~chosen
+    got, degree, source = cn.model_continuum(model, other)
+    np.testing.assert_array_equal(got, other)
+    assert degree == 2 and source == f"given ({int(other.sum())} pixels, degree 2)"

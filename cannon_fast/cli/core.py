@@ -118,9 +118,8 @@ def _train(args):
     cont_note = ""
     if data["continuum_pixels"] is not None:  # later fits of raw spectra normalize the same way
         from ..continuum import DEFAULT_DEGREE, record_continuum
-        from ..io.apogee import NPIX
-        mask = np.zeros(NPIX, bool)  # the store keeps apStar-grid indices
-        mask[np.asarray(data["continuum_pixels"], dtype=np.int64)] = True
+        from ..io.apogee import NPIX, to_apstar_grid
+        mask = to_apstar_grid(np.asarray(data["continuum_pixels"], dtype=np.int64), grid=NPIX)
         record_continuum(model, mask, data["continuum_degree"] or DEFAULT_DEGREE)
         cont_note = f", the store's {len(data['continuum_pixels'])} continuum pixels recorded"
     model.write(args.out, overwrite=args.force)

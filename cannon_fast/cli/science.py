@@ -34,7 +34,8 @@ def register(subparsers, parent):
     p.add_argument("--model", required=True, help="model file (cannon-fast train)")
     p.add_argument("--continuum", default=None,
                    help="continuum pixels for normalizing an apStar file (any format "
-                        "load_continuum_pixels reads); default: picked from the model")
+                        "load_continuum_pixels reads); default: the model's record, else picked "
+                        "from the model")
     p.add_argument("--prior", action="append", default=[], metavar="LABEL=KIND:A:B",
                    help="e.g. TEFF=uniform:4000:5200 or FE_H=gaussian:0:0.2 (repeatable); "
                         "other labels: uniform within the training range")
@@ -136,17 +137,14 @@ def load_one_spectrum(path, model, continuum=None):
             raise ValueError(f"{path}: {flux.shape[1]} pixels but the model has "
                              f"{model.n_pixels}")
         return flux.astype(np.float64), ivar.astype(np.float64), ids, notes
-    from ..continuum import load_continuum_pixels, model_continuum, normalize
+    from ..continuum import model_continuum, normalize
     from ..io.apogee import NPIX, grid_indices, read_apstar
 
     star = read_apstar(path)
     flux, ivar, bad = star.masked()
     if flux.shape[-1] != NPIX:
         raise ValueError(f"{path}: {flux.shape[-1]} pixels, expected the {NPIX}-pixel apStar grid")
-    cont, degree, source = model_continuum(model)
-    if continuum is not None:
-        cont = load_continuum_pixels(continuum)
-        source = f"{continuum} ({int(cont.sum())} pixels, degree {degree})"
+    cont, degree, source = model_continuum(model, continuum)
     notes.append(f"continuum pixels: {source}")
     norm = normalize(flux, ivar, cont, degree=degree, dtype=np.float64)
     if norm.flags[0]:
