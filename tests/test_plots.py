@@ -68,6 +68,15 @@ def test_corner_has_one_panel_per_label_pair(syn, tmp_path):
     assert teff.startswith(f"$T_\\mathrm{{eff}}$ = {med:.0f}$") and teff.endswith(" K"), teff
 
 
+def test_label_text_is_one_table_for_axes_and_titles():
+    from cannon_fast.plots._labels import axis_label, label_name, value_title
+    assert axis_label("fe_h") == "[Fe/H] [dex]" and label_name("FE_H") == "[Fe/H]"
+    assert axis_label("VMICRO") == label_name("VMICRO") == "VMICRO"  # unknown: as given
+    # decimals set by the smaller error, the same for median and errors; no "dex" unit
+    assert value_title("FE_H", 0.19304, 0.0068, 0.0071) == "[Fe/H] = 0.1930$^{+0.0071}_{-0.0068}$"
+    assert value_title("TEFF", 4669.4, 0.3, 8.2).endswith("4669$^{+8}_{-0}$ K")  # whole kelvin
+
+
 def test_corner_needs_enough_stars(syn):
     with pytest.raises(ValueError, match="more than 5 stars"):
         pl.plot_corner(syn.labels[:3], syn.label_names)

@@ -16,17 +16,16 @@ import textwrap
 
 import numpy as np
 
+from ._labels import axis_label, label_name, value_title
+
 __all__ = [
-    "FLUX_UNIT", "LABEL_TEX", "known_lines", "read_line_file", "bias_scatter",
+    "FLUX_UNIT", "known_lines", "read_line_file", "bias_scatter",
     "plot_spectrum", "plot_corner", "plot_continuum", "plot_data_vs_model",
     "plot_gradient_spectra", "plot_s2", "plot_one_to_one", "plot_outliers", "plot_kiel",
 ]
 
 #: Flux unit of apStar spectra, for axis labels.
 FLUX_UNIT = r"$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\mathrm{\AA}^{-1}$"
-#: Axis labels of the lab's labels.
-LABEL_TEX = {"TEFF": r"$T_\mathrm{eff}$ [K]", "LOGG": r"$\log g$ [dex]",
-             "FE_H": "[Fe/H] [dex]", "MG_FE": "[Mg/Fe] [dex]", "SI_FE": "[Si/Fe] [dex]"}
 _WAVE_LABEL = r"vacuum wavelength [$\mathrm{\AA}$]"
 
 # Well-known Mg I and Si I lines of the APOGEE H band (air Å), used only when the
@@ -36,10 +35,6 @@ _BUILTIN_AIR = {
     "Si I": (15361.16, 15376.83, 15557.79, 15833.6, 15888.41, 15960.06, 16060.01, 16094.79,
              16215.67, 16380.15, 16680.77, 16828.16),
 }
-
-
-def _label_tex(name):
-    return LABEL_TEX.get(str(name).upper(), str(name))
 
 
 def _figure(figsize, **kwargs):
@@ -262,7 +257,7 @@ def plot_corner(labels, label_names, title=None, **kwargs):
         raise ValueError(f"a corner plot of {k} labels needs more than {k} stars, got {len(lab)}")
     fig = _figure((2.0 * k + 0.6, 2.0 * k + 0.6))
     own_titles = "show_titles" not in kwargs and "title_fmt" not in kwargs
-    kw = dict(labels=[_label_tex(n) for n in label_names], show_titles=not own_titles,
+    kw = dict(labels=[axis_label(n) for n in label_names], show_titles=not own_titles,
               title_kwargs=dict(fontsize=9), label_kwargs=dict(fontsize=10),
               plot_contours=len(lab) >= 50, plot_density=len(lab) >= 50,
               data_kwargs=dict(alpha=0.4, ms=2), bins=20 if len(lab) >= 200 else 10,
@@ -277,10 +272,9 @@ def plot_corner(labels, label_names, title=None, **kwargs):
     for ax in fig.axes:
         ax.tick_params(labelsize=8)
     if own_titles:  # corner's one title_fmt gives "4786.55" for Teff: digits per label instead
-        from .science import _title
         lo, med, hi = np.percentile(lab, [16, 50, 84], axis=0)
         for j, name in enumerate(label_names):
-            fig.axes[j * k + j].set_title(_title(name, med[j], med[j] - lo[j], hi[j] - med[j]),
+            fig.axes[j * k + j].set_title(value_title(name, med[j], med[j] - lo[j], hi[j] - med[j]),
                                           fontsize=9)
     if title:
         fig.suptitle(title, fontsize=12)
@@ -457,9 +451,9 @@ def plot_gradient_spectra(wavelength, gradients, label_names, lines=None, wave_r
         unit = "K" if name.upper() == "TEFF" else "dex"
         if name.upper() == "TEFF":  # per 100 K reads better than per K
             ax.lines[0].set_ydata(y * 100)
-            ax.set_ylabel(f"df / d{_short(name)}\n[per 100 K]", fontsize=9)
+            ax.set_ylabel(f"df / d{label_name(name)}\n[per 100 K]", fontsize=9)
         else:
-            ax.set_ylabel(f"df / d{_short(name)}\n[per {unit}]", fontsize=9)
+            ax.set_ylabel(f"df / d{label_name(name)}\n[per {unit}]", fontsize=9)
         fin = ax.lines[0].get_ydata()
         fin = np.asarray(fin, float)[np.isfinite(fin)]
         if fin.size:  # every feature shown: the data's min and max (and 0), plus a margin
@@ -477,11 +471,6 @@ def plot_gradient_spectra(wavelength, gradients, label_names, lines=None, wave_r
     if title:
         fig.suptitle(title)
     return fig
-
-
-def _short(name):
-    return {"TEFF": "Teff", "LOGG": "logg", "FE_H": "[Fe/H]", "MG_FE": "[Mg/Fe]",
-            "SI_FE": "[Si/Fe]"}.get(str(name).upper(), str(name))
 
 
 def plot_s2(wavelength, s2, lines=None, wave_range=None, title=None, lines_source=None):
@@ -593,7 +582,7 @@ def plot_one_to_one(reference, fitted, label_names, reference_name="catalog",
         top.plot(lim, lim, color="tab:red", lw=0.8)
         top.set_xlim(lim)
         top.set_ylim(lim)
-        top.set_title(_short(name), fontsize=10)
+        top.set_title(label_name(name), fontsize=10)
         top.set_ylabel(f"{fitted_name}", fontsize=9)
         top.text(0.04, 0.96, f"bias {_fmt(name, bias[j])}\nscatter {_fmt(name, std[j])}\n"
                  f"1.48 MAD {_fmt(name, mad[j])}\nN = {int(ok.sum())}",
@@ -611,7 +600,7 @@ def plot_one_to_one(reference, fitted, label_names, reference_name="catalog",
                 bot.text(0.98, 0.04, f"{n_out} beyond axis", transform=bot.transAxes,
                          ha="right", fontsize=7, color="tab:red")
         bot.set_xlim(lim)
-        bot.set_xlabel(f"{reference_name} {_label_tex(name)}", fontsize=9)
+        bot.set_xlabel(f"{reference_name} {axis_label(name)}", fontsize=9)
         bot.set_ylabel("fit - ref", fontsize=9)
         for ax in (top, bot):
             ax.tick_params(labelsize=8)
@@ -718,8 +707,8 @@ def plot_kiel(teff, logg, feh, isochrones=None, title=None, note=None):
     else:
         ax.invert_xaxis()
         ax.invert_yaxis()
-    ax.set_xlabel(r"fitted $T_\mathrm{eff}$ [K]")
-    ax.set_ylabel(r"fitted $\log g$ [dex]")
+    ax.set_xlabel("fitted " + axis_label("TEFF"))
+    ax.set_ylabel("fitted " + axis_label("LOGG"))
     if note and not isochrones:
         ax.text(0.02, 0.98, note, transform=ax.transAxes, ha="left", va="top", fontsize=7,
                 color="0.3")

@@ -23,6 +23,7 @@ import shutil
 import numpy as np
 
 from .._util import atomic_path, progress
+from ._labels import label_name
 
 __all__ = ["MovieResult", "movie_metallicity", "movie_rgb", "lab_movies", "render_frame",
            "model_wavelength"]
@@ -89,12 +90,11 @@ def _label_text(names, lab):
     parts = []
     for n, v in zip(names, lab):
         if n == "TEFF":
-            parts.append(f"Teff = {v:.0f} K")
+            parts.append(f"{label_name(n)} = {v:.0f} K")
         elif n == "LOGG":
-            parts.append(f"log g = {v:.2f}")
+            parts.append(f"{label_name(n)} = {v:.2f}")
         else:
-            nice = {"FE_H": "[Fe/H]", "MG_FE": "[Mg/Fe]", "SI_FE": "[Si/Fe]", "M_H": "[M/H]"}
-            parts.append(f"{nice.get(n, n)} = {v:+.2f}")
+            parts.append(f"{label_name(n)} = {v:+.2f}")
     return ", ".join(parts)
 
 

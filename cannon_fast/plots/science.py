@@ -10,12 +10,9 @@ import os
 import numpy as np
 
 from .._util import atomic_path
+from ._labels import axis_label, value_title
 
-__all__ = ["posterior_corner", "binary_bias_figure", "LABEL_TEXT"]
-
-#: Axis text of the usual labels.
-LABEL_TEXT = {"TEFF": r"$T_\mathrm{eff}$ [K]", "LOGG": r"$\log g$ [cgs]", "FE_H": "[Fe/H]",
-              "MG_FE": "[Mg/Fe]", "SI_FE": "[Si/Fe]", "M_H": "[M/H]", "ALPHA_M": r"[$\alpha$/M]"}
+__all__ = ["posterior_corner", "binary_bias_figure"]
 
 
 def _save(fig, path, dpi=110):
@@ -57,7 +54,7 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
     fig = Figure(figsize=(2.0 * n + 0.6, 2.0 * n + 0.6))
     axes = fig.subplots(n, n)
     axes = np.atleast_2d(axes)
-    corner.corner(result.samples, fig=fig, labels=[LABEL_TEXT.get(s, s) for s in names],
+    corner.corner(result.samples, fig=fig, labels=[axis_label(s) for s in names],
                   quantiles=[0.16, 0.5, 0.84], show_titles=False, labelpad=0.12,
                   label_kwargs=dict(fontsize=10), color="C0",
                   truths=None if truths is None else list(np.asarray(truths, float)),
@@ -66,7 +63,7 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
     for j, name in enumerate(names):
         med, lo, hi = result.median[j], result.median[j] - result.p16[j], \
             result.p84[j] - result.median[j]
-        axes[j, j].set_title(_title(name, med, lo, hi), fontsize=9)
+        axes[j, j].set_title(value_title(name, med, lo, hi), fontsize=9)
     fig.subplots_adjust(left=0.12, bottom=0.1, right=0.98, top=0.9, wspace=0.06, hspace=0.06)
     if show_fit:
         for j in range(n):
@@ -92,27 +89,6 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
 
 
 #: Most decimals shown in a diagonal title, per label (whole kelvin are plenty for Teff).
-_MAX_DECIMALS = {"TEFF": 0}
-
-
-def _title(name, med, lo, hi):
-    r"""Diagonal title: the axis label's name, median and errors to 2 significant digits.
-
-    E.g. ``$T_\mathrm{eff}$ = 4669$^{+8}_{-8}$ K`` or ``[Fe/H] = 0.1930$^{+0.0071}_{-0.0068}$``:
-    the name and unit are those of the axis label (:data:`LABEL_TEXT`), and the median
-    and both errors have the same number of decimals, set by the smaller error.
-    """
-    text = LABEL_TEXT.get(name, name)
-    unit = ""
-    if text.endswith("]") and " [" in text:
-        text, unit = text[:-1].rsplit(" [", 1)
-    unit = "" if unit in ("", "dex", "cgs") else f" {unit}"
-    errs = [e for e in (lo, hi) if np.isfinite(e) and e > 0]
-    dec = int(np.clip(1 - np.floor(np.log10(min(errs))), 0, 4)) if errs else 3
-    dec = min(dec, _MAX_DECIMALS.get(str(name).upper(), dec))
-    return f"{text} = {med:.{dec}f}$^{{+{hi:.{dec}f}}}_{{-{lo:.{dec}f}}}${unit}"
-
-
 def binary_bias_figure(study, path=None, labels=("TEFF", "LOGG", "FE_H"), dpi=110):
     """Bias of single-star labels vs the injected light ratio (a ``BiasStudy``).
 
@@ -146,7 +122,7 @@ def binary_bias_figure(study, path=None, labels=("TEFF", "LOGG", "FE_H"), dpi=11
                         study.bias[:, j] + study.scatter[:, j], alpha=0.2, lw=0,
                         label="±1σ scatter")
         ax.set_xlabel("injected light ratio $q$ (secondary / primary, H band)")
-        ax.set_ylabel(r"$\Delta$ " + LABEL_TEXT.get(name, name) + " (single fit − primary)")
+        ax.set_ylabel(r"$\Delta$ " + axis_label(name) + " (single fit − primary)")
     axes[0].legend(fontsize=8, loc="best")
     if has_det:
         ax = axes[-1]
