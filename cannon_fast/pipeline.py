@@ -28,7 +28,7 @@ import numpy as np
 from ._util import atomic_path, progress
 
 __all__ = ["LAB_LABELS", "TARGETS", "run_lab", "label_statistics", "diagnose_outliers",
-           "read_summary", "REPORT_FILES"]
+           "read_summary", "cv_scatter", "REPORT_FILES"]
 
 #: The five labels of the lab's model.
 LAB_LABELS = ("TEFF", "LOGG", "FE_H", "MG_FE", "SI_FE")
@@ -178,6 +178,31 @@ def _targets(stats):
                          met=bool(met))
     out["all_met"] = bool(ok_all)
     return out
+
+
+def _population_breakdown(fitted, true, ok, population, names=("TEFF", "FE_H")):
+    """Bias, scatter and share of the total squared error of each true population.
+
+    A population whose share of the squared error is far above its share of the stars
+    is where the model fails (a rare kind of star the training set barely covers).
+    """
+    res = np.asarray(fitted, float) - np.asarray(true, float)
+    use = ok & np.all(np.isfinite(res), axis=1)
+    cols = [LAB_LABELS.index(n) for n in names]
+    total = {n: float(np.sum(res[use, j] ** 2)) for n, j in zip(names, cols)}
+    rows = []
+    for pop in sorted(set(population[use])):
+        sel = use & (population == pop)
+        row = dict(population=str(pop), n=int(sel.sum()))
+        for n, j in zip(names, cols):
+            r = res[sel, j]
+            row[n] = dict(bias=_num(r.mean()),
+                          scatter=_num(r.std(ddof=1)) if len(r) > 1 else None,
+                          share_of_squared_error=_num(np.sum(r ** 2) / total[n]) if total[n]
+                          else None)
+        rows.append(row)
+    return dict(rows=rows, note="fitted - true per true population; share_of_squared_error is "
+                                "the population's part of sum((fitted - true)^2)")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -868,6 +893,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         diagnostics["teff_bins"] = dict(
             bins=bins, note="fitted - true Teff in bins of true Teff: a bias that changes sign "
                             "across the range is the model's compression at the edges")
+        pops = truth_extra.get("POPULATION")
+        if pops is not None:
+            diagnostics["populations"] = _population_breakdown(
+                primary.labels, val_true, primary.ok, np.char.strip(
+                    np.asarray(pops[valid]).astype(str)))
         cat_err = label_statistics(val_cat, val_true, LAB_LABELS)
         diagnostics["catalog_minus_true"] = dict(stats=cat_err,
                                                  note="the catalog's own label errors")
@@ -1002,8 +1032,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
                    train_labels=cat_labels[train], nn_epochs=nn_epochs,
                    mystery_catalog=cat_labels[mystery],
                    mystery_truth=truth_labels[mystery] if truth_labels is not None else None,
-                   cv_scatter={n: validation[primary_key]["vs_catalog"][n]["scatter"]
-                               for n in LAB_LABELS},
+                   cv_scatter=cv_scatter(dict(validation=validation,
+                                              primary_fit=primary_key)),
                    val_is_binary=truth_extra["IS_BINARY"][valid]
                    if "IS_BINARY" in truth_extra else None)
         for key, func in (("mcmc", _extra_mcmc), ("movies", _extra_movies),
@@ -1125,6 +1155,16 @@ def _survey_giant_branch(truth_labels, population=None):
                 color="tab:red", note="line: the embedded survey's own giant branch (median "
                 "true Teff of its RGB stars with |[Fe/H]| < 0.1 in log g bins), not a "
                 "stellar-model isochrone")
+
+
+def cv_scatter(summary):
+    """The cross-validation scatter per label of a lab summary (fitted - catalog).
+
+    The numbers the report compares an MCMC posterior with: the scatter of the
+    validation fit the report uses (``primary_fit``) against the catalogue labels.
+    """
+    stats = summary["validation"][summary["primary_fit"]]["vs_catalog"]
+    return {n: v["scatter"] for n, v in stats.items() if v.get("scatter") is not None}
 
 
 def read_summary(out_dir):

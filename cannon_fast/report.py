@@ -77,6 +77,10 @@ def _fmt(name, v, digits=None):
     return f"{v:.{digits or 4}f}"
 
 
+def _share(v):
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
 def _stats_table(title, stats, labels):
     rows = []
     for key in ("bias", "scatter", "mad_scatter", "n"):
@@ -148,6 +152,20 @@ def _summary_html(s):
                              f"<tr><td>{b['teff_range'][0]}-{b['teff_range'][1]}</td>"
                              f"<td>{b['n']}</td><td>{_fmt('TEFF', b['bias'])}</td>"
                              f"<td>{_fmt('TEFF', b['scatter'])}</td></tr>" for b in v["bins"])
+                         + "</table>")
+            continue
+        if "rows" in v:
+            names = [n for n in v["rows"][0] if n not in ("population", "n")] if v["rows"] else []
+            parts.append(f"<h3>{html.escape(key)}: {html.escape(v.get('note', ''))}</h3><table>"
+                         "<tr><th>population</th><th>n</th>" + "".join(
+                             f"<th>{html.escape(n)} bias</th><th>{html.escape(n)} scatter</th>"
+                             f"<th>{html.escape(n)} share of squared error</th>" for n in names)
+                         + "</tr>" + "".join(
+                             f"<tr><td>{html.escape(r['population'])}</td><td>{r['n']}</td>"
+                             + "".join(f"<td>{_fmt(n, r[n]['bias'])}</td>"
+                                       f"<td>{_fmt(n, r[n]['scatter'])}</td>"
+                                       f"<td>{_share(r[n]['share_of_squared_error'])}</td>"
+                                       for n in names) + "</tr>" for r in v["rows"])
                          + "</table>")
             continue
         stats = v.get("vs_true") or v.get("stats")

@@ -74,6 +74,26 @@ def test_label_statistics_and_targets():
     assert not pipeline._targets(st)["all_met"]
 
 
+def test_population_breakdown_finds_where_the_error_is(tmp_path):
+    # 8 well-fitted stars and 2 of a rare population with 10x their error
+    true = np.zeros((10, 5))
+    fit = true.copy()
+    fit[:, 0] = [10, -10] * 4 + [100, -100]
+    fit[:, 2] = 0.01
+    pop = np.array(["disk"] * 8 + ["halo"] * 2)
+    d = pipeline._population_breakdown(fit, true, np.ones(10, bool), pop)
+    halo = [r for r in d["rows"] if r["population"] == "halo"][0]
+    assert halo["n"] == 2 and np.isclose(halo["TEFF"]["share_of_squared_error"],
+                                         2e4 / (8e2 + 2e4))
+    assert np.isclose(halo["FE_H"]["share_of_squared_error"], 0.2)  # same error: share = n
+    assert np.isclose(halo["TEFF"]["scatter"], np.std([100, -100], ddof=1))
+    summary = dict(created="now", labels=["TEFF"], diagnostics=dict(populations=d))
+    report.write_summary(summary, tmp_path)
+    with open(report.rebuild_report(tmp_path), encoding="utf-8") as fh:
+        page = fh.read()
+    assert "<td>halo</td><td>2</td>" in page and "96%" in page
+
+
 def test_report_html_references_every_png(tmp_path):
     summary = dict(created="now", labels=["TEFF"], figures=[dict(file="a.png", caption="A")],
                    timings=dict(total=1.0), notes=["a note"])

@@ -8,11 +8,21 @@ labels, error-weighted stars) and the plain label fit: Teff -2.7 / 34.5 K, [Fe/H
 0.0201 dex (bias / scatter); without the label errors 38.0 K / 0.0206. The lab's quadratic
 alone gives 48.0 K / 0.0253 (plain) -- the same as TheCannon (Ho) on the same normalized
 spectra, 48.1 K -- and the peers reach 40-45 K on their own pipeline (PEERS.md section 2).
-So the targets are NOT met, and that test is a strict xfail. Trained on the TRUE labels the
-same model reaches 30.4 K (plain) / 28.9 K (de-biased): the catalogue's label errors (65 K
-in Teff, 1.6x the stated ones) cost the rest. Run time of this file: ~2.5 min on 2 quiet
-cores (generation ~40-60 s, lab ~45 s), so CI runs all 3036 stars; set
-CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under pytest's
+So the targets are NOT met, and that test is a strict xfail. Where the error is (summary
+diagnostics "populations"): the 776 disk giants reach 26.7 K / 0.018 dex and the 134 NGC
+6791 members 22.7 K / 0.014 dex; the 16 dwarfs/subgiants (hot, log g 3.3-3.9: 121 K, bias
+-49 K) and 11 halo giants (70 K, bias -126 K), 3 % of the stars, carry about half of the
+squared Teff error. There the model is wrong, not the optimizer: chi2 at the true labels is
+1.1-2.8x that at the fitted ones. Trained on the TRUE labels the same model reaches 30.4 K
+(plain) / 28.9 K (de-biased), with the same failure in that corner; the catalogue's label
+errors (65 K in Teff, 1.6x the stated ones) cost the rest. Tried and not kept: full cubic
+terms (36.6 K), training stars weighted by inverse label density (34.6-36.3 K), a second
+model for the hot/metal-poor corner (30.0 K, but only with a region chosen by looking at the
+validation stars; data-driven regions gave 35.6-36.7 K). A fitted line-broadening term could
+at most remove the part of the error correlated with the mock's hidden vmacro: 20 % of the
+[Fe/H] variance (0.0201 -> 0.0180) but 4 % of Teff's (34.5 -> 33.8 K). Run time of this
+file: ~2.5 min on 2 quiet cores (generation ~40-60 s, lab ~45 s), so CI runs all 3036 stars;
+set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under pytest's
 tmp_path and removed afterwards.
 """
 import os
@@ -75,11 +85,20 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     assert s["primary_fit"] == s["choice"]["test_step"] and set(s["validation"]) == {
         "debias", "plain"}
     assert "trained_on_true_labels" in s["diagnostics"] and "teff_bins" in s["diagnostics"]
+    # the population the training set covers well meets the lab's targets; the rare ones
+    # (dwarfs/subgiants, halo giants) are where the remaining error is
+    rows = {r["population"]: r for r in s["diagnostics"]["populations"]["rows"]}
+    disk = rows["disk_giant"]
+    assert disk["n"] > 0.7 * v["n_ok"], rows
+    assert disk["TEFF"]["scatter"] < 30 and disk["FE_H"]["scatter"] < 0.02, rows
+    rare = [r for name, r in rows.items() if name in ("dwarf", "halo_giant")]
+    assert sum(r["TEFF"]["share_of_squared_error"] for r in rare) > 0.25, rows
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not reached on the realistic mock "
-                   "survey (Teff ~34.5 K, [Fe/H] ~0.020 dex vs 30 K / 0.02): the catalogue's "
-                   "label errors (65 K in Teff); see the module docstring")
+                   "survey (Teff ~34.5 K, [Fe/H] ~0.020 dex vs 30 K / 0.02): rare dwarfs, "
+                   "subgiants and halo giants (3 % of the stars, about half the squared Teff "
+                   "error) and the catalogue's label errors; see the module docstring")
 def test_mock_survey_meets_the_lab_targets(mock_lab):
     t = mock_lab["validation"][mock_lab["primary_fit"]]["targets_vs_true"]
     assert t["all_met"], _numbers(mock_lab)
