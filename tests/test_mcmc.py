@@ -170,6 +170,22 @@ def test_cli_mcmc(tiny, tmp_path, capsys):
     assert rc == 1 and "no such file" in capsys.readouterr().err
 
 
+def test_cli_cv_scatter_from_a_report(tmp_path):
+    from cannon_fast.cli.science import _parse_cv
+    stats = {"TEFF": dict(scatter=21.5), "FE_H": dict(scatter=0.018), "LOGG": dict(scatter=None)}
+    summary = dict(primary_fit="plain", validation=dict(
+        plain=dict(vs_catalog=stats), debias=dict(vs_catalog={"TEFF": dict(scatter=99.0)})))
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    want = {"TEFF": 21.5, "FE_H": 0.018}  # the report's primary fit, missing scatter left out
+    assert _parse_cv(str(tmp_path)) == want == _parse_cv(str(tmp_path / "summary.json"))
+    assert _parse_cv("TEFF=30, FE_H=0.02") == {"TEFF": 30.0, "FE_H": 0.02}
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="other.json: not a lab report"):
+        _parse_cv(str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="use LABEL=VALUE"):
+        _parse_cv("TEFF:30")
+
+
 def test_generic_forward_model(tiny):
     """Any forward model with predict_with_jacobian (e.g. the NN emulator) can be sampled."""
     model, _, te = tiny

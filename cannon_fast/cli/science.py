@@ -45,9 +45,10 @@ def register(subparsers, parent):
     p.add_argument("--corner", default=None, help="write the corner plot here (.png/.pdf)")
     p.add_argument("--output", default=None, help="write the summary as JSON here")
     p.add_argument("--samples", default=None, help="write the posterior samples (.npz) here")
-    p.add_argument("--cv-scatter", default=None, metavar="LABEL=VALUE,...",
-                   help="cross-validation scatter per label for the comparison table, e.g. "
-                        "TEFF=30,LOGG=0.06,FE_H=0.02")
+    p.add_argument("--cv-scatter", default=None, metavar="LABEL=VALUE,... or REPORT",
+                   help="cross-validation scatter per label for the comparison table: "
+                        "e.g. TEFF=30,LOGG=0.06,FE_H=0.02, or a report folder (or its "
+                        "summary.json) to use that lab run's validation scatter")
     p.set_defaults(func=_mcmc)
 
     m = subparsers.add_parser(
@@ -162,15 +163,26 @@ def load_one_spectrum(path, model, continuum=None):
 
 
 def _parse_cv(text):
+    """``--cv-scatter``: LABEL=VALUE pairs, or a report folder / its summary.json."""
     if not text:
         return None
+    if os.path.isdir(text) or text.endswith(".json"):
+        from ..pipeline import cv_scatter
+        path = os.path.join(text, "summary.json") if os.path.isdir(text) else text
+        try:
+            with open(path) as fh:
+                return cv_scatter(json.load(fh))
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"--cv-scatter {path}: not a lab report with validation "
+                             f"numbers ({type(err).__name__}: {err})") from None
     out = {}
     for item in text.split(","):
         name, _, val = item.partition("=")
         try:
             out[name.strip()] = float(val)
         except ValueError:
-            raise ValueError(f"cannot parse --cv-scatter item {item!r}: use LABEL=VALUE") from None
+            raise ValueError(f"cannot parse --cv-scatter item {item!r}: use LABEL=VALUE "
+                             "or a report folder") from None
     return out
 
 
