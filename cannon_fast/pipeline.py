@@ -906,6 +906,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     # 8. figures ----------------------------------------------------------------------------
     t0 = time.perf_counter()
     from .plots import lab as pl
+    from .plots._labels import label_name
 
     lines, lines_src = pl.known_lines(line_file=line_file)
     model_val = model.predict(np.where(np.isfinite(primary.labels), primary.labels,
@@ -949,8 +950,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     ref_labels = np.median(model.training_labels, axis=0)
     plan.append(("gradients", lambda: pl.plot_gradient_spectra(
         wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
-        title="gradient spectra at the median training labels " + ", ".join(
-            f"{n}={v:.4g}" for n, v in zip(LAB_LABELS, ref_labels))),
+        title="gradient spectra at the median training labels: " + ", ".join(
+            f"{label_name(n)} = {v:.4g}" for n, v in zip(LAB_LABELS, ref_labels))),
         f"Gradient spectra d flux / d label; Mg I and Si I lines ({lines_src}) marked on the "
         "[Mg/Fe] and [Si/Fe] panels."))
     plan.append(("s2", lambda: pl.plot_s2(wave, model.s2, lines=lines, lines_source=lines_src,

@@ -18,12 +18,13 @@ squared Teff error. There the model is wrong, not the optimizer: chi2 at the tru
 errors (65 K in Teff, 1.6x the stated ones) cost the rest. Tried and not kept: full cubic
 terms (36.6 K), training stars weighted by inverse label density (34.6-36.3 K), a second
 model for the hot/metal-poor corner (30.0 K, but only with a region chosen by looking at the
-validation stars; data-driven regions gave 35.6-36.7 K). A fitted line-broadening term could
-at most remove the part of the error correlated with the mock's hidden vmacro: 20 % of the
-[Fe/H] variance (0.0201 -> 0.0180) but 4 % of Teff's (34.5 -> 33.8 K). Run time of this
-file: ~2.5 min on 2 quiet cores (generation ~40-60 s, lab ~45 s), so CI runs all 3036 stars;
-set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is written under pytest's
-tmp_path and removed afterwards.
+validation stars; data-driven regions gave 35.6-36.7 K, models trained on the 300-500
+training stars nearest each sparse-region star's first fit 34.7-37.1 K). A fitted line-
+broadening term could at most remove the part of the error correlated with the mock's hidden
+vmacro: 20 % of the [Fe/H] variance (0.0201 -> 0.0180) but 4 % of Teff's (34.5 -> 33.8 K).
+Run time of this file: ~2.5 min on 2 quiet cores (generation ~40-60 s, lab ~45 s), so CI
+runs all 3036 stars; set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is
+written under pytest's tmp_path and removed afterwards.
 """
 import os
 import shutil
