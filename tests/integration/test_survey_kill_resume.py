@@ -16,8 +16,12 @@ N_CHUNKS = 20
 CHUNK = 100
 
 # The job under test, slowed down after each commit so that the kill lands mid-run.
+# Python leaves SIGINT ignored when it starts with SIGINT ignored, as every process started
+# in the background of a non-interactive shell does; the runner restores Ctrl-C so that the
+# SIGINT case does not depend on how pytest was launched.
 RUNNER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import cannon_fast.survey as sv
 real = sv._write_part
 delay = float(sys.argv[1])
