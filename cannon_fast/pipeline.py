@@ -1168,7 +1168,10 @@ def cv_scatter(summary):
     return {n: v["scatter"] for n, v in stats.items() if v.get("scatter") is not None}
 
 
-def read_summary(out_dir):
-    """Read ``summary.json`` from a report folder."""
-    with open(os.path.join(os.fspath(out_dir), "summary.json")) as fh:
+def read_summary(path):
+    """Read a lab summary: a report folder's ``summary.json``, or that file itself."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "summary.json")
+    with open(path) as fh:
         return json.load(fh)

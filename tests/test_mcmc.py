@@ -184,6 +184,10 @@ def test_cli_cv_scatter_from_a_report(tmp_path):
         _parse_cv(str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match="use LABEL=VALUE"):
         _parse_cv("TEFF:30")
+    (tmp_path / "empty").mkdir()
+    for missing in ("nope.json", "empty"):  # no such file; a folder without summary.json
+        with pytest.raises(ValueError, match=f"{missing}: not a lab report.*FileNotFound"):
+            _parse_cv(str(tmp_path / missing))
 
 
 def test_generic_forward_model(tiny):

@@ -167,13 +167,11 @@ def _parse_cv(text):
     if not text:
         return None
     if os.path.isdir(text) or text.endswith(".json"):
-        from ..pipeline import cv_scatter
-        path = os.path.join(text, "summary.json") if os.path.isdir(text) else text
+        from ..pipeline import cv_scatter, read_summary
         try:
-            with open(path) as fh:
-                return cv_scatter(json.load(fh))
+            return cv_scatter(read_summary(text))
         except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"--cv-scatter {path}: not a lab report with validation "
+            raise ValueError(f"--cv-scatter {text}: not a lab report with validation "
                              f"numbers ({type(err).__name__}: {err})") from None
     out = {}
     for item in text.split(","):

@@ -18,10 +18,16 @@ def axis_label(name):
     return LABEL_TEXT.get(str(name).upper(), str(name))
 
 
+def _name_and_unit(name):
+    text = axis_label(name)
+    if text.endswith("]") and " [" in text:
+        return tuple(text[:-1].rsplit(" [", 1))
+    return text, ""
+
+
 def label_name(name):
     """A label's name without its unit, e.g. ``[Fe/H]``."""
-    text = axis_label(name)
-    return text[:-1].rsplit(" [", 1)[0] if text.endswith("]") and " [" in text else text
+    return _name_and_unit(name)[0]
 
 
 def value_title(name, med, lo, hi):
@@ -31,10 +37,9 @@ def value_title(name, med, lo, hi):
     the median and both errors have the same number of decimals, set by the smaller
     error; "dex" and "cgs" are left out.
     """
-    text = axis_label(name)
-    unit = text[:-1].rsplit(" [", 1)[1] if text.endswith("]") and " [" in text else ""
+    text, unit = _name_and_unit(name)
     unit = "" if unit in ("", "dex", "cgs") else f" {unit}"
     errs = [e for e in (lo, hi) if np.isfinite(e) and e > 0]
     dec = int(np.clip(1 - np.floor(np.log10(min(errs))), 0, 4)) if errs else 3
     dec = min(dec, _MAX_DECIMALS.get(str(name).upper(), dec))
-    return f"{label_name(name)} = {med:.{dec}f}$^{{+{hi:.{dec}f}}}_{{-{lo:.{dec}f}}}${unit}"
+    return f"{text} = {med:.{dec}f}$^{{+{hi:.{dec}f}}}_{{-{lo:.{dec}f}}}${unit}"

@@ -88,7 +88,6 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
     return fig
 
 
-#: Most decimals shown in a diagonal title, per label (whole kelvin are plenty for Teff).
 def binary_bias_figure(study, path=None, labels=("TEFF", "LOGG", "FE_H"), dpi=110):
     """Bias of single-star labels vs the injected light ratio (a ``BiasStudy``).
 
