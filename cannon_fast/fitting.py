@@ -31,6 +31,7 @@ from . import vectorizer as vz
 from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._util import as_float64, progress
 from .backends import kernels, resolve_backend
+from .io.apogee import CDELT1 as _APSTAR_CDELT1
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf"]
 
@@ -82,6 +83,9 @@ class FitResult:
         Bits of ``FLAGS``.
     label_names : list of str
     debiased : bool
+    broadening, broadening_error : ndarray, (N,), or None
+        Extra line broadening and its error, (km/s)², from ``fit_broadened``;
+        None from the other fits.
     """
 
     labels: np.ndarray
@@ -94,6 +98,8 @@ class FitResult:
     flags: np.ndarray
     label_names: list
     debiased: bool = True
+    broadening: np.ndarray = None
+    broadening_error: np.ndarray = None
 
     FLAGS = FLAGS
 
@@ -124,13 +130,17 @@ class FitResult:
         t["N_PIXELS"] = self.n_pixels
         t["ITERATIONS"] = self.iterations
         t["FLAGS"] = self.flags
+        if self.broadening is not None:
+            t["BROADENING"] = self.broadening
+            t["BROADENING_ERR"] = self.broadening_error
         return t
 
     @classmethod
     def concatenate(cls, parts):
         """Join results of consecutive batches."""
         fields = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                  for f in dataclasses.fields(cls) if f.name not in ("label_names", "debiased")}
+                  for f in dataclasses.fields(cls) if f.name not in ("label_names", "debiased")
+                  and getattr(parts[0], f.name) is not None}
         return cls(label_names=parts[0].label_names, debiased=parts[0].debiased, **fields)
 
 
@@ -183,7 +193,7 @@ def _precompute(model):
 
 def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, n_polish=2,
                batch_size=512, max_iter=100, xtol=1e-6, disagree_dchi2=9.0, backend=None,
-               progress_bar=None):
+               progress_bar=None, broadening=False):
     """Fit labels to spectra with a trained ``CannonModel`` (fast batched path).
 
     Parameters
@@ -216,12 +226,17 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         Kernel backend; the model's by default.
     progress_bar : bool, optional
         Show a progress bar (default: when stderr is a terminal and N > batch_size).
+    broadening : bool, optional
+        Then fit extra line broadening with the labels, from this fit
+        (``fit_broadened``); needs ``debias=False``.
 
     Returns
     -------
     FitResult
     """
     model._require_trained()
+    if broadening and debias:
+        raise ValueError("broadening=True refines the plain chi² fit: pass debias=False")
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
     k = kernels(resolve_backend(backend or model.backend))
     pre = _precompute(model)
@@ -321,7 +336,10 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
                                label_names=list(model.label_names), debiased=bool(debias)))
         bar.update(n)
     bar.close()
-    return FitResult.concatenate(parts)
+    result = FitResult.concatenate(parts)
+    if broadening:
+        return fit_broadened(model, flux, ivar, start=result, progress_bar=progress_bar)
+    return result
 
 
 def _capped_hessian(fisher, bmat, cap=None):
@@ -591,8 +609,8 @@ def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
     return fit_generic(forward_model, flux, ivar, **kwargs)
 
 
-def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
-                batch_size=256, progress_bar=None):
+def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, ftol=1e-8,
+                batch_size=256, progress_bar=None, initial=None):
     """Batched Levenberg-Marquardt for any forward model with a Jacobian.
 
     Labels are scaled by the training set's median and spread internally.
@@ -606,7 +624,15 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
     flux, ivar : array_like, (N, P)
     n_starts, max_iter, batch_size : int, optional
     xtol : float, optional
+        Converged when an accepted step moves no scaled label by more than this ...
+    ftol : float, optional
+        ... or lowers chi² by less than ``ftol * chi²`` (as scipy's
+        ``least_squares``): far from a good fit, where the Gauss-Newton model is
+        poor, LM can creep on with ever smaller gains.
     progress_bar : bool, optional
+    initial : array_like, (N, L), optional
+        One starting point per star (e.g. a previous fit); when given it is the
+        only start and ``n_starts`` is ignored.
 
     Returns
     -------
@@ -630,16 +656,24 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
         j = int(np.argmax(dist))
         starts.append(xtr[j])
         dist = np.minimum(dist, np.sum((xtr - xtr[j]) ** 2, axis=1))
-    starts = np.clip(np.array(starts), bounds[0], bounds[1])
+    starts = np.clip(np.array(starts), bounds[0], bounds[1])[:, None, :]  # (S, 1, L)
+    if initial is not None:
+        initial = np.asarray(initial, dtype=float)
+        if initial.shape != (flux.shape[0], n_labels) or not np.isfinite(initial).all():
+            raise ValueError(f"initial must be finite, of shape {(flux.shape[0], n_labels)}; "
+                             f"got shape {initial.shape}")
+        starts = np.clip((initial - med) / scale, bounds[0], bounds[1])[None]  # (1, N, L)
 
-    def evaluate(x, f, w):
-        if len(x) == 0:
-            shape = (0,) + f.shape[1:]
-            return np.zeros(0), np.zeros(shape), np.zeros(shape + (n_labels,))
+    def normal_equations(x, f, w):
+        """chi², J^T W J and J^T W r at scaled labels x."""
         model_f, jac = forward_model.predict_with_jacobian(x * scale + med)
-        jac = jac * scale[None, None, :]
+        # (N, L, P), contiguous along pixels: the sums over pixels are then BLAS products
+        # (einsum over a strided (N, P, L) array was most of the time)
+        jac_t = np.swapaxes(jac, 1, 2) * scale[None, :, None]
         r = f - model_f
-        return np.einsum("np,np,np->n", r, w, r), r, jac
+        jtw = jac_t * w[:, None, :]
+        return (np.einsum("np,np,np->n", r, w, r), np.matmul(jtw, np.swapaxes(jac_t, 1, 2)),
+                np.matmul(jtw, r[:, :, None])[:, :, 0])
 
     parts = []
     n_stars = flux.shape[0]
@@ -653,40 +687,20 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
         n_pix = valid.sum(axis=1)
         best_x = np.zeros((n, n_labels))
         best_chi = np.full(n, np.inf)
+        best_norm = np.zeros((n, n_labels, n_labels))
         iters = np.zeros(n, dtype=int)
         conv_best = np.zeros(n, bool)
         for x0 in starts:
-            x = np.repeat(x0[None], n, axis=0)
-            chi, r, jac = evaluate(x, f, w)
-            lam = np.full(n, 1e-3)
-            done = np.zeros(n, bool)
-            for _ in range(max_iter):
-                act = np.flatnonzero(~done)  # only stars still moving cost a model call
-                if len(act) == 0:
-                    break
-                iters[act] += 1
-                jtw = jac[act] * w[act, :, None]
-                a = np.einsum("npl,npm->nlm", jtw, jac[act])
-                g = np.einsum("npl,np->nl", jtw, r[act])
-                diag = np.diagonal(a, axis1=1, axis2=2)[:, :, None] + 1e-12
-                damp = a + lam[act, None, None] * (np.eye(n_labels) * diag)
-                step = _solve_batched(damp, g)
-                x_new = np.clip(x[act] + step, bounds[0], bounds[1])
-                chi_new, r_new, jac_new = evaluate(x_new, f[act], w[act])
-                ok = chi_new <= chi[act]
-                moved = np.max(np.abs(x_new - x[act]), axis=1)
-                acc = act[ok]
-                x[acc], chi[acc], r[acc], jac[acc] = x_new[ok], chi_new[ok], r_new[ok], jac_new[ok]
-                lam[act] = np.where(ok, np.maximum(lam[act] / 3, 1e-9), lam[act] * 4)
-                # converged: a small accepted step, or no step lowers chi² any more (a
-                # piecewise-linear emulator has kinks where damping alone cannot help)
-                done[act] = (ok & (moved < xtol)) | (lam[act] > 1e12)
+            x = np.array(np.broadcast_to(x0 if len(x0) == 1 else x0[b0:b0 + n], (n, n_labels)))
+            x, chi, norm, it, done = _lm_batched(
+                x, lambda rows, xr: normal_equations(xr, f[rows], w[rows]), bounds[0],
+                bounds[1], max_iter, xtol, ftol)
+            iters += it
             better = chi < best_chi
-            best_x[better], best_chi[better] = x[better], chi[better]
+            best_x[better], best_chi[better], best_norm[better] = x[better], chi[better], \
+                norm[better]
             conv_best[better] = done[better]
-        chi, r, jac = evaluate(best_x, f, w)
-        a = np.einsum("npl,np,npm->nlm", jac, w, jac)
-        cov = _inverse(a) * scale[None, :, None] * scale[None, None, :]
+        cov = _inverse(best_norm) * scale[None, :, None] * scale[None, None, :]
         flags = np.where(conv_best, 0, FLAGS["NOT_CONVERGED"])
         at_bound = np.any(np.isclose(best_x, bounds[0]) | np.isclose(best_x, bounds[1]), axis=1)
         flags[at_bound] |= FLAGS["HIT_BOUND"]
@@ -695,8 +709,261 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7,
         labels = best_x * scale + med
         labels[few] = np.nan
         parts.append(FitResult(labels=labels, errors=np.sqrt(np.diagonal(cov, axis1=1, axis2=2)),
-                               covariance=cov, chi2=chi,
-                               reduced_chi2=chi / np.maximum(n_pix - n_labels, 1),
+                               covariance=cov, chi2=best_chi,
+                               reduced_chi2=best_chi / np.maximum(n_pix - n_labels, 1),
                                n_pixels=n_pix, iterations=iters, flags=flags, label_names=names,
                                debiased=False))
     return FitResult.concatenate(parts)
+
+
+#: Velocity width of one apStar pixel, c ln(10) CDELT1 = 4.14 km/s.
+PIXEL_VELOCITY = 299792.458 * np.log(10.0) * _APSTAR_CDELT1
+#: Bound on |BROADENING|, (km/s)²: twice a pixel's velocity width squared. The model
+#: is the first order of a Gaussian convolution, good while the added variance is
+#: below that of the instrumental profile (R = 22,500: sigma ~ 1.4 pixels).
+BROADENING_BOUND = 2.0 * PIXEL_VELOCITY ** 2
+
+
+class BroadenedModel:
+    """A Cannon model with one more parameter: extra line broadening.
+
+    A star whose lines are broader or narrower than those of the training
+    stars of the same labels (macroturbulence, rotation, a different line-spread
+    function) otherwise pulls the labels that deepen or weaken lines, [Fe/H]
+    first. Convolving a spectrum with a Gaussian of velocity variance ``b`` is,
+    to first order, ``f + b / (2 dv²) D² f`` with ``D²`` the second difference
+    along pixels and ``dv`` a pixel's velocity width; the model is that, so it
+    stays linear in ``theta``: ``(theta + b D²theta / (2 dv²)) . v(x)``.
+    ``b`` (label ``BROADENING``, (km/s)²) is signed: negative means narrower
+    lines than the model's. ``D²`` is zero where a pixel or a neighbour is
+    flagged or at the chip gaps, which the model flags (no training flux).
+
+    Parameters
+    ----------
+    model : CannonModel
+        Trained on a uniform log-lambda grid (apStar's).
+
+    Notes
+    -----
+    A forward model for ``fit_generic``: it has ``label_names``,
+    ``label_bounds``, ``training_labels``, ``s2`` and ``predict_with_jacobian``.
+    """
+
+    def __init__(self, model):
+        model._require_trained()
+        self.model = model
+        self.label_names = list(model.label_names) + ["BROADENING"]
+        self.good_pixels = (model.pixel_flags & 3) == 0  # as the fast path's
+        inner = np.zeros(model.n_pixels, dtype=bool)
+        inner[1:-1] = self.good_pixels[2:] & self.good_pixels[1:-1] & self.good_pixels[:-2]
+        d2 = np.zeros_like(model.theta)
+        d2[1:-1] = model.theta[2:] - 2.0 * model.theta[1:-1] + model.theta[:-2]
+        d2[~inner] = 0.0
+        self.d2_theta = d2 / (2.0 * PIXEL_VELOCITY ** 2)
+        self.s2 = model.s2
+        self.label_bounds = np.vstack([model.label_bounds,
+                                       [-BROADENING_BOUND, BROADENING_BOUND]])
+        # zero spread in the extra column: fit_generic scales it by 1 (km/s)²
+        self.training_labels = np.column_stack([model.training_labels,
+                                                np.zeros(len(model.training_labels))])
+
+    def predict_with_jacobian(self, labels):
+        """Model spectra and Jacobian, labels (N, L + 1) with BROADENING last."""
+        labels = np.atleast_2d(np.asarray(labels, dtype=float))
+        m = self.model
+        b = labels[:, -1:]
+        x = m.scale_labels(labels[:, :-1])
+        v = vz.label_vector(x, m.exponents)  # (N, T)
+        dv = vz.label_vector_jacobian(x, m.exponents)  # (N, T, L)
+        n, t, n_lab = dv.shape
+        dv_rows = np.ascontiguousarray(dv.transpose(0, 2, 1)).reshape(n * n_lab, t)
+        d2_flux = v @ self.d2_theta.T  # (N, P): d model / d b
+        flux = v @ m.theta.T + b * d2_flux
+        jac_x = (dv_rows @ m.theta.T + np.repeat(b, n_lab, axis=0) * (dv_rows @ self.d2_theta.T))
+        jac_x = jac_x.reshape(n, n_lab, -1) / m.label_scales[None, :, None]
+        jac = np.concatenate([jac_x, d2_flux[:, None, :]], axis=1)  # (N, L + 1, P)
+        return flux, np.swapaxes(jac, 1, 2)
+
+
+def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, xtol=1e-6,
+                  ftol=1e-8, progress_bar=None):
+    """Fit labels and extra line broadening together (``BroadenedModel``).
+
+    As for the labels alone (``fit_cannon``), chi² of the broadened model is a
+    polynomial in the label vector ``v`` once a few sums over pixels are known,
+    now with ``b``: ``chi² = c - 2 v.(h + b k) + v^T (G + b S + b² K) v`` with
+    ``h = sum w f theta``, ``k = sum w f D``, ``G = sum w theta theta^T``,
+    ``S = sum w (theta D^T + D theta^T)``, ``K = sum w D D^T`` (``D`` the model's
+    ``D² theta / 2 dv²``). They cost three (N, P) x (P, T²) products per batch;
+    Levenberg-Marquardt on (x, b) from the plain fit then costs O(T² L) per
+    iteration. ``fit_generic(BroadenedModel(model), ...)`` evaluates the model
+    itself and is the reference this path is tested against.
+
+    Parameters
+    ----------
+    model : CannonModel
+    flux, ivar : array_like, (N, P)
+    start : FitResult, optional
+        A plain fit of the same spectra to start from (made if not given).
+    batch_size : int, optional
+        Stars per batch; memory is about ``batch_size * P * 16`` bytes.
+    max_iter : int, optional
+    xtol : float, optional
+        Converged when an accepted step moves no scaled label (and b, in units of
+        ``PIXEL_VELOCITY²``) by more than this ...
+    ftol : float, optional
+        ... or lowers chi² by less than ``ftol * chi²`` (see ``fit_generic``).
+    progress_bar : bool, optional
+
+    Returns
+    -------
+    FitResult
+        Labels, errors and covariance marginalised over the broadening, which
+        is in ``broadening`` and ``broadening_error`` ((km/s)²). Stars the
+        plain fit could not use keep that fit, with NaN broadening. Flags are
+        the plain fit's and this fit's (NOT_CONVERGED, HIT_BOUND).
+    """
+    model._require_trained()
+    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
+    if start is None:
+        start = fit_cannon(model, flux, ivar, debias=False, progress_bar=progress_bar)
+    elif start.debiased or len(start) != len(flux):
+        raise ValueError("start must be a plain fit (debias=False) of the same spectra")
+    broad = BroadenedModel(model)
+    n_labels, n_terms = model.n_labels, model.n_terms
+    out = dataclasses.replace(start, labels=start.labels.copy(), errors=start.errors.copy(),
+                              covariance=start.covariance.copy(), chi2=start.chi2.copy(),
+                              reduced_chi2=start.reduced_chi2.copy(),
+                              iterations=start.iterations.copy(), flags=start.flags.copy(),
+                              broadening=np.full(len(start), np.nan),
+                              broadening_error=np.full(len(start), np.nan))
+    use = np.flatnonzero(start.ok)
+    # b in units of a pixel's velocity width squared: order unity, like the scaled labels
+    b_unit = PIXEL_VELOCITY ** 2
+    theta, d_theta = model.theta, broad.d2_theta * b_unit
+    iu, ju = np.triu_indices(n_terms)
+    outer_g = vz.packed_outer(theta)  # (P, T2)
+    outer_k = vz.packed_outer(d_theta)
+    outer_s = np.ascontiguousarray(
+        (theta[:, :, None] * d_theta[:, None, :]).reshape(len(theta), -1))  # (P, T²)
+    bounds = model.scale_labels(model.label_bounds.T)  # (2, L)
+    lo = np.append(bounds[0], -BROADENING_BOUND / b_unit)
+    hi = np.append(bounds[1], BROADENING_BOUND / b_unit)
+    bar = progress(total=len(use), desc="fitting labels + broadening", unit="star",
+                   disable=None if progress_bar is None and len(use) > batch_size
+                   else not progress_bar)
+    for b0 in range(0, len(use), batch_size):
+        rows = use[b0:b0 + batch_size]
+        n = len(rows)
+        iv = ivar[rows] * broad.good_pixels
+        valid = iv > 0
+        w = np.where(valid, 1.0 / (1.0 / np.where(valid, iv, 1.0) + model.s2), 0.0)
+        f = np.where(valid, flux[rows], 0.0)
+        wf = w * f
+        mom = dict(c=np.einsum("np,np->n", wf, f), h=wf @ theta, k=wf @ d_theta,
+                   g=vz.unpack_symmetric(w @ outer_g, n_terms),
+                   kk=vz.unpack_symmetric(w @ outer_k, n_terms))
+        hmat = (w @ outer_s).reshape(n, n_terms, n_terms)  # sum w theta D^T
+        mom["s"] = hmat + np.swapaxes(hmat, 1, 2)
+        mom["hd"] = hmat
+        p = np.column_stack([model.scale_labels(start.labels[rows]), np.zeros(n)])
+        p, chi, norm, iters, converged = _lm_batched(
+            p, lambda rows, pr: _broadened_chi2(pr, {k: v[rows] for k, v in mom.items()},
+                                                model.exponents, jacobian=True),
+            lo, hi, max_iter, xtol, ftol)
+        cov = _inverse(norm)
+        scales = np.append(model.label_scales, b_unit)
+        cov *= scales[None, :, None] * scales[None, None, :]
+        out.labels[rows] = model.unscale_labels(p[:, :n_labels])
+        out.covariance[rows] = cov[:, :n_labels, :n_labels]
+        diag = np.diagonal(cov, axis1=1, axis2=2)
+        err = np.sqrt(np.where(diag > 0, diag, np.nan))
+        out.errors[rows] = err[:, :n_labels]
+        out.broadening[rows] = p[:, -1] * b_unit
+        out.broadening_error[rows] = err[:, -1]
+        out.chi2[rows] = chi
+        out.reduced_chi2[rows] = chi / np.maximum(start.n_pixels[rows] - n_labels - 1, 1)
+        out.iterations[rows] += iters
+        flags = np.where(converged, 0, FLAGS["NOT_CONVERGED"])
+        flags[np.any(np.isclose(p, lo) | np.isclose(p, hi), axis=1)] |= FLAGS["HIT_BOUND"]
+        flags[~np.all(np.isfinite(diag) & (diag > 0), axis=1)] |= FLAGS["FAILED"]
+        out.flags[rows] |= flags
+        bar.update(n)
+    bar.close()
+    return out
+
+
+def _broadened_chi2(p, mom, exponents, jacobian=False):
+    """chi² of the broadened model from its moments; with the GN normal matrix and gradient.
+
+    ``p`` is (N, L + 1): scaled labels, then b. Returns chi² (N,), and with
+    ``jacobian`` also ``J^T W J`` (N, L + 1, L + 1) and ``J^T W r`` (N, L + 1).
+    """
+    x, b = p[:, :-1], p[:, -1][:, None, None]
+    v = vz.label_vector(x, exponents)  # (N, T)
+    a = mom["g"] + b * mom["s"] + b * b * mom["kk"]  # sum w theta_b theta_b^T
+    u = mom["h"] + b[:, :, 0] * mom["k"]  # sum w f theta_b
+    av = np.einsum("ntu,nu->nt", a, v)
+    chi2 = mom["c"] - 2 * np.einsum("nt,nt->n", v, u) + np.einsum("nt,nt->n", v, av)
+    if not jacobian:
+        return chi2
+    dv = vz.label_vector_jacobian(x, exponents)  # (N, T, L)
+    cross = mom["hd"] + b * mom["kk"]  # sum w theta_b D^T
+    n, n_lab = x.shape
+    norm = np.empty((n, n_lab + 1, n_lab + 1))
+    norm[:, :-1, :-1] = np.swapaxes(dv, 1, 2) @ a @ dv
+    jxb = np.einsum("ntl,ntu,nu->nl", dv, cross, v)
+    norm[:, :-1, -1] = norm[:, -1, :-1] = jxb
+    norm[:, -1, -1] = np.einsum("nt,ntu,nu->n", v, mom["kk"], v)
+    grad = np.empty((n, n_lab + 1))
+    grad[:, :-1] = np.einsum("ntl,nt->nl", dv, u - av)
+    grad[:, -1] = np.einsum("nt,nt->n", v, mom["k"] - np.einsum("nut,nu->nt", cross, v))
+    return chi2, norm, grad
+
+
+def _lm_batched(p, normal_equations, lo, hi, max_iter, xtol, ftol):
+    """Levenberg-Marquardt for a batch of stars, each with its own damping.
+
+    Parameters
+    ----------
+    p : ndarray, (N, K)
+        Starting points (scaled parameters).
+    normal_equations : callable
+        ``(rows, p_rows) -> (chi² (n,), J^T W J (n, K, K), J^T W r (n, K))`` for
+        the stars ``rows`` of the batch at ``p_rows``.
+    lo, hi : ndarray, (K,)
+        Bounds; steps are clipped to them.
+    max_iter : int
+    xtol, ftol : float
+        Converged when an accepted step moves no parameter by more than ``xtol``
+        or lowers chi² by less than ``ftol * chi²`` (far from a good fit, where
+        the Gauss-Newton model is poor, LM can creep on with ever smaller gains);
+        or when no damping finds a lower chi² (a piecewise-linear emulator has
+        kinks where damping alone cannot help).
+
+    Returns
+    -------
+    p, chi2, normal matrix, iterations, converged
+    """
+    n, k = p.shape
+    chi, norm, grad = normal_equations(np.arange(n), p)
+    lam = np.full(n, 1e-3)
+    done = np.zeros(n, bool)
+    iters = np.zeros(n, dtype=np.int64)
+    for _ in range(max_iter):
+        act = np.flatnonzero(~done)  # only stars still moving cost an evaluation
+        if len(act) == 0:
+            break
+        iters[act] += 1
+        diag = np.diagonal(norm[act], axis1=1, axis2=2)[:, :, None] + 1e-12
+        damp = norm[act] + lam[act, None, None] * (np.eye(k) * diag)
+        p_new = np.clip(p[act] + _solve_batched(damp, grad[act]), lo, hi)
+        chi_new, norm_new, grad_new = normal_equations(act, p_new)
+        ok = chi_new <= chi[act]
+        moved = np.max(np.abs(p_new - p[act]), axis=1)
+        small_gain = chi[act] - chi_new < ftol * chi[act]
+        acc = act[ok]
+        p[acc], chi[acc], norm[acc], grad[acc] = p_new[ok], chi_new[ok], norm_new[ok], grad_new[ok]
+        lam[act] = np.where(ok, np.maximum(lam[act] / 3, 1e-9), lam[act] * 4)
+        done[act] = (ok & ((moved < xtol) | small_gain)) | (lam[act] > 1e12)
+    return p, chi, norm, iters, done

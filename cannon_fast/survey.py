@@ -605,6 +605,8 @@ def _fit_chunk(model, d, options):
     fitflags = np.zeros(n, np.int64)
     fit_kw = dict(options.get("fit") or {})
     fit_kw.setdefault("progress_bar", False)
+    with_broadening = bool(fit_kw.get("broadening"))
+    broad = np.full((n, 2), np.nan)  # BROADENING and its error, with broadening=True
     # fit the whole chunk in slices that are multiples of the fit's own batches, so the
     # float64 copies it makes stay small and the results do not depend on the slicing
     for a in range(0, n, _FIT_SLICE):
@@ -631,9 +633,12 @@ def _fit_chunk(model, d, options):
             labels[lo:hi], cov[lo:hi], chi2[lo:hi], rchi2[lo:hi] = r.labels, r.covariance, \
                 r.chi2, r.reduced_chi2
             npix[lo:hi], iters[lo:hi], fitflags[lo:hi] = r.n_pixels, r.iterations, r.flags
+            if with_broadening:
+                broad[lo:hi] = np.column_stack([r.broadening, r.broadening_error])
     fitflags[~usable] = 0
     labels[~usable] = np.nan
     cov[~usable] = np.nan
+    broad[~usable] = np.nan
     chi2[~usable] = rchi2[~usable] = np.nan
     flags |= fitflags
     nolab = usable & ~np.all(np.isfinite(labels), axis=1) & (reason == "")
@@ -652,6 +657,8 @@ def _fit_chunk(model, d, options):
     for i in range(L):
         for j in range(i + 1, L):
             out[f"COV_{model.label_names[i]}_{model.label_names[j]}"] = cov[:, i, j]
+    if with_broadening:
+        out.update(BROADENING=broad[:, 0], BROADENING_ERR=broad[:, 1])
     out.update(CHI2=chi2, REDUCED_CHI2=rchi2, N_PIXELS=npix.astype(np.int32),
                ITERATIONS=iters.astype(np.int32), FLAGS=flags.astype(np.int32),
                CONTINUUM_FLAGS=cflags.astype(np.int32),

@@ -228,3 +228,25 @@ def test_cli_train_with_label_errors(tmp_path, capsys):
     assert main(["train", str(path), "--out", str(tmp_path / "m.npz"), "--label-errors"]) == 0
     info = CannonModel.read(tmp_path / "m.npz").train_info["label_errors"]
     np.testing.assert_allclose(list(info["median_error"].values()), err[0], rtol=1e-12)
+
+
+def test_cli_fit_with_broadening(tmp_path, capsys):
+    from astropy.table import Table
+    from cannon_fast import CannonModel
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=150, n_pix=60, n_labels=3, seed=15)
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    np.savez(train, flux=s.flux[:120], ivar=s.ivar[:120], labels=s.labels[:120],
+             label_names=np.array(s.label_names))
+    np.savez(test, flux=s.flux[120:], ivar=s.ivar[120:])
+    assert main(["train", str(train), "--out", str(tmp_path / "m.npz")]) == 0
+    assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "b.fits"),
+                 "--broadening"]) == 0
+    t = Table.read(tmp_path / "b.fits")
+    direct = CannonModel.read(tmp_path / "m.npz").fit(s.flux[120:], s.ivar[120:], debias=False,
+                                                      broadening=True)
+    np.testing.assert_allclose(t["BROADENING"], direct.broadening, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(t["TEFF"], direct.labels[:, 0], rtol=1e-8)
+    assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "c.fits"),
+                 "--broadening", "--method", "trf"]) == 1
+    assert "--broadening is fitted with the fast method" in capsys.readouterr().err

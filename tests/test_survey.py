@@ -391,3 +391,16 @@ def test_raw_spectra_use_the_models_continuum_record(tmp_path, full_grid):
     assert any("the model's record" in line for line in lines), lines
     for name in model.label_names:  # the same pixels, so the same labels
         np.testing.assert_array_equal(got[name], given[name])
+
+
+def test_broadening_columns_match_a_direct_fit(tmp_path, small, npz):
+    model, flux, ivar, _ = small
+    out = tmp_path / "cat.fits"
+    sv.label_survey(model, npz, out, chunk_size=256,
+                    fit_options=dict(debias=False, broadening=True))
+    _, c = _labels(out)
+    direct = model.fit(flux.astype(np.float32), ivar.astype(np.float32), debias=False,
+                       broadening=True)
+    np.testing.assert_allclose(c["BROADENING"], direct.broadening, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c["BROADENING_ERR"], direct.broadening_error, rtol=1e-5)
+    np.testing.assert_allclose(c["FE_H"], direct.labels[:, 2], rtol=1e-6)

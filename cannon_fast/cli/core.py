@@ -39,6 +39,9 @@ def register(sub, parent):
     p.add_argument("--rows", default=None, help="fit rows START:STOP of the input only")
     p.add_argument("--no-debias", action="store_true",
                    help="plain chi² fit (as other Cannon codes), errors (J^T W J)^-1")
+    p.add_argument("--broadening", action="store_true",
+                   help="also fit extra line broadening (a Gaussian velocity variance, "
+                        "(km/s)², written as BROADENING); implies the plain chi² fit")
     p.add_argument("--method", choices=("fast", "trf"), default="fast",
                    help="fast batched LM (default) or the scipy trf reference")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -137,7 +140,10 @@ def _fit(args):
     data = read_spectra_file(args.spectra)
     rows = _rows(args.rows, len(data["flux"]))
     t0 = time.perf_counter()
-    kwargs = {} if args.method == "trf" else dict(debias=not args.no_debias)
+    if args.broadening and args.method == "trf":
+        raise ValueError("--broadening is fitted with the fast method, not --method trf")
+    kwargs = {} if args.method == "trf" else dict(
+        debias=not (args.no_debias or args.broadening), broadening=args.broadening)
     result = fit_spectra(model, np.asarray(data["flux"][rows]), np.asarray(data["ivar"][rows]),
                          method=args.method, **kwargs)
     dt = time.perf_counter() - t0

@@ -67,6 +67,9 @@ def register(subparsers, parent):
                       help="the npz spectra are already normalized")
     p.add_argument("--no-debias", action="store_true",
                    help="plain chi2 fits (see cannon-fast fit)")
+    p.add_argument("--broadening", action="store_true",
+                   help="also fit extra line broadening (BROADENING, (km/s)²; see "
+                        "cannon-fast fit); implies plain chi2 fits")
     p.set_defaults(func=_label)
 
 
@@ -82,7 +85,8 @@ def _label(args):
             scheduler=args.scheduler, n_workers=args.workers, fmt=args.format,
             continuum_pixels=args.continuum, degree=args.degree,
             bad_bits=args.bad_bits, normalized=args.normalized,
-            fit_options=dict(debias=not args.no_debias), log=say)
+            fit_options=dict(debias=not (args.no_debias or args.broadening),
+                             broadening=args.broadening), log=say)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)
