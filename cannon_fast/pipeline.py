@@ -76,8 +76,17 @@ def label_statistics(fitted, reference, label_names, good=None):
 #: which a quadratic follows poorly at the hot and cool edges of a giant sample).
 AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^4")}
 
+#: The label fits (test steps) the lab compares, as ``CannonModel.fit`` options:
+#: de-biased, the plain chi², and the plain chi² with extra line broadening fitted.
+FIT_STEPS = {"debias": dict(debias=True), "plain": dict(debias=False),
+             "broadened": dict(debias=False, broadening=True)}
+#: How the report and the log name them.
+FIT_STEP_TITLES = {"debias": "de-biased fit (model.fit default)",
+                   "plain": "plain chi2 fit (debias=False)",
+                   "broadened": "plain chi2 fit with line broadening (broadening=True)"}
 
-def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_folds=3, seed=0,
+
+def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3, seed=0,
                    label_errors=None):
     """Choose a model and a label fit by cross-validation on a training set.
 
@@ -97,7 +106,7 @@ def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_fold
     flux, ivar : ndarray, (N, P)
     labels : ndarray, (N, L)
         The training (catalogue) labels.
-    steps : sequence of {"debias", "plain"}
+    steps : sequence of keys of FIT_STEPS
     n_folds : int
     seed : int
     label_errors : ndarray, (N, L), optional
@@ -119,7 +128,7 @@ def cross_validate(models, flux, ivar, labels, steps=("debias", "plain"), n_fold
             m = train_model(flux[inner], ivar[inner], labels[inner],
                             None if label_errors is None else label_errors[inner])
             for st in steps:
-                r = m.fit(flux[held], ivar[held], debias=st == "debias")
+                r = m.fit(flux[held], ivar[held], **FIT_STEPS[st])
                 resid[name, st].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
     scatter, score = {}, {}
     for key, parts in resid.items():
@@ -668,8 +677,9 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     t_start = time.perf_counter()
     timings = {}
     names = ("mcmc", "movies", "binaries", "nn")
-    if test_step not in ("auto", "debias", "plain"):
-        raise ValueError(f"test_step must be 'auto', 'debias' or 'plain', got {test_step!r}")
+    if test_step != "auto" and test_step not in FIT_STEPS:
+        raise ValueError(f"test_step must be 'auto' or one of {list(FIT_STEPS)}, "
+                         f"got {test_step!r}")
 
     if label_errors not in ("auto", True, False):
         raise ValueError(f"label_errors must be 'auto', True or False, got {label_errors!r}")
@@ -804,7 +814,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         f"({ids[mystery]})")
 
     # 5. choose (cross-validation inside the training set) and train -------------------------
-    steps = ("debias", "plain") if test_step == "auto" else (test_step,)
+    steps = tuple(FIT_STEPS) if test_step == "auto" else (test_step,)
     if len(candidates) * len(steps) > 1:
         t0 = time.perf_counter()
         model_name, primary_key, cv = cross_validate(
@@ -831,12 +841,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     say(f"trained {model!r} in {timings['train']:.1f} s")
 
     # 6. fit the validation half ---------------------------------------------------------------
-    t0 = time.perf_counter()
-    fit_db = model.fit(flux[valid], ivar[valid], debias=True, progress_bar=show_progress)
-    timings["fit_debias"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fit_plain = model.fit(flux[valid], ivar[valid], debias=False, progress_bar=show_progress)
-    timings["fit_plain"] = time.perf_counter() - t0
+    fits = {}
+    for st, options in FIT_STEPS.items():
+        t0 = time.perf_counter()
+        fits[st] = model.fit(flux[valid], ivar[valid], progress_bar=show_progress, **options)
+        timings["fit_" + st] = time.perf_counter() - t0
     val_cat = cat_labels[valid]
     val_true = truth_labels[valid] if truth_labels is not None else None
 
@@ -853,25 +862,30 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             b["targets_vs_true"] = _targets(b["vs_true"])
         return b
 
-    validation = {"debias": block(fit_db), "plain": block(fit_plain)}
-    primary = fit_db if primary_key == "debias" else fit_plain
+    validation = {st: block(res) for st, res in fits.items()}
+    res = fits["broadened"]
+    validation["broadened"]["broadening"] = dict(
+        unit="(km/s)^2", percentiles_5_50_95=[_num(q) for q in np.nanpercentile(
+            res.broadening[res.ok], [5, 50, 95])] if res.ok.any() else None,
+        median_error=_num(np.nanmedian(res.broadening_error[res.ok])) if res.ok.any() else None)
+    primary = fits[primary_key]
     # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
-    if primary_key == "debias" and \
-            validation["debias"]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
-        notes.append(f"the de-biased fit (model.fit default) left only "
-                     f"{validation['debias']['n_ok']} of {len(valid)} fits usable "
-                     f"(flags {validation['debias']['flags']}); the figures use the plain "
-                     "chi2 fit (debias=False). Both are in summary.json.")
-        primary_key, primary = "plain", fit_plain
-    say(f"fitted {len(valid)} validation stars ({timings['fit_debias']:.1f} s de-biased, "
-        f"{timings['fit_plain']:.1f} s plain)")
+    if primary_key != "plain" and \
+            validation[primary_key]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
+        notes.append(f"the {FIT_STEP_TITLES[primary_key]} left only "
+                     f"{validation[primary_key]['n_ok']} of {len(valid)} fits usable "
+                     f"(flags {validation[primary_key]['flags']}); the figures use the plain "
+                     "chi2 fit (debias=False). All fits are in summary.json.")
+        primary_key, primary = "plain", fits["plain"]
+    say(f"fitted {len(valid)} validation stars ("
+        + ", ".join(f"{timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
 
     # 7. error budget (only with true labels; cheap: one more training) -----------------
     diagnostics = {}
     if truth_labels is not None and np.isfinite(truth_labels[train]).all():
         t0 = time.perf_counter()
         m_true = candidates[model_name](flux[train], ivar[train], truth_labels[train], None)
-        r_true = m_true.fit(flux[valid], ivar[valid], debias=primary_key == "debias")
+        r_true = m_true.fit(flux[valid], ivar[valid], **FIT_STEPS[primary_key])
         diagnostics["trained_on_true_labels"] = dict(
             vs_true=label_statistics(r_true.labels, val_true, LAB_LABELS, good=r_true.ok),
             note="same spectra and split, model trained on the TRUE labels: the difference "
@@ -972,7 +986,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         o["apogee_id"] = ids[valid][o["index"]]
     hl = np.zeros(len(valid), bool)
     hl[[o["index"] for o in outl]] = True
-    fit_name = "fitted" + (" (de-biased)" if primary_key == "debias" else " (plain chi2)")
+    fit_name = "fitted (" + {"debias": "de-biased", "plain": "plain chi2",
+                             "broadened": "chi2 with line broadening"}[primary_key] + ")"
     if val_true is not None:
         plan.append(("cv_true", lambda: pl.plot_one_to_one(
             val_true[primary.ok], primary.labels[primary.ok], LAB_LABELS, "true",

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from ._util import atomic_path
+from .pipeline import FIT_STEP_TITLES
 
 __all__ = ["save_figure", "write_summary", "write_report", "rebuild_report", "to_jsonable"]
 
@@ -133,13 +134,18 @@ def _summary_html(s):
                          f"<td>{v['bias_max']}</td><td>{_fmt(n, v.get('scatter'))}</td>"
                          f"<td>{v['scatter_max']}</td><td>{'yes' if v['met'] else 'NO'}</td></tr>")
         parts.append("</table>")
-    for key, title in (("debias", "de-biased fit (model.fit default)"),
-                       ("plain", "plain chi2 fit (debias=False)")):
+    for key, title in FIT_STEP_TITLES.items():
         v = s.get("validation", {}).get(key)
         if not v:
             continue
         parts.append(f"<h3>Validation, {title}: {v['n_ok']} of {v['n_fitted']} fits usable; "
                      f"flags {html.escape(json.dumps(v['flags']))}</h3>")
+        broad = (v.get("broadening") or {}).get("percentiles_5_50_95")
+        if broad:
+            parts.append(f"<p>Fitted extra line broadening (Gaussian velocity variance "
+                         f"relative to the model's, (km/s)²): 5th/50th/95th percentiles "
+                         f"{broad[0]:+.2f} / {broad[1]:+.2f} / {broad[2]:+.2f}; median error "
+                         f"{v['broadening']['median_error']:.2f}.</p>")
         if "vs_true" in v:
             parts.append(_stats_table("fitted - true", v["vs_true"], labels))
         parts.append(_stats_table("fitted - catalog", v["vs_catalog"], labels))

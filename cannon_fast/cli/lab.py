@@ -55,9 +55,12 @@ def register(subparsers, parent):
                         "TEFF^3,TEFF^4; 'none' for the quadratic alone; default 'auto': the "
                         "quadratic with or without TEFF^3,TEFF^4, chosen by cross-validation "
                         "on the training set")
-    p.add_argument("--test-step", choices=("auto", "debias", "plain"), default="auto",
-                   help="label fit used for the figures and headline numbers (both are in "
-                        "summary.json); auto: chosen by cross-validation on the training set")
+    p.add_argument("--test-step", choices=("auto", "debias", "plain", "broadened"),
+                   default="auto",
+                   help="label fit used for the figures and headline numbers (all are in "
+                        "summary.json): de-biased, plain chi², or plain chi² with extra line "
+                        "broadening fitted; auto: chosen by cross-validation on the training "
+                        "set")
     p.add_argument("--label-errors", choices=("auto", "yes", "no"), default="auto",
                    help="train with the catalogue's label errors (regression-calibrated "
                         "labels, error-weighted stars); auto: chosen by cross-validation when "

@@ -4,24 +4,26 @@ Issue 4 asks for the lab's targets (Teff scatter <= 30 K, [Fe/H] <= 0.02 dex, |b
 and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (Dec 2026): 1876
 stars kept, 938/937 split. Cross-validation inside the training set chooses the quadratic
 model + TEFF^3 + TEFF^4 trained with the catalogue's label errors (regression-calibrated
-labels, error-weighted stars) and the plain label fit: Teff -2.7 / 34.5 K, [Fe/H] 0.0038 /
-0.0201 dex (bias / scatter); without the label errors 38.0 K / 0.0206. The lab's quadratic
-alone gives 48.0 K / 0.0253 (plain) -- the same as TheCannon (Ho) on the same normalized
-spectra, 48.1 K -- and the peers reach 40-45 K on their own pipeline (PEERS.md section 2).
-So the targets are NOT met, and that test is a strict xfail. Where the error is (summary
-diagnostics "populations"): the 776 disk giants reach 26.7 K / 0.018 dex and the 134 NGC
-6791 members 22.7 K / 0.014 dex; the 16 dwarfs/subgiants (hot, log g 3.3-3.9: 121 K, bias
--49 K) and 11 halo giants (70 K, bias -126 K), 3 % of the stars, carry about half of the
-squared Teff error. There the model is wrong, not the optimizer: chi2 at the true labels is
-1.1-2.8x that at the fitted ones. Trained on the TRUE labels the same model reaches 30.4 K
-(plain) / 28.9 K (de-biased), with the same failure in that corner; the catalogue's label
-errors (65 K in Teff, 1.6x the stated ones) cost the rest. Tried and not kept: full cubic
-terms (36.6 K), training stars weighted by inverse label density (34.6-36.3 K), a second
-model for the hot/metal-poor corner (30.0 K, but only with a region chosen by looking at the
-validation stars; data-driven regions gave 35.6-36.7 K, models trained on the 300-500
-training stars nearest each sparse-region star's first fit 34.7-37.1 K). A fitted line-
-broadening term could at most remove the part of the error correlated with the mock's hidden
-vmacro: 20 % of the [Fe/H] variance (0.0201 -> 0.0180) but 4 % of Teff's (34.5 -> 33.8 K).
+labels, error-weighted stars) and the label fit with extra line broadening: Teff -2.3 / 32.6
+K, [Fe/H] 0.0046 / 0.0178 dex (bias / scatter). Without the broadening term (the plain fit)
+34.5 K / 0.0201; without the label errors 38.0 K / 0.0206; the lab's quadratic alone 48.0 K /
+0.0253 -- the same as TheCannon (Ho) on the same normalized spectra, 48.1 K -- and the peers
+reach 40-45 K on their own pipeline (PEERS.md section 2). The broadening term absorbs the
+mock's hidden macroturbulence (its fitted value correlates 0.57 with it), which otherwise
+reads as [Fe/H].
+
+So [Fe/H] meets its target and Teff does not: that test is a strict xfail. Where the Teff
+error is (summary diagnostics "populations"): the disk giants and NGC 6791 members are well
+inside 30 K; the 16 dwarfs/subgiants (hot, log g 3.3-3.9) and 11 halo giants, 3 % of the
+stars, carry about 40 % of the squared Teff error. There the model is wrong, not the
+optimizer: chi2 at the true labels is 1.1-2.8x that at the fitted ones, and a model trained on
+the TRUE labels fails in the same corner. The result also depends on the split: the same
+pipeline on three other random halves of these stars gives 25-30 K. Tried and not kept: full
+cubic terms (36.6 K), training stars weighted by inverse label density (34.6-36.3 K), a
+second model for the hot/metal-poor corner (30.0 K, but only with a region chosen by looking
+at the validation stars; data-driven regions gave 35.6-36.7 K, models trained on the 300-500
+training stars nearest each sparse-region star's first fit 34.7-37.1 K), training labels
+refined by combining the catalogue with out-of-fold spectroscopic labels (35.3 K).
 Run time of this file: ~2.5 min on 2 quiet cores (generation ~40-60 s, lab ~45 s), so CI
 runs all 3036 stars; set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is
 written under pytest's tmp_path and removed afterwards.
@@ -84,7 +86,7 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     assert s["choice"]["model"] in [m + e for m in ("quadratic", "quadratic + TEFF^3 + TEFF^4")
                                     for e in ("", ", label errors")]
     assert s["primary_fit"] == s["choice"]["test_step"] and set(s["validation"]) == {
-        "debias", "plain"}
+        "debias", "plain", "broadened"}
     assert "trained_on_true_labels" in s["diagnostics"] and "teff_bins" in s["diagnostics"]
     # the population the training set covers well meets the lab's targets; the rare ones
     # (dwarfs/subgiants, halo giants) are where the remaining error is
@@ -96,10 +98,10 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     assert sum(r["TEFF"]["share_of_squared_error"] for r in rare) > 0.25, rows
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 targets not reached on the realistic mock "
-                   "survey (Teff ~34.5 K, [Fe/H] ~0.020 dex vs 30 K / 0.02): rare dwarfs, "
-                   "subgiants and halo giants (3 % of the stars, about half the squared Teff "
-                   "error) and the catalogue's label errors; see the module docstring")
+@pytest.mark.xfail(strict=True, reason="issue 4 Teff target not reached on the realistic mock "
+                   "survey (Teff ~32.6 K vs 30 K; [Fe/H] 0.018 meets 0.02): rare dwarfs, "
+                   "subgiants and halo giants (3 % of the stars, ~40 % of the squared Teff "
+                   "error); see the module docstring")
 def test_mock_survey_meets_the_lab_targets(mock_lab):
     t = mock_lab["validation"][mock_lab["primary_fit"]]["targets_vs_true"]
     assert t["all_met"], _numbers(mock_lab)
