@@ -240,10 +240,12 @@ def _read_truth(path, ids):
         if name in names:
             out[have, j] = np.asarray(t[name], float)[rows[have]]
     extra = {}
-    for col in ("IS_BINARY", "POPULATION"):
+    for col in ("IS_BINARY", "POPULATION", "VMACRO"):
         if col in names:
             vals = np.asarray(t[col])[np.maximum(rows, 0)]
-            extra[col] = np.where(have, vals, np.zeros_like(vals))
+            missing = np.full_like(vals, np.nan) if vals.dtype.kind == "f" else \
+                np.zeros_like(vals)
+            extra[col] = np.where(have, vals, missing)
     return out, extra
 
 
@@ -1023,6 +1025,18 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
                                               note=iso_note),
                  "Kiel diagram of the fitted validation labels, coloured by fitted [Fe/H]. "
                  + (iso_note or ("Isochrones as given." if iso else "No isochrone given."))))
+    broad = fits["broadened"]
+    if broad.ok.sum() > 2:
+        vmac = truth_extra.get("VMACRO")
+        vmac = None if vmac is None else np.asarray(vmac, float)[valid][broad.ok]
+        plan.append(("broadening", lambda: pl.plot_broadening(
+            broad.broadening[broad.ok], broad.broadening_error[broad.ok],
+            broad.labels[broad.ok, 0], broad.labels[broad.ok, 1], true_vmacro=vmac),
+            "Extra line broadening fitted with the labels (model.fit(..., broadening=True)): "
+            "the Gaussian velocity variance the validation stars' lines have beyond the "
+            "model's at their labels; negative means narrower."
+            + (" Right: against the survey's true macroturbulence; a slope near 1 means "
+               "the broadening is measured in the right units." if vmac is not None else "")))
     for name, make, caption in progress(plan, desc="figures", unit="fig",
                                         disable=None if show_progress is None
                                         else not show_progress):

@@ -204,3 +204,22 @@ def test_bias_scatter_hand_case():
     bias, std, rms, mad = pl.bias_scatter(fit, ref)
     assert bias[0] == 2.0 and np.isclose(std[0], np.sqrt(2.0))
     assert np.isclose(rms[0], np.sqrt(5.0)) and np.isclose(mad[0], 1.4826)
+
+
+def test_broadening_against_the_true_macroturbulence(tmp_path):
+    """b made from the part of vmacro² the labels do not predict: the slope shown is 1."""
+    rng = np.random.default_rng(2)
+    teff, logg = rng.uniform(4000, 5200, 300), rng.uniform(1.0, 3.5, 300)
+    vmac = 6.0 + 0.9 * (2.5 - logg) + rng.normal(0, 0.6, 300)  # FWHM, km/s
+    var = (vmac / 2.3548) ** 2
+    trend = np.polyval(np.polyfit(logg, var, 2), logg)
+    b = var - trend + rng.normal(0, 0.05, 300)
+    fig = pl.plot_broadening(b, np.full(300, 0.3), teff, logg, true_vmacro=vmac)
+    _save(fig, tmp_path, "broadening")
+    legend = fig.axes[-1].get_legend().get_texts()[0].get_text()
+    slope = float(legend.split("slope ")[1].split(",")[0])
+    assert slope == pytest.approx(1.0, abs=0.05), legend
+    one = pl.plot_broadening(b, np.full(300, 0.3), teff, logg)
+    assert len([ax for ax in one.axes if ax.get_label() != "<colorbar>"]) == 1
+    with pytest.raises(ValueError, match="no finite broadening"):
+        pl.plot_broadening(np.full(3, np.nan), np.ones(3), teff[:3], logg[:3])

@@ -22,6 +22,7 @@ __all__ = [
     "FLUX_UNIT", "known_lines", "read_line_file", "bias_scatter",
     "plot_spectrum", "plot_corner", "plot_continuum", "plot_data_vs_model",
     "plot_gradient_spectra", "plot_s2", "plot_one_to_one", "plot_outliers", "plot_kiel",
+    "plot_broadening",
 ]
 
 #: Flux unit of apStar spectra, for axis labels.
@@ -713,4 +714,64 @@ def plot_kiel(teff, logg, feh, isochrones=None, title=None, note=None):
         ax.text(0.02, 0.98, note, transform=ax.transAxes, ha="left", va="top", fontsize=7,
                 color="0.3")
     ax.set_title(title or f"Kiel diagram of {int(ok.sum())} fitted stars")
+    return fig
+
+
+def plot_broadening(broadening, broadening_error, teff, logg, true_vmacro=None, title=None):
+    """Fitted extra line broadening against log g, and against the true macroturbulence.
+
+    Parameters
+    ----------
+    broadening, broadening_error : array_like, (N,)
+        ``FitResult.broadening`` and its error, (km/s)².
+    teff, logg : array_like, (N,)
+        Fitted labels (log g on the x axis, Teff as colour).
+    true_vmacro : array_like, (N,), optional
+        True macroturbulence (Gaussian FWHM, km/s) of a synthetic survey: a second
+        panel plots the broadening against the part of its velocity variance
+        ``(FWHM / 2.355)²`` that the labels do not predict (the model, trained on
+        stars of the same trend, already has that part), with the least-squares
+        slope: 1 if the broadening is measured in the right units.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    b = np.asarray(broadening, float)
+    teff, logg = np.asarray(teff, float), np.asarray(logg, float)
+    ok = np.isfinite(b) & np.isfinite(teff) & np.isfinite(logg)
+    if not ok.any():
+        raise ValueError("no finite broadening to plot")
+    err = float(np.nanmedian(np.asarray(broadening_error, float)[ok]))
+    truth = None if true_vmacro is None else np.asarray(true_vmacro, float)
+    two = truth is not None and np.isfinite(truth[ok]).sum() > 2
+    fig = _figure((11 if two else 6.5, 4.8), layout="constrained")
+    ax = fig.add_subplot(1, 2 if two else 1, 1)
+    sc = ax.scatter(logg[ok], b[ok], c=teff[ok], s=8, cmap="plasma", edgecolors="none",
+                    rasterized=True)
+    fig.colorbar(sc, ax=ax, label="fitted " + axis_label("TEFF"))
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel("fitted " + axis_label("LOGG"))
+    ax.set_ylabel(r"fitted extra broadening $b$ [(km/s)$^2$]")
+    ax.set_title(f"{int(ok.sum())} stars; median error {err:.2f} (km/s)$^2$", fontsize=10)
+    if two:
+        use = ok & np.isfinite(truth)
+        var = (truth[use] / 2.3548) ** 2
+        t, g = (teff[use] - 4500.0) / 1000.0, logg[use] - 2.5  # a quadratic, as the model
+        trend = np.column_stack([np.ones_like(t), t, g, t * t, t * g, g * g])
+        var = var - trend @ np.linalg.lstsq(trend, var, rcond=None)[0]
+        slope, icpt = np.polyfit(var, b[use], 1)
+        r = np.corrcoef(var, b[use])[0, 1]
+        ax2 = fig.add_subplot(1, 2, 2)
+        ax2.scatter(var, b[use], s=8, color="C0", edgecolors="none", rasterized=True)
+        xs = np.linspace(var.min(), var.max(), 2)
+        ax2.plot(xs, icpt + slope * xs, color="C3",
+                 label=f"least squares: slope {slope:.2f}, r = {r:.2f}")
+        ax2.set_xlabel(r"true macroturbulence variance $(v_\mathrm{mac}/2.355)^2$ "
+                       "\nminus its quadratic trend with the fitted Teff, log g [(km/s)$^2$]")
+        ax2.set_ylabel(r"fitted $b$ [(km/s)$^2$]")
+        ax2.legend(loc="upper left", fontsize=8)
+        ax2.set_title("against the truth (a synthetic survey)", fontsize=10)
+    fig.suptitle(title or "Extra line broadening fitted with the labels "
+                 "(relative to the model's lines)")
     return fig

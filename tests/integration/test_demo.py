@@ -27,7 +27,7 @@ def test_report_folder_has_every_file(lab):
     names = set(os.listdir(out))
     assert {"report.html", "summary.json", "model.fits", "validation_labels.fits"} <= names
     expected = {"example_spectrum", "continuum", "corner", "data_vs_model", "gradients", "s2",
-                "cv_true", "cv_catalog", "outliers", "kiel"}
+                "cv_true", "cv_catalog", "outliers", "kiel", "broadening"}
     assert {f"{n}.png" for n in expected} <= names
     assert ".work" not in names  # the store is removed unless keep_store
 
@@ -41,7 +41,10 @@ def test_summary_json_fields(lab):
     assert s["n_train"] + s["n_validation"] + 1 == s["cuts"]["n_kept"]
     assert [r["name"] for r in s["cuts"]["rows"]][:5] == [
         "no_catalog_match", "missing_labels", "low_snr", "dwarf", "metal_poor"]
-    for fit in ("debias", "plain"):
+    assert set(s["validation"]) == {"debias", "plain", "broadened"}
+    b = s["validation"]["broadened"]["broadening"]
+    assert b["unit"] == "(km/s)^2" and b["median_error"] > 0
+    for fit in ("debias", "plain", "broadened"):
         v = s["validation"][fit]
         for ref in ("vs_true", "vs_catalog"):
             for name in LAB_LABELS:
