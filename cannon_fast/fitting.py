@@ -737,6 +737,10 @@ class BroadenedModel:
     ``b`` (label ``BROADENING``, (km/s)²) is signed: negative means narrower
     lines than the model's. ``D²`` is zero where a pixel or a neighbour is
     flagged or at the chip gaps, which the model flags (no training flux).
+    Calibration: against the true macroturbulence of synthetic surveys the
+    fitted ``b`` has slope 1.05-1.10 (the second difference is ~10 % short of
+    the curvature of a line 1.5 pixels wide), and a narrowing reads ~10 % larger
+    than a broadening of the same size (the first order is not the whole effect).
 
     Parameters
     ----------

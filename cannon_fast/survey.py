@@ -1000,6 +1000,11 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not getattr(model, "is_trained", False):
         raise ValueError("the model is not trained")
+    fit_options = dict(fit_options or {})
+    if fit_options.get("broadening") and fit_options.get("debias", True):
+        # fit_cannon would refuse every chunk; refuse once, before any work
+        raise ValueError("fit_options: broadening=True refines the plain chi² fit: "
+                         "pass debias=False too")
     mh = model_hash(model)
     source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work

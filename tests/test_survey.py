@@ -404,3 +404,6 @@ def test_broadening_columns_match_a_direct_fit(tmp_path, small, npz):
     np.testing.assert_allclose(c["BROADENING"], direct.broadening, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c["BROADENING_ERR"], direct.broadening_error, rtol=1e-5)
     np.testing.assert_allclose(c["FE_H"], direct.labels[:, 2], rtol=1e-6)
+    with pytest.raises(ValueError, match="pass debias=False too"):
+        sv.label_survey(model, npz, tmp_path / "cat2.fits", fit_options=dict(broadening=True))
+    assert not os.path.exists(tmp_path / "cat2.fits.parts")
