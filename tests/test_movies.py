@@ -19,7 +19,7 @@ def model():
 
 
 def test_metallicity_movie(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(movies.shutil, "which", lambda name: None)
+    monkeypatch.setattr(movies, "find_ffmpeg", lambda: None)
     res = movies.movie_metallicity(model, tmp_path / "feh.gif", n_frames=6, wavelength=WAVE,
                                    fps=4, dpi=50)
     with PIL.open(res.gif) as im:
@@ -95,3 +95,18 @@ def test_cli_movie(model, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "mv" / "spectrum_vs_feh.gif").exists()
     rc = main(["movie", "--model", str(mpath), "--out", str(tmp_path / "mv"), "--frames", "3"])
     assert rc == 1 and "pass --force" in capsys.readouterr().err
+
+
+def test_mp4_has_every_frame(model, tmp_path, monkeypatch):
+    """A real MP4, with the ffmpeg that imageio-ffmpeg ships when none is on the PATH."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    monkeypatch.setattr(movies.shutil, "which", lambda name: None)
+    assert movies.find_ffmpeg() == imageio_ffmpeg.get_ffmpeg_exe()
+    res = movies.movie_metallicity(model, tmp_path / "feh.gif", n_frames=7, wavelength=WAVE,
+                                   fps=5, dpi=41, mp4=True)  # an odd frame size on purpose
+    assert res.mp4 == str(tmp_path / "feh.mp4")
+    with open(res.mp4, "rb") as fh:
+        assert fh.read(12)[4:8] == b"ftyp"  # an MP4 container
+    n_frames, secs = imageio_ffmpeg.count_frames_and_secs(res.mp4)
+    assert n_frames == 7 and secs == pytest.approx(7 / 5, abs=0.05)
+    assert not any("ffmpeg not found" in n for n in res.notes)

@@ -53,7 +53,8 @@ def register(subparsers, parent):
 
     m = subparsers.add_parser(
         "movie", parents=[parent], help="movies of the model spectrum ([Fe/H], RGB ascent)",
-        description="GIF (and MP4 when ffmpeg is present) of the model spectrum over "
+        description="GIF (and MP4 when ffmpeg is found: the PATH, or imageio-ffmpeg) of "
+                    "the model spectrum over "
                     "16000-16200 Å: as [Fe/H] goes -1 -> +0.5 at fixed Teff/log g, and as "
                     "log g goes 3.5 -> 0.5 with Teff following an isochrone (or the survey's "
                     "giant branch) at [Fe/H] = 0.")

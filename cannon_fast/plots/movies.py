@@ -8,9 +8,11 @@ PARSEC file, or an ``Isochrone``) or, by default, the survey's own giant
 branch fitted to the model's training labels, at [Fe/H] = 0.
 
 Frames are drawn with ``matplotlib.animation.FuncAnimation`` and written as a
-GIF (``PillowWriter``, always) and an MP4 (``FFMpegWriter``) when ``ffmpeg``
-is on the PATH; when it is not, that is said once per process (logged) and
-recorded in ``MovieResult.notes``. Frames whose labels lie outside the
+GIF (``PillowWriter``, always) and an MP4 (``FFMpegWriter``) when an ffmpeg
+is found (:func:`find_ffmpeg`: the PATH, else the binary that the
+``imageio-ffmpeg`` package ships, installed by the ``movies`` extra); when
+none is, that is said once per process (logged) and recorded in
+``MovieResult.notes``. Frames whose labels lie outside the
 training range are marked "extrapolated" in their title.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .._util import atomic_path, progress
 from ._labels import label_name
 
 __all__ = ["MovieResult", "movie_metallicity", "movie_rgb", "lab_movies", "render_frame",
-           "model_wavelength"]
+           "find_ffmpeg", "model_wavelength"]
 
 _log = logging.getLogger("cannon_fast.movies")
 _FFMPEG_NOTICE = {"shown": False}
@@ -222,22 +224,42 @@ def _write_movie(model, frames, out, wave_range, wavelength, fps, dpi, mp4, subt
         anim.save(tmp, writer=_gif_writer(fps), dpi=dpi, progress_callback=_tick)
     bar.close()
     mp4_path = None
-    want_mp4 = (mp4 == "auto" and shutil.which("ffmpeg")) or mp4 is True
-    if want_mp4:
-        if not shutil.which("ffmpeg"):
-            raise ValueError("mp4=True but ffmpeg is not on the PATH")
+    ffmpeg = find_ffmpeg() if mp4 in ("auto", True) else None
+    if mp4 is True and ffmpeg is None:
+        raise ValueError("mp4=True but ffmpeg is not on the PATH (and imageio-ffmpeg is not "
+                         "installed: pip install 'cannon_fast[movies]')")
+    if ffmpeg is not None:
+        import matplotlib
+
         mp4_path = root + ".mp4"
-        with atomic_path(mp4_path) as tmp:
+        with atomic_path(mp4_path) as tmp, \
+                matplotlib.rc_context({"animation.ffmpeg_path": ffmpeg}):
             # the temporary name has no .mp4 suffix: name the container explicitly
             anim.save(tmp, writer=animation.FFMpegWriter(fps=fps, extra_args=["-f", "mp4"]),
                       dpi=dpi)
     elif mp4 == "auto":
-        msg = "ffmpeg not found: wrote the GIF only (install ffmpeg for MP4 movies)"
+        msg = ("ffmpeg not found: wrote the GIF only (install ffmpeg, or pip install "
+               "'cannon_fast[movies]', for MP4 movies)")
         notes.append(msg)
         if not _FFMPEG_NOTICE["shown"]:
             _FFMPEG_NOTICE["shown"] = True
             _log.warning(msg)
     return gif, mp4_path, notes
+
+
+def find_ffmpeg():
+    """The ffmpeg executable for MP4 movies: on the PATH, else imageio-ffmpeg's; or None."""
+    path = shutil.which("ffmpeg")
+    if path:
+        return path
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return None
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # the package without its binary
+        return None
 
 
 def _base_labels(model, overrides):
