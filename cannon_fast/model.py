@@ -540,10 +540,10 @@ def expected_true_labels(labels, errors, label_names=None,
     model then read those populations cooler by as much. So the prior is a
     mixture of Gaussians fitted to the noisy labels with their errors
     (extreme deconvolution, Bovy, Hogg & Roweis 2011), with 1 to
-    ``max_components`` components chosen by the BIC; the expectation is then
-    the responsibility-weighted sum of each component's. With one component it
-    is the formula above, ``mu`` and ``S`` the mean and the covariance less
-    the mean error covariance.
+    ``max_components`` components chosen by the BIC (10 stars per parameter at
+    least); the expectation is then the responsibility-weighted sum of each
+    component's. One component is the formula above, ``mu`` and ``S`` the
+    mean and the covariance less the mean error covariance.
 
     Parameters
     ----------
@@ -580,14 +580,16 @@ def expected_true_labels(labels, errors, label_names=None,
     # the mixture is fitted to at most XD_MAX_STARS stars (its cost grows as N K D³ per
     # iteration); every star's expectation then comes from one pass over all
     sub = np.sort(np.random.default_rng(0).permutation(n)[:XD_MAX_STARS])
-    best = None
-    for k in range(1, max(1, int(max_components)) + 1):
-        if len(sub) < 10 * k * (d + d * (d + 1) // 2):  # too few stars for k components
+    n_par = d + d * (d + 1) // 2  # per component
+    # one component: the moment estimate above (any sample size; the classic formula)
+    one = (np.ones(1), np.zeros((1, d)), (cov_true / np.outer(sd, sd))[None])
+    best = (-2.0 * _xd_expectation(x[sub], ev[sub], *one)[0] + n_par * np.log(len(sub)), one)
+    for k in range(2, int(max_components) + 1):
+        if len(sub) < 10 * k * n_par:  # too few stars for k components
             break
         params, loglike = _extreme_deconvolution(x[sub], ev[sub], k)
-        n_par = k * (d + d * (d + 1) // 2) + k - 1
-        bic = -2.0 * loglike + n_par * np.log(len(sub))
-        if best is None or bic < best[0]:
+        bic = -2.0 * loglike + (k * n_par + k - 1) * np.log(len(sub))
+        if bic < best[0]:
             best = (bic, params)
     _, resp, post, _ = _xd_expectation(x, ev, *best[1])
     return labels.mean(axis=0) + sd * np.einsum("nk,nkl->nl", resp, post)

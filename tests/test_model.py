@@ -354,3 +354,16 @@ def test_expected_true_labels_do_not_pull_a_minority_onto_the_main_locus():
     # and the main locus is no worse
     for lab in (one, mix):
         assert np.std(lab[:2000, 0] - true[:2000, 0]) < np.std(noisy[:2000, 0] - true[:2000, 0])
+
+
+def test_expected_true_labels_of_a_small_sample_are_the_gaussian_formula():
+    """Too few stars for a mixture (5 labels, 40 stars): mu + S (S + E_n)^-1 (l_n - mu)."""
+    from cannon_fast.model import expected_true_labels
+    rng = np.random.default_rng(6)
+    labels = rng.normal(0, 1, (40, 5))
+    err = rng.uniform(0.1, 0.3, (40, 5))
+    mu = labels.mean(0)
+    s = np.cov(labels, rowvar=False) - np.diag((err ** 2).mean(0))
+    want = np.array([mu + s @ np.linalg.solve(s + np.diag(e ** 2), lab - mu)
+                     for lab, e in zip(labels, err)])
+    np.testing.assert_allclose(expected_true_labels(labels, err), want, rtol=1e-10, atol=1e-12)
