@@ -865,11 +865,12 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         return b
 
     validation = {st: block(res) for st, res in fits.items()}
-    res = fits["broadened"]
+    broad = fits["broadened"]
     validation["broadened"]["broadening"] = dict(
         unit="(km/s)^2", percentiles_5_50_95=[_num(q) for q in np.nanpercentile(
-            res.broadening[res.ok], [5, 50, 95])] if res.ok.any() else None,
-        median_error=_num(np.nanmedian(res.broadening_error[res.ok])) if res.ok.any() else None)
+            broad.broadening[broad.ok], [5, 50, 95])] if broad.ok.any() else None,
+        median_error=_num(np.nanmedian(broad.broadening_error[broad.ok]))
+        if broad.ok.any() else None)
     primary = fits[primary_key]
     # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
     if primary_key != "plain" and \
@@ -1025,7 +1026,6 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
                                               note=iso_note),
                  "Kiel diagram of the fitted validation labels, coloured by fitted [Fe/H]. "
                  + (iso_note or ("Isochrones as given." if iso else "No isochrone given."))))
-    broad = fits["broadened"]
     if broad.ok.sum() > 2:
         vmac = truth_extra.get("VMACRO")
         vmac = None if vmac is None else np.asarray(vmac, float)[valid][broad.ok]
