@@ -284,3 +284,16 @@ def test_broadened_fast_path_matches_its_reference():
     assert_allclose(fast.errors, ref.errors[:, :3], rtol=1e-4)
     assert_allclose(fast.broadening_error, ref.errors[:, 3], rtol=1e-4)
     assert_allclose(fast.chi2, ref.chi2, rtol=1e-8)
+
+
+def test_broadened_fit_keeps_an_unfittable_star_as_it_was(setup):
+    from cannon_fast.fitting import fit_broadened
+    model, _, test = setup
+    ivar = test.ivar[:4].copy()
+    ivar[2] = 0.0  # no data at all
+    r = fit_broadened(model, test.flux[:4], ivar)  # makes its own plain fit
+    assert r.flags[2] & FLAGS["TOO_FEW_PIXELS"] and np.isnan(r.broadening[2])
+    assert np.all(np.isnan(r.labels[2]))
+    assert np.all(np.isfinite(r.broadening[[0, 1, 3]])) and r.ok[[0, 1, 3]].all()
+    with pytest.raises(ValueError, match="start must be a plain fit"):
+        fit_broadened(model, test.flux[:4], ivar, start=model.fit(test.flux[:4], ivar))
