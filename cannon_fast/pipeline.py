@@ -1035,8 +1035,10 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             "Extra line broadening fitted with the labels (model.fit(..., broadening=True)): "
             "the Gaussian velocity variance the validation stars' lines have beyond the "
             "model's at their labels; negative means narrower."
-            + (" Right: against the survey's true macroturbulence; a slope near 1 means "
-               "the broadening is measured in the right units." if vmac is not None else "")))
+            + (" Right: against the part of the survey's true macroturbulence variance that "
+               "a quadratic in the labels does not predict (the model already has the rest); "
+               "a slope near 1 means the broadening is measured in the right units."
+               if vmac is not None else "")))
     for name, make, caption in progress(plan, desc="figures", unit="fig",
                                         disable=None if show_progress is None
                                         else not show_progress):
