@@ -32,6 +32,7 @@ from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .io.apogee import CDELT1 as _APSTAR_CDELT1
+from .model import PIXEL_FLAGS
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf"]
 
@@ -55,6 +56,20 @@ DEBIAS_STEPS = 4
 #: ... until the step is below this (scaled labels, as ``xtol`` of the LM).
 DEBIAS_XTOL = 1e-6
 
+
+
+def _fitted_pixels(model):
+    """(P,) True where label fits use the model.
+
+    Not TOO_FEW_STARS or SINGULAR: those pixels have a constant model and no scatter.
+    """
+    return (model.pixel_flags & (PIXEL_FLAGS["TOO_FEW_STARS"] | PIXEL_FLAGS["SINGULAR"])) == 0
+
+
+def _check_broadening(debias, broadening):
+    """Refuse the broadened fit with de-biasing (it refines the plain chi² fit)."""
+    if broadening and debias:
+        raise ValueError("broadening=True refines the plain chi² fit: pass debias=False too")
 
 
 def min_good_pixels(n_labels, n_model_pixels):
@@ -186,7 +201,7 @@ def _precompute(model):
                      vz.packed_outer(theta_rest)[:, nonzero].astype(np.float32)),
                  theta_rest=theta_rest, theta0=np.ascontiguousarray(model.theta[:, 0]),
                  cbar=cbar, t_pix=t_pix, twice=twice,
-                 good_pix=(model.pixel_flags & 3) == 0)
+                 good_pix=_fitted_pixels(model))
     model._fit_cache = cache
     return cache
 
@@ -235,8 +250,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     FitResult
     """
     model._require_trained()
-    if broadening and debias:
-        raise ValueError("broadening=True refines the plain chi² fit: pass debias=False")
+    _check_broadening(debias, broadening)
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
     k = kernels(resolve_backend(backend or model.backend))
     pre = _precompute(model)
@@ -511,7 +525,7 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
 
     model._require_trained()
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
-    good_pix = model.pixel_flags & 3 == 0
+    good_pix = _fitted_pixels(model)
     starts = model.starting_points(max(1, int(n_starts)))
     bounds = model.scale_labels(model.label_bounds.T)
     exps, theta = model.exponents, model.theta
@@ -757,7 +771,7 @@ class BroadenedModel:
         model._require_trained()
         self.model = model
         self.label_names = list(model.label_names) + ["BROADENING"]
-        self.good_pixels = (model.pixel_flags & 3) == 0  # as the fast path's
+        self.good_pixels = _fitted_pixels(model)
         inner = np.zeros(model.n_pixels, dtype=bool)
         inner[1:-1] = self.good_pixels[2:] & self.good_pixels[1:-1] & self.good_pixels[:-2]
         d2 = np.zeros_like(model.theta)
@@ -845,7 +859,6 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     # b in units of a pixel's velocity width squared: order unity, like the scaled labels
     b_unit = PIXEL_VELOCITY ** 2
     theta, d_theta = model.theta, broad.d2_theta * b_unit
-    iu, ju = np.triu_indices(n_terms)
     outer_g = vz.packed_outer(theta)  # (P, T2)
     outer_k = vz.packed_outer(d_theta)
     outer_s = np.ascontiguousarray(
@@ -867,13 +880,11 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
         mom = dict(c=np.einsum("np,np->n", wf, f), h=wf @ theta, k=wf @ d_theta,
                    g=vz.unpack_symmetric(w @ outer_g, n_terms),
                    kk=vz.unpack_symmetric(w @ outer_k, n_terms))
-        hmat = (w @ outer_s).reshape(n, n_terms, n_terms)  # sum w theta D^T
-        mom["s"] = hmat + np.swapaxes(hmat, 1, 2)
-        mom["hd"] = hmat
+        mom["hd"] = (w @ outer_s).reshape(n, n_terms, n_terms)  # sum w theta D^T
         p = np.column_stack([model.scale_labels(start.labels[rows]), np.zeros(n)])
         p, chi, norm, iters, converged = _lm_batched(
             p, lambda rows, pr: _broadened_chi2(pr, {k: v[rows] for k, v in mom.items()},
-                                                model.exponents, jacobian=True),
+                                                model.exponents),
             lo, hi, max_iter, xtol, ftol)
         cov = _inverse(norm)
         scales = np.append(model.label_scales, b_unit)
@@ -897,22 +908,22 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     return out
 
 
-def _broadened_chi2(p, mom, exponents, jacobian=False):
-    """chi² of the broadened model from its moments; with the GN normal matrix and gradient.
+def _broadened_chi2(p, mom, exponents):
+    """chi² of the broadened model from its moments, the GN normal matrix and gradient.
 
-    ``p`` is (N, L + 1): scaled labels, then b. Returns chi² (N,), and with
-    ``jacobian`` also ``J^T W J`` (N, L + 1, L + 1) and ``J^T W r`` (N, L + 1).
+    ``p`` is (N, L + 1): scaled labels, then b. Returns chi² (N,), ``J^T W J``
+    (N, L + 1, L + 1) and ``J^T W r`` (N, L + 1).
     """
     x, b = p[:, :-1], p[:, -1][:, None, None]
     v = vz.label_vector(x, exponents)  # (N, T)
-    a = mom["g"] + b * mom["s"] + b * b * mom["kk"]  # sum w theta_b theta_b^T
+    hd = mom["hd"]  # sum w theta D^T
+    # sum w theta_b theta_b^T, theta_b = theta + b D
+    a = mom["g"] + b * (hd + np.swapaxes(hd, 1, 2)) + b * b * mom["kk"]
     u = mom["h"] + b[:, :, 0] * mom["k"]  # sum w f theta_b
     av = np.einsum("ntu,nu->nt", a, v)
     chi2 = mom["c"] - 2 * np.einsum("nt,nt->n", v, u) + np.einsum("nt,nt->n", v, av)
-    if not jacobian:
-        return chi2
     dv = vz.label_vector_jacobian(x, exponents)  # (N, T, L)
-    cross = mom["hd"] + b * mom["kk"]  # sum w theta_b D^T
+    cross = hd + b * mom["kk"]  # sum w theta_b D^T
     n, n_lab = x.shape
     norm = np.empty((n, n_lab + 1, n_lab + 1))
     norm[:, :-1, :-1] = np.swapaxes(dv, 1, 2) @ a @ dv

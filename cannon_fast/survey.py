@@ -47,7 +47,7 @@ import numpy as np
 
 from ._util import atomic_path, progress
 from .fitting import FLAGS as _FIT_FLAG_BITS
-from .fitting import INFORMATIONAL_FLAGS
+from .fitting import INFORMATIONAL_FLAGS, _check_broadening
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "DEFAULT_CHUNK_SIZE", "SurveyError", "SurveySummary",
            "model_hash", "open_inputs", "label_survey", "process_chunk", "read_catalog"]
@@ -1001,10 +1001,8 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     if not getattr(model, "is_trained", False):
         raise ValueError("the model is not trained")
     fit_options = dict(fit_options or {})
-    if fit_options.get("broadening") and fit_options.get("debias", True):
-        # fit_cannon would refuse every chunk; refuse once, before any work
-        raise ValueError("fit_options: broadening=True refines the plain chi² fit: "
-                         "pass debias=False too")
+    # fit_cannon would refuse every chunk (each star recorded as failed): refuse once, first
+    _check_broadening(fit_options.get("debias", True), fit_options.get("broadening", False))
     mh = model_hash(model)
     source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
