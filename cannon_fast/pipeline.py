@@ -80,10 +80,15 @@ AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^
 #: de-biased, the plain chi², and the plain chi² with extra line broadening fitted.
 FIT_STEPS = {"debias": dict(debias=True), "plain": dict(debias=False),
              "broadened": dict(debias=False, broadening=True)}
-#: How the report and the log name them.
-FIT_STEP_TITLES = {"debias": "de-biased fit (model.fit default)",
-                   "plain": "plain chi2 fit (debias=False)",
-                   "broadened": "plain chi2 fit with line broadening (broadening=True)"}
+#: How figures, notes and the report name them.
+FIT_STEP_NAMES = {"debias": "de-biased", "plain": "plain chi2",
+                  "broadened": "plain chi2 + line broadening"}
+
+
+def fit_step_title(step):
+    """The name of a label fit and the call that makes it, e.g. for the report."""
+    call = ", ".join(f"{k}={v}" for k, v in FIT_STEPS[step].items())
+    return f"{FIT_STEP_NAMES[step]} fit (model.fit(..., {call}))"
 
 
 def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3, seed=0,
@@ -875,7 +880,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
     if primary_key != "plain" and \
             validation[primary_key]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
-        notes.append(f"the {FIT_STEP_TITLES[primary_key]} left only "
+        notes.append(f"the {fit_step_title(primary_key)} left only "
                      f"{validation[primary_key]['n_ok']} of {len(valid)} fits usable "
                      f"(flags {validation[primary_key]['flags']}); the figures use the plain "
                      "chi2 fit (debias=False). All fits are in summary.json.")
@@ -989,8 +994,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         o["apogee_id"] = ids[valid][o["index"]]
     hl = np.zeros(len(valid), bool)
     hl[[o["index"] for o in outl]] = True
-    fit_name = "fitted (" + {"debias": "de-biased", "plain": "plain chi2",
-                             "broadened": "chi2 with line broadening"}[primary_key] + ")"
+    fit_name = f"fitted ({FIT_STEP_NAMES[primary_key]})"
     if val_true is not None:
         plan.append(("cv_true", lambda: pl.plot_one_to_one(
             val_true[primary.ok], primary.labels[primary.ok], LAB_LABELS, "true",

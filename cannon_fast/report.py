@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from ._util import atomic_path
-from .pipeline import FIT_STEP_TITLES
+from .pipeline import FIT_STEPS, fit_step_title
 
 __all__ = ["save_figure", "write_summary", "write_report", "rebuild_report", "to_jsonable"]
 
@@ -134,12 +134,13 @@ def _summary_html(s):
                          f"<td>{v['bias_max']}</td><td>{_fmt(n, v.get('scatter'))}</td>"
                          f"<td>{v['scatter_max']}</td><td>{'yes' if v['met'] else 'NO'}</td></tr>")
         parts.append("</table>")
-    for key, title in FIT_STEP_TITLES.items():
+    for key in FIT_STEPS:
         v = s.get("validation", {}).get(key)
         if not v:
             continue
-        parts.append(f"<h3>Validation, {title}: {v['n_ok']} of {v['n_fitted']} fits usable; "
-                     f"flags {html.escape(json.dumps(v['flags']))}</h3>")
+        parts.append(f"<h3>Validation, {html.escape(fit_step_title(key))}: {v['n_ok']} of "
+                     f"{v['n_fitted']} fits usable; flags {html.escape(json.dumps(v['flags']))}"
+                     "</h3>")
         broad = (v.get("broadening") or {}).get("percentiles_5_50_95")
         if broad:
             parts.append(f"<p>Fitted extra line broadening (Gaussian velocity variance "
