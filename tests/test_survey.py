@@ -324,6 +324,12 @@ def test_cli_label(tmp_path, small, npz, capsys):
     assert main(["label", str(opath), str(npz), "--out", str(out), "-q",
                  "--backend", "numba"]) == 1
     assert "refusing to append" in capsys.readouterr().err
+    broad = tmp_path / "broad.fits"
+    assert main(["label", str(mpath), str(npz), "--out", str(broad), "--broadening", "-q",
+                 "--backend", "numba"]) == 0
+    _, c = _labels(broad)
+    assert np.isfinite(c["BROADENING"]).mean() > 0.99 and np.all(c["BROADENING_ERR"][
+        np.isfinite(c["BROADENING"])] > 0)
 
 
 def test_cli_help_states_the_memory_bound(capsys):

@@ -48,6 +48,11 @@ def register(sub, parent):
     p.set_defaults(func=_fit)
 
 
+def fit_options(args):
+    """``model.fit`` options from ``--no-debias`` and ``--broadening`` (fit and label)."""
+    return dict(debias=not (args.no_debias or args.broadening), broadening=args.broadening)
+
+
 def _rows(text, n):
     if text is None:
         return slice(0, n)
@@ -142,8 +147,7 @@ def _fit(args):
     t0 = time.perf_counter()
     if args.broadening and args.method == "trf":
         raise ValueError("--broadening is fitted with the fast method, not --method trf")
-    kwargs = {} if args.method == "trf" else dict(
-        debias=not (args.no_debias or args.broadening), broadening=args.broadening)
+    kwargs = {} if args.method == "trf" else fit_options(args)
     result = fit_spectra(model, np.asarray(data["flux"][rows]), np.asarray(data["ivar"][rows]),
                          method=args.method, **kwargs)
     dt = time.perf_counter() - t0

@@ -76,6 +76,7 @@ def register(subparsers, parent):
 def _label(args):
     from ..model import CannonModel
     from ..survey import SurveyError, label_survey
+    from .core import fit_options
 
     model = CannonModel.read(args.model, backend=args.backend)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -85,8 +86,7 @@ def _label(args):
             scheduler=args.scheduler, n_workers=args.workers, fmt=args.format,
             continuum_pixels=args.continuum, degree=args.degree,
             bad_bits=args.bad_bits, normalized=args.normalized,
-            fit_options=dict(debias=not (args.no_debias or args.broadening),
-                             broadening=args.broadening), log=say)
+            fit_options=fit_options(args), log=say)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)
