@@ -71,10 +71,13 @@ def label_statistics(fitted, reference, label_names, good=None):
                        rms=_num(rms[j]), n=int(n[j])) for j, name in enumerate(label_names)}
 
 
-#: Candidate models of ``run_lab(extra_terms="auto")``: the lab's quadratic, and the
+#: Candidate models of ``run_lab(extra_terms="auto")``: the lab's quadratic; the
 #: quadratic with two more powers of Teff (line strengths go roughly as exp(-chi/kT),
-#: which a quadratic follows poorly at the hot and cool edges of a giant sample).
-AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^4")}
+#: which a quadratic follows poorly at the hot and cool edges of a giant sample); and
+#: that with [Fe/H]^3 as well (a line's depth flattens with abundance as it saturates,
+#: the curve of growth, which a quadratic follows poorly over -1 < [Fe/H] < +0.5).
+AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^4"),
+               "quadratic + TEFF^3 + TEFF^4 + FE_H^3": ("TEFF^3", "TEFF^4", "FE_H^3")}
 
 #: The label fits (test steps) the lab compares, as ``CannonModel.fit`` options:
 #: de-biased, the plain chi², and the plain chi² with extra line broadening fitted.

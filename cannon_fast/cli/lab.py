@@ -53,8 +53,8 @@ def register(subparsers, parent):
     p.add_argument("--extra-terms", default="auto", metavar="TERMS",
                    help="terms added to the lab's quadratic model, comma-separated, e.g. "
                         "TEFF^3,TEFF^4; 'none' for the quadratic alone; default 'auto': the "
-                        "quadratic with or without TEFF^3,TEFF^4, chosen by cross-validation "
-                        "on the training set")
+                        "quadratic, + TEFF^3,TEFF^4 or + TEFF^3,TEFF^4,FE_H^3, chosen by "
+                        "cross-validation on the training set")
     p.add_argument("--test-step", choices=("auto", "debias", "plain", "broadened"),
                    default="auto",
                    help="label fit used for the figures and headline numbers (all are in "

@@ -3,11 +3,13 @@
 Issue 4 asks for the lab's targets (Teff scatter <= 30 K, [Fe/H] <= 0.02 dex, |bias| <= 5 K
 and 0.005 dex against the TRUE labels) on the 3036-star survey. Measured (Dec 2026): 1876
 stars kept, 938/937 split. Cross-validation inside the training set chooses the quadratic
-model + TEFF^3 + TEFF^4 trained with the catalogue's label errors (labels regression-
-calibrated under a Gaussian-mixture prior, error-weighted stars) and the label fit with extra
-line broadening: Teff -2.1 / 32.4 K, [Fe/H] 0.0045 / 0.0175 dex (bias / scatter). Without
-the broadening term (the plain fit) 34.1 K / 0.0198; with a single-Gaussian prior 32.6 K /
-0.0178; without the label errors 38.0 K / 0.0206; the lab's quadratic alone 48.0 K /
+model + TEFF^3 + TEFF^4 + FE_H^3 trained with the catalogue's label errors (labels
+regression-calibrated under a Gaussian-mixture prior, error-weighted stars) and the label fit
+with extra line broadening: Teff -1.8 / 31.2 K, [Fe/H] 0.0042 / 0.0153 dex (bias / scatter).
+Without FE_H^3 -2.1 / 32.4 K, 0.0045 / 0.0175 (on three other random halves the [Fe/H]
+scatter drops as well, 0.0179-0.0189 -> 0.0163-0.0179, and Teff moves by -0.4 to +0.5 K);
+without the broadening term (the plain fit) 34.1 K / 0.0198; with a single-Gaussian prior
+32.6 K / 0.0178; without the label errors 38.0 K / 0.0206; the lab's quadratic alone 48.0 K /
 0.0253 -- the same as TheCannon (Ho) on the same normalized spectra, 48.1 K -- and the peers
 reach 40-45 K on their own pipeline (PEERS.md section 2). The broadening term absorbs the
 mock's hidden macroturbulence (its fitted value correlates 0.57 with it), which otherwise
@@ -24,7 +26,16 @@ cubic terms (36.6 K), training stars weighted by inverse label density (34.6-36.
 second model for the hot/metal-poor corner (30.0 K, but only with a region chosen by looking
 at the validation stars; data-driven regions gave 35.6-36.7 K, models trained on the 300-500
 training stars nearest each sparse-region star's first fit 34.7-37.1 K), training labels
-refined by combining the catalogue with out-of-fold spectroscopic labels (35.3 K). Measured
+refined by combining the catalogue with out-of-fold spectroscopic labels (35.3 K), the
+catalogue's label errors scaled by 1.25-2 (its reported errors are ~0.7x the scatter of
+catalogue - truth; 31.8-43.6 K), spectra re-normalized against the fitted model (-0.8 K),
+persistence and Littrow-ghost pixels masked too (no change), and The Payne's MLP as the
+forward model (40 K even when trained on the true labels). Two limits that no training
+removes: the catalogue's Teff is offset by ~20 K per dex of [Fe/H] (the halo giants' training
+labels read ~17 K cool), and the disk giants' Teff scatter, 24 K even for a model trained on
+the true labels, is 3x their formal errors at every S/N, and a cubic in the true labels
+explains only half of its variance: most of it is per star (continuum, sky and telluric
+residuals are candidates), not noise and not a smooth model error. Measured
 but not built: the model as a polynomial in theta = 5040/Teff (31.0 K with broadening), and
 in ln(flux) as well (29.8 K here, 25.3-29.3 K on the other halves, [Fe/H] 0.0187): both
 change what the model's labels and flux mean in every consumer (fits, priors, movies,
@@ -41,7 +52,7 @@ import time
 
 import pytest
 
-from cannon_fast.pipeline import run_lab
+from cannon_fast.pipeline import AUTO_MODELS, run_lab
 
 #: Stars generated (the lab's 3036).
 N_STARS = int(os.environ.get("CANNON_FAST_MOCK_STARS", 3036))
@@ -88,8 +99,7 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     assert st["TEFF"]["scatter"] < 37 and abs(st["TEFF"]["bias"]) < 6, _numbers(s)
     assert st["FE_H"]["scatter"] < 0.022 and abs(st["FE_H"]["bias"]) < 0.006, _numbers(s)
     # the choice is made inside the training set and recorded; both fits are reported
-    assert s["choice"]["model"] in [m + e for m in ("quadratic", "quadratic + TEFF^3 + TEFF^4")
-                                    for e in ("", ", label errors")]
+    assert s["choice"]["model"] in [m + e for m in AUTO_MODELS for e in ("", ", label errors")]
     assert s["primary_fit"] == s["choice"]["test_step"] and set(s["validation"]) == {
         "debias", "plain", "broadened"}
     assert "trained_on_true_labels" in s["diagnostics"] and "teff_bins" in s["diagnostics"]
@@ -104,7 +114,7 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 Teff target not reached on the realistic mock "
-                   "survey (Teff ~32.4 K vs 30 K; [Fe/H] 0.0175 meets 0.02): rare dwarfs, "
+                   "survey (Teff ~31.2 K vs 30 K; [Fe/H] 0.0153 meets 0.02): rare dwarfs, "
                    "subgiants and halo giants (3 % of the stars, ~40 % of the squared Teff "
                    "error); see the module docstring")
 def test_mock_survey_meets_the_lab_targets(mock_lab):
