@@ -41,6 +41,7 @@ import dataclasses
 import numpy as np
 
 from ._util import progress
+from .model import fitted_pixels
 
 __all__ = ["C_KMS", "DLOG10", "velocity_to_pixels", "doppler_shift", "pixel_grid",
            "planck_ratio", "composite_spectrum", "BinaryFit", "fit_binaries",
@@ -237,10 +238,10 @@ class _BinaryProblem:
         self.positions, self.wavelength = positions, wavelength
         s2 = np.asarray(getattr(model, "s2", None) if getattr(model, "s2", None) is not None
                         else np.zeros(flux.size))
-        flags = getattr(model, "pixel_flags", None)
         good = (ivar > 0) & np.isfinite(flux)
-        if flags is not None:
-            good &= np.asarray(flags) == 0
+        usable = fitted_pixels(model)
+        if usable is not None:
+            good &= usable
         self.good = good
         self.sw = np.sqrt(1.0 / (1.0 / ivar[good] + s2[good]))
         self.f = flux[good]

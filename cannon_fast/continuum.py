@@ -39,6 +39,7 @@ import numpy as np
 
 from .backends import resolve_backend
 from .io.apogee import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
+from .model import fitted_pixels
 
 __all__ = [
     "CONTINUUM_FLAGS", "NormalizedSpectra", "chebyshev_basis", "normalize",
@@ -432,9 +433,9 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, chip_ranges
                          f"{n_labels}")
     p = theta.shape[0]
     usable = np.all(np.isfinite(theta), axis=1)
-    flags = getattr(model, "pixel_flags", None)
-    if flags is not None:
-        usable &= np.asarray(flags) == 0
+    fitted = fitted_pixels(model)
+    if fitted is not None:
+        usable &= fitted
     base = np.abs(theta[:, 0] - 1.0)
     lin = np.max(np.abs(theta[:, 1:n_labels + 1]), axis=1)
     out = np.zeros(p, bool)

@@ -32,7 +32,7 @@ from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .io.apogee import CDELT1 as _APSTAR_CDELT1
-from .model import PIXEL_FLAGS
+from .model import fitted_pixels
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf"]
 
@@ -56,14 +56,6 @@ DEBIAS_STEPS = 4
 #: ... until the step is below this (scaled labels, as ``xtol`` of the LM).
 DEBIAS_XTOL = 1e-6
 
-
-
-def _fitted_pixels(model):
-    """(P,) True where label fits use the model.
-
-    Not TOO_FEW_STARS or SINGULAR: those pixels have a constant model and no scatter.
-    """
-    return (model.pixel_flags & (PIXEL_FLAGS["TOO_FEW_STARS"] | PIXEL_FLAGS["SINGULAR"])) == 0
 
 
 def _check_broadening(debias, broadening):
@@ -201,7 +193,7 @@ def _precompute(model):
                      vz.packed_outer(theta_rest)[:, nonzero].astype(np.float32)),
                  theta_rest=theta_rest, theta0=np.ascontiguousarray(model.theta[:, 0]),
                  cbar=cbar, t_pix=t_pix, twice=twice,
-                 good_pix=_fitted_pixels(model))
+                 good_pix=fitted_pixels(model))
     model._fit_cache = cache
     return cache
 
@@ -525,7 +517,7 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
 
     model._require_trained()
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
-    good_pix = _fitted_pixels(model)
+    good_pix = fitted_pixels(model)
     starts = model.starting_points(max(1, int(n_starts)))
     bounds = model.scale_labels(model.label_bounds.T)
     exps, theta = model.exponents, model.theta
@@ -603,7 +595,9 @@ def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
         (``method="trf"``). Any other object needs ``label_names``, ``label_bounds``
         (L, 2), ``training_labels`` (N, L), ``s2`` ((P,) or None) and
         ``predict_with_jacobian(labels) -> (flux (N, P), jac (N, P, L))``; it is
-        fitted by a batched Levenberg-Marquardt (``fit_generic``).
+        fitted by a batched Levenberg-Marquardt (``fit_generic``). With
+        ``pixel_flags`` (P,) as well, the pixels :func:`cannon_fast.model.fitted_pixels`
+        rules out are left out, as for a ``CannonModel``.
     flux, ivar : array_like, (N, P)
     method : {"fast", "trf"}
     **kwargs
@@ -663,6 +657,7 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
     probe, _ = forward_model.predict_with_jacobian(med[None])
     flux, ivar = _check_fit_input(flux, ivar, probe.shape[1])
     s2 = np.zeros(probe.shape[1]) if s2 is None else np.asarray(s2, float)
+    usable = fitted_pixels(forward_model)  # None: a model without pixel_flags
     xtr = (train - med) / scale
     starts = [np.zeros(n_labels)]
     dist = np.sum(xtr ** 2, axis=1)
@@ -694,7 +689,7 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
     for b0 in progress(range(0, n_stars, batch_size), desc="fitting labels", unit="batch",
                        disable=None if progress_bar is None else not progress_bar):
         f, iv = flux[b0:b0 + batch_size], ivar[b0:b0 + batch_size]
-        valid = iv > 0
+        valid = iv > 0 if usable is None else (iv > 0) & usable
         w = np.where(valid, 1.0 / (1.0 / np.where(valid, iv, 1.0) + s2), 0.0)
         f = np.where(valid, f, 0.0)
         n = len(f)
@@ -764,14 +759,16 @@ class BroadenedModel:
     Notes
     -----
     A forward model for ``fit_generic``: it has ``label_names``,
-    ``label_bounds``, ``training_labels``, ``s2`` and ``predict_with_jacobian``.
+    ``label_bounds``, ``training_labels``, ``s2``, ``pixel_flags`` and
+    ``predict_with_jacobian``.
     """
 
     def __init__(self, model):
         model._require_trained()
         self.model = model
         self.label_names = list(model.label_names) + ["BROADENING"]
-        self.good_pixels = _fitted_pixels(model)
+        self.pixel_flags = model.pixel_flags
+        self.good_pixels = fitted_pixels(model)
         inner = np.zeros(model.n_pixels, dtype=bool)
         inner[1:-1] = self.good_pixels[2:] & self.good_pixels[1:-1] & self.good_pixels[:-2]
         d2 = np.zeros_like(model.theta)

@@ -2,8 +2,8 @@
 
 The likelihood is the one the chi² fit uses: Gaussian in the normalized flux
 with variance ``1/ivar + s²`` per pixel; pixels with ``ivar = 0``, non-finite
-flux or a nonzero ``model.pixel_flags`` are dropped. For a polynomial
-``CannonModel`` the chi² is an exact quadratic form in the label vector
+flux or no usable model (:func:`cannon_fast.model.fitted_pixels`) are dropped.
+For a polynomial ``CannonModel`` the chi² is an exact quadratic form in the label vector
 ``v(x)`` (``theta`` is fixed), so after one pass over the pixels every
 likelihood evaluation costs O(T²) instead of O(P T): 32 walkers x 10,000
 steps take a few seconds at P = 8575. Any other forward model (one with
@@ -39,6 +39,7 @@ import numpy as np
 
 from . import vectorizer as vz
 from ._util import progress
+from .model import fitted_pixels
 
 __all__ = ["Prior", "PosteriorResult", "TrainingRangeWarning", "make_prior", "sample_posterior",
            "log_likelihood_function"]
@@ -204,11 +205,9 @@ def parse_prior_args(items):
 
 # ----------------------------------------------------------------------------- likelihood
 def _good_pixels(model, flux, ivar):
-    flags = getattr(model, "pixel_flags", None)
     good = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
-    if flags is not None:
-        good &= np.asarray(flags) == 0
-    return good
+    usable = fitted_pixels(model)
+    return good if usable is None else good & usable
 
 
 def log_likelihood_function(model, flux, ivar, method="auto"):

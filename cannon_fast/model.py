@@ -16,10 +16,34 @@ from . import vectorizer as vz
 from ._util import as_float64, atomic_path, describe_bad
 from .backends import kernels, resolve_backend
 
-__all__ = ["CannonModel", "PIXEL_FLAGS", "expected_true_labels", "MAX_PRIOR_COMPONENTS"]
+__all__ = ["CannonModel", "PIXEL_FLAGS", "UNUSABLE_PIXEL_FLAGS", "fitted_pixels",
+           "expected_true_labels", "MAX_PRIOR_COMPONENTS"]
 
-#: Bits of ``CannonModel.pixel_flags``; a flagged pixel is ignored when fitting labels.
+#: Bits of ``CannonModel.pixel_flags``. TOO_FEW_STARS and SINGULAR pixels have a
+#: constant model and no scatter; S2_UNRESOLVED (s² still moving after ``max_iter``)
+#: is informational: the pixel's model is a solved one.
 PIXEL_FLAGS = {"TOO_FEW_STARS": 1, "SINGULAR": 2, "S2_UNRESOLVED": 4}
+#: The flags that keep a pixel out of every label fit, MCMC and binary fit.
+UNUSABLE_PIXEL_FLAGS = PIXEL_FLAGS["TOO_FEW_STARS"] | PIXEL_FLAGS["SINGULAR"]
+
+
+def fitted_pixels(model):
+    """Where fits of labels to spectra use a model: the one pixel rule.
+
+    Parameters
+    ----------
+    model : CannonModel or any forward model
+        A model without ``pixel_flags`` (an emulator) is usable everywhere.
+
+    Returns
+    -------
+    ndarray of bool, (P,), or None
+        None for a model without ``pixel_flags``.
+    """
+    flags = getattr(model, "pixel_flags", None)
+    if flags is None:
+        return None
+    return (np.asarray(flags) & UNUSABLE_PIXEL_FLAGS) == 0
 #: Format version of the files written by ``CannonModel.write``.
 FILE_FORMAT = 1
 

@@ -51,6 +51,36 @@ def test_fully_masked_pixel_is_flagged_not_nan(trained):
     assert np.count_nonzero(trained.pixel_flags & 3) == 1
 
 
+def test_every_fit_uses_the_same_pixels(trained, data):
+    """One pixel rule (model.fitted_pixels) for the chi² fits, MCMC and the binary fit.
+
+    TOO_FEW_STARS and SINGULAR pixels are left out; S2_UNRESOLVED is informational.
+    """
+    pytest.importorskip("emcee")
+    import copy
+
+    from cannon_fast.binaries import _BinaryProblem
+    from cannon_fast.fitting import fit_generic
+    from cannon_fast.mcmc import log_likelihood_function
+    from cannon_fast.model import PIXEL_FLAGS, fitted_pixels
+
+    m = copy.deepcopy(trained)
+    m.pixel_flags[3] |= PIXEL_FLAGS["TOO_FEW_STARS"]
+    m.pixel_flags[4] |= PIXEL_FLAGS["SINGULAR"]
+    m.pixel_flags[5] |= PIXEL_FLAGS["S2_UNRESOLVED"]
+    use = fitted_pixels(m)
+    assert not use[3] and not use[4] and use[5] and not use[-1] and use.sum() == 120 - 3
+    flux, ivar = data.flux[:3], data.ivar[:3]
+    n_used = ((ivar > 0) & use).sum(axis=1)
+    assert_array_equal(m.fit(flux, ivar, debias=False).n_pixels, n_used)
+    assert_array_equal(fit_generic(m, flux, ivar, n_starts=1).n_pixels, n_used)
+    assert log_likelihood_function(m, flux[0], ivar[0])[1] == n_used[0]
+    wave = np.linspace(15200.0, 15300.0, 120)
+    prob = _BinaryProblem(m, flux[0], ivar[0], (), 0.5, np.arange(120.0), wave)
+    assert prob.good.sum() == n_used[0]
+    assert fitted_pixels(object()) is None  # a model without flags: every pixel
+
+
 def test_s2_matches_the_literal_profile_likelihood_grid(data):
     """Fast alternating training vs the lab's algorithm (grid in s², theta re-solved)."""
     sub = slice(0, 40)
