@@ -168,6 +168,8 @@ def test_cli_mcmc(tiny, tmp_path, capsys):
     assert "did NOT converge" in captured.err and "sig_post" not in captured.out
     rc = main(["mcmc", str(tmp_path / "missing.npz"), "--model", str(mpath)])
     assert rc == 1 and "no such file" in capsys.readouterr().err
+    rc = main(["mcmc", str(tmp_path), "--model", str(mpath)])
+    assert rc == 1 and f"{tmp_path} is a folder" in capsys.readouterr().err
 
 
 def test_cli_cv_scatter_from_a_report(tmp_path):

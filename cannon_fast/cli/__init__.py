@@ -47,7 +47,8 @@ def main(argv=None):
         os.environ["CANNON_FAST_PROGRESS"] = "0"
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
+        # OSError: missing, unreadable or wrong-kind paths; its message names the path
         print(f"cannon-fast {args.command}: error: {err}", file=sys.stderr)
         return 1
 

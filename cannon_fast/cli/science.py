@@ -127,6 +127,8 @@ def load_one_spectrum(path, model, continuum=None):
     notes = []
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give one apStar file or an .npz spectrum")
     if path.lower().endswith(".npz"):
         with np.load(path, allow_pickle=False) as d:
             missing = [k for k in ("flux", "ivar") if k not in d.files]
