@@ -7,7 +7,7 @@ model + TEFF^3 + TEFF^4 + FE_H^3 trained with the catalogue's label errors (labe
 regression-calibrated under a Gaussian-mixture prior, error-weighted stars) and the label fit
 with extra line broadening: Teff -1.8 / 31.2 K, [Fe/H] 0.0042 / 0.0153 dex (bias / scatter).
 Without FE_H^3 -2.1 / 32.4 K, 0.0045 / 0.0175 (on three other random halves the [Fe/H]
-scatter drops as well, 0.0179-0.0189 -> 0.0163-0.0179, and Teff moves by -0.4 to +0.5 K);
+scatter drops as well, 0.0170-0.0189 -> 0.0163-0.0179, Teff rises by 0-0.5 K);
 without the broadening term (the plain fit) 34.1 K / 0.0198; with a single-Gaussian prior
 32.6 K / 0.0178; without the label errors 38.0 K / 0.0206; the lab's quadratic alone 48.0 K /
 0.0253 -- the same as TheCannon (Ho) on the same normalized spectra, 48.1 K -- and the peers
