@@ -34,14 +34,23 @@ from .backends import kernels, resolve_backend
 from .io.apogee import CDELT1 as _APSTAR_CDELT1
 from .model import fitted_pixels
 
-__all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf"]
+__all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "sparse_training"]
 
 #: Bits of ``FitResult.flags``.
 FLAGS = {"NOT_CONVERGED": NOT_CONVERGED, "HIT_BOUND": HIT_BOUND,
          "STARTS_DISAGREE": STARTS_DISAGREE, "TOO_FEW_PIXELS": 8, "FAILED": 16,
-         "DEBIAS_CAPPED": 32}
-#: Flags that describe how a fit was done rather than a problem with it.
-INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"]
+         "DEBIAS_CAPPED": 32, "SPARSE_TRAINING": 64}
+#: Flags that describe how or where a fit was done rather than a problem with it.
+INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"] | FLAGS["SPARSE_TRAINING"]
+#: SPARSE_TRAINING marks fitted labels where the training set is thin: their
+#: SPARSE_NEIGHBOURS-th nearest training star (in the model's scaled labels) is farther
+#: than it is for SPARSE_QUANTILE % of the training stars themselves. A polynomial model
+#: is least constrained there, inside the training range as well as at its edges. On the
+#: realistic mock survey (four random halves) 1.6-2.6 % of the validation stars are
+#: flagged and they carry 17-24 % of the squared Teff error (74-105 K against 22-28 K
+#: for the rest); k = 5, 10 or 20 neighbours flag much the same stars.
+SPARSE_NEIGHBOURS = 10
+SPARSE_QUANTILE = 95.0
 #: De-biasing divides by (1 - lambda), lambda the generalized eigenvalues of the model-error
 #: curvature against the Fisher matrix: lambda -> 1 where the training set's noise, summed
 #: over all pixels, is as large as a label's signal, and removing all of the shrinkage
@@ -62,6 +71,52 @@ def _check_broadening(debias, broadening):
     """Refuse the broadened fit with de-biasing (it refines the plain chi² fit)."""
     if broadening and debias:
         raise ValueError("broadening=True refines the plain chi² fit: pass debias=False too")
+
+
+def sparse_training(model, labels):
+    """Where labels lie in a thin part of a model's training set (SPARSE_TRAINING).
+
+    Parameters
+    ----------
+    model : CannonModel
+        A trained model (its ``training_labels`` and label scaling are used).
+    labels : array_like, (N, L)
+        Labels in the model's units; rows with a non-finite label are not flagged.
+
+    Returns
+    -------
+    ndarray of bool, (N,)
+        True where the ``SPARSE_NEIGHBOURS``-th nearest training star is farther
+        than for ``SPARSE_QUANTILE`` % of the training stars (each from the others).
+    """
+    from scipy.spatial import cKDTree
+
+    key = (model.training_labels, model.label_offsets, model.label_scales)
+    cache = getattr(model, "_sparse_cache", None)
+    if cache is None or not all(a is b for a, b in zip(cache[0], key)):
+        z = model.scale_labels(model.training_labels)
+        tree = cKDTree(z)
+        k = min(SPARSE_NEIGHBOURS, len(z) - 1)
+        # k + 1: a training star's nearest neighbour is itself
+        own = tree.query(z, k + 1)[0][:, -1] if k > 0 else np.zeros(len(z))
+        cache = (key, tree, k, float(np.percentile(own, SPARSE_QUANTILE)))
+        model._sparse_cache = cache
+    _, tree, k, threshold = cache
+    labels = np.atleast_2d(np.asarray(labels, dtype=float))
+    out = np.zeros(len(labels), dtype=bool)
+    finite = np.all(np.isfinite(labels), axis=1)
+    if k > 0 and finite.any():
+        dist = tree.query(model.scale_labels(labels[finite]), k)[0]
+        out[finite] = (dist if dist.ndim == 1 else dist[:, -1]) > threshold
+    return out
+
+
+def _mark_sparse_training(model, result):
+    """Set SPARSE_TRAINING in ``result.flags`` from its labels (and clear a stale one)."""
+    bit = FLAGS["SPARSE_TRAINING"]
+    result.flags = (result.flags & ~bit) | np.where(sparse_training(model, result.labels),
+                                                     bit, 0)
+    return result
 
 
 def min_good_pixels(n_labels, n_model_pixels):
@@ -172,9 +227,10 @@ def _precompute(model):
     shape over pixels. That turns ``B = sum_p w_p C_p`` into ``(w . t) Cbar``, a
     matrix-vector product instead of a (N, P) x (P, T²/2) one.
     """
-    key = (id(model.theta), id(model.theta_cov))
+    # the cache holds the arrays themselves: an id() alone could be reused by a new array
+    key = (model.theta, model.theta_cov)
     cache = getattr(model, "_fit_cache", None)
-    if cache is not None and cache["key"] == key:
+    if cache is not None and all(a is b for a, b in zip(cache["key"], key)):
         return cache
     cov = model.theta_cov  # (P, T2)
     iu, ju = np.triu_indices(model.n_terms)
@@ -345,7 +401,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     result = FitResult.concatenate(parts)
     if broadening:
         return fit_broadened(model, flux, ivar, start=result, progress_bar=progress_bar)
-    return result
+    return _mark_sparse_training(model, result)
 
 
 def _capped_hessian(fisher, bmat, cap=None):
@@ -581,8 +637,9 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
             out["flags"][i] |= FLAGS["HIT_BOUND"]
     errors = np.sqrt(np.diagonal(out["covariance"], axis1=1, axis2=2))
     dof = np.maximum(out["n_pixels"] - n_labels, 1)
-    return FitResult(errors=errors, reduced_chi2=out["chi2"] / dof,
-                     label_names=list(model.label_names), debiased=bool(debias), **out)
+    return _mark_sparse_training(model, FitResult(
+        errors=errors, reduced_chi2=out["chi2"] / dof, label_names=list(model.label_names),
+        debiased=bool(debias), **out))
 
 
 def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
@@ -902,7 +959,7 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
         out.flags[rows] |= flags
         bar.update(n)
     bar.close()
-    return out
+    return _mark_sparse_training(model, out)
 
 
 def _broadened_chi2(p, mom, exponents):

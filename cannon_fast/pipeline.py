@@ -223,6 +223,27 @@ def _population_breakdown(fitted, true, ok, population, names=("TEFF", "FE_H")):
 
 
 # --------------------------------------------------------------------------- inputs
+def _sparse_training_split(fit, catalog, truth=None):
+    """Validation statistics without the SPARSE_TRAINING stars, and what those carry."""
+    sparse = fit.ok & (fit.flags & fit.FLAGS["SPARSE_TRAINING"] > 0)
+    dense = fit.ok & ~sparse
+    ref = truth if truth is not None else catalog
+    d2 = (fit.labels - ref) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.nansum(d2[sparse], axis=0) / np.nansum(d2[fit.ok], axis=0)
+    out = dict(n=int(dense.sum()), n_flagged=int(sparse.sum()),
+               stats=label_statistics(fit.labels, catalog, LAB_LABELS, good=dense),
+               flagged_share_of_squared_error={n: _num(share[j])
+                                               for j, n in enumerate(LAB_LABELS)},
+               note=f"validation stars without the {int(sparse.sum())} flagged "
+                    f"SPARSE_TRAINING (fitted labels where the training set is thin), which "
+                    f"carry {100 * share[0]:.0f}% of the squared Teff error against the "
+                    f"{'true' if truth is not None else 'catalog'} labels")
+    if truth is not None:
+        out["vs_true"] = label_statistics(fit.labels, truth, LAB_LABELS, good=dense)
+    return out
+
+
 def _find_allstar(data_dir):
     hits = sorted(glob.glob(os.path.join(data_dir, "**", "allStar*.fits"), recursive=True))
     if not hits:
@@ -443,6 +464,9 @@ def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatt
                        if np.isfinite(ref[i, k]) and not tr_lo[k] <= ref[i, k] <= tr_hi[k]]
             if outside:
                 reasons.append("catalog labels outside the training range: " + ", ".join(outside))
+        if "SPARSE_TRAINING" in info["fit_flags"]:
+            reasons.append("fitted labels where the training set is thin (SPARSE_TRAINING), "
+                           "where the model is least constrained")
         if edges is not None:
             lo, hi = np.asarray(edges, float).T
             near = [label_names[k] for k in range(len(label_names))
@@ -892,7 +916,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         + ", ".join(f"{timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
 
     # 7. error budget (only with true labels; cheap: one more training) -----------------
-    diagnostics = {}
+    diagnostics = {"not_sparse_training": _sparse_training_split(primary, val_cat, val_true)}
     if truth_labels is not None and np.isfinite(truth_labels[train]).all():
         t0 = time.perf_counter()
         m_true = candidates[model_name](flux[train], ivar[train], truth_labels[train], None)

@@ -297,3 +297,36 @@ def test_broadened_fit_keeps_an_unfittable_star_as_it_was(setup):
     assert np.all(np.isfinite(r.broadening[[0, 1, 3]])) and r.ok[[0, 1, 3]].all()
     with pytest.raises(ValueError, match="start must be a plain fit"):
         fit_broadened(model, test.flux[:4], ivar, start=model.fit(test.flux[:4], ivar))
+
+
+def test_sparse_training_flag_marks_the_thin_part_of_the_training_set(setup):
+    """SPARSE_TRAINING: labels whose 10th-nearest training star is farther than for 95 % of
+    the training stars. Informational: the fit stays usable."""
+    from cannon_fast.fitting import SPARSE_QUANTILE, fit_broadened, sparse_training
+
+    model, train, test = setup
+    # new stars from the training set's own distribution: ~5 % are as isolated as its tail
+    draws = make_synthetic(n_stars=3000, n_pix=10, n_labels=3, seed=99).labels
+    frac = sparse_training(model, draws).mean()
+    assert abs(frac - (1 - SPARSE_QUANTILE / 100)) < 0.02, frac
+    centre = np.median(train.labels, axis=0)
+    far = centre + 1.25 * model.label_scales  # inside the training range, in a thin corner
+    assert np.all((far > model.label_bounds[:, 0]) & (far < model.label_bounds[:, 1]))
+    flagged = sparse_training(model, np.array([centre, far, [np.nan, 1.0, 0.0]]))
+    assert flagged.tolist() == [False, True, False]
+    # every fit sets the bit from its own labels, clears a stale one, and keeps ok
+    bit = FLAGS["SPARSE_TRAINING"]
+    fast = model.fit(test.flux, test.ivar, debias=False)
+    ref = fit_trf(model, test.flux, test.ivar)
+    stale = fast.flags.copy()
+    fast.flags |= bit
+    broad = fit_broadened(model, test.flux, test.ivar, start=fast)
+    fast.flags = stale
+    for res in (fast, ref, broad):
+        assert np.array_equal(res.flags & bit > 0, sparse_training(model, res.labels))
+        assert res.ok.all()
+    # a star placed in the tail by the fit itself: its spectrum at the far labels
+    spec = model.predict(far[None])
+    res = model.fit(spec, np.full_like(spec, 1e4), debias=False)
+    assert res.flags[0] & bit and res.ok[0] and "SPARSE_TRAINING" in res.flag_names(0)
+    assert not res.flags[0] & FLAGS["HIT_BOUND"]

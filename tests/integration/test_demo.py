@@ -57,6 +57,11 @@ def test_summary_json_fields(lab):
     # the labels are recovered (loosely: 50 training stars)
     assert s["validation"][s["primary_fit"]]["vs_true"]["TEFF"]["scatter"] < 150
     assert s["validation"][s["primary_fit"]]["vs_true"]["FE_H"]["scatter"] < 0.1
+    sp = s["diagnostics"]["not_sparse_training"]
+    v = s["validation"][s["primary_fit"]]
+    assert sp["n"] + sp["n_flagged"] == v["n_ok"] and sp["n_flagged"] == v["flags"][
+        "SPARSE_TRAINING"]
+    assert sp["vs_true"]["TEFF"]["n"] == sp["n"]
 
 
 def test_report_html_references_every_png(lab):
