@@ -593,6 +593,10 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
                          "cannot start the walkers")
 
     notes = range_warnings(model, fit_labels, "chi² fit")
+    if flags & getattr(init, "FLAGS", {}).get("SPARSE_TRAINING", 0):
+        notes.append("the chi² fit lies where the training set is thin (SPARSE_TRAINING): the "
+                     "model is least constrained there, so trust these labels less than the "
+                     "validation scatter suggests")
     if deb_note:
         notes.append(deb_note)
     rng = np.random.default_rng(seed)

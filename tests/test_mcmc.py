@@ -9,6 +9,7 @@ pytest.importorskip("emcee")
 from cannon_fast import CannonModel  # noqa: E402
 from cannon_fast.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function,  # noqa: E402
                               make_prior, parse_prior_args, sample_posterior)
+from cannon_fast.fitting import FLAGS  # noqa: E402
 from cannon_fast.testing import make_synthetic  # noqa: E402
 
 
@@ -131,6 +132,18 @@ def test_outside_training_range_warns(tiny):
     assert any("outside the training range" in w for w in res.warnings)
     # the walkers still respect the (training-range) prior
     assert res.samples[:, 0].max() <= model.training_labels[:, 0].max()
+
+
+def test_thin_part_of_the_training_set_is_noted(tiny):
+    """A star whose chi² fit is flagged SPARSE_TRAINING gets a note in the posterior's warnings."""
+    model, tr, _ = tiny
+    far = np.median(tr.labels, axis=0) + 1.0 * model.label_scales  # a thin corner, in range
+    assert np.all((far > tr.labels.min(axis=0)) & (far < tr.labels.max(axis=0)))
+    flux = model.predict(far)
+    res = sample_posterior(model, flux, np.full_like(flux, 150.0 ** 2), n_steps=300, seed=3,
+                           require_converged=False)
+    assert res.fit_flags & FLAGS["SPARSE_TRAINING"]
+    assert any("SPARSE_TRAINING" in w for w in res.warnings)
 
 
 def test_bad_inputs(tiny):
