@@ -238,10 +238,7 @@ class _BinaryProblem:
         self.positions, self.wavelength = positions, wavelength
         s2 = np.asarray(getattr(model, "s2", None) if getattr(model, "s2", None) is not None
                         else np.zeros(flux.size))
-        good = (ivar > 0) & np.isfinite(flux)
-        usable = fitted_pixels(model)
-        if usable is not None:
-            good &= usable
+        good = (ivar > 0) & np.isfinite(flux) & fitted_pixels(model, flux.size)
         self.good = good
         self.sw = np.sqrt(1.0 / (1.0 / ivar[good] + s2[good]))
         self.f = flux[good]

@@ -432,10 +432,7 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, chip_ranges
         raise ValueError(f"model.theta has shape {theta.shape}; expected (P, T) with T > "
                          f"{n_labels}")
     p = theta.shape[0]
-    usable = np.all(np.isfinite(theta), axis=1)
-    fitted = fitted_pixels(model)
-    if fitted is not None:
-        usable &= fitted
+    usable = np.all(np.isfinite(theta), axis=1) & fitted_pixels(model, p)
     base = np.abs(theta[:, 0] - 1.0)
     lin = np.max(np.abs(theta[:, 1:n_labels + 1]), axis=1)
     out = np.zeros(p, bool)

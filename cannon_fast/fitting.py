@@ -249,7 +249,7 @@ def _precompute(model):
                      vz.packed_outer(theta_rest)[:, nonzero].astype(np.float32)),
                  theta_rest=theta_rest, theta0=np.ascontiguousarray(model.theta[:, 0]),
                  cbar=cbar, t_pix=t_pix, twice=twice,
-                 good_pix=fitted_pixels(model))
+                 good_pix=fitted_pixels(model, model.n_pixels))
     model._fit_cache = cache
     return cache
 
@@ -573,7 +573,7 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
 
     model._require_trained()
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
-    good_pix = fitted_pixels(model)
+    good_pix = fitted_pixels(model, model.n_pixels)
     starts = model.starting_points(max(1, int(n_starts)))
     bounds = model.scale_labels(model.label_bounds.T)
     exps, theta = model.exponents, model.theta
@@ -714,7 +714,7 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
     probe, _ = forward_model.predict_with_jacobian(med[None])
     flux, ivar = _check_fit_input(flux, ivar, probe.shape[1])
     s2 = np.zeros(probe.shape[1]) if s2 is None else np.asarray(s2, float)
-    usable = fitted_pixels(forward_model)  # None: a model without pixel_flags
+    usable = fitted_pixels(forward_model, probe.shape[1])
     xtr = (train - med) / scale
     starts = [np.zeros(n_labels)]
     dist = np.sum(xtr ** 2, axis=1)
@@ -746,7 +746,7 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
     for b0 in progress(range(0, n_stars, batch_size), desc="fitting labels", unit="batch",
                        disable=None if progress_bar is None else not progress_bar):
         f, iv = flux[b0:b0 + batch_size], ivar[b0:b0 + batch_size]
-        valid = iv > 0 if usable is None else (iv > 0) & usable
+        valid = (iv > 0) & usable
         w = np.where(valid, 1.0 / (1.0 / np.where(valid, iv, 1.0) + s2), 0.0)
         f = np.where(valid, f, 0.0)
         n = len(f)
@@ -825,7 +825,7 @@ class BroadenedModel:
         self.model = model
         self.label_names = list(model.label_names) + ["BROADENING"]
         self.pixel_flags = model.pixel_flags
-        self.good_pixels = fitted_pixels(model)
+        self.good_pixels = fitted_pixels(model, model.n_pixels)
         inner = np.zeros(model.n_pixels, dtype=bool)
         inner[1:-1] = self.good_pixels[2:] & self.good_pixels[1:-1] & self.good_pixels[:-2]
         d2 = np.zeros_like(model.theta)

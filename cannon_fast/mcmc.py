@@ -205,9 +205,7 @@ def parse_prior_args(items):
 
 # ----------------------------------------------------------------------------- likelihood
 def _good_pixels(model, flux, ivar):
-    good = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
-    usable = fitted_pixels(model)
-    return good if usable is None else good & usable
+    return (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar) & fitted_pixels(model, len(ivar))
 
 
 def log_likelihood_function(model, flux, ivar, method="auto"):

@@ -27,23 +27,26 @@ PIXEL_FLAGS = {"TOO_FEW_STARS": 1, "SINGULAR": 2, "S2_UNRESOLVED": 4}
 UNUSABLE_PIXEL_FLAGS = PIXEL_FLAGS["TOO_FEW_STARS"] | PIXEL_FLAGS["SINGULAR"]
 
 
-def fitted_pixels(model):
+def fitted_pixels(model, n_pixels):
     """Where fits of labels to spectra use a model: the one pixel rule.
 
     Parameters
     ----------
     model : CannonModel or any forward model
         A model without ``pixel_flags`` (an emulator) is usable everywhere.
+    n_pixels : int
+        Pixels of the spectra it is fitted to (the model's own count).
 
     Returns
     -------
-    ndarray of bool, (P,), or None
-        None for a model without ``pixel_flags``.
+    ndarray of bool, (n_pixels,)
     """
     flags = getattr(model, "pixel_flags", None)
     if flags is None:
-        return None
+        return np.ones(n_pixels, dtype=bool)
     return (np.asarray(flags) & UNUSABLE_PIXEL_FLAGS) == 0
+
+
 #: Format version of the files written by ``CannonModel.write``.
 FILE_FORMAT = 1
 

@@ -68,7 +68,7 @@ def test_every_fit_uses_the_same_pixels(trained, data):
     m.pixel_flags[3] |= PIXEL_FLAGS["TOO_FEW_STARS"]
     m.pixel_flags[4] |= PIXEL_FLAGS["SINGULAR"]
     m.pixel_flags[5] |= PIXEL_FLAGS["S2_UNRESOLVED"]
-    use = fitted_pixels(m)
+    use = fitted_pixels(m, m.n_pixels)
     assert not use[3] and not use[4] and use[5] and not use[-1] and use.sum() == 120 - 3
     flux, ivar = data.flux[:3], data.ivar[:3]
     n_used = ((ivar > 0) & use).sum(axis=1)
@@ -78,7 +78,7 @@ def test_every_fit_uses_the_same_pixels(trained, data):
     wave = np.linspace(15200.0, 15300.0, 120)
     prob = _BinaryProblem(m, flux[0], ivar[0], (), 0.5, np.arange(120.0), wave)
     assert prob.good.sum() == n_used[0]
-    assert fitted_pixels(object()) is None  # a model without flags: every pixel
+    assert fitted_pixels(object(), 7).tolist() == [True] * 7  # no flags: every pixel
 
 
 def test_s2_matches_the_literal_profile_likelihood_grid(data):
