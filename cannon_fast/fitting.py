@@ -119,6 +119,17 @@ def _mark_sparse_training(model, result):
     return result
 
 
+def _batch_weights(flux, ivar, s2, usable):
+    """A batch's flux and chi² weights ``1 / (1/ivar + s²)``, both 0 where not fitted.
+
+    Not fitted: ``ivar = 0`` or a pixel ``usable`` (P,) rules out. Returns flux,
+    weights and the fitted-pixel mask, each (N, P).
+    """
+    valid = (ivar > 0) & usable
+    w = np.where(valid, 1.0 / (1.0 / np.where(valid, ivar, 1.0) + s2), 0.0)
+    return np.where(valid, flux, 0.0), w, valid
+
+
 def min_good_pixels(n_labels, n_model_pixels):
     """Fewest good pixels a star needs to be fitted: 3 per label, and 10 % of the model's."""
     return max(3 * n_labels, int(0.1 * n_model_pixels))
@@ -745,10 +756,8 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
     n_stars = flux.shape[0]
     for b0 in progress(range(0, n_stars, batch_size), desc="fitting labels", unit="batch",
                        disable=None if progress_bar is None else not progress_bar):
-        f, iv = flux[b0:b0 + batch_size], ivar[b0:b0 + batch_size]
-        valid = (iv > 0) & usable
-        w = np.where(valid, 1.0 / (1.0 / np.where(valid, iv, 1.0) + s2), 0.0)
-        f = np.where(valid, f, 0.0)
+        f, w, valid = _batch_weights(flux[b0:b0 + batch_size], ivar[b0:b0 + batch_size], s2,
+                                     usable)
         n = len(f)
         n_pix = valid.sum(axis=1)
         best_x = np.zeros((n, n_labels))
@@ -926,10 +935,7 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     for b0 in range(0, len(use), batch_size):
         rows = use[b0:b0 + batch_size]
         n = len(rows)
-        iv = ivar[rows] * broad.good_pixels
-        valid = iv > 0
-        w = np.where(valid, 1.0 / (1.0 / np.where(valid, iv, 1.0) + model.s2), 0.0)
-        f = np.where(valid, flux[rows], 0.0)
+        f, w, _ = _batch_weights(flux[rows], ivar[rows], model.s2, broad.good_pixels)
         wf = w * f
         mom = dict(c=np.einsum("np,np->n", wf, f), h=wf @ theta, k=wf @ d_theta,
                    g=vz.unpack_symmetric(w @ outer_g, n_terms),
