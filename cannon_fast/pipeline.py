@@ -206,31 +206,37 @@ def _population_breakdown(fitted, true, ok, population, names=("TEFF", "FE_H")):
     res = np.asarray(fitted, float) - np.asarray(true, float)
     use = ok & np.all(np.isfinite(res), axis=1)
     cols = [LAB_LABELS.index(n) for n in names]
-    total = {n: float(np.sum(res[use, j] ** 2)) for n, j in zip(names, cols)}
     rows = []
     for pop in sorted(set(population[use])):
         sel = use & (population == pop)
+        share = _share_of_squared_error(res, sel, use)
         row = dict(population=str(pop), n=int(sel.sum()))
         for n, j in zip(names, cols):
             r = res[sel, j]
             row[n] = dict(bias=_num(r.mean()),
                           scatter=_num(r.std(ddof=1)) if len(r) > 1 else None,
-                          share_of_squared_error=_num(np.sum(r ** 2) / total[n]) if total[n]
-                          else None)
+                          share_of_squared_error=_num(share[j]))
         rows.append(row)
     return dict(rows=rows, note="fitted - true per true population; share_of_squared_error is "
                                 "the population's part of sum((fitted - true)^2)")
 
 
-# --------------------------------------------------------------------------- inputs
+def _share_of_squared_error(residuals, part, whole):
+    """Per label, the part of sum(residual²) over the stars ``whole`` that ``part`` carries.
+
+    NaN residuals count as 0; a label without error gets NaN.
+    """
+    d2 = np.asarray(residuals, float) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nansum(d2[part], axis=0) / np.nansum(d2[whole], axis=0)
+
+
 def _sparse_training_split(fit, catalog, truth=None):
     """Validation statistics without the SPARSE_TRAINING stars, and what those carry."""
     sparse = fit.ok & (fit.flags & fit.FLAGS["SPARSE_TRAINING"] > 0)
     dense = fit.ok & ~sparse
     ref = truth if truth is not None else catalog
-    d2 = (fit.labels - ref) ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.nansum(d2[sparse], axis=0) / np.nansum(d2[fit.ok], axis=0)
+    share = _share_of_squared_error(fit.labels - ref, sparse, fit.ok)
     out = dict(n=int(dense.sum()), n_flagged=int(sparse.sum()),
                stats=label_statistics(fit.labels, catalog, LAB_LABELS, good=dense),
                flagged_share_of_squared_error={n: _num(share[j])
@@ -244,6 +250,7 @@ def _sparse_training_split(fit, catalog, truth=None):
     return out
 
 
+# --------------------------------------------------------------------------- inputs
 def _find_allstar(data_dir):
     hits = sorted(glob.glob(os.path.join(data_dir, "**", "allStar*.fits"), recursive=True))
     if not hits:
