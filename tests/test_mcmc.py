@@ -185,6 +185,21 @@ def test_cli_mcmc(tiny, tmp_path, capsys):
     assert rc == 1 and f"{tmp_path} is a folder" in capsys.readouterr().err
 
 
+def test_cli_reports_an_os_error_in_one_line(monkeypatch, capsys):
+    """An unreadable file (any OSError) is one line naming the path, not a traceback."""
+    from cannon_fast import cli
+    from cannon_fast.cli import science
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/data/star.fits")
+
+    monkeypatch.setattr(science, "_mcmc", denied)
+    rc = cli.main(["mcmc", "/data/star.fits", "--model", "m.npz"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip() == \
+        "cannon-fast mcmc: error: [Errno 13] Permission denied: '/data/star.fits'"
+
+
 def test_cli_cv_scatter_from_a_report(tmp_path):
     from cannon_fast.cli.science import _parse_cv
     stats = {"TEFF": dict(scatter=21.5), "FE_H": dict(scatter=0.018), "LOGG": dict(scatter=None)}
