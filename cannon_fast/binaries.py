@@ -366,7 +366,8 @@ def fit_binaries(model, flux, ivar, free_secondary=("TEFF", "LOGG"), light_ratio
     n_labels = len(names)
     k_single = n_labels
     k_binary = n_labels + len(free_secondary) + (1 if light_ratio == "free" else 0) + 1
-    bounds_x = model.scale_labels(np.asarray(model.label_bounds).T)  # (2, L)
+    # sorted: a reciprocal label (CannonModel(reciprocal_labels=)) reverses its bounds
+    bounds_x = np.sort(model.scale_labels(np.asarray(model.label_bounds).T), axis=0)  # (2, L)
     lo = list(bounds_x[0]) + [bounds_x[0][names.index(s)] for s in free_secondary]
     hi = list(bounds_x[1]) + [bounds_x[1][names.index(s)] for s in free_secondary]
     if light_ratio == "free":

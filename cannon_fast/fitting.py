@@ -318,7 +318,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     if debias and exact_debias:
         cov32 = np.ascontiguousarray(model.theta_cov.astype(np.float32))
     starts = model.starting_points(max(1, int(n_starts)))
-    bounds = model.scale_labels(model.label_bounds.T)  # (2, L)
+    bounds = model.scaled_label_bounds  # (2, L)
     lo, hi = np.ascontiguousarray(bounds[0]), np.ascontiguousarray(bounds[1])
     batch = min(batch_size, n_stars)
     # batch buffers, reused: fresh (batch, P) arrays would cost their page faults again
@@ -394,8 +394,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         diag = np.diagonal(cov_x, axis1=1, axis2=2)
         failed = ~np.all(np.isfinite(diag) & (diag > 0), axis=1) & fittable
         status[failed] |= FLAGS["FAILED"]
-        scales = model.label_scales
-        cov_phys = cov_x * scales[None, :, None] * scales[None, None, :]
+        d = model.label_derivatives(x)  # d label / d x
+        cov_phys = cov_x * d[:, :, None] * d[:, None, :]
         labels = model.unscale_labels(x)
         labels[~fittable] = np.nan
         cov_phys[~fittable] = np.nan
@@ -586,7 +586,7 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
     good_pix = fitted_pixels(model, model.n_pixels)
     starts = model.starting_points(max(1, int(n_starts)))
-    bounds = model.scale_labels(model.label_bounds.T)
+    bounds = model.scaled_label_bounds
     exps, theta = model.exponents, model.theta
     n_stars, n_labels = flux.shape[0], model.n_labels
     out = dict(labels=np.full((n_stars, n_labels), np.nan),
@@ -643,7 +643,8 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
         except np.linalg.LinAlgError:
             out["flags"][i] |= FLAGS["FAILED"]
             continue
-        out["covariance"][i] = c * np.outer(model.label_scales, model.label_scales)
+        d = model.label_derivatives(x)[0]
+        out["covariance"][i] = c * np.outer(d, d)
         if np.any(np.isclose(x, bounds[0]) | np.isclose(x, bounds[1])):
             out["flags"][i] |= FLAGS["HIT_BOUND"]
     errors = np.sqrt(np.diagonal(out["covariance"], axis1=1, axis2=2))
@@ -861,7 +862,7 @@ class BroadenedModel:
         d2_flux = v @ self.d2_theta.T  # (N, P): d model / d b
         flux = v @ m.theta.T + b * d2_flux
         jac_x = (dv_rows @ m.theta.T + np.repeat(b, n_lab, axis=0) * (dv_rows @ self.d2_theta.T))
-        jac_x = jac_x.reshape(n, n_lab, -1) / m.label_scales[None, :, None]
+        jac_x = jac_x.reshape(n, n_lab, -1) / m.label_derivatives(x)[:, :, None]
         jac = np.concatenate([jac_x, d2_flux[:, None, :]], axis=1)  # (N, L + 1, P)
         return flux, np.swapaxes(jac, 1, 2)
 
@@ -926,7 +927,7 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     outer_k = vz.packed_outer(d_theta)
     outer_s = np.ascontiguousarray(
         (theta[:, :, None] * d_theta[:, None, :]).reshape(len(theta), -1))  # (P, T²)
-    bounds = model.scale_labels(model.label_bounds.T)  # (2, L)
+    bounds = model.scaled_label_bounds  # (2, L)
     lo = np.append(bounds[0], -BROADENING_BOUND / b_unit)
     hi = np.append(bounds[1], BROADENING_BOUND / b_unit)
     bar = progress(total=len(use), desc="fitting labels + broadening", unit="star",
@@ -947,8 +948,8 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
                                                 model.exponents),
             lo, hi, max_iter, xtol, ftol)
         cov = _inverse(norm)
-        scales = np.append(model.label_scales, b_unit)
-        cov *= scales[None, :, None] * scales[None, None, :]
+        d = np.column_stack([model.label_derivatives(p[:, :n_labels]), np.full(n, b_unit)])
+        cov *= d[:, :, None] * d[:, None, :]
         out.labels[rows] = model.unscale_labels(p[:, :n_labels])
         out.covariance[rows] = cov[:, :n_labels, :n_labels]
         diag = np.diagonal(cov, axis1=1, axis2=2)

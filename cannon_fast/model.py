@@ -68,6 +68,12 @@ class CannonModel:
         cost of the next full order (56 terms for a cubic in 5 labels). Line
         strengths vary with temperature roughly as exp(-chi / kT), which a
         quadratic in Teff follows poorly at the hot and cool edges of a giant sample.
+    reciprocal_labels : sequence of str, optional
+        Labels the polynomial is built in the reciprocal of, e.g. ``["TEFF"]``:
+        the model is then a polynomial in ``theta = 5040 / Teff`` (up to its
+        scaling), in which the Boltzmann and Saha factors of line strengths,
+        ``exp(-chi theta)``, are simpler. Fits, errors and gradients stay in
+        the physical labels. The labels must be positive.
 
     Attributes
     ----------
@@ -80,11 +86,13 @@ class CannonModel:
     pixel_flags : ndarray of uint8, (P,)
         Bits of ``PIXEL_FLAGS``; 0 for a good pixel.
     label_offsets, label_scales : ndarray, (L,)
-        Scaled labels are ``x = (label - offset) / scale``.
+        Scaled labels are ``x = (label - offset) / scale``, with ``1 / label``
+        in place of ``label`` for the ``reciprocal_labels``.
     training_labels : ndarray, (N_train, L)
     """
 
-    def __init__(self, label_names, order=2, backend="auto", extra_terms=()):
+    def __init__(self, label_names, order=2, backend="auto", extra_terms=(),
+                 reciprocal_labels=()):
         label_names = [str(n) for n in label_names]
         if not label_names:
             raise ValueError("a CannonModel needs at least one label name")
@@ -101,6 +109,12 @@ class CannonModel:
                                  "or listed twice)")
             seen.add(tuple(e))
         self.extra_terms = [[int(v) for v in e] for e in extra]
+        unknown = [n for n in reciprocal_labels or () if n not in label_names]
+        if unknown:
+            raise ValueError(f"reciprocal label(s) {unknown} are not among the labels "
+                             f"{label_names}")
+        self.reciprocal_labels = [n for n in label_names if n in set(reciprocal_labels or ())]
+        self._reciprocal = np.array([n in self.reciprocal_labels for n in label_names])
         self.exponents = np.ascontiguousarray(np.vstack([base] + [e[None] for e in extra]),
                                               dtype=np.int64)
         self.backend = resolve_backend(backend)
@@ -142,13 +156,21 @@ class CannonModel:
         lo = self.training_labels.min(axis=0)
         hi = self.training_labels.max(axis=0)
         pad = 0.25 * (hi - lo)
-        return np.stack([lo - pad, hi + pad], axis=1)
+        low = np.where(self._reciprocal, np.maximum(lo - pad, 0.5 * lo), lo - pad)
+        return np.stack([low, hi + pad], axis=1)
+
+    @property
+    def scaled_label_bounds(self):
+        """(2, L) lower and upper bounds of label fits in scaled labels."""
+        return np.sort(self.scale_labels(self.label_bounds.T), axis=0)
 
     def __repr__(self):
         state = f"P={self.n_pixels}, trained on N={len(self.training_labels)}" \
             if self.is_trained else "untrained"
         extra = (" + " + ", ".join(self.term_names[-len(self.extra_terms):])
                  if self.extra_terms else "")
+        if self.reciprocal_labels:
+            extra += " in " + ", ".join(f"1/{n}" for n in self.reciprocal_labels)
         return (f"<CannonModel labels={self.label_names} order={self.order}{extra} "
                 f"T={self.n_terms} backend={self.backend!r} {state}>")
 
@@ -157,13 +179,34 @@ class CannonModel:
             raise RuntimeError("the model is not trained: call train() or CannonModel.read()")
 
     # ------------------------------------------------------------------ labels
+    def _model_labels(self, labels):
+        """Physical labels -> the quantities the polynomial is built in (before scaling)."""
+        labels = np.asarray(labels, dtype=np.float64)
+        if not self._reciprocal.any():
+            return labels
+        with np.errstate(divide="ignore"):
+            return np.where(self._reciprocal, 1.0 / labels, labels)
+
     def scale_labels(self, labels):
         """Physical labels (N, L) -> scaled labels x (N, L)."""
-        return (np.asarray(labels, dtype=np.float64) - self.label_offsets) / self.label_scales
+        return (self._model_labels(labels) - self.label_offsets) / self.label_scales
 
     def unscale_labels(self, x):
         """Scaled labels x (N, L) -> physical labels (N, L)."""
-        return np.asarray(x) * self.label_scales + self.label_offsets
+        return self._model_labels(np.asarray(x) * self.label_scales + self.label_offsets)
+
+    def label_derivatives(self, x):
+        """``d label / d x`` at scaled labels x (N, L), element by element.
+
+        The scale for a plain label; ``-scale * label²`` for a reciprocal one.
+        Errors and Jacobians convert between scaled and physical labels with it.
+        """
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        d = np.broadcast_to(self.label_scales, x.shape).copy()
+        if self._reciprocal.any():
+            labels = self.unscale_labels(x)
+            d[:, self._reciprocal] *= -labels[:, self._reciprocal] ** 2
+        return d
 
     def _labels_2d(self, labels, name="labels"):
         arr = np.asarray(labels, dtype=np.float64)
@@ -237,10 +280,12 @@ class CannonModel:
         flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
         n_stars, n_pix = flux.shape
         k = kernels(self.backend)
-        lo, med, hi = np.percentile(labels, [2.5, 50.0, 97.5], axis=0)
+        self._check_reciprocal(labels)
+        model_labels = self._model_labels(labels)
+        lo, med, hi = np.percentile(model_labels, [2.5, 50.0, 97.5], axis=0)
         scales = (hi - lo) / 2.0
         const = scales <= 0
-        scales[const] = np.ptp(labels, axis=0)[const]
+        scales[const] = np.ptp(model_labels, axis=0)[const]
         _check_label_spread(labels, scales, self.label_names)
         self.label_offsets, self.label_scales = med, scales
         x = self.scale_labels(labels)
@@ -351,7 +396,14 @@ class CannonModel:
             raise ValueError(f"{int(bad.any(axis=1).sum())} training star(s) have a missing or "
                              f"negative label error, e.g. star {n} {self.label_names[l]}_ERR = "
                              f"{errors[n, l]}; fill them (e.g. with the median error)")
-        expected = expected_true_labels(labels, errors, self.label_names)
+        # the expectation in the quantities the model is built in (1 / label for a
+        # reciprocal one), whose distribution the Gaussian-mixture prior describes
+        self._check_reciprocal(labels)
+        rec = self._reciprocal
+        expected = expected_true_labels(self._model_labels(labels),
+                                        np.where(rec, errors / labels ** 2, errors),
+                                        self.label_names)
+        expected = self._model_labels(expected)
         self.train(flux, ivar, expected, max_iter=max_iter, s2_rtol=s2_rtol)
         extra = np.empty_like(ivar)  # label errors as flux variance, chunk by chunk
         for a in range(0, len(ivar), 256):
@@ -366,6 +418,14 @@ class CannonModel:
             median_shift=dict(zip(self.label_names,
                                   np.median(np.abs(expected - labels), axis=0).tolist())))
         return self
+
+    def _check_reciprocal(self, labels):
+        """Refuse a non-positive training value of a reciprocal label."""
+        if self._reciprocal.any() and not np.all(labels[:, self._reciprocal] > 0):
+            n, l = np.argwhere(labels[:, self._reciprocal] <= 0)[0]
+            raise ValueError(f"{self.reciprocal_labels[l]} of training star {n} is "
+                             f"{labels[n, np.flatnonzero(self._reciprocal)[l]]}: a reciprocal "
+                             "label must be positive")
 
     # ------------------------------------------------------------------ prediction
     def predict(self, labels):
@@ -402,7 +462,7 @@ class CannonModel:
         # one BLAS product (N L, T) x (T, P): 15x faster than the equivalent einsum
         grad = (np.ascontiguousarray(dv.transpose(0, 2, 1)).reshape(n * l, t) @ self.theta.T)
         grad = grad.reshape(n, l, -1)
-        grad /= self.label_scales[None, :, None]
+        grad /= self.label_derivatives(self.scale_labels(arr))[:, :, None]
         return grad[0] if single else grad
 
     def predict_with_jacobian(self, labels):
@@ -451,7 +511,8 @@ class CannonModel:
         from . import __version__
         return dict(format=FILE_FORMAT, package="cannon_fast", version=__version__,
                     label_names=self.label_names, order=self.order,
-                    extra_terms=self.extra_terms, backend=self.backend,
+                    extra_terms=self.extra_terms, reciprocal_labels=self.reciprocal_labels,
+                    backend=self.backend,
                     training_hash=self.training_hash, train_info=self.train_info)
 
     def write(self, path, overwrite=False):
@@ -528,7 +589,8 @@ class CannonModel:
             raise ValueError(f"{path}: unsupported model file (format {meta.get('format')!r}, "
                              f"package {meta.get('package')!r})")
         model = cls(meta["label_names"], order=meta["order"], backend=backend,
-                    extra_terms=meta.get("extra_terms", ()))
+                    extra_terms=meta.get("extra_terms", ()),
+                    reciprocal_labels=meta.get("reciprocal_labels", ()))
         if not np.array_equal(model.exponents, arrays["exponents"]):
             raise ValueError(f"{path}: the stored polynomial terms do not match order "
                              f"{meta['order']} and extra terms {meta.get('extra_terms', [])}")

@@ -152,6 +152,8 @@ def model_hash(model):
     h.update(json.dumps([list(model.label_names), int(model.order)]).encode())
     if getattr(model, "extra_terms", None):  # (absent from the hash of a plain polynomial)
         h.update(json.dumps(model.extra_terms).encode())
+    if getattr(model, "reciprocal_labels", None):
+        h.update(json.dumps(model.reciprocal_labels).encode())
     for name in ("theta", "s2", "theta_cov", "pixel_flags", "label_offsets", "label_scales",
                  "training_labels"):
         a = getattr(model, name, None)

@@ -261,14 +261,17 @@ def test_generic_fit_from_given_starts(setup):
         fit_generic(bm, test.flux[:6], ivar, initial=ref.labels[:5])
 
 
-def test_broadened_fast_path_matches_its_reference():
-    """The moment path of fit_broadened against LM on the model itself (fit_generic)."""
+@pytest.mark.parametrize("reciprocal", [(), ("TEFF",)])
+def test_broadened_fast_path_matches_its_reference(reciprocal):
+    """The moment path of fit_broadened against LM on the model itself (fit_generic),
+    for a plain model and one in 1/TEFF."""
     from cannon_fast.fitting import BroadenedModel, fit_broadened, fit_generic
     rng = np.random.default_rng(5)
     lab_train = rng.uniform(-1, 1, (300, 3))
     flux_train = _line_spectra(lab_train, 2.25, seed=1) + rng.normal(0, 0.005, (300, 400))
-    model = CannonModel(["TEFF", "LOGG", "FE_H"]).train(flux_train,
-                                                        np.full((300, 400), 0.005 ** -2), lab_train)
+    shift = np.array([3.0, 0.0, 0.0])  # a reciprocal label must be positive
+    model = CannonModel(["TEFF", "LOGG", "FE_H"], reciprocal_labels=reciprocal).train(
+        flux_train, np.full((300, 400), 0.005 ** -2), lab_train + shift)
     lab = rng.uniform(-0.8, 0.8, (30, 3))
     flux = _line_spectra(lab, rng.uniform(1.9, 2.6, 30), seed=1) + rng.normal(0, 0.005, (30, 400))
     ivar = np.full_like(flux, 0.005 ** -2)
@@ -330,3 +333,28 @@ def test_sparse_training_flag_marks_the_thin_part_of_the_training_set(setup):
     res = model.fit(spec, np.full_like(spec, 1e4), debias=False)
     assert res.flags[0] & bit and res.ok[0] and "SPARSE_TRAINING" in res.flag_names(0)
     assert not res.flags[0] & FLAGS["HIT_BOUND"]
+
+
+def test_reciprocal_model_fits_match_the_trf_reference():
+    """Labels and errors of a model in 1/TEFF go through its d label / d x."""
+    rng = np.random.default_rng(7)
+    names = ["TEFF", "LOGG", "FE_H"]
+    lab = np.column_stack([rng.uniform(3800, 5600, 300), rng.uniform(0.5, 3.5, 300),
+                           rng.uniform(-1, 0.4, 300)])
+    x = np.column_stack([5040.0 / lab[:, 0] - 1.0, (lab[:, 1] - 2) / 1.5, lab[:, 2]])
+    coeffs = rng.normal(0, 0.05, (200, 10))
+    coeffs[:, 0] = 0.8
+    v = vz.label_vector(x, vz.polynomial_exponents(3, 2))
+    flux = v @ coeffs.T + rng.normal(0, 0.01, (300, 200))
+    ivar = np.full_like(flux, 1e4)
+    model = CannonModel(names, reciprocal_labels=["TEFF"]).train(flux[:250], ivar[:250],
+                                                                 lab[:250])
+    fast = model.fit(flux[250:], ivar[250:], debias=False)
+    ref = fit_trf(model, flux[250:], ivar[250:])
+    assert fast.ok.all()
+    assert np.max(np.abs(fast.labels - ref.labels) / ref.errors) < 2e-3
+    assert_allclose(fast.errors, ref.errors, rtol=1e-4)
+    # the errors are honest: the pulls against the true labels have unit spread
+    pull = (fast.labels - lab[250:]) / fast.errors
+    assert np.all(np.abs(np.std(pull, axis=0) - 1) < 0.35), np.std(pull, axis=0)
+

@@ -397,3 +397,74 @@ def test_expected_true_labels_of_a_small_sample_are_the_gaussian_formula():
     want = np.array([mu + s @ np.linalg.solve(s + np.diag(e ** 2), lab - mu)
                      for lab, e in zip(labels, err)])
     np.testing.assert_allclose(expected_true_labels(labels, err), want, rtol=1e-10, atol=1e-12)
+
+
+def _theta_spectra(teff, logg, feh, n_pix, seed):
+    """Spectra exactly quadratic in theta = 5040 / Teff (and in logg, [Fe/H])."""
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([5040.0 / teff - 1.0, (logg - 2.5) / 2, feh])
+    v = vz.label_vector(x, vz.polynomial_exponents(3, 2))
+    coeffs = rng.normal(0, 0.05, (n_pix, v.shape[1]))
+    coeffs[:, 0] = 0.8
+    return v @ coeffs.T
+
+
+def test_reciprocal_label_model():
+    """A model in 1/TEFF: exact for spectra quadratic in 5040/Teff, where the plain
+    quadratic in Teff is not; gradients, label derivatives and a file round trip."""
+    rng = np.random.default_rng(5)
+    n, p, names = 600, 60, ["TEFF", "LOGG", "FE_H"]
+    lab = np.column_stack([rng.uniform(3600, 6000, n), rng.uniform(0.5, 4.5, n),
+                           rng.uniform(-1, 0.4, n)])
+    flux = _theta_spectra(*lab.T, p, seed=1)
+    noisy = flux + rng.normal(0, 1e-3, flux.shape)
+    ivar = np.full_like(flux, 1e6)
+    rec = CannonModel(names, reciprocal_labels=["TEFF"]).train(noisy, ivar, lab)
+    plain = CannonModel(names).train(noisy, ivar, lab)
+    assert rec.reciprocal_labels == ["TEFF"] and "1/TEFF" in repr(rec)
+    err_rec = np.std(rec.predict(lab) - flux)
+    err_plain = np.std(plain.predict(lab) - flux)
+    # the reciprocal model is off by its noise-propagated error only (1e-3 / sqrt(N / T))
+    assert err_rec < 2e-4 and err_plain > 4 * err_rec, (err_rec, err_plain)
+    # scaled <-> physical and d label / d x
+    x = rec.scale_labels(lab[:5])
+    assert_allclose(rec.unscale_labels(x), lab[:5], rtol=1e-12)
+    h = 1e-6
+    for j in range(3):
+        step = np.zeros(3)
+        step[j] = h
+        num = (rec.unscale_labels(x + step) - rec.unscale_labels(x - step))[:, j] / (2 * h)
+        assert_allclose(rec.label_derivatives(x)[:, j], num, rtol=1e-6)
+    # the gradient spectra are in physical labels
+    grad = rec.gradient(lab[:3])
+    for j in range(3):
+        step = np.zeros(3)
+        step[j] = 1e-4 * np.ptp(lab[:, j])
+        num = (rec.predict(lab[:3] + step) - rec.predict(lab[:3] - step)) / (2 * step[j])
+        assert_allclose(grad[:, j], num, rtol=1e-5, atol=1e-9)
+    # fit bounds stay ordered and the Teff bound stays positive
+    lo, hi = rec.scaled_label_bounds
+    assert np.all(lo < hi) and np.all(rec.label_bounds[:, 0] < rec.label_bounds[:, 1])
+    assert rec.label_bounds[0, 0] > 0
+    back_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rec_{os.getpid()}.npz")
+    try:
+        rec.write(back_path, overwrite=True)
+        back = CannonModel.read(back_path)
+    finally:
+        if os.path.exists(back_path):
+            os.remove(back_path)
+    assert back.reciprocal_labels == ["TEFF"]
+    assert_allclose(back.predict(lab[:4]), rec.predict(lab[:4]), rtol=0, atol=0)
+
+
+def test_reciprocal_label_bad_input():
+    with pytest.raises(ValueError, match="not among the labels"):
+        CannonModel(["TEFF", "LOGG"], reciprocal_labels=["THETA"])
+    lab = np.column_stack([np.linspace(-1, 1, 40), np.linspace(0, 1, 40)])
+    flux = np.ones((40, 10)) + 0.01 * lab[:, :1]
+    with pytest.raises(ValueError, match="TEFF of training star 0 is -1.0.*positive"):
+        CannonModel(["TEFF", "LOGG"], reciprocal_labels=["TEFF"]).train(
+            flux, np.ones_like(flux), lab)
+    with pytest.raises(ValueError, match="positive"):
+        CannonModel(["TEFF", "LOGG"], reciprocal_labels=["TEFF"]).train(
+            flux, np.ones_like(flux), lab, label_errors=np.full_like(lab, 0.1))
