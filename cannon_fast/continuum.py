@@ -44,7 +44,7 @@ from .model import fitted_pixels
 __all__ = [
     "CONTINUUM_FLAGS", "NormalizedSpectra", "chebyshev_basis", "normalize",
     "load_continuum_pixels", "continuum_pixels_from_model", "find_continuum_pixels",
-    "record_continuum", "model_continuum",
+    "record_continuum", "model_continuum", "renormalize_to_model",
 ]
 
 #: Chebyshev degree of the pseudo-continuum when nothing else says (see the table above).
@@ -227,6 +227,64 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=C
     if one:
         return NormalizedSpectra(fo[0], io[0], None if co is None else co[0], flags, status)
     return NormalizedSpectra(fo, io, co, flags, status)
+
+
+def renormalize_to_model(flux, ivar, model_flux, model_variance=0.0, degree=DEFAULT_DEGREE,
+                         chip_ranges=CHIP_RANGES, min_model_flux=0.05):
+    """Refine normalized spectra's continuum against model spectra of the same stars.
+
+    The pseudo-continuum from a few continuum pixels leaves a smooth error per
+    chip (pixels that are not quite at the continuum, a response roll-off the
+    polynomial follows poorly). With a model spectrum at the star's fitted
+    labels every pixel carries continuum information: a per-chip Chebyshev of
+    ``degree`` is fitted by weighted least squares to ``flux / model_flux`` at
+    all pixels and divided out (as the simultaneous continuum of The Payne,
+    Ting et al. 2019, done as one correction step after the label fit).
+
+    Parameters
+    ----------
+    flux, ivar : array_like, shape (N, P)
+        Normalized spectra; ``ivar = 0`` masks a pixel.
+    model_flux : array_like, shape (N, P)
+        Model spectra at each star's fitted labels (NaN for a star without a fit:
+        its spectrum is returned unchanged).
+    model_variance : float or array_like, shape (P,) or (N, P), optional
+        Variance of the model itself (e.g. the Cannon's s²), added to the
+        noise in the weights.
+    degree : int, optional
+        Chebyshev degree per chip.
+    chip_ranges : sequence of (int, int), optional
+    min_model_flux : float, optional
+        Pixels where the model is below this (saturated line cores) carry no
+        continuum information and get no weight.
+
+    Returns
+    -------
+    flux, ivar : ndarray, shape (N, P)
+        The refined spectra and their inverse variance. A chip whose correction
+        could not be fitted (no or too few usable pixels, or a non-positive
+        correction) is left as it was.
+    """
+    flux = np.atleast_2d(np.asarray(flux, dtype=np.float64))
+    ivar = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
+    model_flux = np.atleast_2d(np.asarray(model_flux, dtype=np.float64))
+    if not flux.shape == ivar.shape == model_flux.shape:
+        raise ValueError(f"flux {flux.shape}, ivar {ivar.shape} and model_flux "
+                         f"{model_flux.shape} must have the same (N, P) shape")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        usable = (ivar > 0) & np.isfinite(flux) & (model_flux > min_model_flux)
+        m = np.where(usable, model_flux, 1.0)
+        ratio = np.where(usable, flux / m, 1.0)
+        # the ratio's inverse variance: (noise + model variance) / model²
+        weight = np.where(usable, m * m / (1.0 / np.where(usable, ivar, 1.0) + model_variance),
+                          0.0)
+    every_pixel = np.ones(flux.shape[1], dtype=bool)
+    res = normalize(ratio, weight, every_pixel, degree=degree, chip_ranges=chip_ranges,
+                    dtype=np.float64, keep_continuum=True)
+    _, chip = chebyshev_basis(degree, chip_ranges, flux.shape[1])
+    fitted = (res.chip_status == 0)[:, np.maximum(chip, 0)] & (chip >= 0)[None, :]
+    correction = np.where(fitted & (res.continuum > 0), res.continuum, 1.0)
+    return flux / correction, ivar * correction ** 2
 
 
 def _mask_from_wavelength_ranges(ranges, wave):

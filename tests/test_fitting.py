@@ -358,3 +358,33 @@ def test_reciprocal_model_fits_match_the_trf_reference():
     pull = (fast.labels - lab[250:]) / fast.errors
     assert np.all(np.abs(np.std(pull, axis=0) - 1) < 0.35), np.std(pull, axis=0)
 
+
+def test_refined_continuum_undoes_a_continuum_error(setup):
+    """Spectra divided by a smooth error per chip: the refined fit recovers the labels
+    the plain fit of the clean spectra gets; fit_cannon's two fits are one call."""
+    from cannon_fast.continuum import renormalize_to_model
+    model, _, test = setup
+    n, p = test.flux.shape
+    u = np.linspace(-1, 1, p)
+    tilt = 1 + 0.06 * np.sin(np.arange(n))[:, None] * u[None, :] + 0.02 * (u * u)[None, :]
+    flux, ivar = test.flux * tilt, test.ivar / tilt ** 2
+    one_chip = [(0, p)]
+    clean = model.fit(test.flux, test.ivar, debias=False)
+    tilted = model.fit(flux, ivar, debias=False)
+    # the correction, as fit_cannon makes it, but with this test's one "chip"
+    from cannon_fast.fitting import fitted_spectra
+    f2, iv2 = renormalize_to_model(flux, ivar, fitted_spectra(model, tilted),
+                                   model_variance=model.s2, chip_ranges=one_chip)
+    refined = model.fit(f2, iv2, debias=False)
+    ok = clean.ok & tilted.ok & refined.ok
+    off_tilted = np.abs(tilted.labels - clean.labels)[ok] / clean.errors[ok]
+    off_refined = np.abs(refined.labels - clean.labels)[ok] / clean.errors[ok]
+    assert np.median(off_tilted) > 1.0 and np.median(off_refined) < 0.2 * np.median(off_tilted), \
+        (np.median(off_tilted), np.median(off_refined))
+    # the continuum of a star without a fit is left alone
+    nan_model = fitted_spectra(model, tilted)
+    nan_model[0] = np.nan
+    f3, iv3 = renormalize_to_model(flux, ivar, nan_model, chip_ranges=one_chip)
+    assert_allclose(f3[0], flux[0]) and assert_allclose(iv3[0], ivar[0])
+    with pytest.raises(ValueError, match="same"):
+        renormalize_to_model(flux, ivar, nan_model[:, :-1])

@@ -249,4 +249,4 @@ def test_cli_fit_with_broadening(tmp_path, capsys):
     np.testing.assert_allclose(t["TEFF"], direct.labels[:, 0], rtol=1e-8)
     assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "c.fits"),
                  "--broadening", "--method", "trf"]) == 1
-    assert "--broadening is fitted with the fast method" in capsys.readouterr().err
+    assert "--broadening and --refine-continuum go with the fast method" in capsys.readouterr().err

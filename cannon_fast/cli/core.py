@@ -42,6 +42,9 @@ def register(sub, parent):
     p.add_argument("--broadening", action="store_true",
                    help="also fit extra line broadening (a Gaussian velocity variance, "
                         "(km/s)², written as BROADENING); implies the plain chi² fit")
+    p.add_argument("--refine-continuum", action="store_true",
+                   help="fit, refine each spectrum's continuum against the model at its "
+                        "labels (a per-chip cubic), and fit again")
     p.add_argument("--method", choices=("fast", "trf"), default="fast",
                    help="fast batched LM (default) or the scipy trf reference")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -49,8 +52,9 @@ def register(sub, parent):
 
 
 def fit_options(args):
-    """``model.fit`` options from ``--no-debias`` and ``--broadening`` (fit and label)."""
-    return dict(debias=not (args.no_debias or args.broadening), broadening=args.broadening)
+    """``model.fit`` options from the fit and label commands' flags."""
+    return dict(debias=not (args.no_debias or args.broadening), broadening=args.broadening,
+                refine_continuum=args.refine_continuum)
 
 
 def _rows(text, n):
@@ -145,8 +149,9 @@ def _fit(args):
     data = read_spectra_file(args.spectra)
     rows = _rows(args.rows, len(data["flux"]))
     t0 = time.perf_counter()
-    if args.broadening and args.method == "trf":
-        raise ValueError("--broadening is fitted with the fast method, not --method trf")
+    if (args.broadening or args.refine_continuum) and args.method == "trf":
+        raise ValueError("--broadening and --refine-continuum go with the fast method, not "
+                         "--method trf")
     kwargs = {} if args.method == "trf" else fit_options(args)
     result = fit_spectra(model, np.asarray(data["flux"][rows]), np.asarray(data["ivar"][rows]),
                          method=args.method, **kwargs)

@@ -70,6 +70,9 @@ def register(subparsers, parent):
     p.add_argument("--broadening", action="store_true",
                    help="also fit extra line broadening (BROADENING, (km/s)²; see "
                         "cannon-fast fit); implies plain chi2 fits")
+    p.add_argument("--refine-continuum", action="store_true",
+                   help="refine each continuum against the model and fit again (see "
+                        "cannon-fast fit)")
     p.set_defaults(func=_label)
 
 
