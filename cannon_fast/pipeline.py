@@ -75,17 +75,24 @@ def label_statistics(fitted, reference, label_names, good=None):
 #: quadratic with two more powers of Teff (line strengths go roughly as exp(-chi/kT),
 #: which a quadratic follows poorly at the hot and cool edges of a giant sample); and
 #: that with [Fe/H]^3 as well (a line's depth flattens with abundance as it saturates,
-#: the curve of growth, which a quadratic follows poorly over -1 < [Fe/H] < +0.5).
-AUTO_MODELS = {"quadratic": (), "quadratic + TEFF^3 + TEFF^4": ("TEFF^3", "TEFF^4"),
-               "quadratic + TEFF^3 + TEFF^4 + FE_H^3": ("TEFF^3", "TEFF^4", "FE_H^3")}
+#: the curve of growth, which a quadratic follows poorly over -1 < [Fe/H] < +0.5); and
+#: that as a polynomial in 1/Teff (theta = 5040/Teff, in which the Boltzmann factors
+#: exp(-chi theta) of line strengths are simpler). ``CannonModel`` keyword arguments.
+AUTO_MODELS = {
+    "quadratic": dict(extra_terms=()),
+    "quadratic + TEFF^3 + TEFF^4": dict(extra_terms=("TEFF^3", "TEFF^4")),
+    "quadratic + TEFF^3 + TEFF^4 + FE_H^3": dict(extra_terms=("TEFF^3", "TEFF^4", "FE_H^3")),
+    "quadratic + TEFF^3 + TEFF^4 + FE_H^3, in 1/TEFF": dict(
+        extra_terms=("TEFF^3", "TEFF^4", "FE_H^3"), reciprocal_labels=("TEFF",)),
+}
 
 #: The label fits (test steps) the lab compares, as ``CannonModel.fit`` options:
 #: de-biased, the plain chi², and the plain chi² with extra line broadening fitted.
 FIT_STEPS = {"debias": dict(debias=True), "plain": dict(debias=False),
-             "broadened": dict(debias=False, broadening=True)}
+             "broadened": dict(debias=False, broadening=True, refine_continuum=True)}
 #: How figures, notes and the report name them.
 FIT_STEP_NAMES = {"debias": "de-biased", "plain": "plain chi2",
-                  "broadened": "plain chi2 + line broadening"}
+                  "broadened": "plain chi2 + line broadening, continuum refined"}
 
 
 def fit_step_title(step):
@@ -725,19 +732,19 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     if label_errors not in ("auto", True, False):
         raise ValueError(f"label_errors must be 'auto', True or False, got {label_errors!r}")
 
-    def trainer(terms, with_errors):
+    def trainer(model_options, with_errors):
         def train_model(flux, ivar, labels, errors):
-            m = CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=terms)
+            m = CannonModel(LAB_LABELS, order=2, backend=backend, **model_options)
             return m.train(flux, ivar, labels, label_errors=errors if with_errors else None)
         return train_model
 
     if isinstance(extra_terms, str) and extra_terms == "auto":
-        term_sets = dict(AUTO_MODELS)
+        model_sets = dict(AUTO_MODELS)
     else:
         terms = tuple(extra_terms or ())
-        term_sets = {"quadratic" + "".join(f" + {t}" for t in terms): terms}
-    for terms in term_sets.values():  # bad extra terms fail here, before any work
-        CannonModel(LAB_LABELS, order=2, backend=backend, extra_terms=terms)
+        model_sets = {"quadratic" + "".join(f" + {t}" for t in terms): dict(extra_terms=terms)}
+    for options in model_sets.values():  # bad extra terms fail here, before any work
+        CannonModel(LAB_LABELS, order=2, backend=backend, **options)
     wanted = set(names) if extras is True else set(extras or ())
     if wanted - set(names):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(names))}; "
@@ -830,8 +837,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     error_options = {"auto": (False, True), True: (True,), False: (False,)}[label_errors]
     if cat_errors is None:
         error_options = (False,)
-    candidates = {name + (", label errors" if e else ""): trainer(terms, e)
-                  for name, terms in term_sets.items() for e in error_options}
+    candidates = {name + (", label errors" if e else ""): trainer(options, e)
+                  for name, options in model_sets.items() for e in error_options}
     ids = np.asarray(store.ids).astype(str)
     cflags = np.asarray(store.flags)
     wave = np.asarray(store.wavelength)
@@ -1143,7 +1150,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         n_train=int(len(train)), n_validation=int(len(valid)),
         mystery_star=dict(apogee_id=ids[mystery], path=id_to_path.get(ids[mystery])),
         model=dict(path=model_path, order=model.order, extra_terms=model.term_names[
-                       len(model.term_names) - len(model.extra_terms):], n_terms=model.n_terms,
+                       len(model.term_names) - len(model.extra_terms):],
+                   reciprocal_labels=list(model.reciprocal_labels), n_terms=model.n_terms,
                    n_pixels=int(model.n_pixels), backend=model.backend,
                    n_flagged_pixels=int(np.sum(model.pixel_flags != 0)),
                    training_labels="catalog",
