@@ -238,3 +238,19 @@ def test_generic_forward_model(tiny):
     assert res.converged and ref.converged
     assert np.all(np.abs(res.median - ref.median) < 0.5 * ref.sigma)
     np.testing.assert_allclose(res.sigma, ref.sigma, rtol=0.25)
+
+
+def test_cli_names_the_file_in_the_way_of_an_output_folder(tmp_path, capsys):
+    """An output path under an existing file: one line naming that file."""
+    from cannon_fast import cli
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    rc = cli.main(["demo", "--out", str(blocker / "report")])
+    err = capsys.readouterr().err.strip()
+    why = "is a file, not a folder, so nothing can be written under it; choose another output path"
+    assert rc == 1 and err.endswith(f"{blocker} {why}"), err
+    # os.makedirs on the file itself (atomic writes make their folder so)
+    made = FileExistsError(17, "File exists", str(blocker))
+    assert cli._explain(made) == f"{blocker} {why}"
+    assert cli._explain(FileExistsError("out.fits exists (use --force)")) == \
+        "out.fits exists (use --force)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -49,8 +50,21 @@ def main(argv=None):
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as err:
         # OSError: missing, unreadable or wrong-kind paths; its message names the path
-        print(f"cannon-fast {args.command}: error: {err}", file=sys.stderr)
+        print(f"cannon-fast {args.command}: error: {_explain(err)}", file=sys.stderr)
         return 1
+
+
+def _explain(err):
+    """The error's message; for a folder that cannot be made, the file in its way."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
+        probe = os.path.abspath(os.fspath(err.filename))
+        while probe != os.path.dirname(probe):
+            if os.path.lexists(probe) and not os.path.isdir(probe):
+                where = "" if probe == os.path.abspath(err.filename) else f"{err.filename}: "
+                return (f"{where}{probe} is a file, not a folder, so nothing can be written "
+                        "under it; choose another output path")
+            probe = os.path.dirname(probe)
+    return str(err)
 
 
 if __name__ == "__main__":  # pragma: no cover
