@@ -271,13 +271,18 @@ def renormalize_to_model(flux, ivar, model_flux, model_variance=0.0, degree=DEFA
     if not flux.shape == ivar.shape == model_flux.shape:
         raise ValueError(f"flux {flux.shape}, ivar {ivar.shape} and model_flux "
                          f"{model_flux.shape} must have the same (N, P) shape")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        usable = (ivar > 0) & np.isfinite(flux) & (model_flux > min_model_flux)
-        m = np.where(usable, model_flux, 1.0)
-        ratio = np.where(usable, flux / m, 1.0)
-        # the ratio's inverse variance: (noise + model variance) / model²
-        weight = np.where(usable, m * m / (1.0 / np.where(usable, ivar, 1.0) + model_variance),
-                          0.0)
+    with np.errstate(invalid="ignore"):  # NaN model flux: not usable
+        usable = model_flux > min_model_flux
+    usable &= ivar > 0
+    usable &= np.isfinite(flux)
+    # in place and only where usable: a (N, P) temporary costs as much as the arithmetic
+    ratio = np.divide(flux, model_flux, out=np.ones_like(flux), where=usable)
+    # the ratio's inverse variance, model² / (noise + model variance)
+    weight = np.divide(1.0, ivar, out=np.zeros_like(flux), where=usable)
+    weight += model_variance
+    np.divide(np.square(model_flux, where=usable, out=np.zeros_like(flux)), weight,
+              out=weight, where=usable)
+    weight[~usable] = 0.0
     every_pixel = np.ones(flux.shape[1], dtype=bool)
     res = normalize(ratio, weight, every_pixel, degree=degree, chip_ranges=chip_ranges,
                     dtype=np.float64, keep_continuum=True)

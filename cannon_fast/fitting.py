@@ -332,9 +332,13 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         first = fit_cannon(model, flux, ivar, **options)
         # the apStar chips; a spectrum on another grid is refined as one piece
         chips = CHIP_RANGES if model.n_pixels == NPIX else [(0, model.n_pixels)]
-        flux, ivar = renormalize_to_model(flux, ivar, fitted_spectra(model, first),
-                                          model_variance=model.s2, chip_ranges=chips)
-        return fit_cannon(model, flux, ivar, **options)
+        refined_flux, refined_ivar = np.empty_like(flux), np.empty_like(ivar)
+        for a in range(0, len(flux), batch_size):  # bounds the (batch, P) temporaries
+            rows = slice(a, a + batch_size)
+            refined_flux[rows], refined_ivar[rows] = renormalize_to_model(
+                flux[rows], ivar[rows], fitted_spectra(model, first, rows),
+                model_variance=model.s2, chip_ranges=chips)
+        return fit_cannon(model, refined_flux, refined_ivar, **options)
     k = kernels(resolve_backend(backend or model.backend))
     pre = _precompute(model)
     n_stars, n_terms, n_labels = flux.shape[0], model.n_terms, model.n_labels
@@ -439,7 +443,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     return _mark_sparse_training(model, result)
 
 
-def fitted_spectra(model, result, batch_size=1024):
+def fitted_spectra(model, result, rows=slice(None)):
     """Model spectra at fitted labels (broadened when the fit fitted broadening).
 
     Parameters
@@ -447,8 +451,9 @@ def fitted_spectra(model, result, batch_size=1024):
     model : CannonModel
     result : FitResult
         A fit with ``model`` (``fit_cannon``, ``fit_trf``, ``fit_broadened``).
-    batch_size : int, optional
-        Stars per model evaluation (bounds the temporaries).
+    rows : slice or array of int, optional
+        The stars of ``result`` to evaluate (all by default; a batch bounds the
+        (N, P) output).
 
     Returns
     -------
@@ -456,18 +461,16 @@ def fitted_spectra(model, result, batch_size=1024):
         NaN for stars without labels and at pixels the fits do not use
         (``model.fitted_pixels``).
     """
-    labels = np.asarray(result.labels, dtype=np.float64)
-    broad = None
-    if result.broadening is not None:
-        broad = BroadenedModel(model)
-        # a star the broadened fit could not use kept its plain fit: no broadening
-        b = np.where(np.isfinite(result.broadening), result.broadening, 0.0)
+    labels = np.asarray(result.labels, dtype=np.float64)[rows]
     out = np.full((len(labels), model.n_pixels), np.nan)
-    rows = np.flatnonzero(np.all(np.isfinite(labels), axis=1))
-    for a in range(0, len(rows), batch_size):
-        r = rows[a:a + batch_size]
-        out[r] = model.predict(labels[r]) if broad is None else \
-            broad.predict(np.column_stack([labels[r], b[r]]))
+    have = np.all(np.isfinite(labels), axis=1)
+    if result.broadening is None:
+        out[have] = model.predict(labels[have])
+    else:
+        # a star the broadened fit could not use kept its plain fit: no broadening
+        b = np.asarray(result.broadening)[rows][have]
+        b = np.where(np.isfinite(b), b, 0.0)
+        out[have] = BroadenedModel(model).predict(np.column_stack([labels[have], b]))
     out[:, ~fitted_pixels(model, model.n_pixels)] = np.nan
     return out
 
