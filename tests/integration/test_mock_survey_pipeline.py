@@ -34,7 +34,7 @@ by 1.25-2 (31.8-43.6 K), the training spectra's continuum refined too (+0.4 K), 
 Payne's MLP as the forward model (40 K even when trained on the true labels). Measured but
 not built: the model in ln(flux) as well (a further -1.0 K on the seed-0 split): it changes
 what the model's flux means for every consumer (fits, MCMC, binaries, movies).
-Run time of this file: ~2.5 min on 2 quiet cores (generation ~40-60 s, lab ~45 s), so CI
+Run time of this file: ~3.5 min on 2 quiet cores (generation ~40-60 s, lab ~150 s), so CI
 runs all 3036 stars; set CANNON_FAST_MOCK_STARS to use fewer. The ~7 GB archive tree is
 written under pytest's tmp_path and removed afterwards.
 """
