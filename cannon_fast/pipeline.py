@@ -87,7 +87,8 @@ AUTO_MODELS = {
 }
 
 #: The label fits (test steps) the lab compares, as ``CannonModel.fit`` options:
-#: de-biased, the plain chi², and the plain chi² with extra line broadening fitted.
+#: de-biased, the plain chi², and the plain chi² with extra line broadening fitted and the
+#: continuum refined against the model (then fitted again).
 FIT_STEPS = {"debias": dict(debias=True), "plain": dict(debias=False),
              "broadened": dict(debias=False, broadening=True, refine_continuum=True)}
 #: How figures, notes and the report name them.

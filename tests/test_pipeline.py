@@ -177,6 +177,15 @@ def test_cli_train_with_extra_terms(tmp_path, capsys):
     m = CannonModel.read(tmp_path / "m.npz")
     assert m.term_names[-2:] == ["TEFF*TEFF*TEFF", "TEFF*TEFF*TEFF*TEFF"] and m.n_terms == 12
     assert "TEFF*TEFF*TEFF" in capsys.readouterr().out
+    assert main(["train", str(path), "--out", str(tmp_path / "r.npz"), "--labels",
+                 ",".join(s.label_names), "--reciprocal", "TEFF"]) == 0
+    r = CannonModel.read(tmp_path / "r.npz")
+    assert r.reciprocal_labels == ["TEFF"]
+    np.testing.assert_allclose(r.unscale_labels(r.scale_labels(s.labels[:3])), s.labels[:3],
+                               rtol=1e-12)
+    assert main(["train", str(path), "--out", str(tmp_path / "q.npz"), "--labels",
+                 ",".join(s.label_names), "--reciprocal", "THETA"]) == 1
+    assert "reciprocal label(s) ['THETA'] are not among the labels" in capsys.readouterr().err
 
 
 def test_cli_train_records_the_stores_continuum(tmp_path, capsys):

@@ -22,6 +22,9 @@ def register(sub, parent):
     p.add_argument("--order", type=int, default=2, help="polynomial order (default: 2)")
     p.add_argument("--extra-terms", default="", metavar="TERMS",
                    help="terms added to the polynomial, comma-separated, e.g. TEFF^3,TEFF^4")
+    p.add_argument("--reciprocal", default="", metavar="LABELS",
+                   help="labels the polynomial is built in the reciprocal of, comma-separated, "
+                        "e.g. TEFF (a polynomial in theta = 5040/Teff)")
     p.add_argument("--rows", default=None, help="train on rows START:STOP of the input only")
     p.add_argument("--label-errors", action="store_true",
                    help="train with the labels' errors (errors-in-variables; the store's "
@@ -123,7 +126,9 @@ def _train(args):
         errors = np.asarray(data["label_errors"][rows], float)[:, columns][keep]
     t0 = time.perf_counter()
     model = CannonModel(names, order=args.order, backend=args.backend,
-                        extra_terms=[t for t in args.extra_terms.split(",") if t.strip()])
+                        extra_terms=[t for t in args.extra_terms.split(",") if t.strip()],
+                        reciprocal_labels=[n.strip() for n in args.reciprocal.split(",")
+                                           if n.strip()])
     model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
                 labels[keep], label_errors=errors)
     info = model.train_info
