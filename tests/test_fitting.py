@@ -357,6 +357,14 @@ def test_reciprocal_model_fits_match_the_trf_reference():
     # the errors are honest: the pulls against the true labels have unit spread
     pull = (fast.labels - lab[250:]) / fast.errors
     assert np.all(np.abs(np.std(pull, axis=0) - 1) < 0.35), np.std(pull, axis=0)
+    # SPARSE_TRAINING measures distances in the labels, not in 1/TEFF: the same stars
+    # as for a plain model of the same training labels (theta would squeeze the hot end)
+    plain = CannonModel(names).train(flux[:250], ivar[:250], lab[:250])
+    probe = np.column_stack([np.linspace(3600, 5800, 40), np.full(40, 3.5), np.full(40, 0.4)])
+    from cannon_fast.fitting import sparse_training
+    flagged = sparse_training(model, probe)
+    assert flagged.any() and not flagged.all()
+    assert np.array_equal(flagged, sparse_training(plain, probe))
 
 
 def test_refined_continuum_undoes_a_continuum_error(setup):

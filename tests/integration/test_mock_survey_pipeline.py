@@ -106,13 +106,13 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
     rare = [r for name, r in rows.items() if name in ("dwarf", "halo_giant")]
     assert sum(r["TEFF"]["share_of_squared_error"] for r in rare) > 0.25, rows
     # SPARSE_TRAINING finds such stars without the truth: few, carrying far more than their
-    # share of the error (measured: 1.9 % of the stars, 17 % of the squared log g and [Fe/H]
-    # errors, 7 % of the Teff one: the model in 1/TEFF extrapolates better there)
+    # share of the error (measured: 2.2 % of the stars, 31 % of the squared Teff error, 40 %
+    # of log g's, 24 % of [Fe/H]'s; the rest scatter by 25.0 K)
     sp = s["diagnostics"]["not_sparse_training"]
     frac = sp["n_flagged"] / v["n_ok"]
     share = sp["flagged_share_of_squared_error"]
-    assert 0 < frac < 0.1 and share["LOGG"] > 4 * frac and share["FE_H"] > 4 * frac, sp
-    assert share["TEFF"] > 2 * frac and sp["vs_true"]["TEFF"]["scatter"] < st["TEFF"]["scatter"]
+    assert 0 < frac < 0.1 and all(share[n] > 4 * frac for n in ("TEFF", "LOGG", "FE_H")), sp
+    assert sp["vs_true"]["TEFF"]["scatter"] < st["TEFF"]["scatter"] - 2, sp
 
 
 def test_mock_survey_meets_the_lab_targets(mock_lab):
