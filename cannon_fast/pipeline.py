@@ -1036,18 +1036,21 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         o["apogee_id"] = ids[valid][o["index"]]
     hl = np.zeros(len(valid), bool)
     hl[[o["index"] for o in outl]] = True
-    fit_name = f"fitted ({FIT_STEP_NAMES[primary_key]})"
+    # the fit's name goes in the title: as a y label on every panel it crowds the axes
+    fit_name, fit_note = "fitted", f"{FIT_STEP_NAMES[primary_key]} fit"
     if val_true is not None:
         plan.append(("cv_true", lambda: pl.plot_one_to_one(
             val_true[primary.ok], primary.labels[primary.ok], LAB_LABELS, "true",
             fit_name, highlight=hl[primary.ok],
-            title=f"cross-validation against the TRUE labels ({int(primary.ok.sum())} stars)"),
+            title=f"cross-validation against the TRUE labels ({int(primary.ok.sum())} stars, "
+                  f"{fit_note})"),
             "Cross-validation: fitted against true labels (synthetic survey), with residuals, "
             "bias and scatter per label. Red circles: the worst outliers."))
     plan.append(("cv_catalog", lambda: pl.plot_one_to_one(
         val_cat[primary.ok], primary.labels[primary.ok], LAB_LABELS, "catalog", fit_name,
         highlight=hl[primary.ok],
-        title=f"cross-validation against the CATALOG labels ({int(primary.ok.sum())} stars)"),
+        title=f"cross-validation against the CATALOG labels ({int(primary.ok.sum())} stars, "
+              f"{fit_note})"),
         "Cross-validation: fitted against the catalog (ASPCAP-like) labels, as in the lab."))
     if outl:
         k = [o["index"] for o in outl]
