@@ -34,7 +34,7 @@ from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
 from .io.apogee import CDELT1 as _APSTAR_CDELT1
 from .io.apogee import CHIP_RANGES, NPIX
-from .model import fitted_pixels
+from .model import fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
            "sparse_training"]
@@ -46,8 +46,8 @@ FLAGS = {"NOT_CONVERGED": NOT_CONVERGED, "HIT_BOUND": HIT_BOUND,
 #: Flags that describe how or where a fit was done rather than a problem with it.
 INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"] | FLAGS["SPARSE_TRAINING"]
 #: SPARSE_TRAINING marks fitted labels where the training set is thin: their
-#: SPARSE_NEIGHBOURS-th nearest training star (in the model's scaled labels) is farther
-#: than it is for SPARSE_QUANTILE % of the training stars themselves. A polynomial model
+#: SPARSE_NEIGHBOURS-th nearest training star (in labels scaled by their training ranges)
+#: is farther than it is for SPARSE_QUANTILE % of the training stars themselves. A polynomial model
 #: is least constrained there, inside the training range as well as at its edges. On the
 #: realistic mock survey (four random halves) 1.6-2.6 % of the validation stars are
 #: flagged and they carry 17-24 % of the squared Teff error (74-105 K against 22-28 K
@@ -106,12 +106,9 @@ def sparse_training(model, labels):
     key = (model.training_labels,)
     cache = getattr(model, "_sparse_cache", None)
     if cache is None or not all(a is b for a, b in zip(cache[0], key)):
-        train = model.training_labels
-        lo, hi = np.percentile(train, [2.5, 97.5], axis=0)
-        scales = (hi - lo) / 2.0
-        scales = np.where(scales > 0, scales, np.ptp(train, axis=0))  # as CannonModel.train
+        _, scales = label_scaling(model.training_labels)  # a plain model's own scaling
         scales = np.where(scales > 0, scales, 1.0)
-        z = train / scales
+        z = model.training_labels / scales
         tree = cKDTree(z)
         k = min(SPARSE_NEIGHBOURS, len(z) - 1)
         # k + 1: a training star's nearest neighbour is itself

@@ -47,6 +47,20 @@ def fitted_pixels(model, n_pixels):
     return (np.asarray(flags) & UNUSABLE_PIXEL_FLAGS) == 0
 
 
+def label_scaling(values):
+    """Offsets and scales of the scaled labels ``x = (value - offset) / scale``.
+
+    The median and half the 2.5-97.5 % range of each column of ``values`` (N, L);
+    the full range for a column whose central 95 % is constant (0 if it is
+    constant throughout).
+    """
+    lo, med, hi = np.percentile(values, [2.5, 50.0, 97.5], axis=0)
+    scales = (hi - lo) / 2.0
+    const = scales <= 0
+    scales[const] = np.ptp(values, axis=0)[const]
+    return med, scales
+
+
 #: Format version of the files written by ``CannonModel.write``.
 FILE_FORMAT = 1
 
@@ -180,7 +194,10 @@ class CannonModel:
 
     # ------------------------------------------------------------------ labels
     def _model_labels(self, labels):
-        """Physical labels -> the quantities the polynomial is built in (before scaling)."""
+        """Physical labels -> the quantities the polynomial is built in (before scaling).
+
+        Also the way back: the reciprocal is its own inverse.
+        """
         labels = np.asarray(labels, dtype=np.float64)
         if not self._reciprocal.any():
             return labels
@@ -281,11 +298,7 @@ class CannonModel:
         n_stars, n_pix = flux.shape
         k = kernels(self.backend)
         self._check_reciprocal(labels)
-        model_labels = self._model_labels(labels)
-        lo, med, hi = np.percentile(model_labels, [2.5, 50.0, 97.5], axis=0)
-        scales = (hi - lo) / 2.0
-        const = scales <= 0
-        scales[const] = np.ptp(model_labels, axis=0)[const]
+        med, scales = label_scaling(self._model_labels(labels))
         _check_label_spread(labels, scales, self.label_names)
         self.label_offsets, self.label_scales = med, scales
         x = self.scale_labels(labels)
