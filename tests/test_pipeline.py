@@ -259,3 +259,6 @@ def test_cli_fit_with_broadening(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "c.fits"),
                  "--broadening", "--method", "trf"]) == 1
     assert "--broadening and --refine-continuum go with the fast method" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "d.fits"),
+                 "--refine-continuum", "--method", "trf"]) == 1
+    assert "--broadening and --refine-continuum go with the fast method" in capsys.readouterr().err
