@@ -1,6 +1,6 @@
-"""Pseudo-continuum normalization of APOGEE spectra (Ness et al. 2015, §2.3 and §5.3).
+"""Pseudo-continuum normalization of spectra (Ness et al. 2015, §2.3 and §5.3).
 
-The pseudo-continuum of each detector chip is a Chebyshev polynomial (degree 3
+The pseudo-continuum of each detector segment (chip) is a Chebyshev polynomial (degree 3
 by default) fitted by weighted least squares to the flux at *continuum pixels*
 -- pixels whose normalized flux barely depends on the labels.  Dividing it out
 removes the instrument response and the star's SED slope while leaving the
@@ -38,13 +38,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import resolve_backend
-from .io.apogee import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
+from .core.grid import PixelGrid
+from .io.apogee import NPIX, to_apstar_grid, wavelength_grid
 from .model import fitted_pixels
 
 __all__ = [
     "CONTINUUM_FLAGS", "NormalizedSpectra", "chebyshev_basis", "normalize",
     "load_continuum_pixels", "continuum_pixels_from_model", "find_continuum_pixels",
-    "record_continuum", "model_continuum", "renormalize_to_model",
+    "record_continuum", "model_continuum", "renormalize_to_model", "segment_ranges",
 ]
 
 #: Chebyshev degree of the pseudo-continuum when nothing else says (see the table above).
@@ -85,15 +86,40 @@ class NormalizedSpectra:
         return [k for k, v in CONTINUUM_FLAGS.items() if self.flags[i] & v]
 
 
-def chebyshev_basis(degree=2, chip_ranges=CHIP_RANGES, npix=NPIX):
-    """Chebyshev polynomials T_0..T_degree of each pixel, on [-1, 1] across its chip.
+def segment_ranges(segments, n_pixels):
+    """The half-open pixel ranges of the segments (chips) of spectra of ``n_pixels``.
+
+    Parameters
+    ----------
+    segments : PixelGrid, sequence of (int, int) or None
+        A grid (its segments), the ranges themselves, or None: the chips of the
+        APOGEE grid with that many pixels (8575, 7514, 7214), else one segment.
+    n_pixels : int
+
+    Returns
+    -------
+    tuple of (int, int)
+    """
+    if segments is None:
+        grid = PixelGrid.builtin(n_pixels)
+        return grid.segments if grid is not None else ((0, int(n_pixels)),)
+    if isinstance(segments, PixelGrid):
+        if segments.n_pixels != n_pixels:
+            raise ValueError(f"the spectra have {n_pixels} pixels but the grid {segments!r} "
+                             f"has {segments.n_pixels}")
+        return segments.segments
+    return tuple((int(a), int(b)) for a, b in segments)
+
+
+def chebyshev_basis(degree=2, segments=None, npix=NPIX):
+    """Chebyshev polynomials T_0..T_degree of each pixel, on [-1, 1] across its segment.
 
     Parameters
     ----------
     degree : int
         Polynomial degree (0-7).
-    chip_ranges : sequence of (int, int)
-        Half-open pixel ranges of the chips.
+    segments : PixelGrid, sequence of (int, int) or None
+        The segments (chips): see :func:`segment_ranges`.
     npix : int
 
     Returns
@@ -108,7 +134,7 @@ def chebyshev_basis(degree=2, chip_ranges=CHIP_RANGES, npix=NPIX):
         raise ValueError(f"continuum degree must be 0-7, got {degree}")
     basis = np.zeros((npix, degree + 1))
     chip = np.full(npix, -1, np.int64)
-    for c, (a, b) in enumerate(chip_ranges):
+    for c, (a, b) in enumerate(segment_ranges(segments, npix)):
         if not 0 <= a < b <= npix:
             raise ValueError(f"chip range {a}-{b} is not inside 0-{npix}")
         x = 2.0 * (np.arange(a, b) - a) / max(b - 1 - a, 1) - 1.0
@@ -128,9 +154,9 @@ def _as_mask(continuum_pixels, npix):
     return out
 
 
-def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=CHIP_RANGES,
+def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None,
               min_pixels=None, backend="auto", batch=2048, dtype=np.float32, keep_continuum=False):
-    """Pseudo-continuum normalize spectra, chip by chip.
+    """Pseudo-continuum normalize spectra, segment (chip) by segment.
 
     Parameters
     ----------
@@ -140,9 +166,10 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=C
     continuum_pixels : array_like of bool, shape (P,), or indices
         The continuum pixels (see :func:`load_continuum_pixels`).
     degree : int
-        Chebyshev degree per chip.
-    chip_ranges : sequence of (int, int)
-        Half-open chip pixel ranges (default: the apStar chips).
+        Chebyshev degree per segment.
+    segments : PixelGrid, sequence of (int, int) or None
+        The segments (chips) fitted separately: see :func:`segment_ranges`
+        (default: the APOGEE chips for 8575, 7514 or 7214 pixels, else one).
     min_pixels : int, optional
         Fewest usable continuum pixels for a chip to be fitted; default
         ``max(10, 4 * (degree + 1))``.
@@ -168,6 +195,7 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=C
     if flux.shape != ivar.shape or flux.ndim != 2:
         raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must have the same (N, P) shape")
     n, p = flux.shape
+    chip_ranges = segment_ranges(segments, p)
     basis, chip = chebyshev_basis(degree, chip_ranges, p)
     is_cont = _as_mask(continuum_pixels, p)
     if is_cont.shape != (p,):
@@ -178,9 +206,9 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=C
     n_chips = len(chip_ranges)
     for c in range(n_chips):
         if cont_u8[chip == c].sum() < min_pixels:
-            raise ValueError(f"only {int(cont_u8[chip == c].sum())} continuum pixels on chip {c} "
-                             f"(pixels {chip_ranges[c][0]}-{chip_ranges[c][1] - 1}); need "
-                             f">= {min_pixels}")
+            raise ValueError(f"only {int(cont_u8[chip == c].sum())} continuum pixels on "
+                             f"segment {c} (pixels {chip_ranges[c][0]}-"
+                             f"{chip_ranges[c][1] - 1}); need >= {min_pixels}")
     dtype = np.dtype(dtype)
     fo = np.empty((n, p), dtype)
     io = np.empty((n, p), dtype)
@@ -230,13 +258,13 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=C
 
 
 def renormalize_to_model(flux, ivar, model_flux, model_variance=0.0, degree=DEFAULT_DEGREE,
-                         chip_ranges=CHIP_RANGES, min_model_flux=0.05):
+                         segments=None, min_model_flux=0.05, backend="auto"):
     """Refine normalized spectra's continuum against model spectra of the same stars.
 
     The pseudo-continuum from a few continuum pixels leaves a smooth error per
     chip (pixels that are not quite at the continuum, a response roll-off the
     polynomial follows poorly). With a model spectrum at the star's fitted
-    labels every pixel carries continuum information: a per-chip Chebyshev of
+    labels every pixel carries continuum information: a per-segment Chebyshev of
     ``degree`` is fitted by weighted least squares to ``flux / model_flux`` at
     all pixels and divided out (as the simultaneous continuum of The Payne,
     Ting et al. 2019, done as one correction step after the label fit).
@@ -252,16 +280,19 @@ def renormalize_to_model(flux, ivar, model_flux, model_variance=0.0, degree=DEFA
         Variance of the model itself (e.g. the Cannon's s²), added to the
         noise in the weights.
     degree : int, optional
-        Chebyshev degree per chip.
-    chip_ranges : sequence of (int, int), optional
+        Chebyshev degree per segment.
+    segments : PixelGrid, sequence of (int, int) or None
+        The segments (chips), each corrected separately: see :func:`segment_ranges`.
     min_model_flux : float, optional
         Pixels where the model is below this (saturated line cores) carry no
         continuum information and get no weight.
+    backend : str, optional
+        Kernel backend of the fit (:func:`normalize`).
 
     Returns
     -------
     flux, ivar : ndarray, shape (N, P)
-        The refined spectra and their inverse variance. A chip whose correction
+        The refined spectra and their inverse variance. A segment whose correction
         could not be fitted (no or too few usable pixels, or a non-positive
         correction) is left as it was.
     """
@@ -284,8 +315,9 @@ def renormalize_to_model(flux, ivar, model_flux, model_variance=0.0, degree=DEFA
               out=weight, where=usable)
     weight[~usable] = 0.0
     every_pixel = np.ones(flux.shape[1], dtype=bool)
-    res = normalize(ratio, weight, every_pixel, degree=degree, chip_ranges=chip_ranges,
-                    dtype=np.float64, keep_continuum=True)
+    chip_ranges = segment_ranges(segments, flux.shape[1])
+    res = normalize(ratio, weight, every_pixel, degree=degree, segments=chip_ranges,
+                    dtype=np.float64, keep_continuum=True, backend=backend)
     _, chip = chebyshev_basis(degree, chip_ranges, flux.shape[1])
     fitted = (res.chip_status == 0)[:, np.maximum(chip, 0)] & (chip >= 0)[None, :]
     correction = np.where(fitted & (res.continuum > 0), res.continuum, 1.0)
@@ -465,13 +497,13 @@ def model_continuum(model, continuum_pixels=None):
                           "of the ones used in training)")
 
 
-def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, chip_ranges=CHIP_RANGES):
+def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, segments=None):
     """Pick continuum pixels from a trained model (Ness et al. 2015, §2.3).
 
     A pixel is a continuum pixel when its model flux at the mean labels is
     close to 1 (``|theta[:, 0] - 1| < base_tol``) and its linear label
     coefficients ``theta[:, 1:L+1]`` (in scaled labels) are small: of those
-    near 1, the ``fraction`` of each chip's pixels with the smallest largest
+    near 1, the ``fraction`` of each segment's pixels with the smallest largest
     linear coefficient are kept.
 
     Parameters
@@ -480,10 +512,12 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, chip_ranges
         With ``theta`` (P, T), ``n_labels`` (or ``label_names``) and optionally
         ``pixel_flags`` (P,); see docs/api.md.
     fraction : float
-        Fraction of each chip's pixels to keep.
+        Fraction of each segment's pixels to keep.
     base_tol : float
         Tolerance on ``|theta[:, 0] - 1|``.
-    chip_ranges : sequence of (int, int)
+    segments : PixelGrid, sequence of (int, int) or None
+        By default the segments of the model's grid (``model.grid``), else
+        those of :func:`segment_ranges`.
 
     Returns
     -------
@@ -499,6 +533,9 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, chip_ranges
     base = np.abs(theta[:, 0] - 1.0)
     lin = np.max(np.abs(theta[:, 1:n_labels + 1]), axis=1)
     out = np.zeros(p, bool)
+    if segments is None:
+        segments = getattr(model, "grid", None)
+    chip_ranges = segment_ranges(segments, p)
     _, chip = chebyshev_basis(0, chip_ranges, p)
     for c in range(len(chip_ranges)):
         on = np.flatnonzero((chip == c) & usable & (base < base_tol))
@@ -534,7 +571,7 @@ def _initial_continuum_pixels(flux, ivar, chip_ranges, fraction):
 
 
 def find_continuum_pixels(flux, ivar, labels, model_factory, n_iter=3, fraction=0.07,
-                          base_tol=0.02, degree=DEFAULT_DEGREE, chip_ranges=CHIP_RANGES,
+                          base_tol=0.02, degree=DEFAULT_DEGREE, segments=None,
                           initial=None, backend="auto"):
     """Find continuum pixels from the data by iterating normalize -> train -> select.
 
@@ -557,7 +594,9 @@ def find_continuum_pixels(flux, ivar, labels, model_factory, n_iter=3, fraction=
         See :func:`continuum_pixels_from_model`.
     degree : int
         Continuum degree used while iterating.
-    chip_ranges : sequence of (int, int)
+    segments : PixelGrid, sequence of (int, int) or None
+        The segments (chips) normalized and searched separately: see
+        :func:`segment_ranges`.
     initial : array_like of bool, shape (P,), optional
         Starting pixels; by default the upper envelope of the spectra.
     backend : str
@@ -570,11 +609,12 @@ def find_continuum_pixels(flux, ivar, labels, model_factory, n_iter=3, fraction=
     """
     flux = np.asarray(flux, float)
     ivar = np.asarray(ivar, float)
+    chip_ranges = segment_ranges(segments, flux.shape[1])
     cur = (_initial_continuum_pixels(flux, ivar, chip_ranges, fraction) if initial is None
            else np.asarray(initial, bool))
     history = []
     for _ in range(int(n_iter)):
-        ns = normalize(flux, ivar, cur, degree=degree, chip_ranges=chip_ranges, backend=backend,
+        ns = normalize(flux, ivar, cur, degree=degree, segments=chip_ranges, backend=backend,
                        dtype=np.float64)
         model = model_factory()
         model.train(ns.flux, ns.ivar, labels)

@@ -32,8 +32,6 @@ from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
-from .io.apogee import CDELT1 as _APSTAR_CDELT1
-from .io.apogee import CHIP_RANGES, NPIX
 from .model import fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
@@ -320,12 +318,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     refine_continuum : bool, optional
         Fit, refine each spectrum's continuum against the model at its fitted
         labels (``continuum.renormalize_to_model``: a cubic in ``flux / model``
-        per apStar chip, or over the whole spectrum on another pixel grid), and
-        fit again: twice the fitting time. On the mock survey's validation
-        stars (broadened fit) it took the scatter against the true labels from
-        31.1 to 30.7 K in Teff and 0.0153 to 0.0142 dex in [Fe/H] (30.4 to
-        29.7 K and 0.0152 to 0.0140 for the model in 1/TEFF), and lowered the
-        [Fe/H] scatter on all four random halves tried.
+        per segment of the model's pixel grid), and fit again: twice the
+        fitting time (docs/lab.md has what it gains on the mock survey).
 
     Returns
     -------
@@ -335,22 +329,70 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     model._require_trained()
     _check_broadening(debias, broadening)
     flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
+    backend = resolve_backend(backend or model.backend)
+    settings = _FitSettings(debias=debias, exact_debias=exact_debias, n_starts=n_starts,
+                            n_polish=n_polish, batch_size=batch_size, max_iter=max_iter,
+                            xtol=xtol, disagree_dchi2=disagree_dchi2, backend=backend,
+                            progress_bar=progress_bar, broadening=broadening)
+    result = _fit_once(model, flux, ivar, settings)
     if refine_continuum:
-        options = dict(debias=debias, exact_debias=exact_debias, n_starts=n_starts,
-                       n_polish=n_polish, batch_size=batch_size, max_iter=max_iter, xtol=xtol,
-                       disagree_dchi2=disagree_dchi2, backend=backend,
-                       progress_bar=progress_bar, broadening=broadening)
-        first = fit_cannon(model, flux, ivar, **options)
-        # the apStar chips; a spectrum on another grid is refined as one piece
-        chips = CHIP_RANGES if model.n_pixels == NPIX else [(0, model.n_pixels)]
-        refined_flux, refined_ivar = np.empty_like(flux), np.empty_like(ivar)
-        for a in range(0, len(flux), batch_size):  # bounds the (batch, P) temporaries
-            rows = slice(a, a + batch_size)
-            refined_flux[rows], refined_ivar[rows] = renormalize_to_model(
-                flux[rows], ivar[rows], fitted_spectra(model, first, rows),
-                model_variance=model.s2, chip_ranges=chips)
-        return fit_cannon(model, refined_flux, refined_ivar, **options)
-    k = kernels(resolve_backend(backend or model.backend))
+        flux, ivar = _refine_continuum(model, flux, ivar, result, batch_size, backend)
+        result = _fit_once(model, flux, ivar, settings)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _FitSettings:
+    """The options of one pass of ``fit_cannon`` (everything but ``refine_continuum``).
+
+    Both passes of a refined fit read them from here, so an option cannot be
+    dropped between them.
+    """
+
+    debias: bool
+    exact_debias: bool
+    n_starts: int
+    n_polish: int
+    batch_size: int
+    max_iter: int
+    xtol: float
+    disagree_dchi2: float
+    backend: str
+    progress_bar: object
+    broadening: bool
+
+
+def _refine_continuum(model, flux, ivar, result, batch_size, backend):
+    """Spectra with their continuum refined against the model at ``result``'s labels.
+
+    One correction per segment of the model's grid (``model.segments``).
+    """
+    refined_flux, refined_ivar = np.empty_like(flux), np.empty_like(ivar)
+    for a in range(0, len(flux), batch_size):  # bounds the (batch, P) temporaries
+        rows = slice(a, a + batch_size)
+        refined_flux[rows], refined_ivar[rows] = renormalize_to_model(
+            flux[rows], ivar[rows], fitted_spectra(model, result, rows),
+            model_variance=model.s2, segments=model.segments, backend=backend)
+    return refined_flux, refined_ivar
+
+
+def _fit_once(model, flux, ivar, settings):
+    """One batched fit of checked spectra (and the broadening fit from it when asked)."""
+    result = _fit_batches(model, flux, ivar, settings)
+    if settings.broadening:
+        return fit_broadened(model, flux, ivar, start=result,
+                             progress_bar=settings.progress_bar)
+    return _mark_sparse_training(model, result)
+
+
+def _fit_batches(model, flux, ivar, settings):
+    """The fast batched fit (the body of ``fit_cannon``): a FitResult without SPARSE_TRAINING."""
+    (debias, exact_debias, n_starts, n_polish, batch_size, max_iter, xtol, disagree_dchi2,
+     backend, progress_bar) = (settings.debias, settings.exact_debias, settings.n_starts,
+                               settings.n_polish, settings.batch_size, settings.max_iter,
+                               settings.xtol, settings.disagree_dchi2, settings.backend,
+                               settings.progress_bar)
+    k = kernels(backend)
     pre = _precompute(model)
     n_stars, n_terms, n_labels = flux.shape[0], model.n_terms, model.n_labels
     theta_outer32, cbar = pre["theta_outer32"], pre["cbar"]
@@ -448,10 +490,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
                                label_names=list(model.label_names), debiased=bool(debias)))
         bar.update(n)
     bar.close()
-    result = FitResult.concatenate(parts)
-    if broadening:
-        return fit_broadened(model, flux, ivar, start=result, progress_bar=progress_bar)
-    return _mark_sparse_training(model, result)
+    return FitResult.concatenate(parts)
 
 
 def fitted_spectra(model, result, rows=slice(None)):
@@ -863,12 +902,11 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
     return FitResult.concatenate(parts)
 
 
-#: Velocity width of one apStar pixel, c ln(10) CDELT1 = 4.14 km/s.
-PIXEL_VELOCITY = 299792.458 * np.log(10.0) * _APSTAR_CDELT1
-#: Bound on |BROADENING|, (km/s)²: twice a pixel's velocity width squared. The model
-#: is the first order of a Gaussian convolution, good while the added variance is
-#: below that of the instrumental profile (R = 22,500: sigma ~ 1.4 pixels).
-BROADENING_BOUND = 2.0 * PIXEL_VELOCITY ** 2
+#: Bound on |BROADENING| in units of the grid's (median) pixel velocity width squared.
+#: The model is the first order of a Gaussian convolution, good while the added
+#: variance is below that of the instrumental profile (for APOGEE, R = 22,500:
+#: sigma ~ 1.4 pixels; at R ~ 2000-3000 on grids sampled at ~2 pixels per FWHM, alike).
+BROADENING_BOUND_PIXELS = 2.0
 
 
 class BroadenedModel:
@@ -879,20 +917,27 @@ class BroadenedModel:
     function) otherwise pulls the labels that deepen or weaken lines, [Fe/H]
     first. Convolving a spectrum with a Gaussian of velocity variance ``b`` is,
     to first order, ``f + b / (2 dv²) D² f`` with ``D²`` the second difference
-    along pixels and ``dv`` a pixel's velocity width; the model is that, so it
-    stays linear in ``theta``: ``(theta + b D²theta / (2 dv²)) . v(x)``.
-    ``b`` (label ``BROADENING``, (km/s)²) is signed: negative means narrower
-    lines than the model's. ``D²`` is zero where a pixel or a neighbour is
-    flagged or at the chip gaps, which the model flags (no training flux).
-    Calibration: against the true macroturbulence of synthetic surveys the
-    fitted ``b`` has slope 1.05-1.10 (the second difference is ~10 % short of
-    the curvature of a line 1.5 pixels wide), and a narrowing reads ~10 % larger
-    than a broadening of the same size (the first order is not the whole effect).
+    along pixels and ``dv`` each pixel's velocity width (from the model's
+    ``grid``: constant on a grid uniform in log lambda, ``c dlambda / lambda``
+    on one uniform in lambda); the model is that, so it stays linear in
+    ``theta``: ``(theta + b D²theta / (2 dv²)) . v(x)``. ``b`` (label
+    ``BROADENING``, (km/s)²) is signed: negative means narrower lines than the
+    model's. ``D²`` is zero where a pixel or a neighbour is flagged, and at the
+    ends of the grid's segments: a second difference never crosses a chip join
+    or a gap. The first order reads a broadening slightly low and a narrowing
+    slightly high; docs/lab.md has the calibration.
 
     Parameters
     ----------
     model : CannonModel
-        Trained on a uniform log-lambda grid (apStar's).
+        Trained, with a pixel grid (``model.grid``) to give pixel velocities.
+
+    Attributes
+    ----------
+    velocity_unit : float
+        The grid's median pixel velocity width squared, (km/s)²: the fits' unit of b.
+    broadening_bound : float
+        Largest |b|, (km/s)² (``BROADENING_BOUND_PIXELS`` pixel widths squared).
 
     Notes
     -----
@@ -903,19 +948,28 @@ class BroadenedModel:
 
     def __init__(self, model):
         model._require_trained()
+        if model.grid is None:
+            raise ValueError(f"line broadening needs the wavelengths of the model's pixels (its "
+                             f"pixel velocities), and this {model.n_pixels}-pixel model has no "
+                             "grid: train it as CannonModel(..., grid=PixelGrid(wavelengths))")
         self.model = model
         self.label_names = list(model.label_names) + ["BROADENING"]
         self.pixel_flags = model.pixel_flags
         self.good_pixels = fitted_pixels(model, model.n_pixels)
-        inner = np.zeros(model.n_pixels, dtype=bool)
-        inner[1:-1] = self.good_pixels[2:] & self.good_pixels[1:-1] & self.good_pixels[:-2]
+        inner = model.grid.inner_pixels()
+        inner[1:-1] &= self.good_pixels[2:] & self.good_pixels[1:-1] & self.good_pixels[:-2]
         d2 = np.zeros_like(model.theta)
         d2[1:-1] = model.theta[2:] - 2.0 * model.theta[1:-1] + model.theta[:-2]
         d2[~inner] = 0.0
-        self.d2_theta = d2 / (2.0 * PIXEL_VELOCITY ** 2)
+        velocity = model.grid.pixel_velocity  # (P,) km/s
+        self.inner_pixels = inner
+        self.d2_scale = np.where(inner, 1.0 / (2.0 * velocity ** 2), 0.0)  # (P,) 1 / (2 dv²)
+        self.d2_theta = d2 * self.d2_scale[:, None]
+        self.velocity_unit = float(np.median(velocity[model.grid.in_segment])) ** 2
+        self.broadening_bound = BROADENING_BOUND_PIXELS * self.velocity_unit
         self.s2 = model.s2
         self.label_bounds = np.vstack([model.label_bounds,
-                                       [-BROADENING_BOUND, BROADENING_BOUND]])
+                                       [-self.broadening_bound, self.broadening_bound]])
         # zero spread in the extra column: fit_generic scales it by 1 (km/s)²
         self.training_labels = np.column_stack([model.training_labels,
                                                 np.zeros(len(model.training_labels))])
@@ -945,7 +999,7 @@ class BroadenedModel:
 
 
 def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, xtol=1e-6,
-                  ftol=1e-8, progress_bar=None):
+                  ftol=1e-8, progress_bar=None, correct_training_noise=True):
     """Fit labels and extra line broadening together (``BroadenedModel``).
 
     As for the labels alone (``fit_cannon``), chi² of the broadened model is a
@@ -958,6 +1012,17 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     iteration. ``fit_generic(BroadenedModel(model), ...)`` evaluates the model
     itself and is the reference this path is tested against.
 
+    The model's coefficients carry the training set's noise ``e_p`` (covariance
+    ``C_p = model.theta_cov``), and the second difference of that noise
+    correlates with the residual it leaves: ``E[-e_p.v (D²e)_p.v] = 2 v^T C_p v``.
+    Unchecked this reads every star as broader than it is (on a grid of
+    R ~ 2700 trained on ~1500 stars at S/N ~ 100, by ~2 sigma of b). With
+    ``correct_training_noise`` the expected excess of chi² in b,
+    ``-4 b sum_p w_p beta_p q_p + b² sum_p w_p beta_p² (4 q_p + q_(p-1) + q_(p+1))``
+    (``q_p = v^T C_p v``, ``beta_p = 1 / (2 dv_p²)``), is removed from the
+    objective, as de-biasing does for the labels (``fit_cannon(debias=True)``):
+    two more (N, P) x (P, T²/2) products per batch.
+
     Parameters
     ----------
     model : CannonModel
@@ -969,10 +1034,12 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     max_iter : int, optional
     xtol : float, optional
         Converged when an accepted step moves no scaled label (and b, in units of
-        ``PIXEL_VELOCITY²``) by more than this ...
+        ``BroadenedModel.velocity_unit``) by more than this ...
     ftol : float, optional
         ... or lowers chi² by less than ``ftol * chi²`` (see ``fit_generic``).
     progress_bar : bool, optional
+    correct_training_noise : bool, optional
+        Remove the pull of the model's training noise on b (see above).
 
     Returns
     -------
@@ -998,15 +1065,24 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
                               broadening_error=np.full(len(start), np.nan))
     use = np.flatnonzero(start.ok)
     # b in units of a pixel's velocity width squared: order unity, like the scaled labels
-    b_unit = PIXEL_VELOCITY ** 2
+    b_unit = broad.velocity_unit
     theta, d_theta = model.theta, broad.d2_theta * b_unit
     outer_g = vz.packed_outer(theta)  # (P, T2)
     outer_k = vz.packed_outer(d_theta)
     outer_s = np.ascontiguousarray(
         (theta[:, :, None] * d_theta[:, None, :]).reshape(len(theta), -1))  # (P, T²)
+    if correct_training_noise:
+        # beta_p C_p and beta_p² (4 C_p + C_(p-1) + C_(p+1)), beta in b's units (packed)
+        beta = broad.d2_scale * b_unit
+        cov = model.theta_cov
+        near = 4.0 * cov
+        near[1:] += cov[:-1]
+        near[:-1] += cov[1:]
+        noise_b1 = cov * beta[:, None]
+        noise_b2 = near * (beta ** 2)[:, None]
     bounds = model.scaled_label_bounds  # (2, L)
-    lo = np.append(bounds[0], -BROADENING_BOUND / b_unit)
-    hi = np.append(bounds[1], BROADENING_BOUND / b_unit)
+    lo = np.append(bounds[0], -BROADENING_BOUND_PIXELS)
+    hi = np.append(bounds[1], BROADENING_BOUND_PIXELS)
     bar = progress(total=len(use), desc="fitting labels + broadening", unit="star",
                    disable=None if progress_bar is None and len(use) > batch_size
                    else not progress_bar)
@@ -1020,10 +1096,15 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
                    kk=vz.unpack_symmetric(w @ outer_k, n_terms))
         mom["hd"] = (w @ outer_s).reshape(n, n_terms, n_terms)  # sum w theta D^T
         p = np.column_stack([model.scale_labels(start.labels[rows]), np.zeros(n)])
-        p, chi, norm, iters, converged = _lm_batched(
-            p, lambda rows, pr: _broadened_chi2(pr, {k: v[rows] for k, v in mom.items()},
+        objective = mom
+        if correct_training_noise:
+            objective = _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p,
+                                                  model.exponents)
+        p, _, norm, iters, converged = _lm_batched(
+            p, lambda rows, pr: _broadened_chi2(pr, {k: v[rows] for k, v in objective.items()},
                                                 model.exponents),
             lo, hi, max_iter, xtol, ftol)
+        chi = _broadened_chi2(p, mom, model.exponents)[0]  # chi² itself, not the objective
         cov = _inverse(norm)
         d = np.column_stack([model.label_derivatives(p[:, :n_labels]), np.full(n, b_unit)])
         cov *= d[:, :, None] * d[:, None, :]
@@ -1044,6 +1125,25 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
         bar.update(n)
     bar.close()
     return _mark_sparse_training(model, out)
+
+
+def _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p, exponents):
+    """The moments of ``fit_broadened``'s objective with the training noise's pull removed.
+
+    chi² keeps its form with ``S -> S + 4 B1`` (``hd -> hd + 2 B1``) and
+    ``K -> K - B2``; B2 is capped at half of K at the start labels, so the
+    objective stays convex in b where K is poorly determined.
+    """
+    b1 = vz.unpack_symmetric(w @ noise_b1, n_terms)
+    b2 = vz.unpack_symmetric(w @ noise_b2, n_terms)
+    v = vz.label_vector(p[:, :-1], exponents)
+    k_quad = np.einsum("nt,ntu,nu->n", v, mom["kk"], v)
+    b2_quad = np.einsum("nt,ntu,nu->n", v, b2, v)
+    shrink = np.minimum(1.0, 0.5 * k_quad / np.maximum(b2_quad, 1e-300))
+    out = dict(mom)
+    out["hd"] = mom["hd"] + 2.0 * b1
+    out["kk"] = mom["kk"] - shrink[:, None, None] * b2
+    return out
 
 
 def _broadened_chi2(p, mom, exponents):

@@ -15,6 +15,7 @@ import numpy as np
 from . import vectorizer as vz
 from ._util import as_float64, atomic_path, describe_bad
 from .backends import kernels, resolve_backend
+from .core.grid import PixelGrid
 
 __all__ = ["CannonModel", "PIXEL_FLAGS", "UNUSABLE_PIXEL_FLAGS", "fitted_pixels",
            "expected_true_labels", "MAX_PRIOR_COMPONENTS"]
@@ -88,6 +89,11 @@ class CannonModel:
         scaling), in which the Boltzmann and Saha factors of line strengths,
         ``exp(-chi theta)``, are simpler. Fits, errors and gradients stay in
         the physical labels. The labels must be positive.
+    grid : PixelGrid, optional
+        The pixels of the training spectra: their segments (chips) and pixel
+        velocities are what continuum refinement and line broadening use.
+        By default the APOGEE grid of the spectra's pixel count (8575, 7514
+        or 7214), else none (one segment, no broadening).
 
     Attributes
     ----------
@@ -103,10 +109,12 @@ class CannonModel:
         Scaled labels are ``x = (label - offset) / scale``, with ``1 / label``
         in place of ``label`` for the ``reciprocal_labels``.
     training_labels : ndarray, (N_train, L)
+    grid : PixelGrid or None
+        The training spectra's pixel grid (set by ``train`` when not given).
     """
 
     def __init__(self, label_names, order=2, backend="auto", extra_terms=(),
-                 reciprocal_labels=()):
+                 reciprocal_labels=(), grid=None):
         label_names = [str(n) for n in label_names]
         if not label_names:
             raise ValueError("a CannonModel needs at least one label name")
@@ -132,6 +140,10 @@ class CannonModel:
         self.exponents = np.ascontiguousarray(np.vstack([base] + [e[None] for e in extra]),
                                               dtype=np.int64)
         self.backend = resolve_backend(backend)
+        if grid is not None and not isinstance(grid, PixelGrid):
+            raise TypeError(f"grid must be a cannon_fast.PixelGrid, got {type(grid).__name__}")
+        self.grid = grid
+        self._grid_given = grid is not None
         self.theta = self.s2 = self.theta_cov = self.pixel_flags = None
         self.label_offsets = self.label_scales = self.training_labels = None
         self.training_hash = None
@@ -296,6 +308,7 @@ class CannonModel:
                                                  s2_rtol)
         flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
         n_stars, n_pix = flux.shape
+        self._set_grid(n_pix)
         k = kernels(self.backend)
         self._check_reciprocal(labels)
         med, scales = label_scaling(self._model_labels(labels))
@@ -432,6 +445,20 @@ class CannonModel:
                                   np.median(np.abs(expected - labels), axis=0).tolist())))
         return self
 
+    def _set_grid(self, n_pix):
+        """Check the model's grid against the training spectra, or take the built-in one."""
+        if not self._grid_given:
+            self.grid = PixelGrid.builtin(n_pix)
+        elif self.grid.n_pixels != n_pix:
+            raise ValueError(f"the training spectra have {n_pix} pixels but the model's grid "
+                             f"{self.grid!r} has {self.grid.n_pixels}")
+
+    @property
+    def segments(self):
+        """Half-open pixel ranges of the grid's segments (one for a model without a grid)."""
+        self._require_trained()
+        return self.grid.segments if self.grid is not None else ((0, self.n_pixels),)
+
     def _check_reciprocal(self, labels):
         """Refuse a non-positive training value of a reciprocal label."""
         if self._reciprocal.any() and not np.all(labels[:, self._reciprocal] > 0):
@@ -528,6 +555,13 @@ class CannonModel:
                     backend=self.backend,
                     training_hash=self.training_hash, train_info=self.train_info)
 
+    def _grid_record(self):
+        """The grid's metadata (None without a grid) and its arrays, named for the file."""
+        if self.grid is None:
+            return None, {}
+        meta, arrays = self.grid.describe()
+        return meta, {f"grid_{k}": v for k, v in arrays.items()}
+
     def write(self, path, overwrite=False):
         """Write the trained model to one self-describing file, atomically.
 
@@ -550,6 +584,8 @@ class CannonModel:
                       label_scales=self.label_scales, training_labels=self.training_labels,
                       exponents=self.exponents)
         meta = self._metadata()
+        meta["grid"], grid_arrays = self._grid_record()
+        arrays.update(grid_arrays)
         with atomic_path(path) as tmp:
             if path.lower().endswith((".fits", ".fit", ".fits.gz")):
                 import fitsio
@@ -589,9 +625,11 @@ class CannonModel:
                 import fitsio
                 with fitsio.FITS(path) as fits:
                     meta = json.loads(fits["META"].read().tobytes().decode())
-                    arrays = {name: fits[name.upper()].read() for name in
-                              ("theta", "s2", "theta_cov", "pixel_flags", "label_offsets",
-                               "label_scales", "training_labels", "exponents")}
+                    names = ["theta", "s2", "theta_cov", "pixel_flags", "label_offsets",
+                             "label_scales", "training_labels", "exponents"]
+                    names += [n for n in ("grid_wavelength", "grid_resolution")
+                              if n.upper() in fits]
+                    arrays = {name: fits[name.upper()].read() for name in names}
             else:
                 with np.load(path, allow_pickle=False) as data:
                     meta = json.loads(str(data["meta"]))
@@ -614,6 +652,11 @@ class CannonModel:
         model.label_offsets = np.asarray(arrays["label_offsets"], dtype=np.float64)
         model.label_scales = np.asarray(arrays["label_scales"], dtype=np.float64)
         model.training_labels = np.asarray(arrays["training_labels"], dtype=np.float64)
+        if meta.get("grid") is not None:
+            model.grid = PixelGrid.from_description(
+                meta["grid"], {k[5:]: arrays[k] for k in arrays if k.startswith("grid_")})
+            model._grid_given = True
+        model._set_grid(model.theta.shape[0])  # files before grids: the APOGEE grids
         model.training_hash = meta["training_hash"]
         model.train_info = meta.get("train_info", {})
         model.train_info["trained_with_backend"] = meta["backend"]

@@ -42,10 +42,31 @@ class SyntheticSpectra:
     coeffs: np.ndarray
     label_names: tuple
 
+    @property
+    def grid(self):
+        """An APOGEE-like pixel grid for the P pixels (uniform in log lambda, 4.14 km/s)."""
+        return synthetic_grid(self.flux.shape[1])
+
     def scale_labels(self, labels):
         """Map physical labels to the generator's x in [-1, 1]."""
         lo, hi = LABEL_RANGES[: len(self.label_names)].T
         return (np.asarray(labels) - 0.5 * (lo + hi)) / (0.5 * (hi - lo))
+
+
+def synthetic_grid(n_pixels):
+    """A stretch of the apStar log-lambda grid with ``n_pixels`` pixels, one segment.
+
+    Parameters
+    ----------
+    n_pixels : int
+
+    Returns
+    -------
+    PixelGrid
+    """
+    from .core.grid import APOGEE_RESOLUTION, APSTAR_CDELT1, PixelGrid
+    return PixelGrid.log_uniform(15500.0, step=APSTAR_CDELT1, n_pixels=n_pixels,
+                                 resolution=APOGEE_RESOLUTION, name="synthetic")
 
 
 def _quad_design(x):

@@ -107,7 +107,7 @@ def test_flags_for_trouble():
     clean = cn.normalize(*_synthetic(n=12, noise=0.01)[:3], degree=3, dtype=np.float64)
     good = ns.ivar[2] > 0
     assert np.median(np.abs(ns.flux[2, good] - clean.flux[2, good])) < 2e-3
-    with pytest.raises(ValueError, match="only 3 continuum pixels on chip 0"):
+    with pytest.raises(ValueError, match="only 3 continuum pixels on segment 0"):
         cn.normalize(flux, ivar, [300, 301, 302, 8000])
 
 

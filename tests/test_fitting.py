@@ -6,7 +6,7 @@ from numpy.testing import assert_allclose
 from cannon_fast import CannonModel, fit_spectra
 from cannon_fast import vectorizer as vz
 from cannon_fast.fitting import FLAGS, fit_trf
-from cannon_fast.testing import make_synthetic
+from cannon_fast.testing import make_synthetic, synthetic_grid
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,8 @@ def setup():
     train = make_synthetic(n_stars=300, n_pix=300, n_labels=3, seed=11)
     test = make_synthetic(n_stars=40, n_pix=300, n_labels=3, seed=12, coeffs=train.coeffs,
                           s2_true=train.s2_true)
-    model = CannonModel(train.label_names).train(train.flux, train.ivar, train.labels)
+    model = CannonModel(train.label_names, grid=train.grid).train(train.flux, train.ivar,
+                                                                   train.labels)
     return model, train, test
 
 
@@ -196,12 +197,13 @@ def _line_spectra(labels, line_var, seed):
 def test_broadened_fit_recovers_extra_broadening():
     """Lines broader or narrower than the training stars': the plain fit reads them as
     label changes; the broadened fit finds the velocity variance and the labels."""
-    from cannon_fast.fitting import PIXEL_VELOCITY
     rng = np.random.default_rng(3)
     names = ["TEFF", "LOGG", "FE_H"]
     lab_train = rng.uniform(-1, 1, (300, 3))
     flux_train = _line_spectra(lab_train, 2.25, seed=0) + rng.normal(0, 0.005, (300, 400))
-    model = CannonModel(names).train(flux_train, np.full((300, 400), 0.005 ** -2), lab_train)
+    grid = synthetic_grid(400)
+    model = CannonModel(names, grid=grid).train(flux_train, np.full((300, 400), 0.005 ** -2),
+                                                lab_train)
     lab_test = rng.uniform(-0.6, 0.6, (40, 3))
     # px², relative to the training stars' 2.25; the mock survey's 5-95 % range is
     # about +-0.2 (+-3.5 (km/s)²)
@@ -211,7 +213,7 @@ def test_broadened_fit_recovers_extra_broadening():
     plain = model.fit(flux, ivar, debias=False)
     broad = model.fit(flux, ivar, debias=False, broadening=True)
     assert broad.ok.all()
-    b_true = extra * PIXEL_VELOCITY ** 2  # (km/s)²
+    b_true = extra * np.median(grid.pixel_velocity) ** 2  # (km/s)²
     # Right to first order in the added variance: the depth of a line goes as
     # (1 + b/sigma²)^-1/2, so narrowing reads ~9 % high and broadening ~8 % low; and
     # the second difference is ~10 % short of the curvature of a 1.5-pixel line,
@@ -270,14 +272,15 @@ def test_broadened_fast_path_matches_its_reference(reciprocal):
     lab_train = rng.uniform(-1, 1, (300, 3))
     flux_train = _line_spectra(lab_train, 2.25, seed=1) + rng.normal(0, 0.005, (300, 400))
     shift = np.array([3.0, 0.0, 0.0])  # a reciprocal label must be positive
-    model = CannonModel(["TEFF", "LOGG", "FE_H"], reciprocal_labels=reciprocal).train(
+    model = CannonModel(["TEFF", "LOGG", "FE_H"], reciprocal_labels=reciprocal,
+                        grid=synthetic_grid(400)).train(
         flux_train, np.full((300, 400), 0.005 ** -2), lab_train + shift)
     lab = rng.uniform(-0.8, 0.8, (30, 3))
     flux = _line_spectra(lab, rng.uniform(1.9, 2.6, 30), seed=1) + rng.normal(0, 0.005, (30, 400))
     ivar = np.full_like(flux, 0.005 ** -2)
     ivar[3, 100:140] = 0.0  # a masked stretch
     start = model.fit(flux, ivar, debias=False)
-    fast = fit_broadened(model, flux, ivar, start=start)
+    fast = fit_broadened(model, flux, ivar, start=start, correct_training_noise=False)
     bm = BroadenedModel(model)
     ref = fit_generic(bm, flux, ivar * bm.good_pixels,
                       initial=np.column_stack([start.labels, np.zeros(30)]))
@@ -382,7 +385,7 @@ def test_refined_continuum_undoes_a_continuum_error(setup):
     # the correction, as fit_cannon makes it, but with this test's one "chip"
     from cannon_fast.fitting import fitted_spectra
     f2, iv2 = renormalize_to_model(flux, ivar, fitted_spectra(model, tilted),
-                                   model_variance=model.s2, chip_ranges=one_chip)
+                                   model_variance=model.s2, segments=one_chip)
     refined = model.fit(f2, iv2, debias=False)
     ok = clean.ok & tilted.ok & refined.ok
     off_tilted = np.abs(tilted.labels - clean.labels)[ok] / clean.errors[ok]
@@ -392,7 +395,7 @@ def test_refined_continuum_undoes_a_continuum_error(setup):
     # the continuum of a star without a fit is left alone
     nan_model = fitted_spectra(model, tilted)
     nan_model[0] = np.nan
-    f3, iv3 = renormalize_to_model(flux, ivar, nan_model, chip_ranges=one_chip)
+    f3, iv3 = renormalize_to_model(flux, ivar, nan_model, segments=one_chip)
     assert_allclose(f3[0], flux[0]) and assert_allclose(iv3[0], ivar[0])
     with pytest.raises(ValueError, match="same"):
         renormalize_to_model(flux, ivar, nan_model[:, :-1])

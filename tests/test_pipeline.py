@@ -148,8 +148,10 @@ def test_cross_validation_prefers_the_right_model_and_the_debiased_fit():
     from cannon_fast import CannonModel
     from cannon_fast.testing import make_synthetic
     s = make_synthetic(n_stars=150, n_pix=1500, n_labels=3, seed=12)
-    models = {"quadratic": lambda f, v, lab, err: CannonModel(s.label_names).train(f, v, lab),
-              "cubic": lambda f, v, lab, err: CannonModel(s.label_names, order=3).train(f, v, lab)}
+    models = {"quadratic": lambda f, v, lab, err: CannonModel(s.label_names, grid=s.grid).train(
+                  f, v, lab),
+              "cubic": lambda f, v, lab, err: CannonModel(s.label_names, order=3,
+                                                          grid=s.grid).train(f, v, lab)}
     name, step, info = pipeline.cross_validate(models, s.flux, s.ivar, s.labels)
     assert (name, step) == ("quadratic", "debias"), info
     sc = info["scatter"]
@@ -246,12 +248,14 @@ def test_cli_fit_with_broadening(tmp_path, capsys):
     s = make_synthetic(n_stars=150, n_pix=60, n_labels=3, seed=15)
     train, test = tmp_path / "train.npz", tmp_path / "test.npz"
     np.savez(train, flux=s.flux[:120], ivar=s.ivar[:120], labels=s.labels[:120],
-             label_names=np.array(s.label_names))
+             label_names=np.array(s.label_names), wavelength=s.grid.wavelength,
+             resolution=s.grid.resolution)
     np.savez(test, flux=s.flux[120:], ivar=s.ivar[120:])
     assert main(["train", str(train), "--out", str(tmp_path / "m.npz")]) == 0
     assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "b.fits"),
                  "--broadening"]) == 0
     t = Table.read(tmp_path / "b.fits")
+    assert CannonModel.read(tmp_path / "m.npz").grid == s.grid
     direct = CannonModel.read(tmp_path / "m.npz").fit(s.flux[120:], s.ivar[120:], debias=False,
                                                       broadening=True)
     np.testing.assert_allclose(t["BROADENING"], direct.broadening, rtol=1e-6, atol=1e-9)

@@ -21,8 +21,8 @@ LABEL_COLS = ("TEFF", "LOGG", "FE_H")
 def small():
     """Train a model (P = 200) on 300 stars; keep 700 other stars of the same set."""
     s = make_synthetic(n_stars=1000, n_pix=200, n_labels=3, seed=7)
-    model = CannonModel(s.label_names, backend="numba").train(s.flux[:300], s.ivar[:300],
-                                                              s.labels[:300])
+    model = CannonModel(s.label_names, backend="numba", grid=s.grid).train(
+        s.flux[:300], s.ivar[:300], s.labels[:300])
     return model, s.flux[300:], s.ivar[300:], s.labels[300:]
 
 

@@ -15,7 +15,8 @@ def register(sub, parent):
                        description="Train a polynomial Cannon model (with per-pixel s²) on "
                                    "normalized spectra with known labels.")
     p.add_argument("spectra", help="a SpectraStore directory (cannon-fast prepare) or an .npz "
-                                   "with flux, ivar, labels, label_names")
+                                   "with flux, ivar, labels, label_names (and wavelength, optional "
+                                   "segments and resolution for a grid other than APOGEE's)")
     p.add_argument("--out", required=True, help="model file to write (.fits or .npz)")
     p.add_argument("--labels", default=None,
                    help=f"comma-separated label names (default: the store's, or {DEFAULT_LABELS})")
@@ -47,7 +48,7 @@ def register(sub, parent):
                         "(km/s)², written as BROADENING); implies the plain chi² fit")
     p.add_argument("--refine-continuum", action="store_true",
                    help="fit, refine each spectrum's continuum against the model at its "
-                        "labels (a per-chip cubic), and fit again")
+                        "labels (a cubic per chip/segment of the model's grid), and fit again")
     p.add_argument("--method", choices=("fast", "trf"), default="fast",
                    help="fast batched LM (default) or the scipy trf reference")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -71,7 +72,9 @@ def read_spectra_file(path, need_labels=False):
     """Read flux, ivar, labels, label names and ids from a SpectraStore or an .npz.
 
     A store written by ``prepare`` also gives its ``continuum_pixels`` and
-    ``continuum_degree`` (None otherwise).
+    ``continuum_degree`` (None otherwise). ``grid`` is the spectra's pixel grid
+    when the input has wavelengths (an .npz's ``wavelength``, with optional
+    ``segments`` (K, 2) and ``resolution``), else None.
     """
     if os.path.isdir(path):
         from ..store import SpectraStore
@@ -80,7 +83,8 @@ def read_spectra_file(path, need_labels=False):
                    label_names=list(store.label_names), ids=store.ids,
                    label_errors=store.label_errors,
                    continuum_pixels=store.meta.get("continuum_pixels"),
-                   continuum_degree=store.meta.get("continuum_degree"))
+                   continuum_degree=store.meta.get("continuum_degree"),
+                   grid=_grid(store.wavelength, None, None, path))
     elif os.path.isfile(path):
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("flux", "ivar") if k not in f.files]
@@ -92,12 +96,27 @@ def read_spectra_file(path, need_labels=False):
                        if "label_names" in f.files else None,
                        ids=f["ids"] if "ids" in f.files else None,
                        label_errors=f["label_errors"] if "label_errors" in f.files else None,
-                       continuum_pixels=None, continuum_degree=None)
+                       continuum_pixels=None, continuum_degree=None,
+                       grid=_grid(*(f[k] if k in f.files else None
+                                    for k in ("wavelength", "segments", "resolution")), path))
     else:
         raise FileNotFoundError(f"no spectra at {path} (expected a SpectraStore directory or .npz)")
     if need_labels and out["labels"] is None:
         raise ValueError(f"{path} has no labels to train on")
     return out
+
+
+def _grid(wavelength, segments, resolution, path):
+    """The pixel grid of an input's wavelengths (None without them)."""
+    if wavelength is None:
+        return None
+    from ..core.grid import PixelGrid
+    try:
+        return PixelGrid.from_wavelength(
+            wavelength, segments=None if segments is None else [tuple(s) for s in segments],
+            resolution=None if resolution is None else resolution)
+    except ValueError as err:
+        raise ValueError(f"{path}: its wavelengths make no pixel grid: {err}") from None
 
 
 def _train(args):
@@ -128,7 +147,7 @@ def _train(args):
     model = CannonModel(names, order=args.order, backend=args.backend,
                         extra_terms=[t for t in args.extra_terms.split(",") if t.strip()],
                         reciprocal_labels=[n.strip() for n in args.reciprocal.split(",")
-                                           if n.strip()])
+                                           if n.strip()], grid=data["grid"])
     model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
                 labels[keep], label_errors=errors)
     info = model.train_info
