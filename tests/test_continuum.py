@@ -6,8 +6,6 @@ from cannon_fast import continuum as cn
 from cannon_fast._reference.continuum import normalize as ref_normalize
 from cannon_fast.io.apogee import CHIP_RANGES, NPIX, chip_of_pixel, read_apstar
 
-pytest.importorskip("numba")
-
 
 def _synthetic(n=40, seed=1, degree=3, noise=0.0):
     """Line spectra equal to 1 at 'continuum' pixels times a random per-chip polynomial."""

@@ -56,7 +56,6 @@ def test_every_fit_uses_the_same_pixels(trained, data):
 
     TOO_FEW_STARS and SINGULAR pixels are left out; S2_UNRESOLVED is informational.
     """
-    pytest.importorskip("emcee")
     import copy
 
     from cannon_fast.binaries import _BinaryProblem

@@ -5,16 +5,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
-torch = pytest.importorskip("torch")
-
-from cannon_fast.nn import (NNResult, PayneEmulator, SpectrumRegressor,  # noqa: E402
-                            calibration_fraction, comparison_table, label_metrics,
-                            train_emulator)
-from cannon_fast.nn.evaluate import plot_loss, plot_predictions  # noqa: E402
-from cannon_fast.nn.regressor import masked_gaussian_nll  # noqa: E402
-from cannon_fast.testing import make_synthetic  # noqa: E402
+from cannon_fast.nn import (NNResult, PayneEmulator, SpectrumRegressor, calibration_fraction,
+                            comparison_table, label_metrics, train_emulator)
+from cannon_fast.nn.evaluate import plot_loss, plot_predictions
+from cannon_fast.nn.regressor import masked_gaussian_nll
+from cannon_fast.store import SpectraStore
+from cannon_fast.testing import make_synthetic
 
 MLP = dict(arch="mlp", hidden=(64, 32), dropout=0.1)
 CNN = dict(arch="cnn", filters=(4, 8), kernel_size=5, stride=1, pool_size=(2, 2),
@@ -444,12 +443,11 @@ def test_cli_train_and_predict(data, tmp_path):
 
 
 def test_cli_reads_a_spectra_store(data, tmp_path):
-    store = pytest.importorskip("cannon_fast.store")
     from cannon_fast.cli import main
 
     path = tmp_path / "train.store"
-    store.SpectraStore.write(path, data.flux, data.ivar, np.arange(120.0), data.labels,
-                             list(data.label_names))
+    SpectraStore.write(path, data.flux, data.ivar, np.arange(120.0), data.labels,
+                       list(data.label_names))
     ck = tmp_path / "reg.pt"
     assert main(["nn-train", str(path), "-o", str(ck), "--arch", "mlp", "--hidden", "16",
                  "--epochs", "2", "-q"]) == 0
