@@ -1,6 +1,4 @@
 """CannonModel: training, s², prediction, gradients, file round trips and bad input."""
-import os
-
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
@@ -421,7 +419,7 @@ def _theta_spectra(teff, logg, feh, n_pix, seed):
     return v @ coeffs.T
 
 
-def test_reciprocal_label_model():
+def test_reciprocal_label_model(tmp_path):
     """A model in 1/TEFF: exact for spectra quadratic in 5040/Teff, where the plain
     quadratic in Teff is not; gradients, label derivatives and a file round trip."""
     rng = np.random.default_rng(5)
@@ -458,13 +456,8 @@ def test_reciprocal_label_model():
     lo, hi = rec.scaled_label_bounds
     assert np.all(lo < hi) and np.all(rec.label_bounds[:, 0] < rec.label_bounds[:, 1])
     assert rec.label_bounds[0, 0] > 0
-    back_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rec_{os.getpid()}.npz")
-    try:
-        rec.write(back_path, overwrite=True)
-        back = CannonModel.read(back_path)
-    finally:
-        if os.path.exists(back_path):
-            os.remove(back_path)
+    rec.write(tmp_path / "rec.npz")
+    back = CannonModel.read(tmp_path / "rec.npz")
     assert back.reciprocal_labels == ["TEFF"]
     assert_allclose(back.predict(lab[:4]), rec.predict(lab[:4]), rtol=0, atol=0)
 
