@@ -386,13 +386,14 @@ def test_emulator_as_forward_model_in_fit_spectra(data, emulator):
 
     test = make_synthetic(n_stars=20, n_pix=120, n_labels=3, seed=11, coeffs=data.coeffs,
                           s2_true=data.s2_true)
-    try:
-        res = fitting.fit_spectra(emulator, test.flux, test.ivar)
-    except NotImplementedError:
-        pytest.skip("cannon_fast.fitting.fit_spectra is not implemented yet (lead's #2)")
-    assert res.labels.shape == (20, 3)
+    res = fitting.fit_spectra(emulator, test.flux, test.ivar)
+    assert res.labels.shape == (20, 3) and np.all(res.ok)
     # the labels come from the spectra: far better than the training labels' scatter
     assert np.all(_rmse(res.labels, test.labels) < 0.6 * data.labels.std(axis=0))
+    # the emulator's flagged pixel (the last, masked in every training star) is left out
+    usable = (test.ivar > 0) & (emulator.pixel_flags == 0)
+    assert_array_equal(res.n_pixels, usable.sum(axis=1))
+    assert np.all(res.errors > 0) and np.all(np.isfinite(res.errors))
 
 
 # ---------------------------------------------------------------------- evaluation + CLI
