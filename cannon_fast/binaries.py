@@ -480,8 +480,9 @@ def _bounded_lm(resid, jac, p0, lo, hi, max_iter=60, rtol=1e-8):
     """Levenberg-Marquardt with Marquardt scaling; steps are clipped to the bounds.
 
     The normal equations are (n, n) with n ~ 10, so each step costs one
-    Jacobian and no decomposition of the (P, n) matrix (on a busy machine a
-    threaded SVD of it, as ``scipy.optimize.least_squares`` does, costs 40x more).
+    Jacobian and no decomposition of the (P, n) matrix (a threaded SVD of it, as
+    ``scipy.optimize.least_squares`` does, costs far more on a busy machine:
+    ``docs/measurements.md``).
 
     Returns
     -------

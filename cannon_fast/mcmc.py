@@ -5,8 +5,8 @@ with variance ``1/ivar + s²`` per pixel; pixels with ``ivar = 0``, non-finite
 flux or no usable model (:func:`cannon_fast.model.fitted_pixels`) are dropped.
 For a polynomial ``CannonModel`` the chi² is an exact quadratic form in the label vector
 ``v(x)`` (``theta`` is fixed), so after one pass over the pixels every
-likelihood evaluation costs O(T²) instead of O(P T): 32 walkers x 10,000
-steps take a few seconds at P = 8575. Any other forward model (one with
+likelihood evaluation costs O(T²) instead of O(P T), whatever P is (timings:
+``docs/measurements.md``). Any other forward model (one with
 ``predict`` or ``predict_with_jacobian``) is evaluated pixel by pixel, with
 all walkers in one batched call.
 

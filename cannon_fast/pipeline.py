@@ -32,7 +32,7 @@ __all__ = ["LAB_LABELS", "TARGETS", "run_lab", "label_statistics", "diagnose_out
 
 #: The five labels of the lab's model.
 LAB_LABELS = ("TEFF", "LOGG", "FE_H", "MG_FE", "SI_FE")
-#: Issue 4 targets against the true labels: (max |bias|, max scatter) per label.
+#: The lab's targets against the true labels: (max |bias|, max scatter) per label.
 TARGETS = {"TEFF": (5.0, 30.0), "FE_H": (0.005, 0.02)}
 #: Files of a report folder that ``force=True`` may replace (besides the figures).
 REPORT_FILES = ("report.html", "summary.json", "model.fits", "validation_labels.fits",

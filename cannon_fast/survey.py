@@ -941,9 +941,9 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         the committed chunks while the job runs.
     chunk_size : int
         Stars read, normalized and fitted at a time.  Peak memory is about
-        ``chunk_size * P * 40`` bytes plus 0.15 GB (0.85 GB measured for 2048
-        stars of 8575 pixels), whatever the number of stars.  Fixed for a
-        job: resuming with another value is refused.
+        ``chunk_size * P * 40`` bytes plus 0.15 GB (``docs/measurements.md``),
+        whatever the number of stars.  Fixed for a job: resuming with another
+        value is refused.
     visits : bool
         Also label every visit of apStar files (``VISIT`` = 1...; 0 is the
         combined spectrum), with the visit's ``VISIT_FILE``, ``VISIT_JD``

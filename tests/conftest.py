@@ -30,3 +30,9 @@ def shared_dir():
 def backend(request):
     """Every backend available on this machine (numpy reference, numba, c)."""
     return request.param
+
+
+@pytest.fixture(params=[b for b in available_backends() if b != "numpy"])
+def fast_backend(request):
+    """Every available backend but the numpy reference: what a comparison with it can test."""
+    return request.param

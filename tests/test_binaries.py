@@ -80,15 +80,25 @@ def test_bias_study_and_figure(model, tmp_path):
     from cannon_fast.plots.science import binary_bias_figure
     binary_bias_figure(st, tmp_path / "bias.png")
     assert (tmp_path / "bias.png").stat().st_size > 5000
-    prim = model.training_labels[0]
+
+
+def test_secondary_has_the_light_ratio_asked_for(model):
     from cannon_fast.isochrones import giant_branch
     gb = giant_branch({"TEFF": model.training_labels[:, 0], "LOGG": model.training_labels[:, 1],
                        "FE_H": model.training_labels[:, 2]}, feh_window=5)
-    sec = secondary_for_light_ratio(np.array([4600.0, 2.0, 0.0]), 1.0, gb, model.label_names)
+    prim = np.array([4600.0, 2.0, 0.0])
+    sec = secondary_for_light_ratio(prim, 1.0, gb, model.label_names)
     np.testing.assert_allclose(sec[:2], [4600.0, 2.0], atol=1e-6)
-    sec = secondary_for_light_ratio(np.array([4600.0, 2.0, 0.0]), 0.3, gb, model.label_names)
+    sec = secondary_for_light_ratio(prim, 0.3, gb, model.label_names)
     assert sec[1] > 2.0 and sec[2] == 0.0
-    assert prim is not None
+    # round trip: equal masses (R² ∝ 1/g) and black bodies at 16,000 Å give back 0.3 ...
+    ratio = 10.0 ** (prim[1] - sec[1]) * planck_ratio(sec[0], prim[0], 16000.0)
+    assert ratio == pytest.approx(0.3, rel=1e-3)
+    # ... with the companion as far from the branch in Teff as the primary
+    assert sec[0] - gb.teff(sec[1], feh=0.0) == pytest.approx(prim[0] - gb.teff(2.0, feh=0.0))
+    assert secondary_for_light_ratio(prim, 0.3, gb, model.label_names, max_logg=sec[1] - 0.1) \
+        is None
+    assert secondary_for_light_ratio(prim, 1.5, gb, model.label_names) is None  # brighter
 
 
 def test_analytic_jacobian(model):

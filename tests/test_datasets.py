@@ -1,12 +1,11 @@
 """The embedded demo survey: physics, learnability, files, parity with DR17, caching."""
 import os
 
+import fitsio
 import numpy as np
 import pytest
 
-fitsio = pytest.importorskip("fitsio")
-
-from cannon_fast import datasets as ds  # noqa: E402
+from cannon_fast import datasets as ds
 
 REAL = ("apStar-dr17-2M17335483-2753043.fits", "apStar-dr17-2M19485057+5005279.fits")
 

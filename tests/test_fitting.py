@@ -1,7 +1,7 @@
 """The test step: fast batched fits vs the scipy "trf" reference, de-biasing, flags, bad input."""
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from cannon_fast import CannonModel, fit_spectra
 from cannon_fast import vectorizer as vz
@@ -147,12 +147,35 @@ def test_bad_fit_input(setup):
         fit_spectra(model, test.flux, test.ivar, method="lbfgs")
 
 
-def test_result_table_and_single_spectrum(setup):
+@pytest.mark.parametrize("debias", [True, False])
+def test_single_spectrum_fit_is_row_0_of_the_batch_fit(setup, debias):
+    """A (P,) spectrum is fitted as a batch of one, with the batch fit's result for it.
+
+    Not bit for bit: G = sum_p w_p theta_p theta_p^T is accumulated in float32 by one
+    BLAS product per batch, whose rounding depends on the batch's shape (fit_cannon).
+    """
     model, _, test = setup
-    r = model.fit(test.flux[0], test.ivar[0])
-    assert r.labels.shape == (1, 3)
-    t = model.fit(test.flux[:3], test.ivar[:3]).to_table(ids=["a", "b", "c"])
-    assert list(t.colnames[:3]) == ["ID", "TEFF", "TEFF_ERR"] and len(t) == 3
+    one = model.fit(test.flux[0], test.ivar[0], debias=debias)
+    batch = model.fit(test.flux, test.ivar, debias=debias)
+    assert len(one) == 1 and one.labels.shape == (1, 3) and one.debiased == debias
+    assert one.flags[0] == batch.flags[0] and one.n_pixels[0] == batch.n_pixels[0]
+    assert np.max(np.abs(one.labels[0] - batch.labels[0]) / batch.errors[0]) < 1e-4
+    assert_allclose(one.errors[0], batch.errors[0], rtol=1e-5)
+    assert_allclose(one.chi2[0], batch.chi2[0], rtol=1e-6)
+    assert_allclose(one.reduced_chi2[0], batch.reduced_chi2[0], rtol=1e-6)
+
+
+def test_result_table(setup):
+    model, _, test = setup
+    r = model.fit(test.flux[:3], test.ivar[:3])
+    t = r.to_table(ids=["a", "b", "c"])
+    assert t.colnames == ["ID", "TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "FE_H", "FE_H_ERR",
+                          "CHI2", "REDUCED_CHI2", "N_PIXELS", "ITERATIONS", "FLAGS"]
+    assert list(t["ID"]) == ["a", "b", "c"]
+    assert_array_equal(t["LOGG"], r.labels[:, 1])
+    assert_array_equal(t["FE_H_ERR"], r.errors[:, 2])
+    assert_array_equal(t["CHI2"], r.chi2)
+    assert_array_equal(t["FLAGS"], r.flags)
 
 
 def test_capped_hessian_matches_a_generalized_eigendecomposition():
@@ -396,6 +419,7 @@ def test_refined_continuum_undoes_a_continuum_error(setup):
     nan_model = fitted_spectra(model, tilted)
     nan_model[0] = np.nan
     f3, iv3 = renormalize_to_model(flux, ivar, nan_model, segments=one_chip)
-    assert_allclose(f3[0], flux[0]) and assert_allclose(iv3[0], ivar[0])
+    assert_allclose(f3[0], flux[0])
+    assert_allclose(iv3[0], ivar[0])
     with pytest.raises(ValueError, match="same"):
         renormalize_to_model(flux, ivar, nan_model[:, :-1])

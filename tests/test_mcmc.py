@@ -4,13 +4,11 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("emcee")
-
-from cannon_fast import CannonModel  # noqa: E402
-from cannon_fast.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function,  # noqa: E402
-                              make_prior, parse_prior_args, sample_posterior)
-from cannon_fast.fitting import FLAGS  # noqa: E402
-from cannon_fast.testing import make_synthetic  # noqa: E402
+from cannon_fast import CannonModel
+from cannon_fast.fitting import FLAGS
+from cannon_fast.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function, make_prior,
+                              parse_prior_args, sample_posterior)
+from cannon_fast.testing import make_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """Movies of the model spectrum: frame counts, labels, the ffmpeg fallback, the CLI."""
+import imageio_ffmpeg
 import numpy as np
+import PIL.Image
 import pytest
 
-PIL = pytest.importorskip("PIL.Image")
-
-from cannon_fast import CannonModel  # noqa: E402
-from cannon_fast.plots import movies  # noqa: E402
-from cannon_fast.testing import make_synthetic  # noqa: E402
+from cannon_fast import CannonModel
+from cannon_fast.plots import movies
+from cannon_fast.testing import make_synthetic
 
 # 300 apStar pixels starting at index 4150: 15,977-16,243 Å
 WAVE = 10 ** (4.179 + 6e-6 * np.arange(4150, 4450))
@@ -22,7 +22,7 @@ def test_metallicity_movie(model, tmp_path, monkeypatch):
     monkeypatch.setattr(movies, "find_ffmpeg", lambda: None)
     res = movies.movie_metallicity(model, tmp_path / "feh.gif", n_frames=6, wavelength=WAVE,
                                    fps=4, dpi=50)
-    with PIL.open(res.gif) as im:
+    with PIL.Image.open(res.gif) as im:
         assert im.n_frames == 6
     assert res.mp4 is None and any("ffmpeg not found" in n for n in res.notes)
     feh = res.labels[:, model.label_names.index("FE_H")]
@@ -42,7 +42,7 @@ def test_metallicity_movie(model, tmp_path, monkeypatch):
 def test_rgb_movie_giant_branch_and_isochrone(model, tmp_path):
     res = movies.movie_rgb(model, tmp_path / "rgb.gif", n_frames=5, wavelength=WAVE, dpi=50,
                            mp4=False)
-    with PIL.open(res.gif) as im:
+    with PIL.Image.open(res.gif) as im:
         assert im.n_frames == 5
     np.testing.assert_allclose(res.labels[:, 1], np.linspace(3.5, 0.5, 5))
     assert np.all(np.isfinite(res.labels[:, 0]))
@@ -54,7 +54,7 @@ def test_rgb_movie_giant_branch_and_isochrone(model, tmp_path):
                            wavelength=WAVE, dpi=50, mp4=False, age_gyr=6.0)
     # the tiny track's RGB spans log g 1.5-3.4: frames 3.5, 1.0, 0.5 are dropped (and said)
     assert res.n_frames == 4 and any("dropped" in n for n in res.notes)
-    with PIL.open(res.gif) as im:
+    with PIL.Image.open(res.gif) as im:
         assert im.n_frames == 4
     with pytest.raises(FileNotFoundError, match="isochrone file not found"):
         movies.movie_rgb(model, tmp_path / "r.gif", isochrone=tmp_path / "none.iso",
@@ -99,7 +99,6 @@ def test_cli_movie(model, tmp_path, capsys, monkeypatch):
 
 def test_mp4_has_every_frame(model, tmp_path, monkeypatch):
     """A real MP4, with the ffmpeg that imageio-ffmpeg ships when none is on the PATH."""
-    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
     monkeypatch.setattr(movies.shutil, "which", lambda name: None)
     assert movies.find_ffmpeg() == imageio_ffmpeg.get_ffmpeg_exe()
     res = movies.movie_metallicity(model, tmp_path / "feh.gif", n_frames=7, wavelength=WAVE,

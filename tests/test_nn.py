@@ -5,16 +5,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
-torch = pytest.importorskip("torch")
-
-from cannon_fast.nn import (NNResult, PayneEmulator, SpectrumRegressor,  # noqa: E402
-                            calibration_fraction, comparison_table, label_metrics,
-                            train_emulator)
-from cannon_fast.nn.evaluate import plot_loss, plot_predictions  # noqa: E402
-from cannon_fast.nn.regressor import masked_gaussian_nll  # noqa: E402
-from cannon_fast.testing import make_synthetic  # noqa: E402
+from cannon_fast.nn import (NNResult, PayneEmulator, SpectrumRegressor, calibration_fraction,
+                            comparison_table, label_metrics, train_emulator)
+from cannon_fast.nn.evaluate import plot_loss, plot_predictions
+from cannon_fast.nn.regressor import masked_gaussian_nll
+from cannon_fast.store import SpectraStore
+from cannon_fast.testing import make_synthetic
 
 MLP = dict(arch="mlp", hidden=(64, 32), dropout=0.1)
 CNN = dict(arch="cnn", filters=(4, 8), kernel_size=5, stride=1, pool_size=(2, 2),
@@ -387,13 +386,14 @@ def test_emulator_as_forward_model_in_fit_spectra(data, emulator):
 
     test = make_synthetic(n_stars=20, n_pix=120, n_labels=3, seed=11, coeffs=data.coeffs,
                           s2_true=data.s2_true)
-    try:
-        res = fitting.fit_spectra(emulator, test.flux, test.ivar)
-    except NotImplementedError:
-        pytest.skip("cannon_fast.fitting.fit_spectra is not implemented yet (lead's #2)")
-    assert res.labels.shape == (20, 3)
+    res = fitting.fit_spectra(emulator, test.flux, test.ivar)
+    assert res.labels.shape == (20, 3) and np.all(res.ok)
     # the labels come from the spectra: far better than the training labels' scatter
     assert np.all(_rmse(res.labels, test.labels) < 0.6 * data.labels.std(axis=0))
+    # the emulator's flagged pixel (the last, masked in every training star) is left out
+    usable = (test.ivar > 0) & (emulator.pixel_flags == 0)
+    assert_array_equal(res.n_pixels, usable.sum(axis=1))
+    assert np.all(res.errors > 0) and np.all(np.isfinite(res.errors))
 
 
 # ---------------------------------------------------------------------- evaluation + CLI
@@ -444,12 +444,11 @@ def test_cli_train_and_predict(data, tmp_path):
 
 
 def test_cli_reads_a_spectra_store(data, tmp_path):
-    store = pytest.importorskip("cannon_fast.store")
     from cannon_fast.cli import main
 
     path = tmp_path / "train.store"
-    store.SpectraStore.write(path, data.flux, data.ivar, np.arange(120.0), data.labels,
-                             list(data.label_names))
+    SpectraStore.write(path, data.flux, data.ivar, np.arange(120.0), data.labels,
+                       list(data.label_names))
     ck = tmp_path / "reg.pt"
     assert main(["nn-train", str(path), "-o", str(ck), "--arch", "mlp", "--hidden", "16",
                  "--epochs", "2", "-q"]) == 0

@@ -1,12 +1,11 @@
 """Error calibration of the NN regressor: reference labels with errors of their own."""
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from cannon_fast.nn import (SpectrumRegressor, calibration_fraction,  # noqa: E402
-                            calibration_scale, three_cornered_hat)
-from cannon_fast.testing import make_synthetic  # noqa: E402
+from cannon_fast.nn import (SpectrumRegressor, calibration_fraction, calibration_scale,
+                            three_cornered_hat)
+from cannon_fast.testing import make_synthetic
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -366,10 +366,9 @@ class SpectrumRegressor:
             Keep an exponential moving average of the weights (Polyak averaging,
             decay per optimizer step, bias-corrected over the first steps); the
             averaged network is the one validated, kept and used. 0 switches it
-            off. On the mock survey (bench_nn, catalogue labels, three seeds) it
-            takes the spread of the [Fe/H] RMSE from 0.030-0.045 dex to
-            0.030-0.031 dex: with a small, noisy validation set, early stopping
-            on the raw weights picks a random point of their jitter.
+            off. With a small, noisy validation set, early stopping on the raw
+            weights picks a random point of their jitter; the average does not
+            (its effect on the mock survey: ``docs/measurements.md``).
         augment_noise : float
             Data augmentation: each training batch gets fresh Gaussian noise of
             ``augment_noise`` times each pixel's own sigma (capped at 0.05;

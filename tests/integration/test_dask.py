@@ -2,14 +2,13 @@
 import os
 import signal
 
+import distributed
 import numpy as np
 import pytest
 
 from cannon_fast import CannonModel
 from cannon_fast import survey as sv
 from cannon_fast.testing import make_synthetic
-
-distributed = pytest.importorskip("distributed")
 
 CHUNK = 100
 N_CHUNKS = 24

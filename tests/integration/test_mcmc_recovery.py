@@ -1,12 +1,9 @@
 """Statistical check of the MCMC: truth recovered, posterior width = formal chi² error."""
 import numpy as np
-import pytest
 
-pytest.importorskip("emcee")
-
-from cannon_fast import CannonModel  # noqa: E402
-from cannon_fast.mcmc import sample_posterior  # noqa: E402
-from cannon_fast.testing import make_synthetic  # noqa: E402
+from cannon_fast import CannonModel
+from cannon_fast.mcmc import sample_posterior
+from cannon_fast.testing import make_synthetic
 
 
 def test_mcmc_recovers_truth_and_formal_errors():
