@@ -444,7 +444,10 @@ def record_continuum(model, continuum_pixels, degree=DEFAULT_DEGREE):
     model : CannonModel
         A trained model.
     continuum_pixels : str, os.PathLike or array_like
-        Anything :func:`load_continuum_pixels` reads.
+        For a model on an APOGEE grid anything :func:`load_continuum_pixels`
+        reads (kept as apStar pixels); for any other grid a (P,) mask, pixel
+        indices or (start, end) vacuum wavelength ranges on the model's grid
+        (or an ``.npy`` of them), kept as the model's own pixels.
     degree : int
         The Chebyshev degree used in :func:`normalize`.
 
@@ -454,10 +457,47 @@ def record_continuum(model, continuum_pixels, degree=DEFAULT_DEGREE):
     """
     if not getattr(model, "is_trained", False):
         raise ValueError("record the continuum after training: train() resets train_info")
-    mask = load_continuum_pixels(continuum_pixels)
+    on_apstar = _on_apogee_grid(model)
+    mask = (load_continuum_pixels(continuum_pixels) if on_apstar
+            else _model_grid_mask(model, continuum_pixels))
     model.train_info.update(continuum_pixels=np.flatnonzero(mask).tolist(),
-                            continuum_degree=int(degree))
+                            continuum_degree=int(degree),
+                            continuum_grid="apStar" if on_apstar else "model")
     return model
+
+
+def _on_apogee_grid(model):
+    """Whether a model's spectra are APOGEE's: its continuum pixels live on the apStar grid."""
+    known = PixelGrid.builtin(model.n_pixels)
+    grid = getattr(model, "grid", None)
+    return known is not None and (grid is None or grid == known)
+
+
+def _model_grid_mask(model, source):
+    """Continuum pixels on a (non-APOGEE) model's own grid, as a (P,) mask."""
+    p = model.n_pixels
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not path.lower().endswith(".npy"):
+            raise ValueError(f"{path}: continuum pixels of a model on another grid than "
+                             "APOGEE's are read from an .npy (mask, indices or wavelength ranges)")
+        source = np.load(path, allow_pickle=False)
+    arr = np.asarray(source)
+    if arr.dtype == bool:
+        if arr.shape != (p,):
+            raise ValueError(f"a continuum mask for this model has {p} pixels, got {arr.shape}")
+        return arr.copy()
+    if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] == 2:
+        if getattr(model, "grid", None) is None:
+            raise ValueError("wavelength ranges need the model's grid (it has none)")
+        return _mask_from_wavelength_ranges(arr, model.grid.wavelength)
+    idx = arr.astype(np.int64).ravel()
+    if idx.size and (idx.min() < 0 or idx.max() >= p):
+        raise ValueError(f"continuum pixel indices must lie in 0-{p - 1}, got "
+                         f"{idx.min()}-{idx.max()}")
+    out = np.zeros(p, bool)
+    out[idx] = True
+    return out
 
 
 def model_continuum(model, continuum_pixels=None):
@@ -472,17 +512,31 @@ def model_continuum(model, continuum_pixels=None):
     ----------
     model : CannonModel
     continuum_pixels : str, os.PathLike or array_like, optional
-        Anything :func:`load_continuum_pixels` reads; overrides the model's pixels.
+        Overrides the model's pixels: as for :func:`record_continuum`.
 
     Returns
     -------
-    pixels : ndarray of bool, shape (8575,)
+    pixels : ndarray of bool, shape (8575,) or (P,)
+        On the apStar grid for a model on an APOGEE grid (raw APOGEE spectra
+        come on it), else on the model's own grid.
     degree : int
     source : str
         Where they came from, for logs and reports.
     """
     info = getattr(model, "train_info", None) or {}
     degree = int(info.get("continuum_degree", DEFAULT_DEGREE))
+    if not _on_apogee_grid(model):
+        if continuum_pixels is not None:
+            mask = _model_grid_mask(model, continuum_pixels)
+            where = "given"
+        elif info.get("continuum_pixels") is not None:
+            mask = _model_grid_mask(model, np.asarray(info["continuum_pixels"], np.int64))
+            where = "the model's record"
+        else:
+            mask = continuum_pixels_from_model(model)
+            return mask, degree, (f"picked from the model ({int(mask.sum())} pixels; it has no "
+                                  "record of the ones used in training)")
+        return mask, degree, f"{where} ({int(mask.sum())} pixels, degree {degree})"
     if continuum_pixels is not None:
         mask = load_continuum_pixels(continuum_pixels)
         where = continuum_pixels if isinstance(continuum_pixels, (str, os.PathLike)) else "given"

@@ -473,12 +473,13 @@ def open_inputs(inputs, visits=False, normalized=None, release=None):
 
 
 # --------------------------------------------------------------------------- one chunk
-def _mask_raw(flux, ivar, bitmask, bits):
+def _mask_raw(flux, ivar, bitmask, bits, segments=None):
     """Zero the weight (in place) of bad pixels of raw (flux, ivar) with PIXMASK bits.
 
     The same pixels as :func:`cannon_fast.io.bitmask.quality_mask` (flagged
     bits, non-finite flux or ivar, ivar <= 0, off-chip), from ivar instead
-    of the error.
+    of the error. ``segments`` (another grid's pixel ranges) marks the pixels
+    outside them as off-chip.
     """
     from .io.apogee import NPIX, on_chip_mask
 
@@ -489,7 +490,12 @@ def _mask_raw(flux, ivar, bitmask, bits):
             bad |= (bitmask & bitmask.dtype.type(bits)) != 0  # no int64 copy of the chunk
         else:
             bad |= (np.asarray(bitmask).astype(np.int64) & bits) != 0
-    if flux.shape[1] == NPIX:
+    if segments is not None:
+        inside = np.zeros(flux.shape[1], bool)
+        for a, b in segments:
+            inside[a:b] = True
+        bad |= ~inside[None, :]
+    elif flux.shape[1] == NPIX:
         bad |= ~on_chip_mask()[None, :]
     flux[bad] = 0.0
     ivar[bad] = 0.0
@@ -580,13 +586,11 @@ def _fit_chunk(model, d, options):
     if not d["normalized"]:
         from .continuum import normalize
 
+        segments = options.get("segments")
         if d.get("needs_mask", True):  # apStar files are masked as they are read
-            _mask_raw(flux, ivar, bitmask, options["bad_bits"])
-        if flux.shape[1] != 8575:
-            raise ValueError(f"raw spectra must be on the 8575-pixel apStar grid to be "
-                             f"normalized, got {flux.shape[1]} pixels")
+            _mask_raw(flux, ivar, bitmask, options["bad_bits"], segments)
         ns = normalize(flux, ivar, options["continuum_pixels"], degree=options["degree"],
-                       backend=options.get("backend", "auto"))
+                       segments=segments, backend=options.get("backend", "auto"))
         del flux, ivar, bitmask
         flux, ivar = ns.flux, ns.ivar
         cflags = ns.flags.astype(np.int64)
@@ -1014,13 +1018,20 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     if not source.normalized:
         from .continuum import model_continuum
 
-        if source.n_pixels != 8575:
+        if source.n_pixels == 8575:
+            segments = None  # the apStar chips
+        elif source.n_pixels == model.n_pixels and model.grid is not None:
+            segments = [list(seg) for seg in model.grid.segments]
+        else:
             raise ValueError(f"{source.describe}: raw (un-normalized) spectra must be on the "
-                             "8575-pixel apStar grid to be continuum-normalized; if they are "
-                             "already normalized, say so (normalized=True, --normalized)")
-
+                             "8575-pixel apStar grid or on the model's own grid (with its "
+                             "segments) to be continuum-normalized; if they are already "
+                             "normalized, say so (normalized=True, --normalized)")
         cont, recorded_degree, cont_source = model_continuum(model, continuum_pixels)
-        options.update(continuum_pixels=cont,
+        if cont.size != source.n_pixels:
+            raise ValueError(f"{source.describe}: the model's continuum pixels are on a "
+                             f"{cont.size}-pixel grid, the spectra have {source.n_pixels}")
+        options.update(continuum_pixels=cont, segments=segments,
                        degree=recorded_degree if degree is None else int(degree))
         log(f"continuum pixels: {cont_source}")
     if source.n_items == 0:

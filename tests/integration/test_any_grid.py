@@ -135,3 +135,41 @@ def test_broadening_in_the_grids_own_velocities(trained):
     widths = _pull_widths(some, labels_b)
     assert np.all(widths < 1.35 * _pull_widths(model.fit(flux, ivar, debias=False), labels))
     assert np.all(widths < _pull_widths(model.fit(flux_b, ivar_b, debias=False), labels_b))
+
+
+def test_label_a_raw_survey_on_a_two_detector_grid(tmp_path):
+    """``label_survey`` on raw .npz spectra of a grid with a detector gap (NIRSpec-like):
+    normalized per detector with the model's recorded continuum pixels, then fitted."""
+    from cannon_fast.continuum import continuum_pixels_from_model, normalize, record_continuum
+    from cannon_fast.survey import label_survey, read_catalog
+
+    grid = PixelGrid.linear(9000.0, 18000.0, 8192, segments=[(0, 4000), (4100, 8192)],
+                            resolution=2700.0, name="two detectors")
+    labels, flux, ivar, _ = _survey(grid, 1500, seed=5)
+    model = CannonModel(NAMES, grid=grid).train(flux, ivar, labels)
+    record_continuum(model, continuum_pixels_from_model(model))
+    model.write(tmp_path / "m.fits")
+    model = CannonModel.read(tmp_path / "m.fits")
+    assert model.train_info["continuum_grid"] == "model"
+
+    test_labels, norm_flux, norm_ivar, _ = _survey(grid, 150, seed=6)
+    rng = np.random.default_rng(7)
+    cont = np.ones_like(norm_flux)  # a response of its own per star and detector
+    for a, b in grid.segments:
+        t = np.linspace(-1, 1, b - a)
+        cont[:, a:b] = (rng.uniform(500, 2000, (150, 1))
+                        * (1 + rng.normal(0, 0.1, (150, 1)) * t + 0.05 * t ** 2))
+    raw_flux, raw_ivar = norm_flux * cont, norm_ivar / cont ** 2
+    np.savez(tmp_path / "raw.npz", flux=raw_flux, ivar=raw_ivar, normalized=False,
+             ids=np.array([f"star{i}" for i in range(150)]))
+    label_survey(model, tmp_path / "raw.npz", tmp_path / "cat.fits", chunk_size=64)
+    cat = read_catalog(tmp_path / "cat.fits")
+    got = np.column_stack([np.asarray(cat[n]) for n in NAMES])
+    # the same as normalizing per detector by hand and fitting
+    pixels = model.train_info["continuum_pixels"]
+    ns = normalize(raw_flux, raw_ivar, pixels, segments=grid, dtype=np.float64)
+    direct = model.fit(ns.flux, ns.ivar)
+    errors = np.column_stack([np.asarray(cat[n + "_ERR"]) for n in NAMES])
+    assert np.max(np.abs(got - direct.labels) / errors) < 1e-3
+    widths = 1.4826 * np.median(np.abs((got - test_labels) / errors), axis=0)
+    assert np.all((widths > 0.7) & (widths < 1.4)), widths
