@@ -4,9 +4,9 @@ The Cannon (Ness et al. 2015) with numpy, numba and C backends under one
 contract, an APOGEE data layer, the figures of the modeling lab, neural
 networks (optional, PyTorch) and out-of-core survey labeling.
 """
-from .model import CannonModel
-from .fitting import FitResult, fit_spectra
-from .backends import available_backends
+from .core.model import CannonModel
+from .core.fitting import FitResult, fit_spectra
+from .core.backends import available_backends
 
 __version__ = "0.1.0"
 __all__ = ["CannonModel", "FitResult", "fit_spectra", "available_backends", "__version__"]

@@ -6,7 +6,7 @@ import pytest
 
 fitsio = pytest.importorskip("fitsio")
 
-from cannon_fast import datasets as ds  # noqa: E402
+from cannon_fast.demo import datasets as ds  # noqa: E402
 
 REAL = ("apStar-dr17-2M17335483-2753043.fits", "apStar-dr17-2M19485057+5005279.fits")
 

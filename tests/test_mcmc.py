@@ -7,9 +7,9 @@ import pytest
 pytest.importorskip("emcee")
 
 from cannon_fast import CannonModel  # noqa: E402
-from cannon_fast.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function,  # noqa: E402
+from cannon_fast.lab.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function,  # noqa: E402
                               make_prior, parse_prior_args, sample_posterior)
-from cannon_fast.fitting import FLAGS  # noqa: E402
+from cannon_fast.core.fitting import FLAGS  # noqa: E402
 from cannon_fast.testing import make_synthetic  # noqa: E402
 
 

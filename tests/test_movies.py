@@ -5,7 +5,7 @@ import pytest
 PIL = pytest.importorskip("PIL.Image")
 
 from cannon_fast import CannonModel  # noqa: E402
-from cannon_fast.plots import movies  # noqa: E402
+from cannon_fast.lab.plots import movies  # noqa: E402
 from cannon_fast.testing import make_synthetic  # noqa: E402
 
 # 300 apStar pixels starting at index 4150: 15,977-16,243 Å

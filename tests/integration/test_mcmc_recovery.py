@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("emcee")
 
 from cannon_fast import CannonModel  # noqa: E402
-from cannon_fast.mcmc import sample_posterior  # noqa: E402
+from cannon_fast.lab.mcmc import sample_posterior  # noqa: E402
 from cannon_fast.testing import make_synthetic  # noqa: E402
 
 

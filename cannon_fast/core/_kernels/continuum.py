@@ -1,6 +1,6 @@
 """Pseudo-continuum normalization, numba: batched over stars with ``prange``.
 
-Same contract as :func:`cannon_fast._reference.continuum.normalize`.
+Same contract as :func:`cannon_fast.core._reference.continuum.normalize`.
 """
 from __future__ import annotations
 

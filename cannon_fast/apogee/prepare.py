@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util import progress as _progress
+from .._util import progress as _progress
 from .catalog import select
-from .continuum import load_continuum_pixels, normalize
-from .io.apogee import LAB_LABELS, NPIX, match_ids, parse_apstar_path, read_allstar, read_apstar
-from .io.apogee import wavelength_grid
-from .io.bitmask import DEFAULT_BAD_BITS, bit_value, mask_spectra
-from .store import SpectraStore
+from ..core.continuum import load_continuum_pixels, normalize
+from .files import LAB_LABELS, NPIX, match_ids, parse_apstar_path, read_allstar, read_apstar
+from .files import wavelength_grid
+from .bitmask import DEFAULT_BAD_BITS, bit_value, mask_spectra
+from ..store import SpectraStore
 
 __all__ = ["find_apstar_files", "load_spectra", "prepare_dataset", "PrepareResult",
            "corner_plot"]
@@ -165,12 +165,12 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
     out : str or os.PathLike
         The store to create.
     continuum_pixels : str, os.PathLike or array_like
-        See :func:`cannon_fast.continuum.load_continuum_pixels`.
+        See :func:`cannon_fast.core.continuum.load_continuum_pixels`.
     labels : sequence of str
         Catalogue label columns stored with the spectra (and required by the
         missing-label cut).
     cuts : list of Cut, optional
-        Default: the lab's cuts (:func:`cannon_fast.catalog.lab_cuts`) with
+        Default: the lab's cuts (:func:`cannon_fast.apogee.catalog.lab_cuts`) with
         ``cut_options`` (``snr_min=``, ``logg_max=``, ``teff_max=``, ``feh_min=``).
     bits : iterable of str or int, or int
         PIXMASK bits that make a pixel bad.

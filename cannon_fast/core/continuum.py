@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import resolve_backend
-from .io.apogee import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
+from ..apogee.files import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
 from .model import fitted_pixels
 
 __all__ = [
@@ -136,7 +136,7 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, chip_ranges=C
     ----------
     flux, ivar : array_like, shape (N, P) or (P,)
         Flux and inverse variance with bad pixels at ``ivar = 0`` (see
-        :func:`cannon_fast.io.bitmask.mask_spectra`).
+        :func:`cannon_fast.apogee.bitmask.mask_spectra`).
     continuum_pixels : array_like of bool, shape (P,), or indices
         The continuum pixels (see :func:`load_continuum_pixels`).
     degree : int

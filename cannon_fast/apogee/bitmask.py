@@ -135,7 +135,7 @@ def quality_mask(flux, err, pixmask=None, bits=DEFAULT_BAD_BITS, chips=True):
         Bits that make a pixel bad.
     chips : bool
         If true and P is the apStar grid (8575), pixels outside the three chips
-        (:data:`cannon_fast.io.apogee.CHIP_RANGES`) are bad too.
+        (:data:`cannon_fast.apogee.files.CHIP_RANGES`) are bad too.
 
     Returns
     -------
@@ -154,7 +154,7 @@ def quality_mask(flux, err, pixmask=None, bits=DEFAULT_BAD_BITS, chips=True):
             raise ValueError(f"PIXMASK {pm.shape} and flux {flux.shape} shapes differ")
         bad |= bad_pixel_mask(pm, bits)
     if chips:
-        from .apogee import NPIX, on_chip_mask
+        from .files import NPIX, on_chip_mask
 
         if flux.shape[-1] == NPIX:
             bad |= ~on_chip_mask()

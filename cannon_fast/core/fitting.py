@@ -29,11 +29,11 @@ import numpy as np
 
 from . import vectorizer as vz
 from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
-from ._util import as_float64, progress
+from .._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
-from .io.apogee import CDELT1 as _APSTAR_CDELT1
-from .io.apogee import CHIP_RANGES, NPIX
+from ..apogee.files import CDELT1 as _APSTAR_CDELT1
+from ..apogee.files import CHIP_RANGES, NPIX
 from .model import fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
@@ -736,7 +736,7 @@ def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
         (L, 2), ``training_labels`` (N, L), ``s2`` ((P,) or None) and
         ``predict_with_jacobian(labels) -> (flux (N, P), jac (N, P, L))``; it is
         fitted by a batched Levenberg-Marquardt (``fit_generic``). With
-        ``pixel_flags`` (P,) as well, the pixels :func:`cannon_fast.model.fitted_pixels`
+        ``pixel_flags`` (P,) as well, the pixels :func:`cannon_fast.core.model.fitted_pixels`
         rules out are left out, as for a ``CannonModel``.
     flux, ivar : array_like, (N, P)
     method : {"fast", "trf"}

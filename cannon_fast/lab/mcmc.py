@@ -2,7 +2,7 @@
 
 The likelihood is the one the chi² fit uses: Gaussian in the normalized flux
 with variance ``1/ivar + s²`` per pixel; pixels with ``ivar = 0``, non-finite
-flux or no usable model (:func:`cannon_fast.model.fitted_pixels`) are dropped.
+flux or no usable model (:func:`cannon_fast.core.model.fitted_pixels`) are dropped.
 For a polynomial ``CannonModel`` the chi² is an exact quadratic form in the label vector
 ``v(x)`` (``theta`` is fixed), so after one pass over the pixels every
 likelihood evaluation costs O(T²) instead of O(P T): 32 walkers x 10,000
@@ -37,9 +37,9 @@ import warnings
 
 import numpy as np
 
-from . import vectorizer as vz
-from ._util import progress
-from .model import fitted_pixels
+from ..core import vectorizer as vz
+from .._util import progress
+from ..core.model import fitted_pixels
 
 __all__ = ["Prior", "PosteriorResult", "TrainingRangeWarning", "make_prior", "sample_posterior",
            "log_likelihood_function"]
@@ -445,7 +445,7 @@ class PosteriorResult:
         return out
 
     def corner(self, path=None, truths=None, **kwargs):
-        """Corner plot of the posterior (``cannon_fast.plots.science.posterior_corner``)."""
+        """Corner plot of the posterior (``cannon_fast.lab.plots.science.posterior_corner``)."""
         from .plots.science import posterior_corner
         return posterior_corner(self, path=path, truths=truths, **kwargs)
 
@@ -567,7 +567,7 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
 
     # --- the chi² fit the walkers start from
     if init is None:
-        from .fitting import fit_spectra
+        from ..core.fitting import fit_spectra
         init = fit_spectra(model, flux[None], ivar[None], debias=False) \
             if hasattr(model, "theta") else fit_spectra(model, flux[None], ivar[None])
     fit_labels = np.asarray(init.labels, dtype=np.float64).reshape(-1, n_labels)[0]
@@ -576,7 +576,7 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
     if getattr(init, "debiased", False) or not hasattr(model, "theta"):
         deb_errors = fit_errors.copy()
     else:
-        from .fitting import fit_spectra
+        from ..core.fitting import fit_spectra
         deb = fit_spectra(model, flux[None], ivar[None], debias=True)
         deb_errors = deb.errors[0]
         if int(deb.flags[0]) & deb.FLAGS["DEBIAS_CAPPED"]:

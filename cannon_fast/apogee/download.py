@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
 from .._util import progress as _progress
-from .apogee import apstar_filename, fits_check
+from .files import apstar_filename, fits_check
 
 __all__ = [
     "DEFAULT_BASE_URL", "LAYOUTS", "validate_name", "field_path", "apstar_path", "allstar_path",
@@ -548,7 +548,7 @@ def field_stars(fields, release="dr17", telescope="apo25m", allstar=None,
         except ValueError as err:
             errors.append((f, str(err)))
     if allstar is not None:
-        from .apogee import read_allstar
+        from .files import read_allstar
 
         cat = allstar
         if isinstance(allstar, (str, os.PathLike)):

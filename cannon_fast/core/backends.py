@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 try:  # the C extension is optional (no compiler, or CANNON_FAST_NO_EXT=1)
-    from . import _ccannon
+    from .. import _ccannon
 except ImportError:  # pragma: no cover - depends on the build
     _ccannon = None
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .io.apogee import LAB_LABELS, match_ids
+from .files import LAB_LABELS, match_ids
 
 __all__ = ["Cut", "CutReport", "TooFewStarsError", "lab_cuts", "select", "crossmatch"]
 
@@ -206,7 +206,7 @@ def crossmatch(catalog, apogee_ids, telescopes=None, fields=None):
     Parameters
     ----------
     catalog : astropy.table.Table
-        From :func:`cannon_fast.io.apogee.read_allstar`.
+        From :func:`cannon_fast.apogee.files.read_allstar`.
     apogee_ids : sequence of str, shape (N,)
     telescopes, fields : sequence of str, shape (N,), optional
         Used to pick among repeated IDs.

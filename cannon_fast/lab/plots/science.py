@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from .._util import atomic_path
+from ..._util import atomic_path
 from ._labels import axis_label, value_title
 
 __all__ = ["posterior_corner", "binary_bias_figure"]
@@ -28,7 +28,7 @@ def posterior_corner(result, path=None, truths=None, show_fit=True, title=None, 
 
     Parameters
     ----------
-    result : cannon_fast.mcmc.PosteriorResult
+    result : cannon_fast.lab.mcmc.PosteriorResult
     path : str or os.PathLike, optional
         Save the figure here (PNG/PDF by suffix).
     truths : array_like (L,), optional
@@ -93,7 +93,7 @@ def binary_bias_figure(study, path=None, labels=("TEFF", "LOGG", "FE_H"), dpi=11
 
     Parameters
     ----------
-    study : cannon_fast.binaries.BiasStudy
+    study : cannon_fast.lab.binaries.BiasStudy
     path : str or os.PathLike, optional
     labels : sequence of str, optional
         Labels to show (those the model has).

@@ -10,7 +10,7 @@ so once (c, h, G) are known (matrix products over pixels, done by BLAS for a
 whole batch of stars), every iteration and every starting point costs O(T² L)
 instead of O(P T L). The de-biased objective replaces G by ``G - B`` with
 ``B = sum_p w_p Cov(theta_p)``: the expected excess chi² that the errors of
-theta add at x (see ``cannon_fast.fitting``).
+theta add at x (see ``cannon_fast.core.fitting``).
 
 References
 ----------
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..vectorizer import label_vector, label_vector_jacobian, unpack_symmetric
 
-#: status bits of ``lm_fit`` (the public flags in ``cannon_fast.fitting`` reuse them)
+#: status bits of ``lm_fit`` (the public flags in ``cannon_fast.core.fitting`` reuse them)
 NOT_CONVERGED, HIT_BOUND, STARTS_DISAGREE = 1, 2, 4
 
 
@@ -162,7 +162,7 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     theta0 : ndarray, (P,)
         The constant term of the model at each pixel.
     t_pix : ndarray, (P,)
-        Per-pixel scale of ``Cov(theta_p)`` (see ``cannon_fast.fitting._precompute``).
+        Per-pixel scale of ``Cov(theta_p)`` (see ``cannon_fast.core.fitting._precompute``).
     w_out : ndarray of float32, (N, P)
         ``1 / (1/ivar + s²)``; 0 where ``ivar = 0`` or the pixel is bad.
     wr_out : ndarray, (N, P)

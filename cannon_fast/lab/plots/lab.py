@@ -5,7 +5,7 @@ state, no ``plt.show``), so they render with the Agg canvas in scripts, tests an
 servers alike; save them with ``fig.savefig(path)``.
 
 Lines marked on the gradient and s² spectra come from :func:`known_lines`: the
-embedded survey's own line list (:func:`cannon_fast.datasets.line_list`), a small
+embedded survey's own line list (:func:`cannon_fast.demo.datasets.line_list`), a small
 built-in table of well-known Mg I and Si I H-band lines when that is unavailable,
 or a user's file (:func:`read_line_file`, air wavelengths converted to vacuum).
 """
@@ -45,7 +45,7 @@ def _figure(figsize, **kwargs):
 
 def _air_to_vacuum(wave_air):
     try:
-        from ..datasets import air_to_vacuum
+        from ...demo.datasets import air_to_vacuum
     except ImportError:  # pragma: no cover - datasets is part of the package
         wave_air = np.asarray(wave_air, float)
         s2 = (1e4 / wave_air) ** 2
@@ -124,7 +124,7 @@ def known_lines(species=("Mg I", "Si I"), line_file=None, air=True):
     if line_file is not None:
         return read_line_file(line_file, species, air), os.path.basename(os.fspath(line_file))
     try:
-        from ..datasets import line_list
+        from ...demo.datasets import line_list
         table = line_list()
         lines = {s: np.asarray(table["wavelength"][(table["species"] == s)
                                                     & (table["kind"] == "atom")], float)
@@ -522,7 +522,7 @@ def plot_s2(wavelength, s2, lines=None, wave_range=None, title=None, lines_sourc
         _mark_lines(ax, lines, wave_range)
     # pixels with data: on the apStar grid, those inside the chips (the chip gaps have s = 0
     # because there is no data there, not because the model fits perfectly)
-    from ..io.apogee import NPIX, on_chip_mask
+    from ...apogee.files import NPIX, on_chip_mask
     has_data = np.isfinite(y)
     if wavelength.size == NPIX:
         has_data &= on_chip_mask()[sel]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util import atomic_path, progress as _progress
+from .._util import atomic_path, progress as _progress
 
 __all__ = [
     "LABEL_NAMES", "SurveyPaths", "make_demo_survey", "demo_survey", "synthesize_spectra",
@@ -1054,7 +1054,7 @@ def _primary_header(S, i, obs):
               _card(f"FLAG{n}", int(obs["vflags"][v]), f"STARFLAG for visit {n}")]
     c.append({"name": "HISTORY", "value": "APOGEE Reduction Pipeline Version: 0.17.22"})
     c += [{"name": "HISTORY", "value": f"HDU{k} : {t}"} for k, t in enumerate(_HDU_HISTORY)]
-    c.append({"name": "HISTORY", "value": f"SYNTHETIC: cannon_fast.datasets v{SURVEY_VERSION} "
+    c.append({"name": "HISTORY", "value": f"SYNTHETIC: cannon_fast.demo.datasets v{SURVEY_VERSION} "
               f"seed {S['seed']}; not an SDSS spectrum"})
     return c
 
@@ -1251,7 +1251,7 @@ def _write_tables(root, S, C, snr, snrev):
     t["ALPHA_M_ERR"] = rep[:, 3]
     t["VMICRO"] = np.where(np.isfinite(cat[:, 0]), 1.1 + 0.2 * (3.0 - S["labels"][:, 1]), np.nan)
     t["VMACRO"] = np.where(np.isfinite(cat[:, 0]), S["vmacro"], np.nan)
-    hdr = [{"name": "COMMENT", "value": "SYNTHETIC allStar (cannon_fast.datasets "
+    hdr = [{"name": "COMMENT", "value": "SYNTHETIC allStar (cannon_fast.demo.datasets "
             f"v{SURVEY_VERSION}, seed {S['seed']}): not SDSS data"}]
     path = os.path.join(root, ALLSTAR_RELPATH)
     with atomic_path(path) as tmp:

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from . import vectorizer as vz
-from ._util import as_float64, atomic_path, describe_bad
+from .._util import as_float64, atomic_path, describe_bad
 from .backends import kernels, resolve_backend
 
 __all__ = ["CannonModel", "PIXEL_FLAGS", "UNUSABLE_PIXEL_FLAGS", "fitted_pixels",
@@ -75,7 +75,7 @@ class CannonModel:
     order : int, optional
         Polynomial order (2, quadratic, as in Ness et al. 2015, by default).
     backend : {"auto", "c", "numba", "numpy"}, optional
-        Kernel implementation for training and fitting (see ``cannon_fast.backends``).
+        Kernel implementation for training and fitting (see ``cannon_fast.core.backends``).
     extra_terms : sequence of str or of int sequences, optional
         Terms added to the full polynomial of ``order``, e.g. ``["TEFF^3", "TEFF^4"]``
         (see ``vectorizer.parse_term``): more freedom along one label without the
@@ -494,7 +494,7 @@ class CannonModel:
         return self.predict(arr), np.swapaxes(self.gradient(arr), 1, 2)
 
     def fit(self, flux, ivar, **kwargs):
-        """Fit labels to spectra: see ``cannon_fast.fitting.fit_cannon``."""
+        """Fit labels to spectra: see ``cannon_fast.core.fitting.fit_cannon``."""
         from .fitting import fit_cannon
         return fit_cannon(self, flux, ivar, **kwargs)
 
@@ -521,7 +521,7 @@ class CannonModel:
 
     # ------------------------------------------------------------------ I/O
     def _metadata(self):
-        from . import __version__
+        from .. import __version__
         return dict(format=FILE_FORMAT, package="cannon_fast", version=__version__,
                     label_names=self.label_names, order=self.order,
                     extra_terms=self.extra_terms, reciprocal_labels=self.reciprocal_labels,

@@ -40,8 +40,8 @@ import dataclasses
 
 import numpy as np
 
-from ._util import progress
-from .model import fitted_pixels
+from .._util import progress
+from ..core.model import fitted_pixels
 
 __all__ = ["C_KMS", "DLOG10", "velocity_to_pixels", "doppler_shift", "pixel_grid",
            "planck_ratio", "composite_spectrum", "BinaryFit", "fit_binaries",
@@ -73,7 +73,7 @@ def pixel_grid(n_pixels):
         Pixel index on the 8575 grid.
     wavelength : ndarray, (P,)
     """
-    from .io.apogee import CDELT1, CRVAL1, GRID_SEGMENTS, grid_indices
+    from ..apogee.files import CDELT1, CRVAL1, GRID_SEGMENTS, grid_indices
     pos = grid_indices(n_pixels) if n_pixels in GRID_SEGMENTS else np.arange(n_pixels)
     pos = pos.astype(np.float64)
     return pos, 10.0 ** (CRVAL1 + CDELT1 * pos)
@@ -277,7 +277,7 @@ class _BinaryProblem:
         m = self.model
         f12 = m.predict(np.stack([l1, l2]))  # (2, P)
         if hasattr(m, "theta") and hasattr(m, "exponents"):
-            from . import vectorizer as vz
+            from ..core import vectorizer as vz
             dvx = vz.label_vector_jacobian(m.scale_labels(np.stack([l1, l2])), m.exponents)
             g12 = np.swapaxes(np.matmul(m.theta, dvx), 1, 2)  # (2, L, P): d flux / d x
         else:
@@ -648,7 +648,7 @@ def binary_bias_study(model, light_ratios=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.
     seed : int
     source : {"model", "synthetic"}
         Component spectra from ``model.predict`` or from the physical
-        synthesis ``cannon_fast.datasets.synthesize_spectra`` (5-label
+        synthesis ``cannon_fast.demo.datasets.synthesize_spectra`` (5-label
         models on an APOGEE grid; tests the Cannon on spectra it did not make).
     primaries : array_like (n, L), optional
     detect : bool
@@ -687,8 +687,8 @@ def binary_bias_study(model, light_ratios=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.
     n_pix = model.n_pixels
     positions, wavelength = pixel_grid(n_pix)
     if source == "synthetic":
-        from .datasets import LABEL_NAMES as SYN_NAMES
-        from .datasets import synthesize_spectra
+        from ..demo.datasets import LABEL_NAMES as SYN_NAMES
+        from ..demo.datasets import synthesize_spectra
         if tuple(names) != tuple(SYN_NAMES):
             raise ValueError(f"source='synthetic' needs the labels {SYN_NAMES}, model has {names}")
 

@@ -24,7 +24,7 @@ import shutil
 
 import numpy as np
 
-from .._util import atomic_path, progress
+from ..._util import atomic_path, progress
 from ._labels import label_name
 
 __all__ = ["MovieResult", "movie_metallicity", "movie_rgb", "lab_movies", "render_frame",
@@ -80,7 +80,7 @@ def model_wavelength(model, wavelength=None):
             raise ValueError(f"wavelength has shape {wave.shape}, the model "
                              f"{model.n_pixels} pixels")
         return wave
-    from ..io.apogee import GRID_SEGMENTS
+    from ...apogee.files import GRID_SEGMENTS
     if model.n_pixels not in GRID_SEGMENTS:
         raise ValueError(f"the model has {model.n_pixels} pixels, not an APOGEE grid "
                          f"({', '.join(map(str, GRID_SEGMENTS))}): pass wavelength=")
@@ -360,7 +360,7 @@ def movie_rgb(model, out, isochrone=None, logg_range=(3.5, 0.5), feh=0.0, n_fram
         Teff(log g) from this isochrone's RGB (a file is read and the
         isochrone nearest [Fe/H] = ``feh`` (and ``age_gyr``) used); ``None``
         fits the survey's giant branch to ``model.training_labels``
-        (``cannon_fast.isochrones.giant_branch``).
+        (``cannon_fast.lab.isochrones.giant_branch``).
     logg_range : (float, float), optional
         Start and end log g (3.5 -> 0.5 as in the lab).
     feh : float, optional

@@ -66,7 +66,7 @@ def surface_gravity(mass_msun, radius_rsun):
 
     Examples
     --------
-    >>> from cannon_fast.isochrones import surface_gravity
+    >>> from cannon_fast.lab.isochrones import surface_gravity
     >>> [round(float(surface_gravity(1.0, r)), 2) for r in (1, 15, 100)]
     [4.44, 2.09, 0.44]
     """

@@ -1,13 +1,13 @@
 """The modeling lab end to end: survey -> cuts -> normalization -> model -> validation -> report.
 
 :func:`run_lab` is what ``cannon-fast demo`` runs. With no data it generates (or
-reuses) the embedded synthetic survey (:func:`cannon_fast.datasets.demo_survey`);
+reuses) the embedded synthetic survey (:func:`cannon_fast.demo.datasets.demo_survey`);
 with ``data_dir`` it reads downloaded files in the SDSS archive layout. Both go
-through the same code: :func:`cannon_fast.prepare.prepare_dataset` (cross-match,
+through the same code: :func:`cannon_fast.apogee.prepare.prepare_dataset` (cross-match,
 the lab's cuts, PIXMASK masking, per-chip pseudo-continuum), a seeded random
-half/half split, a 5-label quadratic :class:`~cannon_fast.model.CannonModel`,
+half/half split, a 5-label quadratic :class:`~cannon_fast.core.model.CannonModel`,
 label fits of the validation half (de-biased and plain), and a report folder
-(:mod:`cannon_fast.report`) with every figure, ``summary.json`` and the model.
+(:mod:`cannon_fast.lab.report`) with every figure, ``summary.json`` and the model.
 
 Optional steps owned by other modules (MCMC on a held-back "mystery" star,
 movies, binaries, the neural-network comparison) are called through small
@@ -25,7 +25,7 @@ import traceback
 
 import numpy as np
 
-from ._util import atomic_path, progress
+from .._util import atomic_path, progress
 
 __all__ = ["LAB_LABELS", "TARGETS", "run_lab", "label_statistics", "diagnose_outliers",
            "read_summary", "cv_scatter", "REPORT_FILES"]
@@ -331,11 +331,11 @@ def _continuum_from_data(paths, allstar, n_max, seed, workers, backend, show):
     The stars are drawn from all that pass the cuts (before the train/validation
     split), using their catalog labels; only the pixel selection sees them.
     """
-    from .catalog import select
-    from .continuum import find_continuum_pixels
-    from .io.apogee import match_ids, parse_apstar_path, read_allstar
-    from .model import CannonModel
-    from .prepare import load_spectra
+    from ..apogee.catalog import select
+    from ..core.continuum import find_continuum_pixels
+    from ..apogee.files import match_ids, parse_apstar_path, read_allstar
+    from ..core.model import CannonModel
+    from ..apogee.prepare import load_spectra
 
     ids, tels, flds, keep_paths = [], [], [], []
     for p in paths:
@@ -384,7 +384,7 @@ def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatt
     scatter : array_like, (L,)
         Robust scatter per label; the outlier score is max_l |fit - ref| / scatter.
     continuum_flags : array_like of int, (N,), optional
-        :data:`cannon_fast.continuum.CONTINUUM_FLAGS` bits.
+        :data:`cannon_fast.core.continuum.CONTINUUM_FLAGS` bits.
     catalog_flags : sequence of str, (N,), optional
         ASPCAP/STAR flag names from the catalog.
     truth : array_like, (N, L), optional
@@ -407,8 +407,8 @@ def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatt
         ``continuum_offset`` (largest per-chip |median data/model - 1|),
         ``continuum_flags``, ``catalog_flags``, ``catalog_minus_true``, ``diagnosis``.
     """
-    from .continuum import CONTINUUM_FLAGS
-    from .io.apogee import CHIP_RANGES
+    from ..core.continuum import CONTINUUM_FLAGS
+    from ..apogee.files import CHIP_RANGES
 
     labels = np.asarray(fit.labels, float)
     ref = np.asarray(reference, float)
@@ -555,7 +555,7 @@ def _extra_movies(ctx):
 
     func = getattr(movies, "lab_movies", None) or getattr(movies, "make_movies", None)
     if func is None:
-        raise ImportError("cannon_fast.plots.movies has no lab_movies()")
+        raise ImportError("cannon_fast.lab.plots.movies has no lab_movies()")
     res = func(ctx["model"], ctx["out_dir"], progress_bar=ctx["show"])
     files = res if isinstance(res, (list, tuple)) else (res.get("files", []) if isinstance(
         res, dict) else [])
@@ -587,7 +587,7 @@ def _extra_nn(ctx):
 
     if importlib.util.find_spec("torch") is None:
         raise ImportError("torch is not installed")
-    from .nn import SpectrumRegressor
+    from ..nn import SpectrumRegressor
 
     reg = SpectrumRegressor(LAB_LABELS, arch="mlp", seed=ctx["seed"], device="cpu")
     reg.train(ctx["train_flux"], ctx["train_labels"], ctx["train_ivar"], epochs=ctx["nn_epochs"],
@@ -653,7 +653,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         A ``truth.fits`` with true labels (default: ``<data_dir>/truth.fits`` when it
         exists; always present for the embedded survey).
     continuum : str, os.PathLike or array_like, optional
-        Continuum pixels (see :func:`cannon_fast.continuum.load_continuum_pixels`);
+        Continuum pixels (see :func:`cannon_fast.core.continuum.load_continuum_pixels`);
         default: the embedded survey's continuum mask for the demo, pixels found
         from the data otherwise.
     line_file : str or os.PathLike, optional
@@ -710,16 +710,16 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     ------
     FileExistsError
         ``out_dir`` exists and ``force`` is False.
-    cannon_fast.catalog.TooFewStarsError
+    cannon_fast.apogee.catalog.TooFewStarsError
         Too few stars survive the cuts (the message lists the per-cut counts).
     """
-    from . import __version__
-    from .catalog import TooFewStarsError
-    from .continuum import DEFAULT_DEGREE, load_continuum_pixels, normalize, record_continuum
-    from .io.apogee import parse_apstar_path, read_apstar
-    from .io.bitmask import mask_spectra
-    from .model import CannonModel
-    from .prepare import find_apstar_files, prepare_dataset
+    from .. import __version__
+    from ..apogee.catalog import TooFewStarsError
+    from ..core.continuum import DEFAULT_DEGREE, load_continuum_pixels, normalize, record_continuum
+    from ..apogee.files import parse_apstar_path, read_apstar
+    from ..apogee.bitmask import mask_spectra
+    from ..core.model import CannonModel
+    from ..apogee.prepare import find_apstar_files, prepare_dataset
     from . import report as _report
 
     say = log if log is not None else (lambda *_: None)
@@ -758,14 +758,14 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     # 1. the data -------------------------------------------------------------------
     t0 = time.perf_counter()
     if data_dir is None:
-        from . import datasets
+        from ..demo import datasets
 
         say(f"embedded survey: {n_stars} stars, seed {survey_seed} (generated once, then cached)")
         paths = datasets.demo_survey(cache_dir=cache_dir, n_stars=n_stars, seed=survey_seed,
                                      progress=show_progress, workers=max(1, int(workers)))
         apstar_root, allstar_path = paths.apstar_root, paths.allstar
         truth_path = truth or paths.truth
-        source = dict(kind="embedded synthetic survey (cannon_fast.datasets)", root=paths.root,
+        source = dict(kind="embedded synthetic survey (cannon_fast.demo.datasets)", root=paths.root,
                       n_stars=n_stars, seed=survey_seed)
     else:
         data_dir = os.path.abspath(os.fspath(data_dir))
@@ -795,11 +795,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         cont_info = dict(method="given", source=str(continuum) if isinstance(
             continuum, (str, os.PathLike)) else "array")
     elif data_dir is None:
-        from .datasets import continuum_mask
+        from ..demo.datasets import continuum_mask
 
         cont_mask = continuum_mask()
         cont_info = dict(method="the embedded survey's continuum mask "
-                                "(cannon_fast.datasets.continuum_mask)")
+                                "(cannon_fast.demo.datasets.continuum_mask)")
     else:
         say("finding continuum pixels from the data (no --continuum given)")
         cont_mask, cont_info = _continuum_from_data(files, allstar_path, 400, seed, workers,
@@ -1213,7 +1213,7 @@ def _survey_giant_branch(truth_labels, population=None):
         teff, logg = gb.track()
         return dict(teff=teff, logg=logg, label="survey giant branch, [Fe/H] = 0",
                     color="tab:red", note="line: the embedded survey's own giant branch fitted "
-                    "to its true labels (cannon_fast.isochrones.giant_branch), not a "
+                    "to its true labels (cannon_fast.lab.isochrones.giant_branch), not a "
                     "stellar-model isochrone")
     except (ImportError, ValueError):
         pass
