@@ -7,6 +7,9 @@ networks (optional, PyTorch) and out-of-core survey labeling.
 from .core.model import CannonModel
 from .core.fitting import FitResult, fit_spectra
 from .core.backends import available_backends
+from ._compat import install as _install_old_paths
+
+_install_old_paths()  # the flat layout's module paths, for one release
 
 __version__ = "0.1.0"
 __all__ = ["CannonModel", "FitResult", "fit_spectra", "available_backends", "__version__"]
