@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core._apstar_grid import NPIX, on_chip_mask
+
 __all__ = [
     "PIXMASK_BITS", "DEFAULT_BAD_BITS", "BAD_ERROR", "bit_value", "decode", "bad_pixel_mask",
     "quality_mask", "mask_spectra",
@@ -154,8 +156,6 @@ def quality_mask(flux, err, pixmask=None, bits=DEFAULT_BAD_BITS, chips=True):
             raise ValueError(f"PIXMASK {pm.shape} and flux {flux.shape} shapes differ")
         bad |= bad_pixel_mask(pm, bits)
     if chips:
-        from .files import NPIX, on_chip_mask
-
         if flux.shape[-1] == NPIX:
             bad |= ~on_chip_mask()
     return bad

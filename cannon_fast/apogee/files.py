@@ -1,5 +1,8 @@
 """APOGEE file readers: apStar spectra, the allStar catalogue, and the apStar pixel grid.
 
+The grid's constants and index helpers live in :mod:`cannon_fast.core._apstar_grid`
+(the core needs them without reading files) and are re-exported here.
+
 apStar files (one per star) hold, in HDUs 1/2/3, the flux, its 1-sigma error
 and the APOGEE_PIXMASK bitmask on a common log-lambda vacuum grid of 8575
 pixels (``10**(CRVAL1 + CDELT1 * i)`` Angstrom, CRVAL1 = 4.179, CDELT1 = 6e-6).
@@ -31,6 +34,10 @@ try:  # fitsio is much faster; astropy is the fallback (documented in docs/api.m
 except ImportError:  # pragma: no cover - exercised only where fitsio is missing
     fitsio = None
 
+from ..core._apstar_grid import (CDELT1, CHIP_RANGES, CRVAL1, GRID_SEGMENTS, NPIX, chip_of_pixel,
+                                 grid_indices, on_chip_mask, to_apstar_grid, wavelength_grid)
+from .bitmask import DEFAULT_BAD_BITS, mask_spectra
+
 __all__ = [
     "NPIX", "CRVAL1", "CDELT1", "CHIP_NAMES", "CHIP_RANGES", "GRID_SEGMENTS", "LAB_LABELS",
     "ApStar", "wavelength_grid", "on_chip_mask", "chip_of_pixel", "grid_indices",
@@ -39,19 +46,7 @@ __all__ = [
     "read_allstar", "match_ids", "ALLSTAR_MISSING",
 ]
 
-NPIX = 8575
-CRVAL1 = 4.179
-CDELT1 = 6e-6
 CHIP_NAMES = ("blue", "green", "red")
-#: Half-open pixel ranges of the three chips on the apStar grid: the DR16/17 ASPCAP
-#: 7514-pixel grid, which drops the chip gaps and the poorly calibrated chip ends.
-CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
-#: Segments of the 8575 grid that make up each gap-free grid.
-GRID_SEGMENTS = {
-    7214: ((322, 3242), (3648, 6048), (6412, 8306)),   # DR12-14 ASPCAP
-    7514: CHIP_RANGES,                                  # DR16-17 ASPCAP
-    8575: ((0, NPIX),),
-}
 #: The labels of the modeling lab (Ness et al. 2015 used the first three).
 LAB_LABELS = ("TEFF", "LOGG", "FE_H", "MG_FE", "SI_FE")
 #: How each release marks a label ASPCAP did not derive.
@@ -63,107 +58,12 @@ _RELEASE_OF_TAG = {"dr17": "dr17", "r12": "dr16", "r8": "dr14", "l31c": "dr14", 
 _APSTAR_RE = re.compile(r"^apStar-([A-Za-z0-9.]+)-(.+?)\.fits(\.gz)?$")
 
 
-def wavelength_grid(crval1=CRVAL1, cdelt1=CDELT1, npix=NPIX):
-    """Vacuum wavelengths of the apStar log-lambda grid.
-
-    Parameters
-    ----------
-    crval1, cdelt1 : float
-        log10 of the first wavelength and the log10 step (header CRVAL1/CDELT1).
-    npix : int
-        Number of pixels (header NWAVE or NAXIS1).
-
-    Returns
-    -------
-    ndarray, shape (P,)
-        ``10 ** (crval1 + cdelt1 * i)`` in Angstrom (vacuum).
-    """
-    return 10.0 ** (float(crval1) + float(cdelt1) * np.arange(int(npix)))
-
-
 @functools.lru_cache(maxsize=8)
 def _grid(crval1, cdelt1, npix):
     """Return a cached read-only wavelength grid (shared by ApStar reads)."""
     w = wavelength_grid(crval1, cdelt1, npix)
     w.flags.writeable = False
     return w
-
-
-def on_chip_mask():
-    """Boolean (8575,) mask of the pixels inside :data:`CHIP_RANGES`."""
-    m = np.zeros(NPIX, bool)
-    for a, b in CHIP_RANGES:
-        m[a:b] = True
-    return m
-
-
-def chip_of_pixel(chip_ranges=CHIP_RANGES, npix=NPIX):
-    """Chip number (0 blue, 1 green, 2 red) of each pixel; -1 in the gaps.
-
-    Returns
-    -------
-    ndarray of int64, shape (P,)
-    """
-    c = np.full(npix, -1, np.int64)
-    for k, (a, b) in enumerate(chip_ranges):
-        c[a:b] = k
-    return c
-
-
-def grid_indices(n):
-    """Return the 8575-grid indices of the pixels of a gap-free grid of ``n`` pixels.
-
-    Parameters
-    ----------
-    n : {7214, 7514, 8575}
-
-    Returns
-    -------
-    ndarray of int64, shape (n,)
-    """
-    if n not in GRID_SEGMENTS:
-        raise ValueError(f"unknown APOGEE pixel grid of length {n}; known: "
-                         + ", ".join(map(str, GRID_SEGMENTS)))
-    return np.concatenate([np.arange(a, b) for a, b in GRID_SEGMENTS[n]])
-
-
-def to_apstar_grid(values, grid=None):
-    """Map a mask or index list on a 7214/7514/8575 grid to a (8575,) boolean mask.
-
-    Parameters
-    ----------
-    values : array_like
-        Either a boolean mask (its length names the grid) or integer indices.
-    grid : {7214, 7514, 8575}, optional
-        The grid of integer indices (required unless an index >= 7514 shows
-        they can only be on the 8575 grid).
-
-    Returns
-    -------
-    ndarray of bool, shape (8575,)
-    """
-    v = np.asarray(values)
-    out = np.zeros(NPIX, bool)
-    if v.dtype == bool:
-        out[grid_indices(v.size)[v.ravel()]] = True
-        return out
-    if v.dtype.kind not in "iu":
-        if v.dtype.kind == "f" and np.all(v == np.round(v)):
-            v = v.astype(np.int64)
-        else:
-            raise ValueError(f"pixel indices must be integers, got dtype {v.dtype}")
-    v = v.ravel().astype(np.int64)
-    if grid is None:
-        if v.size and v.max() >= 7514:
-            grid = 8575
-        else:
-            raise ValueError("integer pixel indices are ambiguous (7214, 7514 or 8575 grid): "
-                             "pass grid=")
-    idx = grid_indices(grid)
-    if v.size and (v.min() < 0 or v.max() >= grid):
-        raise ValueError(f"pixel indices {v.min()}..{v.max()} fall outside the {grid}-pixel grid")
-    out[idx[v]] = True
-    return out
 
 
 def release_of(name):
@@ -260,8 +160,6 @@ class ApStar:
         chips : bool
             Also mask the chip gaps.
         """
-        from .bitmask import DEFAULT_BAD_BITS, mask_spectra
-
         return mask_spectra(self.flux, self.err, self.pixmask,
                             DEFAULT_BAD_BITS if bits is None else bits, chips)
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import resolve_backend
-from ..apogee.files import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
+from ._apstar_grid import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
 from .model import fitted_pixels
 
 __all__ = [

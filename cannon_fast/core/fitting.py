@@ -32,8 +32,8 @@ from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from .._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
-from ..apogee.files import CDELT1 as _APSTAR_CDELT1
-from ..apogee.files import CHIP_RANGES, NPIX
+from ._apstar_grid import CDELT1 as _APSTAR_CDELT1
+from ._apstar_grid import CHIP_RANGES, NPIX
 from .model import fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
