@@ -39,7 +39,7 @@ import numpy as np
 
 from .backends import resolve_backend
 from ._apstar_grid import CHIP_RANGES, NPIX, to_apstar_grid, wavelength_grid
-from .model import fitted_pixels
+from ._common import fitted_pixels
 
 __all__ = [
     "CONTINUUM_FLAGS", "NormalizedSpectra", "chebyshev_basis", "normalize",

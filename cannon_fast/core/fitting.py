@@ -34,7 +34,7 @@ from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
 from ._apstar_grid import CDELT1 as _APSTAR_CDELT1
 from ._apstar_grid import CHIP_RANGES, NPIX
-from .model import fitted_pixels, label_scaling
+from ._common import check_spectra, fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
            "sparse_training"]
@@ -232,7 +232,6 @@ class FitResult:
 
 
 def _check_fit_input(flux, ivar, n_pixels):
-    from .model import check_spectra
     flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
     ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
     if flux.shape != ivar.shape:
@@ -731,7 +730,8 @@ def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
     Parameters
     ----------
     forward_model : CannonModel or object
-        A ``CannonModel`` uses ``fit_cannon`` (``method="fast"``) or ``fit_trf``
+        A ``CannonModel`` (any object with its polynomial: ``exponents`` and ``theta``)
+        uses ``fit_cannon`` (``method="fast"``) or ``fit_trf``
         (``method="trf"``). Any other object needs ``label_names``, ``label_bounds``
         (L, 2), ``training_labels`` (N, L), ``s2`` ((P,) or None) and
         ``predict_with_jacobian(labels) -> (flux (N, P), jac (N, P, L))``; it is
@@ -747,8 +747,9 @@ def fit_spectra(forward_model, flux, ivar, method="fast", **kwargs):
     -------
     FitResult
     """
-    from .model import CannonModel
-    if isinstance(forward_model, CannonModel):
+    # Known by its polynomial rather than its class: model imports this module, so
+    # this module does not import model.
+    if hasattr(forward_model, "exponents") and hasattr(forward_model, "theta"):
         if method == "trf":
             return fit_trf(forward_model, flux, ivar, **kwargs)
         if method != "fast":
