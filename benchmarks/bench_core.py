@@ -110,7 +110,7 @@ def run_backend(args):
         times.append(time.perf_counter() - t0)
     out = dict(backend=args.backend, source=source, n_train=len(tl), n_test=n_test,
                n_pix=tf.shape[1], t_train=min(times), train_info=model.train_info, crb=crb)
-    from cannon_fast.lab.pipeline import FIT_STEPS  # the lab's three label fits
+    from cannon_fast.lab.fit_steps import FIT_STEPS  # the lab's three label fits
 
     for step, options in FIT_STEPS.items():
         dt = np.inf

@@ -26,6 +26,7 @@ import traceback
 import numpy as np
 
 from .._util import atomic_path, progress
+from .fit_steps import FIT_STEP_NAMES, FIT_STEPS, fit_step_title
 
 __all__ = ["LAB_LABELS", "TARGETS", "run_lab", "label_statistics", "diagnose_outliers",
            "read_summary", "cv_scatter", "REPORT_FILES"]
@@ -85,21 +86,6 @@ AUTO_MODELS = {
     "quadratic + TEFF^3 + TEFF^4 + FE_H^3, in 1/TEFF": dict(
         extra_terms=("TEFF^3", "TEFF^4", "FE_H^3"), reciprocal_labels=("TEFF",)),
 }
-
-#: The label fits (test steps) the lab compares, as ``CannonModel.fit`` options:
-#: de-biased, the plain chi², and the plain chi² with extra line broadening fitted and the
-#: continuum refined against the model (then fitted again).
-FIT_STEPS = {"debias": dict(debias=True), "plain": dict(debias=False),
-             "broadened": dict(debias=False, broadening=True, refine_continuum=True)}
-#: How figures, notes and the report name them.
-FIT_STEP_NAMES = {"debias": "de-biased", "plain": "plain chi2",
-                  "broadened": "plain chi2 + line broadening, continuum refined"}
-
-
-def fit_step_title(step):
-    """The name of a label fit and the call that makes it, e.g. for the report."""
-    call = ", ".join(f"{k}={v}" for k, v in FIT_STEPS[step].items())
-    return f"{FIT_STEP_NAMES[step]} fit (model.fit(..., {call}))"
 
 
 def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3, seed=0,

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .._util import atomic_path
-from .pipeline import FIT_STEPS, fit_step_title
+from .fit_steps import FIT_STEPS, fit_step_title
 
 __all__ = ["save_figure", "write_summary", "write_report", "rebuild_report", "to_jsonable"]
 
