@@ -3,11 +3,9 @@
 See :mod:`cannon_fast.demo.datasets`; its public names are re-exported here.
 """
 from .datasets import (CHIP_PIXELS, GIANT_LABEL_RANGE, LABEL_NAMES, SURVEY_VERSION, SurveyPaths,
-                       air_to_vacuum, apstar_wavelength, continuum_mask, demo_survey, line_list,
-                       make_demo_survey, pass_lab_cuts, sample_labels, synthesize_spectra,
-                       vmacro_relation)
+                       apstar_wavelength, continuum_mask, demo_survey, make_demo_survey,
+                       pass_lab_cuts, sample_labels, synthesize_spectra, vmacro_relation)
 
 __all__ = ["LABEL_NAMES", "SurveyPaths", "make_demo_survey", "demo_survey", "synthesize_spectra",
-           "line_list", "continuum_mask", "apstar_wavelength", "air_to_vacuum", "sample_labels",
-           "GIANT_LABEL_RANGE", "CHIP_PIXELS", "SURVEY_VERSION", "pass_lab_cuts",
-           "vmacro_relation"]
+           "continuum_mask", "apstar_wavelength", "sample_labels", "GIANT_LABEL_RANGE",
+           "CHIP_PIXELS", "SURVEY_VERSION", "pass_lab_cuts", "vmacro_relation"]

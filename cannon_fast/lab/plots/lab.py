@@ -5,8 +5,8 @@ state, no ``plt.show``), so they render with the Agg canvas in scripts, tests an
 servers alike; save them with ``fig.savefig(path)``.
 
 Lines marked on the gradient and s² spectra come from :func:`known_lines`: the
-embedded survey's own line list (:func:`cannon_fast.demo.datasets.line_list`), a small
-built-in table of well-known Mg I and Si I H-band lines when that is unavailable,
+H-band line list the embedded survey is made from (:func:`cannon_fast.apogee.lines.line_list`),
+a small built-in table of well-known Mg I and Si I H-band lines when that lacks a species,
 or a user's file (:func:`read_line_file`, air wavelengths converted to vacuum).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import textwrap
 
 import numpy as np
 
+from ...apogee.lines import air_to_vacuum, line_list
 from ._labels import axis_label, label_name, value_title
 
 __all__ = [
@@ -30,7 +31,7 @@ FLUX_UNIT = r"$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\mathrm{\AA}^{-1}$"
 _WAVE_LABEL = r"vacuum wavelength [$\mathrm{\AA}$]"
 
 # Well-known Mg I and Si I lines of the APOGEE H band (air Å), used only when the
-# embedded survey's line list cannot be imported.
+# line list lacks a species.
 _BUILTIN_AIR = {
     "Mg I": (15740.716, 15748.988, 15765.842, 15879.5, 15886.2, 15954.477, 16364.75),
     "Si I": (15361.16, 15376.83, 15557.79, 15833.6, 15888.41, 15960.06, 16060.01, 16094.79,
@@ -41,17 +42,6 @@ _BUILTIN_AIR = {
 def _figure(figsize, **kwargs):
     from matplotlib.figure import Figure
     return Figure(figsize=figsize, **kwargs)
-
-
-def _air_to_vacuum(wave_air):
-    try:
-        from ...demo.datasets import air_to_vacuum
-    except ImportError:  # pragma: no cover - datasets is part of the package
-        wave_air = np.asarray(wave_air, float)
-        s2 = (1e4 / wave_air) ** 2
-        n = 1.0 + 8.34254e-5 + 2.406147e-2 / (130.0 - s2) + 1.5998e-4 / (38.9 - s2)
-        return wave_air * n
-    return air_to_vacuum(wave_air)
 
 
 def read_line_file(path, species=("Mg I", "Si I"), air=True):
@@ -100,7 +90,7 @@ def read_line_file(path, species=("Mg I", "Si I"), air=True):
     if not out:
         want = "any species" if species is None else ", ".join(species)
         raise ValueError(f"{path}: no lines of {want} found")
-    return {k: (_air_to_vacuum(v) if air else np.asarray(v, float)) for k, v in out.items()}
+    return {k: (air_to_vacuum(v) if air else np.asarray(v, float)) for k, v in out.items()}
 
 
 def known_lines(species=("Mg I", "Si I"), line_file=None, air=True):
@@ -124,16 +114,15 @@ def known_lines(species=("Mg I", "Si I"), line_file=None, air=True):
     if line_file is not None:
         return read_line_file(line_file, species, air), os.path.basename(os.fspath(line_file))
     try:
-        from ...demo.datasets import line_list
         table = line_list()
         lines = {s: np.asarray(table["wavelength"][(table["species"] == s)
                                                     & (table["kind"] == "atom")], float)
                  for s in species}
         if all(len(v) for v in lines.values()):
             return lines, "embedded survey line list"
-    except (ImportError, KeyError, ValueError):
+    except (KeyError, ValueError):
         pass
-    return ({s: _air_to_vacuum(np.asarray(_BUILTIN_AIR[s])) for s in species if s in _BUILTIN_AIR},
+    return ({s: air_to_vacuum(np.asarray(_BUILTIN_AIR[s])) for s in species if s in _BUILTIN_AIR},
             "built-in Mg I / Si I table")
 
 
