@@ -8,6 +8,7 @@ unless the ``CANNON_FAST_BACKEND`` environment variable names one. Only
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 try:  # the C extension is optional (no compiler, or CANNON_FAST_NO_EXT=1)
@@ -15,11 +16,9 @@ try:  # the C extension is optional (no compiler, or CANNON_FAST_NO_EXT=1)
 except ImportError:  # pragma: no cover - depends on the build
     _ccannon = None
 
-try:
-    import numba  # noqa: F401
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover
-    _HAVE_NUMBA = False
+# Found, not imported: importing numba takes a fifth of a second, so the numba
+# kernels (and numba with them) are imported when they are first asked for.
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend"]
 

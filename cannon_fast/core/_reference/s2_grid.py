@@ -15,7 +15,6 @@ References
 Ness et al. 2015, ApJ 808, 16, eq. 4 (the likelihood with s²).
 """
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 #: relative precision to which s² is refined
 S2_RTOL = 1e-4
@@ -49,6 +48,8 @@ def s2_update(resid, ivar, s2_out, status_out):
     status_out : ndarray of int8, (P,)
         0 (interior or zero maximum) or 1 (fewer than two valid stars: s² = 0).
     """
+    from scipy.optimize import minimize_scalar  # here: importing scipy.optimize is slow
+
     for p in range(resid.shape[1]):
         ok = ivar[:, p] > 0
         r, v = resid[ok, p], 1.0 / ivar[ok, p]
