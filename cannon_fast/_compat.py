@@ -13,6 +13,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import warnings
 
@@ -73,10 +74,32 @@ class _AliasLoader(importlib.abc.Loader):
         # The import system has just set module.__spec__ to the old path's spec; the
         # module keeps its own (relative imports and reloads go by it).
         module.__spec__ = self._spec
-        # stacklevel 2 and the import system's frames skipped: the warning names the
-        # line that imported the old path
         warnings.warn(f"{self.old} moved to {self.new}; the old path is kept for one "
-                      f"release: import {self.new}", DeprecationWarning, stacklevel=2)
+                      f"release: import {self.new}", DeprecationWarning,
+                      stacklevel=_importer_stacklevel())
+
+
+# importlib.import_module and the package's __getattr__ (cannon_fast.fitting) import
+# for someone else
+_IMPORT_WRAPPERS = (os.path.join("importlib", "__init__.py"),
+                    os.path.join("cannon_fast", "__init__.py"))
+
+
+def _importer_stacklevel():
+    """The ``stacklevel`` at which a warning from ``exec_module`` names the importing line.
+
+    Frames are counted as ``warnings.warn`` counts them, without the import system's
+    own (``importlib._bootstrap``) frames.
+    """
+    frame, level = sys._getframe(2), 1  # the caller of exec_module
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not ("importlib" in name and "_bootstrap" in name):
+            level += 1
+            if not name.endswith(_IMPORT_WRAPPERS):
+                break
+        frame = frame.f_back
+    return level
 
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder):

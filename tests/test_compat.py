@@ -35,6 +35,7 @@ def test_old_path_is_the_new_module_and_warns(old, new, monkeypatch):
     with pytest.warns(DeprecationWarning) as record:  # also for an old parent: cannon_fast.io
         mod = importlib.import_module(old)
     assert f"{old} moved to {new}; the old path is kept for one release" in _messages(record)
+    assert {w.filename for w in record} == {__file__}  # the importing line, not importlib's
     assert mod is importlib.import_module(new)
     assert mod.__name__ == new and mod.__spec__.name == new
 
@@ -55,3 +56,16 @@ def test_every_old_path_maps_to_a_module():
     assert _compat.new_name("cannon_fast.plots.movies") == "cannon_fast.lab.plots.movies"
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("cannon_fast.io.nothing_here")
+
+
+def test_old_module_attribute_of_the_package(monkeypatch):
+    import cannon_fast
+    from cannon_fast.core import fitting
+
+    monkeypatch.delitem(vars(cannon_fast), "fitting", raising=False)  # no __getattr__
+    _forget(monkeypatch, "cannon_fast.fitting")
+    with pytest.warns(DeprecationWarning, match="cannon_fast.fitting moved") as record:
+        assert cannon_fast.fitting is fitting
+    assert record[0].filename == __file__
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        cannon_fast.nothing  # noqa: B018
