@@ -79,7 +79,7 @@ def true_model(args, training_labels):
 
 def crb_from_truth(tr, te, n_max=100):
     """Cramer-Rao bound with the true model (as peer_bench.crb_errors)."""
-    from cannon_fast import vectorizer as vz
+    from cannon_fast.core import vectorizer as vz
     from cannon_fast.testing import LABEL_RANGES
     e = vz.polynomial_exponents(5, 2)
     half = 0.5 * (LABEL_RANGES[:, 1] - LABEL_RANGES[:, 0])
@@ -110,7 +110,7 @@ def run_backend(args):
         times.append(time.perf_counter() - t0)
     out = dict(backend=args.backend, source=source, n_train=len(tl), n_test=n_test,
                n_pix=tf.shape[1], t_train=min(times), train_info=model.train_info, crb=crb)
-    from cannon_fast.pipeline import FIT_STEPS  # the lab's three label fits
+    from cannon_fast.lab.fit_steps import FIT_STEPS  # the lab's three label fits
 
     for step, options in FIT_STEPS.items():
         dt = np.inf

@@ -41,7 +41,7 @@ def make_mock(n, out):
 
 def apstar_files(root):
     """List the apStar files of a mock tree."""
-    from cannon_fast.prepare import find_apstar_files
+    from cannon_fast.apogee.prepare import find_apstar_files
 
     return find_apstar_files(os.path.join(root, "dr17"))
 
@@ -75,7 +75,7 @@ def bench_download(files, n_files):
     base = f"http://127.0.0.1:{srv.server_address[1]}"
     urls = [f"{base}/f/{nm}" for nm in names]
     total_mb = sum(len(data[nm]) for nm in names) / 1e6
-    from cannon_fast.io.download import download_files
+    from cannon_fast.apogee.download import download_files
 
     out = {}
     for label, fn in (("plain loop (urllib, 1 thread)", None), ("download_files, 8 workers", 8),
@@ -103,8 +103,8 @@ def bench_download(files, n_files):
 # ----------------------------------------------------------------------------- reading
 def bench_read(files, cont, repeat):
     """Read + mask (+ normalize) apStar files from a warm page cache."""
-    from cannon_fast.continuum import normalize
-    from cannon_fast.prepare import load_spectra
+    from cannon_fast.core.continuum import normalize
+    from cannon_fast.apogee.prepare import load_spectra
 
     paths = (files * repeat)
     load_spectra(paths[:50])  # warm the page cache and imports
@@ -128,7 +128,7 @@ def bench_read(files, cont, repeat):
 def bench_normalize(flux, ivar, cont, n=20000):
     """Time normalization alone: numba with 1 and 2 threads, and the numpy reference."""
     import numba
-    from cannon_fast.continuum import normalize
+    from cannon_fast.core.continuum import normalize
 
     reps = -(-n // len(flux))
     F = np.ascontiguousarray(np.tile(flux, (reps, 1))[:n])
@@ -156,7 +156,7 @@ def _spline_normalize(flux, ivar, cont, spacing):
     """Weighted least-squares cubic spline per chip (knots every ``spacing`` pixels)."""
     from scipy.interpolate import make_lsq_spline
 
-    from cannon_fast.io.apogee import CHIP_RANGES
+    from cannon_fast.apogee.files import CHIP_RANGES
 
     out = np.ones_like(flux, dtype=float)
     oiv = np.zeros_like(flux, dtype=float)
@@ -184,8 +184,8 @@ def bench_continuum_choice(mock, cont_files):
     """Chebyshev degrees and splines against the mock survey's true normalized spectra."""
     from astropy.table import Table
 
-    from cannon_fast.continuum import load_continuum_pixels, normalize
-    from cannon_fast.prepare import load_spectra
+    from cannon_fast.core.continuum import load_continuum_pixels, normalize
+    from cannon_fast.apogee.prepare import load_spectra
 
     spec = importlib.util.spec_from_file_location("_ms", os.path.join(SHARED, "tools",
                                                                       "mock_survey.py"))
@@ -268,7 +268,7 @@ def main(argv=None):
         mock = make_mock(300, tmp)
     try:
         files = apstar_files(mock)
-        from cannon_fast.continuum import load_continuum_pixels
+        from cannon_fast.core.continuum import load_continuum_pixels
 
         lab = os.path.join(SHARED, "data", "real", "lab2", "cannon_continuum_apogee.npz")
         cont = load_continuum_pixels(lab)

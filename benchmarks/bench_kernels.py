@@ -22,9 +22,9 @@ import time
 import numpy as np
 
 from cannon_fast import CannonModel, available_backends
-from cannon_fast import vectorizer as vz
-from cannon_fast.backends import kernels
-from cannon_fast.fitting import _precompute
+from cannon_fast.core import vectorizer as vz
+from cannon_fast.core.backends import kernels
+from cannon_fast.core.fitting import _precompute
 from cannon_fast.testing import make_synthetic
 
 N_LABELS = 5

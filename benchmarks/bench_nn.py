@@ -5,8 +5,8 @@ Run (2 CPU cores, a few minutes)::
     nice python benchmarks/bench_nn.py --data DIR      # DIR/survey.npz from mock_survey.py
     nice python benchmarks/bench_nn.py                 # generates the mock survey first
 
-Steps: quality cuts and pixel masks (``cannon_fast.catalog``, ``cannon_fast.io.bitmask``);
-continuum normalization (``cannon_fast.continuum`` with continuum pixels found on the
+Steps: quality cuts and pixel masks (``cannon_fast.apogee.catalog``,
+``cannon_fast.apogee.bitmask``); continuum normalization (``cannon_fast.core.continuum`` with continuum pixels found on the
 training half; without the data layer, a per-chip Chebyshev fit to the upper envelope); half of
 the stars train, half are held out; the Cannon (``cannon_fast.CannonModel``) and the
 NN regressor are trained on
@@ -48,13 +48,13 @@ def load_survey(data_dir, split_seed=0):
     d = np.load(os.path.join(data_dir, "survey.npz"))
     names = [str(s) for s in d["label_names"]]
     try:
-        from cannon_fast import catalog
-        from cannon_fast.io import bitmask
+        from cannon_fast.apogee import catalog
+        from cannon_fast.apogee import bitmask
         cat = {n: d["labels"][:, j] for j, n in enumerate(names)}
         cat["SNR"] = d["snr"]
         keep, report = catalog.select(cat)
         bad = bitmask.bad_pixel_mask(d["bitmask"][keep])
-        how_cut = "cannon_fast.catalog.select + io.bitmask.bad_pixel_mask"
+        how_cut = "cannon_fast.apogee.catalog.select + apogee.bitmask.bad_pixel_mask"
     except ImportError:
         keep = d["pass_lab_cuts"]
         bits = d["bitmask"][keep]
@@ -82,11 +82,12 @@ def load_survey(data_dir, split_seed=0):
 def normalize(flux, ivar, labels, train, names):
     """Normalize with the data layer (continuum pixels found on the training half)."""
     try:
-        from cannon_fast import CannonModel, continuum
+        from cannon_fast import CannonModel
+        from cannon_fast.core import continuum
         pixels, hist = continuum.find_continuum_pixels(
             flux[train], ivar[train], labels[train], lambda: CannonModel(names, order=2))
         ns = continuum.normalize(flux, ivar, pixels, dtype=np.float64)
-        return ns.flux, ns.ivar, (f"cannon_fast.continuum ({int(pixels.sum())} continuum "
+        return ns.flux, ns.ivar, (f"cannon_fast.core.continuum ({int(pixels.sum())} continuum "
                                   f"pixels found on the training half, rounds {hist})")
     except ImportError as err:
         how = f"per-chip Chebyshev-2 upper envelope (no data layer: {err})"

@@ -10,7 +10,7 @@ Steps: (1) the mock survey (``mock_survey.py --format npz``: raw combined spectr
 float32 flux/ivar + uint16 PIXMASK, and ``truth.fits``); (2) a quadratic model
 trained on ``--n-train`` stars that pass the lab's cuts, with their TRUE labels
 from truth.fits and continuum pixels found from the data
-(:func:`cannon_fast.continuum.find_continuum_pixels`); (3) every star labeled by
+(:func:`cannon_fast.core.continuum.find_continuum_pixels`); (3) every star labeled by
 ``cannon_fast.survey.label_survey`` (read + mask + normalize + fit + commit +
 merge) in a child process, which reports its wall time and peak RSS; (4) the
 same with a ``distributed.LocalCluster`` (``--workers`` single-threaded
@@ -79,7 +79,7 @@ def train_model(args, npz):
     import fitsio
 
     from cannon_fast import CannonModel
-    from cannon_fast.continuum import find_continuum_pixels, normalize
+    from cannon_fast.core.continuum import find_continuum_pixels, normalize
     from cannon_fast.survey import _npz_member
 
     out = os.path.join(args.work, "model.npz")
@@ -92,7 +92,7 @@ def train_model(args, npz):
     ivar = np.array(_npz_member(npz, "ivar")[rows], dtype=np.float32)
     bm = np.array(_npz_member(npz, "bitmask")[rows])
     from cannon_fast.survey import _mask_raw
-    from cannon_fast.io.bitmask import DEFAULT_BAD_BITS, bit_value
+    from cannon_fast.apogee.bitmask import DEFAULT_BAD_BITS, bit_value
 
     _mask_raw(flux, ivar, bm, bit_value(DEFAULT_BAD_BITS))
     labels = np.column_stack([truth[n][rows] for n in names]).astype(np.float64)
@@ -111,8 +111,8 @@ def train_model(args, npz):
 def fit_only(args, model_path, npz, n=4096):
     """Throughput of the fit alone (normalized spectra in memory)."""
     from cannon_fast import CannonModel
-    from cannon_fast.continuum import model_continuum, normalize
-    from cannon_fast.io.bitmask import DEFAULT_BAD_BITS, bit_value
+    from cannon_fast.core.continuum import model_continuum, normalize
+    from cannon_fast.apogee.bitmask import DEFAULT_BAD_BITS, bit_value
     from cannon_fast.survey import _mask_raw, _npz_member
 
     model = CannonModel.read(model_path, backend=args.backend)
@@ -233,7 +233,7 @@ def main(argv=None):
         from cannon_fast.survey import read_catalog
 
         cat = read_catalog(os.path.join(args.work, "single.fits"))
-        from cannon_fast.fitting import INFORMATIONAL_FLAGS
+        from cannon_fast.core.fitting import INFORMATIONAL_FLAGS
 
         # DEBIAS_CAPPED and SPARSE_TRAINING say how or where a fit was done, not that it is bad
         ok = (np.asarray(cat["FLAGS"]) & ~INFORMATIONAL_FLAGS) == 0

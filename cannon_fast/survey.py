@@ -3,7 +3,7 @@
 :func:`label_survey` reads the input spectra in chunks of ``chunk_size`` stars,
 masks and pseudo-continuum normalizes raw spectra (already-normalized
 SpectraStores go straight to the fit), fits labels with the batched fast path
-(:func:`cannon_fast.fitting.fit_cannon`) and commits each chunk's results as
+(:func:`cannon_fast.core.fitting.fit_cannon`) and commits each chunk's results as
 one part file, written atomically (:func:`cannon_fast._util.atomic_path`)::
 
     CATALOG.parts/manifest.json      the job: model hash, inputs, chunk size, options
@@ -46,8 +46,8 @@ import time
 import numpy as np
 
 from ._util import atomic_path, progress
-from .fitting import FLAGS as _FIT_FLAG_BITS
-from .fitting import INFORMATIONAL_FLAGS, _check_broadening
+from .core.fitting import FLAGS as _FIT_FLAG_BITS
+from .core.fitting import INFORMATIONAL_FLAGS, _check_broadening
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "DEFAULT_CHUNK_SIZE", "SurveyError", "SurveySummary",
            "model_hash", "open_inputs", "label_survey", "process_chunk", "read_catalog"]
@@ -279,8 +279,8 @@ class _ApStarFiles:
 
     def read(self):
         """Read and mask the files (and visits); unreadable files keep a row with a reason."""
-        from .io.apogee import NPIX, parse_apstar_path, read_apstar
-        from .io.bitmask import DEFAULT_BAD_BITS, mask_spectra
+        from .apogee.files import NPIX, parse_apstar_path, read_apstar
+        from .apogee.bitmask import DEFAULT_BAD_BITS, mask_spectra
 
         rows = []
         for j, p in enumerate(self.paths):
@@ -357,7 +357,7 @@ def _looks_normalized(flux, ivar):
 
 def _expand_inputs(inputs):
     """Input arguments -> ('arrays', kind, path) or ('apstar', [paths])."""
-    from .prepare import find_apstar_files
+    from .apogee.prepare import find_apstar_files
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -476,12 +476,12 @@ def open_inputs(inputs, visits=False, normalized=None, release=None):
 def _mask_raw(flux, ivar, bitmask, bits, segments=None):
     """Zero the weight (in place) of bad pixels of raw (flux, ivar) with PIXMASK bits.
 
-    The same pixels as :func:`cannon_fast.io.bitmask.quality_mask` (flagged
+    The same pixels as :func:`cannon_fast.apogee.bitmask.quality_mask` (flagged
     bits, non-finite flux or ivar, ivar <= 0, off-chip), from ivar instead
     of the error. ``segments`` (another grid's pixel ranges) marks the pixels
     outside them as off-chip.
     """
-    from .io.apogee import NPIX, on_chip_mask
+    from .apogee.files import NPIX, on_chip_mask
 
     with np.errstate(invalid="ignore"):
         bad = ~(ivar > 0) | ~np.isfinite(ivar) | ~np.isfinite(flux)
@@ -504,7 +504,7 @@ def _mask_raw(flux, ivar, bitmask, bits, segments=None):
 
 def _grid_columns(n_in, n_model):
     """Columns of input spectra that make the model's pixel grid (None = all)."""
-    from .io.apogee import GRID_SEGMENTS, NPIX, grid_indices
+    from .apogee.files import GRID_SEGMENTS, NPIX, grid_indices
 
     if n_in == n_model:
         return None
@@ -546,7 +546,7 @@ def _limit_threads(n):
     """
     import numba
 
-    from . import backends
+    from .core import backends
 
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     if getattr(backends, "_ccannon", None) is not None and hasattr(backends._ccannon,
@@ -584,7 +584,7 @@ def _fit_chunk(model, d, options):
     reason = d["reason"]
     flags[reason != ""] |= SURVEY_FLAGS["READ_FAILED"]
     if not d["normalized"]:
-        from .continuum import normalize
+        from .core.continuum import normalize
 
         segments = options.get("segments")
         if d.get("needs_mask", True):  # apStar files are masked as they are read
@@ -965,9 +965,9 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         Default: from the suffix of ``out``.
     continuum_pixels : array_like, str or os.PathLike, optional
         For raw spectra (apStar files, raw npz): see
-        :func:`cannon_fast.continuum.load_continuum_pixels`; default the
+        :func:`cannon_fast.core.continuum.load_continuum_pixels`; default the
         model's record, else pixels picked from the model
-        (:func:`cannon_fast.continuum.model_continuum`).
+        (:func:`cannon_fast.core.continuum.model_continuum`).
     degree : int, optional
         Continuum Chebyshev degree (default: the model's record, else 3).
     bad_bits : iterable of str or int, optional
@@ -995,7 +995,7 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     ValueError
         Bad inputs: the model's pixel grid does not match the spectra, ...
     """
-    from .io.bitmask import DEFAULT_BAD_BITS, bit_value
+    from .apogee.bitmask import DEFAULT_BAD_BITS, bit_value
 
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
@@ -1016,7 +1016,7 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
         backend=model.backend)
     if not source.normalized:
-        from .continuum import model_continuum
+        from .core.continuum import model_continuum
 
         if source.n_pixels == 8575:
             segments = None  # the apStar chips

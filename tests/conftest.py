@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cannon_fast.backends import available_backends
+from cannon_fast.core.backends import available_backends
 
 
 def _shared_dir():

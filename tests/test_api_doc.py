@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cannon_fast import _util, continuum, fitting, pipeline, survey, testing
-from cannon_fast.io import apogee
-from cannon_fast.model import CannonModel
+from cannon_fast import _util, survey, testing
+from cannon_fast.apogee import files as apogee
+from cannon_fast.core import continuum, fitting
+from cannon_fast.core.grid import PixelGrid
+from cannon_fast.core.model import CannonModel
+from cannon_fast.lab import pipeline
 from cannon_fast.nn import NNResult, SpectrumRegressor, train_emulator
 from cannon_fast.store import SpectraStore
 

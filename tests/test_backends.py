@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-import cannon_fast.backends as backends
+import cannon_fast.core.backends as backends
 from cannon_fast import CannonModel
-from cannon_fast import _kernels as nb_kernels
-from cannon_fast import _reference as ref
-from cannon_fast import vectorizer as vz
-from cannon_fast._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
-from cannon_fast._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, loglike_s2
-from cannon_fast.backends import available_backends, kernels, resolve_backend
+from cannon_fast.core import _kernels as nb_kernels
+from cannon_fast.core import _reference as ref
+from cannon_fast.core import vectorizer as vz
+from cannon_fast.core._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from cannon_fast.core._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, loglike_s2
+from cannon_fast.core.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
 
 KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design")
@@ -587,7 +587,7 @@ def test_kernels_from_concurrent_python_threads(backend):
 def test_numba_kernels_work_inside_user_njit():
     import numba as nb
 
-    from cannon_fast._kernels.model_eval import label_vector_and_jacobian
+    from cannon_fast.core._kernels.model_eval import label_vector_and_jacobian
 
     @nb.njit
     def user_design(x, exponents):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from cannon_fast import CannonModel
-from cannon_fast.binaries import (binary_bias_study, composite_spectrum, doppler_shift,
+from cannon_fast.lab.binaries import (binary_bias_study, composite_spectrum, doppler_shift,
                                   fit_binaries, pixel_grid, planck_ratio,
                                   secondary_for_light_ratio, velocity_to_pixels)
 from cannon_fast.testing import make_synthetic
@@ -77,13 +77,13 @@ def test_bias_study_and_figure(model, tmp_path):
     # a brighter companion pulls the single-star labels further from the primary
     assert abs(st.bias[2, 1]) > abs(st.bias[0, 1])
     assert len(st.to_table()) == 3
-    from cannon_fast.plots.science import binary_bias_figure
+    from cannon_fast.lab.plots.science import binary_bias_figure
     binary_bias_figure(st, tmp_path / "bias.png")
     assert (tmp_path / "bias.png").stat().st_size > 5000
 
 
 def test_secondary_has_the_light_ratio_asked_for(model):
-    from cannon_fast.isochrones import giant_branch
+    from cannon_fast.lab.isochrones import giant_branch
     gb = giant_branch({"TEFF": model.training_labels[:, 0], "LOGG": model.training_labels[:, 1],
                        "FE_H": model.training_labels[:, 2]}, feh_window=5)
     prim = np.array([4600.0, 2.0, 0.0])
@@ -104,7 +104,7 @@ def test_secondary_has_the_light_ratio_asked_for(model):
 def test_analytic_jacobian(model):
     from scipy.optimize._numdiff import approx_derivative
 
-    from cannon_fast.binaries import _BinaryProblem
+    from cannon_fast.lab.binaries import _BinaryProblem
     f = model.predict(np.array([4600.0, 2.2, -0.2]))
     pos, wave = pixel_grid(model.n_pixels)
     prob = _BinaryProblem(model, f, np.full_like(f, 1e4), ["TEFF", "LOGG"], "free", pos, wave)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from cannon_fast.io import bitmask as bm
-from cannon_fast.io.apogee import CHIP_RANGES, NPIX
+from cannon_fast.apogee import bitmask as bm
+from cannon_fast.apogee.files import CHIP_RANGES, NPIX
 
 
 def test_bit_names_match_data_model():

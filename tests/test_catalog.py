@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from cannon_fast import catalog
+from cannon_fast.apogee import catalog
 
 
 def _table():

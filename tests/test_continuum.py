@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from cannon_fast import continuum as cn
-from cannon_fast._reference.continuum import normalize as ref_normalize
-from cannon_fast.io.apogee import CHIP_RANGES, NPIX, chip_of_pixel, read_apstar
+from cannon_fast.core import continuum as cn
+from cannon_fast.core._reference.continuum import normalize as ref_normalize
+from cannon_fast.apogee.files import CHIP_RANGES, NPIX, chip_of_pixel, read_apstar
 
 
 def _synthetic(n=40, seed=1, degree=3, noise=0.0):

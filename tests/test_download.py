@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from cannon_fast.io import download as dl
-from cannon_fast.io.apogee import fits_check, read_apstar
+from cannon_fast.apogee import download as dl
+from cannon_fast.apogee.files import fits_check, read_apstar
 
 pytestmark = pytest.mark.network
 

@@ -4,8 +4,8 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from cannon_fast import CannonModel, fit_spectra
-from cannon_fast import vectorizer as vz
-from cannon_fast.fitting import FLAGS, fit_trf
+from cannon_fast.core import vectorizer as vz
+from cannon_fast.core.fitting import FLAGS, fit_trf
 from cannon_fast.testing import make_synthetic, synthetic_grid
 
 
@@ -182,7 +182,7 @@ def test_capped_hessian_matches_a_generalized_eigendecomposition():
     """F - B with the eigenvalues of B against F capped, checked star by star with scipy."""
     from scipy.linalg import eigh
 
-    from cannon_fast.fitting import _capped_hessian
+    from cannon_fast.core.fitting import _capped_hessian
     rng = np.random.default_rng(8)
     n, size, cap = 40, 4, 0.3
     a = rng.normal(size=(n, size, size))
@@ -252,7 +252,7 @@ def test_broadened_fit_recovers_extra_broadening():
 
 
 def test_broadened_model_jacobian_matches_finite_differences(setup):
-    from cannon_fast.fitting import BroadenedModel
+    from cannon_fast.core.fitting import BroadenedModel
     model = setup[0]
     bm = BroadenedModel(model)
     labels = np.column_stack([model.training_labels[:3], [-5.0, 0.0, 7.0]])
@@ -273,7 +273,7 @@ def test_broadening_needs_the_plain_fit(setup):
 
 def test_generic_fit_from_given_starts(setup):
     """Per-star starting points: from the answer, the fit stays there; from far, it gets there."""
-    from cannon_fast.fitting import BroadenedModel, fit_generic
+    from cannon_fast.core.fitting import BroadenedModel, fit_generic
     model, _, test = setup
     bm = BroadenedModel(model)
     ivar = test.ivar[:6] * bm.good_pixels
@@ -290,7 +290,7 @@ def test_generic_fit_from_given_starts(setup):
 def test_broadened_fast_path_matches_its_reference(reciprocal):
     """The moment path of fit_broadened against LM on the model itself (fit_generic),
     for a plain model and one in 1/TEFF."""
-    from cannon_fast.fitting import BroadenedModel, fit_broadened, fit_generic
+    from cannon_fast.core.fitting import BroadenedModel, fit_broadened, fit_generic
     rng = np.random.default_rng(5)
     lab_train = rng.uniform(-1, 1, (300, 3))
     flux_train = _line_spectra(lab_train, 2.25, seed=1) + rng.normal(0, 0.005, (300, 400))
@@ -316,7 +316,7 @@ def test_broadened_fast_path_matches_its_reference(reciprocal):
 
 
 def test_broadened_fit_keeps_an_unfittable_star_as_it_was(setup):
-    from cannon_fast.fitting import fit_broadened
+    from cannon_fast.core.fitting import fit_broadened
     model, _, test = setup
     ivar = test.ivar[:4].copy()
     ivar[2] = 0.0  # no data at all
@@ -331,7 +331,7 @@ def test_broadened_fit_keeps_an_unfittable_star_as_it_was(setup):
 def test_sparse_training_flag_marks_the_thin_part_of_the_training_set(setup):
     """SPARSE_TRAINING: labels whose 10th-nearest training star is farther than for 95 % of
     the training stars. Informational: the fit stays usable."""
-    from cannon_fast.fitting import SPARSE_QUANTILE, fit_broadened, sparse_training
+    from cannon_fast.core.fitting import SPARSE_QUANTILE, fit_broadened, sparse_training
 
     model, train, test = setup
     # new stars from the training set's own distribution: ~5 % are as isolated as its tail
@@ -387,7 +387,7 @@ def test_reciprocal_model_fits_match_the_trf_reference():
     # as for a plain model of the same training labels (theta would squeeze the hot end)
     plain = CannonModel(names).train(flux[:250], ivar[:250], lab[:250])
     probe = np.column_stack([np.linspace(3600, 5800, 40), np.full(40, 3.5), np.full(40, 0.4)])
-    from cannon_fast.fitting import sparse_training
+    from cannon_fast.core.fitting import sparse_training
     flagged = sparse_training(model, probe)
     assert flagged.any() and not flagged.all()
     assert np.array_equal(flagged, sparse_training(plain, probe))
@@ -396,7 +396,7 @@ def test_reciprocal_model_fits_match_the_trf_reference():
 def test_refined_continuum_undoes_a_continuum_error(setup):
     """Spectra divided by a smooth error per chip: the refined fit recovers the labels
     the plain fit of the clean spectra gets; fit_cannon's two fits are one call."""
-    from cannon_fast.continuum import renormalize_to_model
+    from cannon_fast.core.continuum import renormalize_to_model
     model, _, test = setup
     n, p = test.flux.shape
     u = np.linspace(-1, 1, p)
@@ -406,7 +406,7 @@ def test_refined_continuum_undoes_a_continuum_error(setup):
     clean = model.fit(test.flux, test.ivar, debias=False)
     tilted = model.fit(flux, ivar, debias=False)
     # the correction, as fit_cannon makes it, but with this test's one "chip"
-    from cannon_fast.fitting import fitted_spectra
+    from cannon_fast.core.fitting import fitted_spectra
     f2, iv2 = renormalize_to_model(flux, ivar, fitted_spectra(model, tilted),
                                    model_variance=model.s2, segments=one_chip)
     refined = model.fit(f2, iv2, debias=False)

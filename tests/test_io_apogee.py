@@ -6,7 +6,7 @@ import fitsio
 import numpy as np
 import pytest
 
-from cannon_fast.io import apogee as ap
+from cannon_fast.apogee import files as ap
 
 NPIX = ap.NPIX
 
@@ -243,7 +243,7 @@ def test_match_ids_repeats(tmp_path):
 
 def test_prepare_dataset_bad_input_goes_on(tmp_path):
     """A truncated file, a wrong layout and an unknown star are listed; the rest is prepared."""
-    from cannon_fast.prepare import prepare_dataset
+    from cannon_fast.apogee.prepare import prepare_dataset
 
     d = tmp_path / "stars" / "apo25m" / "F1"
     d.mkdir(parents=True)

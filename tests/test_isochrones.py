@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cannon_fast.isochrones import (giant_branch, load_isochrone, read_isochrones, read_mist,
+from cannon_fast.lab.isochrones import (giant_branch, load_isochrone, read_isochrones, read_mist,
                                     read_parsec, select_isochrone, surface_gravity)
 
 MIST_ISO = """# MIST version number  = 1.2
@@ -137,7 +137,7 @@ def test_surface_gravity():
 
 
 def test_giant_branch_from_survey_labels():
-    from cannon_fast.datasets import LABEL_NAMES, _rgb_teff, sample_labels
+    from cannon_fast.demo.datasets import LABEL_NAMES, _rgb_teff, sample_labels
     labels, pop = sample_labels(3000, seed=1)
     gb = giant_branch(labels, LABEL_NAMES)
     g = np.array([1.2, 2.0, 3.0])

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from cannon_fast import CannonModel
-from cannon_fast.fitting import FLAGS
-from cannon_fast.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function, make_prior,
-                              parse_prior_args, sample_posterior)
+from cannon_fast.core.fitting import FLAGS
+from cannon_fast.lab.mcmc import (Prior, TrainingRangeWarning, log_likelihood_function, make_prior,
+                                  parse_prior_args, sample_posterior)
 from cannon_fast.testing import make_synthetic
 
 

@@ -4,9 +4,9 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from cannon_fast import CannonModel
-from cannon_fast import vectorizer as vz
-from cannon_fast.backends import available_backends
-from cannon_fast._reference.literal import train_profile_grid
+from cannon_fast.core import vectorizer as vz
+from cannon_fast.core.backends import available_backends
+from cannon_fast.core._reference.literal import train_profile_grid
 from cannon_fast.testing import make_synthetic
 
 
@@ -61,10 +61,10 @@ def test_every_fit_uses_the_same_pixels(trained, data):
     """
     import copy
 
-    from cannon_fast.binaries import _BinaryProblem
-    from cannon_fast.fitting import fit_generic
-    from cannon_fast.mcmc import log_likelihood_function
-    from cannon_fast.model import PIXEL_FLAGS, fitted_pixels
+    from cannon_fast.lab.binaries import _BinaryProblem
+    from cannon_fast.core.fitting import fit_generic
+    from cannon_fast.lab.mcmc import log_likelihood_function
+    from cannon_fast.core.model import PIXEL_FLAGS, fitted_pixels
 
     m = copy.deepcopy(trained)
     m.pixel_flags[3] |= PIXEL_FLAGS["TOO_FEW_STARS"]
@@ -332,7 +332,7 @@ def test_env_override_picks_backend(monkeypatch):
 
 
 def test_expected_true_labels_undo_the_attenuation():
-    from cannon_fast.model import expected_true_labels
+    from cannon_fast.core.model import expected_true_labels
     rng = np.random.default_rng(3)
     n = 20000
     true = rng.multivariate_normal([4500.0, 2.5], [[300.0 ** 2, 0.8 * 300 * 0.6],
@@ -376,7 +376,7 @@ def test_training_with_label_errors_recovers_the_true_label_scale():
 def test_expected_true_labels_do_not_pull_a_minority_onto_the_main_locus():
     """A tight giant branch and a few stars off it (as dwarfs or halo giants): one Gaussian
     prior drags the few toward the branch; the deconvolved mixture does not."""
-    from cannon_fast.model import expected_true_labels
+    from cannon_fast.core.model import expected_true_labels
     rng = np.random.default_rng(4)
     t_main = rng.uniform(4000, 5000, 2000)
     main = np.column_stack([t_main, 2.5 + (t_main - 4500) / 400 + rng.normal(0, 0.08, 2000)])
@@ -398,7 +398,7 @@ def test_expected_true_labels_do_not_pull_a_minority_onto_the_main_locus():
 
 def test_expected_true_labels_of_a_small_sample_are_the_gaussian_formula():
     """Too few stars for a mixture (5 labels, 40 stars): mu + S (S + E_n)^-1 (l_n - mu)."""
-    from cannon_fast.model import expected_true_labels
+    from cannon_fast.core.model import expected_true_labels
     rng = np.random.default_rng(6)
     labels = rng.normal(0, 1, (40, 5))
     err = rng.uniform(0.1, 0.3, (40, 5))

@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 
 from cannon_fast import CannonModel
-from cannon_fast.plots import movies
+from cannon_fast.lab.plots import movies
 from cannon_fast.testing import make_synthetic
 
 # 300 apStar pixels starting at index 4150: 15,977-16,243 Å

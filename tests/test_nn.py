@@ -382,7 +382,7 @@ def test_emulator_needs_complete_labels(data):
 
 
 def test_emulator_as_forward_model_in_fit_spectra(data, emulator):
-    from cannon_fast import fitting
+    from cannon_fast.core import fitting
 
     test = make_synthetic(n_stars=20, n_pix=120, n_labels=3, seed=11, coeffs=data.coeffs,
                           s2_true=data.s2_true)

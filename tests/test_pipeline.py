@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from cannon_fast import pipeline, report
-from cannon_fast.catalog import TooFewStarsError
+from cannon_fast.lab import pipeline, report
+from cannon_fast.apogee.catalog import TooFewStarsError
 from cannon_fast.cli import main
 
 
@@ -44,7 +44,7 @@ def test_missing_isochrone_file_is_a_clear_error(tmp_path):
 
 
 def test_too_few_stars_lists_the_per_cut_counts(tmp_path):
-    from cannon_fast.datasets import make_demo_survey
+    from cannon_fast.demo.datasets import make_demo_survey
 
     make_demo_survey(tmp_path / "survey", n_stars=12, seed=3, progress=False)
     with pytest.raises(TooFewStarsError) as info:
@@ -58,7 +58,7 @@ def test_too_few_stars_lists_the_per_cut_counts(tmp_path):
 
 
 def _continuum():
-    from cannon_fast.datasets import continuum_mask
+    from cannon_fast.demo.datasets import continuum_mask
     return continuum_mask(n_stars=40)
 
 
@@ -192,8 +192,8 @@ def test_cli_train_with_extra_terms(tmp_path, capsys):
 
 def test_cli_train_records_the_stores_continuum(tmp_path, capsys):
     from cannon_fast import CannonModel
-    from cannon_fast.continuum import model_continuum
-    from cannon_fast.io.apogee import NPIX, wavelength_grid
+    from cannon_fast.core.continuum import model_continuum
+    from cannon_fast.apogee.files import NPIX, wavelength_grid
     from cannon_fast.store import SpectraStore
     from cannon_fast.testing import make_synthetic
     s = make_synthetic(n_stars=60, n_pix=NPIX, n_labels=2, seed=14)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cannon_fast.plots import lab as pl
+from cannon_fast.lab.plots import lab as pl
 from cannon_fast.testing import make_synthetic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -69,7 +69,7 @@ def test_corner_has_one_panel_per_label_pair(syn, tmp_path):
 
 
 def test_label_text_is_one_table_for_axes_and_titles():
-    from cannon_fast.plots._labels import axis_label, label_name, value_title
+    from cannon_fast.lab.plots._labels import axis_label, label_name, value_title
     assert axis_label("fe_h") == "[Fe/H] [dex]" and label_name("FE_H") == "[Fe/H]"
     assert axis_label("VMICRO") == label_name("VMICRO") == "VMICRO"  # unknown: as given
     # decimals set by the smaller error, the same for median and errors; no "dex" unit
@@ -135,7 +135,7 @@ def test_s2_log_scale(model, wave, tmp_path):
 
 
 def test_s2_counts_zero_scatter_only_where_there_is_data(tmp_path):
-    from cannon_fast.io.apogee import NPIX, on_chip_mask
+    from cannon_fast.apogee.files import NPIX, on_chip_mask
     wave = np.linspace(15100.0, 17000.0, NPIX)
     s2 = np.full(NPIX, 1e-6)
     s2[~on_chip_mask()] = 0.0            # chip gaps and ends: no data

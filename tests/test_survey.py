@@ -10,7 +10,7 @@ import pytest
 from cannon_fast import CannonModel
 from cannon_fast import survey as sv
 from cannon_fast.cli import main
-from cannon_fast.io.apogee import CHIP_RANGES, NPIX
+from cannon_fast.apogee.files import CHIP_RANGES, NPIX
 from cannon_fast.store import SpectraStore
 from cannon_fast.testing import make_synthetic
 
@@ -361,7 +361,7 @@ def test_catalog_records_the_job(tmp_path, small, npz):
 
 
 def test_flag_bits_are_distinct():
-    from cannon_fast.fitting import FLAGS
+    from cannon_fast.core.fitting import FLAGS
 
     assert len(set(sv.ALL_FLAGS.values())) == len(sv.ALL_FLAGS)
     assert min(sv.SURVEY_FLAGS.values()) > max(FLAGS.values())
@@ -381,7 +381,7 @@ def test_process_pool_gives_the_same_catalog(tmp_path, small, npz):
 
 
 def test_raw_spectra_use_the_models_continuum_record(tmp_path, full_grid):
-    from cannon_fast.continuum import record_continuum
+    from cannon_fast.core.continuum import record_continuum
     model, cont, s = full_grid
     flux, ivar = s.flux[120:130], s.ivar[120:130]
     c = _continuum(len(flux), 5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from cannon_fast import vectorizer as vz
+from cannon_fast.core import vectorizer as vz
 
 
 @pytest.mark.parametrize("n_labels,order", [(1, 1), (3, 2), (5, 2), (2, 3), (4, 1)])

@@ -120,7 +120,7 @@ def _grid(wavelength, segments, resolution, path):
 
 
 def _train(args):
-    from ..model import CannonModel
+    from ..core.model import CannonModel
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
     data = read_spectra_file(args.spectra, need_labels=True)
@@ -153,8 +153,8 @@ def _train(args):
     info = model.train_info
     cont_note = ""
     if data["continuum_pixels"] is not None:  # later fits of raw spectra normalize the same way
-        from ..continuum import DEFAULT_DEGREE, record_continuum
-        from ..io.apogee import NPIX, to_apstar_grid
+        from ..core.continuum import DEFAULT_DEGREE, record_continuum
+        from ..apogee.files import NPIX, to_apstar_grid
         mask = to_apstar_grid(np.asarray(data["continuum_pixels"], dtype=np.int64), grid=NPIX)
         record_continuum(model, mask, data["continuum_degree"] or DEFAULT_DEGREE)
         cont_note = f", the store's {len(data['continuum_pixels'])} continuum pixels recorded"
@@ -165,8 +165,8 @@ def _train(args):
 
 
 def _fit(args):
-    from ..fitting import fit_spectra
-    from ..model import CannonModel
+    from ..core.fitting import fit_spectra
+    from ..core.model import CannonModel
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
     model = CannonModel.read(args.model, backend=args.backend)

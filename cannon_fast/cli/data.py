@@ -16,7 +16,7 @@ def register(subparsers, parent):
     parent : argparse.ArgumentParser
         Shared options (``--backend``, ``--seed``, ``--quiet``).
     """
-    from ..io.download import DEFAULT_BASE_URL
+    from ..apogee.download import DEFAULT_BASE_URL
 
     p = subparsers.add_parser(
         "download", parents=[parent],
@@ -74,7 +74,7 @@ def register(subparsers, parent):
 
 
 def _download(args):
-    from ..io.download import download_allstar, download_fields
+    from ..apogee.download import download_allstar, download_fields
 
     quiet = getattr(args, "quiet", False)
     if args.fetch_allstar:
@@ -91,7 +91,7 @@ def _download(args):
 
 
 def _prepare(args):
-    from ..prepare import corner_plot, find_apstar_files, prepare_dataset
+    from ..apogee.prepare import corner_plot, find_apstar_files, prepare_dataset
 
     paths = []
     for a in args.apstar:

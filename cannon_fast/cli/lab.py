@@ -86,7 +86,7 @@ def _extra_terms(text):
 
 
 def _demo(args):
-    from ..pipeline import run_lab
+    from ..lab.pipeline import run_lab
 
     quiet = getattr(args, "quiet", False)
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def _demo(args):
 
 
 def _report(args):
-    from ..report import rebuild_report
+    from ..lab.report import rebuild_report
 
     path = rebuild_report(args.folder)
     print(f"report: {os.path.abspath(path)}")

@@ -99,7 +99,7 @@ def register(subparsers, parent):
 
 # ----------------------------------------------------------------------------- inputs
 def _read_model(path, backend):
-    from ..model import CannonModel
+    from ..core.model import CannonModel
     return CannonModel.read(path, backend=backend)
 
 
@@ -109,14 +109,14 @@ def load_one_spectrum(path, model, continuum=None):
     Parameters
     ----------
     path : str
-        An apStar file (read with ``cannon_fast.io.apogee.read_apstar``, bad
+        An apStar file (read with ``cannon_fast.apogee.files.read_apstar``, bad
         pixels masked with its PIXMASK, pseudo-continuum normalized with
-        ``cannon_fast.continuum.normalize``) or an ``.npz`` with ``flux`` and
+        ``cannon_fast.core.continuum.normalize``) or an ``.npz`` with ``flux`` and
         ``ivar`` (already normalized; (P,) or (N, P)).
     model : CannonModel
     continuum : str, optional
         Continuum-pixel file; default the model's record, else pixels picked
-        from the model (``cannon_fast.continuum.model_continuum``).
+        from the model (``cannon_fast.core.continuum.model_continuum``).
 
     Returns
     -------
@@ -141,8 +141,8 @@ def load_one_spectrum(path, model, continuum=None):
             raise ValueError(f"{path}: {flux.shape[1]} pixels but the model has "
                              f"{model.n_pixels}")
         return flux.astype(np.float64), ivar.astype(np.float64), ids, notes
-    from ..continuum import model_continuum, normalize
-    from ..io.apogee import NPIX, grid_indices, read_apstar
+    from ..core.continuum import model_continuum, normalize
+    from ..apogee.files import NPIX, grid_indices, read_apstar
 
     star = read_apstar(path)
     flux, ivar, bad = star.masked()
@@ -170,7 +170,7 @@ def _parse_cv(text):
     if not text:
         return None
     if os.path.isdir(text) or text.endswith(".json"):
-        from ..pipeline import cv_scatter, read_summary
+        from ..lab.pipeline import cv_scatter, read_summary
         try:
             return cv_scatter(read_summary(text))
         except (OSError, KeyError, ValueError) as err:
@@ -196,7 +196,7 @@ def _refuse_existing(path, force):
 def _mcmc(args):
     import warnings
 
-    from ..mcmc import TrainingRangeWarning, parse_prior_args, sample_posterior
+    from ..lab.mcmc import TrainingRangeWarning, parse_prior_args, sample_posterior
 
     model = _read_model(args.model, args.backend)
     flux, ivar, ids, notes = load_one_spectrum(args.spectrum, model, args.continuum)
@@ -242,7 +242,7 @@ def _mcmc(args):
 
 
 def _movie(args):
-    from ..plots.movies import movie_metallicity, movie_rgb
+    from ..lab.plots.movies import movie_metallicity, movie_rgb
 
     model = _read_model(args.model, args.backend)
     os.makedirs(args.out, exist_ok=True)
@@ -268,7 +268,7 @@ def _movie(args):
 
 
 def _binaries(args):
-    from ..binaries import binary_bias_study, fit_binaries
+    from ..lab.binaries import binary_bias_study, fit_binaries
 
     if not args.spectra and not args.study:
         raise ValueError("give spectra to fit and/or --study")
@@ -301,7 +301,7 @@ def _binaries(args):
             t.write(path, overwrite=True)
             print(f"table: {path}")
     if args.study:
-        from ..plots.science import binary_bias_figure
+        from ..lab.plots.science import binary_bias_figure
         st = binary_bias_study(model, n_stars=args.n_stars, velocity=args.velocity, snr=args.snr,
                                seed=args.seed, source=args.source, detect=args.detect,
                                progress_bar=not args.quiet and None)

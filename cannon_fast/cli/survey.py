@@ -77,7 +77,7 @@ def register(subparsers, parent):
 
 
 def _label(args):
-    from ..model import CannonModel
+    from ..core.model import CannonModel
     from ..survey import SurveyError, label_survey
     from .core import fit_options
 

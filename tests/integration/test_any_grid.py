@@ -140,7 +140,8 @@ def test_broadening_in_the_grids_own_velocities(trained):
 def test_label_a_raw_survey_on_a_two_detector_grid(tmp_path):
     """``label_survey`` on raw .npz spectra of a grid with a detector gap (NIRSpec-like):
     normalized per detector with the model's recorded continuum pixels, then fitted."""
-    from cannon_fast.continuum import continuum_pixels_from_model, normalize, record_continuum
+    from cannon_fast.core.continuum import (continuum_pixels_from_model, normalize,
+                                            record_continuum)
     from cannon_fast.survey import label_survey, read_catalog
 
     grid = PixelGrid.linear(9000.0, 18000.0, 8192, segments=[(0, 4000), (4100, 8192)],

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from cannon_fast.cli import main
-from cannon_fast.pipeline import LAB_LABELS, run_lab
+from cannon_fast.lab.pipeline import LAB_LABELS, run_lab
 
 SUMMARY_FIELDS = ("data", "cuts", "n_train", "n_validation", "model", "validation", "targets",
                   "timings", "figures", "extras", "outliers", "mystery_star", "continuum")

@@ -2,7 +2,7 @@
 import numpy as np
 
 from cannon_fast import CannonModel
-from cannon_fast.mcmc import sample_posterior
+from cannon_fast.lab.mcmc import sample_posterior
 from cannon_fast.testing import make_synthetic
 
 

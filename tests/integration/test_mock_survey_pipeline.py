@@ -46,7 +46,7 @@ import time
 
 import pytest
 
-from cannon_fast.pipeline import AUTO_MODELS, run_lab
+from cannon_fast.lab.pipeline import AUTO_MODELS, run_lab
 
 #: Stars generated (the lab's 3036).
 N_STARS = int(os.environ.get("CANNON_FAST_MOCK_STARS", 3036))

@@ -1,0 +1,202 @@
+"""Label fitting kernels (numpy reference): batched Levenberg-Marquardt on precomputed moments.
+
+For one star with weights ``w_p = 1 / (sigma_p² + s²_p)`` the chi² of a
+polynomial model ``f_p = theta_p . v(x)`` is a polynomial in ``v``:
+
+    chi²(x) = c - 2 h . v(x) + v(x)^T G v(x),
+    c = sum_p w_p f_p²,  h = Theta^T W f,  G = Theta^T W Theta,
+
+so once (c, h, G) are known (matrix products over pixels, done by BLAS for a
+whole batch of stars), every iteration and every starting point costs O(T² L)
+instead of O(P T L). The de-biased objective replaces G by ``G - B`` with
+``B = sum_p w_p Cov(theta_p)``: the expected excess chi² that the errors of
+theta add at x (see ``cannon_fast.core.fitting``).
+
+References
+----------
+Ness et al. 2015, ApJ 808, 16, eq. 6 (the test step).
+"""
+import numpy as np
+
+from ..vectorizer import label_vector, label_vector_jacobian, unpack_symmetric
+
+#: status bits of ``lm_fit`` (the public flags in ``cannon_fast.core.fitting`` reuse them)
+NOT_CONVERGED, HIT_BOUND, STARTS_DISAGREE = 1, 2, 4
+
+
+def _second_derivatives(x, exponents):
+    """d²v_t / dx_l dx_m for one star: (T, L, L), by differentiating the monomials."""
+    n_terms, n_labels = exponents.shape
+    out = np.zeros((n_terms, n_labels, n_labels))
+    for l in range(n_labels):
+        for m in range(n_labels):
+            e = exponents.astype(float).copy()
+            coef = e[:, l].copy()
+            e[:, l] -= 1
+            coef = coef * e[:, m]
+            e[:, m] -= 1
+            ok = coef != 0
+            out[ok, l, m] = coef[ok] * np.prod(x[None, :] ** e[ok], axis=1)
+    return out
+
+
+def _objective(x, c, h, g, exponents):
+    v = label_vector(x[None, :], exponents)[0]
+    return c - 2.0 * h @ v + v @ g @ v
+
+
+def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
+           x_out, phi_out, iters_out, status_out):
+    """Minimise ``c - 2 h.v(x) + v(x)^T G v(x)`` from several starts within bounds.
+
+    The objective is evaluated at every starting point (O(T²) each); LM runs
+    from the ``n_polish`` best of them and the best end point wins.
+
+    Contract: ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()`` over stars
+    (``starts`` is per star).
+
+    Parameters
+    ----------
+    g_packed : ndarray, (N, T(T+1)/2)
+        Packed upper triangles of ``G`` (or ``G - B``).
+    h : ndarray, (N, T)
+    c : ndarray, (N,)
+    exponents : ndarray of int64, (T, L)
+    starts : ndarray, (N, K, L)
+        Candidate starting points of each star, in scaled labels.
+    lo, hi : ndarray, (L,)
+        Bounds in scaled labels.
+    n_polish : int
+        LM runs from this many of the best candidates.
+    max_iter : int
+    xtol : float
+        Convergence when the largest step is below ``xtol`` (scaled units).
+    disagree_dchi2 : float
+        Another start that ends more than this Mahalanobis distance² from the best
+        point with an objective within this of the best marks the star STARTS_DISAGREE.
+    x_out : ndarray, (N, L)
+    phi_out : ndarray, (N,)
+    iters_out : ndarray of int64, (N,)
+    status_out : ndarray of int64, (N,)
+        Bit field of NOT_CONVERGED, HIT_BOUND, STARTS_DISAGREE.
+    """
+    n_terms, n_labels = exponents.shape
+    for i in range(len(c)):
+        g = unpack_symmetric(g_packed[i], n_terms)
+        ends, phis, its, convs = [], [], [], []
+        cand = np.clip(starts[i], lo, hi)
+        first = np.array([_objective(x0, c[i], h[i], g, exponents) for x0 in cand])
+        for j in np.argsort(first, kind="stable")[:n_polish]:
+            x = cand[j].copy()
+            phi = _objective(x, c[i], h[i], g, exponents)
+            lam, converged, it = 1e-3, False, 0
+            while it < max_iter:
+                it += 1
+                v = label_vector(x[None, :], exponents)[0]
+                dv = label_vector_jacobian(x[None, :], exponents)[0]  # (T, L)
+                gv = g @ v - h[i]
+                grad = dv.T @ gv
+                hess = dv.T @ g @ dv
+                # full Newton: add sum_t gv_t d²v_t/dx dx (see _second_derivatives)
+                full = hess + np.einsum("t,tlm->lm", gv, _second_derivatives(x, exponents))
+                damp = full + lam * np.diag(np.diag(hess) + 1e-12)
+                try:
+                    np.linalg.cholesky(damp)
+                except np.linalg.LinAlgError:  # away from a minimum: Gauss-Newton
+                    damp = hess + lam * np.diag(np.diag(hess) + 1e-12)
+                try:
+                    step = -np.linalg.solve(damp, grad)
+                except np.linalg.LinAlgError:
+                    lam *= 10.0
+                    continue
+                x_new = np.clip(x + step, lo, hi)
+                phi_new = _objective(x_new, c[i], h[i], g, exponents)
+                if phi_new <= phi:
+                    moved = np.max(np.abs(x_new - x))
+                    x, phi = x_new, phi_new
+                    lam = max(lam / 10.0, 1e-9)
+                    if moved < xtol:
+                        converged = True
+                        break
+                else:
+                    lam *= 4.0
+                    if lam > 1e12:
+                        break
+            ends.append(x)
+            phis.append(phi)
+            its.append(it)
+            convs.append(converged)
+        best = int(np.argmin(phis))
+        xb = ends[best]
+        status = 0 if convs[best] else NOT_CONVERGED
+        if np.any((xb <= lo) | (xb >= hi)):
+            status |= HIT_BOUND
+        dv = label_vector_jacobian(xb[None, :], exponents)[0]
+        hess = dv.T @ g @ dv
+        for k in range(len(ends)):
+            d = ends[k] - xb
+            if convs[k] and phis[k] - phis[best] < disagree_dchi2 \
+                    and d @ hess @ d > disagree_dchi2:
+                status |= STARTS_DISAGREE
+        x_out[i] = xb
+        phi_out[i] = phis[best]
+        iters_out[i] = sum(its)
+        status_out[i] = status
+
+
+def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
+                 moments_out):
+    """Fit weights, weighted residuals from the constant term, their chi², good-pixel counts.
+
+    Contract: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)`` over stars.
+
+    Working with ``r = f - theta_0`` (the model's constant term) removes the
+    large, cancelling constant-term parts of ``c``, ``h`` and ``G``; what is
+    left of G is small enough to accumulate in float32.
+
+    Parameters
+    ----------
+    flux, ivar : ndarray, (N, P)
+    s2 : ndarray, (P,)
+    good_pix : ndarray of bool, (P,)
+    theta0 : ndarray, (P,)
+        The constant term of the model at each pixel.
+    t_pix : ndarray, (P,)
+        Per-pixel scale of ``Cov(theta_p)`` (see ``cannon_fast.core.fitting._precompute``).
+    w_out : ndarray of float32, (N, P)
+        ``1 / (1/ivar + s²)``; 0 where ``ivar = 0`` or the pixel is bad.
+    wr_out : ndarray, (N, P)
+        ``w (f - theta0)``.
+    c_out : ndarray, (N,)
+        ``sum_p w (f - theta0)²``.
+    npix_out : ndarray of int64, (N,)
+    moments_out : ndarray, (N, 3)
+        ``sum w``, ``sum w t`` and ``sum w² t`` over pixels.
+    """
+    valid = (ivar > 0) & good_pix[None, :]
+    with np.errstate(divide="ignore"):
+        w = np.where(valid, 1.0 / (1.0 / np.where(valid, ivar, 1.0) + s2[None, :]), 0.0)
+    r = np.where(valid, flux - theta0[None, :], 0.0)
+    w_out[...] = w
+    wr_out[...] = w * r
+    c_out[...] = np.sum(w * r * r, axis=1)
+    npix_out[...] = valid.sum(axis=1)
+    moments_out[:, 0] = w.sum(axis=1)
+    moments_out[:, 1] = w @ t_pix
+    moments_out[:, 2] = (w * w) @ t_pix
+
+
+def design(x, exponents, v_out, dv_out):
+    """Label vectors and their Jacobian for a batch of stars.
+
+    Contract: ``(l),(t,l)->(t),(t,l)`` over stars.
+
+    Parameters
+    ----------
+    x : ndarray, (N, L)
+    exponents : ndarray of int64, (T, L)
+    v_out : ndarray, (N, T)
+    dv_out : ndarray, (N, T, L)
+    """
+    v_out[...] = label_vector(x, exponents)
+    dv_out[...] = label_vector_jacobian(x, exponents)

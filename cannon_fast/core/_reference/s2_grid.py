@@ -1,0 +1,76 @@
+"""Per-pixel intrinsic scatter s² by maximum likelihood (numpy reference).
+
+For residuals ``r_n`` and noise variances ``v_n`` of the valid training stars
+at one pixel, the log likelihood in s² is
+
+    g(s²) = -1/2 sum_n [ r_n² / (v_n + s²) + log(v_n + s²) ],
+
+whose derivative ``g'(s²) = 1/2 sum_n (r_n² - v_n - s²) / (v_n + s²)²`` is
+negative for every ``s² > max_n r_n²``: the maximum lies in ``[0, max r²]``.
+A geometric grid over that bracket (plus s² = 0) locates the best cell, and a
+bounded scalar search refines it.
+
+References
+----------
+Ness et al. 2015, ApJ 808, 16, eq. 4 (the likelihood with s²).
+"""
+import numpy as np
+
+#: relative precision to which s² is refined
+S2_RTOL = 1e-4
+#: the grid reaches down to this fraction of the mean noise variance: an intrinsic
+#: variance that small changes the weights by < 0.01 %, i.e. it is zero for the fit
+S2_FLOOR = 1e-4
+#: grid points per factor of ten
+GRID_PER_DECADE = 3
+
+
+def loglike_s2(s2, resid, var):
+    """g(s²) above for one pixel (valid stars only)."""
+    tot = var + s2
+    return -0.5 * np.sum(resid ** 2 / tot + np.log(tot))
+
+
+def s2_update(resid, ivar, s2_out, status_out):
+    """Maximise the likelihood in s² at every pixel given the residuals.
+
+    Contract: ``(n),(n)->(),()`` over pixels.
+
+    Parameters
+    ----------
+    resid : ndarray, (N, P)
+        Residuals ``f - theta . v`` of the training stars.
+    ivar : ndarray, (N, P)
+        Inverse noise variances; 0 where a star is not valid at a pixel. (The
+        inverse, not the variance, so that training needs no (N, P) array of
+        variances: the kernels invert while they gather each pixel's stars.)
+    s2_out : ndarray, (P,)
+    status_out : ndarray of int8, (P,)
+        0 (interior or zero maximum) or 1 (fewer than two valid stars: s² = 0).
+    """
+    from scipy.optimize import minimize_scalar  # here: importing scipy.optimize is slow
+
+    for p in range(resid.shape[1]):
+        ok = ivar[:, p] > 0
+        r, v = resid[ok, p], 1.0 / ivar[ok, p]
+        if len(r) < 2:
+            s2_out[p], status_out[p] = 0.0, 1
+            continue
+        hi = float(np.max(r ** 2))
+        lo = S2_FLOOR * float(np.mean(v))
+        if hi <= lo:
+            s2_out[p], status_out[p] = 0.0, 0
+            continue
+        n_grid = int(np.ceil(np.log10(hi / lo) * GRID_PER_DECADE)) + 1
+        grid = np.concatenate([[0.0], np.geomspace(lo, hi, n_grid)])
+        g = np.array([loglike_s2(s, r, v) for s in grid])
+        k = int(np.argmax(g))
+        if k == 0:
+            s2_out[p], status_out[p] = 0.0, 0
+            continue
+        a = grid[k - 1]
+        b = grid[min(k + 1, len(grid) - 1)]
+        res = minimize_scalar(lambda s: -loglike_s2(s, r, v), bounds=(a, b), method="bounded",
+                              options=dict(xatol=S2_RTOL * grid[k] * 1e-2))
+        s2_out[p] = res.x if -res.fun >= g[k] else grid[k]
+        status_out[p] = 0

@@ -1,1 +1,0 @@
-"""Readers and downloads for APOGEE files: apStar, allStar, PIXMASK bits, archive layouts."""

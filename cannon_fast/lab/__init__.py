@@ -1,0 +1,1 @@
+"""The modeling lab: the pipeline, its report and figures, MCMC, binaries, isochrones."""

@@ -1,0 +1,1244 @@
+"""The modeling lab end to end: survey -> cuts -> normalization -> model -> validation -> report.
+
+:func:`run_lab` is what ``cannon-fast demo`` runs. With no data it generates (or
+reuses) the embedded synthetic survey (:func:`cannon_fast.demo.datasets.demo_survey`);
+with ``data_dir`` it reads downloaded files in the SDSS archive layout. Both go
+through the same code: :func:`cannon_fast.apogee.prepare.prepare_dataset` (cross-match,
+the lab's cuts, PIXMASK masking, per-chip pseudo-continuum), a seeded random
+half/half split, a 5-label quadratic :class:`~cannon_fast.core.model.CannonModel`,
+label fits of the validation half (de-biased and plain), and a report folder
+(:mod:`cannon_fast.lab.report`) with every figure, ``summary.json`` and the model.
+
+Optional steps owned by other modules (MCMC on a held-back "mystery" star,
+movies, binaries, the neural-network comparison) are called through small
+guarded functions: when a module is absent or fails, the report says so and the
+rest of the lab is unaffected.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+import traceback
+
+import numpy as np
+
+from .._util import atomic_path, progress
+from .fit_steps import FIT_STEP_NAMES, FIT_STEPS, fit_step_title
+
+__all__ = ["LAB_LABELS", "TARGETS", "run_lab", "label_statistics", "diagnose_outliers",
+           "read_summary", "cv_scatter", "REPORT_FILES"]
+
+#: The five labels of the lab's model.
+LAB_LABELS = ("TEFF", "LOGG", "FE_H", "MG_FE", "SI_FE")
+#: The lab's targets against the true labels: (max |bias|, max scatter) per label.
+TARGETS = {"TEFF": (5.0, 30.0), "FE_H": (0.005, 0.02)}
+#: Files of a report folder that ``force=True`` may replace (besides the figures).
+REPORT_FILES = ("report.html", "summary.json", "model.fits", "validation_labels.fits",
+                "movie_feh.gif", "movie_feh.mp4", "movie_rgb.gif", "movie_rgb.mp4")
+_WORK_DIR = ".work"
+#: Fit flags that point at a problem with a star's fit (others are informational).
+_TROUBLE_FLAGS = ("NOT_CONVERGED", "HIT_BOUND", "STARTS_DISAGREE", "TOO_FEW_PIXELS", "FAILED")
+
+
+# --------------------------------------------------------------------------- statistics
+def label_statistics(fitted, reference, label_names, good=None):
+    """Bias and scatter of fitted minus reference labels, per label (JSON-friendly).
+
+    Parameters
+    ----------
+    fitted, reference : array_like, (N, L)
+    label_names : sequence of str
+    good : array_like of bool, (N,), optional
+        Stars to use (default: all with finite values).
+
+    Returns
+    -------
+    dict
+        ``{name: {"bias", "scatter", "mad_scatter", "rms", "n"}}``; scatter is the
+        standard deviation, mad_scatter 1.4826 x the median absolute deviation.
+    """
+    from .plots.lab import bias_scatter
+
+    fitted = np.atleast_2d(np.asarray(fitted, float))
+    reference = np.atleast_2d(np.asarray(reference, float))
+    if good is not None:
+        fitted, reference = fitted[np.asarray(good, bool)], reference[np.asarray(good, bool)]
+    bias, std, rms, mad = bias_scatter(fitted, reference)
+    n = np.sum(np.isfinite(fitted - reference), axis=0)
+    return {name: dict(bias=_num(bias[j]), scatter=_num(std[j]), mad_scatter=_num(mad[j]),
+                       rms=_num(rms[j]), n=int(n[j])) for j, name in enumerate(label_names)}
+
+
+#: Candidate models of ``run_lab(extra_terms="auto")``: the lab's quadratic; the
+#: quadratic with two more powers of Teff (line strengths go roughly as exp(-chi/kT),
+#: which a quadratic follows poorly at the hot and cool edges of a giant sample); and
+#: that with [Fe/H]^3 as well (a line's depth flattens with abundance as it saturates,
+#: the curve of growth, which a quadratic follows poorly over -1 < [Fe/H] < +0.5); and
+#: that as a polynomial in 1/Teff (theta = 5040/Teff, in which the Boltzmann factors
+#: exp(-chi theta) of line strengths are simpler). ``CannonModel`` keyword arguments.
+AUTO_MODELS = {
+    "quadratic": dict(extra_terms=()),
+    "quadratic + TEFF^3 + TEFF^4": dict(extra_terms=("TEFF^3", "TEFF^4")),
+    "quadratic + TEFF^3 + TEFF^4 + FE_H^3": dict(extra_terms=("TEFF^3", "TEFF^4", "FE_H^3")),
+    "quadratic + TEFF^3 + TEFF^4 + FE_H^3, in 1/TEFF": dict(
+        extra_terms=("TEFF^3", "TEFF^4", "FE_H^3"), reciprocal_labels=("TEFF",)),
+}
+
+
+def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3, seed=0,
+                   label_errors=None):
+    """Choose a model and a label fit by cross-validation on a training set.
+
+    Each fold is fitted by each model trained on the other folds, with each label
+    fit; the scatter of (fit - catalogue label) then compares them, because the
+    catalogue's own errors add the same variance to all. The score is the mean over
+    labels of log(variance), so every label counts by its relative change.
+    De-biasing removes the pull of the model's training noise, but when the
+    catalogue labels are noisy (their errors attenuate the model) it can add
+    scatter instead: only the data can say which effect wins.
+
+    Parameters
+    ----------
+    models : dict of str -> callable
+        Name -> a function ``(flux, ivar, labels, label_errors)`` returning a
+        trained ``CannonModel`` (``label_errors`` is None when not given).
+    flux, ivar : ndarray, (N, P)
+    labels : ndarray, (N, L)
+        The training (catalogue) labels.
+    steps : sequence of keys of FIT_STEPS
+    n_folds : int
+    seed : int
+    label_errors : ndarray, (N, L), optional
+        The catalogue's label errors, passed on to the models.
+
+    Returns
+    -------
+    model_name : str
+    step : str
+    info : dict
+        ``scatter`` and ``score`` per ``"model / step"``, and a one-line ``note``.
+    """
+    n = len(labels)
+    folds = np.random.default_rng(seed).permutation(n) % n_folds
+    resid = {(m, st): [] for m in models for st in steps}
+    for k in range(n_folds):
+        inner, held = folds != k, folds == k
+        for name, train_model in models.items():
+            m = train_model(flux[inner], ivar[inner], labels[inner],
+                            None if label_errors is None else label_errors[inner])
+            for st in steps:
+                r = m.fit(flux[held], ivar[held], **FIT_STEPS[st])
+                resid[name, st].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
+    scatter, score = {}, {}
+    for key, parts in resid.items():
+        sd = np.nanstd(np.concatenate(parts), axis=0)
+        scatter[" / ".join(key)] = sd.tolist()
+        score[" / ".join(key)] = float(np.mean(np.log(sd ** 2)))
+    best = min(resid, key=lambda key: score[" / ".join(key)])
+    ranked = sorted(score, key=score.get)
+    note = (f"{n_folds}-fold cross-validation on {n} training stars, scatter against the "
+            f"catalogue labels (geometric mean over labels) relative to the best: "
+            + ", ".join(f"{k} {np.exp(0.5 * (score[k] - score[ranked[0]])):.3f}"
+                        for k in ranked))
+    return best[0], best[1], dict(scatter=scatter, score=score, note=note)
+
+
+def _catalogue_errors(errors, wanted):
+    """The catalogue's label errors for training, filled where missing; and a note.
+
+    Returns (None, note) when they are not wanted or there are none to use.
+    """
+    if wanted is False:
+        return None, ""
+    errors = np.array(errors, dtype=float)
+    usable = np.isfinite(errors) & (errors > 0)
+    if not usable.any(axis=0).all():
+        missing = [n for n, u in zip(LAB_LABELS, usable.any(axis=0)) if not u]
+        if wanted is True:
+            raise ValueError(f"label_errors=True but the catalogue has no errors for {missing} "
+                             "(<LABEL>_ERR columns)")
+        return None, f"Label errors not used: the catalogue has none for {missing}."
+    note = ""
+    if not usable.all():
+        med = np.array([np.median(errors[usable[:, j], j]) for j in range(errors.shape[1])])
+        errors = np.where(usable, errors, med)
+        note = (f"{int((~usable).any(axis=1).sum())} star(s) without a catalogue error for some "
+                "label got that label's median error.")
+    return errors, note
+
+
+def _num(x):
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _targets(stats):
+    out, ok_all = {}, True
+    for name, (bmax, smax) in TARGETS.items():
+        s = stats.get(name)
+        if s is None or s["bias"] is None:
+            out[name] = dict(bias_max=bmax, scatter_max=smax, met=False)
+            ok_all = False
+            continue
+        met = abs(s["bias"]) <= bmax and s["scatter"] <= smax
+        ok_all &= met
+        out[name] = dict(bias=s["bias"], scatter=s["scatter"], bias_max=bmax, scatter_max=smax,
+                         met=bool(met))
+    out["all_met"] = bool(ok_all)
+    return out
+
+
+def _population_breakdown(fitted, true, ok, population, names=("TEFF", "FE_H")):
+    """Bias, scatter and share of the total squared error of each true population.
+
+    A population whose share of the squared error is far above its share of the stars
+    is where the model fails (a rare kind of star the training set barely covers).
+    """
+    res = np.asarray(fitted, float) - np.asarray(true, float)
+    use = ok & np.all(np.isfinite(res), axis=1)
+    cols = [LAB_LABELS.index(n) for n in names]
+    rows = []
+    for pop in sorted(set(population[use])):
+        sel = use & (population == pop)
+        share = _share_of_squared_error(res, sel, use)
+        row = dict(population=str(pop), n=int(sel.sum()))
+        for n, j in zip(names, cols):
+            r = res[sel, j]
+            row[n] = dict(bias=_num(r.mean()),
+                          scatter=_num(r.std(ddof=1)) if len(r) > 1 else None,
+                          share_of_squared_error=_num(share[j]))
+        rows.append(row)
+    return dict(rows=rows, note="fitted - true per true population; share_of_squared_error is "
+                                "the population's part of sum((fitted - true)^2)")
+
+
+def _share_of_squared_error(residuals, part, whole):
+    """Per label, the part of sum(residual²) over the stars ``whole`` that ``part`` carries.
+
+    NaN residuals count as 0; a label without error gets NaN.
+    """
+    d2 = np.asarray(residuals, float) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nansum(d2[part], axis=0) / np.nansum(d2[whole], axis=0)
+
+
+def _sparse_training_split(fit, catalog, truth=None):
+    """Validation statistics without the SPARSE_TRAINING stars, and what those carry."""
+    sparse = fit.ok & (fit.flags & fit.FLAGS["SPARSE_TRAINING"] > 0)
+    dense = fit.ok & ~sparse
+    ref = truth if truth is not None else catalog
+    share = _share_of_squared_error(fit.labels - ref, sparse, fit.ok)
+    out = dict(n=int(dense.sum()), n_flagged=int(sparse.sum()),
+               stats=label_statistics(fit.labels, catalog, LAB_LABELS, good=dense),
+               flagged_share_of_squared_error={n: _num(share[j])
+                                               for j, n in enumerate(LAB_LABELS)},
+               note=f"validation stars without the {int(sparse.sum())} flagged "
+                    f"SPARSE_TRAINING (fitted labels where the training set is thin), which "
+                    f"carry {100 * share[0]:.0f}% of the squared Teff error against the "
+                    f"{'true' if truth is not None else 'catalog'} labels")
+    if truth is not None:
+        out["vs_true"] = label_statistics(fit.labels, truth, LAB_LABELS, good=dense)
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+def _find_allstar(data_dir):
+    hits = sorted(glob.glob(os.path.join(data_dir, "**", "allStar*.fits"), recursive=True))
+    if not hits:
+        raise FileNotFoundError(f"no allStar*.fits catalogue found under {data_dir} (pass "
+                                "allstar= / --allstar)")
+    return hits[0]
+
+
+def _read_truth(path, ids):
+    """Read the true labels (N, L) of the stars ``ids`` from a truth.fits (NaN where absent)."""
+    import fitsio
+
+    t = fitsio.read(path, ext=1)
+    names = t.dtype.names
+    tid = np.char.strip(np.asarray(t["APOGEE_ID"]).astype(str))
+    index = {}
+    for i, s in enumerate(tid):
+        index.setdefault(s, i)
+    rows = np.array([index.get(str(s).strip(), -1) for s in ids])
+    out = np.full((len(ids), len(LAB_LABELS)), np.nan)
+    have = rows >= 0
+    for j, name in enumerate(LAB_LABELS):
+        if name in names:
+            out[have, j] = np.asarray(t[name], float)[rows[have]]
+    extra = {}
+    for col in ("IS_BINARY", "POPULATION", "VMACRO"):
+        if col in names:
+            vals = np.asarray(t[col])[np.maximum(rows, 0)]
+            missing = np.full_like(vals, np.nan) if vals.dtype.kind == "f" else \
+                np.zeros_like(vals)
+            extra[col] = np.where(have, vals, missing)
+    return out, extra
+
+
+def _catalog_flags(allstar, ids):
+    """ASPCAP/STAR flag names per star (empty strings when the columns are absent)."""
+    import fitsio
+
+    try:
+        with fitsio.FITS(allstar) as f:
+            cols = f[1].get_colnames()
+            want = [c for c in ("APOGEE_ID", "ASPCAPFLAGS", "STARFLAGS", "EXTRATARG")
+                    if c in cols]
+            if "APOGEE_ID" not in want:
+                return [""] * len(ids)
+            t = f[1].read(columns=want)
+    except OSError:
+        return [""] * len(ids)
+    tid = np.char.strip(np.asarray(t["APOGEE_ID"]).astype(str))
+    index = {}
+    for i, s in enumerate(tid):
+        index.setdefault(s, i)
+    out = []
+    for s in ids:
+        i = index.get(str(s).strip(), -1)
+        parts = []
+        if i >= 0:
+            for c in ("ASPCAPFLAGS", "STARFLAGS"):
+                if c in t.dtype.names:
+                    v = str(np.asarray(t[c][i]).astype(str)).strip()
+                    if v:
+                        parts.append(v)
+        out.append(",".join(p for p in parts if p))
+    return out
+
+
+def _continuum_from_data(paths, allstar, n_max, seed, workers, backend, show):
+    """Find continuum pixels from the data (Ness et al. 2015, §5.3) with <= n_max kept stars.
+
+    The stars are drawn from all that pass the cuts (before the train/validation
+    split), using their catalog labels; only the pixel selection sees them.
+    """
+    from ..apogee.catalog import select
+    from ..core.continuum import find_continuum_pixels
+    from ..apogee.files import match_ids, parse_apstar_path, read_allstar
+    from ..core.model import CannonModel
+    from ..apogee.prepare import load_spectra
+
+    ids, tels, flds, keep_paths = [], [], [], []
+    for p in paths:
+        try:
+            _, sid, tel, fld = parse_apstar_path(p)
+        except ValueError:
+            continue
+        ids.append(sid)
+        tels.append(tel)
+        flds.append(fld)
+        keep_paths.append(p)
+    cat = read_allstar(allstar, labels=LAB_LABELS)
+    idx = match_ids(cat, ids, tels, flds)
+    found = np.flatnonzero(idx >= 0)
+    keep, _ = select(cat[idx[found]], min_remaining=1)
+    use = found[keep]
+    rng = np.random.default_rng(seed)
+    use = np.sort(rng.permutation(use)[:n_max])
+    flux, ivar, ok, _ = load_spectra([keep_paths[i] for i in use], workers=workers,
+                                     show_progress=show)
+    labels = np.column_stack([np.asarray(cat[c], float)[idx[use]] for c in LAB_LABELS])
+    mask, history = find_continuum_pixels(flux[ok].astype(np.float64),
+                                          ivar[ok].astype(np.float64), labels[ok],
+                                          lambda: CannonModel(LAB_LABELS, order=2,
+                                                              backend=backend),
+                                          backend=backend)
+    return mask, dict(method="found from the data (normalize -> train -> select, Ness et al. "
+                             "2015 §5.3)", n_stars=int(ok.sum()), history=history)
+
+
+# --------------------------------------------------------------------------- outliers
+def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatter,
+                      continuum_flags=None, catalog_flags=None, truth=None, truth_extra=None,
+                      bounds=None, edges=None, n=6):
+    """Pick the worst cross-validation outliers and say what went wrong with each.
+
+    Parameters
+    ----------
+    fit : FitResult
+        Fits of N validation stars.
+    reference : array_like, (N, L)
+        Labels they are compared with (the catalog's).
+    label_names : sequence of str
+    flux, ivar, model_flux : array_like, (N, P)
+        Normalized spectra and the model at the fitted labels.
+    scatter : array_like, (L,)
+        Robust scatter per label; the outlier score is max_l |fit - ref| / scatter.
+    continuum_flags : array_like of int, (N,), optional
+        :data:`cannon_fast.core.continuum.CONTINUUM_FLAGS` bits.
+    catalog_flags : sequence of str, (N,), optional
+        ASPCAP/STAR flag names from the catalog.
+    truth : array_like, (N, L), optional
+        True labels (synthetic surveys).
+    truth_extra : dict, optional
+        ``IS_BINARY`` per star, from the truth table.
+    bounds : array_like, (L, 2), optional
+        Training label range.
+    edges : array_like, (L, 2), optional
+        Inner range of the training labels (e.g. 2.5-97.5 percentiles); stars
+        outside it are "at the edge".
+    n : int
+        How many outliers.
+
+    Returns
+    -------
+    list of dict
+        One per outlier (worst first): ``index``, ``score``, ``worst_label``,
+        ``delta``, ``reduced_chi2``, ``fit_flags``, ``bad_pixel_fraction``,
+        ``continuum_offset`` (largest per-chip |median data/model - 1|),
+        ``continuum_flags``, ``catalog_flags``, ``catalog_minus_true``, ``diagnosis``.
+    """
+    from ..core.continuum import CONTINUUM_FLAGS
+    from ..apogee.files import CHIP_RANGES
+
+    labels = np.asarray(fit.labels, float)
+    ref = np.asarray(reference, float)
+    scatter = np.where(np.asarray(scatter, float) > 0, scatter, 1.0)
+    z = np.abs(labels - ref) / scatter
+    score = np.nanmax(np.where(np.isfinite(z), z, -1), axis=1)
+    score[~np.isfinite(labels).all(axis=1)] = np.inf
+    order = np.argsort(-score, kind="stable")[:n]
+    med_rchi = float(np.nanmedian(fit.reduced_chi2))
+    on_chip = np.zeros(np.shape(flux)[1], bool)
+    for a, b in CHIP_RANGES:
+        on_chip[a:b] = True
+    out = []
+    for i in order:
+        i = int(i)
+        good = np.asarray(ivar[i]) > 0
+        badfrac = 1.0 - float(np.mean(good[on_chip]))
+        offsets = []
+        for a, b in CHIP_RANGES:
+            g = good[a:b]
+            if g.sum() > 50:
+                offsets.append(float(np.median(np.asarray(flux[i][a:b])[g]
+                                               / np.asarray(model_flux[i][a:b])[g]) - 1.0))
+        cont_off = max(offsets, key=abs) if offsets else float("nan")
+        j = int(np.nanargmax(np.where(np.isfinite(z[i]), z[i], -1))) if np.isfinite(
+            z[i]).any() else 0
+        cflags = [k for k, v in CONTINUUM_FLAGS.items()
+                  if continuum_flags is not None and int(continuum_flags[i]) & v]
+        info = dict(index=i, score=_num(score[i]), worst_label=label_names[j],
+                    fitted=_num(labels[i, j]), reference=_num(ref[i, j]),
+                    delta=_num(labels[i, j] - ref[i, j]),
+                    reduced_chi2=_num(fit.reduced_chi2[i]), fit_flags=fit.flag_names(i),
+                    bad_pixel_fraction=badfrac, continuum_offset=_num(cont_off),
+                    continuum_flags=cflags,
+                    catalog_flags=catalog_flags[i] if catalog_flags is not None else "")
+        reasons = []
+        if truth is not None and np.isfinite(truth[i, j]):
+            cat_err = float(ref[i, j] - truth[i, j])
+            fit_err = float(labels[i, j] - truth[i, j])
+            info["catalog_minus_true"] = cat_err
+            info["fit_minus_true"] = fit_err
+            if abs(cat_err) > 2 * abs(fit_err) and abs(cat_err) > 2 * scatter[j]:
+                reasons.append(f"catalog label error: catalog - true = {cat_err:+.3g}, "
+                               f"fit - true = {fit_err:+.2g}")
+            elif abs(fit_err) > 2 * abs(cat_err):
+                reasons.append(f"model/fit error: fit - true = {fit_err:+.3g}, catalog - true "
+                               f"= {cat_err:+.2g}")
+        if truth_extra and "IS_BINARY" in truth_extra and bool(truth_extra["IS_BINARY"][i]):
+            reasons.append("an (injected) binary: composite spectrum")
+        trouble = [f for f in info["fit_flags"] if f in _TROUBLE_FLAGS]
+        if trouble:
+            reasons.append("fit flags " + "+".join(trouble))
+        if np.isfinite(info["reduced_chi2"] or np.nan) and info["reduced_chi2"] > 2 * med_rchi:
+            reasons.append(f"poor fit (reduced chi2 {info['reduced_chi2']:.2f} vs median "
+                           f"{med_rchi:.2f})")
+        if badfrac > 0.2:
+            reasons.append(f"{100 * badfrac:.0f}% of the pixels masked")
+        if cflags or (np.isfinite(cont_off) and abs(cont_off) > 0.01):
+            reasons.append("continuum trouble (" + ", ".join(
+                cflags + ([f"chip median data/model off by {100 * cont_off:+.1f}%"]
+                          if np.isfinite(cont_off) and abs(cont_off) > 0.01 else [])) + ")")
+        if info["catalog_flags"]:
+            reasons.append(f"catalog flags {info['catalog_flags']}")
+        if bounds is not None:
+            lo, hi = np.asarray(bounds, float).T
+            tr_lo, tr_hi = lo, hi
+            outside = [label_names[k] for k in range(len(label_names))
+                       if np.isfinite(ref[i, k]) and not tr_lo[k] <= ref[i, k] <= tr_hi[k]]
+            if outside:
+                reasons.append("catalog labels outside the training range: " + ", ".join(outside))
+        if "SPARSE_TRAINING" in info["fit_flags"]:
+            reasons.append("fitted labels where the training set is thin (SPARSE_TRAINING), "
+                           "where the model is least constrained")
+        if edges is not None:
+            lo, hi = np.asarray(edges, float).T
+            near = [label_names[k] for k in range(len(label_names))
+                    if np.isfinite(ref[i, k]) and (ref[i, k] < lo[k] or ref[i, k] > hi[k])]
+            if near:
+                reasons.append("at the edge of the training labels (outside their 2.5-97.5% "
+                               "range), where the quadratic model is least accurate: "
+                               + ", ".join(near))
+        if not reasons:
+            reasons.append("no data problem found: the model's limit at these labels, or noise")
+        info["diagnosis"] = "; ".join(reasons)
+        info["main_reason"] = reasons[0]
+        out.append(info)
+    return out
+
+
+# --------------------------------------------------------------------------- guarded extras
+def _guarded(name, func, *args, **kwargs):
+    """Run an optional step; return ``(status dict, value)``, never raise."""
+    t0 = time.perf_counter()
+    try:
+        value = func(*args, **kwargs)
+    except ImportError as err:
+        return dict(status="skipped", reason=f"module not available ({err})"), None
+    except Exception as err:  # noqa: BLE001 - an optional step must not sink the lab
+        tb = traceback.format_exc(limit=3)
+        return dict(status="failed", reason=f"{type(err).__name__}: {err}", traceback=tb), None
+    status = dict(status="ok", seconds=round(time.perf_counter() - t0, 2))
+    if isinstance(value, dict):
+        status.update({k: v for k, v in value.items() if k not in ("figure", "figures")})
+    return status, value
+
+
+def _extra_mcmc(ctx):
+    from .mcmc import sample_posterior
+
+    res = sample_posterior(ctx["model"], ctx["mystery_flux"], ctx["mystery_ivar"],
+                           seed=ctx["seed"], warn=False, progress_bar=ctx["show"])
+    d = res.to_dict()
+    out = {"star": ctx["mystery_id"], "path": ctx["mystery_path"]}
+    for key in ("converged", "median", "sigma", "p16", "p84", "autocorr_time", "fit_labels",
+                "fit_errors", "fit_errors_debiased", "prior_text", "warnings", "n_steps",
+                "acceptance_fraction", "runtime"):
+        if key in d:
+            out[key] = d[key]
+    cv = ctx.get("cv_scatter")
+    if ctx.get("mystery_truth") is not None:
+        out["true_labels"] = np.asarray(ctx["mystery_truth"]).tolist()
+    out["catalog_labels"] = np.asarray(ctx["mystery_catalog"]).tolist()
+    if res.converged:
+        out["summary"] = res.summary(cv_scatter=cv)
+    else:
+        out["summary"] = "chain not converged: no posterior reported"
+    try:
+        fig = res.corner(truths=ctx.get("mystery_truth"))
+        if fig is not None and hasattr(fig, "savefig"):
+            out["figure"] = ("mcmc_corner", fig,
+                             f"MCMC posterior of the held-back mystery star {ctx['mystery_id']}"
+                             " (uniform priors within the training range), in blue; orange: the "
+                             "chi² fit ± its formal error"
+                             + ("; green lines: the true labels, outside the axes when the "
+                                "posterior misses them" if ctx.get("mystery_truth") is not None
+                                else "") + ".")
+    except ImportError as err:
+        out["figure_note"] = f"corner plot skipped ({err})"
+    return out
+
+
+def _extra_movies(ctx):
+    from .plots import movies
+
+    func = getattr(movies, "lab_movies", None) or getattr(movies, "make_movies", None)
+    if func is None:
+        raise ImportError("cannon_fast.lab.plots.movies has no lab_movies()")
+    res = func(ctx["model"], ctx["out_dir"], progress_bar=ctx["show"])
+    files = res if isinstance(res, (list, tuple)) else (res.get("files", []) if isinstance(
+        res, dict) else [])
+    out = {"files": [os.path.basename(os.fspath(f)) for f in files]}
+    if isinstance(res, dict) and res.get("notes"):
+        out["notes"] = list(res["notes"])
+    return out
+
+
+def _extra_binaries(ctx, n_max=30):
+    from .binaries import fit_binaries
+
+    k = min(n_max, len(ctx["val_flux"]))
+    res = fit_binaries(ctx["model"], ctx["val_flux"][:k], ctx["val_ivar"][:k],
+                       progress_bar=ctx["show"])
+    flagged = np.asarray(res.is_binary, bool)
+    out = {"n_fitted": int(k), "n_flagged": int(flagged.sum()),
+           "note": f"single-vs-binary fits (BIC) of the first {k} validation stars"}
+    tb = ctx.get("val_is_binary")
+    if tb is not None:
+        tb = np.asarray(tb[:k], bool)
+        out["n_true_binaries"] = int(tb.sum())
+        out["n_flagged_true_binaries"] = int(np.sum(flagged & tb))
+    return out
+
+
+def _extra_nn(ctx):
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError("torch is not installed")
+    from ..nn import SpectrumRegressor
+
+    reg = SpectrumRegressor(LAB_LABELS, arch="mlp", seed=ctx["seed"], device="cpu")
+    reg.train(ctx["train_flux"], ctx["train_labels"], ctx["train_ivar"], epochs=ctx["nn_epochs"],
+              progress=ctx["show"])
+    res = reg.predict(ctx["val_flux"], ctx["val_ivar"], n_samples=1)
+    pred = np.asarray(res.labels, float)
+    out = {"architecture": "mlp", "epochs_max": ctx["nn_epochs"],
+           "vs_catalog": label_statistics(pred, ctx["val_catalog"], LAB_LABELS)}
+    if ctx.get("val_truth") is not None:
+        out["vs_true"] = label_statistics(pred, ctx["val_truth"], LAB_LABELS)
+    return out
+
+
+# --------------------------------------------------------------------------- the lab
+def _prepare_out_dir(out_dir, force):
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not a folder")
+        if os.listdir(out_dir) and not force:
+            raise FileExistsError(f"report folder {out_dir} already exists; choose another "
+                                  "--out or pass --force to replace the report in it")
+        if force:  # remove only what a report run writes
+            for name in REPORT_FILES:
+                p = os.path.join(out_dir, name)
+                if os.path.isfile(p):
+                    os.unlink(p)
+            for p in glob.glob(os.path.join(out_dir, "*.png")):
+                os.unlink(p)
+            shutil.rmtree(os.path.join(out_dir, _WORK_DIR), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir
+
+
+def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
+            n_stars=1200, survey_seed=0, cache_dir=None, allstar=None, truth=None,
+            continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
+            min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
+            nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
+            label_errors="auto", show_progress=None, log=print):
+    """Run the modeling lab end to end and write a report folder.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        Downloaded files in the SDSS archive layout (apStar files found
+        recursively, the allStar catalogue found as ``allStar*.fits``); by default
+        the embedded synthetic survey (generated once, then reused from the cache).
+    out_dir : str or os.PathLike
+        The report folder to create.
+    seed : int
+        Seed of the train/validation split and the held-back mystery star.
+    force : bool
+        Replace the report files in an existing ``out_dir`` (other files are kept).
+    n_stars, survey_seed : int
+        Size and seed of the embedded survey (ignored with ``data_dir``).
+    cache_dir : str or os.PathLike, optional
+        Cache root of the embedded survey (default ``$CANNON_FAST_CACHE`` or
+        ``~/.cache/cannon_fast``).
+    allstar : str or os.PathLike, optional
+        The allStar catalogue (overrides the search in ``data_dir``).
+    truth : str or os.PathLike, optional
+        A ``truth.fits`` with true labels (default: ``<data_dir>/truth.fits`` when it
+        exists; always present for the embedded survey).
+    continuum : str, os.PathLike or array_like, optional
+        Continuum pixels (see :func:`cannon_fast.core.continuum.load_continuum_pixels`);
+        default: the embedded survey's continuum mask for the demo, pixels found
+        from the data otherwise.
+    line_file : str or os.PathLike, optional
+        Line list (air wavelengths) for the gradient-spectrum marks.
+    isochrones : sequence of str, os.PathLike or dict, optional
+        MIST (``.iso``/``.iso.cmd``) or PARSEC files (their giants are drawn) or
+        dicts with ``teff``, ``logg`` and ``label``, overlaid on the Kiel diagram;
+        default for the demo: the survey's own giant branch (said so in the caption).
+    train_fraction : float
+        Fraction of the kept stars used for training.
+    min_stars : int
+        Fewest stars that must survive the cuts (otherwise a TooFewStarsError
+        listing the per-cut counts).
+    workers : int
+        Processes reading apStar files.
+    backend : str
+        Kernel backend of the model.
+    n_outliers : int
+        Outliers diagnosed in the report.
+    extras : bool or sequence of str
+        Run the optional steps (``"mcmc"``, ``"movies"``, ``"binaries"``, ``"nn"``)
+        when their modules are available: True for all, False for none.
+    nn_epochs : int
+        Maximum epochs of the NN comparison.
+    keep_store : bool
+        Keep the normalized SpectraStore in ``out_dir/.work``.
+    extra_terms : "auto" or sequence of str
+        Terms added to the lab's quadratic model (``CannonModel(extra_terms=...)``),
+        e.g. ``("TEFF^3", "TEFF^4")``; ``()`` for the lab's model as it is.
+        ``"auto"`` chooses between the candidates of :data:`AUTO_MODELS` by
+        cross-validation (:func:`cross_validate`).
+    label_errors : {"auto", True, False}
+        Train with the catalogue's label errors (``CannonModel.train(...,
+        label_errors=)``: regression-calibrated labels and error-weighted
+        stars). ``"auto"`` lets the cross-validation choose when the
+        catalogue has ``<LABEL>_ERR`` columns (missing errors are filled with
+        the label's median error).
+    test_step : {"auto", "debias", "plain"}
+        The label fit whose results the figures and the headline numbers use. Both
+        are always computed and in ``summary.json``. ``"auto"`` chooses by 3-fold
+        cross-validation inside the training set against the catalogue labels
+        (:func:`cross_validate`, together with the model when that is "auto").
+    show_progress : bool, optional
+        Progress bars (default: when stderr is a terminal).
+    log : callable or None
+        Called with one line of text per step.
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``.
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` exists and ``force`` is False.
+    cannon_fast.apogee.catalog.TooFewStarsError
+        Too few stars survive the cuts (the message lists the per-cut counts).
+    """
+    from .. import __version__
+    from ..apogee.catalog import TooFewStarsError
+    from ..core.continuum import DEFAULT_DEGREE, load_continuum_pixels, normalize, record_continuum
+    from ..apogee.files import parse_apstar_path, read_apstar
+    from ..apogee.bitmask import mask_spectra
+    from ..core.model import CannonModel
+    from ..apogee.prepare import find_apstar_files, prepare_dataset
+    from . import report as _report
+
+    say = log if log is not None else (lambda *_: None)
+    t_start = time.perf_counter()
+    timings = {}
+    names = ("mcmc", "movies", "binaries", "nn")
+    if test_step != "auto" and test_step not in FIT_STEPS:
+        raise ValueError(f"test_step must be 'auto' or one of {list(FIT_STEPS)}, "
+                         f"got {test_step!r}")
+
+    if label_errors not in ("auto", True, False):
+        raise ValueError(f"label_errors must be 'auto', True or False, got {label_errors!r}")
+
+    def trainer(model_options, with_errors):
+        def train_model(flux, ivar, labels, errors):
+            m = CannonModel(LAB_LABELS, order=2, backend=backend, **model_options)
+            return m.train(flux, ivar, labels, label_errors=errors if with_errors else None)
+        return train_model
+
+    if isinstance(extra_terms, str) and extra_terms == "auto":
+        model_sets = dict(AUTO_MODELS)
+    else:
+        terms = tuple(extra_terms or ())
+        model_sets = {"quadratic" + "".join(f" + {t}" for t in terms): dict(extra_terms=terms)}
+    for options in model_sets.values():  # bad extra terms fail here, before any work
+        CannonModel(LAB_LABELS, order=2, backend=backend, **options)
+    wanted = set(names) if extras is True else set(extras or ())
+    if wanted - set(names):
+        raise ValueError(f"unknown optional steps {sorted(wanted - set(names))}; "
+                         f"choose from {names}")
+    iso_tracks = _read_isochrones(isochrones)  # bad files fail here, before any work
+    out_dir = _prepare_out_dir(out_dir, force)
+    figures = []  # (name, Figure, caption)
+    notes = []
+
+    # 1. the data -------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if data_dir is None:
+        from ..demo import datasets
+
+        say(f"embedded survey: {n_stars} stars, seed {survey_seed} (generated once, then cached)")
+        paths = datasets.demo_survey(cache_dir=cache_dir, n_stars=n_stars, seed=survey_seed,
+                                     progress=show_progress, workers=max(1, int(workers)))
+        apstar_root, allstar_path = paths.apstar_root, paths.allstar
+        truth_path = truth or paths.truth
+        source = dict(kind="embedded synthetic survey (cannon_fast.demo.datasets)", root=paths.root,
+                      n_stars=n_stars, seed=survey_seed)
+    else:
+        data_dir = os.path.abspath(os.fspath(data_dir))
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"{data_dir}: no such data folder")
+        apstar_root = data_dir
+        allstar_path = os.fspath(allstar) if allstar else _find_allstar(data_dir)
+        default_truth = os.path.join(data_dir, "truth.fits")
+        truth_path = truth or (default_truth if os.path.exists(default_truth) else None)
+        source = dict(kind="files in the SDSS archive layout", root=data_dir)
+    files = find_apstar_files(apstar_root)
+    if not files:
+        raise FileNotFoundError(f"no apStar-*.fits files under {apstar_root}")
+    id_to_path = {}
+    for p in files:
+        try:
+            id_to_path.setdefault(parse_apstar_path(p)[1], p)
+        except ValueError:
+            pass
+    source.update(allstar=allstar_path, truth=truth_path, n_apstar_files=len(files))
+    timings["survey"] = time.perf_counter() - t0
+
+    # 2. continuum pixels ------------------------------------------------------------
+    t0 = time.perf_counter()
+    if continuum is not None:
+        cont_mask = load_continuum_pixels(continuum)
+        cont_info = dict(method="given", source=str(continuum) if isinstance(
+            continuum, (str, os.PathLike)) else "array")
+    elif data_dir is None:
+        from ..demo.datasets import continuum_mask
+
+        cont_mask = continuum_mask()
+        cont_info = dict(method="the embedded survey's continuum mask "
+                                "(cannon_fast.demo.datasets.continuum_mask)")
+    else:
+        say("finding continuum pixels from the data (no --continuum given)")
+        cont_mask, cont_info = _continuum_from_data(files, allstar_path, 400, seed, workers,
+                                                    backend, show_progress)
+    cont_info["n_pixels"] = int(np.sum(cont_mask))
+    timings["continuum_pixels"] = time.perf_counter() - t0
+
+    # 3. cuts, masks, normalization ----------------------------------------------------
+    t0 = time.perf_counter()
+    work = os.path.join(out_dir, _WORK_DIR)
+    store_path = os.path.join(work, "store")
+    say("cross-match, quality cuts, bad-pixel masks, pseudo-continuum normalization")
+    try:
+        prep = prepare_dataset(files, allstar_path, store_path, cont_mask, labels=LAB_LABELS,
+                               workers=workers, min_remaining=min_stars, overwrite=True,
+                               show_progress=show_progress)
+    except TooFewStarsError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise TooFewStarsError(f"{source['root']}: too few stars to train the lab's model "
+                               f"(need >= {min_stars}).\n{err}") from None
+    store = prep.store
+    cut_rows = [dict(r) for r in prep.report.rows]
+    say(str(prep.report))
+    if len(store) < min_stars:
+        shutil.rmtree(work, ignore_errors=True)
+        raise TooFewStarsError(f"{source['root']}: only {len(store)} stars left after reading "
+                               f"and normalization (need >= {min_stars}):\n{prep.report}")
+    timings["prepare"] = time.perf_counter() - t0
+
+    flux = np.asarray(store.flux)
+    ivar = np.asarray(store.ivar)
+    cat_labels = np.asarray(store.labels, float)
+    cat_errors, error_note = _catalogue_errors(store.label_errors, label_errors)
+    if error_note:
+        notes.append(error_note)
+    error_options = {"auto": (False, True), True: (True,), False: (False,)}[label_errors]
+    if cat_errors is None:
+        error_options = (False,)
+    candidates = {name + (", label errors" if e else ""): trainer(options, e)
+                  for name, options in model_sets.items() for e in error_options}
+    ids = np.asarray(store.ids).astype(str)
+    cflags = np.asarray(store.flags)
+    wave = np.asarray(store.wavelength)
+    n_kept = len(ids)
+    truth_labels, truth_extra = (None, {})
+    if truth_path is not None and os.path.exists(truth_path):
+        truth_labels, truth_extra = _read_truth(truth_path, ids)
+        if not np.isfinite(truth_labels).all(axis=1).any():
+            notes.append(f"{truth_path}: no true labels matched the kept stars")
+            truth_labels = None
+
+    # 4. split ----------------------------------------------------------------------------
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_kept)
+    n_train = int(round(train_fraction * n_kept))
+    train = np.sort(perm[:n_train])
+    valid_all = perm[n_train:]
+    mystery = int(valid_all[0])  # held back from training and validation
+    valid = np.sort(valid_all[1:])
+    say(f"{n_kept} stars kept: {len(train)} training, {len(valid)} validation, 1 held back "
+        f"({ids[mystery]})")
+
+    # 5. choose (cross-validation inside the training set) and train -------------------------
+    steps = tuple(FIT_STEPS) if test_step == "auto" else (test_step,)
+    if len(candidates) * len(steps) > 1:
+        t0 = time.perf_counter()
+        model_name, primary_key, cv = cross_validate(
+            candidates, flux[train], ivar[train], cat_labels[train], steps=steps, seed=seed,
+            label_errors=None if cat_errors is None else cat_errors[train])
+        timings["cross_validation"] = time.perf_counter() - t0
+        say(f"chosen by cross-validation: model {model_name}, {primary_key} fit ({cv['note']})")
+        notes.append(f"Model ({model_name}) and label fit ({primary_key}) chosen by "
+                     f"{cv['note']}. The figures and headline numbers use them; summary.json "
+                     "also has the other label fit.")
+    else:
+        (model_name,), primary_key = candidates, steps[0]
+        cv = dict(note="model and label fit given")
+    t0 = time.perf_counter()
+    with progress(total=1, desc="training the model", unit="model",
+                  disable=None if show_progress is None else not show_progress) as bar:
+        model = candidates[model_name](flux[train], ivar[train], cat_labels[train],
+                                       None if cat_errors is None else cat_errors[train])
+        bar.update(1)
+    record_continuum(model, cont_mask, int(store.meta.get("continuum_degree", DEFAULT_DEGREE)))
+    model_path = os.path.join(out_dir, "model.fits")
+    model.write(model_path, overwrite=True)
+    timings["train"] = time.perf_counter() - t0
+    say(f"trained {model!r} in {timings['train']:.1f} s")
+
+    # 6. fit the validation half ---------------------------------------------------------------
+    fits = {}
+    for st, options in FIT_STEPS.items():
+        t0 = time.perf_counter()
+        fits[st] = model.fit(flux[valid], ivar[valid], progress_bar=show_progress, **options)
+        timings["fit_" + st] = time.perf_counter() - t0
+    val_cat = cat_labels[valid]
+    val_true = truth_labels[valid] if truth_labels is not None else None
+
+    def block(res):
+        ok = res.ok
+        b = dict(n_fitted=int(len(res)), n_ok=int(ok.sum()),
+                 flags={k: int(np.sum(res.flags & v > 0)) for k, v in res.FLAGS.items()},
+                 median_reduced_chi2=_num(np.nanmedian(res.reduced_chi2)),
+                 median_errors={n: _num(np.nanmedian(res.errors[:, j]))
+                                for j, n in enumerate(LAB_LABELS)},
+                 vs_catalog=label_statistics(res.labels, val_cat, LAB_LABELS, good=ok))
+        if val_true is not None:
+            b["vs_true"] = label_statistics(res.labels, val_true, LAB_LABELS, good=ok)
+            b["targets_vs_true"] = _targets(b["vs_true"])
+        return b
+
+    validation = {st: block(res) for st, res in fits.items()}
+    broad = fits["broadened"]
+    validation["broadened"]["broadening"] = dict(
+        unit="(km/s)^2", percentiles_5_50_95=[_num(q) for q in np.nanpercentile(
+            broad.broadening[broad.ok], [5, 50, 95])] if broad.ok.any() else None,
+        median_error=_num(np.nanmedian(broad.broadening_error[broad.ok]))
+        if broad.ok.any() else None)
+    primary = fits[primary_key]
+    # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
+    if primary_key != "plain" and \
+            validation[primary_key]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
+        notes.append(f"the {fit_step_title(primary_key)} left only "
+                     f"{validation[primary_key]['n_ok']} of {len(valid)} fits usable "
+                     f"(flags {validation[primary_key]['flags']}); the figures use the plain "
+                     "chi2 fit (debias=False). All fits are in summary.json.")
+        primary_key, primary = "plain", fits["plain"]
+    say(f"fitted {len(valid)} validation stars ("
+        + ", ".join(f"{timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
+
+    # 7. error budget (only with true labels; cheap: one more training) -----------------
+    diagnostics = {"not_sparse_training": _sparse_training_split(primary, val_cat, val_true)}
+    if truth_labels is not None and np.isfinite(truth_labels[train]).all():
+        t0 = time.perf_counter()
+        m_true = candidates[model_name](flux[train], ivar[train], truth_labels[train], None)
+        r_true = m_true.fit(flux[valid], ivar[valid], **FIT_STEPS[primary_key])
+        diagnostics["trained_on_true_labels"] = dict(
+            vs_true=label_statistics(r_true.labels, val_true, LAB_LABELS, good=r_true.ok),
+            note="same spectra and split, model trained on the TRUE labels: the difference "
+                 "to validation[primary] is the cost of the catalog's label errors")
+        lo, hi = np.percentile(truth_labels[train], [5, 95], axis=0)
+        inner = np.all((val_true >= lo) & (val_true <= hi), axis=1) & primary.ok
+        diagnostics["inner_label_range"] = dict(
+            n=int(inner.sum()),
+            vs_true=label_statistics(primary.labels, val_true, LAB_LABELS, good=inner),
+            note="validation stars whose true labels are inside the 5-95% range of the "
+                 "training labels: the difference to all stars is the model's edge error")
+        d = primary.labels[:, 0] - val_true[:, 0]
+        bins = []
+        for a, b in ((3500, 4200), (4200, 4600), (4600, 5000), (5000, 5400), (5400, 6500)):
+            sel = primary.ok & (val_true[:, 0] >= a) & (val_true[:, 0] < b)
+            if sel.sum() >= 3:
+                bins.append(dict(teff_range=[a, b], n=int(sel.sum()), bias=_num(d[sel].mean()),
+                                 scatter=_num(d[sel].std(ddof=1))))
+        diagnostics["teff_bins"] = dict(
+            bins=bins, note="fitted - true Teff in bins of true Teff: a bias that changes sign "
+                            "across the range is the model's compression at the edges")
+        pops = truth_extra.get("POPULATION")
+        if pops is not None:
+            diagnostics["populations"] = _population_breakdown(
+                primary.labels, val_true, primary.ok, np.char.strip(
+                    np.asarray(pops[valid]).astype(str)))
+        cat_err = label_statistics(val_cat, val_true, LAB_LABELS)
+        diagnostics["catalog_minus_true"] = dict(stats=cat_err,
+                                                 note="the catalog's own label errors")
+        timings["diagnostics"] = time.perf_counter() - t0
+
+    # 8. figures ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    from .plots import lab as pl
+    from .plots._labels import label_name
+
+    lines, lines_src = pl.known_lines(line_file=line_file)
+    model_val = model.predict(np.where(np.isfinite(primary.labels), primary.labels,
+                                       np.nanmedian(model.training_labels, axis=0)))
+    # the example star: the median-S/N training star among those with no continuum flag
+    cand = train[cflags[train] == 0] if np.any(cflags[train] == 0) else train
+    snr_proxy = np.median(np.sqrt(ivar[cand]), axis=1)
+    ex = int(cand[np.argsort(snr_proxy, kind="stable")[len(cand) // 2]])
+    ex_id = ids[ex]
+    plan = []
+    try:
+        spec = read_apstar(id_to_path[ex_id])
+        f_raw, v_raw, _ = mask_spectra(spec.flux, spec.err, spec.pixmask)
+        ns = normalize(f_raw, v_raw, cont_mask,
+                       degree=int(store.meta.get("continuum_degree", DEFAULT_DEGREE)),
+                       keep_continuum=True, dtype=np.float64)
+        plan.append(("example_spectrum", lambda: pl.plot_spectrum(
+            spec.wavelength, spec.flux, good=v_raw > 0,
+            title=f"{ex_id}: combined apStar spectrum (chip gaps and flagged pixels left empty)"),
+            "An example spectrum: flux against vacuum wavelength, in 1e-17 erg/s/cm²/Å "
+            "(flux density per unit wavelength). The two gaps are the detector chip gaps."))
+        plan.append(("continuum", lambda: pl.plot_continuum(
+            spec.wavelength, f_raw, ns.continuum, ns.flux, good=v_raw > 0,
+            continuum_pixels=cont_mask,
+            title=f"{ex_id}: raw spectrum, per-chip pseudo-continuum, normalized spectrum"),
+            f"Pseudo-continuum normalization: a Chebyshev polynomial per chip fitted to the "
+            f"continuum mask's {int(cont_mask.sum())} pixels (mask: {cont_info['method']}). "
+            f"Each star's fit uses only those that are good pixels in its spectrum (inside "
+            f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
+            f"for this star (orange dots)."))
+    except (KeyError, OSError, ValueError) as err:
+        notes.append(f"example/continuum figures skipped: {err}")
+    plan.append(("corner", lambda: pl.plot_corner(
+        cat_labels, LAB_LABELS, title=f"catalog labels of the {n_kept} stars kept by the cuts"),
+        "Corner plot of the catalog labels of the stars that pass the lab's cuts."))
+    plan.append(("data_vs_model", lambda: pl.plot_data_vs_model(
+        wave, flux[ex], ivar[ex], model.predict(cat_labels[ex]), (16000.0, 16100.0),
+        title=f"training star {ex_id}: data and model at its catalog labels", s2=model.s2),
+        "Data against the model for a training star, 16000-16100 Å; the residual band is "
+        "the data error plus the model's intrinsic scatter."))
+    ref_labels = np.median(model.training_labels, axis=0)
+    plan.append(("gradients", lambda: pl.plot_gradient_spectra(
+        wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
+        title="gradient spectra at the median training labels: " + ", ".join(
+            f"{label_name(n)} = {v:.4g}" for n, v in zip(LAB_LABELS, ref_labels))),
+        f"Gradient spectra d flux / d label; Mg I and Si I lines ({lines_src}) marked on the "
+        "[Mg/Fe] and [Si/Fe] panels."))
+    plan.append(("s2", lambda: pl.plot_s2(wave, model.s2, lines=lines, lines_source=lines_src,
+                                          title="intrinsic scatter of the model"),
+                 "The model's intrinsic scatter s at each pixel (log scale)."))
+    scat = np.array([validation[primary_key]["vs_catalog"][n]["mad_scatter"] or 1.0
+                     for n in LAB_LABELS])
+    outl = diagnose_outliers(primary, val_cat, LAB_LABELS, flux[valid], ivar[valid], model_val,
+                             scat, continuum_flags=cflags[valid],
+                             catalog_flags=_catalog_flags(allstar_path, ids[valid]),
+                             truth=val_true,
+                             truth_extra={k: v[valid] for k, v in truth_extra.items()},
+                             bounds=np.column_stack([model.training_labels.min(0),
+                                                     model.training_labels.max(0)]),
+                             edges=np.percentile(model.training_labels, [2.5, 97.5], axis=0).T,
+                             n=n_outliers)
+    for o in outl:
+        o["apogee_id"] = ids[valid][o["index"]]
+    hl = np.zeros(len(valid), bool)
+    hl[[o["index"] for o in outl]] = True
+    # the fit's name goes in the title: as a y label on every panel it crowds the axes
+    fit_name, fit_note = "fitted", f"{FIT_STEP_NAMES[primary_key]} fit"
+    if val_true is not None:
+        plan.append(("cv_true", lambda: pl.plot_one_to_one(
+            val_true[primary.ok], primary.labels[primary.ok], LAB_LABELS, "true",
+            fit_name, highlight=hl[primary.ok],
+            title=f"cross-validation against the TRUE labels ({int(primary.ok.sum())} stars, "
+                  f"{fit_note})"),
+            "Cross-validation: fitted against true labels (synthetic survey), with residuals, "
+            "bias and scatter per label. Red circles: the worst outliers."))
+    plan.append(("cv_catalog", lambda: pl.plot_one_to_one(
+        val_cat[primary.ok], primary.labels[primary.ok], LAB_LABELS, "catalog", fit_name,
+        highlight=hl[primary.ok],
+        title=f"cross-validation against the CATALOG labels ({int(primary.ok.sum())} stars, "
+              f"{fit_note})"),
+        "Cross-validation: fitted against the catalog (ASPCAP-like) labels, as in the lab."))
+    if outl:
+        k = [o["index"] for o in outl]
+        plan.append(("outliers", lambda: pl.plot_outliers(
+            wave, flux[valid][k], ivar[valid][k], model_val[k],
+            [o["apogee_id"] for o in outl],
+            [_short_caption(o) for o in outl]),
+            "The worst outliers (largest |fit - catalog| in units of the scatter): data and the "
+            "model at the fitted labels; the diagnosis of each is in the table."))
+    iso = list(iso_tracks)
+    iso_note = None
+    if not iso and data_dir is None and truth_labels is not None:
+        gb = _survey_giant_branch(truth_labels, truth_extra.get("POPULATION"))
+        if gb is not None:
+            iso.append(gb)
+            iso_note = gb.pop("note")
+    elif iso:
+        iso_note = "isochrones: " + "; ".join(t["label"] for t in iso)
+    plan.append(("kiel", lambda: pl.plot_kiel(primary.labels[primary.ok, 0],
+                                              primary.labels[primary.ok, 1],
+                                              primary.labels[primary.ok, 2], isochrones=iso,
+                                              note=iso_note),
+                 "Kiel diagram of the fitted validation labels, coloured by fitted [Fe/H]. "
+                 + (iso_note or ("Isochrones as given." if iso else "No isochrone given."))))
+    if broad.ok.sum() > 2:
+        vmac = truth_extra.get("VMACRO")
+        vmac = None if vmac is None else np.asarray(vmac, float)[valid][broad.ok]
+        plan.append(("broadening", lambda: pl.plot_broadening(
+            broad.broadening[broad.ok], broad.broadening_error[broad.ok],
+            broad.labels[broad.ok, 0], broad.labels[broad.ok, 1], true_vmacro=vmac),
+            "Extra line broadening fitted with the labels (model.fit(..., broadening=True)): "
+            "the Gaussian velocity variance the validation stars' lines have beyond the "
+            "model's at their labels; negative means narrower."
+            + (" Right: against the part of the survey's true macroturbulence variance that "
+               "a quadratic in the labels does not predict (the model already has the rest); "
+               "a slope near 1 means the broadening is measured in the right units."
+               if vmac is not None else "")))
+    for name, make, caption in progress(plan, desc="figures", unit="fig",
+                                        disable=None if show_progress is None
+                                        else not show_progress):
+        try:
+            fig = make()
+        except (ValueError, KeyError, IndexError) as err:
+            notes.append(f"figure {name} skipped: {err}")
+            continue
+        figures.append(_report.save_figure(fig, out_dir, name, caption))
+    timings["figures"] = time.perf_counter() - t0
+
+    # 9. optional steps ------------------------------------------------------------------------
+    extras_status = {}
+    if wanted:
+        t0 = time.perf_counter()
+        ctx = dict(model=model, seed=seed, show=show_progress, out_dir=out_dir,
+                   mystery_index=mystery, mystery_id=ids[mystery],
+                   mystery_flux=flux[mystery].astype(np.float64),
+                   mystery_ivar=ivar[mystery].astype(np.float64),
+                   mystery_path=id_to_path.get(ids[mystery]),
+                   val_flux=flux[valid], val_ivar=ivar[valid], val_catalog=val_cat,
+                   val_truth=val_true, train_flux=flux[train], train_ivar=ivar[train],
+                   train_labels=cat_labels[train], nn_epochs=nn_epochs,
+                   mystery_catalog=cat_labels[mystery],
+                   mystery_truth=truth_labels[mystery] if truth_labels is not None else None,
+                   cv_scatter=cv_scatter(dict(validation=validation,
+                                              primary_fit=primary_key)),
+                   val_is_binary=truth_extra["IS_BINARY"][valid]
+                   if "IS_BINARY" in truth_extra else None)
+        for key, func in (("mcmc", _extra_mcmc), ("movies", _extra_movies),
+                          ("binaries", _extra_binaries), ("nn", _extra_nn)):
+            if key not in wanted:
+                extras_status[key] = dict(status="skipped", reason="not requested")
+                continue
+            say(f"optional step: {key}")
+            status, value = _guarded(key, func, ctx)
+            if isinstance(value, dict) and "figure" in value:
+                fname, fig, cap = value["figure"]
+                figures.append(_report.save_figure(fig, out_dir, fname, cap))
+            extras_status[key] = status
+        timings["extras"] = time.perf_counter() - t0
+    else:
+        extras_status = {k: dict(status="skipped", reason="not requested") for k in names}
+
+    # 10. outputs -----------------------------------------------------------------------------
+
+    tab = primary.to_table(ids=ids[valid])
+    for j, n in enumerate(LAB_LABELS):
+        tab["CAT_" + n] = val_cat[:, j]
+        if val_true is not None:
+            tab["TRUE_" + n] = val_true[:, j]
+    with atomic_path(os.path.join(out_dir, "validation_labels.fits")) as tmp:
+        tab.write(tmp, format="fits")
+    if not keep_store:
+        del flux, ivar, store
+        shutil.rmtree(work, ignore_errors=True)
+    timings["total"] = time.perf_counter() - t_start
+    summary = dict(
+        package_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        data=source, seed=int(seed), labels=list(LAB_LABELS),
+        cuts=dict(rows=cut_rows, n_input=int(prep.report.n_input), n_kept=int(n_kept),
+                  failures=len(prep.failures), n_continuum_flagged=int(prep.n_flagged)),
+        continuum=cont_info,
+        n_train=int(len(train)), n_validation=int(len(valid)),
+        mystery_star=dict(apogee_id=ids[mystery], path=id_to_path.get(ids[mystery])),
+        model=dict(path=model_path, order=model.order, extra_terms=model.term_names[
+                       len(model.term_names) - len(model.extra_terms):],
+                   reciprocal_labels=list(model.reciprocal_labels), n_terms=model.n_terms,
+                   n_pixels=int(model.n_pixels), backend=model.backend,
+                   n_flagged_pixels=int(np.sum(model.pixel_flags != 0)),
+                   training_labels="catalog",
+                   train_info={k: v for k, v in model.train_info.items()}),
+        primary_fit=primary_key,
+        choice=dict(requested=dict(extra_terms=extra_terms if isinstance(extra_terms, str)
+                                   else list(extra_terms), test_step=test_step),
+                    model=model_name, test_step=primary_key, **cv),
+        validation=validation,
+        targets=dict(against="true labels" if val_true is not None else "unavailable (no truth)",
+                     primary=validation[primary_key].get("targets_vs_true")),
+        diagnostics=diagnostics, outliers=outl,
+        figures=[dict(file=f["file"], caption=f["caption"]) for f in figures], extras=extras_status,
+        timings={k: round(v, 2) for k, v in timings.items()}, notes=notes,
+        report=os.path.join(out_dir, "report.html"))
+    _report.write_summary(summary, out_dir)
+    _report.write_report(out_dir, summary=summary, figures=figures)
+    return summary
+
+
+def _read_isochrones(isochrones):
+    """Isochrone tracks for the Kiel diagram from dicts or files (MIST/PARSEC, giants only)."""
+    tracks = []
+    for item in isochrones or ():
+        if isinstance(item, dict):
+            tracks.append(dict(teff=np.asarray(item["teff"], float),
+                               logg=np.asarray(item["logg"], float),
+                               label=str(item.get("label", "isochrone"))))
+            continue
+        path = os.fspath(item)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: isochrone file not found")
+        from .isochrones import load_isochrone
+        try:
+            iso = load_isochrone(path, giants=True)
+        except (ValueError, OSError, KeyError, IndexError) as err:
+            raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
+        tracks.append(dict(teff=np.asarray(iso.teff, float), logg=np.asarray(iso.logg, float),
+                           label=f"{iso.source} {iso.age_gyr:.3g} Gyr, [Fe/H] = {iso.feh:+.2f}"))
+    return tracks
+
+
+def _short_caption(o, width=125):
+    """One line for an outlier panel: the label, fit vs catalog, and the main reason."""
+    text = (f"{o['worst_label']} fit {o['fitted']:.4g} vs catalog {o['reference']:.4g}: "
+            f"{o['main_reason']}")
+    return text if len(text) <= width else text[:width - 3].rsplit(" ", 1)[0] + " ..."
+
+
+def _survey_giant_branch(truth_labels, population=None):
+    """Fit the embedded survey's own giant branch at [Fe/H] = 0 to its true labels (or None)."""
+    try:
+        from .isochrones import giant_branch
+        gb = giant_branch(truth_labels[:, :3], ("TEFF", "LOGG", "FE_H"), feh=0.0)
+        teff, logg = gb.track()
+        return dict(teff=teff, logg=logg, label="survey giant branch, [Fe/H] = 0",
+                    color="tab:red", note="line: the embedded survey's own giant branch fitted "
+                    "to its true labels (cannon_fast.lab.isochrones.giant_branch), not a "
+                    "stellar-model isochrone")
+    except (ImportError, ValueError):
+        pass
+    if population is None:
+        return None
+    pop = np.char.strip(np.asarray(population).astype(str))
+    sel = (pop == "rgb") & (np.abs(truth_labels[:, 2]) < 0.1)
+    if sel.sum() < 20:
+        return None
+    g, t = truth_labels[sel, 1], truth_labels[sel, 0]
+    edges = np.arange(np.floor(g.min() * 4) / 4, g.max() + 0.25, 0.25)
+    mid, med = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        m = (g >= a) & (g < b)
+        if m.sum() >= 3:
+            mid.append(0.5 * (a + b))
+            med.append(np.median(t[m]))
+    if len(mid) < 3:
+        return None
+    return dict(teff=np.array(med), logg=np.array(mid), label="survey giant branch, [Fe/H] ~ 0",
+                color="tab:red", note="line: the embedded survey's own giant branch (median "
+                "true Teff of its RGB stars with |[Fe/H]| < 0.1 in log g bins), not a "
+                "stellar-model isochrone")
+
+
+def cv_scatter(summary):
+    """The cross-validation scatter per label of a lab summary (fitted - catalog).
+
+    The numbers the report compares an MCMC posterior with: the scatter of the
+    validation fit the report uses (``primary_fit``) against the catalogue labels.
+    """
+    stats = summary["validation"][summary["primary_fit"]]["vs_catalog"]
+    return {n: v["scatter"] for n, v in stats.items() if v.get("scatter") is not None}
+
+
+def read_summary(path):
+    """Read a lab summary: a report folder's ``summary.json``, or that file itself."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "summary.json")
+    with open(path) as fh:
+        return json.load(fh)
