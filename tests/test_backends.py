@@ -3,9 +3,11 @@
 Also hand-worked cases, the status paths, the full model per backend, backend
 resolution, the C glue's validation and threads, and numba kernels in user @njit code.
 """
+import ast
 import inspect
 import multiprocessing
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -603,3 +605,29 @@ def test_numba_kernels_work_inside_user_njit():
     v, dv = user_design(x, exponents)
     assert_allclose(v, vz.label_vector(x, exponents), rtol=1e-14)
     assert_allclose(dv, vz.label_vector_jacobian(x, exponents), rtol=1e-14, atol=1e-15)
+
+
+def test_every_numba_option_comes_from_jit_module():
+    """``@nb.njit`` takes signatures and one ``**JIT*`` dict of ``_kernels/_jit.py``, no more."""
+    from cannon_fast._kernels import _jit
+
+    found = 0
+    for path in sorted(Path(nb_kernels.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("njit", "jit", "vectorize", "guvectorize",
+                                           "prange", "stencil", "cfunc")):
+                continue
+            if node.func.attr == "prange":  # no options to set, but nothing hidden either
+                assert not node.keywords, (path.name, node.lineno)
+                continue
+            found += 1
+            where = f"{path.name}:{node.lineno}"
+            assert len(node.keywords) == 1 and node.keywords[0].arg is None, where
+            name = node.keywords[0].value
+            assert isinstance(name, ast.Name) and isinstance(getattr(_jit, name.id), dict), where
+        bare = [d for f in ast.walk(ast.parse(path.read_text()))
+                if isinstance(f, ast.FunctionDef) for d in f.decorator_list
+                if isinstance(d, (ast.Attribute, ast.Name))]
+        assert not bare, (path.name, [d.lineno for d in bare])  # a bare @nb.njit: defaults
+    assert found >= 20

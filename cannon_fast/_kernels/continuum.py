@@ -7,7 +7,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._jit import JIT
+from ._jit import JIT_INLINE, JIT_PARALLEL
 from ._linalg import gauss_solve_inplace
 
 __all__ = ["_normalize"]
@@ -15,7 +15,7 @@ __all__ = ["_normalize"]
 _MAXK = 8  # basis functions per chip (degree <= 7)
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT_INLINE)
 def _good(f, w):
     """Return whether a pixel carries weight (finite flux, finite positive ivar)."""
     return (w > 0.0) & (w < np.inf) & (np.abs(f) < np.inf)
@@ -26,7 +26,7 @@ def _sig(ft):
                    nb.int64, nb.int64, ft[:, ::1], ft[:, ::1], ft[:, ::1], nb.int64[:, ::1])
 
 
-@nb.njit([_sig(nb.float64), _sig(nb.float32)], parallel=True, **JIT)
+@nb.njit([_sig(nb.float64), _sig(nb.float32)], **JIT_PARALLEL)
 def _normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
                flux_out, ivar_out, cont_out, status_out):
     """Per-chip weighted least-squares continuum, divided out.

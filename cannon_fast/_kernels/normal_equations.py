@@ -2,7 +2,7 @@
 import numba as nb
 import numpy as np
 
-from ._jit import JIT
+from ._jit import JIT, JIT_PARALLEL
 
 
 @nb.njit(**JIT)
@@ -43,7 +43,7 @@ def _cho_solve(chol, b, out, n):
         out[i] = s / chol[i, i]
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT_PARALLEL)
 def solve_normal_equations(a_packed, b, theta_out, cinv_out, status_out):
     """Solve ``A theta = b`` per pixel and return ``A^-1`` packed: ``(t2),(t)->(t),(t2),()``."""
     n_pix, n_terms = b.shape

@@ -10,12 +10,12 @@ import numba as nb
 import numpy as np
 
 from .._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL
-from ._jit import JIT
+from ._jit import JIT, JIT_FASTMATH, JIT_PARALLEL
 
 _BLOCK = 32  # pixels gathered per block, so reads of (N, P) rows are contiguous
 
 
-@nb.njit(fastmath=True, **JIT)
+@nb.njit(**JIT_FASTMATH)
 def _dg(s, r2, v, m):
     acc = 0.0
     for i in range(m):
@@ -24,7 +24,7 @@ def _dg(s, r2, v, m):
     return acc
 
 
-@nb.njit(fastmath=True, **JIT)
+@nb.njit(**JIT_FASTMATH)
 def _dg_lip(s, r2, v, m):
     """``_dg`` and a bound on ``|d/ds _dg|`` over ``[s, inf)`` (see ``_one_pixel``)."""
     acc = 0.0
@@ -37,7 +37,7 @@ def _dg_lip(s, r2, v, m):
     return acc, bnd
 
 
-@nb.njit(fastmath=True, **JIT)
+@nb.njit(**JIT_FASTMATH)
 def _g(s, r2, v, m):
     acc = 0.0
     for i in range(m):
@@ -123,7 +123,7 @@ def _one_pixel(r2, v, m):
     return best_s, 0
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT_PARALLEL)
 def s2_update(resid, ivar, s2_out, status_out):
     """Maximise the likelihood in s² at every pixel: ``(n),(n)->(),()``."""
     n_stars, n_pix = resid.shape
