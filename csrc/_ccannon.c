@@ -94,7 +94,8 @@ PyDoc_STRVAR(solve_normal_equations_doc,
 "Solve ``A theta = b`` per pixel and return ``A^-1`` packed: ``(t2),(t)->(t),(t2),()``.\n\n"
 "a_packed (P, T2) float64, b (P, T) float64 -> theta_out (P, T) float64,\n"
 "cinv_out (P, T2) or (0, T2) float64 (empty: skip the inverse), status_out (P,) int8\n"
-"(1 where A is not positive definite; theta and cinv are then 0).");
+"(1 where A is singular: a squared Cholesky pivot <= CHOL_RTOL max_i A_ii; theta and cinv\n"
+"are then 0).");
 
 static PyObject *py_solve_normal_equations(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -410,7 +411,8 @@ PyDoc_STRVAR(module_doc,
 "C kernels: the same names and contracts as ``cannon_fast._reference`` and ``_kernels``.\n\n"
 "Optional (built from csrc/ unless CANNON_FAST_NO_EXT=1); select with backend=\"c\".\n"
 "Arrays must be C-contiguous with the documented dtypes; outputs are caller-allocated.\n"
-"The constants mirror ``_reference.s2_grid`` and ``_reference.model_eval``; ``OPENMP``\n"
+"The constants mirror ``_reference.s2_grid``, ``_reference.normal_equations`` and\n"
+"``_reference.model_eval``; ``OPENMP``\n"
 "says whether the loops over pixels and stars run in parallel.");
 
 static struct PyModuleDef moduledef = {
@@ -437,6 +439,7 @@ PyMODINIT_FUNC PyInit__ccannon(void)
 #endif
     if (add_object(m, "S2_RTOL", PyFloat_FromDouble(CF_S2_RTOL)) < 0 ||
         add_object(m, "S2_FLOOR", PyFloat_FromDouble(CF_S2_FLOOR)) < 0 ||
+        add_object(m, "CHOL_RTOL", PyFloat_FromDouble(CF_CHOL_RTOL)) < 0 ||
         PyModule_AddIntConstant(m, "GRID_PER_DECADE", CF_GRID_PER_DECADE) < 0 ||
         PyModule_AddIntConstant(m, "NOT_CONVERGED", CF_NOT_CONVERGED) < 0 ||
         PyModule_AddIntConstant(m, "HIT_BOUND", CF_HIT_BOUND) < 0 ||

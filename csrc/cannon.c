@@ -65,7 +65,9 @@ static int team_size(ptrdiff_t n, ptrdiff_t min_n)
 
 /* ------------------------------------------------------------------ normal equations */
 
-/* Lower Cholesky factor of a (n, n) in place; 0 if not positive definite. */
+/* Lower Cholesky factor of a (n, n) in place; 0 if singular by the rule of
+ * _reference.normal_equations.solve_normal_equations: every squared pivot must
+ * exceed CF_CHOL_RTOL times the largest diagonal entry. */
 static int cholesky_inplace(double *a, ptrdiff_t n)
 {
     double dmax = 0.0;
@@ -75,8 +77,8 @@ static int cholesky_inplace(double *a, ptrdiff_t n)
     for (ptrdiff_t j = 0; j < n; j++) {
         double s = a[j * n + j];
         for (ptrdiff_t k = 0; k < j; k++) s -= a[j * n + k] * a[j * n + k];
-        /* a relative pivot this small is numerically singular (same test as numba) */
-        if (s <= CF_CHOL_RTOL * dmax) return 0;
+        /* a relative pivot this small is numerically singular; !(>) makes NaN singular */
+        if (!(s > CF_CHOL_RTOL * dmax)) return 0;
         double d = sqrt(s);
         a[j * n + j] = d;
         for (ptrdiff_t i = j + 1; i < n; i++) {

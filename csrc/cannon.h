@@ -29,7 +29,7 @@ extern "C" {
 #define CF_ERR_ARG (-2)   /* an argument is out of range (e.g. n_polish < 1) */
 
 /* per-pixel status of cf_solve_normal_equations and cf_s2_update */
-#define CF_SINGULAR 1 /* matrix not positive definite: theta = cinv = 0 */
+#define CF_SINGULAR 1 /* matrix singular by the CF_CHOL_RTOL rule: theta = cinv = 0 */
 #define CF_TOO_FEW 1  /* fewer than two valid stars: s2 = 0 */
 
 /* per-star status bits of cf_lm_fit (= _reference.model_eval) */
@@ -42,7 +42,8 @@ extern "C" {
 #define CF_S2_FLOOR 1e-4     /* grid bottom, as a fraction of the mean noise variance */
 #define CF_GRID_PER_DECADE 3 /* grid points per factor of ten */
 
-/* relative pivot below which a Cholesky factorisation is declared singular */
+/* a squared Cholesky pivot at or below this fraction of the largest diagonal entry
+ * means singular (the rule of _reference.normal_equations.solve_normal_equations) */
 #define CF_CHOL_RTOL 1e-12
 
 /**
@@ -55,7 +56,7 @@ extern "C" {
  * @param b (P, T): X^T W_p f_p.
  * @param theta_out (P, T): the solutions; 0 where singular.
  * @param cinv_out (P, T2) or NULL: upper triangles of A^-1; NULL skips the inverse.
- * @param status_out (P,): 0, or CF_SINGULAR where A is not positive definite.
+ * @param status_out (P,): 0, or CF_SINGULAR where A is singular (see CF_CHOL_RTOL).
  * @return CF_OK, CF_ERR_ARG or CF_ERR_NOMEM.
  */
 int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *a_packed,

@@ -235,6 +235,40 @@ def test_normal_equations_singular_pixels_give_status_1_and_zeros(backend):
     assert np.all(np.isfinite(theta)) and np.all(theta[[0, 2]] != 0)
 
 
+@pytest.mark.parametrize("a_packed, singular", [
+    # the second pivot is 1 + 1e-13 - 1: cancellation, though it is 1e-7 of the first pivot
+    ([1e-6, 1e-3, 1.0 + 1e-13], True),
+    # 1e-11 of the largest diagonal entry: above CHOL_RTOL, a (badly conditioned) solution
+    ([1e-6, 1e-3, 1.0 + 1e-11], False),
+    ([1.0, np.nan, 1.0], True),   # NaN: singular, not a NaN theta with status 0
+    ([np.inf, 0.0, 1.0], True),
+    ([0.0, 0.0, 0.0], True),
+    ([1e-300, 0.0, 1e-300], False),  # the rule is relative: tiny but well conditioned
+])
+def test_normal_equations_one_singular_rule(backend, a_packed, singular):
+    """Every backend: singular iff a squared Cholesky pivot <= CHOL_RTOL max_i A_ii."""
+    a_packed, b = np.array([a_packed]), np.array([[1.0, 1.0]])
+    theta, cinv, status = _solve(kernels(backend), a_packed, b)
+    assert_array_equal(status, [int(singular)])
+    if singular:
+        assert_array_equal(theta, 0.0)
+        assert_array_equal(cinv, 0.0)
+    else:
+        a = vz.unpack_symmetric(a_packed, 2)[0]
+        # (the second case has cond(A) ~ 1e17: Cholesky and LU agree to ~1e-6 only)
+        assert_allclose(theta[0], np.linalg.solve(a, b[0]), rtol=1e-4)
+
+
+def test_reference_cholesky_rule_is_the_numba_and_c_rule():
+    from cannon_fast._reference.normal_equations import CHOL_RTOL, cholesky
+    assert cholesky(np.array([[1e-6, 1e-3], [1e-3, 1 + 1e-13]])) is None
+    if "numba" in available_backends():
+        from cannon_fast._kernels.normal_equations import CHOL_RTOL as nb_rtol
+        assert nb_rtol == CHOL_RTOL
+    if backends._ccannon is not None:
+        assert backends._ccannon.CHOL_RTOL == CHOL_RTOL
+
+
 # ------------------------------------------------------------------ s2
 
 def _s2_problem(rng, n_stars=150, n_pix=300):

@@ -2,12 +2,17 @@
 import numba as nb
 import numpy as np
 
+from .._reference.normal_equations import CHOL_RTOL
 from ._jit import JIT, JIT_PARALLEL
 
 
 @nb.njit(**JIT)
 def _cholesky_inplace(a, n):
-    """Lower Cholesky factor of a[:n, :n] in place; False if not positive definite."""
+    """Lower Cholesky factor of a[:n, :n] in place; False if singular.
+
+    The rule of ``_reference.normal_equations.solve_normal_equations``: every
+    squared pivot must exceed ``CHOL_RTOL`` times the largest diagonal entry.
+    """
     dmax = 0.0
     for i in range(n):
         if a[i, i] > dmax:
@@ -16,7 +21,7 @@ def _cholesky_inplace(a, n):
         s = a[j, j]
         for k in range(j):
             s -= a[j, k] * a[j, k]
-        if s <= 1e-12 * dmax:
+        if not s > CHOL_RTOL * dmax:  # not "s <= ...": NaN is singular too
             return False
         d = np.sqrt(s)
         a[j, j] = d
