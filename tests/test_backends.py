@@ -23,7 +23,8 @@ from cannon_fast._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, l
 from cannon_fast.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
 
-KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design")
+KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design",
+           "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
 
@@ -120,7 +121,7 @@ def weights_problem():
 
 # ------------------------------------------------------------------ registry
 
-def test_every_backend_exposes_the_five_kernels(backend):
+def test_every_backend_exposes_every_kernel(backend):
     k = kernels(backend)
     for name in KERNELS:
         assert callable(getattr(k, name)), (backend, name)
@@ -447,6 +448,129 @@ def test_lm_fit_two_minima_set_starts_disagree(backend):
     assert_array_equal(st, [0])
 
 
+# ------------------------------------------------------------------ continuum
+
+def _continuum(k, flux, ivar, basis, chip, is_cont, n_chips, min_pixels, keep=True):
+    n, p = flux.shape
+    out = (np.full((n, p), np.nan, flux.dtype), np.full((n, p), np.nan, flux.dtype),
+           np.full((n if keep else 0, p), np.nan, flux.dtype),
+           np.full((n, n_chips), -1, np.int64))
+    k.continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels, *out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def continuum_problem():
+    """Three chips of a 300-pixel grid, one in two runs, and stars with every status."""
+    from cannon_fast.continuum import chebyshev_basis
+
+    rng = np.random.default_rng(12)
+    n, p, degree = 12, 300, 3
+    basis, chip = chebyshev_basis(degree, ((0, 90), (100, 200), (210, 300)), p)
+    chip[250:260] = -1  # chip 2 in two runs, with a gap inside
+    chip[95] = 7  # a pixel of no chip (>= n_chips): no data, like a gap
+    is_cont = np.zeros(p, np.uint8)
+    is_cont[(chip >= 0) & (np.arange(p) % 3 == 0)] = 1
+    is_cont[95] = 1
+    cont = np.zeros((n, p))
+    for c in range(3):
+        coef = rng.normal(0, 0.05, (n, degree + 1))
+        coef[:, 0] = rng.uniform(300, 2000, n)
+        coef[:, 1:] *= coef[:, :1]
+        cont[:, chip == c] = coef @ basis[chip == c].T
+    lines = np.where(is_cont > 0, 1.0, 1 - rng.uniform(0, 0.3, p))
+    flux = cont * lines * (1 + 0.01 * rng.normal(size=(n, p)))
+    flux[:, chip < 0] = rng.normal(size=(n, int((chip < 0).sum())))  # junk in the gaps
+    ivar = np.where(chip >= 0, 1.0 / (0.01 * np.maximum(cont, 1.0)) ** 2, 0.0)
+    ivar[1, chip == 1] = 0.0  # a masked chip: status 1
+    few = np.flatnonzero((chip == 2) & (is_cont > 0))
+    ivar[2, few[5:]] = 0.0  # 5 usable continuum pixels on chip 2: status 2
+    flux[3, 20:30] = np.nan  # NaN flux where ivar > 0: not usable
+    ivar[4, 110:130] = np.inf  # infinite ivar: not usable
+    flux[5, chip == 0] *= -1  # a negative continuum: status 3
+    ivar[6] = 0.0  # nothing at all: status 1 on every chip
+    ivar[7, (chip == 1) & (is_cont == 0)] = 0.0  # only continuum pixels left: still fitted
+    return dict(flux=flux, ivar=ivar, basis=basis, chip=chip, is_cont=is_cont, n_chips=3,
+                min_pixels=16)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_continuum_matches_reference(backend, continuum_problem, dtype):
+    cp = dict(continuum_problem)
+    cp["flux"], cp["ivar"] = cp["flux"].astype(dtype), cp["ivar"].astype(dtype)
+    fo, io, co, st = _continuum(kernels(backend), **cp)
+    fo_r, io_r, co_r, st_r = _continuum(ref, **cp)
+    assert_array_equal(st, st_r)
+    assert_array_equal(st[[1, 2, 5, 6]], [[0, 1, 0], [0, 0, 2], [3, 0, 0], [1, 1, 1]])
+    assert not st[[0, 3, 4, 7, 8]].any()
+    # the same float64 arithmetic (the continuum is within rounding of the reference's),
+    # rounded once to float32 for float32 spectra
+    tol = dict(rtol=1e-10, atol=0) if dtype == np.float64 else dict(rtol=2e-7, atol=0)
+    assert_allclose(fo, fo_r, **tol)
+    assert_allclose(io, io_r, **tol)
+    assert_allclose(co, co_r, **tol)
+    chip, ivar = cp["chip"], cp["ivar"]
+    nodata = (chip < 0) | (chip >= 3)
+    assert np.all(fo[:, nodata] == 1) and np.all(io[:, nodata] == 0)
+    assert np.all(co[:, nodata] == 0)
+    failed = np.repeat(st, np.bincount(np.clip(chip, 0, 3)[~nodata], minlength=3)[:3], axis=1)
+    on = ~nodata
+    assert np.all((fo[:, on] == 1)[failed != 0]) and np.all((io[:, on] == 0)[failed != 0])
+    assert np.all(io[3, 20:30] == 0) and np.all(io[4, 110:130] == 0)
+    assert np.all(np.isfinite(fo)) and np.all(np.isfinite(io))
+    usable = on & (ivar[0] > 0)
+    assert np.all(io[0, usable] > 0) and abs(np.median(fo[0, usable]) - 0.9) < 0.1
+    # without the continuum: the same flux and ivar
+    fo2, io2, co2, st2 = _continuum(kernels(backend), **cp, keep=False)
+    assert co2.shape == (0, cp["flux"].shape[1])
+    assert_array_equal(fo2, fo)
+    assert_array_equal(io2, io)
+    assert_array_equal(st2, st)
+
+
+def test_continuum_by_hand(backend):
+    # K = 1: the continuum is the weighted mean of the continuum pixels, (1*2 + 3*4) / 4 = 3.5
+    flux = np.array([[2.0, 4.0, 7.0, 5.0]])
+    ivar = np.array([[1.0, 3.0, 2.0, 0.0]])
+    basis, chip = np.ones((4, 1)), np.array([0, 0, 0, 0])
+    is_cont = np.array([1, 1, 0, 0], np.uint8)
+    fo, io, co, st = _continuum(kernels(backend), flux, ivar, basis, chip, is_cont, 1, 2)
+    assert_array_equal(st, [[0]])
+    assert_allclose(co, [[3.5, 3.5, 3.5, 3.5]], rtol=1e-15)
+    assert_allclose(fo, [[2 / 3.5, 4 / 3.5, 2.0, 1.0]], rtol=1e-15)
+    assert_allclose(io, [[3.5 ** 2, 3 * 3.5 ** 2, 2 * 3.5 ** 2, 0.0]], rtol=1e-15)
+    # min_pixels 3 > 2 usable continuum pixels; and no usable pixel at all
+    _, _, _, st = _continuum(kernels(backend), flux, ivar, basis, chip, is_cont, 1, 3)
+    assert_array_equal(st, [[2]])
+    _, _, _, st = _continuum(kernels(backend), flux, 0 * ivar, basis, chip, is_cont, 1, 1)
+    assert_array_equal(st, [[1]])
+
+
+def test_continuum_bad_fits(backend, continuum_problem):
+    cp = dict(continuum_problem)
+    k = kernels(backend)
+    # a basis with two equal columns: singular normal equations on every fitted chip
+    basis = cp["basis"].copy()
+    basis[:, 3] = basis[:, 2]
+    fo, io, co, st = _continuum(k, **{**cp, "basis": basis})
+    _, _, _, st_r = _continuum(ref, **{**cp, "basis": basis})
+    assert_array_equal(st, st_r)
+    assert np.all(st[[0, 3, 4, 7]] == 3)
+    assert np.all(fo == 1) and np.all(io == 0) and np.all(co == 0)
+    # K outside 1..MAX_BASIS: every chip a bad fit
+    from cannon_fast._reference.continuum import MAX_BASIS
+    for basis in (np.ones((cp["basis"].shape[0], MAX_BASIS + 1)),
+                  np.ones((cp["basis"].shape[0], 0))):
+        fo, io, co, st = _continuum(k, **{**cp, "basis": basis})
+        assert np.all(st == 3) and np.all(fo == 1) and np.all(io == 0) and np.all(co == 0)
+
+
+@needs_c
+def test_c_continuum_constants_are_the_reference_constants():
+    from cannon_fast._reference.continuum import MAX_BASIS
+    assert backends._ccannon.CONTINUUM_MAX_BASIS == MAX_BASIS
+
+
 # ------------------------------------------------------------------ full model
 
 @pytest.fixture(scope="module")
@@ -501,6 +625,10 @@ def _c_ok_args():
                          np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
                          np.empty((n, 3))],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
+        "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
+                                np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
+                                np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
+                                np.empty((n, 1), np.int64)],
     }
 
 
@@ -533,6 +661,16 @@ def test_c_valid_arguments_run(name):
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
     ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
+    ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,
+     "flux must have dtype float64 or float32"),
+    ("continuum_normalize", 1, np.ones((3, 6), np.float32), TypeError,
+     r"ivar must have dtype float64 \(as flux\)"),
+    ("continuum_normalize", 2, np.ones((5, 2)), ValueError, r"basis has shape \(5, 2\)"),
+    ("continuum_normalize", 4, np.ones(6, bool), TypeError, "is_cont must have dtype uint8"),
+    ("continuum_normalize", 5, -1, ValueError, "n_chips must be >= 0"),
+    ("continuum_normalize", 9, np.empty((2, 6)), ValueError, "cont_out has shape"),
+    ("continuum_normalize", 10, np.empty((3, 2), np.int64), ValueError,
+     "status_out has shape"),
 ])
 def test_c_rejects_bad_arguments(name, pos, bad, exc, match):
     args = _c_ok_args()[name]
