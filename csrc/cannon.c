@@ -239,7 +239,8 @@ static double s2_g(double s, const double *r2, const double *v, ptrdiff_t m)
 }
 
 /* Root of g' in (a, b) with fa = g'(a) > 0 >= g'(b) = fb (known from the scan):
- * regula falsi (Illinois), to S2_RTOL. */
+ * regula falsi (Illinois) until b - a <= S2_RTOL b; the midpoint is then within
+ * S2_RTOL / 2 of the root, relative (the tolerance of _reference.s2_grid). */
 static double s2_refine(double a, double b, double fa, double fb, const double *r2,
                         const double *v, ptrdiff_t m)
 {

@@ -45,7 +45,7 @@ extern "C" {
 #define CF_CONT_MAX_BASIS 8  /* most basis functions per chip (Chebyshev degree <= 7) */
 
 /* constants of _reference.s2_grid, which must be honoured identically */
-#define CF_S2_RTOL 1e-4      /* relative precision to which s2 is refined */
+#define CF_S2_RTOL 1e-4      /* s2 is refined to S2_RTOL / 2 of the maximiser, relative */
 #define CF_S2_FLOOR 1e-4     /* grid bottom, as a fraction of the mean noise variance */
 #define CF_GRID_PER_DECADE 3 /* grid points per factor of ten */
 
@@ -75,8 +75,10 @@ int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *
  * Contract: (n),(n)->(),() over pixels.
  *
  * A geometric grid over [S2_FLOOR mean(v), max r2] (plus s2 = 0) locates the
- * sign changes of g'(s2); Illinois regula falsi refines each to S2_RTOL and
- * g itself (the logarithms) is evaluated only at those candidates.
+ * sign changes of g'(s2); Illinois regula falsi refines each until its bracket is
+ * narrower than S2_RTOL of its upper end, and g itself (the logarithms) is evaluated
+ * only at those candidates. The result is within max(S2_RTOL / 2 s2*, S2_FLOOR mean(v))
+ * of the maximiser s2*: the tolerance stated in _reference.s2_grid.
  *
  * @param n_stars N: number of stars.
  * @param n_pix P: number of pixels.

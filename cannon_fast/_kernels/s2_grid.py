@@ -3,8 +3,10 @@
 Same contract and result as ``_reference.s2_grid.s2_update``, reached through
 the derivative ``g'(s²) = 1/2 sum (r² - v - s²) / (v + s²)²`` (no logarithms
 on the grid): every sign change from + to - on the grid brackets a local
-maximum, bisection refines it, and the logarithm is evaluated only at the
-candidates to pick the global one.
+maximum, regula falsi (Illinois) refines it until the bracket is narrower than
+S2_RTOL of its upper end, and the logarithm is evaluated only at the
+candidates to pick the global one. The tolerance this meets is stated in
+``_reference.s2_grid``.
 """
 import numba as nb
 import numpy as np
@@ -50,7 +52,8 @@ def _g(s, r2, v, m):
 def _refine(a, b, fa, fb, r2, v, m):
     """Root of g' in (a, b) with ``fa = g'(a) > 0 >= g'(b) = fb`` (known from the scan).
 
-    Regula falsi (Illinois), to S2_RTOL.
+    Regula falsi (Illinois), until ``b - a <= S2_RTOL b``; the midpoint is then within
+    S2_RTOL / 2 of the root, relative.
     """
     side = 0
     for _ in range(100):
