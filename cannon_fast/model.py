@@ -242,14 +242,14 @@ class CannonModel:
         weights ``1 / (sigma² + s²)`` (one matrix product over all pixels gives
         every pixel's normal equations). s² then maximises the training-set
         likelihood (including its ``log(sigma² + s²)`` term) at that theta: a
-        grid brackets the maximum and a root search refines it to a relative
-        5e-5 (absolute below 1e-4 of the pixel's mean noise variance; the
-        tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``).
+        grid brackets the maximum and a search in the bracket refines it to a
+        relative 5e-5 (absolute below 1e-4 of the pixel's mean noise variance;
+        the tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``).
         The two steps alternate until no pixel's s² moves by more than
         ``s2_rtol`` between passes, which converges to the joint
         maximum-likelihood (theta, s²). The returned s² maximises the
         likelihood at the returned theta, which was solved at an s² within
-        ``s2_rtol`` of it.
+        ``s2_rtol`` of it (see ``s2_rtol`` for the exceptions).
 
         Parameters
         ----------
