@@ -833,6 +833,7 @@ static int in_chip(int64_t c, ptrdiff_t n_chips)
     return c >= 0 && c < (int64_t)n_chips;
 }
 
+/* Fill cl for these chips (cl->block then holds its arrays: free it); 0 if out of memory. */
 static int cont_layout_init(cont_layout *cl, ptrdiff_t n_pix, ptrdiff_t k, ptrdiff_t n_chips,
                             ptrdiff_t min_pixels, const double *basis, const int64_t *chip,
                             const uint8_t *is_cont)
