@@ -83,6 +83,7 @@ static PyObject *finish(int code, const char *func)
 #define F32 NPY_FLOAT32, "float32"
 #define I64 NPY_INT64, "int64"
 #define I8 NPY_INT8, "int8"
+#define U8 NPY_UINT8, "uint8"
 #define BOOL NPY_BOOL, "bool"
 #define IN 0
 #define OUT 1
@@ -94,7 +95,8 @@ PyDoc_STRVAR(solve_normal_equations_doc,
 "Solve ``A theta = b`` per pixel and return ``A^-1`` packed: ``(t2),(t)->(t),(t2),()``.\n\n"
 "a_packed (P, T2) float64, b (P, T) float64 -> theta_out (P, T) float64,\n"
 "cinv_out (P, T2) or (0, T2) float64 (empty: skip the inverse), status_out (P,) int8\n"
-"(1 where A is not positive definite; theta and cinv are then 0).");
+"(1 where A is singular: a squared Cholesky pivot <= CHOL_RTOL max_i A_ii; theta and cinv\n"
+"are then 0).");
 
 static PyObject *py_solve_normal_equations(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -350,6 +352,90 @@ static PyObject *py_design(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ continuum_normalize */
+
+PyDoc_STRVAR(continuum_normalize_doc,
+"continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels, flux_out, "
+"ivar_out, cont_out, status_out)\n--\n\n"
+"Per-chip weighted least-squares continuum, divided out:\n"
+"``(p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c)`` over stars.\n\n"
+"flux, ivar (N, P) float64 or float32; basis (P, K) float64; chip (P,) int64 (-1: gap);\n"
+"is_cont (P,) uint8; n_chips >= 0, min_pixels int -> flux_out, ivar_out (N, P) and cont_out\n"
+"(N, P) or (0, P) (empty: not stored), all of flux's dtype; status_out (N, C) int64\n"
+"(0 ok, 1 no usable pixel, 2 too few continuum pixels, 3 bad fit). The fit is in float64.");
+
+static PyObject *py_continuum_normalize(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"flux", "ivar", "basis", "chip", "is_cont", "n_chips",
+                             "min_pixels", "flux_out", "ivar_out", "cont_out", "status_out",
+                             NULL};
+    static const char *fn = "continuum_normalize";
+    PyObject *o[5], *q[4];
+    Py_ssize_t n_chips, min_pixels;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOnnOOOO:continuum_normalize", kwlist,
+                                     &o[0], &o[1], &o[2], &o[3], &o[4], &n_chips, &min_pixels,
+                                     &q[0], &q[1], &q[2], &q[3]))
+        return NULL;
+    /* the spectra are all float64 or all float32, as flux is */
+    int single = PyArray_Check(o[0]) &&
+                 PyArray_EquivTypenums(PyArray_TYPE((PyArrayObject *)o[0]), NPY_FLOAT32);
+    int ft = single ? NPY_FLOAT32 : NPY_FLOAT64;
+    const char *ft_name = single ? "float32 (as flux)" : "float64 or float32";
+    PyArrayObject *flux, *ivar, *basis, *chip, *cont, *fo, *io, *co, *status;
+    if (!(flux = as_array(o[0], fn, "flux", ft, ft_name, 2, IN))) return NULL;
+    if (!single) ft_name = "float64 (as flux)";
+    if (!(ivar = as_array(o[1], fn, "ivar", ft, ft_name, 2, IN))) return NULL;
+    if (!(basis = as_array(o[2], fn, "basis", F64, 2, IN))) return NULL;
+    if (!(chip = as_array(o[3], fn, "chip", I64, 1, IN))) return NULL;
+    if (!(cont = as_array(o[4], fn, "is_cont", U8, 1, IN))) return NULL;
+    if (!(fo = as_array(q[0], fn, "flux_out", ft, ft_name, 2, OUT))) return NULL;
+    if (!(io = as_array(q[1], fn, "ivar_out", ft, ft_name, 2, OUT))) return NULL;
+    if (!(co = as_array(q[2], fn, "cont_out", ft, ft_name, 2, OUT))) return NULL;
+    if (!(status = as_array(q[3], fn, "status_out", I64, 2, OUT))) return NULL;
+    if (n_chips < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: n_chips must be >= 0, got %zd", fn, n_chips);
+        return NULL;
+    }
+    npy_intp n_stars = PyArray_DIM(flux, 0), n_pix = PyArray_DIM(flux, 1);
+    npy_intp n_basis = PyArray_DIM(basis, 1);
+    if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
+        check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
+        check_dim(basis, 0, n_pix, fn, "basis", "(P, K)", "P") ||
+        check_dim(chip, 0, n_pix, fn, "chip", "(P,)", "P") ||
+        check_dim(cont, 0, n_pix, fn, "is_cont", "(P,)", "P") ||
+        check_dim(fo, 0, n_stars, fn, "flux_out", "(N, P)", "N") ||
+        check_dim(fo, 1, n_pix, fn, "flux_out", "(N, P)", "P") ||
+        check_dim(io, 0, n_stars, fn, "ivar_out", "(N, P)", "N") ||
+        check_dim(io, 1, n_pix, fn, "ivar_out", "(N, P)", "P") ||
+        check_dim(co, 1, n_pix, fn, "cont_out", "(N, P) or (0, P)", "P") ||
+        check_dim(status, 0, n_stars, fn, "status_out", "(N, C)", "N") ||
+        check_dim(status, 1, n_chips, fn, "status_out", "(N, C)", "C = n_chips"))
+        return NULL;
+    if (PyArray_DIM(co, 0) != 0 &&
+        check_dim(co, 0, n_stars, fn, "cont_out", "(N, P) or (0, P)", "N"))
+        return NULL;
+    void *co_ptr = PyArray_DIM(co, 0) ? PyArray_DATA(co) : NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    if (single) {
+        code = cf_continuum_normalize_f32(
+            n_stars, n_pix, n_basis, n_chips, (const float *)PyArray_DATA(flux),
+            (const float *)PyArray_DATA(ivar), (const double *)PyArray_DATA(basis),
+            (const int64_t *)PyArray_DATA(chip), (const uint8_t *)PyArray_DATA(cont),
+            min_pixels, (float *)PyArray_DATA(fo), (float *)PyArray_DATA(io), (float *)co_ptr,
+            (int64_t *)PyArray_DATA(status));
+    } else {
+        code = cf_continuum_normalize(
+            n_stars, n_pix, n_basis, n_chips, (const double *)PyArray_DATA(flux),
+            (const double *)PyArray_DATA(ivar), (const double *)PyArray_DATA(basis),
+            (const int64_t *)PyArray_DATA(chip), (const uint8_t *)PyArray_DATA(cont),
+            min_pixels, (double *)PyArray_DATA(fo), (double *)PyArray_DATA(io),
+            (double *)co_ptr, (int64_t *)PyArray_DATA(status));
+    }
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ module */
 
 PyDoc_STRVAR(max_threads_doc,
@@ -402,6 +488,8 @@ static PyMethodDef methods[] = {
      star_weights_doc},
     {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
      design_doc},
+    {"continuum_normalize", (PyCFunction)(void (*)(void))py_continuum_normalize,
+     METH_VARARGS | METH_KEYWORDS, continuum_normalize_doc},
     {"max_threads", py_max_threads, METH_NOARGS, max_threads_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -410,7 +498,8 @@ PyDoc_STRVAR(module_doc,
 "C kernels: the same names and contracts as ``cannon_fast._reference`` and ``_kernels``.\n\n"
 "Optional (built from csrc/ unless CANNON_FAST_NO_EXT=1); select with backend=\"c\".\n"
 "Arrays must be C-contiguous with the documented dtypes; outputs are caller-allocated.\n"
-"The constants mirror ``_reference.s2_grid`` and ``_reference.model_eval``; ``OPENMP``\n"
+"The constants mirror ``_reference.s2_grid``, ``_reference.normal_equations``,\n"
+"``_reference.model_eval`` and ``_reference.continuum``; ``OPENMP``\n"
 "says whether the loops over pixels and stars run in parallel.");
 
 static struct PyModuleDef moduledef = {
@@ -437,7 +526,9 @@ PyMODINIT_FUNC PyInit__ccannon(void)
 #endif
     if (add_object(m, "S2_RTOL", PyFloat_FromDouble(CF_S2_RTOL)) < 0 ||
         add_object(m, "S2_FLOOR", PyFloat_FromDouble(CF_S2_FLOOR)) < 0 ||
+        add_object(m, "CHOL_RTOL", PyFloat_FromDouble(CF_CHOL_RTOL)) < 0 ||
         PyModule_AddIntConstant(m, "GRID_PER_DECADE", CF_GRID_PER_DECADE) < 0 ||
+        PyModule_AddIntConstant(m, "CONTINUUM_MAX_BASIS", CF_CONT_MAX_BASIS) < 0 ||
         PyModule_AddIntConstant(m, "NOT_CONVERGED", CF_NOT_CONVERGED) < 0 ||
         PyModule_AddIntConstant(m, "HIT_BOUND", CF_HIT_BOUND) < 0 ||
         PyModule_AddIntConstant(m, "STARTS_DISAGREE", CF_STARTS_DISAGREE) < 0 ||

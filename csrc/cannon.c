@@ -65,7 +65,9 @@ static int team_size(ptrdiff_t n, ptrdiff_t min_n)
 
 /* ------------------------------------------------------------------ normal equations */
 
-/* Lower Cholesky factor of a (n, n) in place; 0 if not positive definite. */
+/* Lower Cholesky factor of a (n, n) in place; 0 if singular by the rule of
+ * _reference.normal_equations.solve_normal_equations: every squared pivot must
+ * exceed CF_CHOL_RTOL times the largest diagonal entry. */
 static int cholesky_inplace(double *a, ptrdiff_t n)
 {
     double dmax = 0.0;
@@ -75,8 +77,8 @@ static int cholesky_inplace(double *a, ptrdiff_t n)
     for (ptrdiff_t j = 0; j < n; j++) {
         double s = a[j * n + j];
         for (ptrdiff_t k = 0; k < j; k++) s -= a[j * n + k] * a[j * n + k];
-        /* a relative pivot this small is numerically singular (same test as numba) */
-        if (s <= CF_CHOL_RTOL * dmax) return 0;
+        /* a relative pivot this small is numerically singular; !(>) makes NaN singular */
+        if (!(s > CF_CHOL_RTOL * dmax)) return 0;
         double d = sqrt(s);
         a[j * n + j] = d;
         for (ptrdiff_t i = j + 1; i < n; i++) {
@@ -237,7 +239,8 @@ static double s2_g(double s, const double *r2, const double *v, ptrdiff_t m)
 }
 
 /* Root of g' in (a, b) with fa = g'(a) > 0 >= g'(b) = fb (known from the scan):
- * regula falsi (Illinois), to S2_RTOL. */
+ * regula falsi (Illinois) until b - a <= S2_RTOL b; the midpoint is then within
+ * S2_RTOL / 2 of the root, relative (the tolerance of _reference.s2_grid). */
 static double s2_refine(double a, double b, double fa, double fb, const double *r2,
                         const double *v, ptrdiff_t m)
 {
@@ -806,4 +809,300 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         moments_out[3 * i + 2] = m2;
     }
     return CF_OK;
+}
+
+/* ------------------------------------------------------------------ continuum */
+
+/* What every star shares: the chips as runs of consecutive pixels (one run per chip for
+ * the apStar chips, so the per-pixel loops need no chip test) and each chip's
+ * continuum pixels, cidx[cstart[c]:cstart[c + 1]]. */
+typedef struct {
+    ptrdiff_t n_pix, k, n_chips, min_pixels, n_runs;
+    const double *basis;   /* (P, K) */
+    const int64_t *chip;   /* (P,) */
+    ptrdiff_t *run_lo;     /* (R,) first pixel of each run */
+    ptrdiff_t *run_hi;     /* (R,) one past its last */
+    ptrdiff_t *run_chip;   /* (R,) its chip */
+    ptrdiff_t *cstart;     /* (C + 1,) */
+    ptrdiff_t *cidx;       /* (continuum pixels on chips,), then C scratch cursors */
+    void *block;
+} cont_layout;
+
+static int in_chip(int64_t c, ptrdiff_t n_chips)
+{
+    return c >= 0 && c < (int64_t)n_chips;
+}
+
+/* Fill cl for these chips (cl->block then holds its arrays: free it); 0 if out of memory. */
+static int cont_layout_init(cont_layout *cl, ptrdiff_t n_pix, ptrdiff_t k, ptrdiff_t n_chips,
+                            ptrdiff_t min_pixels, const double *basis, const int64_t *chip,
+                            const uint8_t *is_cont)
+{
+    ptrdiff_t n_runs = 0, n_cont = 0;
+    for (ptrdiff_t j = 0; j < n_pix; j++) {
+        if (!in_chip(chip[j], n_chips)) continue;
+        if (j == 0 || chip[j - 1] != chip[j]) n_runs++;
+        if (is_cont[j]) n_cont++;
+    }
+    cl->n_pix = n_pix;
+    cl->k = k;
+    cl->n_chips = n_chips;
+    cl->min_pixels = min_pixels;
+    cl->n_runs = n_runs;
+    cl->basis = basis;
+    cl->chip = chip;
+    cl->block = malloc(sizeof(ptrdiff_t) * (size_t)(3 * n_runs + 2 * n_chips + 1 + n_cont + 1));
+    if (!cl->block) return 0;
+    cl->run_lo = (ptrdiff_t *)cl->block;
+    cl->run_hi = cl->run_lo + n_runs;
+    cl->run_chip = cl->run_hi + n_runs;
+    cl->cstart = cl->run_chip + n_runs;
+    cl->cidx = cl->cstart + n_chips + 1;
+    ptrdiff_t r = -1;
+    for (ptrdiff_t c = 0; c <= n_chips; c++) cl->cstart[c] = 0;
+    for (ptrdiff_t j = 0; j < n_pix; j++) {
+        if (!in_chip(chip[j], n_chips)) continue;
+        if (j == 0 || chip[j - 1] != chip[j]) {
+            r++;
+            cl->run_lo[r] = j;
+            cl->run_chip[r] = (ptrdiff_t)chip[j];
+        }
+        cl->run_hi[r] = j + 1;
+        if (is_cont[j]) cl->cstart[chip[j] + 1]++;
+    }
+    for (ptrdiff_t c = 0; c < n_chips; c++) cl->cstart[c + 1] += cl->cstart[c];
+    /* in pixel order, as the numba kernel (the order of the sums) */
+    ptrdiff_t *fill = cl->cidx + n_cont; /* (C,) cursors */
+    for (ptrdiff_t c = 0; c < n_chips; c++) fill[c] = cl->cstart[c];
+    for (ptrdiff_t j = 0; j < n_pix; j++) {
+        if (in_chip(chip[j], n_chips) && is_cont[j]) cl->cidx[fill[chip[j]]++] = j;
+    }
+    return 1;
+}
+
+/* A pixel carries weight: finite flux, finite positive ivar. */
+static int usable(double f, double w)
+{
+    return w > 0.0 && w < INFINITY && fabs(f) < INFINITY;
+}
+
+/* Element j of a float (single) or double spectrum row, and a store into one. Every
+ * caller passes a constant `single`, so the compiler specialises the inline functions
+ * below for each precision: one source for both, with no conversion pass. */
+static inline double ld(const void *row, ptrdiff_t j, int single)
+{
+    return single ? (double)((const float *)row)[j] : ((const double *)row)[j];
+}
+
+static inline void put(void *row, ptrdiff_t j, double x, int single)
+{
+    if (single) {
+        ((float *)row)[j] = (float)x;
+    } else {
+        ((double *)row)[j] = x;
+    }
+}
+
+/* Divide pixel j by its continuum value; returns 1 if the pixel is usable but the
+ * continuum there is not finite and positive (the fit is then rejected). */
+static inline int cont_divide(ptrdiff_t j, double cont, const void *f, const void *w, void *fo,
+                              void *wo, void *co, int single, int keep)
+{
+    double fj = ld(f, j, single), wj = ld(w, j, single);
+    /* & rather than && and the quotient always computed: selects, not branches (GCC still
+     * does not vectorize the loop around this under its default -ftrapping-math) */
+    int g = (wj > 0.0) & (wj < INFINITY) & (fabs(fj) < INFINITY);
+    int ok = g & (cont > 0.0) & (cont < INFINITY);
+    double fn = fj / cont, wn = wj * cont * cont;
+    put(fo, j, ok ? fn : 1.0, single);
+    put(wo, j, ok ? wn : 0.0, single);
+    if (keep) put(co, j, cont, single);
+    return g & !ok;
+}
+
+/* Evaluate, divide and store one run of a fitted chip; returns the number of usable
+ * pixels where the continuum is not finite and positive. */
+static inline ptrdiff_t cont_divide_run(const cont_layout *cl, const double *coef,
+                                        ptrdiff_t lo, ptrdiff_t hi, const void *f,
+                                        const void *w, void *fo, void *wo, void *co, int single,
+                                        int keep)
+{
+    const ptrdiff_t k = cl->k;
+    const double *basis = cl->basis;
+    ptrdiff_t bad = 0;
+    if (k == 4) { /* the default degree 3, unrolled (as in numba) */
+        const double c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
+        for (ptrdiff_t j = lo; j < hi; j++) {
+            const double *bj = basis + 4 * j;
+            double cont = c0 * bj[0] + c1 * bj[1] + c2 * bj[2] + c3 * bj[3];
+            bad += cont_divide(j, cont, f, w, fo, wo, co, single, keep);
+        }
+        return bad;
+    }
+    for (ptrdiff_t j = lo; j < hi; j++) {
+        const double *bj = basis + j * k;
+        double cont = 0.0;
+        for (ptrdiff_t q = 0; q < k; q++) cont += coef[q] * bj[q];
+        bad += cont_divide(j, cont, f, w, fo, wo, co, single, keep);
+    }
+    return bad;
+}
+
+/* cont_divide_run with constant flags at each call, so each of the four is specialised:
+ * the hot loop has no test of the precision or of co per pixel. */
+static ptrdiff_t cont_divide_any(const cont_layout *cl, const double *coef, ptrdiff_t lo,
+                                 ptrdiff_t hi, const void *f, const void *w, void *fo,
+                                 void *wo, void *co, int single)
+{
+    if (single) {
+        return co ? cont_divide_run(cl, coef, lo, hi, f, w, fo, wo, co, 1, 1)
+                  : cont_divide_run(cl, coef, lo, hi, f, w, fo, wo, NULL, 1, 0);
+    }
+    return co ? cont_divide_run(cl, coef, lo, hi, f, w, fo, wo, co, 0, 1)
+              : cont_divide_run(cl, coef, lo, hi, f, w, fo, wo, NULL, 0, 0);
+}
+
+/* One star: rows f, w (P,) in; fo, wo, co (P,) (co may be NULL) and st (C,) out, all
+ * float if single else double; the fit is in double. The loops and their order are
+ * those of the numba kernel, so the results are the same to the bit. */
+static inline void cont_one_star(const cont_layout *cl, const void *f, const void *w,
+                                 void *fo, void *wo, void *co, int64_t *st, int single)
+{
+    const ptrdiff_t k = cl->k, n_chips = cl->n_chips;
+    const double *basis = cl->basis;
+    double a[CF_CONT_MAX_BASIS * CF_CONT_MAX_BASIS], b[CF_CONT_MAX_BASIS];
+    double coef[CF_CONT_MAX_BASIS];
+    for (ptrdiff_t j = 0; j < cl->n_pix; j++) { /* gaps and pixels of no chip: no data */
+        if (in_chip(cl->chip[j], n_chips)) continue;
+        put(fo, j, 1.0, single);
+        put(wo, j, 0.0, single);
+        if (co) put(co, j, 0.0, single);
+    }
+    for (ptrdiff_t c = 0; c < n_chips; c++) {
+        for (ptrdiff_t q = 0; q < k * k; q++) a[q] = 0.0;
+        for (ptrdiff_t q = 0; q < k; q++) b[q] = 0.0;
+        ptrdiff_t nuse = 0;
+        for (ptrdiff_t m = cl->cstart[c]; m < cl->cstart[c + 1]; m++) {
+            ptrdiff_t j = cl->cidx[m];
+            double wj = ld(w, j, single), fj = ld(f, j, single);
+            if (!usable(fj, wj)) continue;
+            nuse++;
+            const double *bj = basis + j * k;
+            for (ptrdiff_t q = 0; q < k; q++) {
+                double wb = wj * bj[q];
+                b[q] += wb * fj;
+                for (ptrdiff_t r = q; r < k; r++) a[q * k + r] += wb * bj[r];
+            }
+        }
+        int64_t code = 0;
+        if (nuse < cl->min_pixels || nuse < k) {
+            code = CF_CONT_FEW_PIXELS;
+            if (nuse == 0) { /* a missing chip has no usable pixel at all */
+                code = CF_CONT_NO_PIXELS;
+                for (ptrdiff_t r = 0; r < cl->n_runs && code == CF_CONT_NO_PIXELS; r++) {
+                    if (cl->run_chip[r] != c) continue;
+                    for (ptrdiff_t j = cl->run_lo[r]; j < cl->run_hi[r]; j++) {
+                        if (usable(ld(f, j, single), ld(w, j, single))) {
+                            code = CF_CONT_FEW_PIXELS;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if (code == 0) {
+            for (ptrdiff_t q = 0; q < k; q++) {
+                for (ptrdiff_t r = 0; r < q; r++) a[q * k + r] = a[r * k + q];
+            }
+            /* the singular-matrix rule of cf_solve_normal_equations */
+            if (cholesky_inplace(a, k)) {
+                cho_solve(a, b, coef, k);
+            } else {
+                code = CF_CONT_BAD_FIT;
+            }
+        }
+        if (code == 0) {
+            ptrdiff_t bad = 0;
+            for (ptrdiff_t r = 0; r < cl->n_runs; r++) {
+                if (cl->run_chip[r] != c) continue;
+                bad += cont_divide_any(cl, coef, cl->run_lo[r], cl->run_hi[r], f, w, fo, wo, co,
+                                       single);
+            }
+            if (bad > 0) code = CF_CONT_BAD_FIT; /* positive wherever data carry weight */
+        }
+        st[c] = code;
+        if (code != 0) {
+            for (ptrdiff_t r = 0; r < cl->n_runs; r++) {
+                if (cl->run_chip[r] != c) continue;
+                for (ptrdiff_t j = cl->run_lo[r]; j < cl->run_hi[r]; j++) {
+                    put(fo, j, 1.0, single);
+                    put(wo, j, 0.0, single);
+                    if (co) put(co, j, 0.0, single);
+                }
+            }
+        }
+    }
+}
+
+/* Both precisions (single != 0: float spectra). */
+static int cont_driver(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t k, ptrdiff_t n_chips,
+                       const void *flux, const void *ivar, const double *basis,
+                       const int64_t *chip, const uint8_t *is_cont, ptrdiff_t min_pixels,
+                       void *flux_out, void *ivar_out, void *cont_out, int64_t *status_out,
+                       int single)
+{
+    if (n_stars < 0 || n_pix < 0 || n_chips < 0) return CF_ERR_ARG;
+    const ptrdiff_t np = n_pix;
+    if (k < 1 || k > CF_CONT_MAX_BASIS) { /* every chip a bad fit, as the reference */
+        for (ptrdiff_t i = 0; i < n_stars * np; i++) {
+            put(flux_out, i, 1.0, single);
+            put(ivar_out, i, 0.0, single);
+            if (cont_out) put(cont_out, i, 0.0, single);
+        }
+        for (ptrdiff_t i = 0; i < n_stars * n_chips; i++) status_out[i] = CF_CONT_BAD_FIT;
+        return CF_OK;
+    }
+    if (n_stars == 0) return CF_OK;
+    cont_layout cl;
+    if (!cont_layout_init(&cl, n_pix, k, n_chips, min_pixels, basis, chip, is_cont))
+        return CF_ERR_NOMEM;
+    const size_t size = single ? sizeof(float) : sizeof(double);
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    /* one pass over each spectrum, bound by memory bandwidth */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        size_t off = (size_t)i * (size_t)np * size;
+        const void *f = (const char *)flux + off, *w = (const char *)ivar + off;
+        void *fo = (char *)flux_out + off, *wo = (char *)ivar_out + off;
+        void *co = cont_out ? (void *)((char *)cont_out + off) : NULL;
+        int64_t *st = status_out + i * n_chips;
+        if (single) {
+            cont_one_star(&cl, f, w, fo, wo, co, st, 1);
+        } else {
+            cont_one_star(&cl, f, w, fo, wo, co, st, 0);
+        }
+    }
+    free(cl.block);
+    return CF_OK;
+}
+
+int cf_continuum_normalize(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
+                           ptrdiff_t n_chips, const double *flux, const double *ivar,
+                           const double *basis, const int64_t *chip, const uint8_t *is_cont,
+                           ptrdiff_t min_pixels, double *flux_out, double *ivar_out,
+                           double *cont_out, int64_t *status_out)
+{
+    return cont_driver(n_stars, n_pix, n_basis, n_chips, flux, ivar, basis, chip, is_cont,
+                       min_pixels, flux_out, ivar_out, cont_out, status_out, 0);
+}
+
+int cf_continuum_normalize_f32(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
+                               ptrdiff_t n_chips, const float *flux, const float *ivar,
+                               const double *basis, const int64_t *chip,
+                               const uint8_t *is_cont, ptrdiff_t min_pixels, float *flux_out,
+                               float *ivar_out, float *cont_out, int64_t *status_out)
+{
+    return cont_driver(n_stars, n_pix, n_basis, n_chips, flux, ivar, basis, chip, is_cont,
+                       min_pixels, flux_out, ivar_out, cont_out, status_out, 1);
 }

@@ -5,7 +5,8 @@
  * cannon_fast/_reference (numpy, the ground truth); csrc/_ccannon.c wraps
  * them for Python. Every array is C-contiguous and caller-allocated; outputs
  * end in _out. Shapes use the package's letters: N stars, P pixels, L labels,
- * T terms, T2 = T (T + 1) / 2 packed upper-triangle entries, K starts.
+ * T terms, T2 = T (T + 1) / 2 packed upper-triangle entries, K starts (lm_fit)
+ * or basis functions (continuum), C chips.
  *
  * The functions return a CF_* code (never exit or abort); per-pixel or
  * per-star outcomes go into status_out arrays, as in the Python kernels.
@@ -29,7 +30,7 @@ extern "C" {
 #define CF_ERR_ARG (-2)   /* an argument is out of range (e.g. n_polish < 1) */
 
 /* per-pixel status of cf_solve_normal_equations and cf_s2_update */
-#define CF_SINGULAR 1 /* matrix not positive definite: theta = cinv = 0 */
+#define CF_SINGULAR 1 /* matrix singular by the CF_CHOL_RTOL rule: theta = cinv = 0 */
 #define CF_TOO_FEW 1  /* fewer than two valid stars: s2 = 0 */
 
 /* per-star status bits of cf_lm_fit (= _reference.model_eval) */
@@ -37,12 +38,19 @@ extern "C" {
 #define CF_HIT_BOUND 2
 #define CF_STARTS_DISAGREE 4
 
+/* per-chip status of cf_continuum_normalize (= _reference.continuum) */
+#define CF_CONT_NO_PIXELS 1  /* no usable pixel at all on the chip */
+#define CF_CONT_FEW_PIXELS 2 /* fewer usable continuum pixels than max(min_pixels, K) */
+#define CF_CONT_BAD_FIT 3    /* singular normal equations, or a continuum <= 0 on a usable pixel */
+#define CF_CONT_MAX_BASIS 8  /* most basis functions per chip (Chebyshev degree <= 7) */
+
 /* constants of _reference.s2_grid, which must be honoured identically */
-#define CF_S2_RTOL 1e-4      /* relative precision to which s2 is refined */
+#define CF_S2_RTOL 1e-4      /* s2 is refined to S2_RTOL / 2 of the maximiser, relative */
 #define CF_S2_FLOOR 1e-4     /* grid bottom, as a fraction of the mean noise variance */
 #define CF_GRID_PER_DECADE 3 /* grid points per factor of ten */
 
-/* relative pivot below which a Cholesky factorisation is declared singular */
+/* a squared Cholesky pivot at or below this fraction of the largest diagonal entry
+ * means singular (the rule of _reference.normal_equations.solve_normal_equations) */
 #define CF_CHOL_RTOL 1e-12
 
 /**
@@ -55,7 +63,7 @@ extern "C" {
  * @param b (P, T): X^T W_p f_p.
  * @param theta_out (P, T): the solutions; 0 where singular.
  * @param cinv_out (P, T2) or NULL: upper triangles of A^-1; NULL skips the inverse.
- * @param status_out (P,): 0, or CF_SINGULAR where A is not positive definite.
+ * @param status_out (P,): 0, or CF_SINGULAR where A is singular (see CF_CHOL_RTOL).
  * @return CF_OK, CF_ERR_ARG or CF_ERR_NOMEM.
  */
 int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *a_packed,
@@ -67,8 +75,10 @@ int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *
  * Contract: (n),(n)->(),() over pixels.
  *
  * A geometric grid over [S2_FLOOR mean(v), max r2] (plus s2 = 0) locates the
- * sign changes of g'(s2); Illinois regula falsi refines each to S2_RTOL and
- * g itself (the logarithms) is evaluated only at those candidates.
+ * sign changes of g'(s2); Illinois regula falsi refines each until its bracket is
+ * narrower than S2_RTOL of its upper end, and g itself (the logarithms) is evaluated
+ * only at those candidates. The result is within max(S2_RTOL / 2 s2*, S2_FLOOR mean(v))
+ * of the maximiser s2*: the tolerance stated in _reference.s2_grid.
  *
  * @param n_stars N: number of stars.
  * @param n_pix P: number of pixels.
@@ -169,6 +179,51 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
                     const double *s2, const uint8_t *good_pix, const double *theta0,
                     const double *t_pix, float *w_out, double *wr_out, double *c_out,
                     int64_t *npix_out, double *moments_out);
+
+/**
+ * Fit and divide out a per-chip weighted least-squares pseudo-continuum, per star.
+ * Contract: (p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c) over stars; the semantics are
+ * those of _reference.continuum.continuum_normalize. The fit is in double precision;
+ * cf_continuum_normalize_f32 takes and writes float spectra.
+ *
+ * For each star and chip c, the usable pixels (finite flux, finite ivar > 0) among the
+ * continuum pixels of the chip give the weighted normal equations B^T W B coef = B^T W f,
+ * solved when there are >= max(min_pixels, K) of them and the matrix is not singular by
+ * the rule of cf_solve_normal_equations; the continuum B coef must then be finite and
+ * positive at every usable pixel of the chip. A fitted chip gets flux / cont and
+ * ivar cont^2 at its usable pixels and (1, 0) elsewhere; a chip not fitted, a gap
+ * (chip < 0) and a pixel of no chip (chip >= n_chips) get flux 1, ivar 0, continuum 0.
+ *
+ * @param n_stars N: number of stars.
+ * @param n_pix P: number of pixels.
+ * @param n_basis K: basis functions per chip; outside 1..CF_CONT_MAX_BASIS every chip
+ *        gets CF_CONT_BAD_FIT.
+ * @param n_chips C: number of chips.
+ * @param flux (N, P): flux.
+ * @param ivar (N, P): inverse variances; 0 (or a non-finite flux or ivar) marks a pixel
+ *        that is not usable.
+ * @param basis (P, K): basis functions of each pixel's chip.
+ * @param chip (P,): chip of each pixel, -1 in the gaps.
+ * @param is_cont (P,): nonzero at continuum pixels.
+ * @param min_pixels fewest usable continuum pixels to fit a chip.
+ * @param flux_out (N, P): normalized flux.
+ * @param ivar_out (N, P): its inverse variance.
+ * @param cont_out (N, P) or NULL: the continuum (0 where not fitted); NULL skips it.
+ * @param status_out (N, C): 0 or a CF_CONT_* code per star and chip.
+ * @return CF_OK, CF_ERR_ARG or CF_ERR_NOMEM.
+ */
+int cf_continuum_normalize(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
+                           ptrdiff_t n_chips, const double *flux, const double *ivar,
+                           const double *basis, const int64_t *chip, const uint8_t *is_cont,
+                           ptrdiff_t min_pixels, double *flux_out, double *ivar_out,
+                           double *cont_out, int64_t *status_out);
+
+/** cf_continuum_normalize for float spectra (the same results, rounded to float). */
+int cf_continuum_normalize_f32(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
+                               ptrdiff_t n_chips, const float *flux, const float *ivar,
+                               const double *basis, const int64_t *chip,
+                               const uint8_t *is_cont, ptrdiff_t min_pixels, float *flux_out,
+                               float *ivar_out, float *cont_out, int64_t *status_out);
 
 /** Number of threads the parallel loops use (1 without OpenMP). */
 int cf_max_threads(void);

@@ -3,13 +3,16 @@
 Also hand-worked cases, the status paths, the full model per backend, backend
 resolution, the C glue's validation and threads, and numba kernels in user @njit code.
 """
+import ast
 import inspect
 import multiprocessing
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
+from scipy.optimize import brentq
 
 import cannon_fast.core.backends as backends
 from cannon_fast import CannonModel
@@ -21,7 +24,8 @@ from cannon_fast.core._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RT
 from cannon_fast.core.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
 
-KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design")
+KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design",
+           "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
 
@@ -118,7 +122,7 @@ def weights_problem():
 
 # ------------------------------------------------------------------ registry
 
-def test_every_backend_exposes_the_five_kernels(backend):
+def test_every_backend_exposes_every_kernel(backend):
     k = kernels(backend)
     for name in KERNELS:
         assert callable(getattr(k, name)), (backend, name)
@@ -233,6 +237,40 @@ def test_normal_equations_singular_pixels_give_status_1_and_zeros(backend):
     assert np.all(np.isfinite(theta)) and np.all(theta[[0, 2]] != 0)
 
 
+@pytest.mark.parametrize("a_packed, singular", [
+    # the second pivot is 1 + 1e-13 - 1: cancellation, though it is 1e-7 of the first pivot
+    ([1e-6, 1e-3, 1.0 + 1e-13], True),
+    # 1e-11 of the largest diagonal entry: above CHOL_RTOL, a (badly conditioned) solution
+    ([1e-6, 1e-3, 1.0 + 1e-11], False),
+    ([1.0, np.nan, 1.0], True),   # NaN: singular, not a NaN theta with status 0
+    ([np.inf, 0.0, 1.0], True),
+    ([0.0, 0.0, 0.0], True),
+    ([1e-300, 0.0, 1e-300], False),  # the rule is relative: tiny but well conditioned
+])
+def test_normal_equations_one_singular_rule(backend, a_packed, singular):
+    """Every backend: singular iff a squared Cholesky pivot <= CHOL_RTOL max_i A_ii."""
+    a_packed, b = np.array([a_packed]), np.array([[1.0, 1.0]])
+    theta, cinv, status = _solve(kernels(backend), a_packed, b)
+    assert_array_equal(status, [int(singular)])
+    if singular:
+        assert_array_equal(theta, 0.0)
+        assert_array_equal(cinv, 0.0)
+    else:
+        a = vz.unpack_symmetric(a_packed, 2)[0]
+        # (the second case has cond(A) ~ 1e17: Cholesky and LU agree to ~1e-6 only)
+        assert_allclose(theta[0], np.linalg.solve(a, b[0]), rtol=1e-4)
+
+
+def test_reference_cholesky_rule_is_the_numba_and_c_rule():
+    from cannon_fast.core._reference.normal_equations import CHOL_RTOL, cholesky
+    assert cholesky(np.array([[1e-6, 1e-3], [1e-3, 1 + 1e-13]])) is None
+    if "numba" in available_backends():
+        from cannon_fast.core._kernels.normal_equations import CHOL_RTOL as nb_rtol
+        assert nb_rtol == CHOL_RTOL
+    if backends._ccannon is not None:
+        assert backends._ccannon.CHOL_RTOL == CHOL_RTOL
+
+
 # ------------------------------------------------------------------ s2
 
 def _s2_problem(rng, n_stars=150, n_pix=300):
@@ -255,7 +293,7 @@ def test_s2_matches_reference(fast_backend):
     assert_array_equal(status, status_r)
     assert_array_equal(status[:3], [1, 1, 0])
     assert s2[0] == s2[1] == s2[3] == 0.0
-    # both refine s² to a relative S2_RTOL; the floor is S2_FLOOR of the noise variance
+    # each is within the stated tolerance of the maximiser (test_s2_meets_the_stated_tolerance)
     assert_allclose(s2, s2_r, rtol=2 * S2_RTOL, atol=1e-3 * S2_FLOOR * 1e-4)
     assert (s2 > 0).sum() > 50
     # and the likelihood at the backend's s² is as high as at the reference's
@@ -263,6 +301,61 @@ def test_s2_matches_reference(fast_backend):
         ok = np.isfinite(var[:, p])
         r, v = resid[ok, p], var[ok, p]
         assert loglike_s2(s2[p], r, v) >= loglike_s2(s2_r[p], r, v) - 1e-6, p
+
+
+def _s2_exact(r, v, n_grid=3000):
+    """The global maximiser of g at one pixel, independently of the kernels' grid and search.
+
+    Every sign change of g' from + to - on a dense grid reaching far below the kernels'
+    floor, refined by brentq to rounding; the best of those and s² = 0 (if g'(0) <= 0).
+    """
+    r2 = r * r
+    grid = np.concatenate([[0.0], np.geomspace(1e-14 * v.mean(), 1.001 * r2.max(), n_grid)])
+    d = ((r2[:, None] - v[:, None] - grid) / (v[:, None] + grid) ** 2).sum(axis=0)
+    cands = [0.0] if d[0] <= 0 else []
+    for i in np.flatnonzero((d[:-1] > 0) & (d[1:] <= 0)):
+        cands.append(brentq(lambda s: np.sum((r2 - v - s) / (v + s) ** 2), grid[i],
+                            grid[i + 1], xtol=1e-300, rtol=1e-15))
+    return max(cands, key=lambda s: loglike_s2(s, r, v))
+
+
+def _s2_bound(s2_star, v_mean):
+    """The tolerance stated in _reference.s2_grid (S2_RTOL / 2 exactly: over 1 - S2_RTOL)."""
+    return np.maximum(0.5 * S2_RTOL / (1 - S2_RTOL) * s2_star, S2_FLOOR * v_mean)
+
+
+@pytest.fixture(scope="module")
+def s2_tolerance_problem():
+    """Pixels with 2-300 stars, noise over eight decades, s² from 0 to 10x the noise."""
+    rng = np.random.default_rng(14)
+    n_pix, n_max = 240, 300
+    resid, ivar = np.zeros((n_max, n_pix)), np.zeros((n_max, n_pix))
+    truth, v_mean = np.empty(n_pix), np.empty(n_pix)
+    for p in range(n_pix):
+        n = int(rng.integers(2, n_max + 1))
+        scale = 10 ** rng.uniform(-6, 2)
+        # equal variances (g unimodal) on even pixels, a factor 100 spread on odd ones
+        v = scale * (10 ** rng.uniform(-1, 1, n) if p % 2 else np.ones(n))
+        s2 = scale * 10 ** rng.uniform(-6, 1) if rng.uniform() < 0.8 else 0.0
+        r = rng.normal(size=n) * np.sqrt(v + s2)
+        rows = rng.choice(n_max, n, replace=False)  # valid stars anywhere in the column
+        resid[rows, p], ivar[rows, p] = r, 1.0 / v
+        truth[p], v_mean[p] = _s2_exact(r, v), v.mean()
+    return resid, ivar, truth, v_mean
+
+
+def test_s2_meets_the_stated_tolerance(backend, s2_tolerance_problem):
+    """|s² - s²*| <= max(S2_RTOL / 2 s²*, S2_FLOOR mean(v)) on every backend."""
+    resid, ivar, truth, v_mean = s2_tolerance_problem
+    s2 = np.full(len(truth), np.nan)
+    status = np.full(len(truth), -1, np.int8)
+    kernels(backend).s2_update(resid, ivar, s2, status)
+    assert_array_equal(status, 0)
+    bad = np.flatnonzero(np.abs(s2 - truth) > _s2_bound(truth, v_mean))
+    assert len(bad) == 0, list(zip(bad, s2[bad], truth[bad], v_mean[bad]))
+    # both parts of the bound are exercised: well above the floor, and below it
+    assert np.sum(truth > 100 * S2_FLOOR * v_mean) > 80
+    assert np.sum(truth < S2_FLOOR * v_mean) > 40
 
 
 def test_s2_equal_variances_closed_form(backend):
@@ -411,6 +504,129 @@ def test_lm_fit_two_minima_set_starts_disagree(backend):
     assert_array_equal(st, [0])
 
 
+# ------------------------------------------------------------------ continuum
+
+def _continuum(k, flux, ivar, basis, chip, is_cont, n_chips, min_pixels, keep=True):
+    n, p = flux.shape
+    out = (np.full((n, p), np.nan, flux.dtype), np.full((n, p), np.nan, flux.dtype),
+           np.full((n if keep else 0, p), np.nan, flux.dtype),
+           np.full((n, n_chips), -1, np.int64))
+    k.continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels, *out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def continuum_problem():
+    """Three chips of a 300-pixel grid, one in two runs, and stars with every status."""
+    from cannon_fast.core.continuum import chebyshev_basis
+
+    rng = np.random.default_rng(12)
+    n, p, degree = 12, 300, 3
+    basis, chip = chebyshev_basis(degree, ((0, 90), (100, 200), (210, 300)), p)
+    chip[250:260] = -1  # chip 2 in two runs, with a gap inside
+    chip[95] = 7  # a pixel of no chip (>= n_chips): no data, like a gap
+    is_cont = np.zeros(p, np.uint8)
+    is_cont[(chip >= 0) & (np.arange(p) % 3 == 0)] = 1
+    is_cont[95] = 1
+    cont = np.zeros((n, p))
+    for c in range(3):
+        coef = rng.normal(0, 0.05, (n, degree + 1))
+        coef[:, 0] = rng.uniform(300, 2000, n)
+        coef[:, 1:] *= coef[:, :1]
+        cont[:, chip == c] = coef @ basis[chip == c].T
+    lines = np.where(is_cont > 0, 1.0, 1 - rng.uniform(0, 0.3, p))
+    flux = cont * lines * (1 + 0.01 * rng.normal(size=(n, p)))
+    flux[:, chip < 0] = rng.normal(size=(n, int((chip < 0).sum())))  # junk in the gaps
+    ivar = np.where(chip >= 0, 1.0 / (0.01 * np.maximum(cont, 1.0)) ** 2, 0.0)
+    ivar[1, chip == 1] = 0.0  # a masked chip: status 1
+    few = np.flatnonzero((chip == 2) & (is_cont > 0))
+    ivar[2, few[5:]] = 0.0  # 5 usable continuum pixels on chip 2: status 2
+    flux[3, 20:30] = np.nan  # NaN flux where ivar > 0: not usable
+    ivar[4, 110:130] = np.inf  # infinite ivar: not usable
+    flux[5, chip == 0] *= -1  # a negative continuum: status 3
+    ivar[6] = 0.0  # nothing at all: status 1 on every chip
+    ivar[7, (chip == 1) & (is_cont == 0)] = 0.0  # only continuum pixels left: still fitted
+    return dict(flux=flux, ivar=ivar, basis=basis, chip=chip, is_cont=is_cont, n_chips=3,
+                min_pixels=16)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_continuum_matches_reference(backend, continuum_problem, dtype):
+    cp = dict(continuum_problem)
+    cp["flux"], cp["ivar"] = cp["flux"].astype(dtype), cp["ivar"].astype(dtype)
+    fo, io, co, st = _continuum(kernels(backend), **cp)
+    fo_r, io_r, co_r, st_r = _continuum(ref, **cp)
+    assert_array_equal(st, st_r)
+    assert_array_equal(st[[1, 2, 5, 6]], [[0, 1, 0], [0, 0, 2], [3, 0, 0], [1, 1, 1]])
+    assert not st[[0, 3, 4, 7, 8]].any()
+    # the same float64 arithmetic (the continuum is within rounding of the reference's),
+    # rounded once to float32 for float32 spectra
+    tol = dict(rtol=1e-10, atol=0) if dtype == np.float64 else dict(rtol=2e-7, atol=0)
+    assert_allclose(fo, fo_r, **tol)
+    assert_allclose(io, io_r, **tol)
+    assert_allclose(co, co_r, **tol)
+    chip, ivar = cp["chip"], cp["ivar"]
+    nodata = (chip < 0) | (chip >= 3)
+    assert np.all(fo[:, nodata] == 1) and np.all(io[:, nodata] == 0)
+    assert np.all(co[:, nodata] == 0)
+    failed = np.repeat(st, np.bincount(np.clip(chip, 0, 3)[~nodata], minlength=3)[:3], axis=1)
+    on = ~nodata
+    assert np.all((fo[:, on] == 1)[failed != 0]) and np.all((io[:, on] == 0)[failed != 0])
+    assert np.all(io[3, 20:30] == 0) and np.all(io[4, 110:130] == 0)
+    assert np.all(np.isfinite(fo)) and np.all(np.isfinite(io))
+    usable = on & (ivar[0] > 0)
+    assert np.all(io[0, usable] > 0) and abs(np.median(fo[0, usable]) - 0.9) < 0.1
+    # without the continuum: the same flux and ivar
+    fo2, io2, co2, st2 = _continuum(kernels(backend), **cp, keep=False)
+    assert co2.shape == (0, cp["flux"].shape[1])
+    assert_array_equal(fo2, fo)
+    assert_array_equal(io2, io)
+    assert_array_equal(st2, st)
+
+
+def test_continuum_by_hand(backend):
+    # K = 1: the continuum is the weighted mean of the continuum pixels, (1*2 + 3*4) / 4 = 3.5
+    flux = np.array([[2.0, 4.0, 7.0, 5.0]])
+    ivar = np.array([[1.0, 3.0, 2.0, 0.0]])
+    basis, chip = np.ones((4, 1)), np.array([0, 0, 0, 0])
+    is_cont = np.array([1, 1, 0, 0], np.uint8)
+    fo, io, co, st = _continuum(kernels(backend), flux, ivar, basis, chip, is_cont, 1, 2)
+    assert_array_equal(st, [[0]])
+    assert_allclose(co, [[3.5, 3.5, 3.5, 3.5]], rtol=1e-15)
+    assert_allclose(fo, [[2 / 3.5, 4 / 3.5, 2.0, 1.0]], rtol=1e-15)
+    assert_allclose(io, [[3.5 ** 2, 3 * 3.5 ** 2, 2 * 3.5 ** 2, 0.0]], rtol=1e-15)
+    # min_pixels 3 > 2 usable continuum pixels; and no usable pixel at all
+    _, _, _, st = _continuum(kernels(backend), flux, ivar, basis, chip, is_cont, 1, 3)
+    assert_array_equal(st, [[2]])
+    _, _, _, st = _continuum(kernels(backend), flux, 0 * ivar, basis, chip, is_cont, 1, 1)
+    assert_array_equal(st, [[1]])
+
+
+def test_continuum_bad_fits(backend, continuum_problem):
+    cp = dict(continuum_problem)
+    k = kernels(backend)
+    # a basis with two equal columns: singular normal equations on every fitted chip
+    basis = cp["basis"].copy()
+    basis[:, 3] = basis[:, 2]
+    fo, io, co, st = _continuum(k, **{**cp, "basis": basis})
+    _, _, _, st_r = _continuum(ref, **{**cp, "basis": basis})
+    assert_array_equal(st, st_r)
+    assert np.all(st[[0, 3, 4, 7]] == 3)
+    assert np.all(fo == 1) and np.all(io == 0) and np.all(co == 0)
+    # K outside 1..MAX_BASIS: every chip a bad fit
+    from cannon_fast.core._reference.continuum import MAX_BASIS
+    for basis in (np.ones((cp["basis"].shape[0], MAX_BASIS + 1)),
+                  np.ones((cp["basis"].shape[0], 0))):
+        fo, io, co, st = _continuum(k, **{**cp, "basis": basis})
+        assert np.all(st == 3) and np.all(fo == 1) and np.all(io == 0) and np.all(co == 0)
+
+
+@needs_c
+def test_c_continuum_constants_are_the_reference_constants():
+    from cannon_fast.core._reference.continuum import MAX_BASIS
+    assert backends._ccannon.CONTINUUM_MAX_BASIS == MAX_BASIS
+
+
 # ------------------------------------------------------------------ full model
 
 @pytest.fixture(scope="module")
@@ -445,6 +661,20 @@ def test_train_and_fit_match_numpy(fast_backend, synthetic, numpy_model):
     assert_allclose(r.errors, r0.errors, rtol=1e-5)
 
 
+def test_train_returns_the_s2_of_its_theta(backend, synthetic):
+    """The statement of train: the returned s² maximises the likelihood at its theta."""
+    train, _ = synthetic
+    m = CannonModel(train.label_names, backend=backend).train(train.flux, train.ivar,
+                                                               train.labels)
+    resid = train.flux - vz.label_vector(m.scale_labels(train.labels), m.exponents) @ m.theta.T
+    solved = np.flatnonzero((m.pixel_flags & 3) == 0)  # not TOO_FEW_STARS or SINGULAR
+    assert len(solved) > 150
+    for p in solved:
+        ok = train.ivar[:, p] > 0
+        r, v = resid[ok, p], 1.0 / train.ivar[ok, p]
+        assert abs(m.s2[p] - _s2_exact(r, v)) <= _s2_bound(_s2_exact(r, v), v.mean()), p
+
+
 # ------------------------------------------------------------------ the C glue
 
 def _c_ok_args():
@@ -465,6 +695,10 @@ def _c_ok_args():
                          np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
                          np.empty((n, 3))],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
+        "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
+                                np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
+                                np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
+                                np.empty((n, 1), np.int64)],
     }
 
 
@@ -497,6 +731,16 @@ def test_c_valid_arguments_run(name):
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
     ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
+    ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,
+     "flux must have dtype float64 or float32"),
+    ("continuum_normalize", 1, np.ones((3, 6), np.float32), TypeError,
+     r"ivar must have dtype float64 \(as flux\)"),
+    ("continuum_normalize", 2, np.ones((5, 2)), ValueError, r"basis has shape \(5, 2\)"),
+    ("continuum_normalize", 4, np.ones(6, bool), TypeError, "is_cont must have dtype uint8"),
+    ("continuum_normalize", 5, -1, ValueError, "n_chips must be >= 0"),
+    ("continuum_normalize", 9, np.empty((2, 6)), ValueError, "cont_out has shape"),
+    ("continuum_normalize", 10, np.empty((3, 2), np.int64), ValueError,
+     "status_out has shape"),
 ])
 def test_c_rejects_bad_arguments(name, pos, bad, exc, match):
     args = _c_ok_args()[name]
@@ -603,3 +847,29 @@ def test_numba_kernels_work_inside_user_njit():
     v, dv = user_design(x, exponents)
     assert_allclose(v, vz.label_vector(x, exponents), rtol=1e-14)
     assert_allclose(dv, vz.label_vector_jacobian(x, exponents), rtol=1e-14, atol=1e-15)
+
+
+def test_every_numba_option_comes_from_jit_module():
+    """``@nb.njit`` takes signatures and one ``**JIT*`` dict of ``_kernels/_jit.py``, no more."""
+    from cannon_fast.core._kernels import _jit
+
+    found = 0
+    for path in sorted(Path(nb_kernels.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("njit", "jit", "vectorize", "guvectorize",
+                                           "prange", "stencil", "cfunc")):
+                continue
+            if node.func.attr == "prange":  # no options to set, but nothing hidden either
+                assert not node.keywords, (path.name, node.lineno)
+                continue
+            found += 1
+            where = f"{path.name}:{node.lineno}"
+            assert len(node.keywords) == 1 and node.keywords[0].arg is None, where
+            name = node.keywords[0].value
+            assert isinstance(name, ast.Name) and isinstance(getattr(_jit, name.id), dict), where
+        bare = [d for f in ast.walk(ast.parse(path.read_text()))
+                if isinstance(f, ast.FunctionDef) for d in f.decorator_list
+                if isinstance(d, (ast.Attribute, ast.Name))]
+        assert not bare, (path.name, [d.lineno for d in bare])  # a bare @nb.njit: defaults
+    assert found >= 20

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import resolve_backend
+from .backends import kernels, resolve_backend
 from ._apstar_grid import NPIX, to_apstar_grid, wavelength_grid
 from ._common import fitted_pixels
 from .grid import PixelGrid
@@ -173,9 +173,9 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
     min_pixels : int, optional
         Fewest usable continuum pixels for a chip to be fitted; default
         ``max(10, 4 * (degree + 1))``.
-    backend : {"auto", "numba", "numpy", "c"}
-        ``"numpy"`` runs the reference; the others the numba kernel (there is
-        no C implementation of this kernel group; ``"c"`` uses numba).
+    backend : {"auto", "c", "numba", "numpy"}
+        Which implementation of the kernel ``continuum_normalize`` runs (see
+        :func:`cannon_fast.backends.resolve_backend`).
     batch : int
         Stars per kernel call (bounds the float64 temporaries).
     dtype : numpy dtype
@@ -214,39 +214,26 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
     io = np.empty((n, p), dtype)
     co = np.empty((n, p), dtype) if keep_continuum else None
     status = np.zeros((n, n_chips), np.int64)
-    name = resolve_backend(backend)
-    if name == "c":
-        name = "numba"
-    if name == "numba":
-        from ._kernels.continuum import _normalize as kern
-    else:
-        from ._reference.continuum import normalize as ref
+    kern = kernels(resolve_backend(backend)).continuum_normalize
     # the kernel works in the input precision when it is float32 or float64
     kdt = np.float32 if (flux.dtype == np.float32 and dtype == np.float32) else np.float64
     for lo in range(0, n, batch):
         hi = min(lo + batch, n)
-        if name == "numba":
-            f = np.ascontiguousarray(flux[lo:hi], dtype=kdt)
-            v = np.ascontiguousarray(ivar[lo:hi], dtype=kdt)
-            direct = fo.dtype == kdt  # write straight into the output rows
-            a = fo[lo:hi] if direct else np.empty((hi - lo, p), kdt)
-            b = io[lo:hi] if direct else np.empty((hi - lo, p), kdt)
-            if co is None:
-                cc = np.empty((0, p), kdt)
-            else:
-                cc = co[lo:hi] if direct else np.empty((hi - lo, p), kdt)
-            st = np.zeros((hi - lo, n_chips), np.int64)
-            kern(f, v, basis, chip, cont_u8, n_chips, int(min_pixels), a, b, cc, st)
+        f = np.ascontiguousarray(flux[lo:hi], dtype=kdt)
+        v = np.ascontiguousarray(ivar[lo:hi], dtype=kdt)
+        direct = fo.dtype == kdt  # write straight into the output rows
+        a = fo[lo:hi] if direct else np.empty((hi - lo, p), kdt)
+        b = io[lo:hi] if direct else np.empty((hi - lo, p), kdt)
+        if co is None:
+            cc = np.empty((0, p), kdt)
         else:
-            direct = False
-            a, b, cc, st = ref(flux[lo:hi], ivar[lo:hi], basis, chip, cont_u8, n_chips,
-                               int(min_pixels))
+            cc = co[lo:hi] if direct else np.empty((hi - lo, p), kdt)
+        kern(f, v, basis, chip, cont_u8, n_chips, int(min_pixels), a, b, cc, status[lo:hi])
         if not direct:
             fo[lo:hi] = a
             io[lo:hi] = b
             if co is not None:
                 co[lo:hi] = cc
-        status[lo:hi] = st
     flags = np.zeros(n, np.int64)
     for c in range(min(n_chips, 3)):
         flags |= np.where(status[:, c] == 1, 1 << c, 0)

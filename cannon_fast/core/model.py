@@ -213,10 +213,15 @@ class CannonModel:
         At fixed s² the coefficients are the weighted least-squares solution with
         weights ``1 / (sigma² + s²)`` (one matrix product over all pixels gives
         every pixel's normal equations). s² then maximises the training-set
-        likelihood (including its ``log(sigma² + s²)`` term) on a grid that
-        provably brackets the maximum, refined to ``s2_rtol``. The two steps
-        alternate until s² changes by less than ``s2_rtol`` (relative), which
-        converges to the joint maximum-likelihood (theta, s²).
+        likelihood (including its ``log(sigma² + s²)`` term) at that theta: a
+        grid brackets the maximum and a search in the bracket refines it to a
+        relative 5e-5 (absolute below 1e-4 of the pixel's mean noise variance;
+        the tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``).
+        The two steps alternate until no pixel's s² moves by more than
+        ``s2_rtol`` between passes, which converges to the joint
+        maximum-likelihood (theta, s²). The returned s² maximises the
+        likelihood at the returned theta, which was solved at an s² within
+        ``s2_rtol`` of it (see ``s2_rtol`` for the exceptions).
 
         Parameters
         ----------
@@ -228,10 +233,14 @@ class CannonModel:
         max_iter : int, optional
             Maximum number of (theta, s²) alternations.
         s2_rtol : float, optional
-            Stop when no pixel's s² changes by more than this (relative) between
-            passes. Convergence is fast: on the benchmark data the second pass
-            already moves s² by < 1e-2 and the result is then within 3e-5 of the
-            fixed point.
+            Tolerance of the alternation, not of each s² (see above): stop when
+            at every pixel s² changed between the last two passes by at most
+            ``s2_rtol`` times the larger of the two, or both are below 1e-6 of
+            the training set's median noise variance (an s² that changes no
+            weight). Pixels still moving after ``max_iter`` passes are flagged
+            ``S2_UNRESOLVED``. Convergence is fast: on the benchmark data the
+            second pass already moves s² by < 1e-2 and the result is then within
+            3e-5 of the fixed point.
         label_errors : array_like, (N, L), optional
             1-sigma errors of the training labels (e.g. the catalogue's
             ``TEFF_ERR``...). With them the model is trained for the true labels

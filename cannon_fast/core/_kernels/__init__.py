@@ -1,10 +1,13 @@
 """numba kernels: the same names and contracts as ``_reference``.
 
-All njit options live in ``_jit.py``; kernels take C-contiguous float64
-arrays and write into caller-allocated ``*_out`` arrays.
+All njit options live in ``_jit.py``; kernels take C-contiguous float64 (the
+continuum kernel also float32) arrays and write into caller-allocated ``*_out``
+arrays.
 """
+from .continuum import continuum_normalize
 from .model_eval import design, lm_fit, star_weights
 from .normal_equations import solve_normal_equations
 from .s2_grid import s2_update
 
-__all__ = ["design", "lm_fit", "star_weights", "solve_normal_equations", "s2_update"]
+__all__ = ["design", "lm_fit", "star_weights", "solve_normal_equations", "s2_update",
+           "continuum_normalize"]

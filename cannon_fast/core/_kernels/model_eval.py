@@ -6,7 +6,7 @@ import numba as nb
 import numpy as np
 
 from .._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
-from ._jit import JIT
+from ._jit import JIT, JIT_PARALLEL
 from ._linalg import gauss_solve_inplace
 from .normal_equations import _cholesky_inplace
 
@@ -180,7 +180,7 @@ def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
     return phi, it, False
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT_PARALLEL)
 def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
            x_out, phi_out, iters_out, status_out):
     """Minimise ``c - 2 h.v + v^T G v`` per star, LM from its ``n_polish`` best starts.
@@ -246,7 +246,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         status_out[i] = status
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT_PARALLEL)
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
                  moments_out):
     """Weights (float32), ``w (f - theta0)``, chi², good pixels and weight moments per star.

@@ -2,12 +2,17 @@
 import numba as nb
 import numpy as np
 
-from ._jit import JIT
+from .._reference.normal_equations import CHOL_RTOL
+from ._jit import JIT, JIT_PARALLEL
 
 
 @nb.njit(**JIT)
 def _cholesky_inplace(a, n):
-    """Lower Cholesky factor of a[:n, :n] in place; False if not positive definite."""
+    """Lower Cholesky factor of a[:n, :n] in place; False if singular.
+
+    The rule of ``_reference.normal_equations.solve_normal_equations``: every
+    squared pivot must exceed ``CHOL_RTOL`` times the largest diagonal entry.
+    """
     dmax = 0.0
     for i in range(n):
         if a[i, i] > dmax:
@@ -16,7 +21,7 @@ def _cholesky_inplace(a, n):
         s = a[j, j]
         for k in range(j):
             s -= a[j, k] * a[j, k]
-        if s <= 1e-12 * dmax:
+        if not s > CHOL_RTOL * dmax:  # not "s <= ...": NaN is singular too
             return False
         d = np.sqrt(s)
         a[j, j] = d
@@ -43,7 +48,7 @@ def _cho_solve(chol, b, out, n):
         out[i] = s / chol[i, i]
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT_PARALLEL)
 def solve_normal_equations(a_packed, b, theta_out, cinv_out, status_out):
     """Solve ``A theta = b`` per pixel and return ``A^-1`` packed: ``(t2),(t)->(t),(t2),()``."""
     n_pix, n_terms = b.shape

@@ -3,19 +3,21 @@
 Same contract and result as ``_reference.s2_grid.s2_update``, reached through
 the derivative ``g'(s²) = 1/2 sum (r² - v - s²) / (v + s²)²`` (no logarithms
 on the grid): every sign change from + to - on the grid brackets a local
-maximum, bisection refines it, and the logarithm is evaluated only at the
-candidates to pick the global one.
+maximum, regula falsi (Illinois) refines it until the bracket is narrower than
+S2_RTOL of its upper end, and the logarithm is evaluated only at the
+candidates to pick the global one. The tolerance this meets is stated in
+``_reference.s2_grid``.
 """
 import numba as nb
 import numpy as np
 
 from .._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL
-from ._jit import JIT
+from ._jit import JIT, JIT_FASTMATH, JIT_PARALLEL
 
 _BLOCK = 32  # pixels gathered per block, so reads of (N, P) rows are contiguous
 
 
-@nb.njit(fastmath=True, **JIT)
+@nb.njit(**JIT_FASTMATH)
 def _dg(s, r2, v, m):
     acc = 0.0
     for i in range(m):
@@ -24,7 +26,7 @@ def _dg(s, r2, v, m):
     return acc
 
 
-@nb.njit(fastmath=True, **JIT)
+@nb.njit(**JIT_FASTMATH)
 def _dg_lip(s, r2, v, m):
     """``_dg`` and a bound on ``|d/ds _dg|`` over ``[s, inf)`` (see ``_one_pixel``)."""
     acc = 0.0
@@ -37,7 +39,7 @@ def _dg_lip(s, r2, v, m):
     return acc, bnd
 
 
-@nb.njit(fastmath=True, **JIT)
+@nb.njit(**JIT_FASTMATH)
 def _g(s, r2, v, m):
     acc = 0.0
     for i in range(m):
@@ -50,7 +52,8 @@ def _g(s, r2, v, m):
 def _refine(a, b, fa, fb, r2, v, m):
     """Root of g' in (a, b) with ``fa = g'(a) > 0 >= g'(b) = fb`` (known from the scan).
 
-    Regula falsi (Illinois), to S2_RTOL.
+    Regula falsi (Illinois), until ``b - a <= S2_RTOL b``; the midpoint is then within
+    S2_RTOL / 2 of the root, relative.
     """
     side = 0
     for _ in range(100):
@@ -123,7 +126,7 @@ def _one_pixel(r2, v, m):
     return best_s, 0
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT_PARALLEL)
 def s2_update(resid, ivar, s2_out, status_out):
     """Maximise the likelihood in s² at every pixel: ``(n),(n)->(),()``."""
     n_stars, n_pix = resid.shape

@@ -19,6 +19,7 @@ Ness et al. 2015, ApJ 808, 16, eq. 6 (the test step).
 import numpy as np
 
 from ..vectorizer import label_vector, label_vector_jacobian, unpack_symmetric
+from .normal_equations import cholesky
 
 #: status bits of ``lm_fit`` (the public flags in ``cannon_fast.core.fitting`` reuse them)
 NOT_CONVERGED, HIT_BOUND, STARTS_DISAGREE = 1, 2, 4
@@ -100,9 +101,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
                 # full Newton: add sum_t gv_t d²v_t/dx dx (see _second_derivatives)
                 full = hess + np.einsum("t,tlm->lm", gv, _second_derivatives(x, exponents))
                 damp = full + lam * np.diag(np.diag(hess) + 1e-12)
-                try:
-                    np.linalg.cholesky(damp)
-                except np.linalg.LinAlgError:  # away from a minimum: Gauss-Newton
+                if cholesky(damp) is None:  # away from a minimum: Gauss-Newton
                     damp = hess + lam * np.diag(np.diag(hess) + 1e-12)
                 try:
                     step = -np.linalg.solve(damp, grad)

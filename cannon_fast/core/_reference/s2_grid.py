@@ -10,13 +10,33 @@ negative for every ``s² > max_n r_n²``: the maximum lies in ``[0, max r²]``.
 A geometric grid over that bracket (plus s² = 0) locates the best cell, and a
 bounded scalar search refines it.
 
+The tolerance, the same for every backend (``tests/test_backends.py`` checks
+each against the exact maximiser ``s²*`` of g), is
+
+    |s² - s²*| <= max(S2_RTOL / 2 * s²*, S2_FLOOR * mean_n v_n)
+
+(to first order in S2_RTOL): a relative 5e-5 on s² (so 5e-5 on ln s²), except
+below ``S2_FLOOR`` (1e-4) of the mean noise variance of the pixel's valid
+stars, where an intrinsic variance changes no weight by more than 0.01 % and
+the tolerance is that absolute amount (such an s² may come out as 0). The grid
+does not set the precision: with GRID_PER_DECADE points per factor of ten
+(neighbours at most 10^(1/3) ~ 2.15 apart in s²) over ``[S2_FLOOR mean(v),
+max r²]``, plus 0, it only brackets the maximum. The refinement sets it: the
+numba and C kernels find the root of g' by regula falsi until the bracket is
+narrower than S2_RTOL of its upper end, and return its midpoint; this
+reference maximises g itself (Brent, to 1e-6 of the grid point), which the
+flatness of g near its maximum limits to about 1e-5 relative, and to about
+1e-4 just above the floor, where the absolute term takes over. Two local
+maxima less than a grid step apart are not told apart: the result is then
+the better of the maxima the grid separates.
+
 References
 ----------
 Ness et al. 2015, ApJ 808, 16, eq. 4 (the likelihood with s²).
 """
 import numpy as np
 
-#: relative precision to which s² is refined
+#: the refined s² is within S2_RTOL / 2 of the maximiser, relative (see above)
 S2_RTOL = 1e-4
 #: the grid reaches down to this fraction of the mean noise variance: an intrinsic
 #: variance that small changes the weights by < 0.01 %, i.e. it is zero for the fit
