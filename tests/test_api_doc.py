@@ -27,6 +27,16 @@ API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 #: Documented call -> the object it documents, and where a ``**kwargs`` of it goes.
 DOCUMENTED = {
     "CannonModel": (CannonModel, None),
+    "PixelGrid": (PixelGrid, None),
+    "PixelGrid.from_wavelength": (PixelGrid.from_wavelength, None),
+    "PixelGrid.linear": (PixelGrid.linear, None),
+    "PixelGrid.log_uniform": (PixelGrid.log_uniform, None),
+    "PixelGrid.aspcap": (PixelGrid.aspcap, None),
+    "PixelGrid.apstar": (PixelGrid.apstar, None),
+    "PixelGrid.builtin": (PixelGrid.builtin, None),
+    "grid.nearest_pixels": (PixelGrid.nearest_pixels, None),
+    "grid.inner_pixels": (PixelGrid.inner_pixels, None),
+    "fit_broadened": (fitting.fit_broadened, None),
     "m.train": (CannonModel.train, None),
     "m.scale_labels": (CannonModel.scale_labels, None),
     "m.unscale_labels": (CannonModel.unscale_labels, None),

@@ -1,30 +1,25 @@
-"""The apStar pixel grid: its constants and the index helpers the core needs.
+"""Index helpers between the apStar grid and the gap-free ASPCAP grids.
 
-The core normalizes per detector chip (``CHIP_RANGES``), turns continuum-pixel lists
-on the 7214/7514/8575 grids into masks (``to_apstar_grid``) and takes the broadening's
-pixel velocity from ``CDELT1``; none of that needs an APOGEE file. This module holds
-just those pieces, moved here unchanged from the apStar reader so that the core does
-not import the data layer; :mod:`cannon_fast.apogee.files` re-exports all of it.
+Continuum-pixel lists and masks come on the 7214-, 7514- or 8575-pixel APOGEE
+grids (``to_apstar_grid``, ``grid_indices``). The grids' numbers themselves are
+:mod:`cannon_fast.core.grid`'s (one place); :mod:`cannon_fast.apogee.files`
+re-exports these names under the apStar reader's old spellings.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .grid import APSTAR_CDELT1 as CDELT1
+from .grid import APSTAR_CHIPS as CHIP_RANGES
+from .grid import APSTAR_CRVAL1 as CRVAL1
+from .grid import APSTAR_NPIX as NPIX
+from .grid import ASPCAP_SEGMENTS
+
 __all__ = ["NPIX", "CRVAL1", "CDELT1", "CHIP_RANGES", "GRID_SEGMENTS", "wavelength_grid",
            "grid_indices", "to_apstar_grid", "on_chip_mask", "chip_of_pixel"]
 
-NPIX = 8575
-CRVAL1 = 4.179
-CDELT1 = 6e-6
-#: Half-open pixel ranges of the three chips on the apStar grid: the DR16/17 ASPCAP
-#: 7514-pixel grid, which drops the chip gaps and the poorly calibrated chip ends.
-CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
-#: Segments of the 8575 grid that make up each gap-free grid.
-GRID_SEGMENTS = {
-    7214: ((322, 3242), (3648, 6048), (6412, 8306)),   # DR12-14 ASPCAP
-    7514: CHIP_RANGES,                                  # DR16-17 ASPCAP
-    8575: ((0, NPIX),),
-}
+#: Segments of the 8575 grid that make up each gap-free grid (and the full grid itself).
+GRID_SEGMENTS = {**ASPCAP_SEGMENTS, NPIX: ((0, NPIX),)}
 
 
 def wavelength_grid(crval1=CRVAL1, cdelt1=CDELT1, npix=NPIX):

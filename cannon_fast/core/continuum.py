@@ -10,24 +10,10 @@ Continuum pixels come from a user's file (:func:`load_continuum_pixels`) or are
 found from the data with a trained model (:func:`continuum_pixels_from_model`,
 :func:`find_continuum_pixels`); the package ships no list.
 
-Why Chebyshev, degree 3 (``benchmarks/bench_data.py``, "continuum choice"): on
-the 178 survivors of a 300-star mock survey, compared with the true normalized
-spectra, the median per-star std of (normalized - truth) * sqrt(ivar) is, for
-Chebyshev degrees 1-5 and weighted cubic splines with knots every 800/400 px:
-
-=====================  =====  =====  =====  =====  =====  ==========  ==========
-continuum pixels       deg 1  deg 2  deg 3  deg 4  deg 5  spline/800  spline/400
-=====================  =====  =====  =====  =====  =====  ==========  ==========
-lab list (529)         1.192  1.048  1.026  1.033  1.059  1.051       1.104
-DR17 mask (532)        1.204  1.077  1.084  1.208  1.301  1.100       1.136
-=====================  =====  =====  =====  =====  =====  ==========  ==========
-
-(1.0 is pure noise).  The scatter between normalized spectra of 68 pairs of
-stars with nearly equal labels, smoothed over 50 px to isolate wiggles, is
-0.0051/0.0050 (deg 2), 0.0051/0.0054 (deg 3), 0.0054-0.0065 (deg 4-5, splines).
-Degrees 2 and 3 are the only good choices; degree 3 follows the response
-roll-off at the blue chip's start best with the lab's list, while degree >= 4
-and splines overfit the sparse continuum pixels near the chip ends.
+Chebyshev of degree 3 by default: degrees 2 and 3 are the only good choices on
+APOGEE spectra, and degree >= 4 and splines overfit the sparse continuum pixels
+near the chip ends (``benchmarks/bench_data.py``, "continuum choice";
+docs/measurements.md has the table).
 """
 from __future__ import annotations
 

@@ -23,7 +23,10 @@ flux, which acts as extra per-pixel noise for one star).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import threading
 
 import numpy as np
 
@@ -46,20 +49,16 @@ INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"] | FLAGS["SPARSE_TRAINING"]
 #: SPARSE_TRAINING marks fitted labels where the training set is thin: their
 #: SPARSE_NEIGHBOURS-th nearest training star (in labels scaled by their training ranges)
 #: is farther than it is for SPARSE_QUANTILE % of the training stars themselves. A polynomial model
-#: is least constrained there, inside the training range as well as at its edges. On the
-#: realistic mock survey (four random halves) 1.6-2.6 % of the validation stars are
-#: flagged and they carry 17-24 % of the squared Teff error (74-105 K against 22-28 K
-#: for the rest); k = 5, 10 or 20 neighbours flag much the same stars.
+#: is least constrained there, inside the training range as well as at its edges
+#: (docs/measurements.md: how many stars it marks and how much error they carry).
 SPARSE_NEIGHBOURS = 10
 SPARSE_QUANTILE = 95.0
 #: De-biasing divides by (1 - lambda), lambda the generalized eigenvalues of the model-error
 #: curvature against the Fisher matrix: lambda -> 1 where the training set's noise, summed
 #: over all pixels, is as large as a label's signal, and removing all of the shrinkage
 #: would cost more variance than it removes bias. Capping lambda bounds the amplification
-#: at 1 / (1 - cap) = 1.4; capped stars are flagged DEBIAS_CAPPED. Chosen by scanning
-#: 0.2-0.8 on the benchmark data (no star reaches 0.2 there), the demo survey and the
-#: mock survey (see the issue #2 note): 0.3-0.35 is best or near best on all but the
-#: mock survey trained on catalog labels, where label errors already expand the fits.
+#: at 1 / (1 - cap) = 1.4; capped stars are flagged DEBIAS_CAPPED. Chosen by a scan
+#: over benchmark, demo and mock data (docs/measurements.md).
 DEBIAS_LAMBDA_CAP = 0.3
 #: Newton steps on the corrected objective, from the plain minimum (at most) ...
 DEBIAS_STEPS = 4
@@ -95,25 +94,9 @@ def sparse_training(model, labels):
     Distances are in the labels themselves, each divided by half its training
     2.5-97.5 % range: the model's own scaled labels for a plain model, but not
     for one in 1/TEFF, whose theta squeezes the hot end of the Teff range
-    together. On the mock survey with the 1/TEFF model the flag in theta marked
-    18 stars carrying 7 % of the squared Teff error; in Teff it marks 21
-    carrying 31 % (and 40 % of log g's, 24 % of [Fe/H]'s).
+    together (and there the flag in theta missed the hot dwarfs).
     """
-    from scipy.spatial import cKDTree
-
-    key = (model.training_labels,)
-    cache = getattr(model, "_sparse_cache", None)
-    if cache is None or not all(a is b for a, b in zip(cache[0], key)):
-        _, scales = label_scaling(model.training_labels)  # a plain model's own scaling
-        scales = np.where(scales > 0, scales, 1.0)
-        z = model.training_labels / scales
-        tree = cKDTree(z)
-        k = min(SPARSE_NEIGHBOURS, len(z) - 1)
-        # k + 1: a training star's nearest neighbour is itself
-        own = tree.query(z, k + 1)[0][:, -1] if k > 0 else np.zeros(len(z))
-        cache = (key, tree, k, float(np.percentile(own, SPARSE_QUANTILE)), scales)
-        model._sparse_cache = cache
-    _, tree, k, threshold, scales = cache
+    tree, k, threshold, scales = _sparse_training_tree(model.training_labels)
     labels = np.atleast_2d(np.asarray(labels, dtype=float))
     out = np.zeros(len(labels), dtype=bool)
     finite = np.all(np.isfinite(labels), axis=1)
@@ -121,6 +104,41 @@ def sparse_training(model, labels):
         dist = tree.query(labels[finite] / scales, k)[0]
         out[finite] = (dist if dist.ndim == 1 else dist[:, -1]) > threshold
     return out
+
+
+#: KD-trees of recent training sets, by a digest of their labels (a few models at a time).
+_SPARSE_TREES = collections.OrderedDict()
+_SPARSE_TREES_KEPT = 4
+_SPARSE_TREES_LOCK = threading.Lock()  # fits may run in threads (survey chunks)
+
+
+def _sparse_training_tree(training_labels):
+    """The KD-tree of a training set's labels, its k, distance threshold and label scales.
+
+    Cached by the labels' content, not on the model: a model whose training labels
+    change (or two models with the same ones) can never see a stale tree.
+    """
+    from scipy.spatial import cKDTree
+
+    labels = np.ascontiguousarray(training_labels, dtype=np.float64)
+    key = hashlib.sha256(np.asarray(labels.shape).tobytes() + labels.tobytes()).hexdigest()
+    with _SPARSE_TREES_LOCK:
+        if key in _SPARSE_TREES:
+            _SPARSE_TREES.move_to_end(key)
+            return _SPARSE_TREES[key]
+    _, scales = label_scaling(labels)  # a plain model's own scaling
+    scales = np.where(scales > 0, scales, 1.0)
+    z = labels / scales
+    tree = cKDTree(z)
+    k = min(SPARSE_NEIGHBOURS, len(z) - 1)
+    # k + 1: a training star's nearest neighbour is itself
+    own = tree.query(z, k + 1)[0][:, -1] if k > 0 else np.zeros(len(z))
+    entry = (tree, k, float(np.percentile(own, SPARSE_QUANTILE)), scales)
+    with _SPARSE_TREES_LOCK:
+        _SPARSE_TREES[key] = entry
+        while len(_SPARSE_TREES) > _SPARSE_TREES_KEPT:
+            _SPARSE_TREES.popitem(last=False)
+    return entry
 
 
 def _mark_sparse_training(model, result):
@@ -244,10 +262,9 @@ def _check_fit_input(flux, ivar, n_pixels):
 def _precompute(model):
     """Per-model arrays the fast path needs, cached on the model until theta changes.
 
-    ``theta_cov`` factorises well as ``C_p ~ t_p Cbar`` (on the benchmark data the
-    median relative Frobenius residual is 1.5 %): the training noise has a common
-    shape over pixels. That turns ``B = sum_p w_p C_p`` into ``(w . t) Cbar``, a
-    matrix-vector product instead of a (N, P) x (P, T²/2) one.
+    ``theta_cov`` factorises well as ``C_p ~ t_p Cbar`` (docs/measurements.md): the
+    training noise has a common shape over pixels. That turns ``B = sum_p w_p C_p``
+    into ``(w . t) Cbar``, a matrix-vector product instead of a (N, P) x (P, T²/2) one.
     """
     # the cache holds the arrays themselves: an id() alone could be reused by a new array
     key = (model.theta, model.theta_cov)
@@ -318,7 +335,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
         Fit, refine each spectrum's continuum against the model at its fitted
         labels (``continuum.renormalize_to_model``: a cubic in ``flux / model``
         per segment of the model's pixel grid), and fit again: twice the
-        fitting time (docs/lab.md has what it gains on the mock survey).
+        fitting time (docs/measurements.md has what it gains on the mock survey).
 
     Returns
     -------
@@ -544,7 +561,7 @@ def _capped_hessian(fisher, bmat, cap=None):
     cap = DEBIAS_LAMBDA_CAP if cap is None else cap
     n, n_labels = fisher.shape[0], fisher.shape[1]
     # Every eigenvalue is below the cap exactly where cap * F - B is positive definite:
-    # those stars (all of them on the benchmark data) need no eigendecomposition.
+    # those stars (most of them) need no eigendecomposition.
     easy = _batched_cholesky(cap * fisher - bmat)[1]
     hess = fisher - bmat
     push = np.repeat(np.eye(n_labels)[None], n, axis=0)
@@ -592,8 +609,8 @@ def _batched_cholesky(a):
 def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     """Newton steps on the (capped) corrected objective ``chi² - v^T B v``, in place on x[idx].
 
-    Each step recomputes the capped Hessian (reusing the first one diverged for a few
-    per cent of the mock-survey stars); a star stops where a step is no smaller than
+    Each step recomputes the capped Hessian (reusing the first one can diverge); a
+    star stops where a step is no smaller than
     the one before it, so a correction can only converge, never run away.
     Returns the (len(idx),) DEBIAS_CAPPED mask.
     """
@@ -1016,8 +1033,7 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     The model's coefficients carry the training set's noise ``e_p`` (covariance
     ``C_p = model.theta_cov``), and the second difference of that noise
     correlates with the residual it leaves: ``E[-e_p.v (D²e)_p.v] = 2 v^T C_p v``.
-    Unchecked this reads every star as broader than it is (on a grid of
-    R ~ 2700 trained on ~1500 stars at S/N ~ 100, by ~2 sigma of b). With
+    Unchecked this reads every star as broader than it is. With
     ``correct_training_noise`` the expected excess of chi² in b,
     ``-4 b sum_p w_p beta_p q_p + b² sum_p w_p beta_p² (4 q_p + q_(p-1) + q_(p+1))``
     (``q_p = v^T C_p v``, ``beta_p = 1 / (2 dv_p²)``), is removed from the

@@ -238,9 +238,8 @@ class CannonModel:
             ``s2_rtol`` times the larger of the two, or both are below 1e-6 of
             the training set's median noise variance (an s² that changes no
             weight). Pixels still moving after ``max_iter`` passes are flagged
-            ``S2_UNRESOLVED``. Convergence is fast: on the benchmark data the
-            second pass already moves s² by < 1e-2 and the result is then within
-            3e-5 of the fixed point.
+            ``S2_UNRESOLVED``. Convergence is fast (two passes on the benchmark
+            data; docs/measurements.md).
         label_errors : array_like, (N, L), optional
             1-sigma errors of the training labels (e.g. the catalogue's
             ``TEFF_ERR``...). With them the model is trained for the true labels
@@ -252,10 +251,8 @@ class CannonModel:
             not), and each star's label errors, propagated through a
             first model's gradient spectra, are added to its pixel variances
             (``sum_l (df/dl)² err_l²``), so stars with poor labels weigh less.
-            This trains twice. On the realistic mock survey it took the
-            validation scatter against the true labels from 38.0 to 34.5 K in
-            Teff and 0.0206 to 0.0200 dex in [Fe/H]; whether it helps depends on
-            how right the errors are, so the lab chooses it by cross-validation.
+            This trains twice. Whether it helps depends on how right the errors
+            are, so the lab chooses it by cross-validation.
 
         Returns
         -------
@@ -648,10 +645,10 @@ def expected_true_labels(labels, errors, label_names=None,
     E_n)^-1 (l_n - mu)``. A regression of flux on these is not attenuated by the
     label errors, as one on ``l_n`` is.
 
-    One Gaussian for a whole sample is wrong for the stars off its main locus:
-    on the mock survey it moved the training labels of the few halo giants by
-    -30 K and of the dwarfs by -14 K (median), toward the giant branch, and the
-    model then read those populations cooler by as much. So the prior is a
+    One Gaussian for a whole sample is wrong for the stars off its main locus: it
+    moves the training labels of the few halo giants and dwarfs toward the giant
+    branch, and the model then reads those populations cooler by as much
+    (docs/measurements.md). So the prior is a
     mixture of Gaussians fitted to the noisy labels with their errors
     (extreme deconvolution, Bovy, Hogg & Roweis 2011), with 1 to
     ``max_components`` components chosen by the BIC (10 stars per parameter at
