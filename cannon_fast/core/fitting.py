@@ -1056,7 +1056,10 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
         ... or lowers chi² by less than ``ftol * chi²`` (see ``fit_generic``).
     progress_bar : bool, optional
     correct_training_noise : bool, optional
-        Remove the pull of the model's training noise on b (see above).
+        Remove the pull of the model's training noise on b (see above), scaled by
+        ``1 - rho`` with ``rho`` the neighbouring pixels' noise correlation the
+        model measured in training (``train_info["neighbour_noise_correlation"]``;
+        models without it are not corrected).
 
     Returns
     -------
@@ -1088,9 +1091,14 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     outer_k = vz.packed_outer(d_theta)
     outer_s = np.ascontiguousarray(
         (theta[:, :, None] * d_theta[:, None, :]).reshape(len(theta), -1))  # (P, T²)
+    rho = model.train_info.get("neighbour_noise_correlation")
+    if rho is None:  # a model from before this was measured: no correction
+        correct_training_noise = False
     if correct_training_noise:
-        # beta_p C_p and beta_p² (4 C_p + C_(p-1) + C_(p+1)), beta in b's units (packed)
-        beta = broad.d2_scale * b_unit
+        # beta_p C_p and beta_p² (4 C_p + C_(p-1) + C_(p+1)), beta in b's units (packed),
+        # times 1 - rho: neighbouring coefficients' noise correlated by rho cancels that
+        # much of -e_p (D²e)_p (to first order in rho)
+        beta = broad.d2_scale * b_unit * (1.0 - min(max(rho, 0.0), 1.0))
         cov = model.theta_cov
         near = 4.0 * cov
         near[1:] += cov[:-1]
@@ -1113,14 +1121,20 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
                    kk=vz.unpack_symmetric(w @ outer_k, n_terms))
         mom["hd"] = (w @ outer_s).reshape(n, n_terms, n_terms)  # sum w theta D^T
         p = np.column_stack([model.scale_labels(start.labels[rows]), np.zeros(n)])
-        objective = mom
-        if correct_training_noise:
-            objective = _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p,
-                                                  model.exponents)
         p, _, norm, iters, converged = _lm_batched(
-            p, lambda rows, pr: _broadened_chi2(pr, {k: v[rows] for k, v in objective.items()},
+            p, lambda rows, pr: _broadened_chi2(pr, {k: v[rows] for k, v in mom.items()},
                                                 model.exponents),
             lo, hi, max_iter, xtol, ftol)
+        if correct_training_noise:
+            # a few Newton steps on the corrected objective from the chi² minimum, with the
+            # chi²'s own (positive definite) Gauss-Newton matrix: the correction is smooth,
+            # and fixed steps cannot leave a star "not converged"
+            objective = _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p,
+                                                  model.exponents)
+            for _ in range(DEBIAS_STEPS):
+                grad = _broadened_chi2(p, objective, model.exponents)[2]
+                p = np.clip(p + _solve_batched(norm, grad), lo, hi)
+                norm = _broadened_chi2(p, mom, model.exponents)[1]
         chi = _broadened_chi2(p, mom, model.exponents)[0]  # chi² itself, not the objective
         cov = _inverse(norm)
         d = np.column_stack([model.label_derivatives(p[:, :n_labels]), np.full(n, b_unit)])
@@ -1144,6 +1158,9 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     return _mark_sparse_training(model, out)
 
 
+_B2_WEIGHT = 1.0
+
+
 def _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p, exponents):
     """The moments of ``fit_broadened``'s objective with the training noise's pull removed.
 
@@ -1159,7 +1176,7 @@ def _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p, exponents)
     shrink = np.minimum(1.0, 0.5 * k_quad / np.maximum(b2_quad, 1e-300))
     out = dict(mom)
     out["hd"] = mom["hd"] + 2.0 * b1
-    out["kk"] = mom["kk"] - shrink[:, None, None] * b2
+    out["kk"] = mom["kk"] - _B2_WEIGHT * shrink[:, None, None] * b2
     return out
 
 

@@ -370,8 +370,32 @@ class CannonModel:
         self.training_labels = labels
         self.training_hash = _fingerprint(flux, ivar, labels)
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
-                               moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()))
+                               moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
+                               neighbour_noise_correlation=self._neighbour_correlation(
+                                   flux, ivar, design))
         return self
+
+    def _neighbour_correlation(self, flux, ivar, design, max_stars=256):
+        """Correlation of neighbouring pixels' normalized training residuals.
+
+        Resampling onto a grid correlates the noise of neighbouring pixels, and
+        with it the training noise of neighbouring coefficients; the broadened
+        fit's correction for that noise (``fit_broadened``) needs to know how
+        much. From up to ``max_stars`` training stars, pairs of usable pixels in
+        the same segment.
+        """
+        rows = slice(None, None, max(1, len(flux) // max_stars))
+        f, iv = flux[rows], ivar[rows]
+        w = iv / (1.0 + iv * self.s2)
+        z = (f - design[rows] @ self.theta.T) * np.sqrt(w)
+        good = (w > 0) & fitted_pixels(self, self.n_pixels)[None, :]
+        seg = (self.grid.segment_of_pixel if self.grid is not None
+               else np.zeros(self.n_pixels, np.int64))
+        pair = good[:, :-1] & good[:, 1:] & ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0))[None, :]
+        if pair.sum() < 100:
+            return 0.0
+        a, b = z[:, :-1][pair], z[:, 1:][pair]
+        return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
 
     def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol):
         """``train`` for noisy training labels; see ``label_errors`` there."""

@@ -174,3 +174,29 @@ def test_label_a_raw_survey_on_a_two_detector_grid(tmp_path):
     assert np.max(np.abs(got - direct.labels) / errors) < 1e-3
     widths = 1.4826 * np.median(np.abs((got - test_labels) / errors), axis=0)
     assert np.all((widths > 0.7) & (widths < 1.4)), widths
+
+
+def test_continuum_pixels_found_per_segment():
+    """Ness et al.'s iteration on raw spectra of a two-detector grid: pixels in each
+    detector, at the true continuum, and normalization that recovers the true spectra."""
+    from cannon_fast.core.continuum import find_continuum_pixels, normalize
+
+    grid = PixelGrid.linear(9000.0, 18000.0, 8192, segments=[(0, 4000), (4100, 8192)],
+                            resolution=2700.0)
+    labels, flux, ivar, true = _survey(grid, 400, seed=8)
+    rng = np.random.default_rng(9)
+    cont = np.ones_like(flux)
+    for a, b in grid.segments:
+        t = np.linspace(-1, 1, b - a)
+        cont[:, a:b] = rng.uniform(500, 2000, (400, 1)) * (1 + rng.normal(0, .1, (400, 1)) * t)
+    pixels, history = find_continuum_pixels(
+        flux * cont, ivar / cont ** 2, labels, lambda: CannonModel(NAMES, grid=grid),
+        segments=grid)
+    for a, b in grid.segments:
+        assert pixels[a:b].sum() > 100
+    assert not pixels[~grid.in_segment].any()
+    # chosen pixels are continuum in the noise-free spectra (no line deeper than 1 %)
+    assert np.median(1 - true[:, pixels].min(axis=0)) < 0.01
+    ns = normalize(flux * cont, ivar / cont ** 2, pixels, segments=grid, dtype=np.float64)
+    good = ns.ivar > 0
+    assert np.median(np.abs(ns.flux - true)[good]) < 0.01
