@@ -46,6 +46,12 @@ import numpy as np
 
 from .._util import atomic_path, progress as _progress
 from ..apogee.lines import air_to_vacuum, line_list  # noqa: F401 - datasets.<name> for one release
+from ..core.grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX, SPEED_OF_LIGHT
+# the old names of the apStar grid constants, for one release
+from ..core.grid import APSTAR_CDELT1 as CDELT1  # noqa: F401
+from ..core.grid import APSTAR_CRVAL1 as CRVAL1  # noqa: F401
+from ..core.grid import APSTAR_NPIX as NPIX  # noqa: F401
+from ..core.grid import SPEED_OF_LIGHT as C_KMS  # noqa: F401
 
 __all__ = [
     "LABEL_NAMES", "SurveyPaths", "make_demo_survey", "demo_survey", "synthesize_spectra",
@@ -64,13 +70,11 @@ GIANT_LABEL_RANGE = np.array([[3900.0, 5300.0], [0.8, 3.7], [-1.0, 0.5], [-0.1, 
 _GIANT_EXTREMES = np.array([[3950.0, 1.0, 0.4, 0.0, 0.0], [4100.0, 1.5, 0.3, 0.0, 0.0],
                             [5250.0, 3.6, -1.0, 0.35, 0.3], [4000.0, 1.0, -0.3, 0.3, 0.2]])
 
-NPIX = 8575
-CRVAL1 = 4.179
-CDELT1 = 6e-6
-C_KMS = 299792.458
 #: Velocity width of one apStar pixel (km/s), about 4.14.
-DV_PIX = C_KMS * np.log(10.0) * CDELT1
+DV_PIX = SPEED_OF_LIGHT * np.log(10.0) * APSTAR_CDELT1
 #: First and last pixel (inclusive) of the blue, green and red detectors at zero velocity.
+#: (Wider than :data:`cannon_fast.core.grid.APSTAR_CHIPS`, the part of each chip that
+#: ASPCAP keeps: the synthetic files cover what the detectors see, as the DR17 files do.)
 CHIP_PIXELS = ((199, 3321), (3535, 6127), (6293, 8379))
 _OVERSAMPLE = 5
 _PAD = 160            # apStar pixels of padding each side of the synthesis grid
@@ -112,7 +116,7 @@ def apstar_wavelength():
     wavelength : ndarray, (8575,)
         ``10**(4.179 + 6e-6 * i)``, vacuum Å.
     """
-    return 10.0 ** (CRVAL1 + CDELT1 * np.arange(NPIX))
+    return 10.0 ** (APSTAR_CRVAL1 + APSTAR_CDELT1 * np.arange(APSTAR_NPIX))
 
 
 # ----------------------------------------------------------------------------- synthesis
@@ -176,7 +180,7 @@ class _Grid:
         self.dv = DV_PIX / oversample                                   # km/s per fine step
         lines = line_list()
         lw = lines["wavelength"]
-        xline = (np.log10(lw) - CRVAL1) / CDELT1                        # line centres, pixels
+        xline = (np.log10(lw) - APSTAR_CRVAL1) / APSTAR_CDELT1          # line centres, pixels
         inside = (xline > self.x[0] + 8) & (xline < self.x[-1] - 8)
         self.lines = lines[inside]
         xline = xline[inside]
@@ -201,7 +205,7 @@ class _Grid:
         for k in lor:
             c = (xline[k] - self.start_pix) * oversample
             hwhm = (120.0 if self.lines["kind"][k] == "brackett" else 1.5 * sig[k])
-            half = int(15.0 / (self.lines["wavelength"][k] * self.dv / C_KMS))
+            half = int(15.0 / (self.lines["wavelength"][k] * self.dv / SPEED_OF_LIGHT))
             idx = np.arange(max(int(c) - half, 0), min(int(c) + half + 2, self.n_fft))
             rows.append(idx), cols.append(np.full(idx.size, k))
             vals.append(1.0 / (1.0 + ((idx - c) / hwhm) ** 2))
@@ -264,7 +268,7 @@ def _grid_for(x_out):
 
 def _sigma_v(vmacro, resolution):
     """Total Gaussian sigma (km/s) of the LSF and the macroturbulence."""
-    return np.sqrt((C_KMS / resolution / 2.3548) ** 2 + (np.asarray(vmacro) / 2.3548) ** 2)
+    return np.sqrt((SPEED_OF_LIGHT / resolution / 2.3548) ** 2 + (np.asarray(vmacro) / 2.3548) ** 2)
 
 
 def synthesize_spectra(labels, wavelength=None, resolution=22500.0, vmacro=None, velocity=None,
@@ -294,13 +298,13 @@ def synthesize_spectra(labels, wavelength=None, resolution=22500.0, vmacro=None,
     """
     lab, single = _as_labels(labels)
     if wavelength is None:
-        x_out = np.arange(NPIX, dtype=np.float64)
+        x_out = np.arange(APSTAR_NPIX, dtype=np.float64)
     else:
         wave = np.asarray(wavelength, dtype=np.float64)
         if wave.ndim != 1 or not np.all(np.isfinite(wave)) or wave.min() < 15050 \
                 or wave.max() > 17050:
             raise ValueError("wavelength must be a 1-D array of vacuum Å within 15050-17050")
-        x_out = (np.log10(wave) - CRVAL1) / CDELT1
+        x_out = (np.log10(wave) - APSTAR_CRVAL1) / APSTAR_CDELT1
     if resolution <= 1000:
         raise ValueError(f"resolution must be > 1000, got {resolution}")
     n = len(lab)
@@ -385,14 +389,14 @@ def sample_labels(n, seed=0):
 # ----------------------------------------------------------------------------- observing
 def _chip_of_pixel():
     mid = [(CHIP_PIXELS[0][1] + CHIP_PIXELS[1][0]) / 2, (CHIP_PIXELS[1][1] + CHIP_PIXELS[2][0]) / 2]
-    return np.digitize(np.arange(NPIX), mid)
+    return np.digitize(np.arange(APSTAR_NPIX), mid)
 
 
 @functools.lru_cache(maxsize=1)
 def _instrument():
     """Fixed instrument and site templates (observed frame, apStar pixel grid)."""
     rng = np.random.default_rng(19700101)
-    pix = np.arange(NPIX)
+    pix = np.arange(APSTAR_NPIX)
     chip = _chip_of_pixel()
     lo = np.array([c[0] for c in CHIP_PIXELS])[chip]
     hi = np.array([c[1] for c in CHIP_PIXELS])[chip]
@@ -401,18 +405,18 @@ def _instrument():
     # airglow OH emission lines (relative units, LSF-broadened) and a faint sky continuum
     centres = rng.uniform(150, 8425, 140)
     amps = np.exp(rng.normal(np.log(8.0), 1.2, centres.size))
-    sky_lines = np.zeros(NPIX)
+    sky_lines = np.zeros(APSTAR_NPIX)
     for c, a in zip(centres, amps):
         sl = slice(int(c) - 6, int(c) + 7)
         sky_lines[sl] += a * np.exp(-0.5 * ((pix[sl] - c) / 1.35) ** 2)
     # telluric absorption (H2O at the band edges, CO2 groups near 1.575 and 1.605 um)
-    tell = np.zeros(NPIX)
+    tell = np.zeros(APSTAR_NPIX)
     groups = [(15100, 15300, 40, 0.05), (16750, 17000, 40, 0.06), (15700, 15800, 15, 0.03),
               (15990, 16090, 20, 0.04)]
     for w0, w1, nl, dmax in groups:
         for c in rng.uniform(w0, w1, nl):
-            x = (np.log10(c) - CRVAL1) / CDELT1
-            sl = slice(max(int(x) - 6, 0), min(int(x) + 7, NPIX))
+            x = (np.log10(c) - APSTAR_CRVAL1) / APSTAR_CDELT1
+            sl = slice(max(int(x) - 6, 0), min(int(x) + 7, APSTAR_NPIX))
             tell[sl] += rng.uniform(0.1, 1.0) * dmax * np.exp(-0.5 * ((pix[sl] - x) / 1.4) ** 2)
     return dict(chip=chip, u=u, throughput=throughput, sky_lines=sky_lines, tell_depth=tell)
 
@@ -535,8 +539,8 @@ def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
 def _normalized_spectra(S, i0, i1, resolution=22500.0):
     """Normalized rest-frame spectra of stars i0:i1, one row per visit: (sum nvisits, P)."""
     lab = S["labels"][i0:i1]
-    grid = _grid_for(np.arange(NPIX, dtype=float))
-    x_out = np.arange(NPIX, dtype=float)
+    grid = _grid_for(np.arange(APSTAR_NPIX, dtype=float))
+    x_out = np.arange(APSTAR_NPIX, dtype=float)
     nv = S["nvisits"][i0:i1]
     kft1 = grid.kernel_ft(_sigma_v(S["vmacro"][i0:i1], resolution))
     f1 = grid.to_flux(grid.depth_ft(lab), kft1, x_out)
@@ -565,7 +569,7 @@ def _observe_star(S, i, norm_visits, f32):
     ins = _instrument()
     rng = np.random.default_rng([S["seed"], 3, i])
     nv = int(S["nvisits"][i])
-    pix = np.arange(NPIX)
+    pix = np.arange(APSTAR_NPIX)
     wave = apstar_wavelength()
     teff = S["labels"][i, 0]
     # stellar x instrument continuum (1e-17 erg/s/cm^2/Å): per-chip quadratic response
@@ -578,14 +582,14 @@ def _observe_star(S, i, norm_visits, f32):
     # per-visit S/N with conditions: sum of squares = target^2
     w = rng.gamma(4.0, 1.0, nv)
     snr_v = S["snr_target"][i] * np.sqrt(w / w.sum())
-    flux = np.zeros((nv, NPIX))
-    err = np.zeros((nv, NPIX))
-    mask = np.zeros((nv, NPIX), np.int64)
-    sky = np.zeros((nv, NPIX))
-    skyerr = np.zeros((nv, NPIX))
-    tell = np.zeros((nv, NPIX))
-    tellerr = np.zeros((nv, NPIX))
-    cover = np.zeros((nv, NPIX), bool)
+    flux = np.zeros((nv, APSTAR_NPIX))
+    err = np.zeros((nv, APSTAR_NPIX))
+    mask = np.zeros((nv, APSTAR_NPIX), np.int64)
+    sky = np.zeros((nv, APSTAR_NPIX))
+    skyerr = np.zeros((nv, APSTAR_NPIX))
+    tell = np.zeros((nv, APSTAR_NPIX))
+    tellerr = np.zeros((nv, APSTAR_NPIX))
+    cover = np.zeros((nv, APSTAR_NPIX), bool)
     cov_ext = np.zeros((nv, 3, 2), int)
     bad_cols = rng.integers(CHIP_PIXELS[0][0], CHIP_PIXELS[2][1], rng.poisson(5))  # per fiber
     for v in range(nv):
@@ -595,7 +599,7 @@ def _observe_star(S, i, norm_visits, f32):
             lo_r = int(np.ceil(lo + S["chip_jitter"][i, c] - shift))
             hi_r = int(np.floor(hi + S["chip_jitter"][i, c] - shift))
             cov_ext[v, c] = lo_r, hi_r
-            cover[v, max(lo_r, 0):min(hi_r, NPIX - 1) + 1] = True
+            cover[v, max(lo_r, 0):min(hi_r, APSTAR_NPIX - 1) + 1] = True
         cv = cover[v]
         cont = cont_star * (1 + rng.normal(0, 0.01) + rng.normal(0, 0.01) * u)
         thr = np.interp(obs, pix, ins["throughput"])
@@ -606,23 +610,23 @@ def _observe_star(S, i, norm_visits, f32):
         f_true = cont * norm_visits[v]
         var_ph = (f_true + sky_v) * cont / (snr_v[v] ** 2 * (1 + 20.0 / cont)) / thr
         sig = np.sqrt(var_ph) / np.sqrt(t_v)
-        fv = f_true + sig * rng.standard_normal(NPIX)
-        mv = np.zeros(NPIX, np.int64)
-        huge = np.zeros(NPIX, bool)
+        fv = f_true + sig * rng.standard_normal(APSTAR_NPIX)
+        mv = np.zeros(APSTAR_NPIX, np.int64)
+        huge = np.zeros(APSTAR_NPIX, bool)
         # sky-line residuals: imperfect subtraction (3% of the line), flagged where the line
         # is bright against the star; the pipeline's error includes the residual term
         resid = 0.03 * 30.0 * sky_rel
-        fv += rng.standard_normal(NPIX) * resid
+        fv += rng.standard_normal(APSTAR_NPIX) * resid
         sig = np.hypot(sig, resid)
         mv[30.0 * sky_rel * rng.uniform(0.7, 1.3) > 0.08 * cont] |= SIG_SKYLINE
         mv[t_v < 0.97] |= SIG_TELLURIC
         # cosmic rays (flux spike), bad detector columns (dead/hot), saturated sky lines
-        cr = rng.integers(0, NPIX, rng.poisson(2.0))
+        cr = rng.integers(0, APSTAR_NPIX, rng.poisson(2.0))
         fv[cr] += rng.uniform(0.5, 5.0, cr.size) * cont[cr]
         mv[cr] |= CRPIX
         huge[cr] = True
         bc_rest = np.round(bad_cols - shift).astype(int)
-        bc_rest = bc_rest[(bc_rest >= 0) & (bc_rest < NPIX)]
+        bc_rest = bc_rest[(bc_rest >= 0) & (bc_rest < APSTAR_NPIX)]
         fv[bc_rest] *= rng.uniform(0.0, 0.4, bc_rest.size)
         mv[bc_rest] |= BADPIX | UNFIXABLE
         huge[bc_rest] = True
@@ -633,12 +637,12 @@ def _observe_star(S, i, norm_visits, f32):
             huge[sat] = True
         for c in range(3):   # flat-field trouble at the very chip ends
             for edge in (cov_ext[v, c, 0] + np.arange(2), cov_ext[v, c, 1] - np.arange(2)):
-                e = edge[(edge >= 0) & (edge < NPIX)]
+                e = edge[(edge >= 0) & (edge < APSTAR_NPIX)]
                 mv[e] |= BADFLAT
                 fv[e] *= rng.uniform(0.5, 1.5, e.size)
                 huge[e] = True
         if rng.random() < 0.05:  # persistence in the blue chip (flagged, mildly high)
-            pers = (pix < CHIP_PIXELS[0][1]) & (rng.random(NPIX) < 0.3)
+            pers = (pix < CHIP_PIXELS[0][1]) & (rng.random(APSTAR_NPIX) < 0.3)
             mv[pers] |= PERSIST_LOW
         ev = sig.copy()
         ev[huge] = 1e10 * cont[huge] / 800.0 * rng.uniform(0.95, 1.05)
@@ -674,13 +678,13 @@ def _observe_star(S, i, norm_visits, f32):
     for key, comb0, comb1, vis in (("flux", row0_f, row1_f, flux), ("err", row0_e, row1_e, err),
                                    ("sky", 0.0, 0.0, sky), ("skyerr", 0.0, 0.0, skyerr),
                                    ("tell", 0.0, 0.0, tell), ("tellerr", 0.0, 0.0, tellerr)):
-        arr = np.zeros((nrow, NPIX), f32)
+        arr = np.zeros((nrow, APSTAR_NPIX), f32)
         arr[0] = comb0
         if nv > 1:
             arr[1] = comb1
             arr[2:] = vis
         rows[key] = arr
-    m = np.zeros((nrow, NPIX), np.int32 if f32 == np.float32 else np.int64)
+    m = np.zeros((nrow, APSTAR_NPIX), np.int32 if f32 == np.float32 else np.int64)
     m[0] = row0_m
     if nv > 1:
         m[2:] = mask
@@ -736,12 +740,12 @@ def _primary_header(S, i, obs):
     lab = S["labels"][i]
     nul = -9999.990234375
     c = [
-        _card("CRVAL1", CRVAL1, "Start log10(wavelength) in subsequent HDUs"),
-        _card("CDELT1", CDELT1, "Dispersion in log10(wave) in subsequent HDUs"),
+        _card("CRVAL1", APSTAR_CRVAL1, "Start log10(wavelength) in subsequent HDUs"),
+        _card("CDELT1", APSTAR_CDELT1, "Dispersion in log10(wave) in subsequent HDUs"),
         _card("CRPIX1", 1, "Pixel of starting wavelength in subsequent HDUs"),
         _card("CTYPE1", "LOG-LINEAR", "Logarithmic wavelength scale in subsequent HDUs"),
         _card("DC-FLAG", 1, "Logarithmic wavelength scale in subsequent HDUs"),
-        _card("NWAVE", NPIX, "Number of wavelengths in subsequent HDUs"),
+        _card("NWAVE", APSTAR_NPIX, "Number of wavelengths in subsequent HDUs"),
         _card("FIELD", S["field"][i], "APOGEE field name"),
         _card("OBJID", S["apogee_id"][i], "APOGEE object name"),
         _card("SNR", obs["snr"], "Median S/N per apStar pixel"),
@@ -887,7 +891,8 @@ def _write_apstar(path, S, i, obs):
             f[0].delete_key("COMMENT")
             f[0].write_keys(hdr)
             for k, key in enumerate(("flux", "err", "mask", "sky", "skyerr", "tell", "tellerr")):
-                f.write(r[key], header=[_card("CRVAL1", CRVAL1), _card("CDELT1", CDELT1),
+                f.write(r[key], header=[_card("CRVAL1", APSTAR_CRVAL1),
+                                        _card("CDELT1", APSTAR_CDELT1),
                                         _card("CRPIX1", 1), _card("CTYPE1", "LOG-LINEAR"),
                                         _card("BUNIT", _BUNITS[k])])
             f.write(None)   # LSF table: empty, as in the DR17 files
@@ -1351,7 +1356,7 @@ def continuum_mask(wavelength=None, tolerance=0.003, n_stars=300):
     flux = synthesize_spectra(labels, wavelength)
     mask = np.all(1.0 - flux < tolerance, axis=0)
     if wavelength is None:
-        inside = np.zeros(NPIX, bool)
+        inside = np.zeros(APSTAR_NPIX, bool)
         for lo_p, hi_p in CHIP_PIXELS:
             inside[lo_p + 5:hi_p - 4] = True
         mask &= inside
