@@ -77,6 +77,12 @@ def _paths(root, S_fields, params):
                        n_stars=int(params["n_stars"]), seed=int(params["seed"]), params=params)
 
 
+def _apstar_file(root, S, i):
+    """Path of star ``i``'s apStar file under ``root``."""
+    return os.path.join(root, APSTAR_RELDIR, S["field"][i],
+                        f"apStar-dr17-{S['apogee_id'][i]}.fits")
+
+
 # ----------------------------------------------------------------------------- apStar header
 _BUNITS = ("Flux (10^-17 erg/s/cm^2/Ang)", "Err (10^-17 erg/s/cm^2/Ang)", "Pixel bitmask",
            "Sky (10^-17 erg/s/cm^2/Ang)", "Sky error (10^-17 erg/s/cm^2/Ang)", "Telluric",
@@ -102,9 +108,9 @@ def _visit_file(S, i, v):
     return f"apVisit-dr17-{int(S['plate'][i])}-{mjd}-{int(S['fiber'][i, v]):03d}.fits"
 
 
-def _primary_header(S, i, obs):
+def _target_cards(S, i, obs):
+    """Wavelength grid, identity, photometry, targeting and STARFLAG cards."""
     nv = int(S["nvisits"][i])
-    lab = S["labels"][i]
     nul = -9999.990234375
     c = [
         _card("CRVAL1", APSTAR_CRVAL1, "Start log10(wavelength) in subsequent HDUs"),
@@ -145,6 +151,13 @@ def _primary_header(S, i, obs):
                 "bitwise OR of individual visit starflags"),
           _card("ANDFLAG", int(np.bitwise_and.reduce(obs["vflags"])),
                 "bitwise AND of individual visit starflags")]
+    return c
+
+
+def _rv_cards(S, i, obs):
+    """Velocity and Doppler-fit cards; also the measured visit velocities and their errors."""
+    nv = int(S["nvisits"][i])
+    lab = S["labels"][i]
     rng = obs["rng"]
     verr = np.clip(2.0 / np.maximum(obs["snrvis"], 1.0), 0.01, 5.0)
     meas = rng.normal(0.0, verr)                   # measured = true + RV error
@@ -152,28 +165,34 @@ def _primary_header(S, i, obs):
     vrad = S["vrad_v"][i, :nv] + meas
     wts = 1.0 / verr ** 2
     ncomp = 2 if S["is_binary"][i] and S["light_ratio"][i] > 0.3 and S["k_rel"][i] > 20 else 1
-    c += [_card("N_COMP", ncomp, "Maximum number of components in RV CCFs"),
-          _card("VHELIO", float(np.sum(wts * vh) / np.sum(wts)),
-                "S/N weighted mean barycentric RV"),
-          _card("VSCATTER", float(np.std(vh)) if nv > 1 else 0.0,
-                "standard deviation of visit RVs"),
-          _card("VERR", float(1 / np.sqrt(np.sum(wts))), "weighted error in VHELIO"),
-          _card("VERR_MED", float(np.median(verr)), "median error in VHELIO"),
-          _card("RV_TEFF", float(lab[0] + rng.normal(0, 80)), "Effective temperature from RV fit"),
-          _card("RV_LOGG", float(lab[1] + rng.normal(0, 0.2)), "Surface gravity from RV fit"),
-          _card("RV_FEH", float(lab[2] + rng.normal(0, 0.1)), "Metallicity from RV fit"),
-          _card("RV_CHI2", float(rng.uniform(1.5, 20)), "chisq from Doppler RV fit"),
-          _card("CCFWHM", float(17 + S["vmacro"][i] * 0.3),
-                "FWHM of RV CCF of star with template (km/s)"),
-          _card("AUTOFWHM", 12.4, "FWHM of RV CCF of template with template (km/s)"),
-          _card("MEANFIB", float(np.mean(S["fiber"][i, :nv])), "S/N weighted mean fiber number"),
-          _card("SIGFIB", float(np.std(S["fiber"][i, :nv], ddof=1)) if nv > 1 else 0.0,
-                "standard deviation (unweighted) of fiber number"),
-          _card("NRES", " 5.00 4.25 3.50", "number of pixels/resolution used for sinc"),
-          _card("MIN_H", 7.0, "minimum H mag of cohort"),
-          _card("MAX_H", 12.2, "maximum H mag of cohort"),
-          _card("MIN_JK", 0.5, "minimum J-K of cohort"),
-          _card("MAX_JK", 9999.990234375, "maximum J-K of cohort")]
+    c = [_card("N_COMP", ncomp, "Maximum number of components in RV CCFs"),
+         _card("VHELIO", float(np.sum(wts * vh) / np.sum(wts)),
+               "S/N weighted mean barycentric RV"),
+         _card("VSCATTER", float(np.std(vh)) if nv > 1 else 0.0,
+               "standard deviation of visit RVs"),
+         _card("VERR", float(1 / np.sqrt(np.sum(wts))), "weighted error in VHELIO"),
+         _card("VERR_MED", float(np.median(verr)), "median error in VHELIO"),
+         _card("RV_TEFF", float(lab[0] + rng.normal(0, 80)), "Effective temperature from RV fit"),
+         _card("RV_LOGG", float(lab[1] + rng.normal(0, 0.2)), "Surface gravity from RV fit"),
+         _card("RV_FEH", float(lab[2] + rng.normal(0, 0.1)), "Metallicity from RV fit"),
+         _card("RV_CHI2", float(rng.uniform(1.5, 20)), "chisq from Doppler RV fit"),
+         _card("CCFWHM", float(17 + S["vmacro"][i] * 0.3),
+               "FWHM of RV CCF of star with template (km/s)"),
+         _card("AUTOFWHM", 12.4, "FWHM of RV CCF of template with template (km/s)"),
+         _card("MEANFIB", float(np.mean(S["fiber"][i, :nv])), "S/N weighted mean fiber number"),
+         _card("SIGFIB", float(np.std(S["fiber"][i, :nv], ddof=1)) if nv > 1 else 0.0,
+               "standard deviation (unweighted) of fiber number"),
+         _card("NRES", " 5.00 4.25 3.50", "number of pixels/resolution used for sinc"),
+         _card("MIN_H", 7.0, "minimum H mag of cohort"),
+         _card("MAX_H", 12.2, "maximum H mag of cohort"),
+         _card("MIN_JK", 0.5, "minimum J-K of cohort"),
+         _card("MAX_JK", 9999.990234375, "maximum J-K of cohort")]
+    return c, vrad, verr, vh
+
+
+def _coverage_cards(obs):
+    """The pixels each chip contributes to: in any visit (xMIN/xMAX), in all (xOVERMIN/MAX)."""
+    c = []
     ce = obs["cov_ext"]
     for key, ch, fn, what in (("RMIN", 2, 0, "Min pixel of red chip contrib, any frame"),
                               ("RMAX", 2, 1, "Maxmm pixel of red chip contrib, any frame"),
@@ -189,7 +208,13 @@ def _primary_header(S, i, obs):
                               ("BOVERMIN", 0, 0, "Minimum pixel of blue chip contrib, all frames"),
                               ("BOVERMAX", 0, 1, "Maximum pixel of blue chip contrib, all frames")):
         c.append(_card(key, int(ce[:, ch, fn].max() if fn == 0 else ce[:, ch, fn].min()), what))
-    for v in range(nv):
+    return c
+
+
+def _visit_cards(S, i, obs, vrad, verr, vh):
+    """The VISIT n INFORMATION block of each visit."""
+    c = []
+    for v in range(int(S["nvisits"][i])):
         n = v + 1
         jd = float(S["jd"][i, v])
         c += [{"name": "COMMENT", "value": f"VISIT {n} INFORMATION"},
@@ -204,8 +229,17 @@ def _primary_header(S, i, obs):
               _card(f"SNRVIS{n}", float(obs["snrvis"][v]),
                     f"Median S/N per apStar pixel,, visit {n}"),
               _card(f"FLAG{n}", int(obs["vflags"][v]), f"STARFLAG for visit {n}")]
+    return c
+
+
+def _primary_header(S, i, obs):
+    """The cards of an apStar primary header, in the order of a DR17 file."""
+    c = _target_cards(S, i, obs)
+    rv, vrad, verr, vh = _rv_cards(S, i, obs)
+    c += rv + _coverage_cards(obs) + _visit_cards(S, i, obs, vrad, verr, vh)
     c.append({"name": "HISTORY", "value": "APOGEE Reduction Pipeline Version: 0.17.22"})
     c += [{"name": "HISTORY", "value": f"HDU{k} : {t}"} for k, t in enumerate(_HDU_HISTORY)]
+    # (the files name the module that first wrote them; renaming it would change every file)
     c.append({"name": "HISTORY", "value": f"SYNTHETIC: cannon_fast.demo.datasets v{SURVEY_VERSION} "
               f"seed {S['seed']}; not an SDSS spectrum"})
     return c
@@ -281,9 +315,8 @@ def _flag_names(value, bits):
                     if (int(value) >> b) & 1)
 
 
-def _write_tables(root, S, C, snr, snrev):
-    import fitsio
-
+def _allstar_table(S, C, snr, snrev):
+    """The allStar rows: catalog labels and flags ``C`` of the stars ``S``."""
     n = S["n"]
     cat, rep = C["cat"].astype(np.float32), C["rep"].astype(np.float32)
     cols = [("FILE", "S64"), ("APOGEE_ID", "S30"), ("TELESCOPE", "S8"), ("FIELD", "S20"),
@@ -328,13 +361,11 @@ def _write_tables(root, S, C, snr, snrev):
     t["ALPHA_M_ERR"] = rep[:, 3]
     t["VMICRO"] = np.where(np.isfinite(cat[:, 0]), 1.1 + 0.2 * (3.0 - S["labels"][:, 1]), np.nan)
     t["VMACRO"] = np.where(np.isfinite(cat[:, 0]), S["vmacro"], np.nan)
-    hdr = [{"name": "COMMENT", "value": "SYNTHETIC allStar (cannon_fast.demo.datasets "
-            f"v{SURVEY_VERSION}, seed {S['seed']}): not SDSS data"}]
-    path = os.path.join(root, ALLSTAR_RELPATH)
-    with atomic_path(path) as tmp:
-        with fitsio.FITS(tmp, "rw", clobber=True) as f:
-            f.write(t, header=hdr)
-    # the truth, aligned row by row with the allStar file
+    return t
+
+
+def _truth_table(S, C, snr):
+    """The true labels and what the survey did to each star, row-aligned with the allStar."""
     tcols = [("APOGEE_ID", "S30"), ("FIELD", "S20"), ("TELESCOPE", "S8"), ("POPULATION", "S12")] \
         + [(name, "f8") for name in LABEL_NAMES] \
         + [("VMACRO", "f8"), ("H", "f8"), ("NVISITS", "i4"), ("SNR_TARGET", "f8"), ("SNR", "f8"),
@@ -342,7 +373,7 @@ def _write_tables(root, S, C, snr, snrev):
            ("K_REL", "f8"), ("PERIOD", "f8"), ("DV_VISITS", "f8", (_MAX_VISITS,)),
            ("VHELIO_SYS", "f8"), ("DUPLICATE_OF", "i4"), ("CAT_LABELS", "f8", (5,)),
            ("PASS_LAB_CUTS", "bool")]
-    tr = np.zeros(n, dtype=tcols)
+    tr = np.zeros(S["n"], dtype=tcols)
     tr["APOGEE_ID"], tr["FIELD"], tr["TELESCOPE"] = S["apogee_id"], S["field"], "apo25m"
     tr["POPULATION"] = S["pop"]
     for j, name in enumerate(LABEL_NAMES):
@@ -355,9 +386,22 @@ def _write_tables(root, S, C, snr, snrev):
     tr["VHELIO_SYS"], tr["DUPLICATE_OF"] = S["vsys"], S["dup_of"]
     tr["CAT_LABELS"] = C["cat"]
     tr["PASS_LAB_CUTS"] = pass_lab_cuts(C["cat"], snr)
-    hdr = [{"name": "COMMENT", "value": "True labels of the synthetic demo survey, row-aligned with"
-            " the allStar file; LIGHT_RATIO = H-band flux of the companion / primary"}]
-    path = os.path.join(root, "truth.fits")
+    return tr
+
+
+def _write_table(path, table, comment):
+    import fitsio
+
     with atomic_path(path) as tmp:
         with fitsio.FITS(tmp, "rw", clobber=True) as f:
-            f.write(tr, header=hdr)
+            f.write(table, header=[{"name": "COMMENT", "value": comment}])
+
+
+def _write_tables(root, S, C, snr, snrev):
+    """Write the allStar file and ``truth.fits`` of the survey under ``root``."""
+    _write_table(os.path.join(root, ALLSTAR_RELPATH), _allstar_table(S, C, snr, snrev),
+                 f"SYNTHETIC allStar (cannon_fast.demo.datasets v{SURVEY_VERSION}, "
+                 f"seed {S['seed']}): not SDSS data")
+    _write_table(os.path.join(root, "truth.fits"), _truth_table(S, C, snr),
+                 "True labels of the synthetic demo survey, row-aligned with the allStar file; "
+                 "LIGHT_RATIO = H-band flux of the companion / primary")

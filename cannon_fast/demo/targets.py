@@ -34,12 +34,11 @@ def _twomass_id(ra, dec):
                      for a, b, c, s, d, e, f in zip(hh, mm, ss, sign, dd, dm, ds)])
 
 
-def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
-    """Everything about the stars that is not a spectrum: labels, photometry, visits, orbits."""
+def _place_stars(rng, n_stars, seed, duplicate_fraction):
+    """Labels, fields, sky positions and APOGEE IDs, duplicates included."""
     from astropy.coordinates import SkyCoord
     import astropy.units as u
 
-    rng = np.random.default_rng([int(seed), 2])
     n_dup = int(round(duplicate_fraction * n_stars)) if n_stars > 20 else 0
     n_uniq = n_stars - n_dup
     labels, pop = sample_labels(n_uniq, seed)
@@ -69,17 +68,13 @@ def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
         dec = dec + rng.uniform(-1e-3, 1e-3, n_stars) * (dup_of < 0)
         dec[dup_of >= 0] = dec[dup_of[dup_of >= 0]]
         apogee_id = _twomass_id(ra, dec)
-    # photometry and S/N: S/N ~ sqrt(visits) x flux; faint stars give the low-S/N tail
-    nvis = rng.choice(np.arange(1, _MAX_VISITS + 1), n_stars,
-                      p=[0.3, 0.24, 0.2, 0.12, 0.08, 0.06]) if visits else np.ones(n_stars, int)
-    hmag = np.clip(rng.normal(10.6, 0.9, n_stars), 7.0, 12.6)
-    snr_target = 165.0 * 10 ** (-0.2 * (hmag - 10.6)) * np.sqrt(nvis / 2.0) \
-        * np.exp(rng.normal(0, 0.25, n_stars))
-    jk = 0.55 + 0.25 * (4800 - labels[:, 0]) / 1000 + rng.normal(0, 0.03, n_stars)
-    ak = np.abs(rng.normal(0.15, 0.1, n_stars)) * (1 + 3 * (np.abs(glat) < 3))
-    vsys = rng.normal(np.where(np.abs(glat) < 5, -10.0, -40.0), 45.0)
-    vmac = vmacro_relation(labels[:, 0], labels[:, 1]) + rng.normal(0, 0.3, n_stars)
-    # visit epochs, barycentric corrections
+    return dict(labels=labels, pop=pop, field=field.astype(str), apogee_id=apogee_id, ra=ra,
+                dec=dec, glon=glon, glat=glat, dup_of=dup_of)
+
+
+def _visit_epochs(rng, nvis, glon, glat):
+    """Julian dates of the visits and their barycentric corrections, (N, 6) each (NaN-padded)."""
+    n_stars = len(nvis)
     jd = np.full((n_stars, _MAX_VISITS), np.nan)
     t0 = rng.uniform(2456000.5, 2459400.5, n_stars)
     for i in range(n_stars):
@@ -89,6 +84,12 @@ def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
     phase0 = np.radians(glon)
     bc = 28.0 * np.cos(2 * np.pi * (jd - 2456000.5) / 365.25 + phase0[:, None]) * \
         np.cos(np.radians(glat))[:, None]
+    return jd, bc
+
+
+def _companions(rng, labels, jd, binary_fraction):
+    """Which stars are binaries, their companions and the companion's velocity per visit."""
+    n_stars = len(labels)
     # binaries: a fainter companion on the same isochrone, light ratio from R^2 B_H(Teff)
     is_bin = rng.random(n_stars) < binary_fraction
     dlogg = rng.uniform(0.15, 1.5, n_stars)
@@ -104,6 +105,28 @@ def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
     orb_phase = rng.uniform(0, 1, n_stars)
     dv = k_rel[:, None] * np.sin(2 * np.pi * ((jd - jd[:, :1]) / period[:, None]
                                               + orb_phase[:, None]))
+    return dict(is_binary=is_bin, teff2=teff2, logg2=logg2, light_ratio=light, k_rel=k_rel,
+                period=period, dv=dv)
+
+
+def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
+    """Everything about the stars that is not a spectrum: labels, photometry, visits, orbits."""
+    rng = np.random.default_rng([int(seed), 2])
+    T = _place_stars(rng, n_stars, seed, duplicate_fraction)
+    labels, glat = T["labels"], T["glat"]
+    # photometry and S/N: S/N ~ sqrt(visits) x flux; faint stars give the low-S/N tail
+    nvis = rng.choice(np.arange(1, _MAX_VISITS + 1), n_stars,
+                      p=[0.3, 0.24, 0.2, 0.12, 0.08, 0.06]) if visits else np.ones(n_stars, int)
+    hmag = np.clip(rng.normal(10.6, 0.9, n_stars), 7.0, 12.6)
+    snr_target = 165.0 * 10 ** (-0.2 * (hmag - 10.6)) * np.sqrt(nvis / 2.0) \
+        * np.exp(rng.normal(0, 0.25, n_stars))
+    jk = 0.55 + 0.25 * (4800 - labels[:, 0]) / 1000 + rng.normal(0, 0.03, n_stars)
+    ak = np.abs(rng.normal(0.15, 0.1, n_stars)) * (1 + 3 * (np.abs(glat) < 3))
+    vsys = rng.normal(np.where(np.abs(glat) < 5, -10.0, -40.0), 45.0)
+    vmac = vmacro_relation(labels[:, 0], labels[:, 1]) + rng.normal(0, 0.3, n_stars)
+    jd, bc = _visit_epochs(rng, nvis, T["glon"], glat)
+    B = _companions(rng, labels, jd, binary_fraction)
+    is_bin, light, dv = B["is_binary"], B["light_ratio"], B["dv"]
     q = 1.0 / (1.0 + light ** 0.25)            # crude mass fraction of the secondary
     v_primary = np.where(is_bin[:, None], -q[:, None] * dv, 0.0)
     vhelio_v = vsys[:, None] + v_primary
@@ -112,13 +135,12 @@ def _draw_survey(n_stars, seed, visits, binary_fraction, duplicate_fraction):
     for a in (jd, bc, dv, vhelio_v, vrad_v):
         a[~valid] = np.nan
     return dict(
-        n=n_stars, seed=int(seed), labels=labels, pop=pop, field=field.astype(str),
-        apogee_id=apogee_id, ra=ra, dec=dec, glon=glon, glat=glat, dup_of=dup_of,
+        T, n=n_stars, seed=int(seed),
         nvisits=nvis, H=hmag, J=hmag + jk, K=hmag - 0.35 * jk - 0.05, ak=ak,
         snr_target=snr_target, vsys=vsys, vmacro=vmac, jd=jd, bc=bc, vhelio_v=vhelio_v,
-        vrad_v=vrad_v, is_binary=is_bin, teff2=np.where(is_bin, teff2, np.nan),
-        logg2=np.where(is_bin, logg2, np.nan), light_ratio=np.where(is_bin, light, np.nan),
-        k_rel=np.where(is_bin, k_rel, np.nan), period=np.where(is_bin, period, np.nan),
+        vrad_v=vrad_v, is_binary=is_bin,
+        **{k: np.where(is_bin, B[k], np.nan)
+           for k in ("teff2", "logg2", "light_ratio", "k_rel", "period")},
         dv=np.where(is_bin[:, None], dv, np.nan),
         fiber=rng.integers(1, 301, (n_stars, _MAX_VISITS)),
         plate=rng.integers(5000, 12000, n_stars),
