@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cannon_fast.apogee.lines import air_to_vacuum, line_list
-from cannon_fast.demo import datasets as ds
+from cannon_fast import demo as ds
+from cannon_fast.demo.spectra import DV_PIX
 
 REAL = ("apStar-dr17-2M17335483-2753043.fits", "apStar-dr17-2M19485057+5005279.fits")
 
@@ -116,7 +117,7 @@ def test_resolution_and_velocity():
     # equivalent width is conserved by the convolution (flux is pixel integrated)
     ew_lo, ew_hi = np.sum(1 - f_lo), np.sum(1 - f_hi)
     assert ew_lo == pytest.approx(ew_hi, rel=2e-3)
-    shifted = ds.synthesize_spectra(REF, velocity=ds.DV_PIX * 3)
+    shifted = ds.synthesize_spectra(REF, velocity=DV_PIX * 3)
     np.testing.assert_allclose(shifted[3003:6000], f_hi[3000:5997], atol=2e-3)
     sub = ds.synthesize_spectra(REF, wavelength=w[1000:1200])
     np.testing.assert_allclose(sub, f_hi[1000:1200], atol=1e-6)
@@ -182,6 +183,22 @@ def test_sample_labels_population():
     assert np.corrcoef(teff[rgb], logg[rgb])[0, 1] > 0.6
     with pytest.raises(ValueError):
         ds.sample_labels(0)
+
+
+def test_old_module_path_re_exports_the_same_objects():
+    import cannon_fast.apogee.lines
+    import cannon_fast.core.grid as grid
+    from cannon_fast.demo import datasets
+
+    assert sorted(datasets.__all__) == sorted(ds.__all__)
+    for name in ds.__all__:
+        assert getattr(datasets, name) is getattr(ds, name), name
+    # defined once: the line list in apogee/, the apStar grid in core/
+    assert datasets.line_list is cannon_fast.apogee.lines.line_list
+    assert datasets.air_to_vacuum is cannon_fast.apogee.lines.air_to_vacuum
+    assert (datasets.NPIX, datasets.CRVAL1, datasets.CDELT1) == (
+        grid.APSTAR_NPIX, grid.APSTAR_CRVAL1, grid.APSTAR_CDELT1)
+    assert datasets.DV_PIX == DV_PIX
 
 
 # ----------------------------------------------------------------------------- files

@@ -137,7 +137,7 @@ def test_surface_gravity():
 
 
 def test_giant_branch_from_survey_labels():
-    from cannon_fast.demo.datasets import LABEL_NAMES, _rgb_teff, sample_labels
+    from cannon_fast.demo.labels import LABEL_NAMES, _rgb_teff, sample_labels
     labels, pop = sample_labels(3000, seed=1)
     gb = giant_branch(labels, LABEL_NAMES)
     g = np.array([1.2, 2.0, 3.0])
