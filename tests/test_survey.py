@@ -88,7 +88,7 @@ class _DiskFillsUp:
 
     def __init__(self, n):
         self.n = n
-        self.real = sv._write_part
+        self.real = sv.catalog._write_part
 
     def __call__(self, path, columns):
         if self.n == 0:
@@ -102,7 +102,7 @@ def test_full_disk_keeps_committed_chunks_and_resumes_identically(tmp_path, smal
     model = small[0]
     sv.label_survey(model, npz, tmp_path / "ref.fits", chunk_size=100)
     out = tmp_path / "cat.fits"
-    monkeypatch.setattr(sv, "_write_part", _DiskFillsUp(3))
+    monkeypatch.setattr(sv.catalog, "_write_part", _DiskFillsUp(3))
     with pytest.raises(sv.SurveyError, match=r"disk full .* 3 of 7 chunks are committed"):
         sv.label_survey(model, npz, out, chunk_size=100)
     parts = sorted(os.listdir(f"{out}.parts"))
@@ -130,7 +130,7 @@ def test_refuses_other_model_and_other_options(tmp_path, small, npz, monkeypatch
         sv.label_survey(other, npz, out)
     # a partial run made with another model or chunk size is not mixed with this one
     out2 = tmp_path / "cat2.fits"
-    monkeypatch.setattr(sv, "_write_part", _DiskFillsUp(1))
+    monkeypatch.setattr(sv.catalog, "_write_part", _DiskFillsUp(1))
     with pytest.raises(sv.SurveyError):
         sv.label_survey(model, npz, out2, chunk_size=100)
     monkeypatch.undo()

@@ -1,0 +1,258 @@
+"""The job's files: committed parts and their manifest, the merged catalogue, read_catalog.
+
+While a job runs, ``CATALOG.parts/`` holds ``manifest.json`` (the job) and one
+``chunk-NNNNNN.npz`` per committed chunk, each written atomically. When every
+chunk is committed they are merged, after the rows of earlier jobs, into
+``CATALOG`` (FITS or Parquet), written atomically too.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from .._util import atomic_path
+from .chunk import ALL_FLAGS
+
+__all__ = ["SurveyError", "read_catalog"]
+
+_FORMAT = "cannon_fast.survey"
+_VERSION = 1
+
+
+class SurveyError(RuntimeError):
+    """A survey job cannot start or continue (the message says why and what is kept)."""
+
+
+
+def _write_part(path, columns):
+    """Write one chunk's columns to ``path`` atomically (tests replace this to fail)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **columns)
+
+
+def _part_path(parts, k):
+    return os.path.join(parts, f"chunk-{k:06d}.npz")
+
+
+def _committed(parts, n_chunks):
+    done = set()
+    for p in glob.glob(os.path.join(parts, "chunk-*.npz")):
+        try:
+            k = int(os.path.basename(p)[6:12])
+        except ValueError:
+            continue
+        if k < n_chunks:
+            done.add(k)
+    return done
+
+
+def _load_part(path):
+    with np.load(path, allow_pickle=False) as d:
+        return {k: d[k] for k in d.files}
+
+
+# --------------------------------------------------------------------------- catalogue files
+def _catalog_format(path, fmt):
+    if fmt is None:
+        fmt = "parquet" if os.fspath(path).lower().endswith((".parquet", ".pq")) else "fits"
+    if fmt not in ("fits", "parquet"):
+        raise ValueError(f"unknown catalogue format {fmt!r}: use 'fits' or 'parquet'")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError("Parquet output needs pyarrow (pip install 'cannon_fast[parquet]'); "
+                             "use --format fits") from None
+    return fmt
+
+
+def _catalog_meta(path, fmt):
+    """Return the job record of an existing catalogue (dict), or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            md = pq.ParquetFile(path).schema_arrow.metadata or {}
+            raw = md.get(b"cannon_fast")
+            meta = json.loads(raw.decode()) if raw else None
+            n_rows = pq.ParquetFile(path).metadata.num_rows
+        else:
+            import fitsio
+
+            with fitsio.FITS(path) as fh:
+                hdr = fh[1].read_header()
+                n_rows = fh[1].get_nrows()
+                meta = json.loads(fh["JOBS"].read().tobytes().decode()) if "JOBS" in fh else None
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        raise SurveyError(f"{path} exists but is not a readable {fmt} catalogue ({err}); "
+                          "refusing to overwrite it: choose another --out") from None
+    if not meta or meta.get("format") != _FORMAT:
+        raise SurveyError(f"{path} exists but was not written by cannon-fast label; refusing "
+                          "to overwrite it: choose another --out")
+    meta["n_rows"] = int(n_rows)
+    if fmt == "fits":
+        meta["header_hash"] = hdr.get("MODELHSH")
+    return meta
+
+
+def read_catalog(path):
+    """Read a catalogue written by :func:`label_survey` as an astropy Table.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    astropy.table.Table
+        ``meta["cannon_fast"]`` holds the job record (model hash, jobs, counts).
+    """
+    from astropy.table import Table
+
+    path = os.fspath(path)
+    fmt = _catalog_format(path, None)
+    meta = _catalog_meta(path, fmt)
+    if meta is None:
+        raise FileNotFoundError(f"{path}: no such catalogue")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        t = Table({k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()})
+    else:
+        import fitsio
+
+        data = fitsio.read(path, ext=1)
+        t = Table()
+        for name in data.dtype.names:
+            col = data[name]
+            t[name] = np.char.decode(col, "ascii") if col.dtype.kind == "S" else col
+    t.meta["cannon_fast"] = meta
+    return t
+
+
+def _existing_rows(path, fmt, block=65536):
+    """Yield the rows of an existing catalogue as dicts of columns, in blocks."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=block):
+            yield {k: np.asarray(v) for k, v in batch.to_pydict().items()}
+    else:
+        import fitsio
+
+        with fitsio.FITS(path) as fh:
+            n = fh[1].get_nrows()
+            for a in range(0, n, block):
+                data = fh[1][a:min(a + block, n)]
+                yield {k: (np.char.decode(data[k], "ascii") if data[k].dtype.kind == "S"
+                           else np.asarray(data[k])) for k in data.dtype.names}
+
+
+def _conform(cols, dtype):
+    """Columns -> structured array of ``dtype`` (missing columns get blank values)."""
+    n = len(next(iter(cols.values())))
+    out = np.zeros(n, dtype)
+    for name in dtype.names:
+        kind = dtype[name].kind
+        if name in cols:
+            a = np.asarray(cols[name])
+            out[name] = np.char.encode(a.astype(str), "ascii", "replace") if kind == "S" else a
+        elif kind == "f":
+            out[name] = np.nan
+        elif name == "VISIT_FIBER":
+            out[name] = -1
+    return out
+
+
+def _merge(out, fmt, parts_dir, n_chunks, meta, existing):
+    """Write old rows + every part, in chunk order, to ``out`` atomically."""
+    paths = [_part_path(parts_dir, k) for k in range(n_chunks)]
+    # the table layout: columns in first-seen order, widest string of each column
+    names, kinds, widths = [], {}, {}
+    for p in paths:
+        with np.load(p, allow_pickle=False) as d:
+            for k in d.files:
+                a = d[k]
+                if k not in kinds:
+                    names.append(k)
+                    kinds[k] = a.dtype
+                if a.dtype.kind in "US":
+                    w = max([1] + [len(x) for x in a.astype(str)])
+                    widths[k] = max(widths.get(k, 1), w)
+    if existing is not None:
+        for block in _existing_rows(out, fmt):
+            for k, a in block.items():
+                if k not in kinds:
+                    names.append(k)
+                    kinds[k] = a.dtype
+                if a.dtype.kind in "USO":
+                    w = max([1] + [len(str(x)) for x in a])
+                    widths[k] = max(widths.get(k, 1), w)
+    dtype = np.dtype([(k, f"S{widths[k]}") if kinds[k].kind in "USO" else (k, kinds[k])
+                      for k in names])
+
+    def blocks():
+        if existing is not None:
+            yield from _existing_rows(out, fmt)
+        for p in paths:
+            yield _load_part(p)
+
+    with atomic_path(out) as tmp:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = None
+            writer = None
+            try:
+                for cols in blocks():
+                    arr = _conform(cols, dtype)
+                    table = pa.table({k: (np.char.decode(arr[k], "ascii")
+                                          if arr[k].dtype.kind == "S" else arr[k])
+                                      for k in dtype.names})
+                    if writer is None:
+                        schema = table.schema.with_metadata(
+                            {b"cannon_fast": json.dumps(meta).encode()})
+                        writer = pq.ParquetWriter(tmp, schema)
+                    writer.write_table(table.cast(schema))
+            finally:
+                if writer is not None:
+                    writer.close()
+        else:
+            import fitsio
+
+            header = [dict(name="MODELHSH", value=meta["model_hash"], comment="cannon_fast "
+                           "model hash"), dict(name="NLABELS", value=len(meta["label_names"])),
+                      dict(name="NPIXELS", value=int(meta["n_pixels"])),
+                      dict(name="NREAD", value=int(meta["counts"]["n_read"])),
+                      dict(name="NFITTED", value=int(meta["counts"]["n_fitted"])),
+                      dict(name="NFLAGGED", value=int(meta["counts"]["n_flagged"])),
+                      dict(name="NFAILED", value=int(meta["counts"]["n_failed"]))]
+            for i, name in enumerate(meta["label_names"]):
+                header.append(dict(name=f"LABEL{i + 1}", value=name))
+            for name, bit in ALL_FLAGS.items():
+                header.append(dict(name=f"FLAG{bit}", value=name))
+            with fitsio.FITS(tmp, "rw", clobber=True) as fh:
+                first = True
+                for cols in blocks():
+                    arr = _conform(cols, dtype)
+                    if first:
+                        fh.write(arr, extname="LABELS", header=header)
+                        first = False
+                    else:
+                        fh[1].append(arr)
+                fh.write(np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                         extname="JOBS")
+
+
+def _describe_difference(old, new):
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys
+             if old.get(k) != new.get(k)]
+    return "; ".join(diffs[:4])

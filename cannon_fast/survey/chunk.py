@@ -1,0 +1,212 @@
+"""One chunk of the survey: mask, normalize and fit its spectra into catalogue columns.
+
+:func:`process_chunk` is the whole step for a reader of :mod:`.inputs`; it is
+what a Dask worker runs. Every spectrum gives one row, also when it cannot be
+used: a flag bit of :data:`SURVEY_FLAGS` and a ``REASON`` say why.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.fitting import FLAGS as _FIT_FLAG_BITS
+
+__all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "process_chunk"]
+
+#: Flag bits the survey runner adds to the fit's (``FitResult.FLAGS``, bits below 256) in the
+#: catalogue's ``FLAGS`` column.
+SURVEY_FLAGS = {"READ_FAILED": 256, "NORMALIZATION_FAILED": 512, "CONTINUUM_WARNING": 1024}
+#: Stars per call to the fit inside a chunk: a multiple of the fit's own batch (512), so
+#: the batches and hence the results do not depend on this number.
+_FIT_SLICE = 1024
+#: Every bit of the catalogue's ``FLAGS`` column: the fit's, then the survey runner's.
+ALL_FLAGS = {**_FIT_FLAG_BITS, **SURVEY_FLAGS}
+
+
+def _mask_raw(flux, ivar, bitmask, bits, segments=None):
+    """Zero the weight (in place) of bad pixels of raw (flux, ivar) with PIXMASK bits.
+
+    The same pixels as :func:`cannon_fast.apogee.bitmask.quality_mask` (flagged
+    bits, non-finite flux or ivar, ivar <= 0, off-chip), from ivar instead
+    of the error. ``segments`` (another grid's pixel ranges) marks the pixels
+    outside them as off-chip.
+    """
+    from ..apogee.files import NPIX, on_chip_mask
+
+    with np.errstate(invalid="ignore"):
+        bad = ~(ivar > 0) | ~np.isfinite(ivar) | ~np.isfinite(flux)
+    if bitmask is not None:
+        if bitmask.dtype.kind in "iu" and 0 <= bits <= np.iinfo(bitmask.dtype).max:
+            bad |= (bitmask & bitmask.dtype.type(bits)) != 0  # no int64 copy of the chunk
+        else:
+            bad |= (np.asarray(bitmask).astype(np.int64) & bits) != 0
+    if segments is not None:
+        inside = np.zeros(flux.shape[1], bool)
+        for a, b in segments:
+            inside[a:b] = True
+        bad |= ~inside[None, :]
+    elif flux.shape[1] == NPIX:
+        bad |= ~on_chip_mask()[None, :]
+    flux[bad] = 0.0
+    ivar[bad] = 0.0
+    return bad
+
+
+def _grid_columns(n_in, n_model):
+    """Columns of input spectra that make the model's pixel grid (None = all)."""
+    from ..apogee.files import GRID_SEGMENTS, NPIX, grid_indices
+
+    if n_in == n_model:
+        return None
+    if n_in == NPIX and n_model in GRID_SEGMENTS:
+        return grid_indices(n_model)
+    raise ValueError(f"the model was trained on {n_model} pixels but the input spectra have "
+                     f"{n_in}: they must be on the model's pixel grid (or on the 8575-pixel "
+                     "apStar grid for a 7214/7514-pixel model)")
+
+
+def process_chunk(model, reader, options):
+    """Read, mask, normalize and fit one chunk; return its catalogue columns.
+
+    Parameters
+    ----------
+    model : CannonModel
+    reader : object
+        ``reader.read()`` returns the chunk's spectra (from ``_Source.chunk``).
+    options : dict
+        ``continuum_pixels`` ((8575,) bool, for raw spectra), ``degree``,
+        ``bad_bits``, ``backend``, ``fit`` (keyword arguments of ``model.fit``),
+        ``model_hash``, ``n_threads`` (numba threads, e.g. 1 on a Dask worker).
+
+    Returns
+    -------
+    dict of str -> ndarray
+        One entry per catalogue column, all of the chunk's length.
+    """
+    if options.get("n_threads"):
+        _limit_threads(int(options["n_threads"]))
+    return _fit_chunk(model, reader.read(), options)
+
+
+def _limit_threads(n):
+    """Use ``n`` threads in the numba, C/OpenMP (and, if threadpoolctl is there, BLAS) kernels.
+
+    One single-threaded worker process per core beats threads inside one
+    process: much of a chunk's work (copies, masks, the LM fits) is serial.
+    """
+    import numba
+
+    from ..core import backends
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if getattr(backends, "_ccannon", None) is not None and hasattr(backends._ccannon,
+                                                                   "set_num_threads"):
+        backends._ccannon.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return
+    threadpool_limits(n)
+
+
+
+
+def _fit_chunk(model, d, options):
+    """Mask, normalize and fit the spectra ``reader.read()`` gave (see process_chunk)."""
+    # pop, so that the raw arrays are freed once normalized (``d`` lives on in the caller)
+    flux, ivar, bitmask = d.pop("flux"), d.pop("ivar"), d.pop("bitmask")
+    n = flux.shape[0]
+    flags = np.zeros(n, np.int64)
+    cflags = np.zeros(n, np.int64)
+    reason = d["reason"]
+    flags[reason != ""] |= SURVEY_FLAGS["READ_FAILED"]
+    if not d["normalized"]:
+        from ..core.continuum import normalize
+
+        segments = options.get("segments")
+        if d.get("needs_mask", True):  # apStar files are masked as they are read
+            _mask_raw(flux, ivar, bitmask, options["bad_bits"], segments)
+        ns = normalize(flux, ivar, options["continuum_pixels"], degree=options["degree"],
+                       segments=segments, backend=options.get("backend", "auto"))
+        del flux, ivar, bitmask
+        flux, ivar = ns.flux, ns.ivar
+        cflags = ns.flags.astype(np.int64)
+        dead = (ns.chip_status != 0).all(axis=1) & (reason == "")
+        for i in np.flatnonzero(dead):
+            reason[i] = "continuum normalization failed on every chip"
+        flags[dead] |= SURVEY_FLAGS["NORMALIZATION_FAILED"]
+        flags[(cflags != 0) & ~dead & (reason == "")] |= SURVEY_FLAGS["CONTINUUM_WARNING"]
+    cols = _grid_columns(flux.shape[1], model.n_pixels)
+    usable = (flags & (SURVEY_FLAGS["READ_FAILED"] | SURVEY_FLAGS["NORMALIZATION_FAILED"])) == 0
+    L = model.n_labels
+    labels = np.full((n, L), np.nan)
+    cov = np.full((n, L, L), np.nan)
+    chi2 = np.full(n, np.nan)
+    rchi2 = np.full(n, np.nan)
+    npix = np.zeros(n, np.int64)
+    iters = np.zeros(n, np.int64)
+    fitflags = np.zeros(n, np.int64)
+    fit_kw = dict(options.get("fit") or {})
+    fit_kw.setdefault("progress_bar", False)
+    with_broadening = bool(fit_kw.get("broadening"))
+    broad = np.full((n, 2), np.nan)  # BROADENING and its error, with broadening=True
+    # fit the whole chunk in slices that are multiples of the fit's own batches, so the
+    # float64 copies it makes stay small and the results do not depend on the slicing
+    for a in range(0, n, _FIT_SLICE):
+        b = min(a + _FIT_SLICE, n)
+        f = flux[a:b] if cols is None else flux[a:b][:, cols]
+        v = ivar[a:b] if cols is None else ivar[a:b][:, cols]
+        # a pixel with non-finite values carries no weight (instead of failing the chunk)
+        with np.errstate(invalid="ignore"):
+            ok = usable[a:b, None] & np.isfinite(f) & np.isfinite(v) & (v > 0)
+        f = np.where(ok, f, 1.0)
+        v = np.where(ok, v, 0.0)
+        try:
+            results = [(a, b, model.fit(f, v, **fit_kw))]
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            results = []  # isolate the star(s) that break the fit; keep the others
+            for i in range(b - a):
+                try:
+                    results.append((a + i, a + i + 1, model.fit(f[i:i + 1], v[i:i + 1],
+                                                                **fit_kw)))
+                except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+                    fitflags[a + i] = _FIT_FLAG_BITS["FAILED"]
+                    reason[a + i] = f"fit raised {type(err).__name__}: {err}"
+        for lo, hi, r in results:
+            labels[lo:hi], cov[lo:hi], chi2[lo:hi], rchi2[lo:hi] = r.labels, r.covariance, \
+                r.chi2, r.reduced_chi2
+            npix[lo:hi], iters[lo:hi], fitflags[lo:hi] = r.n_pixels, r.iterations, r.flags
+            if with_broadening:
+                broad[lo:hi] = np.column_stack([r.broadening, r.broadening_error])
+    fitflags[~usable] = 0
+    labels[~usable] = np.nan
+    cov[~usable] = np.nan
+    broad[~usable] = np.nan
+    chi2[~usable] = rchi2[~usable] = np.nan
+    flags |= fitflags
+    nolab = usable & ~np.all(np.isfinite(labels), axis=1) & (reason == "")
+    for i in np.flatnonzero(nolab):
+        names = [k for k, bit in _FIT_FLAG_BITS.items() if fitflags[i] & bit]
+        reason[i] = "fit failed (" + (", ".join(names) or "no finite labels") + \
+            f"; {int(npix[i])} usable pixels)"
+    out = {"ID": np.asarray(d["ids"]).astype(str), "INDEX": d["index"], "VISIT": d["visit"]}
+    out.update(d["extra"])
+    for i, name in enumerate(model.label_names):
+        out[name] = labels[:, i]
+    for i, name in enumerate(model.label_names):
+        with np.errstate(invalid="ignore"):
+            dg = cov[:, i, i]
+            out[name + "_ERR"] = np.sqrt(np.where(dg > 0, dg, np.nan))
+    for i in range(L):
+        for j in range(i + 1, L):
+            out[f"COV_{model.label_names[i]}_{model.label_names[j]}"] = cov[:, i, j]
+    if with_broadening:
+        out.update(BROADENING=broad[:, 0], BROADENING_ERR=broad[:, 1])
+    out.update(CHI2=chi2, REDUCED_CHI2=rchi2, N_PIXELS=npix.astype(np.int32),
+               ITERATIONS=iters.astype(np.int32), FLAGS=flags.astype(np.int32),
+               CONTINUUM_FLAGS=cflags.astype(np.int32),
+               REASON=np.array([str(x) for x in reason], dtype=str),
+               MODEL_HASH=np.full(n, options["model_hash"]))
+    for k, a in out.items():
+        if a.dtype.kind == "U" and a.dtype.itemsize == 0:
+            out[k] = a.astype("<U1")
+    return out
