@@ -7,13 +7,16 @@ chunk is committed they are merged, after the rows of earlier jobs, into
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 
 from .._util import atomic_path
+from ..core.fitting import INFORMATIONAL_FLAGS
 from .chunk import ALL_FLAGS
 
 __all__ = ["SurveyError", "read_catalog"]
@@ -26,7 +29,7 @@ class SurveyError(RuntimeError):
     """A survey job cannot start or continue (the message says why and what is kept)."""
 
 
-
+# --------------------------------------------------------------------------- parts
 def _write_part(path, columns):
     """Write one chunk's columns to ``path`` atomically (tests replace this to fail)."""
     with atomic_path(path) as tmp:
@@ -34,20 +37,125 @@ def _write_part(path, columns):
             np.savez(fh, **columns)
 
 
-def _part_path(parts, k):
-    return os.path.join(parts, f"chunk-{k:06d}.npz")
+class _Parts:
+    """A job's committed chunks: ``<out>.parts/``, its manifest and one file per chunk.
 
+    Parameters
+    ----------
+    out : str
+        The catalogue; the parts live in ``out + ".parts"``.
+    n_chunks : int
+        Chunks of the job.
+    """
 
-def _committed(parts, n_chunks):
-    done = set()
-    for p in glob.glob(os.path.join(parts, "chunk-*.npz")):
+    def __init__(self, out, n_chunks):
+        self.path = out + ".parts"
+        self.n_chunks = n_chunks
+        self.n_committed = 0  # for the message of a failed write
+
+    def chunk_path(self, k):
+        """The part file of chunk ``k``."""
+        return os.path.join(self.path, f"chunk-{k:06d}.npz")
+
+    def start(self, manifest):
+        """Write the job's manifest, or check that the parts there belong to this job.
+
+        Raises
+        ------
+        SurveyError
+            The parts hold a partial run of another job (model, options or inputs).
+        """
+        manifest_path = os.path.join(self.path, "manifest.json")
+        if not os.path.exists(manifest_path):
+            os.makedirs(self.path, exist_ok=True)
+            with atomic_path(manifest_path) as tmp:
+                with open(tmp, "w") as fh:
+                    json.dump(manifest, fh, indent=1)
+            return
+        with open(manifest_path) as fh:
+            old = json.load(fh)
+        if old.get("job_id") == manifest["job_id"]:
+            return
+        oj, job = old.get("job", {}), manifest["job"]
+        if oj.get("model_hash") != job["model_hash"]:
+            why = (f"it was started with model {oj.get('model_hash')}, this model is "
+                   f"{job['model_hash']}")
+        else:
+            d = _describe_difference({k: v for k, v in oj.items() if k != "inputs"},
+                                     {k: v for k, v in job.items() if k != "inputs"})
+            if oj.get("inputs") != job["inputs"]:
+                d = (d + "; " if d else "") + "the inputs differ"
+            why = f"it was started with other options ({d})"
+        raise SurveyError(f"{self.path} holds a partial run of another job: {why}. Re-run the "
+                          f"original command to finish it, or delete {self.path}.")
+
+    def committed(self):
+        """Return the set of chunks already committed (and count them as committed)."""
+        done = set()
+        for p in glob.glob(os.path.join(self.path, "chunk-*.npz")):
+            try:
+                k = int(os.path.basename(p)[6:12])
+            except ValueError:
+                continue
+            if k < self.n_chunks:
+                done.add(k)
+        self.n_committed = len(done)
+        return done
+
+    def commit(self, k, columns):
+        """Write chunk ``k``'s columns atomically; a failed write raises SurveyError."""
         try:
-            k = int(os.path.basename(p)[6:12])
-        except ValueError:
-            continue
-        if k < n_chunks:
-            done.add(k)
-    return done
+            _write_part(self.chunk_path(k), columns)
+        except OSError as err:
+            full = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+            raise SurveyError(
+                f"{full} while committing chunk {k} to {self.path} ({err.strerror or err}); "
+                f"{self.n_committed} of {self.n_chunks} chunks are committed and kept there: "
+                "free space and re-run the same command to resume") from err
+        self.n_committed += 1
+
+    def tally(self, label_names, n_read):
+        """Count the rows of every part: (counts, the first 100 failures as (ID, REASON))."""
+        counts = dict(n_read=n_read, n_spectra=0, n_fitted=0, n_flagged=0, n_failed=0)
+        failures = []
+        for k in range(self.n_chunks):
+            p = self.chunk_path(k)
+            if not os.path.exists(p):
+                raise SurveyError(f"chunk {k} is missing from {self.path}; re-run to redo it")
+            with np.load(p, allow_pickle=False) as d:
+                lab = np.column_stack([d[name] for name in label_names])
+                fl = d["FLAGS"]
+                fitted = np.all(np.isfinite(lab), axis=1)
+                counts["n_spectra"] += len(fl)
+                counts["n_fitted"] += int(fitted.sum())
+                counts["n_flagged"] += int(np.sum(fitted & ((fl & ~INFORMATIONAL_FLAGS) != 0)))
+                counts["n_failed"] += int(np.sum(~fitted))
+                if len(failures) < 100 and (~fitted).any():
+                    ids, why = d["ID"], d["REASON"]
+                    for i in np.flatnonzero(~fitted)[:100 - len(failures)]:
+                        failures.append((str(ids[i]), str(why[i])))
+        return counts, failures
+
+    def merge_into(self, out, fmt, meta, existing):
+        """Write the catalogue (earlier rows, then every chunk in order), then remove the parts.
+
+        Raises
+        ------
+        SurveyError
+            The catalogue could not be written; the parts are kept.
+        """
+        try:
+            _merge(out, fmt, [self.chunk_path(k) for k in range(self.n_chunks)], meta, existing)
+        except OSError as err:
+            raise SurveyError(f"could not write the catalogue {out} ({err.strerror or err}); all "
+                              f"{self.n_chunks} chunks stay committed in {self.path}: free space "
+                              "and re-run the same command to merge them") from err
+        self.remove()
+
+    def remove(self):
+        """Remove the parts directory (if there is one)."""
+        if os.path.isdir(self.path):
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _load_part(path):
@@ -99,6 +207,30 @@ def _catalog_meta(path, fmt):
     if fmt == "fits":
         meta["header_hash"] = hdr.get("MODELHSH")
     return meta
+
+
+def _refuse_other_model(existing, out, model, model_hash):
+    """Raise SurveyError if the catalogue ``out`` (its record ``existing``) is another model's."""
+    if existing["model_hash"] == model_hash:
+        return
+    why = [f"it holds labels from model {existing['model_hash']}, this model is {model_hash}"]
+    if existing.get("label_names") != list(model.label_names):
+        why.append(f"labels {existing.get('label_names')} vs {list(model.label_names)}")
+    if existing.get("n_pixels") != model.n_pixels:
+        why.append(f"{existing.get('n_pixels')} vs {model.n_pixels} pixels")
+    raise SurveyError(f"refusing to append to {out}: " + "; ".join(why)
+                      + ". Write to another --out (or delete it).")
+
+
+def _catalog_record(model, model_hash, job, existing):
+    """The catalogue's record after this ``job``: model, flag bits, every job and the totals."""
+    jobs = list(existing["jobs"]) if existing else []
+    jobs.append(job)
+    total = {k: sum(j["counts"][k] for j in jobs) for k in job["counts"]}
+    return dict(format=_FORMAT, version=_VERSION, model_hash=model_hash,
+                training_hash=getattr(model, "training_hash", None),
+                label_names=list(model.label_names), n_pixels=int(model.n_pixels),
+                flags=ALL_FLAGS, counts=total, jobs=jobs)
 
 
 def read_catalog(path):
@@ -170,9 +302,8 @@ def _conform(cols, dtype):
     return out
 
 
-def _merge(out, fmt, parts_dir, n_chunks, meta, existing):
-    """Write old rows + every part, in chunk order, to ``out`` atomically."""
-    paths = [_part_path(parts_dir, k) for k in range(n_chunks)]
+def _merge(out, fmt, paths, meta, existing):
+    """Write old rows + every part (``paths``, in chunk order) to ``out`` atomically."""
     # the table layout: columns in first-seen order, widest string of each column
     names, kinds, widths = [], {}, {}
     for p in paths:

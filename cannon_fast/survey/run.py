@@ -1,23 +1,27 @@
-"""The job: :func:`label_survey` and the schedulers that run its chunks."""
+"""The job: :func:`label_survey`, a short driver of the other modules.
+
+It checks the arguments, describes the inputs (:mod:`.inputs`), fixes the
+job's options and identity, checks the catalogue and the parts of an earlier
+run (:mod:`.catalog`), runs the chunks still to do (:mod:`.schedulers`,
+:mod:`.chunk`), committing each, and merges the catalogue.
+"""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 
-from .._util import atomic_path, progress
-from ..core.fitting import INFORMATIONAL_FLAGS, _check_broadening
-from . import catalog
-from .catalog import (_FORMAT, _VERSION, SurveyError, _catalog_format, _catalog_meta,
-                      _committed, _describe_difference, _merge, _part_path)
-from .chunk import ALL_FLAGS, _fit_chunk, _grid_columns, _limit_threads, process_chunk
+from .._util import progress
+from ..core.fitting import _check_broadening
+from .catalog import (_FORMAT, _VERSION, _catalog_format, _catalog_meta, _catalog_record,
+                      _Parts, _refuse_other_model)
+from .chunk import _grid_columns
 from .inputs import open_inputs
+from .schedulers import run_chunks
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "SurveySummary", "model_hash", "label_survey"]
 
@@ -121,41 +125,6 @@ def model_hash(model):
 
 
 
-_WORKER_MODEL = None
-
-
-def _pool_init(model, n_threads):
-    """Initialize a process-pool worker: receive the model once, limit its threads."""
-    global _WORKER_MODEL
-    _WORKER_MODEL = model
-    _limit_threads(n_threads)
-
-
-def _pool_chunk(reader, options):
-    """Process one chunk in a process-pool worker with the model it received at start."""
-    return _fit_chunk(_WORKER_MODEL, reader.read(), options)
-
-
-
-
-def _start_dask(scheduler, n_workers):
-    """(client, owned objects, threads per worker) for a scheduler spec."""
-    try:
-        import distributed
-    except ImportError:
-        raise ValueError("the Dask backend needs dask[distributed] "
-                         "(pip install 'cannon_fast[dask]')") from None
-    if isinstance(scheduler, distributed.Client):
-        return scheduler, [], None
-    if scheduler == "dask":
-        n = int(n_workers or os.cpu_count() or 1)
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
-        client = distributed.Client(cluster)
-        return client, [client, cluster], 1
-    client = distributed.Client(scheduler)
-    return client, [client], None
-
 
 def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
                  scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=None,
@@ -224,12 +193,73 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     ValueError
         Bad inputs: the model's pixel grid does not match the spectra, ...
     """
-    from ..apogee.bitmask import DEFAULT_BAD_BITS, bit_value
-
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
     out = os.fspath(out)
     fmt = _catalog_format(out, fmt)
+    chunk_size, fit_options = _check_arguments(model, chunk_size, fit_options)
+    mh = model_hash(model)
+    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
+    _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
+    options = _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits,
+                             log)
+    if source.n_items == 0:
+        raise ValueError(f"no spectra in the inputs ({source.describe})")
+    job, job_id = _job_identity(mh, source, chunk_size, model.backend, options)
+    n_items = source.n_items
+    n_chunks = -(-n_items // chunk_size)
+    bounds = [(k * chunk_size, min((k + 1) * chunk_size, n_items)) for k in range(n_chunks)]
+    parts = _Parts(out, n_chunks)
+    summary = SurveySummary(catalog=out, n_chunks=n_chunks)
+
+    existing = _catalog_meta(out, fmt)
+    if existing is not None:
+        _refuse_other_model(existing, out, model, mh)
+        record = next((j for j in existing["jobs"] if j["job_id"] == job_id), None)
+        if record is not None:
+            parts.remove()  # merged, then killed before cleaning up
+            return _already_done(summary, record, existing, t0)
+
+    parts.start(dict(format=_FORMAT, version=_VERSION, job_id=job_id, job=job,
+                     n_items=n_items, n_chunks=n_chunks, label_names=list(model.label_names),
+                     n_pixels=int(model.n_pixels)))
+    done = parts.committed()
+    summary.n_resumed = len(done)
+    if done:
+        log(f"resuming: {len(done)} of {n_chunks} chunks already committed in {parts.path}")
+    log(f"labeling {source.describe} in {n_chunks} chunks of {chunk_size} "
+        f"({'raw: masking + continuum normalization' if not source.normalized else 'normalized'})")
+    pending = [k for k in range(n_chunks) if k not in done]
+    bar = progress(total=n_items, initial=sum(bounds[k][1] - bounds[k][0] for k in done),
+                   desc="labeling", unit="star",
+                   disable=None if show_progress is None else not show_progress)
+
+    def commit(k, columns):
+        parts.commit(k, columns)
+        if _on_commit is not None:
+            _on_commit(k)
+        bar.update(bounds[k][1] - bounds[k][0])
+
+    try:
+        run_chunks(model, ((k, source.chunk(*bounds[k])) for k in pending), options, commit,
+                   scheduler=scheduler, n_workers=n_workers, name=f"cannon-fast-chunk-{job_id}")
+    finally:
+        bar.close()
+
+    # every chunk is committed: merge (old rows first, then the chunks in order)
+    counts, failures = parts.tally(model.label_names, n_items)
+    record = dict(job_id=job_id, counts=counts, inputs=source.identity, chunk_size=chunk_size,
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    parts.merge_into(out, fmt, _catalog_record(model, mh, record, existing), existing)
+    summary.__dict__.update(counts)
+    summary.failures = failures
+    summary.catalog_rows = (existing["n_rows"] if existing else 0) + counts["n_spectra"]
+    summary.elapsed = time.perf_counter() - t0
+    return summary
+
+
+def _check_arguments(model, chunk_size, fit_options):
+    """Refuse what would fail every chunk; return ``chunk_size`` (int), ``fit_options`` (dict)."""
     chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -238,221 +268,55 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     fit_options = dict(fit_options or {})
     # fit_cannon would refuse every chunk (each star recorded as failed): refuse once, first
     _check_broadening(fit_options.get("debias", True), fit_options.get("broadening", False))
-    mh = model_hash(model)
-    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
-    _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
+    return chunk_size, fit_options
+
+
+def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits, log):
+    """The options of every chunk (see process_chunk): for raw spectra, their continuum too."""
+    from ..apogee.bitmask import DEFAULT_BAD_BITS, bit_value
+
     options = dict(model_hash=mh, degree=None, bad_bits=bit_value(
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
         backend=model.backend)
-    if not source.normalized:
-        from ..core.continuum import model_continuum
+    if source.normalized:
+        return options
+    from ..core.continuum import model_continuum
 
-        if source.n_pixels == 8575:
-            segments = None  # the apStar chips
-        elif source.n_pixels == model.n_pixels and model.grid is not None:
-            segments = [list(seg) for seg in model.grid.segments]
-        else:
-            raise ValueError(f"{source.describe}: raw (un-normalized) spectra must be on the "
-                             "8575-pixel apStar grid or on the model's own grid (with its "
-                             "segments) to be continuum-normalized; if they are already "
-                             "normalized, say so (normalized=True, --normalized)")
-        cont, recorded_degree, cont_source = model_continuum(model, continuum_pixels)
-        if cont.size != source.n_pixels:
-            raise ValueError(f"{source.describe}: the model's continuum pixels are on a "
-                             f"{cont.size}-pixel grid, the spectra have {source.n_pixels}")
-        options.update(continuum_pixels=cont, segments=segments,
-                       degree=recorded_degree if degree is None else int(degree))
-        log(f"continuum pixels: {cont_source}")
-    if source.n_items == 0:
-        raise ValueError(f"no spectra in the inputs ({source.describe})")
-    job = dict(model_hash=mh, inputs=source.identity, chunk_size=chunk_size,
-               backend=model.backend,
+    if source.n_pixels == 8575:
+        segments = None  # the apStar chips
+    elif source.n_pixels == model.n_pixels and model.grid is not None:
+        segments = [list(seg) for seg in model.grid.segments]
+    else:
+        raise ValueError(f"{source.describe}: raw (un-normalized) spectra must be on the "
+                         "8575-pixel apStar grid or on the model's own grid (with its "
+                         "segments) to be continuum-normalized; if they are already "
+                         "normalized, say so (normalized=True, --normalized)")
+    cont, recorded_degree, cont_source = model_continuum(model, continuum_pixels)
+    if cont.size != source.n_pixels:
+        raise ValueError(f"{source.describe}: the model's continuum pixels are on a "
+                         f"{cont.size}-pixel grid, the spectra have {source.n_pixels}")
+    options.update(continuum_pixels=cont, segments=segments,
+                   degree=recorded_degree if degree is None else int(degree))
+    log(f"continuum pixels: {cont_source}")
+    return options
+
+
+def _job_identity(mh, source, chunk_size, backend, options):
+    """The job (all that makes its labels: model, inputs, options) and its 16-hex-digit id."""
+    job = dict(model_hash=mh, inputs=source.identity, chunk_size=chunk_size, backend=backend,
                degree=options["degree"], bad_bits=options["bad_bits"], fit=options["fit"],
                continuum=(hashlib.sha256(np.packbits(options["continuum_pixels"]).tobytes())
                           .hexdigest()[:16] if "continuum_pixels" in options else None))
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
-    n_items = source.n_items
-    n_chunks = -(-n_items // chunk_size)
-    parts = out + ".parts"
-    summary = SurveySummary(catalog=out, n_chunks=n_chunks)
+    return job, job_id
 
-    existing = _catalog_meta(out, fmt)
-    if existing is not None:
-        if existing["model_hash"] != mh:
-            why = [f"it holds labels from model {existing['model_hash']}, this model is {mh}"]
-            if existing.get("label_names") != list(model.label_names):
-                why.append(f"labels {existing.get('label_names')} vs {list(model.label_names)}")
-            if existing.get("n_pixels") != model.n_pixels:
-                why.append(f"{existing.get('n_pixels')} vs {model.n_pixels} pixels")
-            raise SurveyError(f"refusing to append to {out}: " + "; ".join(why)
-                              + ". Write to another --out (or delete it).")
-        if job_id in [j["job_id"] for j in existing["jobs"]]:
-            if os.path.isdir(parts):  # merged, then killed before cleaning up
-                shutil.rmtree(parts, ignore_errors=True)
-            rec = next(j for j in existing["jobs"] if j["job_id"] == job_id)
-            summary.__dict__.update({k: rec["counts"][k] for k in
-                                     ("n_read", "n_spectra", "n_fitted", "n_flagged", "n_failed")})
-            summary.n_resumed = n_chunks
-            summary.catalog_rows = existing["n_rows"]
-            summary.already_done = True
-            summary.elapsed = time.perf_counter() - t0
-            return summary
 
-    manifest_path = os.path.join(parts, "manifest.json")
-    manifest = dict(format=_FORMAT, version=_VERSION, job_id=job_id, job=job,
-                    n_items=n_items, n_chunks=n_chunks, label_names=list(model.label_names),
-                    n_pixels=int(model.n_pixels))
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as fh:
-            old = json.load(fh)
-        if old.get("job_id") != job_id:
-            oj = old.get("job", {})
-            if oj.get("model_hash") != mh:
-                why = (f"it was started with model {oj.get('model_hash')}, this model is {mh}")
-            else:
-                d = _describe_difference({k: v for k, v in oj.items() if k != "inputs"},
-                                         {k: v for k, v in job.items() if k != "inputs"})
-                if oj.get("inputs") != job["inputs"]:
-                    d = (d + "; " if d else "") + "the inputs differ"
-                why = f"it was started with other options ({d})"
-            raise SurveyError(f"{parts} holds a partial run of another job: {why}. Re-run the "
-                              f"original command to finish it, or delete {parts}.")
-    else:
-        os.makedirs(parts, exist_ok=True)
-        with atomic_path(manifest_path) as tmp:
-            with open(tmp, "w") as fh:
-                json.dump(manifest, fh, indent=1)
-
-    done = _committed(parts, n_chunks)
-    summary.n_resumed = len(done)
-    pending = [k for k in range(n_chunks) if k not in done]
-    bounds = [(k * chunk_size, min((k + 1) * chunk_size, n_items)) for k in range(n_chunks)]
-    if done:
-        log(f"resuming: {len(done)} of {n_chunks} chunks already committed in {parts}")
-    log(f"labeling {source.describe} in {n_chunks} chunks of {chunk_size} "
-        f"({'raw: masking + continuum normalization' if not source.normalized else 'normalized'})")
-
-    n_committed = [len(done)]
-
-    def commit(k, columns):
-        try:
-            catalog._write_part(_part_path(parts, k), columns)
-        except OSError as err:
-            full = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
-            raise SurveyError(
-                f"{full} while committing chunk {k} to {parts} ({err.strerror or err}); "
-                f"{n_committed[0]} of {n_chunks} chunks are committed and kept there: free "
-                "space and re-run the same command to resume") from err
-        n_committed[0] += 1
-        if _on_commit is not None:
-            _on_commit(k)
-
-    done_items = sum(bounds[k][1] - bounds[k][0] for k in done)
-    bar = progress(total=n_items, initial=done_items, desc="labeling", unit="star",
-                   disable=None if show_progress is None else not show_progress)
-    try:
-        if scheduler is None:
-            # read the next chunk in a thread while this one is normalized and fitted
-            # (the copies and the numba/BLAS kernels release the GIL)
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(1) as pool:
-                nxt = pool.submit(source.chunk(*bounds[pending[0]]).read) if pending else None
-                for i, k in enumerate(pending):
-                    data = nxt.result()
-                    if i + 1 < len(pending):
-                        nxt = pool.submit(source.chunk(*bounds[pending[i + 1]]).read)
-                    commit(k, _fit_chunk(model, data, options))
-                    del data
-                    bar.update(bounds[k][1] - bounds[k][0])
-        elif scheduler == "processes":
-            import multiprocessing as mp
-            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-            n = int(n_workers or os.cpu_count() or 1)
-            todo = iter(pending)
-            with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
-                                     initializer=_pool_init, initargs=(model, 1)) as pool:
-                running = {}
-
-                def submit_next():
-                    k = next(todo, None)
-                    if k is not None:
-                        running[pool.submit(_pool_chunk, source.chunk(*bounds[k]),
-                                            options)] = k
-
-                for _ in range(2 * n):  # a bounded number of chunks in flight
-                    submit_next()
-                try:
-                    while running:
-                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            k = running.pop(fut)
-                            commit(k, fut.result())
-                            bar.update(bounds[k][1] - bounds[k][0])
-                            submit_next()
-                except BaseException:
-                    for fut in running:
-                        fut.cancel()
-                    raise
-        else:
-            client, owned, threads = _start_dask(scheduler, n_workers)
-            try:
-                from distributed import as_completed
-
-                opts = dict(options, n_threads=threads)
-                model_f = client.scatter(model, broadcast=True)
-                futures = [client.submit(process_chunk, model_f, source.chunk(*bounds[k]), opts,
-                                         key=f"cannon-fast-chunk-{job_id}-{k:06d}", retries=2)
-                           for k in pending]
-                index = {f.key: k for f, k in zip(futures, pending)}
-                for fut, cols in as_completed(futures, with_results=True):
-                    k = index[fut.key]
-                    commit(k, cols)
-                    fut.release()
-                    bar.update(bounds[k][1] - bounds[k][0])
-            finally:
-                for obj in owned:
-                    obj.close()
-    finally:
-        bar.close()
-
-    # every chunk is committed: merge (old rows first, then the chunks in order)
-    counts = dict(n_read=n_items, n_spectra=0, n_fitted=0, n_flagged=0, n_failed=0)
-    failures = []
-    for k in range(n_chunks):
-        p = _part_path(parts, k)
-        if not os.path.exists(p):
-            raise SurveyError(f"chunk {k} is missing from {parts}; re-run to redo it")
-        with np.load(p, allow_pickle=False) as d:
-            lab = np.column_stack([d[name] for name in model.label_names])
-            fl = d["FLAGS"]
-            fitted = np.all(np.isfinite(lab), axis=1)
-            counts["n_spectra"] += len(fl)
-            counts["n_fitted"] += int(fitted.sum())
-            counts["n_flagged"] += int(np.sum(fitted & ((fl & ~INFORMATIONAL_FLAGS) != 0)))
-            counts["n_failed"] += int(np.sum(~fitted))
-            if len(failures) < 100 and (~fitted).any():
-                ids, why = d["ID"], d["REASON"]
-                for i in np.flatnonzero(~fitted)[:100 - len(failures)]:
-                    failures.append((str(ids[i]), str(why[i])))
-    jobs = list(existing["jobs"]) if existing else []
-    jobs.append(dict(job_id=job_id, counts=counts, inputs=source.identity,
-                     chunk_size=chunk_size, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
-    total = {k: sum(j["counts"][k] for j in jobs) for k in counts}
-    meta = dict(format=_FORMAT, version=_VERSION, model_hash=mh,
-                training_hash=getattr(model, "training_hash", None),
-                label_names=list(model.label_names), n_pixels=int(model.n_pixels),
-                flags=ALL_FLAGS, counts=total, jobs=jobs)
-    try:
-        _merge(out, fmt, parts, n_chunks, meta, existing)
-    except OSError as err:
-        raise SurveyError(f"could not write the catalogue {out} ({err.strerror or err}); all "
-                          f"{n_chunks} chunks stay committed in {parts}: free space and re-run "
-                          "the same command to merge them") from err
-    shutil.rmtree(parts, ignore_errors=True)
-    summary.__dict__.update(counts)
-    summary.failures = failures
-    summary.catalog_rows = (existing["n_rows"] if existing else 0) + counts["n_spectra"]
+def _already_done(summary, record, existing, t0):
+    """The summary of a job the catalogue already holds (its ``record``): nothing to fit."""
+    summary.__dict__.update({k: record["counts"][k] for k in
+                             ("n_read", "n_spectra", "n_fitted", "n_flagged", "n_failed")})
+    summary.n_resumed = summary.n_chunks
+    summary.catalog_rows = existing["n_rows"]
+    summary.already_done = True
     summary.elapsed = time.perf_counter() - t0
     return summary
