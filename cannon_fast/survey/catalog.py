@@ -304,7 +304,23 @@ def _conform(cols, dtype):
 
 def _merge(out, fmt, paths, meta, existing):
     """Write old rows + every part (``paths``, in chunk order) to ``out`` atomically."""
-    # the table layout: columns in first-seen order, widest string of each column
+    dtype = _table_dtype(out, fmt, paths, existing)
+
+    def blocks():
+        if existing is not None:
+            yield from _existing_rows(out, fmt)
+        for p in paths:
+            yield _load_part(p)
+
+    with atomic_path(out) as tmp:
+        if fmt == "parquet":
+            _write_parquet(tmp, blocks(), dtype, meta)
+        else:
+            _write_fits(tmp, blocks(), dtype, meta)
+
+
+def _table_dtype(out, fmt, paths, existing):
+    """The catalogue's rows: columns in first-seen order, each string as wide as its widest."""
     names, kinds, widths = [], {}, {}
     for p in paths:
         with np.load(p, allow_pickle=False) as d:
@@ -325,64 +341,62 @@ def _merge(out, fmt, paths, meta, existing):
                 if a.dtype.kind in "USO":
                     w = max([1] + [len(str(x)) for x in a])
                     widths[k] = max(widths.get(k, 1), w)
-    dtype = np.dtype([(k, f"S{widths[k]}") if kinds[k].kind in "USO" else (k, kinds[k])
-                      for k in names])
+    return np.dtype([(k, f"S{widths[k]}") if kinds[k].kind in "USO" else (k, kinds[k])
+                     for k in names])
 
-    def blocks():
-        if existing is not None:
-            yield from _existing_rows(out, fmt)
-        for p in paths:
-            yield _load_part(p)
 
-    with atomic_path(out) as tmp:
-        if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+def _write_parquet(path, blocks, dtype, meta):
+    """Write the blocks of columns as one Parquet table with the job record in its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-            schema = None
-            writer = None
-            try:
-                for cols in blocks():
-                    arr = _conform(cols, dtype)
-                    table = pa.table({k: (np.char.decode(arr[k], "ascii")
-                                          if arr[k].dtype.kind == "S" else arr[k])
-                                      for k in dtype.names})
-                    if writer is None:
-                        schema = table.schema.with_metadata(
-                            {b"cannon_fast": json.dumps(meta).encode()})
-                        writer = pq.ParquetWriter(tmp, schema)
-                    writer.write_table(table.cast(schema))
-            finally:
-                if writer is not None:
-                    writer.close()
-        else:
-            import fitsio
+    schema = None
+    writer = None
+    try:
+        for cols in blocks:
+            arr = _conform(cols, dtype)
+            table = pa.table({k: (np.char.decode(arr[k], "ascii")
+                                  if arr[k].dtype.kind == "S" else arr[k])
+                              for k in dtype.names})
+            if writer is None:
+                schema = table.schema.with_metadata(
+                    {b"cannon_fast": json.dumps(meta).encode()})
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(table.cast(schema))
+    finally:
+        if writer is not None:
+            writer.close()
 
-            header = [dict(name="MODELHSH", value=meta["model_hash"], comment="cannon_fast "
-                           "model hash"), dict(name="NLABELS", value=len(meta["label_names"])),
-                      dict(name="NPIXELS", value=int(meta["n_pixels"])),
-                      dict(name="NREAD", value=int(meta["counts"]["n_read"])),
-                      dict(name="NFITTED", value=int(meta["counts"]["n_fitted"])),
-                      dict(name="NFLAGGED", value=int(meta["counts"]["n_flagged"])),
-                      dict(name="NFAILED", value=int(meta["counts"]["n_failed"]))]
-            for i, name in enumerate(meta["label_names"]):
-                header.append(dict(name=f"LABEL{i + 1}", value=name))
-            for name, bit in ALL_FLAGS.items():
-                header.append(dict(name=f"FLAG{bit}", value=name))
-            with fitsio.FITS(tmp, "rw", clobber=True) as fh:
-                first = True
-                for cols in blocks():
-                    arr = _conform(cols, dtype)
-                    if first:
-                        fh.write(arr, extname="LABELS", header=header)
-                        first = False
-                    else:
-                        fh[1].append(arr)
-                fh.write(np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                         extname="JOBS")
+
+def _write_fits(path, blocks, dtype, meta):
+    """Write the blocks of columns as the LABELS table, then the job record (JOBS, JSON)."""
+    import fitsio
+
+    header = [dict(name="MODELHSH", value=meta["model_hash"], comment="cannon_fast "
+                   "model hash"), dict(name="NLABELS", value=len(meta["label_names"])),
+              dict(name="NPIXELS", value=int(meta["n_pixels"])),
+              dict(name="NREAD", value=int(meta["counts"]["n_read"])),
+              dict(name="NFITTED", value=int(meta["counts"]["n_fitted"])),
+              dict(name="NFLAGGED", value=int(meta["counts"]["n_flagged"])),
+              dict(name="NFAILED", value=int(meta["counts"]["n_failed"]))]
+    for i, name in enumerate(meta["label_names"]):
+        header.append(dict(name=f"LABEL{i + 1}", value=name))
+    for name, bit in ALL_FLAGS.items():
+        header.append(dict(name=f"FLAG{bit}", value=name))
+    with fitsio.FITS(path, "rw", clobber=True) as fh:
+        first = True
+        for cols in blocks:
+            arr = _conform(cols, dtype)
+            if first:
+                fh.write(arr, extname="LABELS", header=header)
+                first = False
+            else:
+                fh[1].append(arr)
+        fh.write(np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), extname="JOBS")
 
 
 def _describe_difference(old, new):
+    """Name (at most four of) the keys whose values differ between two job records."""
     keys = sorted(set(old) | set(new))
     diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys
              if old.get(k) != new.get(k)]

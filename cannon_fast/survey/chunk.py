@@ -108,47 +108,75 @@ def _limit_threads(n):
     threadpool_limits(n)
 
 
-
-
 def _fit_chunk(model, d, options):
     """Mask, normalize and fit the spectra ``reader.read()`` gave (see process_chunk)."""
-    # pop, so that the raw arrays are freed once normalized (``d`` lives on in the caller)
-    flux, ivar, bitmask = d.pop("flux"), d.pop("ivar"), d.pop("bitmask")
-    n = flux.shape[0]
-    flags = np.zeros(n, np.int64)
-    cflags = np.zeros(n, np.int64)
-    reason = d["reason"]
+    reason = d["reason"]  # (N,) object: why a row has no labels ("" while it may get them)
+    flags = np.zeros(len(reason), np.int64)
     flags[reason != ""] |= SURVEY_FLAGS["READ_FAILED"]
-    if not d["normalized"]:
-        from ..core.continuum import normalize
-
-        segments = options.get("segments")
-        if d.get("needs_mask", True):  # apStar files are masked as they are read
-            _mask_raw(flux, ivar, bitmask, options["bad_bits"], segments)
-        ns = normalize(flux, ivar, options["continuum_pixels"], degree=options["degree"],
-                       segments=segments, backend=options.get("backend", "auto"))
-        del flux, ivar, bitmask
-        flux, ivar = ns.flux, ns.ivar
-        cflags = ns.flags.astype(np.int64)
-        dead = (ns.chip_status != 0).all(axis=1) & (reason == "")
-        for i in np.flatnonzero(dead):
-            reason[i] = "continuum normalization failed on every chip"
-        flags[dead] |= SURVEY_FLAGS["NORMALIZATION_FAILED"]
-        flags[(cflags != 0) & ~dead & (reason == "")] |= SURVEY_FLAGS["CONTINUUM_WARNING"]
-    cols = _grid_columns(flux.shape[1], model.n_pixels)
+    flux, ivar, cflags = _normalized(d, options, flags)
     usable = (flags & (SURVEY_FLAGS["READ_FAILED"] | SURVEY_FLAGS["NORMALIZATION_FAILED"])) == 0
-    L = model.n_labels
-    labels = np.full((n, L), np.nan)
-    cov = np.full((n, L, L), np.nan)
-    chi2 = np.full(n, np.nan)
-    rchi2 = np.full(n, np.nan)
-    npix = np.zeros(n, np.int64)
-    iters = np.zeros(n, np.int64)
-    fitflags = np.zeros(n, np.int64)
+    fit = _fit_rows(model, flux, ivar, usable, reason, options)
+    del flux, ivar
+    flags |= fit["flags"]
+    return _columns(model, d, fit, flags, cflags, reason, options["model_hash"])
+
+
+def _normalized(d, options, flags):
+    """Take the spectra out of ``d``; mask and continuum-normalize them if they are raw.
+
+    Rows whose continuum fails on every chip get NORMALIZATION_FAILED in
+    ``flags`` and a reason in ``d["reason"]``, other rows with continuum flags
+    CONTINUUM_WARNING.
+
+    Returns
+    -------
+    flux, ivar : ndarray (N, P)
+        Normalized.
+    continuum_flags : ndarray (N,) int64
+        :func:`cannon_fast.core.continuum.normalize`'s flags (0 for normalized inputs).
+    """
+    # popped, so that the raw arrays are freed once normalized (``d`` lives on in the caller)
+    flux, ivar, bitmask = d.pop("flux"), d.pop("ivar"), d.pop("bitmask")
+    if d["normalized"]:
+        return flux, ivar, np.zeros(flux.shape[0], np.int64)
+    from ..core.continuum import normalize
+
+    reason = d["reason"]
+    segments = options.get("segments")
+    if d.get("needs_mask", True):  # apStar files are masked as they are read
+        _mask_raw(flux, ivar, bitmask, options["bad_bits"], segments)
+    ns = normalize(flux, ivar, options["continuum_pixels"], degree=options["degree"],
+                   segments=segments, backend=options.get("backend", "auto"))
+    del flux, ivar, bitmask
+    cflags = ns.flags.astype(np.int64)
+    dead = (ns.chip_status != 0).all(axis=1) & (reason == "")
+    for i in np.flatnonzero(dead):
+        reason[i] = "continuum normalization failed on every chip"
+    flags[dead] |= SURVEY_FLAGS["NORMALIZATION_FAILED"]
+    flags[(cflags != 0) & ~dead & (reason == "")] |= SURVEY_FLAGS["CONTINUUM_WARNING"]
+    return ns.flux, ns.ivar, cflags
+
+
+def _fit_rows(model, flux, ivar, usable, reason, options):
+    """Fit the ``usable`` rows of normalized (flux, ivar); say in ``reason`` why a fit failed.
+
+    Returns
+    -------
+    dict of str -> ndarray
+        ``labels`` (N, L), ``cov`` (N, L, L), ``chi2``, ``rchi2``, ``npix``,
+        ``iters``, ``flags`` (N,) and ``broad`` (N, 2: BROADENING and its
+        error; None without ``broadening=True``); NaN (0 for the integers) in
+        rows that were not fitted.
+    """
+    n, L = flux.shape[0], model.n_labels
+    cols = _grid_columns(flux.shape[1], model.n_pixels)
     fit_kw = dict(options.get("fit") or {})
     fit_kw.setdefault("progress_bar", False)
     with_broadening = bool(fit_kw.get("broadening"))
-    broad = np.full((n, 2), np.nan)  # BROADENING and its error, with broadening=True
+    r = dict(labels=np.full((n, L), np.nan), cov=np.full((n, L, L), np.nan),
+             chi2=np.full(n, np.nan), rchi2=np.full(n, np.nan), npix=np.zeros(n, np.int64),
+             iters=np.zeros(n, np.int64), flags=np.zeros(n, np.int64),
+             broad=np.full((n, 2), np.nan))
     # fit the whole chunk in slices that are multiples of the fit's own batches, so the
     # float64 copies it makes stay small and the results do not depend on the slicing
     for a in range(0, n, _FIT_SLICE):
@@ -160,52 +188,68 @@ def _fit_chunk(model, d, options):
             ok = usable[a:b, None] & np.isfinite(f) & np.isfinite(v) & (v > 0)
         f = np.where(ok, f, 1.0)
         v = np.where(ok, v, 0.0)
-        try:
-            results = [(a, b, model.fit(f, v, **fit_kw))]
-        except (ValueError, FloatingPointError, np.linalg.LinAlgError):
-            results = []  # isolate the star(s) that break the fit; keep the others
-            for i in range(b - a):
-                try:
-                    results.append((a + i, a + i + 1, model.fit(f[i:i + 1], v[i:i + 1],
-                                                                **fit_kw)))
-                except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
-                    fitflags[a + i] = _FIT_FLAG_BITS["FAILED"]
-                    reason[a + i] = f"fit raised {type(err).__name__}: {err}"
-        for lo, hi, r in results:
-            labels[lo:hi], cov[lo:hi], chi2[lo:hi], rchi2[lo:hi] = r.labels, r.covariance, \
-                r.chi2, r.reduced_chi2
-            npix[lo:hi], iters[lo:hi], fitflags[lo:hi] = r.n_pixels, r.iterations, r.flags
+        for lo, hi, res in _fit_slice(model, f, v, a, fit_kw, r["flags"], reason):
+            r["labels"][lo:hi], r["cov"][lo:hi] = res.labels, res.covariance
+            r["chi2"][lo:hi], r["rchi2"][lo:hi] = res.chi2, res.reduced_chi2
+            r["npix"][lo:hi], r["iters"][lo:hi], r["flags"][lo:hi] = \
+                res.n_pixels, res.iterations, res.flags
             if with_broadening:
-                broad[lo:hi] = np.column_stack([r.broadening, r.broadening_error])
-    fitflags[~usable] = 0
-    labels[~usable] = np.nan
-    cov[~usable] = np.nan
-    broad[~usable] = np.nan
-    chi2[~usable] = rchi2[~usable] = np.nan
-    flags |= fitflags
-    nolab = usable & ~np.all(np.isfinite(labels), axis=1) & (reason == "")
+                r["broad"][lo:hi] = np.column_stack([res.broadening, res.broadening_error])
+    r["flags"][~usable] = 0
+    for key in ("labels", "cov", "broad", "chi2", "rchi2"):
+        r[key][~usable] = np.nan
+    nolab = usable & ~np.all(np.isfinite(r["labels"]), axis=1) & (reason == "")
     for i in np.flatnonzero(nolab):
-        names = [k for k, bit in _FIT_FLAG_BITS.items() if fitflags[i] & bit]
+        names = [k for k, bit in _FIT_FLAG_BITS.items() if r["flags"][i] & bit]
         reason[i] = "fit failed (" + (", ".join(names) or "no finite labels") + \
-            f"; {int(npix[i])} usable pixels)"
+            f"; {int(r['npix'][i])} usable pixels)"
+    if not with_broadening:
+        r["broad"] = None
+    return r
+
+
+def _fit_slice(model, f, v, a, fit_kw, fitflags, reason):
+    """Fit rows ``a:a + len(f)``; if that raises, star by star, keeping the ones that fit.
+
+    Returns a list of (lo, hi, FitResult); a star whose fit raises gets the
+    FAILED bit in ``fitflags`` and the error in ``reason``.
+    """
+    errors = (ValueError, FloatingPointError, np.linalg.LinAlgError)
+    try:
+        return [(a, a + len(f), model.fit(f, v, **fit_kw))]
+    except errors:
+        pass
+    results = []  # isolate the star(s) that break the fit; keep the others
+    for i in range(len(f)):
+        try:
+            results.append((a + i, a + i + 1, model.fit(f[i:i + 1], v[i:i + 1], **fit_kw)))
+        except errors as err:
+            fitflags[a + i] = _FIT_FLAG_BITS["FAILED"]
+            reason[a + i] = f"fit raised {type(err).__name__}: {err}"
+    return results
+
+
+def _columns(model, d, fit, flags, cflags, reason, model_hash):
+    """The chunk's catalogue columns, in catalogue order (see process_chunk)."""
+    n, names = len(flags), model.label_names
     out = {"ID": np.asarray(d["ids"]).astype(str), "INDEX": d["index"], "VISIT": d["visit"]}
     out.update(d["extra"])
-    for i, name in enumerate(model.label_names):
-        out[name] = labels[:, i]
-    for i, name in enumerate(model.label_names):
+    for i, name in enumerate(names):
+        out[name] = fit["labels"][:, i]
+    for i, name in enumerate(names):
         with np.errstate(invalid="ignore"):
-            dg = cov[:, i, i]
+            dg = fit["cov"][:, i, i]
             out[name + "_ERR"] = np.sqrt(np.where(dg > 0, dg, np.nan))
-    for i in range(L):
-        for j in range(i + 1, L):
-            out[f"COV_{model.label_names[i]}_{model.label_names[j]}"] = cov[:, i, j]
-    if with_broadening:
-        out.update(BROADENING=broad[:, 0], BROADENING_ERR=broad[:, 1])
-    out.update(CHI2=chi2, REDUCED_CHI2=rchi2, N_PIXELS=npix.astype(np.int32),
-               ITERATIONS=iters.astype(np.int32), FLAGS=flags.astype(np.int32),
-               CONTINUUM_FLAGS=cflags.astype(np.int32),
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            out[f"COV_{names[i]}_{names[j]}"] = fit["cov"][:, i, j]
+    if fit["broad"] is not None:
+        out.update(BROADENING=fit["broad"][:, 0], BROADENING_ERR=fit["broad"][:, 1])
+    out.update(CHI2=fit["chi2"], REDUCED_CHI2=fit["rchi2"],
+               N_PIXELS=fit["npix"].astype(np.int32), ITERATIONS=fit["iters"].astype(np.int32),
+               FLAGS=flags.astype(np.int32), CONTINUUM_FLAGS=cflags.astype(np.int32),
                REASON=np.array([str(x) for x in reason], dtype=str),
-               MODEL_HASH=np.full(n, options["model_hash"]))
+               MODEL_HASH=np.full(n, model_hash))
     for k, a in out.items():
         if a.dtype.kind == "U" and a.dtype.itemsize == 0:
             out[k] = a.astype("<U1")

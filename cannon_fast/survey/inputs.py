@@ -129,58 +129,73 @@ class _ApStarFiles:
 
     def read(self):
         """Read and mask the files (and visits); unreadable files keep a row with a reason."""
-        from ..apogee.files import NPIX, parse_apstar_path, read_apstar
-        from ..apogee.bitmask import DEFAULT_BAD_BITS, mask_spectra
-
         rows = []
         for j, p in enumerate(self.paths):
-            index = self.lo + j
-            try:
-                s = read_apstar(p, visits=self.visits, release=self.release,
-                                full_header=self.visits)
-                if s.flux.shape != (NPIX,):
-                    raise ValueError(f"{p}: {s.flux.shape[-1]} pixels, expected the {NPIX}-pixel "
-                                     "apStar grid")
-                f, v, _ = mask_spectra(s.flux, s.err, s.pixmask, DEFAULT_BAD_BITS,
-                                       dtype=np.float32)
-                sid = str(s.apogee_id or os.path.basename(p))
-                rows.append((f, v, sid, index, 0, "", dict(file=os.path.basename(p))))
-                if self.visits:
-                    vf, vv, _ = mask_spectra(s.visit_flux, s.visit_err, s.visit_pixmask,
-                                             DEFAULT_BAD_BITS, dtype=np.float32)
-                    hdr = s.header
-                    for k in range(vf.shape[0]):
-                        n = k + 1
-                        rows.append((vf[k], vv[k], sid, index, n, "", dict(
-                            file=os.path.basename(p), visit_file=str(hdr.get(f"SFILE{n}", "")),
-                            visit_jd=float(hdr.get(f"JD{n}", np.nan) or np.nan),
-                            visit_fiber=int(hdr.get(f"FIBER{n}", -1) or -1))))
-            except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
-                try:
-                    sid = parse_apstar_path(p)[1]
-                except ValueError:
-                    sid = os.path.basename(os.fspath(p))
-                why = str(err) if os.fspath(p) in str(err) else f"{p}: {err}"
-                z = np.zeros(NPIX, np.float32)
-                rows.append((z, z, sid, index, 0, why or type(err).__name__,
-                             dict(file=os.path.basename(os.fspath(p)))))
-        n = len(rows)
-        out = dict(flux=np.stack([r[0] for r in rows]) if n else np.zeros((0, NPIX), np.float32),
-                   ivar=np.stack([r[1] for r in rows]) if n else np.zeros((0, NPIX), np.float32),
-                   bitmask=None, ids=np.array([r[2] for r in rows], dtype=str),
-                   index=np.array([r[3] for r in rows], dtype=np.int64),
-                   visit=np.array([r[4] for r in rows], dtype=np.int16),
-                   reason=np.array([r[5] for r in rows], dtype=object), normalized=False,
-                   needs_mask=False, extra={})
-        out["extra"]["FILE"] = np.array([r[6]["file"] for r in rows], dtype=str)
-        if self.visits:
-            out["extra"]["VISIT_FILE"] = np.array([r[6].get("visit_file", "") for r in rows],
-                                                  dtype=str)
-            out["extra"]["VISIT_JD"] = np.array([r[6].get("visit_jd", np.nan) for r in rows],
-                                                dtype=np.float64)
-            out["extra"]["VISIT_FIBER"] = np.array([r[6].get("visit_fiber", -1) for r in rows],
-                                                   dtype=np.int16)
-        return out
+            rows.extend(_apstar_rows(p, self.lo + j, self.visits, self.release))
+        return _stack_rows(rows, self.visits)
+
+
+def _apstar_rows(p, index, visits, release):
+    """The rows of one apStar file: (flux, ivar, ID, index, visit, reason, extra) each.
+
+    The combined spectrum, then with ``visits`` every visit; a file that cannot
+    be read gives one zero-weight row whose reason says why.
+    """
+    from ..apogee.bitmask import DEFAULT_BAD_BITS, mask_spectra
+    from ..apogee.files import NPIX, parse_apstar_path, read_apstar
+
+    rows = []
+    try:
+        s = read_apstar(p, visits=visits, release=release, full_header=visits)
+        if s.flux.shape != (NPIX,):
+            raise ValueError(f"{p}: {s.flux.shape[-1]} pixels, expected the {NPIX}-pixel "
+                             "apStar grid")
+        f, v, _ = mask_spectra(s.flux, s.err, s.pixmask, DEFAULT_BAD_BITS, dtype=np.float32)
+        sid = str(s.apogee_id or os.path.basename(p))
+        rows.append((f, v, sid, index, 0, "", dict(file=os.path.basename(p))))
+        if visits:
+            vf, vv, _ = mask_spectra(s.visit_flux, s.visit_err, s.visit_pixmask,
+                                     DEFAULT_BAD_BITS, dtype=np.float32)
+            hdr = s.header
+            for k in range(vf.shape[0]):
+                n = k + 1
+                rows.append((vf[k], vv[k], sid, index, n, "", dict(
+                    file=os.path.basename(p), visit_file=str(hdr.get(f"SFILE{n}", "")),
+                    visit_jd=float(hdr.get(f"JD{n}", np.nan) or np.nan),
+                    visit_fiber=int(hdr.get(f"FIBER{n}", -1) or -1))))
+    except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
+        try:
+            sid = parse_apstar_path(p)[1]
+        except ValueError:
+            sid = os.path.basename(os.fspath(p))
+        why = str(err) if os.fspath(p) in str(err) else f"{p}: {err}"
+        z = np.zeros(NPIX, np.float32)
+        rows.append((z, z, sid, index, 0, why or type(err).__name__,
+                     dict(file=os.path.basename(os.fspath(p)))))
+    return rows
+
+
+def _stack_rows(rows, visits):
+    """The chunk dict of :meth:`_ApStarFiles.read` from the rows of its files."""
+    from ..apogee.files import NPIX
+
+    n = len(rows)
+    out = dict(flux=np.stack([r[0] for r in rows]) if n else np.zeros((0, NPIX), np.float32),
+               ivar=np.stack([r[1] for r in rows]) if n else np.zeros((0, NPIX), np.float32),
+               bitmask=None, ids=np.array([r[2] for r in rows], dtype=str),
+               index=np.array([r[3] for r in rows], dtype=np.int64),
+               visit=np.array([r[4] for r in rows], dtype=np.int16),
+               reason=np.array([r[5] for r in rows], dtype=object), normalized=False,
+               needs_mask=False, extra={})
+    out["extra"]["FILE"] = np.array([r[6]["file"] for r in rows], dtype=str)
+    if visits:
+        out["extra"]["VISIT_FILE"] = np.array([r[6].get("visit_file", "") for r in rows],
+                                              dtype=str)
+        out["extra"]["VISIT_JD"] = np.array([r[6].get("visit_jd", np.nan) for r in rows],
+                                            dtype=np.float64)
+        out["extra"]["VISIT_FIBER"] = np.array([r[6].get("visit_fiber", -1) for r in rows],
+                                               dtype=np.int16)
+    return out
 
 
 class _Source:
@@ -273,50 +288,64 @@ def open_inputs(inputs, visits=False, normalized=None, release=None):
     """
     found = _expand_inputs(inputs)
     if found[0] == "apstar":
-        # absolute, so that Dask workers with another working directory find them
-        paths = [os.path.abspath(p) for p in found[1]]
-        if not paths:
-            raise ValueError("no apStar files in the inputs")
-        if normalized:
-            raise ValueError("apStar files hold raw spectra; they are always normalized here")
-        h = hashlib.sha256("\n".join(os.path.abspath(p) for p in paths).encode()).hexdigest()
-        ident = dict(kind="apstar", n=len(paths), paths_sha256=h[:32], visits=bool(visits),
-                     release=release)
-        return _Source("apstar", ident, len(paths), 8575, False,
-                       f"{len(paths)} apStar files",
-                       lambda lo, hi: _ApStarFiles(paths[lo:hi], lo, visits, release))
+        return _open_apstar(found[1], visits, normalized, release)
     if visits:
         raise ValueError("visit spectra (--visits) are only available from apStar files; "
                          f"{found[1]} holds one spectrum per star")
     kind, path = found
-    path = apath = os.path.abspath(path)
+    path = os.path.abspath(path)
     if kind == "store":
-        from ..store import SpectraStore
-
-        s = SpectraStore(path)
-        n, p = s.n_stars, s.n_pixels
-        if normalized is False:
-            raise ValueError(f"{path}: a SpectraStore holds normalized spectra")
-        norm = True
-        ident = dict(kind="store", path=apath, n=n, p=p)
+        n, p, norm, ident = _describe_store(path, normalized)
     else:
-        arrays = _open_npz(path)
-        flux, ivar = arrays["flux"], arrays["ivar"]
-        if flux.ndim != 2 or ivar.shape != flux.shape:
-            raise ValueError(f"{path}: flux {flux.shape} and ivar {ivar.shape} must be (N, P)")
-        n, p = flux.shape
-        if arrays["bitmask"] is not None and arrays["bitmask"].shape != flux.shape:
-            raise ValueError(f"{path}: bitmask {arrays['bitmask'].shape} != flux {flux.shape}")
-        if arrays["ids"] is not None and len(arrays["ids"]) != n:
-            raise ValueError(f"{path}: {len(arrays['ids'])} ids for {n} spectra")
-        norm = normalized
-        if norm is None:
-            norm = arrays.get("normalized")
-        if norm is None:
-            norm = (arrays["bitmask"] is None
-                    and _looks_normalized(np.asarray(flux[:64]), np.asarray(ivar[:64])))
-        st = os.stat(path)
-        ident = dict(kind="npz", path=apath, n=n, p=p, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        n, p, norm, ident = _describe_npz(path, normalized)
     ident["normalized"] = bool(norm)
     return _Source(kind, ident, n, p, bool(norm), f"{path} ({n} spectra x {p} pixels)",
                    lambda lo, hi: _Arrays(kind, path, lo, hi, bool(norm), p))
+
+
+def _open_apstar(paths, visits, normalized, release):
+    """The _Source of apStar files (raw spectra on the 8575-pixel grid)."""
+    # absolute, so that Dask workers with another working directory find them
+    paths = [os.path.abspath(p) for p in paths]
+    if not paths:
+        raise ValueError("no apStar files in the inputs")
+    if normalized:
+        raise ValueError("apStar files hold raw spectra; they are always normalized here")
+    h = hashlib.sha256("\n".join(os.path.abspath(p) for p in paths).encode()).hexdigest()
+    ident = dict(kind="apstar", n=len(paths), paths_sha256=h[:32], visits=bool(visits),
+                 release=release)
+    return _Source("apstar", ident, len(paths), 8575, False, f"{len(paths)} apStar files",
+                   lambda lo, hi: _ApStarFiles(paths[lo:hi], lo, visits, release))
+
+
+def _describe_store(path, normalized):
+    """(N, P, normalized, identity) of a SpectraStore (always normalized spectra)."""
+    from ..store import SpectraStore
+
+    s = SpectraStore(path)
+    n, p = s.n_stars, s.n_pixels
+    if normalized is False:
+        raise ValueError(f"{path}: a SpectraStore holds normalized spectra")
+    return n, p, True, dict(kind="store", path=path, n=n, p=p)
+
+
+def _describe_npz(path, normalized):
+    """(N, P, normalized, identity) of an npz, checking its arrays' shapes."""
+    arrays = _open_npz(path)
+    flux, ivar = arrays["flux"], arrays["ivar"]
+    if flux.ndim != 2 or ivar.shape != flux.shape:
+        raise ValueError(f"{path}: flux {flux.shape} and ivar {ivar.shape} must be (N, P)")
+    n, p = flux.shape
+    if arrays["bitmask"] is not None and arrays["bitmask"].shape != flux.shape:
+        raise ValueError(f"{path}: bitmask {arrays['bitmask'].shape} != flux {flux.shape}")
+    if arrays["ids"] is not None and len(arrays["ids"]) != n:
+        raise ValueError(f"{path}: {len(arrays['ids'])} ids for {n} spectra")
+    norm = normalized
+    if norm is None:
+        norm = arrays.get("normalized")
+    if norm is None:
+        norm = (arrays["bitmask"] is None
+                and _looks_normalized(np.asarray(flux[:64]), np.asarray(ivar[:64])))
+    st = os.stat(path)
+    return n, p, norm, dict(kind="npz", path=path, n=n, p=p, size=st.st_size,
+                            mtime_ns=st.st_mtime_ns)
