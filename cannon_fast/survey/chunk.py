@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.fitting import FLAGS as _FIT_FLAG_BITS
+from ._threads import limited_threads
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "process_chunk"]
 
@@ -75,37 +76,19 @@ def process_chunk(model, reader, options):
     options : dict
         ``continuum_pixels`` ((8575,) bool, for raw spectra), ``degree``,
         ``bad_bits``, ``backend``, ``fit`` (keyword arguments of ``model.fit``),
-        ``model_hash``, ``n_threads`` (numba threads, e.g. 1 on a Dask worker).
+        ``model_hash``, ``n_threads`` (threads of the numba, C and BLAS kernels
+        while this chunk runs, e.g. 1 on a Dask worker; the settings found are
+        restored afterwards).
 
     Returns
     -------
     dict of str -> ndarray
         One entry per catalogue column, all of the chunk's length.
     """
-    if options.get("n_threads"):
-        _limit_threads(int(options["n_threads"]))
-    return _fit_chunk(model, reader.read(), options)
-
-
-def _limit_threads(n):
-    """Use ``n`` threads in the numba, C/OpenMP (and, if threadpoolctl is there, BLAS) kernels.
-
-    One single-threaded worker process per core beats threads inside one
-    process: much of a chunk's work (copies, masks, the LM fits) is serial.
-    """
-    import numba
-
-    from ..core import backends
-
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    if getattr(backends, "_ccannon", None) is not None and hasattr(backends._ccannon,
-                                                                   "set_num_threads"):
-        backends._ccannon.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return
-    threadpool_limits(n)
+    if not options.get("n_threads"):
+        return _fit_chunk(model, reader.read(), options)
+    with limited_threads(int(options["n_threads"])):
+        return _fit_chunk(model, reader.read(), options)
 
 
 def _fit_chunk(model, d, options):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .chunk import _fit_chunk, _limit_threads, process_chunk
+from ._threads import limit_threads
+from .chunk import _fit_chunk, process_chunk
 
 __all__ = ["run_chunks"]
 
@@ -99,7 +100,7 @@ def _pool_init(model, n_threads):
     """Initialize a process-pool worker: receive the model once, limit its threads."""
     global _WORKER_MODEL
     _WORKER_MODEL = model
-    _limit_threads(n_threads)
+    limit_threads(n_threads)  # for the worker's life: the process is the survey's own
 
 
 def _pool_chunk(reader, options):
