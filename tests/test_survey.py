@@ -332,6 +332,22 @@ def test_cli_label(tmp_path, small, npz, capsys):
         np.isfinite(c["BROADENING"])] > 0)
 
 
+def test_cli_quiet_leaves_the_environment_alone(tmp_path, small, npz, capsys, monkeypatch):
+    from cannon_fast import _util
+
+    mpath = tmp_path / "model.npz"
+    small[0].write(mpath)
+    monkeypatch.setenv("CANNON_FAST_PROGRESS", "1")  # bars on, even off a terminal
+    env = dict(os.environ)
+    args = ["label", str(mpath), str(npz), "--chunk-size", "350", "--backend", "numba"]
+    assert main(args + ["--out", str(tmp_path / "loud.fits")]) == 0
+    assert "star/s" in capsys.readouterr().err  # a progress bar
+    assert main(args + ["--out", str(tmp_path / "quiet.fits"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "fitted 700" in captured.out
+    assert dict(os.environ) == env and not _util._QUIET  # -q held for that command only
+
+
 def test_cli_help_states_the_memory_bound(capsys):
     with pytest.raises(SystemExit):
         main(["label", "--help"])
