@@ -31,6 +31,12 @@ address or a ``distributed.Client``, the chunks become tasks: the model is
 scattered to every worker once, each worker reads its own chunk from the
 (shared) file system, and the driver commits the returned results exactly as
 the single-process path does, so resuming works the same way.
+
+The modules, one step each: :mod:`.inputs` (expand and open the inputs, read
+them chunk by chunk), :mod:`.chunk` (mask, normalize and fit one chunk),
+:mod:`.catalog` (the parts and their manifest, the merge, :func:`read_catalog`),
+:mod:`.schedulers` (this process, a process pool, Dask) and :mod:`.run`
+(:func:`label_survey`, the driver).
 """
 from .catalog import SurveyError, read_catalog
 from .chunk import ALL_FLAGS, SURVEY_FLAGS, process_chunk
