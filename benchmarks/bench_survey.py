@@ -80,7 +80,7 @@ def train_model(args, npz):
 
     from cannon_fast import CannonModel
     from cannon_fast.core.continuum import find_continuum_pixels, normalize
-    from cannon_fast.survey import _npz_member
+    from cannon_fast.survey.inputs import _npz_member
 
     out = os.path.join(args.work, "model.npz")
     if os.path.exists(out):
@@ -91,7 +91,7 @@ def train_model(args, npz):
     flux = np.array(_npz_member(npz, "flux")[rows], dtype=np.float32)
     ivar = np.array(_npz_member(npz, "ivar")[rows], dtype=np.float32)
     bm = np.array(_npz_member(npz, "bitmask")[rows])
-    from cannon_fast.survey import _mask_raw
+    from cannon_fast.survey.chunk import _mask_raw
     from cannon_fast.apogee.bitmask import DEFAULT_BAD_BITS, bit_value
 
     _mask_raw(flux, ivar, bm, bit_value(DEFAULT_BAD_BITS))
@@ -113,7 +113,8 @@ def fit_only(args, model_path, npz, n=4096):
     from cannon_fast import CannonModel
     from cannon_fast.core.continuum import model_continuum, normalize
     from cannon_fast.apogee.bitmask import DEFAULT_BAD_BITS, bit_value
-    from cannon_fast.survey import _mask_raw, _npz_member
+    from cannon_fast.survey.chunk import _mask_raw
+    from cannon_fast.survey.inputs import _npz_member
 
     model = CannonModel.read(model_path, backend=args.backend)
     flux = np.array(_npz_member(npz, "flux")[:n], dtype=np.float32)

@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_path", "progress", "as_float64", "describe_bad"]
+__all__ = ["atomic_path", "progress", "quiet", "as_float64", "describe_bad"]
 
 
 @contextlib.contextmanager
@@ -46,14 +46,36 @@ def atomic_path(path, suffix=None):
             os.unlink(tmp)
 
 
+#: Set by :func:`quiet`: progress bars off unless a caller asks for them explicitly.
+_QUIET = False
+
+
+@contextlib.contextmanager
+def quiet():
+    """Turn progress bars off inside the block (``cannon-fast -q``); restored on exit.
+
+    Unlike setting ``CANNON_FAST_PROGRESS=0``, this changes nothing outside
+    the block: not the environment, not child processes started after it.
+    A caller that passes ``disable=False`` to :func:`progress` still gets its bar.
+    """
+    global _QUIET
+    before, _QUIET = _QUIET, True
+    try:
+        yield
+    finally:
+        _QUIET = before
+
+
 def progress(iterable=None, total=None, desc=None, unit="it", disable=None, **kwargs):
     """Return a tqdm progress bar that stays quiet when stderr is not a terminal.
 
     Set ``CANNON_FAST_PROGRESS=1`` to force bars on (e.g. in a log file),
-    ``=0`` to force them off.
+    ``=0`` to force them off; inside :func:`quiet` they are off either way.
     """
     from tqdm.auto import tqdm
 
+    if disable is None and _QUIET:
+        disable = True
     if disable is None:
         env = os.environ.get("CANNON_FAST_PROGRESS")
         disable = (env == "0") if env is not None else not sys.stderr.isatty()

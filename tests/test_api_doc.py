@@ -52,6 +52,7 @@ DOCUMENTED = {
     "cross_validate": (pipeline.cross_validate, None),
     "atomic_path": (_util.atomic_path, None),
     "progress": (_util.progress, None),
+    "quiet": (_util.quiet, None),
     "describe_bad": (_util.describe_bad, None),
     "make_synthetic": (testing.make_synthetic, None),
     "read_apstar": (apogee.read_apstar, None),

@@ -88,7 +88,7 @@ class _DiskFillsUp:
 
     def __init__(self, n):
         self.n = n
-        self.real = sv._write_part
+        self.real = sv.catalog._write_part
 
     def __call__(self, path, columns):
         if self.n == 0:
@@ -102,7 +102,7 @@ def test_full_disk_keeps_committed_chunks_and_resumes_identically(tmp_path, smal
     model = small[0]
     sv.label_survey(model, npz, tmp_path / "ref.fits", chunk_size=100)
     out = tmp_path / "cat.fits"
-    monkeypatch.setattr(sv, "_write_part", _DiskFillsUp(3))
+    monkeypatch.setattr(sv.catalog, "_write_part", _DiskFillsUp(3))
     with pytest.raises(sv.SurveyError, match=r"disk full .* 3 of 7 chunks are committed"):
         sv.label_survey(model, npz, out, chunk_size=100)
     parts = sorted(os.listdir(f"{out}.parts"))
@@ -130,7 +130,7 @@ def test_refuses_other_model_and_other_options(tmp_path, small, npz, monkeypatch
         sv.label_survey(other, npz, out)
     # a partial run made with another model or chunk size is not mixed with this one
     out2 = tmp_path / "cat2.fits"
-    monkeypatch.setattr(sv, "_write_part", _DiskFillsUp(1))
+    monkeypatch.setattr(sv.catalog, "_write_part", _DiskFillsUp(1))
     with pytest.raises(sv.SurveyError):
         sv.label_survey(model, npz, out2, chunk_size=100)
     monkeypatch.undo()
@@ -332,6 +332,22 @@ def test_cli_label(tmp_path, small, npz, capsys):
         np.isfinite(c["BROADENING"])] > 0)
 
 
+def test_cli_quiet_leaves_the_environment_alone(tmp_path, small, npz, capsys, monkeypatch):
+    from cannon_fast import _util
+
+    mpath = tmp_path / "model.npz"
+    small[0].write(mpath)
+    monkeypatch.setenv("CANNON_FAST_PROGRESS", "1")  # bars on, even off a terminal
+    env = dict(os.environ)
+    args = ["label", str(mpath), str(npz), "--chunk-size", "350", "--backend", "numba"]
+    assert main(args + ["--out", str(tmp_path / "loud.fits")]) == 0
+    assert "star/s" in capsys.readouterr().err  # a progress bar
+    assert main(args + ["--out", str(tmp_path / "quiet.fits"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "fitted 700" in captured.out
+    assert dict(os.environ) == env and not _util._QUIET  # -q held for that command only
+
+
 def test_cli_help_states_the_memory_bound(capsys):
     with pytest.raises(SystemExit):
         main(["label", "--help"])
@@ -369,9 +385,11 @@ def test_flag_bits_are_distinct():
 
 def test_process_pool_gives_the_same_catalog(tmp_path, small, npz):
     model = small[0]
+    threads = _thread_settings()
     sv.label_survey(model, npz, tmp_path / "one.fits", chunk_size=100)
     s = sv.label_survey(model, npz, tmp_path / "pool.fits", chunk_size=100,
                         scheduler="processes", n_workers=2)
+    assert _thread_settings() == threads  # the workers limit their own threads, not ours
     assert (s.n_read, s.n_chunks) == (700, 7)
     _, a = _labels(tmp_path / "one.fits")
     _, b = _labels(tmp_path / "pool.fits")
@@ -413,3 +431,53 @@ def test_broadening_columns_match_a_direct_fit(tmp_path, small, npz):
     with pytest.raises(ValueError, match="pass debias=False too"):
         sv.label_survey(model, npz, tmp_path / "cat2.fits", fit_options=dict(broadening=True))
     assert not os.path.exists(tmp_path / "cat2.fits.parts")
+
+
+# ---------------------------------------------------------------------------- thread limits
+def _thread_settings():
+    """numba's thread count (of this thread), the C extension's cap, the threadpool limits."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    from cannon_fast.core import backends
+
+    cap = None
+    if backends._ccannon is not None:  # no getter: set_num_threads returns the cap it replaces
+        cap = backends._ccannon.set_num_threads(0)
+        backends._ccannon.set_num_threads(cap)
+    return (numba.get_num_threads(), cap,
+            sorted((info["filepath"], info["num_threads"]) for info in threadpool_info()))
+
+
+@pytest.fixture
+def c_thread_cap():
+    """A C thread cap of 3 (not the 1 a chunk sets) for the test; the old one afterwards."""
+    from cannon_fast.core import backends
+
+    ext = backends._ccannon
+    old = ext.set_num_threads(3) if ext is not None else None
+    yield
+    if ext is not None:
+        ext.set_num_threads(old)
+
+
+def test_thread_limits_are_put_back(small, npz, c_thread_cap):
+    from cannon_fast.survey._threads import limited_threads
+
+    before = _thread_settings()
+    with pytest.raises(KeyError):
+        with limited_threads(1):
+            n, cap, pools = _thread_settings()
+            assert n == 1 and cap in (None, 1) and all(t == 1 for _, t in pools)
+            raise KeyError("a chunk that fails")
+    assert _thread_settings() == before
+    # a chunk run in this process with n_threads (as on a Dask worker) leaves them as found
+    model = small[0]
+    source = sv.open_inputs(npz)
+    options = dict(model_hash=sv.model_hash(model), degree=None, bad_bits=0, fit={},
+                   backend=model.backend)
+    limited = sv.process_chunk(model, source.chunk(0, 40), dict(options, n_threads=1))
+    assert _thread_settings() == before
+    plain = sv.process_chunk(model, source.chunk(0, 40), options)
+    for k in plain:
+        assert plain[k].tobytes() == limited[k].tobytes(), k

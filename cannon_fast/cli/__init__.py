@@ -6,6 +6,7 @@ Each module in this package registers its own subcommands with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -43,11 +44,13 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "quiet", False):
-        import os
-        os.environ["CANNON_FAST_PROGRESS"] = "0"
+    from .._util import quiet
+
+    # -q silences the progress bars of this command only, leaving no state behind
+    silence = quiet() if getattr(args, "quiet", False) else contextlib.nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with silence:
+            return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as err:
         # OSError: missing, unreadable or wrong-kind paths; its message names the path
         print(f"cannon-fast {args.command}: error: {_explain(err)}", file=sys.stderr)

@@ -69,7 +69,7 @@ def test_dask_worker_killed_mid_run(job, client, tmp_path):
 def test_dask_resumes_a_single_process_run(job, client, tmp_path, monkeypatch):
     d, model, ref = job
     out = tmp_path / "cat.fits"
-    real = sv._write_part
+    real = sv.catalog._write_part
     n = [0]
 
     def fail_after_five(path, columns):
@@ -78,7 +78,7 @@ def test_dask_resumes_a_single_process_run(job, client, tmp_path, monkeypatch):
         n[0] += 1
         real(path, columns)
 
-    monkeypatch.setattr(sv, "_write_part", fail_after_five)
+    monkeypatch.setattr(sv.catalog, "_write_part", fail_after_five)
     with pytest.raises(sv.SurveyError, match="disk full"):
         sv.label_survey(model, d / "survey.npz", out, chunk_size=CHUNK)
     monkeypatch.undo()

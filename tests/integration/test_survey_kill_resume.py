@@ -22,13 +22,13 @@ CHUNK = 100
 RUNNER = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import cannon_fast.survey as sv
-real = sv._write_part
+from cannon_fast.survey import catalog
+real = catalog._write_part
 delay = float(sys.argv[1])
 def slow(path, columns):
     real(path, columns)
     time.sleep(delay)
-sv._write_part = slow
+catalog._write_part = slow
 from cannon_fast.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -1,0 +1,239 @@
+"""One chunk of the survey: mask, normalize and fit its spectra into catalogue columns.
+
+:func:`process_chunk` is the whole step for a reader of :mod:`.inputs`; it is
+what a Dask worker runs. Every spectrum gives one row, also when it cannot be
+used: a flag bit of :data:`SURVEY_FLAGS` and a ``REASON`` say why.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.fitting import FLAGS as _FIT_FLAG_BITS
+from ._threads import limited_threads
+
+__all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "process_chunk"]
+
+#: Flag bits the survey runner adds to the fit's (``FitResult.FLAGS``, bits below 256) in the
+#: catalogue's ``FLAGS`` column.
+SURVEY_FLAGS = {"READ_FAILED": 256, "NORMALIZATION_FAILED": 512, "CONTINUUM_WARNING": 1024}
+#: Stars per call to the fit inside a chunk: a multiple of the fit's own batch (512), so
+#: the batches and hence the results do not depend on this number.
+_FIT_SLICE = 1024
+#: Every bit of the catalogue's ``FLAGS`` column: the fit's, then the survey runner's.
+ALL_FLAGS = {**_FIT_FLAG_BITS, **SURVEY_FLAGS}
+
+
+def _mask_raw(flux, ivar, bitmask, bits, segments=None):
+    """Zero the weight (in place) of bad pixels of raw (flux, ivar) with PIXMASK bits.
+
+    The same pixels as :func:`cannon_fast.apogee.bitmask.quality_mask` (flagged
+    bits, non-finite flux or ivar, ivar <= 0, off-chip), from ivar instead
+    of the error. ``segments`` (another grid's pixel ranges) marks the pixels
+    outside them as off-chip.
+    """
+    from ..apogee.files import NPIX, on_chip_mask
+
+    with np.errstate(invalid="ignore"):
+        bad = ~(ivar > 0) | ~np.isfinite(ivar) | ~np.isfinite(flux)
+    if bitmask is not None:
+        if bitmask.dtype.kind in "iu" and 0 <= bits <= np.iinfo(bitmask.dtype).max:
+            bad |= (bitmask & bitmask.dtype.type(bits)) != 0  # no int64 copy of the chunk
+        else:
+            bad |= (np.asarray(bitmask).astype(np.int64) & bits) != 0
+    if segments is not None:
+        inside = np.zeros(flux.shape[1], bool)
+        for a, b in segments:
+            inside[a:b] = True
+        bad |= ~inside[None, :]
+    elif flux.shape[1] == NPIX:
+        bad |= ~on_chip_mask()[None, :]
+    flux[bad] = 0.0
+    ivar[bad] = 0.0
+    return bad
+
+
+def _grid_columns(n_in, n_model):
+    """Columns of input spectra that make the model's pixel grid (None = all)."""
+    from ..apogee.files import GRID_SEGMENTS, NPIX, grid_indices
+
+    if n_in == n_model:
+        return None
+    if n_in == NPIX and n_model in GRID_SEGMENTS:
+        return grid_indices(n_model)
+    raise ValueError(f"the model was trained on {n_model} pixels but the input spectra have "
+                     f"{n_in}: they must be on the model's pixel grid (or on the 8575-pixel "
+                     "apStar grid for a 7214/7514-pixel model)")
+
+
+def process_chunk(model, reader, options):
+    """Read, mask, normalize and fit one chunk; return its catalogue columns.
+
+    Parameters
+    ----------
+    model : CannonModel
+    reader : object
+        ``reader.read()`` returns the chunk's spectra (from ``_Source.chunk``).
+    options : dict
+        ``continuum_pixels`` ((8575,) bool, for raw spectra), ``degree``,
+        ``bad_bits``, ``backend``, ``fit`` (keyword arguments of ``model.fit``),
+        ``model_hash``, ``n_threads`` (threads of the numba, C and BLAS kernels
+        while this chunk runs, e.g. 1 on a Dask worker; the settings found are
+        restored afterwards).
+
+    Returns
+    -------
+    dict of str -> ndarray
+        One entry per catalogue column, all of the chunk's length.
+    """
+    if not options.get("n_threads"):
+        return _fit_chunk(model, reader.read(), options)
+    with limited_threads(int(options["n_threads"])):
+        return _fit_chunk(model, reader.read(), options)
+
+
+def _fit_chunk(model, d, options):
+    """Mask, normalize and fit the spectra ``reader.read()`` gave (see process_chunk)."""
+    reason = d["reason"]  # (N,) object: why a row has no labels ("" while it may get them)
+    flags = np.zeros(len(reason), np.int64)
+    flags[reason != ""] |= SURVEY_FLAGS["READ_FAILED"]
+    flux, ivar, cflags = _normalized(d, options, flags)
+    usable = (flags & (SURVEY_FLAGS["READ_FAILED"] | SURVEY_FLAGS["NORMALIZATION_FAILED"])) == 0
+    fit = _fit_rows(model, flux, ivar, usable, reason, options)
+    del flux, ivar
+    flags |= fit["flags"]
+    return _columns(model, d, fit, flags, cflags, reason, options["model_hash"])
+
+
+def _normalized(d, options, flags):
+    """Take the spectra out of ``d``; mask and continuum-normalize them if they are raw.
+
+    Rows whose continuum fails on every chip get NORMALIZATION_FAILED in
+    ``flags`` and a reason in ``d["reason"]``, other rows with continuum flags
+    CONTINUUM_WARNING.
+
+    Returns
+    -------
+    flux, ivar : ndarray (N, P)
+        Normalized.
+    continuum_flags : ndarray (N,) int64
+        :func:`cannon_fast.core.continuum.normalize`'s flags (0 for normalized inputs).
+    """
+    # popped, so that the raw arrays are freed once normalized (``d`` lives on in the caller)
+    flux, ivar, bitmask = d.pop("flux"), d.pop("ivar"), d.pop("bitmask")
+    if d["normalized"]:
+        return flux, ivar, np.zeros(flux.shape[0], np.int64)
+    from ..core.continuum import normalize
+
+    reason = d["reason"]
+    segments = options.get("segments")
+    if d.get("needs_mask", True):  # apStar files are masked as they are read
+        _mask_raw(flux, ivar, bitmask, options["bad_bits"], segments)
+    ns = normalize(flux, ivar, options["continuum_pixels"], degree=options["degree"],
+                   segments=segments, backend=options.get("backend", "auto"))
+    del flux, ivar, bitmask
+    cflags = ns.flags.astype(np.int64)
+    dead = (ns.chip_status != 0).all(axis=1) & (reason == "")
+    for i in np.flatnonzero(dead):
+        reason[i] = "continuum normalization failed on every chip"
+    flags[dead] |= SURVEY_FLAGS["NORMALIZATION_FAILED"]
+    flags[(cflags != 0) & ~dead & (reason == "")] |= SURVEY_FLAGS["CONTINUUM_WARNING"]
+    return ns.flux, ns.ivar, cflags
+
+
+def _fit_rows(model, flux, ivar, usable, reason, options):
+    """Fit the ``usable`` rows of normalized (flux, ivar); say in ``reason`` why a fit failed.
+
+    Returns
+    -------
+    dict of str -> ndarray
+        ``labels`` (N, L), ``cov`` (N, L, L), ``chi2``, ``rchi2``, ``npix``,
+        ``iters``, ``flags`` (N,) and ``broad`` (N, 2: BROADENING and its
+        error; None without ``broadening=True``); NaN (0 for the integers) in
+        rows that were not fitted.
+    """
+    n, L = flux.shape[0], model.n_labels
+    cols = _grid_columns(flux.shape[1], model.n_pixels)
+    fit_kw = dict(options.get("fit") or {})
+    fit_kw.setdefault("progress_bar", False)
+    with_broadening = bool(fit_kw.get("broadening"))
+    r = dict(labels=np.full((n, L), np.nan), cov=np.full((n, L, L), np.nan),
+             chi2=np.full(n, np.nan), rchi2=np.full(n, np.nan), npix=np.zeros(n, np.int64),
+             iters=np.zeros(n, np.int64), flags=np.zeros(n, np.int64),
+             broad=np.full((n, 2), np.nan))
+    # fit the whole chunk in slices that are multiples of the fit's own batches, so the
+    # float64 copies it makes stay small and the results do not depend on the slicing
+    for a in range(0, n, _FIT_SLICE):
+        b = min(a + _FIT_SLICE, n)
+        f = flux[a:b] if cols is None else flux[a:b][:, cols]
+        v = ivar[a:b] if cols is None else ivar[a:b][:, cols]
+        # a pixel with non-finite values carries no weight (instead of failing the chunk)
+        with np.errstate(invalid="ignore"):
+            ok = usable[a:b, None] & np.isfinite(f) & np.isfinite(v) & (v > 0)
+        f = np.where(ok, f, 1.0)
+        v = np.where(ok, v, 0.0)
+        for lo, hi, res in _fit_slice(model, f, v, a, fit_kw, r["flags"], reason):
+            r["labels"][lo:hi], r["cov"][lo:hi] = res.labels, res.covariance
+            r["chi2"][lo:hi], r["rchi2"][lo:hi] = res.chi2, res.reduced_chi2
+            r["npix"][lo:hi], r["iters"][lo:hi], r["flags"][lo:hi] = \
+                res.n_pixels, res.iterations, res.flags
+            if with_broadening:
+                r["broad"][lo:hi] = np.column_stack([res.broadening, res.broadening_error])
+    r["flags"][~usable] = 0
+    for key in ("labels", "cov", "broad", "chi2", "rchi2"):
+        r[key][~usable] = np.nan
+    nolab = usable & ~np.all(np.isfinite(r["labels"]), axis=1) & (reason == "")
+    for i in np.flatnonzero(nolab):
+        names = [k for k, bit in _FIT_FLAG_BITS.items() if r["flags"][i] & bit]
+        reason[i] = "fit failed (" + (", ".join(names) or "no finite labels") + \
+            f"; {int(r['npix'][i])} usable pixels)"
+    if not with_broadening:
+        r["broad"] = None
+    return r
+
+
+def _fit_slice(model, f, v, a, fit_kw, fitflags, reason):
+    """Fit rows ``a:a + len(f)``; if that raises, star by star, keeping the ones that fit.
+
+    Returns a list of (lo, hi, FitResult); a star whose fit raises gets the
+    FAILED bit in ``fitflags`` and the error in ``reason``.
+    """
+    errors = (ValueError, FloatingPointError, np.linalg.LinAlgError)
+    try:
+        return [(a, a + len(f), model.fit(f, v, **fit_kw))]
+    except errors:
+        pass
+    results = []  # isolate the star(s) that break the fit; keep the others
+    for i in range(len(f)):
+        try:
+            results.append((a + i, a + i + 1, model.fit(f[i:i + 1], v[i:i + 1], **fit_kw)))
+        except errors as err:
+            fitflags[a + i] = _FIT_FLAG_BITS["FAILED"]
+            reason[a + i] = f"fit raised {type(err).__name__}: {err}"
+    return results
+
+
+def _columns(model, d, fit, flags, cflags, reason, model_hash):
+    """The chunk's catalogue columns, in catalogue order (see process_chunk)."""
+    n, names = len(flags), model.label_names
+    out = {"ID": np.asarray(d["ids"]).astype(str), "INDEX": d["index"], "VISIT": d["visit"]}
+    out.update(d["extra"])
+    for i, name in enumerate(names):
+        out[name] = fit["labels"][:, i]
+    for i, name in enumerate(names):
+        with np.errstate(invalid="ignore"):
+            dg = fit["cov"][:, i, i]
+            out[name + "_ERR"] = np.sqrt(np.where(dg > 0, dg, np.nan))
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            out[f"COV_{names[i]}_{names[j]}"] = fit["cov"][:, i, j]
+    if fit["broad"] is not None:
+        out.update(BROADENING=fit["broad"][:, 0], BROADENING_ERR=fit["broad"][:, 1])
+    out.update(CHI2=fit["chi2"], REDUCED_CHI2=fit["rchi2"],
+               N_PIXELS=fit["npix"].astype(np.int32), ITERATIONS=fit["iters"].astype(np.int32),
+               FLAGS=flags.astype(np.int32), CONTINUUM_FLAGS=cflags.astype(np.int32),
+               REASON=np.array([str(x) for x in reason], dtype=str),
+               MODEL_HASH=np.full(n, model_hash))
+    for k, a in out.items():
+        if a.dtype.kind == "U" and a.dtype.itemsize == 0:
+            out[k] = a.astype("<U1")
+    return out

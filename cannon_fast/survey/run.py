@@ -1,0 +1,322 @@
+"""The job: :func:`label_survey`, a short driver of the other modules.
+
+It checks the arguments, describes the inputs (:mod:`.inputs`), fixes the
+job's options and identity, checks the catalogue and the parts of an earlier
+run (:mod:`.catalog`), runs the chunks still to do (:mod:`.schedulers`,
+:mod:`.chunk`), committing each, and merges the catalogue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from .._util import progress
+from ..core.fitting import _check_broadening
+from .catalog import (_FORMAT, _VERSION, _catalog_format, _catalog_meta, _catalog_record,
+                      _Parts, _refuse_other_model)
+from .chunk import _grid_columns
+from .inputs import open_inputs
+from .schedulers import run_chunks
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "SurveySummary", "model_hash", "label_survey"]
+
+#: Stars per chunk by default (a peak of about 0.85 GB on the 8575-pixel grid).
+DEFAULT_CHUNK_SIZE = 2048
+
+
+@dataclasses.dataclass
+class SurveySummary:
+    """What a :func:`label_survey` job did.
+
+    Attributes
+    ----------
+    catalog : str
+        The output catalogue.
+    n_read : int
+        Input stars (files or rows) read by this job.
+    n_spectra : int
+        Catalogue rows of this job (stars, plus visits with ``visits=True``).
+    n_fitted : int
+        Rows with finite labels.
+    n_flagged : int
+        Fitted rows with a flag bit set that marks a problem (see ``ALL_FLAGS``;
+        ``fitting.INFORMATIONAL_FLAGS`` such as DEBIAS_CAPPED do not count).
+    n_failed : int
+        Rows without labels (unreadable, not normalizable, or the fit failed).
+    n_chunks, n_resumed : int
+        Chunks of the job, and how many were already committed when it started.
+    catalog_rows : int
+        Rows in the catalogue after the job (earlier jobs included).
+    elapsed : float
+        Wall-clock seconds of this call.
+    failures : list of (str, str)
+        (ID, reason) of failed rows (at most 100).
+    already_done : bool
+        The catalogue already held this job; nothing was fitted.
+    """
+
+    catalog: str
+    n_read: int = 0
+    n_spectra: int = 0
+    n_fitted: int = 0
+    n_flagged: int = 0
+    n_failed: int = 0
+    n_chunks: int = 0
+    n_resumed: int = 0
+    catalog_rows: int = 0
+    elapsed: float = 0.0
+    failures: list = dataclasses.field(default_factory=list)
+    already_done: bool = False
+
+    def report(self):
+        """Return a few lines for humans: the counts and the first failures."""
+        lines = []
+        if self.already_done:
+            lines.append(f"{self.catalog}: this job is already in the catalogue; nothing to do")
+        rate = self.n_read / self.elapsed if self.elapsed > 0 else float("nan")
+        lines.append(f"read {self.n_read} stars ({self.n_spectra} spectra): fitted "
+                     f"{self.n_fitted}, flagged {self.n_flagged}, failed {self.n_failed}; "
+                     f"{self.n_chunks} chunks ({self.n_resumed} resumed) in "
+                     f"{self.elapsed:.1f} s ({rate:.0f} stars/s this run)")
+        lines.append(f"catalogue {self.catalog}: {self.catalog_rows} rows")
+        for sid, why in self.failures[:10]:
+            lines.append(f"  failed: {sid}: {why}")
+        if self.n_failed > 10:
+            lines.append(f"  ... and {self.n_failed - 10} more failed (see the REASON column)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- model identity
+def model_hash(model):
+    """Return a 16-hex-digit hash of everything that determines a model's fitted labels.
+
+    Label names, order, coefficients, scatter, their covariance, pixel flags,
+    label scaling and training labels (which set the bounds and starting points).
+
+    Parameters
+    ----------
+    model : CannonModel
+        A trained model.
+
+    Returns
+    -------
+    str
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([list(model.label_names), int(model.order)]).encode())
+    if getattr(model, "extra_terms", None):  # (absent from the hash of a plain polynomial)
+        h.update(json.dumps(model.extra_terms).encode())
+    if getattr(model, "reciprocal_labels", None):
+        h.update(json.dumps(model.reciprocal_labels).encode())
+    for name in ("theta", "s2", "theta_cov", "pixel_flags", "label_offsets", "label_scales",
+                 "training_labels"):
+        a = getattr(model, name, None)
+        if a is None:
+            raise ValueError(f"the model has no {name}: train it or read a trained model")
+        a = np.ascontiguousarray(a)
+        h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+
+
+def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
+                 scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=None,
+                 bad_bits=None, normalized=None, release=None, fit_options=None,
+                 show_progress=None, log=None, _on_commit=None):
+    """Label a whole survey, chunk by chunk, into one catalogue (resumable).
+
+    Parameters
+    ----------
+    model : CannonModel
+        A trained model (``CannonModel.read``).
+    inputs : str, os.PathLike or sequence of them
+        See :func:`open_inputs`.
+    out : str or os.PathLike
+        The catalogue (``.fits``, or ``.parquet``); ``out + ".parts"`` holds
+        the committed chunks while the job runs.
+    chunk_size : int
+        Stars read, normalized and fitted at a time.  Peak memory is about
+        ``chunk_size * P * 40`` bytes plus 0.15 GB (``docs/measurements.md``),
+        whatever the number of stars.  Fixed for a job: resuming with another
+        value is refused.
+    visits : bool
+        Also label every visit of apStar files (``VISIT`` = 1...; 0 is the
+        combined spectrum), with the visit's ``VISIT_FILE``, ``VISIT_JD``
+        and ``VISIT_FIBER``.
+    scheduler : None, "processes", "dask", str or distributed.Client
+        None runs in this process; ``"processes"`` in a pool of ``n_workers``
+        single-threaded worker processes on this machine (no Dask needed);
+        ``"dask"`` starts a ``LocalCluster`` of ``n_workers`` single-threaded
+        processes; any other string is the address of a running
+        ``distributed`` scheduler.  The driver commits every chunk itself in
+        all cases, so a job started one way can be resumed another.
+    n_workers : int, optional
+        Workers of the process pool or local cluster (default: the number of CPUs).
+    fmt : {"fits", "parquet"}, optional
+        Default: from the suffix of ``out``.
+    continuum_pixels : array_like, str or os.PathLike, optional
+        For raw spectra (apStar files, raw npz): see
+        :func:`cannon_fast.core.continuum.load_continuum_pixels`; default the
+        model's record, else pixels picked from the model
+        (:func:`cannon_fast.core.continuum.model_continuum`).
+    degree : int, optional
+        Continuum Chebyshev degree (default: the model's record, else 3).
+    bad_bits : iterable of str or int, optional
+        APOGEE_PIXMASK bits that mask a pixel (default bits 0-7 and 12).
+    normalized : bool, optional
+        See :func:`open_inputs`.
+    release : str, optional
+        Expected apStar layout.
+    fit_options : dict, optional
+        Keyword arguments of ``model.fit`` (e.g. ``debias``, ``n_starts``).
+    show_progress : bool, optional
+        Progress bar with stars/s and time left (default: on a terminal).
+    log : callable, optional
+        Called with one-line messages (e.g. ``print``).
+
+    Returns
+    -------
+    SurveySummary
+
+    Raises
+    ------
+    SurveyError
+        The catalogue or a partial run belongs to another model or job, or a
+        write failed (e.g. a full disk); what was committed is kept.
+    ValueError
+        Bad inputs: the model's pixel grid does not match the spectra, ...
+    """
+    t0 = time.perf_counter()
+    log = log or (lambda msg: None)
+    out = os.fspath(out)
+    fmt = _catalog_format(out, fmt)
+    chunk_size, fit_options = _check_arguments(model, chunk_size, fit_options)
+    mh = model_hash(model)
+    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
+    _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
+    options = _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits,
+                             log)
+    if source.n_items == 0:
+        raise ValueError(f"no spectra in the inputs ({source.describe})")
+    job, job_id = _job_identity(mh, source, chunk_size, model.backend, options)
+    n_items = source.n_items
+    n_chunks = -(-n_items // chunk_size)
+    bounds = [(k * chunk_size, min((k + 1) * chunk_size, n_items)) for k in range(n_chunks)]
+    parts = _Parts(out, n_chunks)
+    summary = SurveySummary(catalog=out, n_chunks=n_chunks)
+
+    existing = _catalog_meta(out, fmt)
+    if existing is not None:
+        _refuse_other_model(existing, out, model, mh)
+        record = next((j for j in existing["jobs"] if j["job_id"] == job_id), None)
+        if record is not None:
+            parts.remove()  # merged, then killed before cleaning up
+            return _already_done(summary, record, existing, t0)
+
+    parts.start(dict(format=_FORMAT, version=_VERSION, job_id=job_id, job=job,
+                     n_items=n_items, n_chunks=n_chunks, label_names=list(model.label_names),
+                     n_pixels=int(model.n_pixels)))
+    done = parts.committed()
+    summary.n_resumed = len(done)
+    if done:
+        log(f"resuming: {len(done)} of {n_chunks} chunks already committed in {parts.path}")
+    log(f"labeling {source.describe} in {n_chunks} chunks of {chunk_size} "
+        f"({'raw: masking + continuum normalization' if not source.normalized else 'normalized'})")
+    pending = [k for k in range(n_chunks) if k not in done]
+    bar = progress(total=n_items, initial=sum(bounds[k][1] - bounds[k][0] for k in done),
+                   desc="labeling", unit="star",
+                   disable=None if show_progress is None else not show_progress)
+
+    def commit(k, columns):
+        parts.commit(k, columns)
+        if _on_commit is not None:
+            _on_commit(k)
+        bar.update(bounds[k][1] - bounds[k][0])
+
+    try:
+        run_chunks(model, ((k, source.chunk(*bounds[k])) for k in pending), options, commit,
+                   scheduler=scheduler, n_workers=n_workers, name=f"cannon-fast-chunk-{job_id}")
+    finally:
+        bar.close()
+
+    # every chunk is committed: merge (old rows first, then the chunks in order)
+    counts, failures = parts.tally(model.label_names, n_items)
+    record = dict(job_id=job_id, counts=counts, inputs=source.identity, chunk_size=chunk_size,
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    parts.merge_into(out, fmt, _catalog_record(model, mh, record, existing), existing)
+    summary.__dict__.update(counts)
+    summary.failures = failures
+    summary.catalog_rows = (existing["n_rows"] if existing else 0) + counts["n_spectra"]
+    summary.elapsed = time.perf_counter() - t0
+    return summary
+
+
+def _check_arguments(model, chunk_size, fit_options):
+    """Refuse what would fail every chunk; return ``chunk_size`` (int), ``fit_options`` (dict)."""
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not getattr(model, "is_trained", False):
+        raise ValueError("the model is not trained")
+    fit_options = dict(fit_options or {})
+    # fit_cannon would refuse every chunk (each star recorded as failed): refuse once, first
+    _check_broadening(fit_options.get("debias", True), fit_options.get("broadening", False))
+    return chunk_size, fit_options
+
+
+def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits, log):
+    """The options of every chunk (see process_chunk): for raw spectra, their continuum too."""
+    from ..apogee.bitmask import DEFAULT_BAD_BITS, bit_value
+
+    options = dict(model_hash=mh, degree=None, bad_bits=bit_value(
+        DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
+        backend=model.backend)
+    if source.normalized:
+        return options
+    from ..core.continuum import model_continuum
+
+    if source.n_pixels == 8575:
+        segments = None  # the apStar chips
+    elif source.n_pixels == model.n_pixels and model.grid is not None:
+        segments = [list(seg) for seg in model.grid.segments]
+    else:
+        raise ValueError(f"{source.describe}: raw (un-normalized) spectra must be on the "
+                         "8575-pixel apStar grid or on the model's own grid (with its "
+                         "segments) to be continuum-normalized; if they are already "
+                         "normalized, say so (normalized=True, --normalized)")
+    cont, recorded_degree, cont_source = model_continuum(model, continuum_pixels)
+    if cont.size != source.n_pixels:
+        raise ValueError(f"{source.describe}: the model's continuum pixels are on a "
+                         f"{cont.size}-pixel grid, the spectra have {source.n_pixels}")
+    options.update(continuum_pixels=cont, segments=segments,
+                   degree=recorded_degree if degree is None else int(degree))
+    log(f"continuum pixels: {cont_source}")
+    return options
+
+
+def _job_identity(mh, source, chunk_size, backend, options):
+    """The job (all that makes its labels: model, inputs, options) and its 16-hex-digit id."""
+    job = dict(model_hash=mh, inputs=source.identity, chunk_size=chunk_size, backend=backend,
+               degree=options["degree"], bad_bits=options["bad_bits"], fit=options["fit"],
+               continuum=(hashlib.sha256(np.packbits(options["continuum_pixels"]).tobytes())
+                          .hexdigest()[:16] if "continuum_pixels" in options else None))
+    job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+    return job, job_id
+
+
+def _already_done(summary, record, existing, t0):
+    """The summary of a job the catalogue already holds (its ``record``): nothing to fit."""
+    summary.__dict__.update({k: record["counts"][k] for k in
+                             ("n_read", "n_spectra", "n_fitted", "n_flagged", "n_failed")})
+    summary.n_resumed = summary.n_chunks
+    summary.catalog_rows = existing["n_rows"]
+    summary.already_done = True
+    summary.elapsed = time.perf_counter() - t0
+    return summary
