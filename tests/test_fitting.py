@@ -423,3 +423,25 @@ def test_refined_continuum_undoes_a_continuum_error(setup):
     assert_allclose(iv3[0], ivar[0])
     with pytest.raises(ValueError, match="same"):
         renormalize_to_model(flux, ivar, nan_model[:, :-1])
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_hit_bound_is_set_wherever_a_label_ends_on_a_bound(setup, debias):
+    """Stars at the edge of the bounds: every label that ends on a bound is flagged,
+    whether LM put it there or a de-biasing step (which pushes away from the training
+    set's centre) did."""
+    model, _, _ = setup
+    lo, hi = model.label_bounds.T
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = np.tile(np.median(model.training_labels, axis=0), (n, 1))
+    which, frac = rng.integers(0, 3, n), rng.uniform(0.97, 1.01, n)
+    centre = np.median(model.training_labels, axis=0)
+    labels[np.arange(n), which] = centre[which] + frac * (hi[which] - centre[which])
+    flux = model.predict(labels) + rng.normal(size=(n, model.n_pixels)) / 20
+    res = model.fit(flux, np.full_like(flux, 400.0), debias=debias)
+    on_bound = np.any(np.isclose(res.labels, lo, rtol=1e-9, atol=1e-12)
+                      | np.isclose(res.labels, hi, rtol=1e-9, atol=1e-12), axis=1)
+    assert on_bound.sum() > 50
+    flagged = (res.flags & FLAGS["HIT_BOUND"]) > 0
+    assert np.all(flagged[on_bound]), res.labels[on_bound & ~flagged]

@@ -457,6 +457,11 @@ def _fit_batches(model, flux, ivar, settings):
             if debias:
                 capped = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
                 status[idx[capped]] |= FLAGS["DEBIAS_CAPPED"]
+            # the de-biasing steps are clipped to the bounds too: a label there is one the
+            # model could not place, whichever step put it there
+            at_bound = np.any(np.isclose(x[idx], lo, rtol=0, atol=1e-9)
+                              | np.isclose(x[idx], hi, rtol=0, atol=1e-9), axis=1)
+            status[idx[at_bound]] |= FLAGS["HIT_BOUND"]
         status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
         # chi², Fisher matrix and covariance at the solution
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
