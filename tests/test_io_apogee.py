@@ -241,10 +241,8 @@ def test_match_ids_repeats(tmp_path):
     assert idx[0] == 1
 
 
-def test_prepare_dataset_bad_input_goes_on(tmp_path):
-    """A truncated file, a wrong layout and an unknown star are listed; the rest is prepared."""
-    from cannon_fast.apogee.prepare import prepare_dataset
-
+def _prepare_inputs(tmp_path):
+    """Five apStar files (two bad, one not in the catalogue), an allStar, continuum pixels."""
     d = tmp_path / "stars" / "apo25m" / "F1"
     d.mkdir(parents=True)
     ids = ["2M1", "2M2", "2M3", "2M4", "2M5"]
@@ -268,8 +266,16 @@ def test_prepare_dataset_bad_input_goes_on(tmp_path):
     cont = np.zeros(NPIX, bool)
     cont[ap.on_chip_mask()] = True
     cont[1::7] = False
-    res = prepare_dataset(tmp_path / "stars", tmp_path / "allStar-dr17-x.fits",
-                          tmp_path / "out.store", cont, labels=("TEFF", "LOGG", "FE_H"))
+    return tmp_path / "stars", tmp_path / "allStar-dr17-x.fits", cont
+
+
+def test_prepare_dataset_bad_input_goes_on(tmp_path):
+    """A truncated file, a wrong layout and an unknown star are listed; the rest is prepared."""
+    from cannon_fast.apogee.prepare import prepare_dataset
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    res = prepare_dataset(stars, allstar, tmp_path / "out.store", cont,
+                          labels=("TEFF", "LOGG", "FE_H"))
     assert list(res.store.ids) == ["2M1", "2M4"]
     why = {os.path.basename(f): m for f, m in res.failures}
     assert set(why) == {"apStar-dr17-2M2.fits", "apStar-dr17-2M3.fits", "apStar-dr17-2M5.fits"}
@@ -286,3 +292,38 @@ def test_prepare_dataset_bad_input_goes_on(tmp_path):
                                             "unreadable": 2, "normalization_failed": 0,
                                             "kept": 2}
     assert len(res.store.meta["failures"]) == 3
+
+
+def test_prepare_overwrite_keeps_the_old_store_until_the_new_one_is_complete(tmp_path,
+                                                                             monkeypatch):
+    """An interrupted --overwrite leaves the old store whole and no partial store anywhere."""
+    from cannon_fast.apogee import prepare
+    from cannon_fast.store import SpectraStore
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    out = tmp_path / "out.store"
+    kw = dict(labels=("TEFF", "LOGG", "FE_H"), chunk_size=1)
+    with pytest.raises(FileExistsError, match="not a SpectraStore"):
+        (tmp_path / "notes").mkdir()
+        prepare.prepare_dataset(stars, allstar, tmp_path / "notes", cont, overwrite=True, **kw)
+    prepare.prepare_dataset(stars, allstar, out, cont, **kw)
+    with pytest.raises(FileExistsError, match="use --overwrite"):
+        prepare.prepare_dataset(stars, allstar, out, cont, **kw)
+    before = sorted(os.listdir(tmp_path))
+    real, calls = prepare.normalize, []
+
+    def interrupted(*a, **k):   # the second chunk is never normalized: Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare, "normalize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(stars, allstar, out, cont, overwrite=True, **kw)
+    assert sorted(os.listdir(tmp_path)) == before           # no leftover temporary store
+    assert list(SpectraStore(out).ids) == ["2M1", "2M4"]   # the old store, whole
+    monkeypatch.setattr(prepare, "normalize", real)
+    res = prepare.prepare_dataset(stars, allstar, out, cont, overwrite=True, **kw)
+    assert list(res.store.ids) == ["2M1", "2M4"] and res.store.complete
+    assert sorted(os.listdir(tmp_path)) == before
