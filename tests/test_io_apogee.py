@@ -327,3 +327,39 @@ def test_prepare_overwrite_keeps_the_old_store_until_the_new_one_is_complete(tmp
     res = prepare.prepare_dataset(stars, allstar, out, cont, overwrite=True, **kw)
     assert list(res.store.ids) == ["2M1", "2M4"] and res.store.complete
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def _set_card(path, hdu, key, value):
+    """Rewrite one integer card of HDU ``hdu`` in place (a crafted, corrupt header)."""
+    raw = bytearray(path.read_bytes())
+    start = 0
+    for _ in range(hdu):
+        start = raw.find(b"XTENSION=", start + 1)
+    j = raw.find(key.ljust(8).encode() + b"=", start)
+    raw[j:j + 80] = f"{key:<8}= {value:>20}".ljust(80).encode()
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("NAXIS1", 2**62, "NAXIS1 = 4611686018427387904, an impossible size"),
+    ("NAXIS1", 2**46, r"declares 2251799813685248 bytes of data \(NAXISn = 70368744177664, 4\)"),
+    ("NAXIS1", -8575, "NAXIS1 = -8575"),
+    ("BITPIX", 12, "BITPIX = 12, not a FITS data type"),
+    ("PCOUNT", 2**70, "PCOUNT = 1180591620717411303424"),
+])
+def test_absurd_header_sizes_are_a_failed_star(tmp_path, key, value, why):
+    """A header whose sizes wrap int64 or go negative is a ValueError naming the file."""
+    from cannon_fast.apogee.prepare import _load_chunk
+    from cannon_fast.survey.inputs import _apstar_rows
+
+    p = tmp_path / "apStar-dr17-2M1.fits"
+    _write_apstar(p, 4, 2)
+    _set_card(p, 1, key, value)  # NAXIS1 = 2**62 x NAXIS2 = 4 rows = 2**64 pixels: wraps to 0
+    with pytest.raises(ValueError, match=rf"apStar-dr17-2M1.fits: HDU 1 .*{why}"):
+        ap.read_apstar(p)
+    with pytest.raises(ValueError, match="corrupt header"):
+        ap.fits_check(p)
+    errors = _load_chunk(([str(p)], 0, None))[4]          # prepare: listed, goes on
+    assert len(errors) == 1 and "corrupt header" in errors[0][1]
+    (row,) = _apstar_rows(str(p), 0, False, None)         # label: a row with a REASON
+    assert "corrupt header" in row[5] and not row[1].any()
