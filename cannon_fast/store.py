@@ -18,6 +18,13 @@ share a survey larger than memory.  ``index.json`` is the commit record:
 appending writes the new rows, then grows each ``.npy`` header, then replaces
 ``index.json`` atomically; a reader trusts only the rows ``index.json``
 counts, so a writer killed mid-append leaves the store as it was.
+
+A store built in several steps (``cannon-fast prepare``) is created with
+``complete=False``: ``index.json`` then says ``"complete": false`` until the
+writer calls :meth:`SpectraStore.mark_complete`, and opening such a store for
+reading is an error, so an interrupted build is never used as if it held the
+whole data set.  Stores without the key (made by :meth:`SpectraStore.create`
+with the default, or before the key existed) are complete.
 """
 from __future__ import annotations
 
@@ -98,11 +105,14 @@ class SpectraStore:
         if self._index.get("version", 0) > _VERSION:
             raise ValueError(f"{idx}: store format version {self._index['version']} is newer than "
                              f"this cannon_fast ({_VERSION})")
+        if mode == "r" and not self.complete:
+            raise ValueError(f"{self.path}: incomplete: prepare was interrupted; rerun it")
         self._cache = {}
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, path, wavelength, label_names=(), id_width=40, meta=None, overwrite=False):
+    def create(cls, path, wavelength, label_names=(), id_width=40, meta=None, overwrite=False,
+               complete=True):
         """Create an empty store (atomically: a complete directory or nothing).
 
         Parameters
@@ -116,6 +126,9 @@ class SpectraStore:
             JSON-serializable metadata (cut report, continuum settings, ...).
         overwrite : bool
             Replace an existing store.
+        complete : bool
+            ``False`` marks the store incomplete until :meth:`mark_complete`:
+            until then it opens only in append mode.
 
         Returns
         -------
@@ -144,6 +157,8 @@ class SpectraStore:
                 _write_growable(os.path.join(tmp, f"{k}.npy"), a)
             index = dict(format=_FORMAT, version=_VERSION, n_stars=0, n_pixels=p,
                          label_names=label_names, id_width=int(id_width), meta=meta or {})
+            if not complete:
+                index["complete"] = False
             with open(os.path.join(tmp, "index.json"), "w") as fh:
                 json.dump(index, fh, indent=1, default=_json_default)
             if os.path.exists(path):
@@ -214,6 +229,8 @@ class SpectraStore:
         if p != self.n_pixels or ivar.shape != flux.shape:
             raise ValueError(f"{self.path}: appending flux {flux.shape} / ivar {ivar.shape}; the "
                              f"store has {self.n_pixels} pixels")
+        if n == 0:   # e.g. a prepare chunk whose every file failed: nothing to commit
+            return self.n_stars
         L = len(self.label_names)
         labels = (np.full((n, L), np.nan) if labels is None
                   else np.ascontiguousarray(labels, dtype=np.float64).reshape(n, -1))
@@ -262,6 +279,13 @@ class SpectraStore:
         self._index["meta"].update(items)
         self._write_index()
 
+    def mark_complete(self):
+        """Mark a store created with ``complete=False`` as whole (atomically)."""
+        if self.mode != "a":
+            raise ValueError(f"{self.path}: store opened read-only; use mode='a'")
+        self._index["complete"] = True
+        self._write_index()
+
     def _write_index(self):
         with atomic_path(os.path.join(self.path, "index.json")) as tmp:
             with open(tmp, "w") as fh:
@@ -292,6 +316,11 @@ class SpectraStore:
     def n_stars(self):
         """Committed number of spectra N."""
         return int(self._index["n_stars"])
+
+    @property
+    def complete(self):
+        """False while a multi-step build (``complete=False``) is unfinished."""
+        return bool(self._index.get("complete", True))
 
     @property
     def n_pixels(self):

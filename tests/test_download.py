@@ -303,3 +303,29 @@ def test_cli_download(server, mock_tree, tmp_path, capsys):
                "--base-url", base, "--retries", "0", "-q"])
     out = capsys.readouterr().out
     assert rc == 1 and "invalid field name 'a/../b'" in out and f"{n} already complete" in out
+
+
+def test_planted_part_symlink_is_not_followed(server, mock_tree, tmp_path):
+    """A symlink planted as the hidden .part never sends bytes outside --dest."""
+    base, _ = server
+    p = _tree_files(mock_tree)[0]
+    rel = str(p.relative_to(mock_tree))
+    dest = tmp_path / "d"
+    part = dest / os.path.dirname(rel) / f".{p.name}.part"
+    part.parent.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    for target in (victim, tmp_path / "new.txt"):   # an existing file, a file to be created
+        part.symlink_to(target)
+        rep = dl.download_files([f"{base}/{rel}"], dest, retries=1, backoff=0.01, base_url=base)
+        assert len(rep.failed) == 1
+        assert f"refusing to write {part}: it is a symbolic link" in rep.failed[0].error
+        assert part.is_symlink() and not (dest / rel).exists()
+        part.unlink()
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "new.txt").exists()
+    part.symlink_to(victim)          # planted after the check: O_NOFOLLOW still refuses
+    with pytest.raises(dl._Permanent, match="symbolic link"):
+        dl._open_part(str(part), append=True)
+    part.unlink()
+    rep = dl.download_files([f"{base}/{rel}"], dest, base_url=base)
+    assert rep.ok and (dest / rel).read_bytes() == p.read_bytes()

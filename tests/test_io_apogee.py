@@ -241,10 +241,8 @@ def test_match_ids_repeats(tmp_path):
     assert idx[0] == 1
 
 
-def test_prepare_dataset_bad_input_goes_on(tmp_path):
-    """A truncated file, a wrong layout and an unknown star are listed; the rest is prepared."""
-    from cannon_fast.apogee.prepare import prepare_dataset
-
+def _prepare_inputs(tmp_path):
+    """Five apStar files (two bad, one not in the catalogue), an allStar, continuum pixels."""
     d = tmp_path / "stars" / "apo25m" / "F1"
     d.mkdir(parents=True)
     ids = ["2M1", "2M2", "2M3", "2M4", "2M5"]
@@ -268,8 +266,16 @@ def test_prepare_dataset_bad_input_goes_on(tmp_path):
     cont = np.zeros(NPIX, bool)
     cont[ap.on_chip_mask()] = True
     cont[1::7] = False
-    res = prepare_dataset(tmp_path / "stars", tmp_path / "allStar-dr17-x.fits",
-                          tmp_path / "out.store", cont, labels=("TEFF", "LOGG", "FE_H"))
+    return tmp_path / "stars", tmp_path / "allStar-dr17-x.fits", cont
+
+
+def test_prepare_dataset_bad_input_goes_on(tmp_path):
+    """A truncated file, a wrong layout and an unknown star are listed; the rest is prepared."""
+    from cannon_fast.apogee.prepare import prepare_dataset
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    res = prepare_dataset(stars, allstar, tmp_path / "out.store", cont,
+                          labels=("TEFF", "LOGG", "FE_H"))
     assert list(res.store.ids) == ["2M1", "2M4"]
     why = {os.path.basename(f): m for f, m in res.failures}
     assert set(why) == {"apStar-dr17-2M2.fits", "apStar-dr17-2M3.fits", "apStar-dr17-2M5.fits"}
@@ -286,3 +292,74 @@ def test_prepare_dataset_bad_input_goes_on(tmp_path):
                                             "unreadable": 2, "normalization_failed": 0,
                                             "kept": 2}
     assert len(res.store.meta["failures"]) == 3
+
+
+def test_prepare_overwrite_keeps_the_old_store_until_the_new_one_is_complete(tmp_path,
+                                                                             monkeypatch):
+    """An interrupted --overwrite leaves the old store whole and no partial store anywhere."""
+    from cannon_fast.apogee import prepare
+    from cannon_fast.store import SpectraStore
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    out = tmp_path / "out.store"
+    kw = dict(labels=("TEFF", "LOGG", "FE_H"), chunk_size=1)
+    with pytest.raises(FileExistsError, match="not a SpectraStore"):
+        (tmp_path / "notes").mkdir()
+        prepare.prepare_dataset(stars, allstar, tmp_path / "notes", cont, overwrite=True, **kw)
+    prepare.prepare_dataset(stars, allstar, out, cont, **kw)
+    with pytest.raises(FileExistsError, match="use --overwrite"):
+        prepare.prepare_dataset(stars, allstar, out, cont, **kw)
+    before = sorted(os.listdir(tmp_path))
+    real, calls = prepare.normalize, []
+
+    def interrupted(*a, **k):   # the second chunk is never normalized: Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare, "normalize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(stars, allstar, out, cont, overwrite=True, **kw)
+    assert sorted(os.listdir(tmp_path)) == before           # no leftover temporary store
+    assert list(SpectraStore(out).ids) == ["2M1", "2M4"]   # the old store, whole
+    monkeypatch.setattr(prepare, "normalize", real)
+    res = prepare.prepare_dataset(stars, allstar, out, cont, overwrite=True, **kw)
+    assert list(res.store.ids) == ["2M1", "2M4"] and res.store.complete
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def _set_card(path, hdu, key, value):
+    """Rewrite one integer card of HDU ``hdu`` in place (a crafted, corrupt header)."""
+    raw = bytearray(path.read_bytes())
+    start = 0
+    for _ in range(hdu):
+        start = raw.find(b"XTENSION=", start + 1)
+    j = raw.find(key.ljust(8).encode() + b"=", start)
+    raw[j:j + 80] = f"{key:<8}= {value:>20}".ljust(80).encode()
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("NAXIS1", 2**62, "NAXIS1 = 4611686018427387904, an impossible size"),
+    ("NAXIS1", 2**46, r"declares 2251799813685248 bytes of data \(NAXISn = 70368744177664, 4\)"),
+    ("NAXIS1", -8575, "NAXIS1 = -8575"),
+    ("BITPIX", 12, "BITPIX = 12, not a FITS data type"),
+    ("PCOUNT", 2**70, "PCOUNT = 1180591620717411303424"),
+])
+def test_absurd_header_sizes_are_a_failed_star(tmp_path, key, value, why):
+    """A header whose sizes wrap int64 or go negative is a ValueError naming the file."""
+    from cannon_fast.apogee.prepare import _load_chunk
+    from cannon_fast.survey.inputs import _apstar_rows
+
+    p = tmp_path / "apStar-dr17-2M1.fits"
+    _write_apstar(p, 4, 2)
+    _set_card(p, 1, key, value)  # NAXIS1 = 2**62 x NAXIS2 = 4 rows = 2**64 pixels: wraps to 0
+    with pytest.raises(ValueError, match=rf"apStar-dr17-2M1.fits: HDU 1 .*{why}"):
+        ap.read_apstar(p)
+    with pytest.raises(ValueError, match="corrupt header"):
+        ap.fits_check(p)
+    errors = _load_chunk(([str(p)], 0, None))[4]          # prepare: listed, goes on
+    assert len(errors) == 1 and "corrupt header" in errors[0][1]
+    (row,) = _apstar_rows(str(p), 0, False, None)         # label: a row with a REASON
+    assert "corrupt header" in row[5] and not row[1].any()

@@ -173,6 +173,17 @@ def test_cli_mcmc(tiny, tmp_path, capsys):
     assert "TEFF ~ Uniform" in text and "sig_post" in text and "cv_scatter" in text
     assert json.loads(out.read_text())["converged"] is True
     assert (tmp_path / "corner.png").stat().st_size > 10000
+    before = out.read_bytes()
+    rc = main(["mcmc", str(spec), "--model", str(mpath), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err == f"cannon-fast mcmc: error: {out} exists; pass --force to overwrite it\n"
+    assert out.read_bytes() == before
+    rc = main(["mcmc", str(spec), "--model", str(mpath), "--corner", str(tmp_path / "corner.png")])
+    assert rc == 1 and "corner.png exists" in capsys.readouterr().err
+    rc = main(["mcmc", str(spec), "--model", str(mpath), "--output", str(out), "--force"])
+    assert rc == 0 and json.loads(out.read_text())["converged"] is True
+    capsys.readouterr()
     rc = main(["mcmc", str(spec), "--model", str(mpath), "--max-steps", "100"])
     captured = capsys.readouterr()
     assert rc == 3

@@ -238,6 +238,55 @@ def test_read_rejects_foreign_files(tmp_path):
         CannonModel.read(tmp_path / "missing.fits")
 
 
+def _rewrite(src, dst, meta=None, **arrays):
+    """A copy of the model file ``src`` at ``dst`` with metadata items and arrays replaced."""
+    import json
+    with np.load(src, allow_pickle=False) as f:
+        d = {k: f[k] for k in f.files}
+    m = json.loads(str(d.pop("meta")))
+    m.update(meta or {})
+    d.update(arrays)
+    np.savez(dst, meta=np.array(json.dumps(m)), **{k: v for k, v in d.items() if v is not None})
+    return dst
+
+
+@pytest.mark.parametrize("meta,arrays,why", [
+    ({"order": 400}, {}, "order 400 with 0 extra term.s. does not make the 10 stored terms"),
+    ({"order": 3}, {}, "order 3 with 0 extra"),
+    ({"order": "2"}, {}, "order must be an integer >= 1, got '2'"),
+    ({"label_names": None}, {}, "label_names must be a non-empty list of names, got None"),
+    ({"label_names": []}, {}, "label_names must be a non-empty list"),
+    ({"label_names": ["A", 2, "C"]}, {}, "label_names must be a non-empty list"),
+    ({}, {"theta": np.zeros((120, 9))}, r"theta has shape \(120, 9\), expected \(P, 10\)"),
+    ({}, {"s2": np.zeros(119)}, r"s2 has shape \(119,\), expected \(120,\)"),
+    ({}, {"theta_cov": np.zeros((120, 10, 10))}, r"theta_cov has shape \(120, 10, 10\)"),
+    ({}, {"training_labels": np.zeros((0, 3))}, r"training_labels have shape \(0, 3\)"),
+    ({}, {"exponents": np.zeros((10, 2), np.int64)}, r"exponents have shape \(10, 2\)"),
+    ({}, {"label_scales": None}, r"missing array\(s\) \['label_scales'\]"),
+    ({}, {"theta": np.array(["x"] * 10)}, "theta has dtype <U1, not numbers"),
+])
+def test_read_refuses_inconsistent_files(trained, tmp_path, meta, arrays, why):
+    """Metadata and arrays are checked against each other before anything is built."""
+    good = tmp_path / "good.npz"
+    trained.write(good)
+    bad = _rewrite(good, tmp_path / "bad.npz", meta, **arrays)
+    with pytest.raises(ValueError, match=rf"bad.npz: corrupt model file: {why}"):
+        CannonModel.read(bad)
+
+
+def test_read_refuses_truncated_files(trained, tmp_path):
+    """A truncated .npz or .fits is a ValueError naming the file, at every length."""
+    for suffix in (".npz", ".fits"):
+        good = tmp_path / f"good{suffix}"
+        trained.write(good)
+        raw = good.read_bytes()
+        for frac in (0.1, 0.5, 0.9, 0.999):
+            bad = tmp_path / f"cut{suffix}"
+            bad.write_bytes(raw[:int(len(raw) * frac)])
+            with pytest.raises(ValueError, match=rf"cut{suffix}"):
+                CannonModel.read(bad)
+
+
 def test_untrained_model_says_so():
     with pytest.raises(RuntimeError, match="not trained"):
         CannonModel(["A"]).predict([1.0])

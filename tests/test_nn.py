@@ -440,7 +440,29 @@ def test_cli_train_and_predict(data, tmp_path):
     assert main(["nn-train", str(npz), "-o", str(emu), "--kind", "emulator", "--hidden", "16",
                  "16", "--epochs", "5", "-q"]) == 0
     assert PayneEmulator.read(emu).n_pixels == data.flux.shape[1]
-    assert main(["nn-train", str(npz), "-o", str(ck), "--labels", "VSINI", "-q"]) == 1
+    assert main(["nn-train", str(npz), "-o", str(ck), "--labels", "VSINI", "-q",
+                 "--force"]) == 1
+
+
+def test_cli_train_refuses_to_overwrite(data, tmp_path, capsys):
+    """nn-train keeps an existing checkpoint (and loss plot) unless --force, before training."""
+    from cannon_fast.cli import main
+
+    npz = tmp_path / "train.npz"
+    np.savez(npz, flux=data.flux, ivar=data.ivar, labels=data.labels,
+             label_names=np.array(data.label_names))
+    ck = tmp_path / "reg.pt"
+    ck.write_bytes(b"a week of training")
+    args = ["nn-train", str(npz), "-o", str(ck), "--arch", "mlp", "--hidden", "8",
+            "--epochs", "1", "-q"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == f"cannon-fast nn-train: error: {ck} exists; pass --force to overwrite it\n"
+    assert ck.read_bytes() == b"a week of training"
+    ck.unlink()
+    (tmp_path / "reg_loss.png").write_bytes(b"plot")
+    assert main(args) == 1 and "reg_loss.png exists" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0 and SpectrumRegressor.load(ck)
 
 
 def test_cli_reads_a_spectra_store(data, tmp_path):

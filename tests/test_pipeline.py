@@ -266,3 +266,31 @@ def test_cli_fit_with_broadening(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "m.npz"), str(test), "--out", str(tmp_path / "d.fits"),
                  "--refine-continuum", "--method", "trf"]) == 1
     assert "--broadening and --refine-continuum go with the fast method" in capsys.readouterr().err
+
+
+def test_cli_fit_refuses_an_empty_selection(tmp_path, capsys):
+    """An empty batch, --rows 10:5 or a garbled --rows is one line, not an IndexError."""
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=60, n_pix=30, n_labels=3, seed=15)
+    train, test, empty = tmp_path / "train.npz", tmp_path / "test.npz", tmp_path / "empty.npz"
+    np.savez(train, flux=s.flux, ivar=s.ivar, labels=s.labels,
+             label_names=np.array(s.label_names))
+    np.savez(test, flux=s.flux[:20], ivar=s.ivar[:20])
+    np.savez(empty, flux=s.flux[:0], ivar=s.ivar[:0])
+    model = str(tmp_path / "m.npz")
+    assert main(["train", str(train), "--out", model, "-q"]) == 0
+    capsys.readouterr()
+    for spectra, rows, why in ((empty, [], f"{empty} holds no spectra"),
+                               (test, ["--rows", "10:5"], f"--rows 10:5 selects no spectra ({test} "
+                                                          "holds 20, rows 0:20)"),
+                               (test, ["--rows", "30:"], "--rows 30: selects no spectra"),
+                               (test, ["--rows", "a:b"], "--rows a:b: expected START:STOP"),
+                               (test, ["--rows", "7"], "--rows 7: expected START:STOP")):
+        out = tmp_path / "labels.fits"
+        assert main(["fit", model, str(spectra), "--out", str(out)] + rows) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cannon-fast fit: error: {why}") and err.count("\n") == 1
+        assert not out.exists()
+    assert main(["train", str(train), "--out", model, "--force", "--rows", "5:5"]) == 1
+    assert "--rows 5:5 selects no spectra" in capsys.readouterr().err
+    assert main(["fit", model, str(test), "--out", str(out), "--rows", "5:"]) == 0

@@ -102,3 +102,17 @@ def test_label_errors_round_trip_and_older_stores(tmp_path):
     with pytest.raises(ValueError, match="label_errors shape"):
         SpectraStore(tmp_path / "s", mode="a").append(f[:2], v[:2], lab[:2],
                                                       label_errors=err[:2, :1])
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    """A store built with complete=False reads only once mark_complete() committed it."""
+    f, v, lab, ids, fl = _data(3)
+    s = SpectraStore.create(tmp_path / "s", np.arange(50.0), ["A", "B"], complete=False)
+    s.append(f, v, lab, ids, fl)
+    with pytest.raises(ValueError, match=r"s: incomplete: prepare was interrupted; rerun it"):
+        SpectraStore(tmp_path / "s")
+    assert not SpectraStore(tmp_path / "s", mode="a").complete   # the writer may go on
+    s.mark_complete()
+    r = SpectraStore(tmp_path / "s")
+    assert r.complete and len(r) == 3
+    assert SpectraStore.create(tmp_path / "t", np.arange(5.0)).complete   # the default

@@ -156,6 +156,33 @@ def test_appending_and_rerunning(tmp_path, small, npz):
     assert again.already_done and again.catalog_rows == 750 and again.n_read == 50
 
 
+def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, capsys):
+    """The same inputs with other options never add a second set of rows; --force replaces."""
+    model = small[0]
+    out = tmp_path / "cat.fits"
+    sv.label_survey(model, npz, out, chunk_size=350)
+    before = out.read_bytes()
+    with pytest.raises(sv.SurveyError, match=r"already holds these inputs labeled with other "
+                       r"options \(chunk_size: 350 then, 100 now\).*another --out.*--force"):
+        sv.label_survey(model, npz, out, chunk_size=100)
+    with pytest.raises(sv.SurveyError, match=r"fit.debias: None then, False now"):
+        sv.label_survey(model, npz, out, chunk_size=350, fit_options=dict(debias=False))
+    assert out.read_bytes() == before and not os.path.exists(f"{out}.parts")
+    assert sv.label_survey(model, npz, out, chunk_size=350).already_done   # identical: no-op
+    s = sv.label_survey(model, npz, out, chunk_size=100, fit_options=dict(debias=False),
+                        force=True)
+    t, c = _labels(out)
+    assert s.catalog_rows == 700 and len(t) == 700       # replaced, not appended
+    assert [j["chunk_size"] for j in t.meta["cannon_fast"]["jobs"]] == [100]
+    mpath = tmp_path / "model.npz"
+    model.write(mpath)
+    assert main(["label", str(mpath), str(npz), "--out", str(out), "-q", "--backend", "numba",
+                 "--chunk-size", "100"]) == 1
+    err = capsys.readouterr().err
+    assert "fit.debias: False then, True now" in err and len(err.strip().splitlines()) == 1
+    assert len(sv.read_catalog(out)) == 700
+
+
 def test_bad_grid_and_visits_of_arrays(tmp_path, small):
     model, flux, ivar, _ = small
     path = tmp_path / "short.npz"

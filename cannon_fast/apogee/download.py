@@ -18,9 +18,11 @@ into place: a file under its final name is always complete.
 """
 from __future__ import annotations
 
+import errno
 import html
 import http.client
 import os
+import stat
 import random
 import re
 import threading
@@ -266,9 +268,39 @@ def _discard(conns, resp, key):
     conns.drop(*key)
 
 
+def _check_part(part):
+    """Return the size of ``part`` (0 if absent); refuse it unless it is a plain file.
+
+    A planted symlink would send the bytes (and the truncation of a restart)
+    wherever it points, outside ``--dest``.
+    """
+    try:
+        st = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise _Permanent(f"refusing to write {part}: it is {kind} (remove it and rerun)")
+    return st.st_size
+
+
+def _open_part(part, append):
+    """Open ``part`` for writing without following a symlink (O_NOFOLLOW closes the race)."""
+    flags = (os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+             | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(part, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _Permanent(f"refusing to write {part}: it is a symbolic link (remove it and "
+                             "rerun)") from None
+        raise
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
 def _fetch_once(conns, url, part, timeout, chunk, on_bytes):
     """One attempt: stream ``url`` into ``part`` (resuming); returns bytes received."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+    have = _check_part(part)
     headers = {"Range": f"bytes={have}-"} if have else {}
     resp, _, key = _request(conns, url, timeout, headers)
     status = resp.status
@@ -293,15 +325,20 @@ def _fetch_once(conns, url, part, timeout, chunk, on_bytes):
             os.remove(part)
             raise _Retry("server resumed at the wrong offset; restarting")
         total = int(m.group(3)) if m.group(3) != "*" else None
-        mode = "ab"
+        append = True
     else:
         cl = resp.getheader("Content-Length")
         total = int(cl) if cl is not None else None
         have = 0
-        mode = "wb"
+        append = False
     got = 0
     try:
-        with open(part, mode) as fh:
+        fh = _open_part(part, append)
+    except BaseException:
+        _discard(conns, resp, key)
+        raise
+    try:
+        with fh:
             while True:
                 buf = resp.read1(chunk)  # what has arrived: a stall still leaves it on disk
                 if not buf:
@@ -316,7 +353,7 @@ def _fetch_once(conns, url, part, timeout, chunk, on_bytes):
     resp.close()  # read1 leaves a fully read response open; the connection needs it closed
     if resp.will_close:
         conns.drop(*key)
-    size = os.path.getsize(part)
+    size = os.lstat(part).st_size
     if total is not None and size != total:
         conns.drop(*key)
         raise _Retry(f"received {size} of {total} bytes")
@@ -367,8 +404,11 @@ def _one(conns, url, rel, dest, retries, backoff, timeout, chunk, verify, on_byt
                 except ValueError as e:
                     os.remove(part)  # complete by length but not a FITS file: start over
                     raise _Retry(f"not a complete FITS file ({str(e).split(': ', 1)[-1]})")
-            with open(part, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fd = os.open(part, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(part, final)
             return DownloadResult(url, final, "downloaded", count[0], attempt)
         except _Permanent as e:

@@ -23,6 +23,7 @@ every visit are NaN (DR17) or 0 with a huge error (older releases).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -260,6 +261,38 @@ class _Cards:
         return out
 
 
+#: Sizes beyond this (256 TiB) in a header are corruption, not data: refused before use.
+_MAX_FITS_BYTES = 2**48
+
+
+def _check_sizes(path, k, bitpix, naxis, dims, pcount, gcount):
+    """Refuse header sizes no real FITS file has (ValueError naming the file).
+
+    Python ints keep the products exact; an axis of 2**62 (whose int64 pixel
+    count wraps to 0) or a negative one is refused here, while a plausible size
+    the file is too short for is left to the truncation check.
+    """
+    if bitpix not in _BITPIX:
+        raise ValueError(f"{path}: HDU {k} has BITPIX = {bitpix}, not a FITS data type: "
+                         "corrupt header")
+    if not 0 <= naxis <= 999:
+        raise ValueError(f"{path}: HDU {k} has NAXIS = {naxis} (FITS allows 0-999): "
+                         "corrupt header")
+    for j, d in enumerate(dims, 1):
+        if not 0 <= d <= _MAX_FITS_BYTES:
+            raise ValueError(f"{path}: HDU {k} has NAXIS{j} = {d}, an impossible size: "
+                             "corrupt header")
+    if not 0 <= pcount <= _MAX_FITS_BYTES or not 0 <= gcount <= _MAX_FITS_BYTES:
+        raise ValueError(f"{path}: HDU {k} has PCOUNT = {pcount}, GCOUNT = {gcount}, an "
+                         "impossible size: corrupt header")
+    nbytes = abs(bitpix) // 8 * gcount * (pcount + math.prod(dims)) if naxis else 0
+    if nbytes > _MAX_FITS_BYTES:
+        raise ValueError(f"{path}: HDU {k} declares {nbytes} bytes of data ("
+                         f"NAXISn = {', '.join(map(str, dims))}), an impossible size: "
+                         "corrupt header")
+    return nbytes
+
+
 def _scan_fits(path, fd, size, max_hdus=None):
     """Walk the HDUs of an open FITS file (``os.pread`` on ``fd``) without reading data.
 
@@ -298,10 +331,12 @@ def _scan_fits(path, fd, size, max_hdus=None):
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: HDU {len(hdus)} header lacks or garbles "
                              f"{err.args[0] if err.args else err}") from None
-        n = int(np.prod(dims)) if naxis > 0 else 0
-        pcount = int(cards.get("PCOUNT", 0))
-        gcount = int(cards.get("GCOUNT", 1))
-        nbytes = abs(bitpix) // 8 * gcount * (pcount + n) if naxis else 0
+        try:
+            pcount = int(cards.get("PCOUNT", 0))
+            gcount = int(cards.get("GCOUNT", 1))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: HDU {len(hdus)} header garbles PCOUNT or GCOUNT") from None
+        nbytes = _check_sizes(path, len(hdus), bitpix, naxis, dims, pcount, gcount)
         if data + nbytes > size:
             raise ValueError(f"{path}: truncated FITS file: HDU {len(hdus)} needs "
                              f"{data + nbytes} bytes, the file has {size}")
@@ -350,7 +385,7 @@ def _image(path, fd, hdu, rows):
                          f"BITPIX = {bitpix}")
     dims = [int(cards[f"NAXIS{k}"]) for k in range(1, naxis + 1)][::-1]  # C order
     dt = np.dtype(_BITPIX[bitpix])
-    count = int(np.prod(dims)) if rows is None or naxis == 1 else int(dims[1])
+    count = math.prod(dims) if rows is None or naxis == 1 else int(dims[1])
     raw = os.pread(fd, count * dt.itemsize, off)
     a = np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="))
     if rows is None and naxis == 2:

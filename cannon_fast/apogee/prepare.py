@@ -5,12 +5,19 @@ the quality cuts (reporting each), reads and masks the survivors' spectra in
 a process pool, normalizes them with the numba kernel and appends them in
 chunks to a :class:`~cannon_fast.store.SpectraStore`.  A file that cannot be
 read is listed, with the reason, and the batch goes on.
+
+The store is built in a hidden temporary directory beside ``out``, marked
+complete when the last chunk is in, and only then moved into place (an old
+store at ``out`` is kept until the new one exists): an interrupted run leaves
+the old store, or nothing, at ``out``, never a partial one.
 """
 from __future__ import annotations
 
 import glob
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -185,7 +192,7 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
     release : str, optional
         Expected apStar layout.
     overwrite : bool
-        Replace an existing store.
+        Replace an existing store (only once the new one is complete).
     show_progress : bool, optional
 
     Returns
@@ -194,6 +201,8 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
     """
     from astropy.table import Table
 
+    out = os.fspath(out)
+    _check_out(out, overwrite)
     if isinstance(apstar, (str, os.PathLike)):
         paths = find_apstar_files(apstar)
     else:
@@ -240,9 +249,52 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
                 allstar=getattr(cat, "meta", {}).get("path"), release=release,
                 bad_bits=int(bit_value(bits)), continuum_degree=int(degree),
                 n_continuum_pixels=int(cont.sum()), continuum_pixels=np.flatnonzero(cont).tolist())
-    store = SpectraStore.create(out, wavelength_grid(), labels,
-                                id_width=max([40] + [len(s) for s in sel_ids]), meta=meta,
-                                overwrite=overwrite)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".prepare",
+                            dir=parent)
+    try:
+        store = SpectraStore.create(os.path.join(work, "new"), wavelength_grid(), labels,
+                                    id_width=max([40] + [len(s) for s in sel_ids]), meta=meta,
+                                    complete=False)
+        n_flagged = _fill_store(store, report, failures, sel_paths, sel_ids, sel_labels,
+                                sel_errors, cont, bits, degree, workers, chunk_size, release,
+                                show_progress)
+        store.mark_complete()
+        _check_out(out, overwrite)   # something may have appeared at out meanwhile
+        _swap_into_place(store.path, out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PrepareResult(SpectraStore(out), report, failures, n_flagged)
+
+
+def _check_out(out, overwrite):
+    """Refuse an existing ``out`` unless ``overwrite`` and it is a SpectraStore to replace."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out}: already exists (use --overwrite to replace it)")
+    if not os.path.isfile(os.path.join(out, "index.json")):
+        raise FileExistsError(f"{out}: exists and is not a SpectraStore; refusing to replace it")
+
+
+def _swap_into_place(new, out, work):
+    """Move the finished store ``new`` to ``out``; an old ``out`` goes only once ``new`` can."""
+    old = os.path.join(work, "old")
+    had_old = os.path.lexists(out)
+    if had_old:
+        os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        if had_old:
+            os.rename(old, out)
+        raise
+
+
+def _fill_store(store, report, failures, sel_paths, sel_ids, sel_labels, sel_errors, cont, bits,
+                degree, workers, chunk_size, release, show_progress):
+    """Read, normalize and append the selected stars in chunks; returns the flagged count."""
     n_unreadable = n_failed = n_flagged = 0
     for a in range(0, len(sel_paths), chunk_size):
         b = min(a + chunk_size, len(sel_paths))
@@ -268,7 +320,7 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
                                 remaining=remaining))
     store.update_meta(cut_report=report.as_dict(), failures=[list(f) for f in failures],
                       n_continuum_flagged=n_flagged)
-    return PrepareResult(SpectraStore(out), report, failures, n_flagged)
+    return n_flagged
 
 
 def corner_plot(labels, label_names, path, **kwargs):

@@ -61,11 +61,22 @@ def fit_options(args):
                 refine_continuum=args.refine_continuum)
 
 
-def _rows(text, n):
+def _rows(text, n, path):
+    """The slice of ``--rows START:STOP`` over ``n`` spectra; ValueError if it selects none."""
+    if n == 0:
+        raise ValueError(f"{path} holds no spectra")
     if text is None:
         return slice(0, n)
-    start, _, stop = text.partition(":")
-    return slice(int(start) if start else 0, int(stop) if stop else n)
+    start, colon, stop = text.partition(":")
+    try:
+        rows = slice(int(start) if start else 0, int(stop) if stop else n)
+    except ValueError:
+        colon = ""
+    if not colon:
+        raise ValueError(f"--rows {text}: expected START:STOP (integers, either may be left out)")
+    if not len(range(n)[rows]):
+        raise ValueError(f"--rows {text} selects no spectra ({path} holds {n}, rows 0:{n})")
+    return rows
 
 
 def read_spectra_file(path, need_labels=False):
@@ -133,7 +144,7 @@ def _train(args):
             raise ValueError(f"labels {unknown} are not in {args.spectra} "
                              f"(it has {data['label_names']})")
         columns = [data["label_names"].index(n) for n in names]
-    rows = _rows(args.rows, len(data["flux"]))
+    rows = _rows(args.rows, len(data["flux"]), args.spectra)
     labels = np.asarray(data["labels"][rows])[:, columns]
     keep = np.all(np.isfinite(labels), axis=1)
     if not keep.all():
@@ -171,7 +182,7 @@ def _fit(args):
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
     model = CannonModel.read(args.model, backend=args.backend)
     data = read_spectra_file(args.spectra)
-    rows = _rows(args.rows, len(data["flux"]))
+    rows = _rows(args.rows, len(data["flux"]), args.spectra)
     t0 = time.perf_counter()
     if (args.broadening or args.refine_continuum) and args.method == "trf":
         raise ValueError("--broadening and --refine-continuum go with the fast method, not "

@@ -53,7 +53,8 @@ def register(subparsers, parent):
                    help="continuum pixels: .npz/.npy mask or indices (7214/7514/8575 grid), "
                         "text indices, or a text list of wavelength ranges")
     q.add_argument("--out", required=True, help="SpectraStore directory to create")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store, once the new one is complete")
     q.add_argument("--labels", default="TEFF,LOGG,FE_H,MG_FE,SI_FE",
                    help="label columns, comma-separated (default the lab's five)")
     q.add_argument("--degree", type=int, default=None,

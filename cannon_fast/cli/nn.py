@@ -38,6 +38,8 @@ def register(subparsers, parent):
     p.add_argument("--loss-plot", default=None,
                    help="loss figure (default: the output name with .png)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing checkpoint and loss plot")
     p.set_defaults(func=_train)
 
     q = subparsers.add_parser(
@@ -50,7 +52,8 @@ def register(subparsers, parent):
     q.add_argument("--n-samples", type=int, default=30, help="MC-dropout samples")
     q.add_argument("--max-bad-fraction", type=float, default=0.3)
     q.add_argument("--device", default="auto")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                   help="overwrite an existing output table")
     q.set_defaults(func=_predict)
 
 
@@ -79,9 +82,18 @@ def _read_input(path, need_labels):
         return d["flux"], d["ivar"], labels, names, ids
 
 
+def _refuse_existing(paths, force):
+    """Refuse, before any work, to overwrite an existing output unless ``force``."""
+    for path in paths:
+        if path and os.path.exists(path) and not force:
+            raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
 def _train(args):
     from .. import nn
 
+    plot = args.loss_plot or os.path.splitext(args.output)[0] + "_loss.png"
+    _refuse_existing((args.output, plot), args.force)
     flux, ivar, labels, names, _ = _read_input(args.input, need_labels=True)
     if labels is None or not names:
         raise ValueError(f"{args.input} has no labels to train on")
@@ -120,7 +132,6 @@ def _train(args):
               f"{history['best_epoch'] + 1}; wrote {args.output}")
     from ..nn.evaluate import plot_loss
 
-    plot = args.loss_plot or os.path.splitext(args.output)[0] + "_loss.png"
     plot_loss(history, plot)
     print(f"loss plot: {plot}")
     return 0
@@ -133,8 +144,7 @@ def _one_or_all(values):
 def _predict(args):
     from ..nn import SpectrumRegressor
 
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists (use --overwrite)")
+    _refuse_existing((args.output,), args.overwrite)
     reg = SpectrumRegressor.load(args.checkpoint, device=args.device)
     flux, ivar, _, _, ids = _read_input(args.input, need_labels=False)
     res = reg.predict(flux, ivar, n_samples=args.n_samples, seed=args.seed,

@@ -45,6 +45,8 @@ def register(subparsers, parent):
     p.add_argument("--corner", default=None, help="write the corner plot here (.png/.pdf)")
     p.add_argument("--output", default=None, help="write the summary as JSON here")
     p.add_argument("--samples", default=None, help="write the posterior samples (.npz) here")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing --output, --corner and --samples files")
     p.add_argument("--cv-scatter", default=None, metavar="LABEL=VALUE,... or REPORT",
                    help="cross-validation scatter per label for the comparison table: "
                         "e.g. TEFF=30,LOGG=0.06,FE_H=0.02, or a report folder (or its "
@@ -198,6 +200,8 @@ def _mcmc(args):
 
     from ..lab.mcmc import TrainingRangeWarning, parse_prior_args, sample_posterior
 
+    for path in (args.output, args.corner, args.samples):   # before the sampling, not after
+        _refuse_existing(path, args.force)
     model = _read_model(args.model, args.backend)
     flux, ivar, ids, notes = load_one_spectrum(args.spectrum, model, args.continuum)
     if len(flux) != 1:

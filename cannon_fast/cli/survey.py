@@ -33,8 +33,9 @@ def register(subparsers, parent):
                         "SpectraStore directory; or one .npz with flux, ivar (N, P) and "
                         "optionally ids, bitmask")
     p.add_argument("--out", required=True, metavar="CATALOG",
-                   help="output catalogue (.fits, or .parquet); appended to if it exists and "
-                        "was made by the same model")
+                   help="output catalogue (.fits, or .parquet); other inputs are appended to it "
+                        "if it was made by the same model; the same command again resumes "
+                        "or does nothing")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="N",
                    help=f"stars per chunk (default {DEFAULT_CHUNK_SIZE}); memory is bounded by "
                         "it: about N x P x 40 bytes + 0.15 GB, i.e. ~0.85 GB for the default "
@@ -73,6 +74,10 @@ def register(subparsers, parent):
     p.add_argument("--refine-continuum", action="store_true",
                    help="refine each continuum against the model and fit again (see "
                         "cannon-fast fit)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing catalogue with this job's rows (the old one "
+                        "stays until the new one is written) instead of refusing one that "
+                        "holds these inputs labeled with other options, or another model's")
     p.set_defaults(func=_label)
 
 
@@ -89,7 +94,7 @@ def _label(args):
             scheduler=args.scheduler, n_workers=args.workers, fmt=args.format,
             continuum_pixels=args.continuum, degree=args.degree,
             bad_bits=args.bad_bits, normalized=args.normalized,
-            fit_options=fit_options(args), log=say)
+            fit_options=fit_options(args), log=say, force=args.force)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)

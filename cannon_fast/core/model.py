@@ -607,6 +607,9 @@ class CannonModel:
         -------
         CannonModel
         """
+        import zipfile
+        import zlib
+
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no model file at {path}")
@@ -621,17 +624,27 @@ class CannonModel:
                               if n.upper() in fits]
                     arrays = {name: fits[name.upper()].read() for name in names}
             else:
-                with np.load(path, allow_pickle=False) as data:
+                # our own handle: np.load leaks its file when the zip is truncated
+                with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
                     meta = json.loads(str(data["meta"]))
                     arrays = {k: data[k] for k in data.files if k != "meta"}
-        except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"{path} is not a cannon_fast model file: {err}") from err
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            # a truncated .npz fails as BadZipFile, EOFError or zlib.error, not OSError
+            raise ValueError(f"{path} is not a cannon_fast model file (truncated or corrupt?): "
+                             f"{type(err).__name__}: {err}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path} is not a cannon_fast model file: its metadata is not a "
+                             "JSON object")
         if meta.get("package") != "cannon_fast" or meta.get("format") != FILE_FORMAT:
             raise ValueError(f"{path}: unsupported model file (format {meta.get('format')!r}, "
                              f"package {meta.get('package')!r})")
-        model = cls(meta["label_names"], order=meta["order"], backend=backend,
-                    extra_terms=meta.get("extra_terms", ()),
-                    reciprocal_labels=meta.get("reciprocal_labels", ()))
+        _check_model_file(path, meta, arrays)   # before building anything from it
+        try:
+            model = cls(meta["label_names"], order=meta["order"], backend=backend,
+                        extra_terms=meta.get("extra_terms", ()),
+                        reciprocal_labels=meta.get("reciprocal_labels", ()))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: bad model metadata: {err}") from None
         if not np.array_equal(model.exponents, arrays["exponents"]):
             raise ValueError(f"{path}: the stored polynomial terms do not match order "
                              f"{meta['order']} and extra terms {meta.get('extra_terms', [])}")
@@ -642,16 +655,83 @@ class CannonModel:
         model.label_offsets = np.asarray(arrays["label_offsets"], dtype=np.float64)
         model.label_scales = np.asarray(arrays["label_scales"], dtype=np.float64)
         model.training_labels = np.asarray(arrays["training_labels"], dtype=np.float64)
-        if meta.get("grid") is not None:
-            model.grid = PixelGrid.from_description(
-                meta["grid"], {k[5:]: arrays[k] for k in arrays if k.startswith("grid_")})
-            model._grid_given = True
-        model._set_grid(model.theta.shape[0])  # files before grids: the APOGEE grids
+        try:
+            if meta.get("grid") is not None:
+                model.grid = PixelGrid.from_description(
+                    meta["grid"], {k[5:]: arrays[k] for k in arrays if k.startswith("grid_")})
+                model._grid_given = True
+            model._set_grid(model.theta.shape[0])  # files before grids: the APOGEE grids
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: bad pixel grid record: {err}") from None
         model.training_hash = meta["training_hash"]
         model.train_info = meta.get("train_info", {})
-        model.train_info["trained_with_backend"] = meta["backend"]
-        model.train_info["written_by_version"] = meta["version"]
+        model.train_info["trained_with_backend"] = meta.get("backend")
+        model.train_info["written_by_version"] = meta.get("version")
         return model
+
+
+#: The arrays of a model file (besides the optional ``grid_*``).
+_MODEL_ARRAYS = ("theta", "s2", "theta_cov", "pixel_flags", "label_offsets", "label_scales",
+                 "training_labels", "exponents")
+
+
+def _check_model_file(path, meta, arrays):
+    """Refuse a model file whose metadata and arrays disagree (ValueError naming it).
+
+    Everything the constructor would build from is bounded first by the stored
+    arrays: an ``order`` whose polynomial has more terms than the stored
+    exponents (``"order": 400`` would take hours and all memory) is refused
+    before any term is built.
+    """
+    import math
+
+    def bad(what):
+        return ValueError(f"{path}: corrupt model file: {what}")
+
+    names = meta.get("label_names")
+    if (not isinstance(names, list) or not names
+            or not all(isinstance(n, str) and n for n in names)):
+        raise bad(f"label_names must be a non-empty list of names, got {names!r}")
+    missing = [k for k in _MODEL_ARRAYS if k not in arrays]
+    if missing:
+        raise bad(f"missing array(s) {missing}")
+    for k in _MODEL_ARRAYS:
+        if arrays[k].dtype.kind not in "biuf":
+            raise bad(f"{k} has dtype {arrays[k].dtype}, not numbers")
+    n_labels = len(names)
+    exponents = arrays["exponents"]
+    if exponents.ndim != 2 or exponents.shape[1] != n_labels or exponents.shape[0] < 2:
+        raise bad(f"exponents have shape {exponents.shape}, expected (T, {n_labels}) for "
+                  f"{n_labels} labels")
+    if exponents.dtype.kind not in "iu" or exponents.min() < 0:
+        raise bad("exponents must be non-negative integers")
+    n_terms = exponents.shape[0]
+    order, extra = meta.get("order"), meta.get("extra_terms", [])
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise bad(f"order must be an integer >= 1, got {order!r}")
+    if not isinstance(extra, list):
+        raise bad(f"extra_terms must be a list, got {extra!r}")
+    # comb() is exact and quick; the stored T bounds how many terms the order may make
+    if order > int(exponents.sum(axis=1).max()) or \
+            math.comb(n_labels + order, order) + len(extra) != n_terms:
+        raise bad(f"order {order} with {len(extra)} extra term(s) does not make the "
+                  f"{n_terms} stored terms of {n_labels} labels")
+    theta = arrays["theta"]
+    if theta.ndim != 2 or theta.shape[1] != n_terms or theta.shape[0] < 1:
+        raise bad(f"theta has shape {theta.shape}, expected (P, {n_terms})")
+    n_pix = theta.shape[0]
+    expected = dict(s2=(n_pix,), theta_cov=(n_pix, n_terms * (n_terms + 1) // 2),  # packed
+                    pixel_flags=(n_pix,),
+                    label_offsets=(n_labels,), label_scales=(n_labels,))
+    for k, shape in expected.items():
+        if arrays[k].shape != shape:
+            raise bad(f"{k} has shape {arrays[k].shape}, expected {shape} (P = {n_pix} "
+                      f"pixels, T = {n_terms} terms, L = {n_labels} labels)")
+    train = arrays["training_labels"]
+    if train.ndim != 2 or train.shape[1] != n_labels or train.shape[0] < 1:
+        raise bad(f"training_labels have shape {train.shape}, expected (N >= 1, {n_labels})")
+    if not isinstance(meta.get("training_hash"), str):
+        raise bad("its metadata lacks the training_hash")
 
 
 # ---------------------------------------------------------------------- validation

@@ -17,8 +17,8 @@ import numpy as np
 
 from .._util import progress
 from ..core.fitting import _check_broadening
-from .catalog import (_FORMAT, _VERSION, _catalog_format, _catalog_meta, _catalog_record,
-                      _Parts, _refuse_other_model)
+from .catalog import (_FORMAT, _VERSION, SurveyError, _catalog_format, _catalog_meta,
+                      _catalog_record, _Parts, _refuse_other_model)
 from .chunk import _grid_columns
 from .inputs import open_inputs
 from .schedulers import run_chunks
@@ -129,7 +129,7 @@ def model_hash(model):
 def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
                  scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=None,
                  bad_bits=None, normalized=None, release=None, fit_options=None,
-                 show_progress=None, log=None, _on_commit=None):
+                 show_progress=None, log=None, force=False, _on_commit=None):
     """Label a whole survey, chunk by chunk, into one catalogue (resumable).
 
     Parameters
@@ -180,6 +180,10 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         Progress bar with stars/s and time left (default: on a terminal).
     log : callable, optional
         Called with one-line messages (e.g. ``print``).
+    force : bool
+        Replace an existing catalogue with this job's rows alone (the old one
+        stays until the new one is written) instead of refusing a catalogue
+        that holds these inputs labeled by another job, or another model's labels.
 
     Returns
     -------
@@ -188,8 +192,10 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     Raises
     ------
     SurveyError
-        The catalogue or a partial run belongs to another model or job, or a
-        write failed (e.g. a full disk); what was committed is kept.
+        The catalogue or a partial run belongs to another model or job (the
+        catalogue already holds these inputs labeled with other options), or a
+        write failed (e.g. a full disk); what was committed is kept.  The
+        identical job again is not an error: it resumes, or does nothing.
     ValueError
         Bad inputs: the model's pixel grid does not match the spectra, ...
     """
@@ -212,13 +218,17 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     parts = _Parts(out, n_chunks)
     summary = SurveySummary(catalog=out, n_chunks=n_chunks)
 
-    existing = _catalog_meta(out, fmt)
+    existing = _catalog_meta(out, fmt)   # refuses a file that is no cannon-fast catalogue
+    if existing is not None and force:
+        log(f"--force: {out} will be replaced by this job's rows once they are all written")
+        existing = None
     if existing is not None:
         _refuse_other_model(existing, out, model, mh)
         record = next((j for j in existing["jobs"] if j["job_id"] == job_id), None)
         if record is not None:
             parts.remove()  # merged, then killed before cleaning up
             return _already_done(summary, record, existing, t0)
+        _refuse_other_job(existing, out, job, job_id)
 
     parts.start(dict(format=_FORMAT, version=_VERSION, job_id=job_id, job=job,
                      n_items=n_items, n_chunks=n_chunks, label_names=list(model.label_names),
@@ -249,7 +259,7 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     # every chunk is committed: merge (old rows first, then the chunks in order)
     counts, failures = parts.tally(model.label_names, n_items)
     record = dict(job_id=job_id, counts=counts, inputs=source.identity, chunk_size=chunk_size,
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"), job=job)
     parts.merge_into(out, fmt, _catalog_record(model, mh, record, existing), existing)
     summary.__dict__.update(counts)
     summary.failures = failures
@@ -309,6 +319,39 @@ def _job_identity(mh, source, chunk_size, backend, options):
                           .hexdigest()[:16] if "continuum_pixels" in options else None))
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     return job, job_id
+
+
+def _flat(job):
+    """A job's options as one flat dict (``fit`` spelled out), without its inputs."""
+    out = {k: v for k, v in job.items() if k not in ("inputs", "fit")}
+    out.update({f"fit.{k}": v for k, v in (job.get("fit") or {}).items()})
+    return out
+
+
+def _refuse_other_job(existing, out, job, job_id):
+    """Raise SurveyError if ``out`` already holds this job's inputs labeled by another job.
+
+    Appending other inputs is allowed; the same inputs again with other
+    options would add a second set of rows for the same stars, from another
+    method, under the same MODEL_HASH.
+    """
+    for old in existing["jobs"]:
+        if old.get("inputs") != job["inputs"]:
+            continue
+        if "job" in old:
+            then, now = _flat(old["job"]), _flat(job)
+            diffs = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                     for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            what = "; ".join(diffs[:4])
+        elif old.get("chunk_size") != job["chunk_size"]:
+            what = f"chunk_size: {old.get('chunk_size')!r} then, {job['chunk_size']!r} now"
+        else:
+            what = f"job {old['job_id']} then, {job_id} now"
+        raise SurveyError(
+            f"{out} already holds these inputs labeled with other options ({what}); "
+            "refusing to add a second set of rows for the same stars. Write to another --out, "
+            "or pass --force to replace the catalogue (once the new one is written).")
+    return None
 
 
 def _already_done(summary, record, existing, t0):
