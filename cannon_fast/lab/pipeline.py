@@ -13,6 +13,11 @@ Optional steps owned by other modules (MCMC on a held-back "mystery" star,
 movies, binaries, the neural-network comparison) are called through small
 guarded functions: when a module is absent or fails, the report says so and the
 rest of the lab is unaffected.
+
+Inside, :func:`run_lab` checks every option before any work (``_new_context``)
+and runs one private function per step, ``_step_data`` to ``_step_outputs``,
+over a shared ``_LabContext``: each step reads what the earlier ones left there
+and adds its own results, and ``_summary`` assembles ``summary.json`` from them.
 """
 from __future__ import annotations
 
