@@ -349,14 +349,7 @@ def fit_binaries(model, flux, ivar, free_secondary=("TEFF", "LOGG"), light_ratio
     if flux.shape != ivar.shape:
         raise ValueError(f"flux and ivar shapes differ: {flux.shape} vs {ivar.shape}")
     names = list(model.label_names)
-    free_secondary = [str(n) for n in free_secondary]
-    unknown = [n for n in free_secondary if n not in names]
-    if unknown:
-        raise ValueError(f"free_secondary names unknown labels {unknown}; labels are {names}")
-    if light_ratio not in ("free", "physical"):
-        raise ValueError(f"light_ratio must be 'free' or 'physical', got {light_ratio!r}")
-    if light_ratio == "physical" and not {"TEFF", "LOGG"} <= set(free_secondary):
-        raise ValueError("light_ratio='physical' needs TEFF and LOGG among free_secondary")
+    free_secondary = _checked_secondary(names, free_secondary, light_ratio)
     n, n_pix = flux.shape
     if n_pix != model.n_pixels:
         raise ValueError(f"the spectra have {n_pix} pixels but the model has {model.n_pixels}")
@@ -366,22 +359,10 @@ def fit_binaries(model, flux, ivar, free_secondary=("TEFF", "LOGG"), light_ratio
     n_labels = len(names)
     k_single = n_labels
     k_binary = n_labels + len(free_secondary) + (1 if light_ratio == "free" else 0) + 1
-    # sorted: a reciprocal label (CannonModel(reciprocal_labels=)) reverses its bounds
-    bounds_x = np.sort(model.scale_labels(np.asarray(model.label_bounds).T), axis=0)  # (2, L)
-    lo = list(bounds_x[0]) + [bounds_x[0][names.index(s)] for s in free_secondary]
-    hi = list(bounds_x[1]) + [bounds_x[1][names.index(s)] for s in free_secondary]
-    if light_ratio == "free":
-        lo.append(0.01)
-        hi.append(1.0)
-    lo.append(-dv_max)
-    hi.append(dv_max)
-    lo, hi = np.array(lo), np.array(hi)
-    step = dv_step if dv_step is not None else 2 * C_KMS * np.log(10.0) * DLOG10
-    dv_grid = np.arange(-dv_max, dv_max + 1e-9, step)
-    dv_grid = dv_grid[np.abs(dv_grid) > 0.5 * step] if len(dv_grid) > 1 else dv_grid
-    dv_grid = np.concatenate([[0.0], dv_grid])
-    # candidate secondaries, as offsets in physical units of the free labels
-    offsets = _secondary_offsets(names, free_secondary)
+    bounds_x, lo, hi = _parameter_bounds(model, free_secondary, light_ratio, dv_max)
+    search = dict(offsets=_secondary_offsets(names, free_secondary),
+                  dv_grid=_velocity_grid(dv_max, dv_step), bounds_x=bounds_x,
+                  light_ratio=light_ratio, positions=positions)
     out = {k: np.full(n, np.nan) for k in ("single_chi2", "light_ratio", "velocity",
                                            "binary_chi2", "fimp")}
     prim = np.full((n, n_labels), np.nan)
@@ -399,37 +380,10 @@ def fit_binaries(model, flux, ivar, free_secondary=("TEFF", "LOGG"), light_ratio
         m_single = model.predict(l_single)[prob.good]
         r1 = prob.sw * (prob.f - m_single)
         out["single_chi2"][i] = float(r1 @ r1)
-        x1 = model.scale_labels(l_single)
-        f1 = model.predict(l_single)
-        # grid search: secondary candidates x light ratio x velocity (primary held fixed)
-        cands = []
-        for off in offsets:
-            l2 = l_single.copy()
-            for name, d in off.items():
-                l2[names.index(name)] += d
-            x2 = model.scale_labels(l2)
-            x2 = np.clip(x2, bounds_x[0], bounds_x[1])
-            l2 = model.unscale_labels(x2)
-            f2 = model.predict(l2)
-            qs = (0.2, 0.5, 0.9) if light_ratio == "free" else (None,)
-            shifted = doppler_shift(np.broadcast_to(f2, (len(dv_grid), n_pix)), dv_grid,
-                                    positions)[:, prob.good]
-            for q in qs:
-                qq = prob.light(l_single, l2, q)
-                qq = qq if np.ndim(qq) == 0 else qq[prob.good]
-                comp = (f1[prob.good] + qq * shifted) / (1.0 + qq)
-                r = prob.sw * (prob.f - comp)
-                chi = np.einsum("kp,kp->k", r, r)
-                j = int(np.argmin(chi))
-                p = list(x1) + list(x2[prob.idx2])
-                if q is not None:
-                    p.append(q)
-                p.append(dv_grid[j])
-                cands.append((chi[j], np.array(p)))
-        cands.sort(key=lambda c: c[0])
-        best = None
+        starts = _grid_starts(prob, l_single, **search)
         jac = prob.jac if light_ratio == "free" else _numeric_jac(prob.resid, hi - lo)
-        for _, p0 in cands[:n_polish]:
+        best = None
+        for _, p0 in starts[:n_polish]:
             p0 = np.clip(p0, lo, hi)
             x, c = _bounded_lm(prob.resid, jac, p0, lo, hi, max_iter=max_iter)
             if best is None or c < best[0]:
@@ -440,12 +394,7 @@ def fit_binaries(model, flux, ivar, free_secondary=("TEFF", "LOGG"), light_ratio
         out["binary_chi2"][i] = c
         out["light_ratio"][i] = prob.q_h(p)
         out["velocity"][i] = dv
-        # El-Badry et al.'s fractional improvement: ~1 when the binary model fits better
-        # wherever the two models differ, ~0 when its gain is spread over noise
-        m_bin = prob.model_flux(p)[prob.good]
-        den = np.sum(np.abs(m_single - m_bin) * prob.sw)
-        num = np.sum((np.abs(prob.f - m_single) - np.abs(prob.f - m_bin)) * prob.sw)
-        out["fimp"][i] = num / den if den > 0 else 0.0
+        out["fimp"][i] = _fractional_improvement(prob, m_single, prob.model_flux(p)[prob.good])
     dchi2 = out["single_chi2"] - out["binary_chi2"]
     dchi2 = np.where(np.isfinite(dchi2), np.maximum(dchi2, 0.0), np.nan)
     with np.errstate(divide="ignore"):
@@ -461,6 +410,95 @@ def fit_binaries(model, flux, ivar, free_secondary=("TEFF", "LOGG"), light_ratio
                      n_pixels=npix, n_params_single=k_single, n_params_binary=k_binary,
                      free_secondary=free_secondary, light_ratio_mode=light_ratio,
                      bic_threshold=float(bic_threshold), fimp_threshold=float(fimp_threshold))
+
+
+def _checked_secondary(names, free_secondary, light_ratio):
+    """``free_secondary`` as a list of label names, checked against the light-ratio mode."""
+    free_secondary = [str(n) for n in free_secondary]
+    unknown = [n for n in free_secondary if n not in names]
+    if unknown:
+        raise ValueError(f"free_secondary names unknown labels {unknown}; labels are {names}")
+    if light_ratio not in ("free", "physical"):
+        raise ValueError(f"light_ratio must be 'free' or 'physical', got {light_ratio!r}")
+    if light_ratio == "physical" and not {"TEFF", "LOGG"} <= set(free_secondary):
+        raise ValueError("light_ratio='physical' needs TEFF and LOGG among free_secondary")
+    return free_secondary
+
+
+def _parameter_bounds(model, free_secondary, light_ratio, dv_max):
+    """Bounds of the binary model's parameters: the scaled labels' (2, L), and lo, hi.
+
+    The parameters are the primary's scaled labels, the secondary's free ones, the
+    light ratio when free, and the velocity.
+    """
+    names = list(model.label_names)
+    # sorted: a reciprocal label (CannonModel(reciprocal_labels=)) reverses its bounds
+    bounds_x = np.sort(model.scale_labels(np.asarray(model.label_bounds).T), axis=0)  # (2, L)
+    lo = list(bounds_x[0]) + [bounds_x[0][names.index(s)] for s in free_secondary]
+    hi = list(bounds_x[1]) + [bounds_x[1][names.index(s)] for s in free_secondary]
+    if light_ratio == "free":
+        lo.append(0.01)
+        hi.append(1.0)
+    lo.append(-dv_max)
+    hi.append(dv_max)
+    return bounds_x, np.array(lo), np.array(hi)
+
+
+def _velocity_grid(dv_max, dv_step=None):
+    """Velocities of the grid search (km/s): 0 first, then every ``dv_step`` to ±``dv_max``."""
+    step = dv_step if dv_step is not None else 2 * C_KMS * np.log(10.0) * DLOG10
+    dv_grid = np.arange(-dv_max, dv_max + 1e-9, step)
+    dv_grid = dv_grid[np.abs(dv_grid) > 0.5 * step] if len(dv_grid) > 1 else dv_grid
+    return np.concatenate([[0.0], dv_grid])
+
+
+def _grid_starts(prob, l_single, offsets, dv_grid, bounds_x, light_ratio, positions):
+    """Starting points of the binary fit from a grid search, best (lowest chi²) first.
+
+    The primary is held at the single-star labels; the grid runs over candidate
+    secondaries (``offsets`` in physical units of the free labels), light ratios
+    (when free) and velocities. Returns a list of (chi², parameter vector).
+    """
+    model, names = prob.model, list(prob.model.label_names)
+    x1 = model.scale_labels(l_single)
+    f1 = model.predict(l_single)
+    cands = []
+    for off in offsets:
+        l2 = l_single.copy()
+        for name, d in off.items():
+            l2[names.index(name)] += d
+        x2 = model.scale_labels(l2)
+        x2 = np.clip(x2, bounds_x[0], bounds_x[1])
+        l2 = model.unscale_labels(x2)
+        f2 = model.predict(l2)
+        qs = (0.2, 0.5, 0.9) if light_ratio == "free" else (None,)
+        shifted = doppler_shift(np.broadcast_to(f2, (len(dv_grid), f2.size)), dv_grid,
+                                positions)[:, prob.good]
+        for q in qs:
+            qq = prob.light(l_single, l2, q)
+            qq = qq if np.ndim(qq) == 0 else qq[prob.good]
+            comp = (f1[prob.good] + qq * shifted) / (1.0 + qq)
+            r = prob.sw * (prob.f - comp)
+            chi = np.einsum("kp,kp->k", r, r)
+            j = int(np.argmin(chi))
+            p = list(x1) + list(x2[prob.idx2])
+            if q is not None:
+                p.append(q)
+            p.append(dv_grid[j])
+            cands.append((chi[j], np.array(p)))
+    cands.sort(key=lambda c: c[0])
+    return cands
+
+
+def _fractional_improvement(prob, m_single, m_binary):
+    """El-Badry et al.'s ``fimp`` of one star from its single and binary model spectra.
+
+    ~1 when the binary model fits better wherever the two models differ, ~0 when
+    its gain is spread over noise.
+    """
+    den = np.sum(np.abs(m_single - m_binary) * prob.sw)
+    num = np.sum((np.abs(prob.f - m_single) - np.abs(prob.f - m_binary)) * prob.sw)
+    return num / den if den > 0 else 0.0
 
 
 def _numeric_jac(resid, span, rel=1e-5):

@@ -547,15 +547,9 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
     except ImportError as err:  # pragma: no cover - optional dependency
         raise ImportError("sample_posterior needs emcee: pip install 'cannon_fast[mcmc]'") from err
     t0 = time.perf_counter()
-    deb_note = None
     names = list(model.label_names)
     n_labels = len(names)
-    flux = np.asarray(flux, dtype=np.float64)
-    ivar = np.asarray(ivar, dtype=np.float64)
-    if flux.ndim == 2 and flux.shape[0] == 1:
-        flux, ivar = flux[0], ivar[0]
-    if flux.ndim != 1:
-        raise ValueError(f"sample_posterior takes one spectrum (P,), got shape {flux.shape}")
+    flux, ivar = _one_spectrum(flux, ivar)
     n_walkers = int(n_walkers)
     if n_walkers < 2 * n_labels:
         raise ValueError(f"n_walkers must be >= 2 x {n_labels} labels = {2 * n_labels}, "
@@ -564,62 +558,10 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
         raise ValueError(f"n_walkers must be even (emcee's stretch move), got {n_walkers}")
     pri = make_prior(model, prior)
     loglike, n_good = log_likelihood_function(model, flux, ivar, method=method)
-
-    # --- the chi² fit the walkers start from
-    if init is None:
-        from ..core.fitting import fit_spectra
-        init = fit_spectra(model, flux[None], ivar[None], debias=False) \
-            if hasattr(model, "theta") else fit_spectra(model, flux[None], ivar[None])
-    fit_labels = np.asarray(init.labels, dtype=np.float64).reshape(-1, n_labels)[0]
-    fit_cov = np.asarray(init.covariance, dtype=np.float64).reshape(-1, n_labels, n_labels)[0]
-    fit_errors = np.sqrt(np.clip(np.diagonal(fit_cov), 0, None))
-    if getattr(init, "debiased", False) or not hasattr(model, "theta"):
-        deb_errors = fit_errors.copy()
-    else:
-        from ..core.fitting import fit_spectra
-        deb = fit_spectra(model, flux[None], ivar[None], debias=True)
-        deb_errors = deb.errors[0]
-        if int(deb.flags[0]) & deb.FLAGS["DEBIAS_CAPPED"]:
-            deb_note = ("the de-biasing was capped for this star (DEBIAS_CAPPED): the model's "
-                        "training noise is comparable to some labels' signal")
-    chi2 = float(np.ravel(init.chi2)[0])
-    red = float(np.ravel(init.reduced_chi2)[0])
-    flags = int(np.ravel(init.flags)[0])
-    if not np.all(np.isfinite(fit_labels)):
-        raise ValueError("the chi² fit failed for this spectrum (flags "
-                         f"{init.flag_names(0) if hasattr(init, 'flag_names') else flags}); "
-                         "cannot start the walkers")
-
-    notes = range_warnings(model, fit_labels, "chi² fit")
-    if flags & getattr(init, "FLAGS", {}).get("SPARSE_TRAINING", 0):
-        notes.append("the chi² fit lies where the training set is thin (SPARSE_TRAINING): the "
-                     "model is least constrained there, so trust these labels less than the "
-                     "validation scatter suggests")
-    if deb_note:
-        notes.append(deb_note)
-    rng = np.random.default_rng(seed)
-    start = np.clip(fit_labels, pri.low, pri.high)
-    span = pri.high - pri.low
-    eps = 1e-6 * span
-    start = np.clip(start, pri.low + eps, pri.high - eps)
-    if np.any(start != fit_labels):
-        moved = [n for n, a, b in zip(names, start, fit_labels) if a != b]
-        notes.append(f"the chi² fit lies outside the prior for {', '.join(moved)}: walkers start "
-                     "at the nearest point inside it")
-    try:
-        chol = np.linalg.cholesky(fit_cov)
-        if not np.all(np.isfinite(chol)):
-            raise np.linalg.LinAlgError
-    except np.linalg.LinAlgError:
-        chol = np.diag(np.where(fit_errors > 0, fit_errors, 1e-3 * span))
-    p0 = start + ball * rng.standard_normal((n_walkers, n_labels)) @ chol.T
-    for _ in range(100):  # redraw walkers that fell outside the prior
-        bad = ~np.isfinite(pri.log_prob(p0))
-        if not bad.any():
-            break
-        p0[bad] = start + ball * rng.standard_normal((bad.sum(), n_labels)) @ chol.T
-        ball *= 0.7
-    p0[~np.isfinite(pri.log_prob(p0))] = start
+    start = _start_fit(model, flux, ivar, init)
+    notes = list(start.notes)
+    p0 = _initial_walkers(pri, start, n_walkers, ball, np.random.default_rng(seed), names,
+                          notes)
 
     def log_prob(x):
         lp = pri.log_prob(x)
@@ -631,28 +573,9 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
 
     sampler = emcee.EnsembleSampler(n_walkers, n_labels, log_prob, vectorize=True)
     sampler.random_state = np.random.RandomState(int(seed) % (2 ** 32)).get_state()
-    n_steps = int(n_steps)
-    check_every = max(50, int(check_every))
-    state = p0
-    tau_old = None
-    tau = np.full(n_labels, np.nan)
-    converged = False
-    bar = progress(total=n_steps, desc="MCMC", unit="step",
-                   disable=None if progress_bar is None else not progress_bar)
-    done = 0
-    while done < n_steps:
-        block = min(check_every, n_steps - done)
-        state = sampler.run_mcmc(state, block, progress=False)
-        done += block
-        bar.update(block)
-        tau = sampler.get_autocorr_time(tol=0, quiet=True)
-        if done >= min_steps and np.all(np.isfinite(tau)):
-            stable = tau_old is not None and np.all(np.abs(tau - tau_old) < tau_rtol * tau)
-            if done > tau_factor * np.max(tau) and stable:
-                converged = True
-                break
-        tau_old = tau
-    bar.close()
+    done, tau, converged = _run_until_converged(sampler, p0, int(n_steps), min_steps,
+                                                max(50, int(check_every)), tau_factor,
+                                                tau_rtol, progress_bar)
 
     tau_max = float(np.nanmax(tau)) if np.any(np.isfinite(tau)) else float(done)
     tau_min = float(np.nanmin(tau)) if np.any(np.isfinite(tau)) else 1.0
@@ -677,10 +600,140 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
         sigma=0.5 * (p84 - p16), autocorr_time=np.asarray(tau, dtype=np.float64),
         n_walkers=n_walkers, n_steps=done, burn=burn, thin=thin,
         acceptance_fraction=float(np.mean(sampler.acceptance_fraction)), converged=converged,
-        prior=pri.to_dict(), prior_text=pri.describe(), fit_labels=fit_labels,
-        fit_errors=fit_errors, fit_errors_debiased=np.asarray(deb_errors, dtype=np.float64),
-        fit_flags=flags, chi2=chi2, reduced_chi2=red, n_pixels=n_good, warnings=notes,
-        runtime=time.perf_counter() - t0, seed=int(seed), tau_factor=float(tau_factor))
+        prior=pri.to_dict(), prior_text=pri.describe(), fit_labels=start.labels,
+        fit_errors=start.errors, fit_errors_debiased=start.errors_debiased,
+        fit_flags=start.flags, chi2=start.chi2, reduced_chi2=start.reduced_chi2,
+        n_pixels=n_good, warnings=notes, runtime=time.perf_counter() - t0, seed=int(seed),
+        tau_factor=float(tau_factor))
     if require_converged:
         res.check()
     return res
+
+
+def _one_spectrum(flux, ivar):
+    """``flux, ivar`` as float64 (P,) arrays; one row of an (1, P) pair is accepted."""
+    flux = np.asarray(flux, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    if flux.ndim == 2 and flux.shape[0] == 1:
+        flux, ivar = flux[0], ivar[0]
+    if flux.ndim != 1:
+        raise ValueError(f"sample_posterior takes one spectrum (P,), got shape {flux.shape}")
+    return flux, ivar
+
+
+@dataclasses.dataclass
+class _StartFit:
+    """The chi² fit the walkers start from, and what it warns about."""
+
+    labels: np.ndarray  # (L,)
+    covariance: np.ndarray  # (L, L)
+    errors: np.ndarray  # (L,)
+    errors_debiased: np.ndarray  # (L,)
+    chi2: float
+    reduced_chi2: float
+    flags: int
+    notes: list
+
+
+def _start_fit(model, flux, ivar, init=None):
+    """The chi² fit of one spectrum (``init``'s row 0, or a new fit) and its de-biased errors.
+
+    The result reports the de-biased fit's errors next to the posterior's.
+    """
+    from ..core.fitting import fit_spectra
+
+    n_labels = len(model.label_names)
+    deb_note = None
+    if init is None:
+        init = fit_spectra(model, flux[None], ivar[None], debias=False) \
+            if hasattr(model, "theta") else fit_spectra(model, flux[None], ivar[None])
+    fit_labels = np.asarray(init.labels, dtype=np.float64).reshape(-1, n_labels)[0]
+    fit_cov = np.asarray(init.covariance, dtype=np.float64).reshape(-1, n_labels, n_labels)[0]
+    fit_errors = np.sqrt(np.clip(np.diagonal(fit_cov), 0, None))
+    if getattr(init, "debiased", False) or not hasattr(model, "theta"):
+        deb_errors = fit_errors.copy()
+    else:
+        deb = fit_spectra(model, flux[None], ivar[None], debias=True)
+        deb_errors = deb.errors[0]
+        if int(deb.flags[0]) & deb.FLAGS["DEBIAS_CAPPED"]:
+            deb_note = ("the de-biasing was capped for this star (DEBIAS_CAPPED): the model's "
+                        "training noise is comparable to some labels' signal")
+    flags = int(np.ravel(init.flags)[0])
+    if not np.all(np.isfinite(fit_labels)):
+        raise ValueError("the chi² fit failed for this spectrum (flags "
+                         f"{init.flag_names(0) if hasattr(init, 'flag_names') else flags}); "
+                         "cannot start the walkers")
+    notes = range_warnings(model, fit_labels, "chi² fit")
+    if flags & getattr(init, "FLAGS", {}).get("SPARSE_TRAINING", 0):
+        notes.append("the chi² fit lies where the training set is thin (SPARSE_TRAINING): the "
+                     "model is least constrained there, so trust these labels less than the "
+                     "validation scatter suggests")
+    if deb_note:
+        notes.append(deb_note)
+    return _StartFit(labels=fit_labels, covariance=fit_cov, errors=fit_errors,
+                     errors_debiased=np.asarray(deb_errors, dtype=np.float64),
+                     chi2=float(np.ravel(init.chi2)[0]),
+                     reduced_chi2=float(np.ravel(init.reduced_chi2)[0]), flags=flags,
+                     notes=notes)
+
+
+def _initial_walkers(pri, start, n_walkers, ball, rng, names, notes):
+    """Walkers in a ball around the chi² fit drawn from its covariance, inside the prior.
+
+    A fit outside the prior starts the ball at the nearest point inside it (said in
+    ``notes``). Returns (n_walkers, L).
+    """
+    fit_labels, fit_errors = start.labels, start.errors
+    n_labels = len(fit_labels)
+    centre = np.clip(fit_labels, pri.low, pri.high)
+    span = pri.high - pri.low
+    eps = 1e-6 * span
+    centre = np.clip(centre, pri.low + eps, pri.high - eps)
+    if np.any(centre != fit_labels):
+        moved = [n for n, a, b in zip(names, centre, fit_labels) if a != b]
+        notes.append(f"the chi² fit lies outside the prior for {', '.join(moved)}: walkers start "
+                     "at the nearest point inside it")
+    try:
+        chol = np.linalg.cholesky(start.covariance)
+        if not np.all(np.isfinite(chol)):
+            raise np.linalg.LinAlgError
+    except np.linalg.LinAlgError:
+        chol = np.diag(np.where(fit_errors > 0, fit_errors, 1e-3 * span))
+    p0 = centre + ball * rng.standard_normal((n_walkers, n_labels)) @ chol.T
+    for _ in range(100):  # redraw walkers that fell outside the prior
+        bad = ~np.isfinite(pri.log_prob(p0))
+        if not bad.any():
+            break
+        p0[bad] = centre + ball * rng.standard_normal((bad.sum(), n_labels)) @ chol.T
+        ball *= 0.7
+    p0[~np.isfinite(pri.log_prob(p0))] = centre
+    return p0
+
+
+def _run_until_converged(sampler, p0, n_steps, min_steps, check_every, tau_factor, tau_rtol,
+                         progress_bar):
+    """Run the sampler in blocks of ``check_every`` until converged or ``n_steps``.
+
+    Returns (steps done, the last autocorrelation times (L,), converged).
+    """
+    state = p0
+    tau_old = None
+    tau = np.full(p0.shape[1], np.nan)
+    converged = False
+    bar = progress(total=n_steps, desc="MCMC", unit="step",
+                   disable=None if progress_bar is None else not progress_bar)
+    done = 0
+    while done < n_steps:
+        block = min(check_every, n_steps - done)
+        state = sampler.run_mcmc(state, block, progress=False)
+        done += block
+        bar.update(block)
+        tau = sampler.get_autocorr_time(tol=0, quiet=True)
+        if done >= min_steps and np.all(np.isfinite(tau)):
+            stable = tau_old is not None and np.all(np.abs(tau - tau_old) < tau_rtol * tau)
+            if done > tau_factor * np.max(tau) and stable:
+                converged = True
+                break
+        tau_old = tau
+    bar.close()
+    return done, tau, converged

@@ -13,9 +13,15 @@ Optional steps owned by other modules (MCMC on a held-back "mystery" star,
 movies, binaries, the neural-network comparison) are called through small
 guarded functions: when a module is absent or fails, the report says so and the
 rest of the lab is unaffected.
+
+Inside, :func:`run_lab` checks every option before any work (``_new_context``)
+and runs one private function per step, ``_step_data`` to ``_step_outputs``,
+over a shared ``_LabContext``: each step reads what the earlier ones left there
+and adds its own results, and ``_summary`` assembles ``summary.json`` from them.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -26,6 +32,7 @@ import traceback
 import numpy as np
 
 from .._util import atomic_path, progress
+from . import report as _report
 from .fit_steps import FIT_STEP_NAMES, FIT_STEPS, fit_step_title
 
 __all__ = ["LAB_LABELS", "TARGETS", "run_lab", "label_statistics", "diagnose_outliers",
@@ -501,48 +508,48 @@ def _guarded(name, func, *args, **kwargs):
     return status, value
 
 
-def _extra_mcmc(ctx):
+def _extra_mcmc(inputs):
     from .mcmc import sample_posterior
 
-    res = sample_posterior(ctx["model"], ctx["mystery_flux"], ctx["mystery_ivar"],
-                           seed=ctx["seed"], warn=False, progress_bar=ctx["show"])
+    res = sample_posterior(inputs["model"], inputs["mystery_flux"], inputs["mystery_ivar"],
+                           seed=inputs["seed"], warn=False, progress_bar=inputs["show"])
     d = res.to_dict()
-    out = {"star": ctx["mystery_id"], "path": ctx["mystery_path"]}
+    out = {"star": inputs["mystery_id"], "path": inputs["mystery_path"]}
     for key in ("converged", "median", "sigma", "p16", "p84", "autocorr_time", "fit_labels",
                 "fit_errors", "fit_errors_debiased", "prior_text", "warnings", "n_steps",
                 "acceptance_fraction", "runtime"):
         if key in d:
             out[key] = d[key]
-    cv = ctx.get("cv_scatter")
-    if ctx.get("mystery_truth") is not None:
-        out["true_labels"] = np.asarray(ctx["mystery_truth"]).tolist()
-    out["catalog_labels"] = np.asarray(ctx["mystery_catalog"]).tolist()
+    cv = inputs.get("cv_scatter")
+    if inputs.get("mystery_truth") is not None:
+        out["true_labels"] = np.asarray(inputs["mystery_truth"]).tolist()
+    out["catalog_labels"] = np.asarray(inputs["mystery_catalog"]).tolist()
     if res.converged:
         out["summary"] = res.summary(cv_scatter=cv)
     else:
         out["summary"] = "chain not converged: no posterior reported"
     try:
-        fig = res.corner(truths=ctx.get("mystery_truth"))
+        fig = res.corner(truths=inputs.get("mystery_truth"))
         if fig is not None and hasattr(fig, "savefig"):
             out["figure"] = ("mcmc_corner", fig,
-                             f"MCMC posterior of the held-back mystery star {ctx['mystery_id']}"
+                             f"MCMC posterior of the held-back mystery star {inputs['mystery_id']}"
                              " (uniform priors within the training range), in blue; orange: the "
                              "chi² fit ± its formal error"
                              + ("; green lines: the true labels, outside the axes when the "
-                                "posterior misses them" if ctx.get("mystery_truth") is not None
+                                "posterior misses them" if inputs.get("mystery_truth") is not None
                                 else "") + ".")
     except ImportError as err:
         out["figure_note"] = f"corner plot skipped ({err})"
     return out
 
 
-def _extra_movies(ctx):
+def _extra_movies(inputs):
     from .plots import movies
 
     func = getattr(movies, "lab_movies", None) or getattr(movies, "make_movies", None)
     if func is None:
         raise ImportError("cannon_fast.lab.plots.movies has no lab_movies()")
-    res = func(ctx["model"], ctx["out_dir"], progress_bar=ctx["show"])
+    res = func(inputs["model"], inputs["out_dir"], progress_bar=inputs["show"])
     files = res if isinstance(res, (list, tuple)) else (res.get("files", []) if isinstance(
         res, dict) else [])
     out = {"files": [os.path.basename(os.fspath(f)) for f in files]}
@@ -551,16 +558,16 @@ def _extra_movies(ctx):
     return out
 
 
-def _extra_binaries(ctx, n_max=30):
+def _extra_binaries(inputs, n_max=30):
     from .binaries import fit_binaries
 
-    k = min(n_max, len(ctx["val_flux"]))
-    res = fit_binaries(ctx["model"], ctx["val_flux"][:k], ctx["val_ivar"][:k],
-                       progress_bar=ctx["show"])
+    k = min(n_max, len(inputs["val_flux"]))
+    res = fit_binaries(inputs["model"], inputs["val_flux"][:k], inputs["val_ivar"][:k],
+                       progress_bar=inputs["show"])
     flagged = np.asarray(res.is_binary, bool)
     out = {"n_fitted": int(k), "n_flagged": int(flagged.sum()),
            "note": f"single-vs-binary fits (BIC) of the first {k} validation stars"}
-    tb = ctx.get("val_is_binary")
+    tb = inputs.get("val_is_binary")
     if tb is not None:
         tb = np.asarray(tb[:k], bool)
         out["n_true_binaries"] = int(tb.sum())
@@ -568,26 +575,144 @@ def _extra_binaries(ctx, n_max=30):
     return out
 
 
-def _extra_nn(ctx):
+def _extra_nn(inputs):
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         raise ImportError("torch is not installed")
     from ..nn import SpectrumRegressor
 
-    reg = SpectrumRegressor(LAB_LABELS, arch="mlp", seed=ctx["seed"], device="cpu")
-    reg.train(ctx["train_flux"], ctx["train_labels"], ctx["train_ivar"], epochs=ctx["nn_epochs"],
-              progress=ctx["show"])
-    res = reg.predict(ctx["val_flux"], ctx["val_ivar"], n_samples=1)
+    reg = SpectrumRegressor(LAB_LABELS, arch="mlp", seed=inputs["seed"], device="cpu")
+    reg.train(inputs["train_flux"], inputs["train_labels"], inputs["train_ivar"],
+              epochs=inputs["nn_epochs"], progress=inputs["show"])
+    res = reg.predict(inputs["val_flux"], inputs["val_ivar"], n_samples=1)
     pred = np.asarray(res.labels, float)
-    out = {"architecture": "mlp", "epochs_max": ctx["nn_epochs"],
-           "vs_catalog": label_statistics(pred, ctx["val_catalog"], LAB_LABELS)}
-    if ctx.get("val_truth") is not None:
-        out["vs_true"] = label_statistics(pred, ctx["val_truth"], LAB_LABELS)
+    out = {"architecture": "mlp", "epochs_max": inputs["nn_epochs"],
+           "vs_catalog": label_statistics(pred, inputs["val_catalog"], LAB_LABELS)}
+    if inputs.get("val_truth") is not None:
+        out["vs_true"] = label_statistics(pred, inputs["val_truth"], LAB_LABELS)
     return out
 
 
 # --------------------------------------------------------------------------- the lab
+#: The optional steps, in the order they run.
+_EXTRAS = ("mcmc", "movies", "binaries", "nn")
+
+
+@dataclasses.dataclass(frozen=True)
+class _LabOptions:
+    """The parameters of :func:`run_lab` as given (documented there)."""
+
+    data_dir: object
+    out_dir: object
+    seed: int
+    force: bool
+    n_stars: int
+    survey_seed: int
+    cache_dir: object
+    allstar: object
+    truth: object
+    continuum: object
+    line_file: object
+    isochrones: object
+    train_fraction: float
+    min_stars: int
+    workers: int
+    backend: str
+    n_outliers: int
+    extras: object
+    nn_epochs: int
+    keep_store: bool
+    extra_terms: object
+    test_step: str
+    label_errors: object
+    show_progress: object
+    log: object
+
+
+@dataclasses.dataclass(eq=False)
+class _LabContext:
+    """What the lab's steps share: the checked options, then each step's results.
+
+    Each group of fields after the first is filled by the step named in its
+    comment and read by the later ones; ``summary.json`` is assembled from them
+    at the end.
+    """
+
+    opts: _LabOptions
+    out_dir: str  # absolute, created
+    model_sets: dict  # candidate name -> CannonModel keyword arguments
+    extras_wanted: set
+    iso_tracks: list
+    say: object  # one line of text per step
+    t_start: float
+    timings: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+    figures: list = dataclasses.field(default_factory=list)  # saved, with captions
+    # _step_data
+    source: dict = None
+    files: list = None
+    id_to_path: dict = None  # APOGEE_ID -> apStar path
+    allstar_path: str = None
+    truth_path: str = None
+    # _step_continuum_pixels
+    cont_mask: np.ndarray = None  # (P,) bool
+    cont_info: dict = None
+    # _step_prepare, _step_load
+    work: str = None  # the store's folder, removed at the end unless keep_store
+    prep: object = None  # prepare_dataset's result: the store and the cut report
+    flux: np.ndarray = None  # (N, P), memory-mapped from the store
+    ivar: np.ndarray = None  # (N, P)
+    cat_labels: np.ndarray = None  # (N, L)
+    cat_errors: np.ndarray = None  # (N, L), or None when not used
+    ids: np.ndarray = None  # (N,) str
+    cflags: np.ndarray = None  # (N,) continuum flags
+    wave: np.ndarray = None  # (P,)
+    continuum_degree: int = None
+    truth_labels: np.ndarray = None  # (N, L), or None without truth
+    truth_extra: dict = dataclasses.field(default_factory=dict)  # truth.fits' other columns
+    # _step_split: indices into the N kept stars
+    train: np.ndarray = None
+    valid: np.ndarray = None
+    mystery: int = None
+    # _step_choose_model, _step_train
+    candidates: dict = None  # name -> trainer (flux, ivar, labels, errors) -> model
+    model_name: str = None
+    primary_key: str = None  # the label fit the figures and headline numbers use
+    cv: dict = None
+    model: object = None
+    model_path: str = None
+    # _step_fit
+    fits: dict = dataclasses.field(default_factory=dict)  # FIT_STEPS key -> FitResult
+    validation: dict = None
+    # _step_error_budget
+    diagnostics: dict = None
+    # _step_figures
+    outliers: list = None
+    # _step_extras
+    extras_status: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def primary(self):
+        """The validation fit the figures and headline numbers use."""
+        return self.fits[self.primary_key]
+
+    @property
+    def val_cat(self):
+        """Catalog labels of the validation stars, (N_valid, L)."""
+        return self.cat_labels[self.valid]
+
+    @property
+    def val_true(self):
+        """True labels of the validation stars, (N_valid, L), or None."""
+        return self.truth_labels[self.valid] if self.truth_labels is not None else None
+
+    @property
+    def train_errors(self):
+        """Catalogue label errors of the training stars, or None."""
+        return None if self.cat_errors is None else self.cat_errors[self.train]
+
+
 def _prepare_out_dir(out_dir, force):
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir):
@@ -699,467 +824,626 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     cannon_fast.apogee.catalog.TooFewStarsError
         Too few stars survive the cuts (the message lists the per-cut counts).
     """
-    from .. import __version__
-    from ..apogee.catalog import TooFewStarsError
-    from ..core.continuum import DEFAULT_DEGREE, load_continuum_pixels, normalize, record_continuum
-    from ..apogee.files import parse_apstar_path, read_apstar
-    from ..apogee.bitmask import mask_spectra
+    opts = _LabOptions(**locals())  # the first statement: locals() holds only the parameters
+    ctx = _new_context(opts)  # bad options fail here, before any work or any folder
+    _step_data(ctx)
+    _step_continuum_pixels(ctx)
+    _step_prepare(ctx)
+    _step_load(ctx)
+    _step_split(ctx)
+    _step_choose_model(ctx)
+    _step_train(ctx)
+    _step_fit(ctx)
+    _step_error_budget(ctx)
+    _step_figures(ctx)
+    _step_extras(ctx)
+    return _step_outputs(ctx)
+
+
+# --------------------------------------------------------------------------- the lab's steps
+# Each step reads what the steps before it left in the context and adds its own results.
+# "Lab step N" is the step of the lab's handout that docs/lab.md walks through.
+def _new_context(opts):
+    """Check every option, then create the report folder and the context of the steps."""
     from ..core.model import CannonModel
-    from ..apogee.prepare import find_apstar_files, prepare_dataset
-    from . import report as _report
 
-    say = log if log is not None else (lambda *_: None)
     t_start = time.perf_counter()
-    timings = {}
-    names = ("mcmc", "movies", "binaries", "nn")
-    if test_step != "auto" and test_step not in FIT_STEPS:
+    if opts.test_step != "auto" and opts.test_step not in FIT_STEPS:
         raise ValueError(f"test_step must be 'auto' or one of {list(FIT_STEPS)}, "
-                         f"got {test_step!r}")
-
-    if label_errors not in ("auto", True, False):
-        raise ValueError(f"label_errors must be 'auto', True or False, got {label_errors!r}")
-
-    def trainer(model_options, with_errors):
-        def train_model(flux, ivar, labels, errors):
-            m = CannonModel(LAB_LABELS, order=2, backend=backend, **model_options)
-            return m.train(flux, ivar, labels, label_errors=errors if with_errors else None)
-        return train_model
-
-    if isinstance(extra_terms, str) and extra_terms == "auto":
+                         f"got {opts.test_step!r}")
+    if opts.label_errors not in ("auto", True, False):
+        raise ValueError(f"label_errors must be 'auto', True or False, "
+                         f"got {opts.label_errors!r}")
+    if isinstance(opts.extra_terms, str) and opts.extra_terms == "auto":
         model_sets = dict(AUTO_MODELS)
     else:
-        terms = tuple(extra_terms or ())
+        terms = tuple(opts.extra_terms or ())
         model_sets = {"quadratic" + "".join(f" + {t}" for t in terms): dict(extra_terms=terms)}
-    for options in model_sets.values():  # bad extra terms fail here, before any work
-        CannonModel(LAB_LABELS, order=2, backend=backend, **options)
-    wanted = set(names) if extras is True else set(extras or ())
-    if wanted - set(names):
-        raise ValueError(f"unknown optional steps {sorted(wanted - set(names))}; "
-                         f"choose from {names}")
-    iso_tracks = _read_isochrones(isochrones)  # bad files fail here, before any work
-    out_dir = _prepare_out_dir(out_dir, force)
-    figures = []  # (name, Figure, caption)
-    notes = []
+    for options in model_sets.values():  # bad extra terms fail here, not after the survey
+        CannonModel(LAB_LABELS, order=2, backend=opts.backend, **options)
+    wanted = set(_EXTRAS) if opts.extras is True else set(opts.extras or ())
+    if wanted - set(_EXTRAS):
+        raise ValueError(f"unknown optional steps {sorted(wanted - set(_EXTRAS))}; "
+                         f"choose from {_EXTRAS}")
+    iso_tracks = _read_isochrones(opts.isochrones)  # bad files fail here as well
+    return _LabContext(opts=opts, out_dir=_prepare_out_dir(opts.out_dir, opts.force),
+                       model_sets=model_sets, extras_wanted=wanted, iso_tracks=iso_tracks,
+                       say=opts.log if opts.log is not None else (lambda *_: None),
+                       t_start=t_start)
 
-    # 1. the data -------------------------------------------------------------------
+
+def _step_data(ctx):
+    """The apStar files and the catalogue: the embedded survey, or ``data_dir``'s (lab step 1)."""
+    from ..apogee.files import parse_apstar_path
+    from ..apogee.prepare import find_apstar_files
+
+    o = ctx.opts
     t0 = time.perf_counter()
-    if data_dir is None:
+    if o.data_dir is None:
         from ..demo import datasets
 
-        say(f"embedded survey: {n_stars} stars, seed {survey_seed} (generated once, then cached)")
-        paths = datasets.demo_survey(cache_dir=cache_dir, n_stars=n_stars, seed=survey_seed,
-                                     progress=show_progress, workers=max(1, int(workers)))
-        apstar_root, allstar_path = paths.apstar_root, paths.allstar
-        truth_path = truth or paths.truth
-        source = dict(kind="embedded synthetic survey (cannon_fast.demo.datasets)", root=paths.root,
-                      n_stars=n_stars, seed=survey_seed)
+        ctx.say(f"embedded survey: {o.n_stars} stars, seed {o.survey_seed} (generated once, "
+                "then cached)")
+        paths = datasets.demo_survey(cache_dir=o.cache_dir, n_stars=o.n_stars,
+                                     seed=o.survey_seed, progress=o.show_progress,
+                                     workers=max(1, int(o.workers)))
+        apstar_root, ctx.allstar_path = paths.apstar_root, paths.allstar
+        ctx.truth_path = o.truth or paths.truth
+        ctx.source = dict(kind="embedded synthetic survey (cannon_fast.demo.datasets)",
+                          root=paths.root, n_stars=o.n_stars, seed=o.survey_seed)
     else:
-        data_dir = os.path.abspath(os.fspath(data_dir))
+        data_dir = os.path.abspath(os.fspath(o.data_dir))
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"{data_dir}: no such data folder")
         apstar_root = data_dir
-        allstar_path = os.fspath(allstar) if allstar else _find_allstar(data_dir)
+        ctx.allstar_path = os.fspath(o.allstar) if o.allstar else _find_allstar(data_dir)
         default_truth = os.path.join(data_dir, "truth.fits")
-        truth_path = truth or (default_truth if os.path.exists(default_truth) else None)
-        source = dict(kind="files in the SDSS archive layout", root=data_dir)
-    files = find_apstar_files(apstar_root)
-    if not files:
+        ctx.truth_path = o.truth or (default_truth if os.path.exists(default_truth) else None)
+        ctx.source = dict(kind="files in the SDSS archive layout", root=data_dir)
+    ctx.files = find_apstar_files(apstar_root)
+    if not ctx.files:
         raise FileNotFoundError(f"no apStar-*.fits files under {apstar_root}")
-    id_to_path = {}
-    for p in files:
+    ctx.id_to_path = {}
+    for p in ctx.files:
         try:
-            id_to_path.setdefault(parse_apstar_path(p)[1], p)
+            ctx.id_to_path.setdefault(parse_apstar_path(p)[1], p)
         except ValueError:
             pass
-    source.update(allstar=allstar_path, truth=truth_path, n_apstar_files=len(files))
-    timings["survey"] = time.perf_counter() - t0
+    ctx.source.update(allstar=ctx.allstar_path, truth=ctx.truth_path,
+                      n_apstar_files=len(ctx.files))
+    ctx.timings["survey"] = time.perf_counter() - t0
 
-    # 2. continuum pixels ------------------------------------------------------------
+
+def _step_continuum_pixels(ctx):
+    """The continuum pixels: given, the embedded survey's, or found from the data (lab step 4)."""
+    from ..core.continuum import load_continuum_pixels
+
+    o = ctx.opts
     t0 = time.perf_counter()
-    if continuum is not None:
-        cont_mask = load_continuum_pixels(continuum)
-        cont_info = dict(method="given", source=str(continuum) if isinstance(
-            continuum, (str, os.PathLike)) else "array")
-    elif data_dir is None:
+    if o.continuum is not None:
+        ctx.cont_mask = load_continuum_pixels(o.continuum)
+        ctx.cont_info = dict(method="given", source=str(o.continuum) if isinstance(
+            o.continuum, (str, os.PathLike)) else "array")
+    elif o.data_dir is None:
         from ..demo.datasets import continuum_mask
 
-        cont_mask = continuum_mask()
-        cont_info = dict(method="the embedded survey's continuum mask "
-                                "(cannon_fast.demo.datasets.continuum_mask)")
+        ctx.cont_mask = continuum_mask()
+        ctx.cont_info = dict(method="the embedded survey's continuum mask "
+                                    "(cannon_fast.demo.datasets.continuum_mask)")
     else:
-        say("finding continuum pixels from the data (no --continuum given)")
-        cont_mask, cont_info = _continuum_from_data(files, allstar_path, 400, seed, workers,
-                                                    backend, show_progress)
-    cont_info["n_pixels"] = int(np.sum(cont_mask))
-    timings["continuum_pixels"] = time.perf_counter() - t0
+        ctx.say("finding continuum pixels from the data (no --continuum given)")
+        ctx.cont_mask, ctx.cont_info = _continuum_from_data(
+            ctx.files, ctx.allstar_path, 400, o.seed, o.workers, o.backend, o.show_progress)
+    ctx.cont_info["n_pixels"] = int(np.sum(ctx.cont_mask))
+    ctx.timings["continuum_pixels"] = time.perf_counter() - t0
 
-    # 3. cuts, masks, normalization ----------------------------------------------------
+
+def _step_prepare(ctx):
+    """Cross-match, cuts, bad-pixel masks, normalization, into a store (lab steps 2-4)."""
+    from ..apogee.catalog import TooFewStarsError
+    from ..apogee.prepare import prepare_dataset
+
+    o = ctx.opts
     t0 = time.perf_counter()
-    work = os.path.join(out_dir, _WORK_DIR)
-    store_path = os.path.join(work, "store")
-    say("cross-match, quality cuts, bad-pixel masks, pseudo-continuum normalization")
+    ctx.work = os.path.join(ctx.out_dir, _WORK_DIR)
+    ctx.say("cross-match, quality cuts, bad-pixel masks, pseudo-continuum normalization")
     try:
-        prep = prepare_dataset(files, allstar_path, store_path, cont_mask, labels=LAB_LABELS,
-                               workers=workers, min_remaining=min_stars, overwrite=True,
-                               show_progress=show_progress)
+        prep = prepare_dataset(ctx.files, ctx.allstar_path, os.path.join(ctx.work, "store"),
+                               ctx.cont_mask, labels=LAB_LABELS, workers=o.workers,
+                               min_remaining=o.min_stars, overwrite=True,
+                               show_progress=o.show_progress)
     except TooFewStarsError as err:
-        shutil.rmtree(work, ignore_errors=True)
-        raise TooFewStarsError(f"{source['root']}: too few stars to train the lab's model "
-                               f"(need >= {min_stars}).\n{err}") from None
-    store = prep.store
-    cut_rows = [dict(r) for r in prep.report.rows]
-    say(str(prep.report))
-    if len(store) < min_stars:
-        shutil.rmtree(work, ignore_errors=True)
-        raise TooFewStarsError(f"{source['root']}: only {len(store)} stars left after reading "
-                               f"and normalization (need >= {min_stars}):\n{prep.report}")
-    timings["prepare"] = time.perf_counter() - t0
+        shutil.rmtree(ctx.work, ignore_errors=True)
+        raise TooFewStarsError(f"{ctx.source['root']}: too few stars to train the lab's model "
+                               f"(need >= {o.min_stars}).\n{err}") from None
+    ctx.say(str(prep.report))
+    # the cuts count catalogue rows; files can still fail to read or to normalize
+    if len(prep.store) < o.min_stars:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+        raise TooFewStarsError(f"{ctx.source['root']}: only {len(prep.store)} stars left after "
+                               f"reading and normalization (need >= {o.min_stars}):\n"
+                               f"{prep.report}")
+    ctx.prep = prep
+    ctx.timings["prepare"] = time.perf_counter() - t0
 
-    flux = np.asarray(store.flux)
-    ivar = np.asarray(store.ivar)
-    cat_labels = np.asarray(store.labels, float)
-    cat_errors, error_note = _catalogue_errors(store.label_errors, label_errors)
+
+def _step_load(ctx):
+    """The kept stars as arrays: spectra, catalogue labels and errors, true labels."""
+    from ..core.continuum import DEFAULT_DEGREE
+
+    store = ctx.prep.store
+    ctx.flux = np.asarray(store.flux)
+    ctx.ivar = np.asarray(store.ivar)
+    ctx.cat_labels = np.asarray(store.labels, float)
+    ctx.cat_errors, error_note = _catalogue_errors(store.label_errors, ctx.opts.label_errors)
     if error_note:
-        notes.append(error_note)
-    error_options = {"auto": (False, True), True: (True,), False: (False,)}[label_errors]
-    if cat_errors is None:
-        error_options = (False,)
-    candidates = {name + (", label errors" if e else ""): trainer(options, e)
-                  for name, options in model_sets.items() for e in error_options}
-    ids = np.asarray(store.ids).astype(str)
-    cflags = np.asarray(store.flags)
-    wave = np.asarray(store.wavelength)
-    n_kept = len(ids)
-    truth_labels, truth_extra = (None, {})
-    if truth_path is not None and os.path.exists(truth_path):
-        truth_labels, truth_extra = _read_truth(truth_path, ids)
-        if not np.isfinite(truth_labels).all(axis=1).any():
-            notes.append(f"{truth_path}: no true labels matched the kept stars")
-            truth_labels = None
+        ctx.notes.append(error_note)
+    ctx.ids = np.asarray(store.ids).astype(str)
+    ctx.cflags = np.asarray(store.flags)
+    ctx.wave = np.asarray(store.wavelength)
+    ctx.continuum_degree = int(store.meta.get("continuum_degree", DEFAULT_DEGREE))
+    if ctx.truth_path is not None and os.path.exists(ctx.truth_path):
+        ctx.truth_labels, ctx.truth_extra = _read_truth(ctx.truth_path, ctx.ids)
+        if not np.isfinite(ctx.truth_labels).all(axis=1).any():
+            ctx.notes.append(f"{ctx.truth_path}: no true labels matched the kept stars")
+            ctx.truth_labels = None
 
-    # 4. split ----------------------------------------------------------------------------
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n_kept)
-    n_train = int(round(train_fraction * n_kept))
-    train = np.sort(perm[:n_train])
+
+def _step_split(ctx):
+    """The seeded split: training half, validation half, and one held-back star."""
+    n_kept = len(ctx.ids)
+    perm = np.random.default_rng(ctx.opts.seed).permutation(n_kept)
+    n_train = int(round(ctx.opts.train_fraction * n_kept))
+    ctx.train = np.sort(perm[:n_train])
     valid_all = perm[n_train:]
-    mystery = int(valid_all[0])  # held back from training and validation
-    valid = np.sort(valid_all[1:])
-    say(f"{n_kept} stars kept: {len(train)} training, {len(valid)} validation, 1 held back "
-        f"({ids[mystery]})")
+    ctx.mystery = int(valid_all[0])  # held back from training and validation, for the MCMC
+    ctx.valid = np.sort(valid_all[1:])
+    ctx.say(f"{n_kept} stars kept: {len(ctx.train)} training, {len(ctx.valid)} validation, "
+            f"1 held back ({ctx.ids[ctx.mystery]})")
 
-    # 5. choose (cross-validation inside the training set) and train -------------------------
-    steps = tuple(FIT_STEPS) if test_step == "auto" else (test_step,)
-    if len(candidates) * len(steps) > 1:
-        t0 = time.perf_counter()
-        model_name, primary_key, cv = cross_validate(
-            candidates, flux[train], ivar[train], cat_labels[train], steps=steps, seed=seed,
-            label_errors=None if cat_errors is None else cat_errors[train])
-        timings["cross_validation"] = time.perf_counter() - t0
-        say(f"chosen by cross-validation: model {model_name}, {primary_key} fit ({cv['note']})")
-        notes.append(f"Model ({model_name}) and label fit ({primary_key}) chosen by "
-                     f"{cv['note']}. The figures and headline numbers use them; summary.json "
-                     "also has the other label fit.")
-    else:
-        (model_name,), primary_key = candidates, steps[0]
-        cv = dict(note="model and label fit given")
+
+def _step_choose_model(ctx):
+    """The model and the label fit, by cross-validation in the training set (lab step 9).
+
+    Nothing is chosen when the options leave one model and one label fit.
+    """
+    o = ctx.opts
+    with_errors = {"auto": (False, True), True: (True,), False: (False,)}[o.label_errors]
+    if ctx.cat_errors is None:
+        with_errors = (False,)
+    ctx.candidates = {name + (", label errors" if e else ""): _trainer(options, e, o.backend)
+                      for name, options in ctx.model_sets.items() for e in with_errors}
+    steps = tuple(FIT_STEPS) if o.test_step == "auto" else (o.test_step,)
+    if len(ctx.candidates) * len(steps) == 1:
+        (ctx.model_name,), ctx.primary_key = ctx.candidates, steps[0]
+        ctx.cv = dict(note="model and label fit given")
+        return
     t0 = time.perf_counter()
-    with progress(total=1, desc="training the model", unit="model",
-                  disable=None if show_progress is None else not show_progress) as bar:
-        model = candidates[model_name](flux[train], ivar[train], cat_labels[train],
-                                       None if cat_errors is None else cat_errors[train])
-        bar.update(1)
-    record_continuum(model, cont_mask, int(store.meta.get("continuum_degree", DEFAULT_DEGREE)))
-    model_path = os.path.join(out_dir, "model.fits")
-    model.write(model_path, overwrite=True)
-    timings["train"] = time.perf_counter() - t0
-    say(f"trained {model!r} in {timings['train']:.1f} s")
+    tr = ctx.train
+    ctx.model_name, ctx.primary_key, ctx.cv = cross_validate(
+        ctx.candidates, ctx.flux[tr], ctx.ivar[tr], ctx.cat_labels[tr], steps=steps,
+        seed=o.seed, label_errors=ctx.train_errors)
+    ctx.timings["cross_validation"] = time.perf_counter() - t0
+    ctx.say(f"chosen by cross-validation: model {ctx.model_name}, {ctx.primary_key} fit "
+            f"({ctx.cv['note']})")
+    ctx.notes.append(f"Model ({ctx.model_name}) and label fit ({ctx.primary_key}) chosen by "
+                     f"{ctx.cv['note']}. The figures and headline numbers use them; "
+                     "summary.json also has the other label fit.")
 
-    # 6. fit the validation half ---------------------------------------------------------------
-    fits = {}
+
+def _trainer(model_options, with_errors, backend):
+    """A function ``(flux, ivar, labels, errors) -> trained CannonModel`` (the lab's labels)."""
+    from ..core.model import CannonModel
+
+    def train_model(flux, ivar, labels, errors):
+        m = CannonModel(LAB_LABELS, order=2, backend=backend, **model_options)
+        return m.train(flux, ivar, labels, label_errors=errors if with_errors else None)
+    return train_model
+
+
+def _step_train(ctx):
+    """Train the chosen model on the training half; write model.fits (lab steps 5-8)."""
+    from ..core.continuum import record_continuum
+
+    t0 = time.perf_counter()
+    tr = ctx.train
+    with progress(total=1, desc="training the model", unit="model",
+                  disable=_bar_disabled(ctx.opts.show_progress)) as bar:
+        ctx.model = ctx.candidates[ctx.model_name](ctx.flux[tr], ctx.ivar[tr],
+                                                   ctx.cat_labels[tr], ctx.train_errors)
+        bar.update(1)
+    record_continuum(ctx.model, ctx.cont_mask, ctx.continuum_degree)
+    ctx.model_path = os.path.join(ctx.out_dir, "model.fits")
+    ctx.model.write(ctx.model_path, overwrite=True)
+    ctx.timings["train"] = time.perf_counter() - t0
+    ctx.say(f"trained {ctx.model!r} in {ctx.timings['train']:.1f} s")
+
+
+def _step_fit(ctx):
+    """Fit the validation half with every label fit, and score each (lab step 9)."""
     for st, options in FIT_STEPS.items():
         t0 = time.perf_counter()
-        fits[st] = model.fit(flux[valid], ivar[valid], progress_bar=show_progress, **options)
-        timings["fit_" + st] = time.perf_counter() - t0
-    val_cat = cat_labels[valid]
-    val_true = truth_labels[valid] if truth_labels is not None else None
-
-    def block(res):
-        ok = res.ok
-        b = dict(n_fitted=int(len(res)), n_ok=int(ok.sum()),
-                 flags={k: int(np.sum(res.flags & v > 0)) for k, v in res.FLAGS.items()},
-                 median_reduced_chi2=_num(np.nanmedian(res.reduced_chi2)),
-                 median_errors={n: _num(np.nanmedian(res.errors[:, j]))
-                                for j, n in enumerate(LAB_LABELS)},
-                 vs_catalog=label_statistics(res.labels, val_cat, LAB_LABELS, good=ok))
-        if val_true is not None:
-            b["vs_true"] = label_statistics(res.labels, val_true, LAB_LABELS, good=ok)
-            b["targets_vs_true"] = _targets(b["vs_true"])
-        return b
-
-    validation = {st: block(res) for st, res in fits.items()}
-    broad = fits["broadened"]
-    validation["broadened"]["broadening"] = dict(
+        ctx.fits[st] = ctx.model.fit(ctx.flux[ctx.valid], ctx.ivar[ctx.valid],
+                                     progress_bar=ctx.opts.show_progress, **options)
+        ctx.timings["fit_" + st] = time.perf_counter() - t0
+    ctx.validation = {st: _validation_block(res, ctx.val_cat, ctx.val_true)
+                      for st, res in ctx.fits.items()}
+    broad = ctx.fits["broadened"]
+    ctx.validation["broadened"]["broadening"] = dict(
         unit="(km/s)^2", percentiles_5_50_95=[_num(q) for q in np.nanpercentile(
             broad.broadening[broad.ok], [5, 50, 95])] if broad.ok.any() else None,
         median_error=_num(np.nanmedian(broad.broadening_error[broad.ok]))
         if broad.ok.any() else None)
-    primary = fits[primary_key]
     # a fit that fails on most stars is a bug in the fitter, not a result: say so, fall back
-    if primary_key != "plain" and \
-            validation[primary_key]["n_ok"] < 0.5 * len(valid) <= validation["plain"]["n_ok"]:
-        notes.append(f"the {fit_step_title(primary_key)} left only "
-                     f"{validation[primary_key]['n_ok']} of {len(valid)} fits usable "
-                     f"(flags {validation[primary_key]['flags']}); the figures use the plain "
-                     "chi2 fit (debias=False). All fits are in summary.json.")
-        primary_key, primary = "plain", fits["plain"]
-    say(f"fitted {len(valid)} validation stars ("
-        + ", ".join(f"{timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
+    key, n_valid, val = ctx.primary_key, len(ctx.valid), ctx.validation
+    if key != "plain" and val[key]["n_ok"] < 0.5 * n_valid <= val["plain"]["n_ok"]:
+        ctx.notes.append(f"the {fit_step_title(key)} left only {val[key]['n_ok']} of {n_valid} "
+                         f"fits usable (flags {val[key]['flags']}); the figures use the plain "
+                         "chi2 fit (debias=False). All fits are in summary.json.")
+        ctx.primary_key = "plain"
+    ctx.say(f"fitted {n_valid} validation stars ("
+            + ", ".join(f"{ctx.timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
 
-    # 7. error budget (only with true labels; cheap: one more training) -----------------
-    diagnostics = {"not_sparse_training": _sparse_training_split(primary, val_cat, val_true)}
-    if truth_labels is not None and np.isfinite(truth_labels[train]).all():
-        t0 = time.perf_counter()
-        m_true = candidates[model_name](flux[train], ivar[train], truth_labels[train], None)
-        r_true = m_true.fit(flux[valid], ivar[valid], **FIT_STEPS[primary_key])
-        diagnostics["trained_on_true_labels"] = dict(
-            vs_true=label_statistics(r_true.labels, val_true, LAB_LABELS, good=r_true.ok),
-            note="same spectra and split, model trained on the TRUE labels: the difference "
-                 "to validation[primary] is the cost of the catalog's label errors")
-        lo, hi = np.percentile(truth_labels[train], [5, 95], axis=0)
-        inner = np.all((val_true >= lo) & (val_true <= hi), axis=1) & primary.ok
-        diagnostics["inner_label_range"] = dict(
-            n=int(inner.sum()),
-            vs_true=label_statistics(primary.labels, val_true, LAB_LABELS, good=inner),
-            note="validation stars whose true labels are inside the 5-95% range of the "
-                 "training labels: the difference to all stars is the model's edge error")
-        d = primary.labels[:, 0] - val_true[:, 0]
-        bins = []
-        for a, b in ((3500, 4200), (4200, 4600), (4600, 5000), (5000, 5400), (5400, 6500)):
-            sel = primary.ok & (val_true[:, 0] >= a) & (val_true[:, 0] < b)
-            if sel.sum() >= 3:
-                bins.append(dict(teff_range=[a, b], n=int(sel.sum()), bias=_num(d[sel].mean()),
-                                 scatter=_num(d[sel].std(ddof=1))))
-        diagnostics["teff_bins"] = dict(
-            bins=bins, note="fitted - true Teff in bins of true Teff: a bias that changes sign "
-                            "across the range is the model's compression at the edges")
-        pops = truth_extra.get("POPULATION")
-        if pops is not None:
-            diagnostics["populations"] = _population_breakdown(
-                primary.labels, val_true, primary.ok, np.char.strip(
-                    np.asarray(pops[valid]).astype(str)))
-        cat_err = label_statistics(val_cat, val_true, LAB_LABELS)
-        diagnostics["catalog_minus_true"] = dict(stats=cat_err,
-                                                 note="the catalog's own label errors")
-        timings["diagnostics"] = time.perf_counter() - t0
 
-    # 8. figures ----------------------------------------------------------------------------
+def _validation_block(res, val_cat, val_true):
+    """summary.json's ``validation`` entry of one label fit of the validation stars."""
+    ok = res.ok
+    b = dict(n_fitted=int(len(res)), n_ok=int(ok.sum()),
+             flags={k: int(np.sum(res.flags & v > 0)) for k, v in res.FLAGS.items()},
+             median_reduced_chi2=_num(np.nanmedian(res.reduced_chi2)),
+             median_errors={n: _num(np.nanmedian(res.errors[:, j]))
+                            for j, n in enumerate(LAB_LABELS)},
+             vs_catalog=label_statistics(res.labels, val_cat, LAB_LABELS, good=ok))
+    if val_true is not None:
+        b["vs_true"] = label_statistics(res.labels, val_true, LAB_LABELS, good=ok)
+        b["targets_vs_true"] = _targets(b["vs_true"])
+    return b
+
+
+def _step_error_budget(ctx):
+    """Where the validation error comes from; all but the first part needs true labels."""
+    primary, val_true = ctx.primary, ctx.val_true
+    ctx.diagnostics = {"not_sparse_training": _sparse_training_split(primary, ctx.val_cat,
+                                                                     val_true)}
+    truth = ctx.truth_labels
+    if truth is None or not np.isfinite(truth[ctx.train]).all():
+        return
     t0 = time.perf_counter()
-    from .plots import lab as pl
-    from .plots._labels import label_name
+    tr, va = ctx.train, ctx.valid
+    # cheap: one more training, on the true labels
+    m_true = ctx.candidates[ctx.model_name](ctx.flux[tr], ctx.ivar[tr], truth[tr], None)
+    r_true = m_true.fit(ctx.flux[va], ctx.ivar[va], **FIT_STEPS[ctx.primary_key])
+    ctx.diagnostics["trained_on_true_labels"] = dict(
+        vs_true=label_statistics(r_true.labels, val_true, LAB_LABELS, good=r_true.ok),
+        note="same spectra and split, model trained on the TRUE labels: the difference "
+             "to validation[primary] is the cost of the catalog's label errors")
+    lo, hi = np.percentile(truth[tr], [5, 95], axis=0)
+    inner = np.all((val_true >= lo) & (val_true <= hi), axis=1) & primary.ok
+    ctx.diagnostics["inner_label_range"] = dict(
+        n=int(inner.sum()),
+        vs_true=label_statistics(primary.labels, val_true, LAB_LABELS, good=inner),
+        note="validation stars whose true labels are inside the 5-95% range of the "
+             "training labels: the difference to all stars is the model's edge error")
+    ctx.diagnostics["teff_bins"] = _teff_bins(primary, val_true)
+    pops = ctx.truth_extra.get("POPULATION")
+    if pops is not None:
+        ctx.diagnostics["populations"] = _population_breakdown(
+            primary.labels, val_true, primary.ok, np.char.strip(
+                np.asarray(pops[va]).astype(str)))
+    cat_err = label_statistics(ctx.val_cat, val_true, LAB_LABELS)
+    ctx.diagnostics["catalog_minus_true"] = dict(stats=cat_err,
+                                                 note="the catalog's own label errors")
+    ctx.timings["diagnostics"] = time.perf_counter() - t0
 
-    lines, lines_src = pl.known_lines(line_file=line_file)
+
+def _teff_bins(fit, true):
+    """Fitted - true Teff in bins of true Teff (bins with at least 3 stars)."""
+    d = fit.labels[:, 0] - true[:, 0]
+    bins = []
+    for a, b in ((3500, 4200), (4200, 4600), (4600, 5000), (5000, 5400), (5400, 6500)):
+        sel = fit.ok & (true[:, 0] >= a) & (true[:, 0] < b)
+        if sel.sum() >= 3:
+            bins.append(dict(teff_range=[a, b], n=int(sel.sum()), bias=_num(d[sel].mean()),
+                             scatter=_num(d[sel].std(ddof=1))))
+    return dict(bins=bins, note="fitted - true Teff in bins of true Teff: a bias that changes "
+                                "sign across the range is the model's compression at the edges")
+
+
+def _step_figures(ctx):
+    """The report's figures (lab steps 1-11), and the worst outliers, which two of them mark."""
+    from .plots import lab as pl
+
+    t0 = time.perf_counter()
+    lines = pl.known_lines(line_file=ctx.opts.line_file)
+    primary, model = ctx.primary, ctx.model
+    # a failed fit has NaN labels: draw the model at the training median there instead
     model_val = model.predict(np.where(np.isfinite(primary.labels), primary.labels,
                                        np.nanmedian(model.training_labels, axis=0)))
-    # the example star: the median-S/N training star among those with no continuum flag
+    ex = _example_star(ctx)
+    plan = _example_figures(ctx, pl, ex) + _model_figures(ctx, pl, ex, lines)
+    ctx.outliers = _worst_outliers(ctx, model_val)
+    plan += _validation_figures(ctx, pl, model_val) + _kiel_figure(ctx, pl)
+    plan += _broadening_figure(ctx, pl)
+    # a figure that cannot be drawn (e.g. too few stars) is noted, not fatal
+    for name, make, caption in progress(plan, desc="figures", unit="fig",
+                                        disable=_bar_disabled(ctx.opts.show_progress)):
+        try:
+            fig = make()
+        except (ValueError, KeyError, IndexError) as err:
+            ctx.notes.append(f"figure {name} skipped: {err}")
+            continue
+        ctx.figures.append(_report.save_figure(fig, ctx.out_dir, name, caption))
+    ctx.timings["figures"] = time.perf_counter() - t0
+
+
+def _example_star(ctx):
+    """The median-S/N training star among those with no continuum flag."""
+    train, cflags = ctx.train, ctx.cflags
     cand = train[cflags[train] == 0] if np.any(cflags[train] == 0) else train
-    snr_proxy = np.median(np.sqrt(ivar[cand]), axis=1)
-    ex = int(cand[np.argsort(snr_proxy, kind="stable")[len(cand) // 2]])
-    ex_id = ids[ex]
-    plan = []
+    snr_proxy = np.median(np.sqrt(ctx.ivar[cand]), axis=1)
+    return int(cand[np.argsort(snr_proxy, kind="stable")[len(cand) // 2]])
+
+
+def _example_figures(ctx, pl, ex):
+    """Plan of star ``ex``'s raw spectrum and its normalization (none if unreadable)."""
+    from ..apogee.bitmask import mask_spectra
+    from ..apogee.files import read_apstar
+    from ..core.continuum import normalize
+
+    ex_id = ctx.ids[ex]
+    cont_mask = ctx.cont_mask
     try:
-        spec = read_apstar(id_to_path[ex_id])
+        spec = read_apstar(ctx.id_to_path[ex_id])
         f_raw, v_raw, _ = mask_spectra(spec.flux, spec.err, spec.pixmask)
-        ns = normalize(f_raw, v_raw, cont_mask,
-                       degree=int(store.meta.get("continuum_degree", DEFAULT_DEGREE)),
+        ns = normalize(f_raw, v_raw, cont_mask, degree=ctx.continuum_degree,
                        keep_continuum=True, dtype=np.float64)
-        plan.append(("example_spectrum", lambda: pl.plot_spectrum(
+    except (KeyError, OSError, ValueError) as err:
+        ctx.notes.append(f"example/continuum figures skipped: {err}")
+        return []
+    return [
+        ("example_spectrum", lambda: pl.plot_spectrum(
             spec.wavelength, spec.flux, good=v_raw > 0,
             title=f"{ex_id}: combined apStar spectrum (chip gaps and flagged pixels left empty)"),
-            "An example spectrum: flux against vacuum wavelength, in 1e-17 erg/s/cm²/Å "
-            "(flux density per unit wavelength). The two gaps are the detector chip gaps."))
-        plan.append(("continuum", lambda: pl.plot_continuum(
+         "An example spectrum: flux against vacuum wavelength, in 1e-17 erg/s/cm²/Å "
+         "(flux density per unit wavelength). The two gaps are the detector chip gaps."),
+        ("continuum", lambda: pl.plot_continuum(
             spec.wavelength, f_raw, ns.continuum, ns.flux, good=v_raw > 0,
             continuum_pixels=cont_mask,
             title=f"{ex_id}: raw spectrum, per-chip pseudo-continuum, normalized spectrum"),
-            f"Pseudo-continuum normalization: a Chebyshev polynomial per chip fitted to the "
-            f"continuum mask's {int(cont_mask.sum())} pixels (mask: {cont_info['method']}). "
-            f"Each star's fit uses only those that are good pixels in its spectrum (inside "
-            f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
-            f"for this star (orange dots)."))
-    except (KeyError, OSError, ValueError) as err:
-        notes.append(f"example/continuum figures skipped: {err}")
-    plan.append(("corner", lambda: pl.plot_corner(
-        cat_labels, LAB_LABELS, title=f"catalog labels of the {n_kept} stars kept by the cuts"),
-        "Corner plot of the catalog labels of the stars that pass the lab's cuts."))
-    plan.append(("data_vs_model", lambda: pl.plot_data_vs_model(
-        wave, flux[ex], ivar[ex], model.predict(cat_labels[ex]), (16000.0, 16100.0),
-        title=f"training star {ex_id}: data and model at its catalog labels", s2=model.s2),
-        "Data against the model for a training star, 16000-16100 Å; the residual band is "
-        "the data error plus the model's intrinsic scatter."))
+         f"Pseudo-continuum normalization: a Chebyshev polynomial per chip fitted to the "
+         f"continuum mask's {int(cont_mask.sum())} pixels (mask: {ctx.cont_info['method']}). "
+         f"Each star's fit uses only those that are good pixels in its spectrum (inside "
+         f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
+         f"for this star (orange dots)."),
+    ]
+
+
+def _model_figures(ctx, pl, ex, known_lines):
+    """Plan of the catalog labels' corner plot and the trained model's figures.
+
+    ``ex`` is the training star drawn against the model; ``known_lines`` is
+    ``(lines, their source)`` of the gradient-spectrum marks.
+    """
+    from .plots._labels import label_name
+
+    model, cat_labels, wave = ctx.model, ctx.cat_labels, ctx.wave
+    lines, lines_src = known_lines
     ref_labels = np.median(model.training_labels, axis=0)
-    plan.append(("gradients", lambda: pl.plot_gradient_spectra(
-        wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
-        title="gradient spectra at the median training labels: " + ", ".join(
-            f"{label_name(n)} = {v:.4g}" for n, v in zip(LAB_LABELS, ref_labels))),
-        f"Gradient spectra d flux / d label; Mg I and Si I lines ({lines_src}) marked on the "
-        "[Mg/Fe] and [Si/Fe] panels."))
-    plan.append(("s2", lambda: pl.plot_s2(wave, model.s2, lines=lines, lines_source=lines_src,
-                                          title="intrinsic scatter of the model"),
-                 "The model's intrinsic scatter s at each pixel (log scale)."))
-    scat = np.array([validation[primary_key]["vs_catalog"][n]["mad_scatter"] or 1.0
+    return [
+        ("corner", lambda: pl.plot_corner(
+            cat_labels, LAB_LABELS,
+            title=f"catalog labels of the {len(ctx.ids)} stars kept by the cuts"),
+         "Corner plot of the catalog labels of the stars that pass the lab's cuts."),
+        ("data_vs_model", lambda: pl.plot_data_vs_model(
+            wave, ctx.flux[ex], ctx.ivar[ex], model.predict(cat_labels[ex]), (16000.0, 16100.0),
+            title=f"training star {ctx.ids[ex]}: data and model at its catalog labels",
+            s2=model.s2),
+         "Data against the model for a training star, 16000-16100 Å; the residual band is "
+         "the data error plus the model's intrinsic scatter."),
+        ("gradients", lambda: pl.plot_gradient_spectra(
+            wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
+            title="gradient spectra at the median training labels: " + ", ".join(
+                f"{label_name(n)} = {v:.4g}" for n, v in zip(LAB_LABELS, ref_labels))),
+         f"Gradient spectra d flux / d label; Mg I and Si I lines ({lines_src}) marked on the "
+         "[Mg/Fe] and [Si/Fe] panels."),
+        ("s2", lambda: pl.plot_s2(wave, model.s2, lines=lines, lines_source=lines_src,
+                                  title="intrinsic scatter of the model"),
+         "The model's intrinsic scatter s at each pixel (log scale)."),
+    ]
+
+
+def _worst_outliers(ctx, model_val):
+    """:func:`diagnose_outliers` of the primary fit of the validation stars, with their ids."""
+    va, model = ctx.valid, ctx.model
+    scat = np.array([ctx.validation[ctx.primary_key]["vs_catalog"][n]["mad_scatter"] or 1.0
                      for n in LAB_LABELS])
-    outl = diagnose_outliers(primary, val_cat, LAB_LABELS, flux[valid], ivar[valid], model_val,
-                             scat, continuum_flags=cflags[valid],
-                             catalog_flags=_catalog_flags(allstar_path, ids[valid]),
-                             truth=val_true,
-                             truth_extra={k: v[valid] for k, v in truth_extra.items()},
+    outl = diagnose_outliers(ctx.primary, ctx.val_cat, LAB_LABELS, ctx.flux[va], ctx.ivar[va],
+                             model_val, scat, continuum_flags=ctx.cflags[va],
+                             catalog_flags=_catalog_flags(ctx.allstar_path, ctx.ids[va]),
+                             truth=ctx.val_true,
+                             truth_extra={k: v[va] for k, v in ctx.truth_extra.items()},
                              bounds=np.column_stack([model.training_labels.min(0),
                                                      model.training_labels.max(0)]),
                              edges=np.percentile(model.training_labels, [2.5, 97.5], axis=0).T,
-                             n=n_outliers)
+                             n=ctx.opts.n_outliers)
     for o in outl:
-        o["apogee_id"] = ids[valid][o["index"]]
-    hl = np.zeros(len(valid), bool)
+        o["apogee_id"] = ctx.ids[va][o["index"]]
+    return outl
+
+
+def _validation_figures(ctx, pl, model_val):
+    """Plan of the one-to-one plots of the primary fit and the worst outliers' spectra."""
+    primary, val_cat, val_true, outl = ctx.primary, ctx.val_cat, ctx.val_true, ctx.outliers
+    va = ctx.valid
+    ok = primary.ok
+    hl = np.zeros(len(va), bool)
     hl[[o["index"] for o in outl]] = True
     # the fit's name goes in the title: as a y label on every panel it crowds the axes
-    fit_name, fit_note = "fitted", f"{FIT_STEP_NAMES[primary_key]} fit"
+    fit_name, fit_note = "fitted", f"{FIT_STEP_NAMES[ctx.primary_key]} fit"
+    plan = []
     if val_true is not None:
         plan.append(("cv_true", lambda: pl.plot_one_to_one(
-            val_true[primary.ok], primary.labels[primary.ok], LAB_LABELS, "true",
-            fit_name, highlight=hl[primary.ok],
-            title=f"cross-validation against the TRUE labels ({int(primary.ok.sum())} stars, "
+            val_true[ok], primary.labels[ok], LAB_LABELS, "true", fit_name, highlight=hl[ok],
+            title=f"cross-validation against the TRUE labels ({int(ok.sum())} stars, "
                   f"{fit_note})"),
             "Cross-validation: fitted against true labels (synthetic survey), with residuals, "
             "bias and scatter per label. Red circles: the worst outliers."))
     plan.append(("cv_catalog", lambda: pl.plot_one_to_one(
-        val_cat[primary.ok], primary.labels[primary.ok], LAB_LABELS, "catalog", fit_name,
-        highlight=hl[primary.ok],
-        title=f"cross-validation against the CATALOG labels ({int(primary.ok.sum())} stars, "
+        val_cat[ok], primary.labels[ok], LAB_LABELS, "catalog", fit_name, highlight=hl[ok],
+        title=f"cross-validation against the CATALOG labels ({int(ok.sum())} stars, "
               f"{fit_note})"),
         "Cross-validation: fitted against the catalog (ASPCAP-like) labels, as in the lab."))
     if outl:
         k = [o["index"] for o in outl]
         plan.append(("outliers", lambda: pl.plot_outliers(
-            wave, flux[valid][k], ivar[valid][k], model_val[k],
-            [o["apogee_id"] for o in outl],
-            [_short_caption(o) for o in outl]),
+            ctx.wave, ctx.flux[va][k], ctx.ivar[va][k], model_val[k],
+            [o["apogee_id"] for o in outl], [_short_caption(o) for o in outl]),
             "The worst outliers (largest |fit - catalog| in units of the scatter): data and the "
             "model at the fitted labels; the diagnosis of each is in the table."))
-    iso = list(iso_tracks)
+    return plan
+
+
+def _kiel_figure(ctx, pl):
+    """Plan of the Kiel diagram, with the given isochrones or the survey's giant branch."""
+    primary = ctx.primary
+    iso = list(ctx.iso_tracks)
     iso_note = None
-    if not iso and data_dir is None and truth_labels is not None:
-        gb = _survey_giant_branch(truth_labels, truth_extra.get("POPULATION"))
+    if not iso and ctx.opts.data_dir is None and ctx.truth_labels is not None:
+        gb = _survey_giant_branch(ctx.truth_labels, ctx.truth_extra.get("POPULATION"))
         if gb is not None:
             iso.append(gb)
             iso_note = gb.pop("note")
     elif iso:
         iso_note = "isochrones: " + "; ".join(t["label"] for t in iso)
-    plan.append(("kiel", lambda: pl.plot_kiel(primary.labels[primary.ok, 0],
-                                              primary.labels[primary.ok, 1],
-                                              primary.labels[primary.ok, 2], isochrones=iso,
-                                              note=iso_note),
-                 "Kiel diagram of the fitted validation labels, coloured by fitted [Fe/H]. "
-                 + (iso_note or ("Isochrones as given." if iso else "No isochrone given."))))
-    if broad.ok.sum() > 2:
-        vmac = truth_extra.get("VMACRO")
-        vmac = None if vmac is None else np.asarray(vmac, float)[valid][broad.ok]
-        plan.append(("broadening", lambda: pl.plot_broadening(
-            broad.broadening[broad.ok], broad.broadening_error[broad.ok],
-            broad.labels[broad.ok, 0], broad.labels[broad.ok, 1], true_vmacro=vmac),
-            "Extra line broadening fitted with the labels (model.fit(..., broadening=True)): "
-            "the Gaussian velocity variance the validation stars' lines have beyond the "
-            "model's at their labels; negative means narrower."
-            + (" Right: against the part of the survey's true macroturbulence variance that "
-               "a quadratic in the labels does not predict (the model already has the rest); "
-               "a slope near 1 means the broadening is measured in the right units."
-               if vmac is not None else "")))
-    for name, make, caption in progress(plan, desc="figures", unit="fig",
-                                        disable=None if show_progress is None
-                                        else not show_progress):
-        try:
-            fig = make()
-        except (ValueError, KeyError, IndexError) as err:
-            notes.append(f"figure {name} skipped: {err}")
+    return [("kiel", lambda: pl.plot_kiel(primary.labels[primary.ok, 0],
+                                          primary.labels[primary.ok, 1],
+                                          primary.labels[primary.ok, 2], isochrones=iso,
+                                          note=iso_note),
+             "Kiel diagram of the fitted validation labels, coloured by fitted [Fe/H]. "
+             + (iso_note or ("Isochrones as given." if iso else "No isochrone given.")))]
+
+
+def _broadening_figure(ctx, pl):
+    """Plan of the fitted extra line broadening (none with fewer than 3 fitted stars)."""
+    broad = ctx.fits["broadened"]
+    if broad.ok.sum() <= 2:
+        return []
+    vmac = ctx.truth_extra.get("VMACRO")
+    vmac = None if vmac is None else np.asarray(vmac, float)[ctx.valid][broad.ok]
+    return [("broadening", lambda: pl.plot_broadening(
+        broad.broadening[broad.ok], broad.broadening_error[broad.ok],
+        broad.labels[broad.ok, 0], broad.labels[broad.ok, 1], true_vmacro=vmac),
+        "Extra line broadening fitted with the labels (model.fit(..., broadening=True)): "
+        "the Gaussian velocity variance the validation stars' lines have beyond the "
+        "model's at their labels; negative means narrower."
+        + (" Right: against the part of the survey's true macroturbulence variance that "
+           "a quadratic in the labels does not predict (the model already has the rest); "
+           "a slope near 1 means the broadening is measured in the right units."
+           if vmac is not None else ""))]
+
+
+def _step_extras(ctx):
+    """The optional steps asked for: MCMC, movies, binaries, NN (lab steps 12-15), guarded."""
+    if not ctx.extras_wanted:
+        ctx.extras_status = {k: dict(status="skipped", reason="not requested") for k in _EXTRAS}
+        return
+    t0 = time.perf_counter()
+    inputs = _extras_inputs(ctx)
+    for key, func in (("mcmc", _extra_mcmc), ("movies", _extra_movies),
+                      ("binaries", _extra_binaries), ("nn", _extra_nn)):
+        if key not in ctx.extras_wanted:
+            ctx.extras_status[key] = dict(status="skipped", reason="not requested")
             continue
-        figures.append(_report.save_figure(fig, out_dir, name, caption))
-    timings["figures"] = time.perf_counter() - t0
+        ctx.say(f"optional step: {key}")
+        status, value = _guarded(key, func, inputs)
+        if isinstance(value, dict) and "figure" in value:
+            fname, fig, cap = value["figure"]
+            ctx.figures.append(_report.save_figure(fig, ctx.out_dir, fname, cap))
+        ctx.extras_status[key] = status
+    ctx.timings["extras"] = time.perf_counter() - t0
 
-    # 9. optional steps ------------------------------------------------------------------------
-    extras_status = {}
-    if wanted:
-        t0 = time.perf_counter()
-        ctx = dict(model=model, seed=seed, show=show_progress, out_dir=out_dir,
-                   mystery_index=mystery, mystery_id=ids[mystery],
-                   mystery_flux=flux[mystery].astype(np.float64),
-                   mystery_ivar=ivar[mystery].astype(np.float64),
-                   mystery_path=id_to_path.get(ids[mystery]),
-                   val_flux=flux[valid], val_ivar=ivar[valid], val_catalog=val_cat,
-                   val_truth=val_true, train_flux=flux[train], train_ivar=ivar[train],
-                   train_labels=cat_labels[train], nn_epochs=nn_epochs,
-                   mystery_catalog=cat_labels[mystery],
-                   mystery_truth=truth_labels[mystery] if truth_labels is not None else None,
-                   cv_scatter=cv_scatter(dict(validation=validation,
-                                              primary_fit=primary_key)),
-                   val_is_binary=truth_extra["IS_BINARY"][valid]
-                   if "IS_BINARY" in truth_extra else None)
-        for key, func in (("mcmc", _extra_mcmc), ("movies", _extra_movies),
-                          ("binaries", _extra_binaries), ("nn", _extra_nn)):
-            if key not in wanted:
-                extras_status[key] = dict(status="skipped", reason="not requested")
-                continue
-            say(f"optional step: {key}")
-            status, value = _guarded(key, func, ctx)
-            if isinstance(value, dict) and "figure" in value:
-                fname, fig, cap = value["figure"]
-                figures.append(_report.save_figure(fig, out_dir, fname, cap))
-            extras_status[key] = status
-        timings["extras"] = time.perf_counter() - t0
-    else:
-        extras_status = {k: dict(status="skipped", reason="not requested") for k in names}
 
-    # 10. outputs -----------------------------------------------------------------------------
+def _extras_inputs(ctx):
+    """What the optional steps see: plain arrays, not the context."""
+    mystery, va, tr = ctx.mystery, ctx.valid, ctx.train
+    truth_extra = ctx.truth_extra
+    return dict(model=ctx.model, seed=ctx.opts.seed, show=ctx.opts.show_progress,
+                out_dir=ctx.out_dir, mystery_index=mystery, mystery_id=ctx.ids[mystery],
+                mystery_flux=ctx.flux[mystery].astype(np.float64),
+                mystery_ivar=ctx.ivar[mystery].astype(np.float64),
+                mystery_path=ctx.id_to_path.get(ctx.ids[mystery]),
+                val_flux=ctx.flux[va], val_ivar=ctx.ivar[va], val_catalog=ctx.val_cat,
+                val_truth=ctx.val_true, train_flux=ctx.flux[tr], train_ivar=ctx.ivar[tr],
+                train_labels=ctx.cat_labels[tr], nn_epochs=ctx.opts.nn_epochs,
+                mystery_catalog=ctx.cat_labels[mystery],
+                mystery_truth=ctx.truth_labels[mystery] if ctx.truth_labels is not None
+                else None,
+                cv_scatter=cv_scatter(dict(validation=ctx.validation,
+                                           primary_fit=ctx.primary_key)),
+                val_is_binary=truth_extra["IS_BINARY"][va] if "IS_BINARY" in truth_extra
+                else None)
 
-    tab = primary.to_table(ids=ids[valid])
+
+def _step_outputs(ctx):
+    """validation_labels.fits, summary.json and report.html; the store goes unless kept."""
+    tab = ctx.primary.to_table(ids=ctx.ids[ctx.valid])
     for j, n in enumerate(LAB_LABELS):
-        tab["CAT_" + n] = val_cat[:, j]
-        if val_true is not None:
-            tab["TRUE_" + n] = val_true[:, j]
-    with atomic_path(os.path.join(out_dir, "validation_labels.fits")) as tmp:
+        tab["CAT_" + n] = ctx.val_cat[:, j]
+        if ctx.val_true is not None:
+            tab["TRUE_" + n] = ctx.val_true[:, j]
+    with atomic_path(os.path.join(ctx.out_dir, "validation_labels.fits")) as tmp:
         tab.write(tmp, format="fits")
-    if not keep_store:
-        del flux, ivar, store
-        shutil.rmtree(work, ignore_errors=True)
-    timings["total"] = time.perf_counter() - t_start
-    summary = dict(
+    if not ctx.opts.keep_store:
+        # the arrays map the store's files: let them go before the files do
+        ctx.flux = ctx.ivar = None
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    ctx.timings["total"] = time.perf_counter() - ctx.t_start
+    summary = _summary(ctx)
+    _report.write_summary(summary, ctx.out_dir)
+    _report.write_report(ctx.out_dir, summary=summary, figures=ctx.figures)
+    return summary
+
+
+def _summary(ctx):
+    """The lab's summary (summary.json) from what the steps left in the context."""
+    from .. import __version__
+
+    o, model, prep = ctx.opts, ctx.model, ctx.prep
+    return dict(
         package_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        data=source, seed=int(seed), labels=list(LAB_LABELS),
-        cuts=dict(rows=cut_rows, n_input=int(prep.report.n_input), n_kept=int(n_kept),
-                  failures=len(prep.failures), n_continuum_flagged=int(prep.n_flagged)),
-        continuum=cont_info,
-        n_train=int(len(train)), n_validation=int(len(valid)),
-        mystery_star=dict(apogee_id=ids[mystery], path=id_to_path.get(ids[mystery])),
-        model=dict(path=model_path, order=model.order, extra_terms=model.term_names[
+        data=ctx.source, seed=int(o.seed), labels=list(LAB_LABELS),
+        cuts=dict(rows=[dict(r) for r in prep.report.rows], n_input=int(prep.report.n_input),
+                  n_kept=len(ctx.ids), failures=len(prep.failures),
+                  n_continuum_flagged=int(prep.n_flagged)),
+        continuum=ctx.cont_info,
+        n_train=int(len(ctx.train)), n_validation=int(len(ctx.valid)),
+        mystery_star=dict(apogee_id=ctx.ids[ctx.mystery],
+                          path=ctx.id_to_path.get(ctx.ids[ctx.mystery])),
+        model=dict(path=ctx.model_path, order=model.order, extra_terms=model.term_names[
                        len(model.term_names) - len(model.extra_terms):],
                    reciprocal_labels=list(model.reciprocal_labels), n_terms=model.n_terms,
                    n_pixels=int(model.n_pixels), backend=model.backend,
                    n_flagged_pixels=int(np.sum(model.pixel_flags != 0)),
                    training_labels="catalog",
                    train_info={k: v for k, v in model.train_info.items()}),
-        primary_fit=primary_key,
-        choice=dict(requested=dict(extra_terms=extra_terms if isinstance(extra_terms, str)
-                                   else list(extra_terms), test_step=test_step),
-                    model=model_name, test_step=primary_key, **cv),
-        validation=validation,
-        targets=dict(against="true labels" if val_true is not None else "unavailable (no truth)",
-                     primary=validation[primary_key].get("targets_vs_true")),
-        diagnostics=diagnostics, outliers=outl,
-        figures=[dict(file=f["file"], caption=f["caption"]) for f in figures], extras=extras_status,
-        timings={k: round(v, 2) for k, v in timings.items()}, notes=notes,
-        report=os.path.join(out_dir, "report.html"))
-    _report.write_summary(summary, out_dir)
-    _report.write_report(out_dir, summary=summary, figures=figures)
-    return summary
+        primary_fit=ctx.primary_key,
+        choice=dict(requested=dict(extra_terms=o.extra_terms if isinstance(o.extra_terms, str)
+                                   else list(o.extra_terms), test_step=o.test_step),
+                    model=ctx.model_name, test_step=ctx.primary_key, **ctx.cv),
+        validation=ctx.validation,
+        targets=dict(against="true labels" if ctx.val_true is not None
+                     else "unavailable (no truth)",
+                     primary=ctx.validation[ctx.primary_key].get("targets_vs_true")),
+        diagnostics=ctx.diagnostics, outliers=ctx.outliers,
+        figures=[dict(file=f["file"], caption=f["caption"]) for f in ctx.figures],
+        extras=ctx.extras_status,
+        timings={k: round(v, 2) for k, v in ctx.timings.items()}, notes=ctx.notes,
+        report=os.path.join(ctx.out_dir, "report.html"))
+
+
+def _bar_disabled(show_progress):
+    """The ``disable`` of a progress bar: None lets tqdm decide (on a terminal)."""
+    return None if show_progress is None else not show_progress
 
 
 def _read_isochrones(isochrones):

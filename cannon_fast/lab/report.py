@@ -94,10 +94,18 @@ def _stats_table(title, stats, labels):
 
 
 def _summary_html(s):
-    labels = s.get("labels", [])
+    """The summary tables of the report page, one section after another."""
     parts = []
+    for section in (_overview_html, _cuts_html, _targets_html, _validation_html,
+                    _diagnostics_html, _outliers_html, _extras_html, _timings_html,
+                    _notes_html):
+        parts += section(s)
+    return "\n".join(parts)
+
+
+def _overview_html(s):
     d = s.get("data", {})
-    parts.append("<h2>Summary</h2><table>")
+    parts = ["<h2>Summary</h2><table>"]
     for k, v in (("data", f"{d.get('kind', '')}: {d.get('root', '')}"),
                  ("allStar", d.get("allstar")), ("truth", d.get("truth") or "none"),
                  ("apStar files", d.get("n_apstar_files")),
@@ -111,29 +119,43 @@ def _summary_html(s):
                  ("total run time", f"{s.get('timings', {}).get('total', float('nan')):.1f} s")):
         parts.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
     parts.append("</table>")
+    return parts
+
+
+def _cuts_html(s):
     rows = s.get("cuts", {}).get("rows", [])
-    if rows:
-        parts.append("<h3>Cuts</h3><table><tr><th>cut</th><th>fails</th><th>removed</th>"
-                     "<th>remaining</th></tr>")
-        parts.append(f"<tr><td>input</td><td></td><td></td>"
-                     f"<td>{s['cuts'].get('n_input')}</td></tr>")
-        for r in rows:
-            parts.append(f"<tr><td>{html.escape(r['name'])} ({html.escape(r['description'])})"
-                         f"</td><td>{r['fails']}</td><td>{r['removed']}</td>"
-                         f"<td>{r['remaining']}</td></tr>")
-        parts.append("</table>")
+    if not rows:
+        return []
+    parts = ["<h3>Cuts</h3><table><tr><th>cut</th><th>fails</th><th>removed</th>"
+             "<th>remaining</th></tr>",
+             f"<tr><td>input</td><td></td><td></td><td>{s['cuts'].get('n_input')}</td></tr>"]
+    for r in rows:
+        parts.append(f"<tr><td>{html.escape(r['name'])} ({html.escape(r['description'])})"
+                     f"</td><td>{r['fails']}</td><td>{r['removed']}</td>"
+                     f"<td>{r['remaining']}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _targets_html(s):
     t = (s.get("targets") or {}).get("primary")
-    if t:
-        parts.append("<h3>Targets (issue 4) against the true labels</h3><table><tr><th>label</th>"
-                     "<th>bias</th><th>|bias| max</th><th>scatter</th><th>max</th><th>met</th>"
-                     "</tr>")
-        for n, v in t.items():
-            if n == "all_met":
-                continue
-            parts.append(f"<tr><td>{n}</td><td>{_fmt(n, v.get('bias'))}</td>"
-                         f"<td>{v['bias_max']}</td><td>{_fmt(n, v.get('scatter'))}</td>"
-                         f"<td>{v['scatter_max']}</td><td>{'yes' if v['met'] else 'NO'}</td></tr>")
-        parts.append("</table>")
+    if not t:
+        return []
+    parts = ["<h3>Targets (issue 4) against the true labels</h3><table><tr><th>label</th>"
+             "<th>bias</th><th>|bias| max</th><th>scatter</th><th>max</th><th>met</th></tr>"]
+    for n, v in t.items():
+        if n == "all_met":
+            continue
+        parts.append(f"<tr><td>{n}</td><td>{_fmt(n, v.get('bias'))}</td>"
+                     f"<td>{v['bias_max']}</td><td>{_fmt(n, v.get('scatter'))}</td>"
+                     f"<td>{v['scatter_max']}</td><td>{'yes' if v['met'] else 'NO'}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _validation_html(s):
+    labels = s.get("labels", [])
+    parts = []
     for key in FIT_STEPS:
         v = s.get("validation", {}).get(key)
         if not v:
@@ -150,70 +172,99 @@ def _summary_html(s):
         if "vs_true" in v:
             parts.append(_stats_table("fitted - true", v["vs_true"], labels))
         parts.append(_stats_table("fitted - catalog", v["vs_catalog"], labels))
-    diag = s.get("diagnostics") or {}
-    for key, v in diag.items():
+    return parts
+
+
+def _diagnostics_html(s):
+    """One table per diagnostic: by its form, Teff bins, populations or label statistics."""
+    labels = s.get("labels", [])
+    parts = []
+    for key, v in (s.get("diagnostics") or {}).items():
         if "bins" in v:
-            parts.append(f"<h3>{html.escape(key)}: {html.escape(v.get('note', ''))}</h3><table>"
-                         "<tr><th>true Teff</th><th>n</th><th>bias (K)</th><th>scatter (K)</th>"
-                         "</tr>" + "".join(
-                             f"<tr><td>{b['teff_range'][0]}-{b['teff_range'][1]}</td>"
-                             f"<td>{b['n']}</td><td>{_fmt('TEFF', b['bias'])}</td>"
-                             f"<td>{_fmt('TEFF', b['scatter'])}</td></tr>" for b in v["bins"])
-                         + "</table>")
-            continue
-        if "rows" in v:
-            names = [n for n in v["rows"][0] if n not in ("population", "n")] if v["rows"] else []
-            parts.append(f"<h3>{html.escape(key)}: {html.escape(v.get('note', ''))}</h3><table>"
-                         "<tr><th>population</th><th>n</th>" + "".join(
-                             f"<th>{html.escape(n)} bias</th><th>{html.escape(n)} scatter</th>"
-                             f"<th>{html.escape(n)} share of squared error</th>" for n in names)
-                         + "</tr>" + "".join(
-                             f"<tr><td>{html.escape(r['population'])}</td><td>{r['n']}</td>"
-                             + "".join(f"<td>{_fmt(n, r[n]['bias'])}</td>"
-                                       f"<td>{_fmt(n, r[n]['scatter'])}</td>"
-                                       f"<td>{_share(r[n]['share_of_squared_error'])}</td>"
-                                       for n in names) + "</tr>" for r in v["rows"])
-                         + "</table>")
-            continue
-        stats = v.get("vs_true") or v.get("stats")
-        if stats:
-            parts.append(_stats_table(f"{key}: {v.get('note', '')}", stats, labels))
+            parts.append(_teff_bins_html(key, v))
+        elif "rows" in v:
+            parts.append(_populations_html(key, v))
+        else:
+            stats = v.get("vs_true") or v.get("stats")
+            if stats:
+                parts.append(_stats_table(f"{key}: {v.get('note', '')}", stats, labels))
+    return parts
+
+
+def _teff_bins_html(key, v):
+    return (f"<h3>{html.escape(key)}: {html.escape(v.get('note', ''))}</h3><table>"
+            "<tr><th>true Teff</th><th>n</th><th>bias (K)</th><th>scatter (K)</th>"
+            "</tr>" + "".join(
+                f"<tr><td>{b['teff_range'][0]}-{b['teff_range'][1]}</td>"
+                f"<td>{b['n']}</td><td>{_fmt('TEFF', b['bias'])}</td>"
+                f"<td>{_fmt('TEFF', b['scatter'])}</td></tr>" for b in v["bins"])
+            + "</table>")
+
+
+def _populations_html(key, v):
+    names = [n for n in v["rows"][0] if n not in ("population", "n")] if v["rows"] else []
+    return (f"<h3>{html.escape(key)}: {html.escape(v.get('note', ''))}</h3><table>"
+            "<tr><th>population</th><th>n</th>" + "".join(
+                f"<th>{html.escape(n)} bias</th><th>{html.escape(n)} scatter</th>"
+                f"<th>{html.escape(n)} share of squared error</th>" for n in names)
+            + "</tr>" + "".join(
+                f"<tr><td>{html.escape(r['population'])}</td><td>{r['n']}</td>"
+                + "".join(f"<td>{_fmt(n, r[n]['bias'])}</td>"
+                          f"<td>{_fmt(n, r[n]['scatter'])}</td>"
+                          f"<td>{_share(r[n]['share_of_squared_error'])}</td>"
+                          for n in names) + "</tr>" for r in v["rows"])
+            + "</table>")
+
+
+def _outliers_html(s):
     outl = s.get("outliers") or []
-    if outl:
-        parts.append("<h3>Worst outliers</h3><table><tr><th>star</th><th>label</th><th>fit</th>"
-                     "<th>catalog</th><th>reduced chi2</th><th>fit flags</th>"
-                     "<th>bad pixels</th><th>continuum offset</th><th>catalog flags</th>"
-                     "<th>diagnosis</th></tr>")
-        for o in outl:
-            co = o.get("continuum_offset")
-            parts.append(
-                "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
-                    o.get("apogee_id", o["index"]), o["worst_label"],
-                    _fmt(o["worst_label"], o.get("fitted")),
-                    _fmt(o["worst_label"], o.get("reference")),
-                    f"{o['reduced_chi2']:.2f}" if o.get("reduced_chi2") is not None else "–",
-                    "+".join(o.get("fit_flags") or []) or "–",
-                    f"{100 * o['bad_pixel_fraction']:.1f}%",
-                    f"{100 * co:+.2f}%" if co is not None else "–",
-                    o.get("catalog_flags") or "–", o.get("diagnosis", ""))) + "</tr>")
-        parts.append("</table>")
+    if not outl:
+        return []
+    parts = ["<h3>Worst outliers</h3><table><tr><th>star</th><th>label</th><th>fit</th>"
+             "<th>catalog</th><th>reduced chi2</th><th>fit flags</th>"
+             "<th>bad pixels</th><th>continuum offset</th><th>catalog flags</th>"
+             "<th>diagnosis</th></tr>"]
+    for o in outl:
+        co = o.get("continuum_offset")
+        parts.append(
+            "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
+                o.get("apogee_id", o["index"]), o["worst_label"],
+                _fmt(o["worst_label"], o.get("fitted")),
+                _fmt(o["worst_label"], o.get("reference")),
+                f"{o['reduced_chi2']:.2f}" if o.get("reduced_chi2") is not None else "–",
+                "+".join(o.get("fit_flags") or []) or "–",
+                f"{100 * o['bad_pixel_fraction']:.1f}%",
+                f"{100 * co:+.2f}%" if co is not None else "–",
+                o.get("catalog_flags") or "–", o.get("diagnosis", ""))) + "</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _extras_html(s):
     ex = s.get("extras") or {}
-    if ex:
-        parts.append("<h3>Optional steps</h3><table>")
-        for k, v in ex.items():
-            text = v.get("status", "")
-            if v.get("reason"):
-                text += f": {v['reason']}"
-            parts.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(text)}</td></tr>")
-        parts.append("</table>")
+    if not ex:
+        return []
+    parts = ["<h3>Optional steps</h3><table>"]
+    for k, v in ex.items():
+        text = v.get("status", "")
+        if v.get("reason"):
+            text += f": {v['reason']}"
+        parts.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(text)}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _timings_html(s):
     tm = s.get("timings") or {}
-    if tm:
-        parts.append("<h3>Timings (s)</h3><table><tr>" + "".join(
-            f"<th>{html.escape(k)}</th>" for k in tm) + "</tr><tr>" + "".join(
-            f"<td>{v:.1f}</td>" for v in tm.values()) + "</tr></table>")
-    for n in s.get("notes") or []:
-        parts.append(f"<p class='note'>Note: {html.escape(n)}</p>")
-    return "\n".join(parts)
+    if not tm:
+        return []
+    return ["<h3>Timings (s)</h3><table><tr>" + "".join(
+        f"<th>{html.escape(k)}</th>" for k in tm) + "</tr><tr>" + "".join(
+        f"<td>{v:.1f}</td>" for v in tm.values()) + "</tr></table>"]
+
+
+def _notes_html(s):
+    return [f"<p class='note'>Note: {html.escape(n)}</p>" for n in s.get("notes") or []]
 
 
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
