@@ -522,3 +522,22 @@ def test_reciprocal_label_bad_input():
     with pytest.raises(ValueError, match="positive"):
         CannonModel(["TEFF", "LOGG"], reciprocal_labels=["TEFF"]).train(
             flux, np.ones_like(flux), lab, label_errors=np.full_like(lab, 0.1))
+
+
+@pytest.mark.parametrize("placeholder", [-9999.0, -999.0])
+def test_train_refuses_a_missing_value_placeholder(placeholder):
+    """One -9999 in FE_H would make its range [-12499, 2500] and move every fit."""
+    s = make_synthetic(n_stars=60, n_pix=40, n_labels=3, seed=5)
+    labels = s.labels.copy()
+    labels[7, 2] = placeholder
+    with pytest.raises(ValueError, match=f"placeholder {placeholder:g} as a label, e.g. star 7 "
+                                         "FE_H"):
+        CannonModel(s.label_names).train(s.flux, s.ivar, labels)
+
+
+def test_train_refuses_a_label_without_spread():
+    s = make_synthetic(n_stars=60, n_pix=40, n_labels=3, seed=5)
+    labels = s.labels.copy()
+    labels[:, 1] = 2.5 + 1e-12 * np.arange(60)
+    with pytest.raises(ValueError, match=r"\['LOGG'\] are constant"):
+        CannonModel(s.label_names).train(s.flux, s.ivar, labels)

@@ -278,7 +278,7 @@ class CannonModel:
         k = kernels(self.backend)
         self._check_reciprocal(labels)
         med, scales = label_scaling(self._model_labels(labels))
-        _check_label_spread(labels, scales, self.label_names)
+        _check_label_spread(labels, self._model_labels(labels), scales, self.label_names)
         self.label_offsets, self.label_scales = med, scales
         x = self.scale_labels(labels)
         design = vz.label_vector(x, self.exponents)  # (N, T)
@@ -895,12 +895,34 @@ def _check_training_set(flux, ivar, labels, label_names):
     return flux, ivar, labels
 
 
-def _check_label_spread(labels, scales, names):
-    const = ~(scales > 0)
+#: Values catalogues use for "no label" (ASPCAP before DR17, astroNN); never a real label.
+MISSING_LABEL_VALUES = (-9999.0, -999.0)
+#: A label whose training spread is below this fraction of its typical size is constant
+#: in all but rounding: the polynomial's terms in it would be noise.
+MIN_RELATIVE_SPREAD = 1e-9
+
+
+def _check_label_spread(labels, model_labels, scales, names):
+    """Refuse placeholder values and labels without a usable spread.
+
+    ``labels`` physical, ``model_labels`` those the polynomial is built in (whose
+    ``scales`` these are).
+    """
+    for value in MISSING_LABEL_VALUES:
+        hit = labels == value
+        if hit.any():
+            n, l = np.argwhere(hit)[0]
+            raise ValueError(f"{int(hit.any(axis=1).sum())} training star(s) have the "
+                             f"missing-value placeholder {value:g} as a label, e.g. star {n} "
+                             f"{names[l]}; remove them or set the label to NaN")
+    size = np.median(np.abs(model_labels), axis=0)
+    size = np.where(size > 0, size, 1.0)
+    const = ~(scales > MIN_RELATIVE_SPREAD * size)
     if const.any():
         bad = [names[i] for i in np.flatnonzero(const)]
-        raise ValueError(f"label(s) {bad} are constant over the training set: the model "
-                         "cannot learn how the spectrum depends on them")
+        raise ValueError(f"label(s) {bad} are constant over the training set (spread "
+                         f"{np.ptp(labels[:, const], axis=0).tolist()}): the model cannot "
+                         "learn how the spectrum depends on them")
 
 
 def _check_design(design, term_names):
