@@ -170,8 +170,11 @@ def test_result_table(setup):
     r = model.fit(test.flux[:3], test.ivar[:3])
     t = r.to_table(ids=["a", "b", "c"])
     assert t.colnames == ["ID", "TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "FE_H", "FE_H_ERR",
-                          "CHI2", "REDUCED_CHI2", "N_PIXELS", "ITERATIONS", "FLAGS"]
+                          "CHI2", "REDUCED_CHI2", "N_PIXELS", "ITERATIONS", "FLAGS", "FLAG_BAD",
+                          "FLAG_WARN"]
     assert list(t["ID"]) == ["a", "b", "c"]
+    assert_array_equal(t["FLAG_BAD"], ~r.ok)
+    assert_array_equal(t["FLAG_WARN"], r.warn)
     assert_array_equal(t["LOGG"], r.labels[:, 1])
     assert_array_equal(t["FE_H_ERR"], r.errors[:, 2])
     assert_array_equal(t["CHI2"], r.chi2)
@@ -445,3 +448,30 @@ def test_hit_bound_is_set_wherever_a_label_ends_on_a_bound(setup, debias):
     assert on_bound.sum() > 50
     flagged = (res.flags & FLAGS["HIT_BOUND"]) > 0
     assert np.all(flagged[on_bound]), res.labels[on_bound & ~flagged]
+
+
+def test_flags_say_why_not_to_trust_a_star(setup):
+    """A star outside the training labels, and one the model does not describe (a line
+    list the model never saw), are flagged by default; the test set's stars mostly not."""
+    model, train, test = setup
+    res = model.fit(test.flux, test.ivar)
+    limit = model.train_info["poor_fit_reduced_chi2"]
+    assert 2.0 <= limit < 5.0
+    assert np.mean(res.flags & (FLAGS["POOR_FIT"] | FLAGS["OUTSIDE_TRAINING"]) > 0) < 0.1
+    assert np.mean(res.warn) < 0.2 and res.ok.all()
+    lo, hi = model.training_labels.min(axis=0), model.training_labels.max(axis=0)
+    beyond = np.median(model.training_labels, axis=0)
+    beyond[1] = hi[1] + 0.1 * (hi[1] - lo[1])  # past the training range, inside the bounds
+    odd = test.flux[0].copy()
+    odd[::7] -= 0.2  # absorption the model has never seen
+    flux = np.vstack([model.predict(beyond), odd])
+    ivar = np.vstack([np.full(model.n_pixels, 1e4), test.ivar[0]])
+    r = model.fit(flux, ivar)
+    assert r.flag_names(0).count("OUTSIDE_TRAINING") == 1 and r.warn[0]
+    assert "POOR_FIT" in r.flag_names(1) and r.reduced_chi2[1] > limit and r.warn[1]
+    # a model file from before these records: no POOR_FIT, never an error
+    del model.train_info["poor_fit_reduced_chi2"]
+    try:
+        assert "POOR_FIT" not in model.fit(flux, ivar).flag_names(1)
+    finally:
+        model.train_info["poor_fit_reduced_chi2"] = limit

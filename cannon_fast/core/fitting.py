@@ -43,9 +43,16 @@ __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted
 #: Bits of ``FitResult.flags``.
 FLAGS = {"NOT_CONVERGED": NOT_CONVERGED, "HIT_BOUND": HIT_BOUND,
          "STARTS_DISAGREE": STARTS_DISAGREE, "TOO_FEW_PIXELS": 8, "FAILED": 16,
-         "DEBIAS_CAPPED": 32, "SPARSE_TRAINING": 64}
+         "DEBIAS_CAPPED": 32, "SPARSE_TRAINING": 64, "OUTSIDE_TRAINING": 128,
+         "POOR_FIT": 256}
 #: Flags that describe how or where a fit was done rather than a problem with it.
 INFORMATIONAL_FLAGS = FLAGS["DEBIAS_CAPPED"] | FLAGS["SPARSE_TRAINING"]
+#: Flags of a fit that is unusable: ``FitResult.ok`` is False and ``FLAG_BAD`` set.
+BAD_FLAGS = FLAGS["TOO_FEW_PIXELS"] | FLAGS["FAILED"] | FLAGS["NOT_CONVERGED"]
+#: Flags that say "use with care" (``FLAG_WARN``): a label on a bound or outside the training
+#: labels, two minima, a thin training set there, or a spectrum the model does not describe.
+WARNING_FLAGS = (FLAGS["HIT_BOUND"] | FLAGS["STARTS_DISAGREE"] | FLAGS["SPARSE_TRAINING"]
+                 | FLAGS["OUTSIDE_TRAINING"] | FLAGS["POOR_FIT"])
 #: SPARSE_TRAINING marks fitted labels where the training set is thin: their
 #: SPARSE_NEIGHBOURS-th nearest training star (in labels scaled by their training ranges)
 #: is farther than it is for SPARSE_QUANTILE % of the training stars themselves. A polynomial model
@@ -141,11 +148,24 @@ def _sparse_training_tree(training_labels):
     return entry
 
 
-def _mark_sparse_training(model, result):
-    """Set SPARSE_TRAINING in ``result.flags`` from its labels (and clear a stale one)."""
-    bit = FLAGS["SPARSE_TRAINING"]
-    result.flags = (result.flags & ~bit) | np.where(sparse_training(model, result.labels),
-                                                     bit, 0)
+def _mark_label_flags(model, result):
+    """Set the flags that compare a fit with the model's training set (clearing stale ones).
+
+    SPARSE_TRAINING (``sparse_training``); OUTSIDE_TRAINING, a label outside the
+    training labels' range; POOR_FIT, reduced chi² above the model's
+    ``train_info["poor_fit_reduced_chi2"]`` (none for a model without it).
+    """
+    bits = FLAGS["SPARSE_TRAINING"] | FLAGS["OUTSIDE_TRAINING"] | FLAGS["POOR_FIT"]
+    flags = result.flags & ~bits
+    flags |= np.where(sparse_training(model, result.labels), FLAGS["SPARSE_TRAINING"], 0)
+    lo, hi = model.training_labels.min(axis=0), model.training_labels.max(axis=0)
+    with np.errstate(invalid="ignore"):
+        outside = np.any((result.labels < lo) | (result.labels > hi), axis=1)
+        limit = (getattr(model, "train_info", None) or {}).get("poor_fit_reduced_chi2")
+        poor = result.reduced_chi2 > limit if limit is not None else np.zeros(len(flags), bool)
+    flags |= np.where(outside, FLAGS["OUTSIDE_TRAINING"], 0)
+    flags |= np.where(poor, FLAGS["POOR_FIT"], 0)
+    result.flags = flags
     return result
 
 
@@ -216,8 +236,12 @@ class FitResult:
     @property
     def ok(self):
         """(N,) True where the fit is usable (no TOO_FEW_PIXELS, FAILED or NOT_CONVERGED)."""
-        bad = FLAGS["TOO_FEW_PIXELS"] | FLAGS["FAILED"] | FLAGS["NOT_CONVERGED"]
-        return (self.flags & bad) == 0
+        return (self.flags & BAD_FLAGS) == 0
+
+    @property
+    def warn(self):
+        """(N,) True where a usable fit carries a warning (``WARNING_FLAGS``)."""
+        return self.ok & ((self.flags & WARNING_FLAGS) != 0)
 
     def to_table(self, ids=None):
         """The result as an astropy Table: labels, ``<NAME>_ERR``, chi², flags."""
@@ -233,6 +257,8 @@ class FitResult:
         t["N_PIXELS"] = self.n_pixels
         t["ITERATIONS"] = self.iterations
         t["FLAGS"] = self.flags
+        t["FLAG_BAD"] = ~self.ok
+        t["FLAG_WARN"] = self.warn
         if self.broadening is not None:
             t["BROADENING"] = self.broadening
             t["BROADENING_ERR"] = self.broadening_error
@@ -398,7 +424,7 @@ def _fit_once(model, flux, ivar, settings):
     if settings.broadening:
         return fit_broadened(model, flux, ivar, start=result,
                              progress_bar=settings.progress_bar)
-    return _mark_sparse_training(model, result)
+    return _mark_label_flags(model, result)
 
 
 def _fit_batches(model, flux, ivar, settings):
@@ -780,7 +806,7 @@ def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
             out["flags"][i] |= FLAGS["HIT_BOUND"]
     errors = np.sqrt(np.diagonal(out["covariance"], axis1=1, axis2=2))
     dof = np.maximum(out["n_pixels"] - n_labels, 1)
-    return _mark_sparse_training(model, FitResult(
+    return _mark_label_flags(model, FitResult(
         errors=errors, reduced_chi2=out["chi2"] / dof, label_names=list(model.label_names),
         debiased=bool(debias), **out))
 
@@ -1160,7 +1186,7 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
         out.flags[rows] |= flags
         bar.update(n)
     bar.close()
-    return _mark_sparse_training(model, out)
+    return _mark_label_flags(model, out)
 
 
 _B2_WEIGHT = 1.0

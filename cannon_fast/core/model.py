@@ -372,8 +372,23 @@ class CannonModel:
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
                                neighbour_noise_correlation=self._neighbour_correlation(
-                                   flux, ivar, design))
+                                   flux, ivar, design),
+                               poor_fit_reduced_chi2=self._poor_fit_limit(flux, ivar, design))
         return self
+
+    def _poor_fit_limit(self, flux, ivar, design, max_stars=512):
+        """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
+
+        Twice the 99th percentile of the training stars' own reduced chi² at their
+        labels (at least 2): a spectrum unlike every training star's, or one the
+        normalization or the masks spoiled, lies far above it.
+        """
+        rows = slice(None, None, max(1, len(flux) // max_stars))
+        f, iv = flux[rows], ivar[rows]
+        w = np.where(fitted_pixels(self, self.n_pixels)[None, :], iv / (1.0 + iv * self.s2), 0.0)
+        chi2 = np.sum(w * (f - design[rows] @ self.theta.T) ** 2, axis=1)
+        dof = np.maximum((w > 0).sum(axis=1) - self.n_labels, 1)
+        return float(max(2.0, 2.0 * np.percentile(chi2 / dof, 99)))
 
     def _neighbour_correlation(self, flux, ivar, design, max_stars=256):
         """Correlation of neighbouring pixels' normalized training residuals.

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.fitting import BAD_FLAGS, WARNING_FLAGS
 from ..core.fitting import FLAGS as _FIT_FLAG_BITS
 from ._threads import limited_threads
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "process_chunk"]
 
-#: Flag bits the survey runner adds to the fit's (``FitResult.FLAGS``, bits below 256) in the
-#: catalogue's ``FLAGS`` column.
-SURVEY_FLAGS = {"READ_FAILED": 256, "NORMALIZATION_FAILED": 512, "CONTINUUM_WARNING": 1024}
+#: Flag bits the survey runner adds to the fit's (``FitResult.FLAGS``, bits below 2**16) in
+#: the catalogue's ``FLAGS`` column.
+SURVEY_FLAGS = {"READ_FAILED": 1 << 16, "NORMALIZATION_FAILED": 1 << 17,
+                "CONTINUUM_WARNING": 1 << 18}
 #: Stars per call to the fit inside a chunk: a multiple of the fit's own batch (512), so
 #: the batches and hence the results do not depend on this number.
 _FIT_SLICE = 1024
@@ -215,6 +217,8 @@ def _fit_slice(model, f, v, a, fit_kw, fitflags, reason):
 def _columns(model, d, fit, flags, cflags, reason, model_hash):
     """The chunk's catalogue columns, in catalogue order (see process_chunk)."""
     n, names = len(flags), model.label_names
+    bad = (flags & (BAD_FLAGS | SURVEY_FLAGS["READ_FAILED"]
+                    | SURVEY_FLAGS["NORMALIZATION_FAILED"])) != 0
     out = {"ID": np.asarray(d["ids"]).astype(str), "INDEX": d["index"], "VISIT": d["visit"]}
     out.update(d["extra"])
     for i, name in enumerate(names):
@@ -230,7 +234,10 @@ def _columns(model, d, fit, flags, cflags, reason, model_hash):
         out.update(BROADENING=fit["broad"][:, 0], BROADENING_ERR=fit["broad"][:, 1])
     out.update(CHI2=fit["chi2"], REDUCED_CHI2=fit["rchi2"],
                N_PIXELS=fit["npix"].astype(np.int32), ITERATIONS=fit["iters"].astype(np.int32),
-               FLAGS=flags.astype(np.int32), CONTINUUM_FLAGS=cflags.astype(np.int32),
+               FLAGS=flags.astype(np.int32),
+               FLAG_BAD=bad, FLAG_WARN=~bad & ((flags & (WARNING_FLAGS | SURVEY_FLAGS[
+                   "CONTINUUM_WARNING"])) != 0),
+               CONTINUUM_FLAGS=cflags.astype(np.int32),
                REASON=np.array([str(x) for x in reason], dtype=str),
                MODEL_HASH=np.full(n, model_hash))
     for k, a in out.items():
