@@ -130,6 +130,11 @@ def test_outside_training_range_warns(tiny):
     assert any("outside the training range" in w for w in res.warnings)
     # the walkers still respect the (training-range) prior
     assert res.samples[:, 0].max() <= model.training_labels[:, 0].max()
+    # ... and pile against it: that is no converged result, whatever tau says
+    assert any("TEFF's posterior is piled against the prior's edge" in w for w in res.warnings)
+    assert not res.converged
+    with pytest.raises(RuntimeError, match="did not converge"):
+        res.summary()
 
 
 def test_thin_part_of_the_training_set_is_noted(tiny):

@@ -221,10 +221,17 @@ def _mcmc(args):
                 json.dump(dict(res.to_dict(), spectrum=args.spectrum, star=ids[0],
                                model=args.model, notes=notes), fh, indent=1, default=float)
     if not res.converged:
-        print(f"cannon-fast mcmc: the chain did NOT converge after {res.n_steps} steps "
-              f"(max autocorrelation time {np.nanmax(res.autocorr_time):.1f}; need "
-              f"{res.tau_factor:g} tau): no posterior is reported. Increase --max-steps.",
-              file=sys.stderr)
+        walls = [w for w in res.warnings if "piled against the prior's edge" in w]
+        if walls:
+            print(f"cannon-fast mcmc: no posterior is reported: {walls[0].split(' (')[0]}; the "
+                  "data want a label the prior (or the model's label bounds) excludes, so the "
+                  "chain measures the prior, not the star. A longer chain will not help.",
+                  file=sys.stderr)
+        else:
+            print(f"cannon-fast mcmc: the chain did NOT converge after {res.n_steps} steps "
+                  f"(max autocorrelation time {np.nanmax(res.autocorr_time):.1f}; need "
+                  f"{res.tau_factor:g} tau): no posterior is reported. Increase --max-steps.",
+                  file=sys.stderr)
         for w in res.warnings:
             print("WARNING: " + w, file=sys.stderr)
         return EXIT_NOT_CONVERGED

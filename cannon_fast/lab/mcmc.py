@@ -588,9 +588,16 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
     fit_out = {n.split(" = ")[0].split()[-1] for n in notes if "training range" in n}
     notes += [n for n in range_warnings(model, med, "posterior median")
               if n.split(" = ")[0].split()[-1] not in fit_out]
+    at_edge = _piled_at_prior_edge(samples, pri, names, start.errors)
+    notes += at_edge
     if not converged:
         notes.append(f"not converged after {done} steps (max tau {tau_max:.1f}; need "
                      f"{tau_factor:g} tau and a stable estimate)")
+    limit = (getattr(model, "train_info", None) or {}).get("poor_fit_reduced_chi2")
+    if limit is not None and start.reduced_chi2 > limit:
+        notes.append(f"the model does not describe this spectrum (POOR_FIT): reduced chi2 "
+                     f"{start.reduced_chi2:.1f} at the fit, above the {limit:.2f} of its own "
+                     "training stars; the posterior widths assume it does")
     if warn:
         for n in notes:
             if "training range" in n:
@@ -599,7 +606,8 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
         label_names=names, samples=samples, log_prob=lp, median=med, p16=p16, p84=p84,
         sigma=0.5 * (p84 - p16), autocorr_time=np.asarray(tau, dtype=np.float64),
         n_walkers=n_walkers, n_steps=done, burn=burn, thin=thin,
-        acceptance_fraction=float(np.mean(sampler.acceptance_fraction)), converged=converged,
+        acceptance_fraction=float(np.mean(sampler.acceptance_fraction)),
+        converged=converged and not at_edge,
         prior=pri.to_dict(), prior_text=pri.describe(), fit_labels=start.labels,
         fit_errors=start.errors, fit_errors_debiased=start.errors_debiased,
         fit_flags=start.flags, chi2=start.chi2, reduced_chi2=start.reduced_chi2,
@@ -608,6 +616,34 @@ def sample_posterior(model, flux, ivar, prior=None, n_walkers=32, n_steps=20000,
     if require_converged:
         res.check()
     return res
+
+
+#: A label is piled against a prior edge when this share of its samples lies within a
+#: quarter of its chi² error of the edge (half of them there means the data want it ~2.5
+#: sigma beyond; a star whose true label is on the edge puts ~20 % there).
+EDGE_SHARE = 0.5
+
+
+def _piled_at_prior_edge(samples, prior, names, errors):
+    """Notes for labels whose posterior is piled against a bound of the prior.
+
+    There the likelihood wants a value the prior (or the model's label bounds)
+    excludes: the median and width are the prior's wall, not the data's, and the
+    chain's "convergence" means nothing. ``errors`` (L,) are the chi² fit's.
+    """
+    notes = []
+    for j, name in enumerate(names):
+        band = 0.25 * errors[j]
+        if not band > 0:
+            continue
+        for edge in (prior.low[j], prior.high[j]):
+            share = np.mean(np.abs(samples[:, j] - edge) < band) if np.isfinite(edge) else 0.0
+            if share >= EDGE_SHARE:
+                notes.append(f"{name}'s posterior is piled against the prior's edge {edge:g} "
+                             f"({100 * share:.0f} % of samples within a quarter of the chi² "
+                             "error): the data want a value beyond it, so its median and "
+                             "width are the prior's; not a result")
+    return notes
 
 
 def _one_spectrum(flux, ivar):
@@ -643,7 +679,6 @@ def _start_fit(model, flux, ivar, init=None):
     from ..core.fitting import fit_spectra
 
     n_labels = len(model.label_names)
-    deb_note = None
     if init is None:
         init = fit_spectra(model, flux[None], ivar[None], debias=False) \
             if hasattr(model, "theta") else fit_spectra(model, flux[None], ivar[None])
@@ -654,10 +689,7 @@ def _start_fit(model, flux, ivar, init=None):
         deb_errors = fit_errors.copy()
     else:
         deb = fit_spectra(model, flux[None], ivar[None], debias=True)
-        deb_errors = deb.errors[0]
-        if int(deb.flags[0]) & deb.FLAGS["DEBIAS_CAPPED"]:
-            deb_note = ("the de-biasing was capped for this star (DEBIAS_CAPPED): the model's "
-                        "training noise is comparable to some labels' signal")
+        deb_errors = deb.errors[0]  # DEBIAS_CAPPED (informational) gets no warning
     flags = int(np.ravel(init.flags)[0])
     if not np.all(np.isfinite(fit_labels)):
         raise ValueError("the chi² fit failed for this spectrum (flags "
@@ -668,8 +700,6 @@ def _start_fit(model, flux, ivar, init=None):
         notes.append("the chi² fit lies where the training set is thin (SPARSE_TRAINING): the "
                      "model is least constrained there, so trust these labels less than the "
                      "validation scatter suggests")
-    if deb_note:
-        notes.append(deb_note)
     return _StartFit(labels=fit_labels, covariance=fit_cov, errors=fit_errors,
                      errors_debiased=np.asarray(deb_errors, dtype=np.float64),
                      chi2=float(np.ravel(init.chi2)[0]),
