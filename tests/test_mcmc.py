@@ -268,3 +268,23 @@ def test_cli_names_the_file_in_the_way_of_an_output_folder(tmp_path, capsys):
     assert cli._explain(made) == f"{blocker} {why}"
     assert cli._explain(FileExistsError("out.fits exists (use --force)")) == \
         "out.fits exists (use --force)"
+
+
+def test_cli_mcmc_says_why_a_chain_at_the_prior_edge_is_no_result(tiny, tmp_path, capsys):
+    """A star whose labels lie well beyond the prior (as the real K dwarf's log g beyond the
+    training range): no posterior, and a message that a longer chain will not help."""
+    from cannon_fast.cli import main
+    from cannon_fast.testing import _quad_design
+    model, tr, _ = tiny
+    model.write(tmp_path / "model.npz")
+    hot = make_synthetic(n_stars=1, n_pix=200, n_labels=3, seed=5, coeffs=tr.coeffs,
+                         s2_true=tr.s2_true)
+    lab = np.array([[model.training_labels[:, 0].max() + 250, 2.0, 0.0]])
+    flux = 1.0 - _quad_design(hot.scale_labels(lab)) @ tr.coeffs.T
+    np.savez(tmp_path / "star.npz", flux=flux[0], ivar=np.full(200, 200.0 ** 2))
+    rc = main(["mcmc", str(tmp_path / "star.npz"), "--model", str(tmp_path / "model.npz"),
+               "--max-steps", "2000"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "TEFF's posterior is piled against the prior's edge" in err.splitlines()[0]
+    assert "A longer chain will not help" in err and "Increase --max-steps" not in err
