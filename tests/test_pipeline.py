@@ -294,3 +294,36 @@ def test_cli_fit_refuses_an_empty_selection(tmp_path, capsys):
     assert main(["train", str(train), "--out", model, "--force", "--rows", "5:5"]) == 1
     assert "--rows 5:5 selects no spectra" in capsys.readouterr().err
     assert main(["fit", model, str(test), "--out", str(out), "--rows", "5:"]) == 0
+
+
+def test_cli_fit_warns_when_the_store_was_normalized_unlike_the_training_set(tmp_path, capsys):
+    """A store made with one continuum list, fitted with a model trained on another."""
+    from astropy.table import Table
+
+    from cannon_fast import CannonModel
+    from cannon_fast.core.continuum import record_continuum
+    from cannon_fast.core.grid import PixelGrid
+    from cannon_fast.store import SpectraStore
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=80, n_pix=8575, n_labels=3, seed=16)
+    model = CannonModel(s.label_names).train(s.flux[:60], s.ivar[:60], s.labels[:60])
+    mask = np.zeros(8575, bool)
+    mask[300:800] = True
+    record_continuum(model, mask, degree=3)
+    model.write(tmp_path / "m.fits")
+    for name, pixels in (("same", np.arange(300, 800)), ("other", np.arange(500, 1000))):
+        store = SpectraStore.create(tmp_path / name, PixelGrid.apstar().wavelength,
+                                    s.label_names, meta=dict(continuum_pixels=pixels.tolist(),
+                                                             continuum_degree=3))
+        store.append(s.flux[60:], s.ivar[60:], s.labels[60:])
+        rc = main(["fit", str(tmp_path / "m.fits"), str(tmp_path / name), "--out",
+                   str(tmp_path / f"{name}.fits")])
+        err = capsys.readouterr().err
+        assert rc == 0
+        meta = Table.read(tmp_path / f"{name}.fits").meta
+        if name == "same":
+            assert "WARNING" not in err and "CONTMISM" not in meta
+        else:
+            assert "500 continuum pixels (degree 3) but the model was trained on spectra " \
+                   "normalized with 500 (degree 3), 300 in common" in err
+            assert "CONTMISM" in meta

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -175,6 +176,27 @@ def _train(args):
     return 0
 
 
+def _continuum_mismatch(model, data):
+    """Why the spectra were normalized unlike the model's training set (None if alike).
+
+    A store records the continuum pixels and degree it was normalized with, a model
+    those of its training spectra; fitted with another pseudo-continuum, the lines
+    sit at other depths and the labels move.
+    """
+    info = model.train_info or {}
+    mine, theirs = info.get("continuum_pixels"), data.get("continuum_pixels")
+    if mine is None or theirs is None or info.get("continuum_grid", "apStar") != "apStar":
+        return None
+    a, b = set(int(i) for i in mine), set(int(i) for i in theirs)
+    deg_a, deg_b = info.get("continuum_degree"), data.get("continuum_degree")
+    if a == b and (deg_a is None or deg_b is None or deg_a == deg_b):
+        return None
+    return (f"the spectra were normalized with {len(b)} continuum pixels (degree {deg_b}) but "
+            f"the model was trained on spectra normalized with {len(a)} (degree {deg_a}), "
+            f"{len(a & b)} in common: the labels will be biased; prepare the spectra with the "
+            "model's continuum pixels")
+
+
 def _fit(args):
     from ..core.fitting import fit_spectra
     from ..core.model import CannonModel
@@ -188,6 +210,9 @@ def _fit(args):
         raise ValueError("--broadening and --refine-continuum go with the fast method, not "
                          "--method trf")
     kwargs = {} if args.method == "trf" else fit_options(args)
+    mismatch = _continuum_mismatch(model, data)
+    if mismatch:
+        print(f"cannon-fast fit: WARNING: {mismatch}", file=sys.stderr)
     result = fit_spectra(model, np.asarray(data["flux"][rows]), np.asarray(data["ivar"][rows]),
                          method=args.method, **kwargs)
     dt = time.perf_counter() - t0
@@ -195,6 +220,8 @@ def _fit(args):
     table = result.to_table(ids=ids)
     table.meta["MODEL"] = os.path.basename(args.model)
     table.meta["MODELHSH"] = model.training_hash
+    if mismatch:
+        table.meta["CONTMISM"] = "continuum pixels/degree differ from the model's training set"
     from .._util import atomic_path
     with atomic_path(args.out) as tmp:
         table.write(tmp, format="fits")
