@@ -327,3 +327,17 @@ def test_cli_fit_warns_when_the_store_was_normalized_unlike_the_training_set(tmp
             assert "500 continuum pixels (degree 3) but the model was trained on spectra " \
                    "normalized with 500 (degree 3), 300 in common" in err
             assert "CONTMISM" in meta
+
+
+def test_cli_fit_on_an_apstar_file_says_what_to_use(tmp_path, capsys):
+    from cannon_fast import CannonModel
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=40, n_pix=30, n_labels=2, seed=1)
+    CannonModel(s.label_names).train(s.flux, s.ivar, s.labels).write(tmp_path / "m.fits")
+    path = tmp_path / "apStar-dr17-2M00000000+0000000.fits"
+    path.write_bytes(b"SIMPLE  =                    T" + b" " * 2850)
+    assert main(["fit", str(tmp_path / "m.fits"), str(path), "--out", str(tmp_path / "o.fits")]) \
+        == 1
+    err = capsys.readouterr().err
+    assert "is a FITS file (an apStar spectrum?)" in err and "cannon-fast label" in err
+    assert len(err.strip().splitlines()) == 1

@@ -97,6 +97,10 @@ def read_spectra_file(path, need_labels=False):
                    continuum_pixels=store.meta.get("continuum_pixels"),
                    continuum_degree=store.meta.get("continuum_degree"),
                    grid=_grid(store.wavelength, None, None, path))
+    elif os.path.isfile(path) and path.lower().endswith((".fits", ".fit", ".fits.gz")):
+        raise ValueError(f"{path} is a FITS file (an apStar spectrum?): train and fit read "
+                         "prepared spectra (a store from cannon-fast prepare, or an .npz); "
+                         "cannon-fast label fits apStar files directly")
     elif os.path.isfile(path):
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("flux", "ivar") if k not in f.files]

@@ -26,7 +26,8 @@ def register(subparsers, parent):
                     "atomic rename; failures are listed at the end.")
     p.add_argument("--fields", nargs="+", required=True, metavar="FIELD",
                    help="field names, e.g. M15 N6791 K2_C4_168-21 060+00")
-    p.add_argument("--dest", required=True, help="target directory (a SAS-like tree is made)")
+    p.add_argument("--out", "--dest", dest="dest", required=True,
+                   help="target directory (a SAS-like tree is made)")
     p.add_argument("--release", default="dr17", choices=("dr17", "dr16"))
     p.add_argument("--telescope", default="apo25m", help="telescope directory (default apo25m)")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL,
@@ -53,7 +54,7 @@ def register(subparsers, parent):
                    help="continuum pixels: .npz/.npy mask or indices (7214/7514/8575 grid), "
                         "text indices, or a text list of wavelength ranges")
     q.add_argument("--out", required=True, help="SpectraStore directory to create")
-    q.add_argument("--overwrite", action="store_true",
+    q.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
                    help="replace an existing store, once the new one is complete")
     q.add_argument("--labels", default="TEFF,LOGG,FE_H,MG_FE,SI_FE",
                    help="label columns, comma-separated (default the lab's five)")

@@ -109,7 +109,7 @@ def _demo(args):
             print(f"  {name:6s} bias {s['bias']:+10.4f}  scatter {s['scatter']:9.4f}")
     t = (summary.get("targets") or {}).get("primary")
     if t:
-        print("targets (issue 4): " + ("met" if t["all_met"] else "NOT met"))
+        print("the lab's targets: " + ("met" if t["all_met"] else "NOT met"))
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {summary['report']}")
     return 0
 

@@ -17,7 +17,7 @@ def register(subparsers, parent):
                     "labels->spectrum MLP. Input: an .npz with flux, ivar, labels, "
                     "label_names, or a SpectraStore directory.")
     p.add_argument("input", help=".npz file or SpectraStore directory of normalized spectra")
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("--out", "-o", "--output", dest="output", required=True,
                    help="checkpoint to write (.pt; an .npz for --kind emulator)")
     p.add_argument("--kind", choices=("regressor", "emulator"), default="regressor")
     p.add_argument("--labels", nargs="+", help="train on these labels only (default: all)")
@@ -48,7 +48,8 @@ def register(subparsers, parent):
                     "table.")
     q.add_argument("checkpoint", help="checkpoint written by nn-train")
     q.add_argument("input", help=".npz file (flux, ivar) or SpectraStore directory")
-    q.add_argument("-o", "--output", required=True, help="FITS table to write")
+    q.add_argument("--out", "-o", "--output", dest="output", required=True,
+                   help="FITS table to write")
     q.add_argument("--n-samples", type=int, default=30, help="MC-dropout samples")
     q.add_argument("--max-bad-fraction", type=float, default=0.3)
     q.add_argument("--device", default="auto")

@@ -43,10 +43,11 @@ def register(subparsers, parent):
     p.add_argument("--max-steps", type=int, default=20000,
                    help="cap on the chain length (default 20000)")
     p.add_argument("--corner", default=None, help="write the corner plot here (.png/.pdf)")
-    p.add_argument("--output", default=None, help="write the summary as JSON here")
+    p.add_argument("--out", "--output", dest="output", default=None,
+                   help="write the summary as JSON here")
     p.add_argument("--samples", default=None, help="write the posterior samples (.npz) here")
     p.add_argument("--force", action="store_true",
-                   help="overwrite existing --output, --corner and --samples files")
+                   help="overwrite existing --out, --corner and --samples files")
     p.add_argument("--cv-scatter", default=None, metavar="LABEL=VALUE,... or REPORT",
                    help="cross-validation scatter per label for the comparison table: "
                         "e.g. TEFF=30,LOGG=0.06,FE_H=0.02, or a report folder (or its "

@@ -141,7 +141,7 @@ def _targets_html(s):
     t = (s.get("targets") or {}).get("primary")
     if not t:
         return []
-    parts = ["<h3>Targets (issue 4) against the true labels</h3><table><tr><th>label</th>"
+    parts = ["<h3>The lab's targets, against the true labels</h3><table><tr><th>label</th>"
              "<th>bias</th><th>|bias| max</th><th>scatter</th><th>max</th><th>met</th></tr>"]
     for n, v in t.items():
         if n == "all_met":
