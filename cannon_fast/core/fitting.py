@@ -428,7 +428,7 @@ def _fit_once(model, flux, ivar, settings):
 
 
 def _fit_batches(model, flux, ivar, settings):
-    """The fast batched fit (the body of ``fit_cannon``): a FitResult without SPARSE_TRAINING."""
+    """The fast batched fit (the body of ``fit_cannon``), before ``_mark_label_flags``."""
     (debias, exact_debias, n_starts, n_polish, batch_size, max_iter, xtol, disagree_dchi2,
      backend, progress_bar) = (settings.debias, settings.exact_debias, settings.n_starts,
                                settings.n_polish, settings.batch_size, settings.max_iter,
@@ -481,13 +481,9 @@ def _fit_batches(model, flux, ivar, settings):
                 np.broadcast_to(starts, (len(idx),) + starts.shape), lo, hi, n_polish, max_iter,
                 xtol, disagree_dchi2)
             if debias:
-                capped = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
+                capped, at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
                 status[idx[capped]] |= FLAGS["DEBIAS_CAPPED"]
-            # the de-biasing steps are clipped to the bounds too: a label there is one the
-            # model could not place, whichever step put it there
-            at_bound = np.any(np.isclose(x[idx], lo, rtol=0, atol=1e-9)
-                              | np.isclose(x[idx], hi, rtol=0, atol=1e-9), axis=1)
-            status[idx[at_bound]] |= FLAGS["HIT_BOUND"]
+                status[idx[at_bound]] |= FLAGS["HIT_BOUND"]
         status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
         # chi², Fisher matrix and covariance at the solution
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
@@ -643,7 +639,8 @@ def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     Each step recomputes the capped Hessian (reusing the first one can diverge); a
     star stops where a step is no smaller than
     the one before it, so a correction can only converge, never run away.
-    Returns the (len(idx),) DEBIAS_CAPPED mask.
+    Returns the (len(idx),) DEBIAS_CAPPED mask and where a label ends on a bound
+    (the steps are clipped to them, as LM's are: HIT_BOUND).
     """
     n_terms = exponents.shape[0]
     g_full, b_full = vz.unpack_symmetric(g[idx], n_terms), vz.unpack_symmetric(b[idx], n_terms)
@@ -669,7 +666,9 @@ def _debias(k, x, idx, g, h, b, exponents, lo, hi):
         act = act[go & (size > DEBIAS_XTOL)]
         if len(act) == 0:
             break
-    return capped
+    at_bound = np.any(np.isclose(x[idx], lo, rtol=0, atol=1e-9)
+                      | np.isclose(x[idx], hi, rtol=0, atol=1e-9), axis=1)
+    return capped, at_bound
 
 
 def _solve_batched(a, rhs):
@@ -1189,9 +1188,6 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     return _mark_label_flags(model, out)
 
 
-_B2_WEIGHT = 1.0
-
-
 def _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p, exponents):
     """The moments of ``fit_broadened``'s objective with the training noise's pull removed.
 
@@ -1207,7 +1203,7 @@ def _training_noise_corrected(mom, w, noise_b1, noise_b2, n_terms, p, exponents)
     shrink = np.minimum(1.0, 0.5 * k_quad / np.maximum(b2_quad, 1e-300))
     out = dict(mom)
     out["hd"] = mom["hd"] + 2.0 * b1
-    out["kk"] = mom["kk"] - _B2_WEIGHT * shrink[:, None, None] * b2
+    out["kk"] = mom["kk"] - shrink[:, None, None] * b2
     return out
 
 

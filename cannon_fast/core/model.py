@@ -376,6 +376,17 @@ class CannonModel:
                                poor_fit_reduced_chi2=self._poor_fit_limit(flux, ivar, design))
         return self
 
+    def _training_residuals(self, flux, ivar, design, max_stars):
+        """Residuals of up to ``max_stars`` training stars at their labels, and their weights.
+
+        Returns (r, w), each (n, P); ``w = 1 / (1/ivar + s²)``, zero where a star
+        has no data and at the pixels fits do not use.
+        """
+        rows = slice(None, None, max(1, len(flux) // max_stars))
+        iv = ivar[rows]
+        w = np.where(fitted_pixels(self, self.n_pixels)[None, :], iv / (1.0 + iv * self.s2), 0.0)
+        return flux[rows] - design[rows] @ self.theta.T, w
+
     def _poor_fit_limit(self, flux, ivar, design, max_stars=512):
         """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
 
@@ -383,12 +394,9 @@ class CannonModel:
         labels (at least 2): a spectrum unlike every training star's, or one the
         normalization or the masks spoiled, lies far above it.
         """
-        rows = slice(None, None, max(1, len(flux) // max_stars))
-        f, iv = flux[rows], ivar[rows]
-        w = np.where(fitted_pixels(self, self.n_pixels)[None, :], iv / (1.0 + iv * self.s2), 0.0)
-        chi2 = np.sum(w * (f - design[rows] @ self.theta.T) ** 2, axis=1)
+        r, w = self._training_residuals(flux, ivar, design, max_stars)
         dof = np.maximum((w > 0).sum(axis=1) - self.n_labels, 1)
-        return float(max(2.0, 2.0 * np.percentile(chi2 / dof, 99)))
+        return float(max(2.0, 2.0 * np.percentile(np.sum(w * r * r, axis=1) / dof, 99)))
 
     def _neighbour_correlation(self, flux, ivar, design, max_stars=256):
         """Correlation of neighbouring pixels' normalized training residuals.
@@ -399,11 +407,9 @@ class CannonModel:
         much. From up to ``max_stars`` training stars, pairs of usable pixels in
         the same segment.
         """
-        rows = slice(None, None, max(1, len(flux) // max_stars))
-        f, iv = flux[rows], ivar[rows]
-        w = iv / (1.0 + iv * self.s2)
-        z = (f - design[rows] @ self.theta.T) * np.sqrt(w)
-        good = (w > 0) & fitted_pixels(self, self.n_pixels)[None, :]
+        r, w = self._training_residuals(flux, ivar, design, max_stars)
+        z = r * np.sqrt(w)
+        good = w > 0
         seg = (self.grid.segment_of_pixel if self.grid is not None
                else np.zeros(self.n_pixels, np.int64))
         pair = good[:, :-1] & good[:, 1:] & ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0))[None, :]
