@@ -13,7 +13,7 @@ from .grid import APSTAR_CDELT1 as CDELT1
 from .grid import APSTAR_CHIPS as CHIP_RANGES
 from .grid import APSTAR_CRVAL1 as CRVAL1
 from .grid import APSTAR_NPIX as NPIX
-from .grid import ASPCAP_SEGMENTS
+from .grid import ASPCAP_SEGMENTS, segment_index
 
 __all__ = ["NPIX", "CRVAL1", "CDELT1", "CHIP_RANGES", "GRID_SEGMENTS", "wavelength_grid",
            "grid_indices", "to_apstar_grid", "on_chip_mask", "chip_of_pixel"]
@@ -55,10 +55,7 @@ def chip_of_pixel(chip_ranges=CHIP_RANGES, npix=NPIX):
     -------
     ndarray of int64, shape (P,)
     """
-    c = np.full(npix, -1, np.int64)
-    for k, (a, b) in enumerate(chip_ranges):
-        c[a:b] = k
-    return c
+    return segment_index(chip_ranges, npix)
 
 
 def grid_indices(n):

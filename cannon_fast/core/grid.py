@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PixelGrid", "SPEED_OF_LIGHT", "APSTAR_NPIX", "APSTAR_CRVAL1", "APSTAR_CDELT1",
-           "APSTAR_CHIPS", "ASPCAP_SEGMENTS", "APOGEE_RESOLUTION"]
+__all__ = ["PixelGrid", "segment_index", "SPEED_OF_LIGHT", "APSTAR_NPIX", "APSTAR_CRVAL1",
+           "APSTAR_CDELT1", "APSTAR_CHIPS", "ASPCAP_SEGMENTS", "APOGEE_RESOLUTION"]
 
 #: km/s.
 SPEED_OF_LIGHT = 299792.458
@@ -173,10 +173,7 @@ class PixelGrid:
     @property
     def segment_of_pixel(self):
         """(P,) int64: the segment of each pixel, -1 in a gap."""
-        out = np.full(self.n_pixels, -1, np.int64)
-        for k, (a, b) in enumerate(self.segments):
-            out[a:b] = k
-        return out
+        return segment_index(self.segments, self.n_pixels)
 
     @property
     def in_segment(self):
@@ -288,6 +285,25 @@ class PixelGrid:
         resolution = arrays.get("resolution", meta.get("resolution"))
         return cls(arrays["wavelength"], [tuple(s) for s in meta["segments"]], resolution,
                    meta.get("name", ""))
+
+
+def segment_index(segments, n_pixels):
+    """The segment of each of ``n_pixels`` pixels, -1 in the gaps.
+
+    Parameters
+    ----------
+    segments : sequence of (int, int)
+        Half-open pixel ranges.
+    n_pixels : int
+
+    Returns
+    -------
+    ndarray of int64, (P,)
+    """
+    out = np.full(int(n_pixels), -1, np.int64)
+    for k, (a, b) in enumerate(segments):
+        out[a:b] = k
+    return out
 
 
 def _segments_from_steps(step):

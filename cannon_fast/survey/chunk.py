@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.fitting import BAD_FLAGS, WARNING_FLAGS
+from ..core.grid import segment_index
 from ..core.fitting import FLAGS as _FIT_FLAG_BITS
 from ._threads import limited_threads
 
@@ -43,10 +44,7 @@ def _mask_raw(flux, ivar, bitmask, bits, segments=None):
         else:
             bad |= (np.asarray(bitmask).astype(np.int64) & bits) != 0
     if segments is not None:
-        inside = np.zeros(flux.shape[1], bool)
-        for a, b in segments:
-            inside[a:b] = True
-        bad |= ~inside[None, :]
+        bad |= (segment_index(segments, flux.shape[1]) < 0)[None, :]
     elif flux.shape[1] == NPIX:
         bad |= ~on_chip_mask()[None, :]
     flux[bad] = 0.0
