@@ -341,3 +341,18 @@ def test_cli_fit_on_an_apstar_file_says_what_to_use(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a FITS file (an apStar spectrum?)" in err and "cannon-fast label" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_train_names_a_wavelength_array_that_makes_no_grid(tmp_path, capsys):
+    from cannon_fast.testing import make_synthetic
+    s = make_synthetic(n_stars=40, n_pix=30, n_labels=2, seed=2)
+    wave = s.grid.wavelength.copy()
+    wave[10] = wave[9]  # not increasing
+    path = tmp_path / "train.npz"
+    np.savez(path, flux=s.flux, ivar=s.ivar, labels=s.labels,
+             label_names=np.array(s.label_names), wavelength=wave)
+    assert main(["train", str(path), "--out", str(tmp_path / "m.npz")]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: its wavelengths make no pixel grid: pixel grid wavelengths must increase: " \
+           "pixel 10" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.npz").exists()

@@ -128,9 +128,7 @@ def _grid(wavelength, segments, resolution, path):
         return None
     from ..core.grid import PixelGrid
     try:
-        return PixelGrid.from_wavelength(
-            wavelength, segments=None if segments is None else [tuple(s) for s in segments],
-            resolution=None if resolution is None else resolution)
+        return PixelGrid.from_wavelength(wavelength, segments=segments, resolution=resolution)
     except ValueError as err:
         raise ValueError(f"{path}: its wavelengths make no pixel grid: {err}") from None
 
