@@ -15,7 +15,7 @@ import pytest
 
 from cannon_fast import _util, survey, testing
 from cannon_fast.apogee import files as apogee
-from cannon_fast.core import continuum, fitting
+from cannon_fast.core import binaries, continuum, fitting
 from cannon_fast.core.grid import PixelGrid
 from cannon_fast.core.model import CannonModel
 from cannon_fast.lab import pipeline
@@ -47,6 +47,8 @@ DOCUMENTED = {
     "m.write": (CannonModel.write, None),
     "CannonModel.read": (CannonModel.read, None),
     "m.fit": (CannonModel.fit, fitting.fit_cannon),
+    "m.calibrate_errors": (CannonModel.calibrate_errors, None),
+    "screen_binaries": (binaries.screen_binaries, None),
     "fitted_spectra": (fitting.fitted_spectra, None),
     "run_lab": (pipeline.run_lab, None),
     "cross_validate": (pipeline.cross_validate, None),
