@@ -61,6 +61,10 @@ def register(subparsers, parent):
                         "summary.json): de-biased, plain chi², or plain chi² with extra line "
                         "broadening fitted; auto: chosen by cross-validation on the training "
                         "set")
+    p.add_argument("--no-binary-screen", action="store_true",
+                   help="do not screen the stars for unresolved binaries (by default the "
+                        "flagged training stars leave the training set and the validation "
+                        "stars get BINARY_* columns)")
     p.add_argument("--label-errors", choices=("auto", "yes", "no"), default="auto",
                    help="train with the catalogue's label errors (regression-calibrated "
                         "labels, error-weighted stars); auto: chosen by cross-validation when "
@@ -98,6 +102,7 @@ def _demo(args):
                       extra_terms=_extra_terms(args.extra_terms),
                       test_step=args.test_step,
                       label_errors={"auto": "auto", "yes": True, "no": False}[args.label_errors],
+                      binary_screen=not args.no_binary_screen,
                       show_progress=False if quiet else None,
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     v = summary["validation"][summary["primary_fit"]]

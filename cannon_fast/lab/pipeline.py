@@ -96,7 +96,7 @@ AUTO_MODELS = {
 
 
 def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3, seed=0,
-                   label_errors=None):
+                   label_errors=None, heldout=None):
     """Choose a model and a label fit by cross-validation on a training set.
 
     Each fold is fitted by each model trained on the other folds, with each label
@@ -120,6 +120,9 @@ def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3
     seed : int
     label_errors : ndarray, (N, L), optional
         The catalogue's label errors, passed on to the models.
+    heldout : dict, optional
+        Filled with ``(model_name, step) -> (labels, errors)``, each (N, L): every
+        training star's held-out fit (NaN where it failed), for error calibration.
 
     Returns
     -------
@@ -130,7 +133,8 @@ def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3
     """
     n = len(labels)
     folds = np.random.default_rng(seed).permutation(n) % n_folds
-    resid = {(m, st): [] for m in models for st in steps}
+    fitted = {(m, st): (np.full(labels.shape, np.nan), np.full(labels.shape, np.nan))
+              for m in models for st in steps}
     for k in range(n_folds):
         inner, held = folds != k, folds == k
         for name, train_model in models.items():
@@ -138,10 +142,14 @@ def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3
                             None if label_errors is None else label_errors[inner])
             for st in steps:
                 r = m.fit(flux[held], ivar[held], **FIT_STEPS[st])
-                resid[name, st].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
+                fitted[name, st][0][held] = np.where(r.ok[:, None], r.labels, np.nan)
+                fitted[name, st][1][held] = r.errors
+    if heldout is not None:
+        heldout.update(fitted)
+    resid = {key: f[0] - labels for key, f in fitted.items()}
     scatter, score = {}, {}
-    for key, parts in resid.items():
-        sd = np.nanstd(np.concatenate(parts), axis=0)
+    for key, r in resid.items():
+        sd = np.nanstd(r, axis=0)
         scatter[" / ".join(key)] = sd.tolist()
         score[" / ".join(key)] = float(np.mean(np.log(sd ** 2)))
     best = min(resid, key=lambda key: score[" / ".join(key)])
@@ -277,13 +285,65 @@ def _read_truth(path, ids):
         if name in names:
             out[have, j] = np.asarray(t[name], float)[rows[have]]
     extra = {}
-    for col in ("IS_BINARY", "POPULATION", "VMACRO"):
+    for col in ("IS_BINARY", "POPULATION", "VMACRO", "FLUX_RATIO_H", "K_REL"):
         if col in names:
             vals = np.asarray(t[col])[np.maximum(rows, 0)]
             missing = np.full_like(vals, np.nan) if vals.dtype.kind == "f" else \
                 np.zeros_like(vals)
             extra[col] = np.where(have, vals, missing)
     return out, extra
+
+
+#: S/N bins of the pull statistics (lower edges inclusive)
+SNR_BINS = ((0, 70), (70, 100), (100, 200), (200, np.inf))
+
+
+def pull_statistics(fit, reference, snr, reference_errors=None, names=LAB_LABELS):
+    """Standard deviation of (fit - reference) / error per label and S/N bin.
+
+    For calibrated fits both the calibrated errors and the formal ones are scored;
+    ``reference_errors`` (a catalogue's) are added in quadrature. A well-calibrated
+    error gives 1; the issue's band is 0.8-1.25.
+    """
+    ok = fit.ok & np.isfinite(snr)
+    ref_var = 0.0 if reference_errors is None else np.nan_to_num(reference_errors) ** 2
+    kinds = {"calibrated": fit.errors} if fit.formal_errors is not None else {}
+    kinds["formal"] = fit.errors if fit.formal_errors is None else fit.formal_errors
+    out = {}
+    for j, name in enumerate(names):
+        out[name] = {}
+        for lo, hi in SNR_BINS:
+            sel = ok & (snr >= lo) & (snr < hi) & np.isfinite(reference[:, j])
+            key = f"{lo:g}-{hi:g}"
+            entry = dict(n=int(sel.sum()))
+            for kind, err in kinds.items():
+                ref_v = ref_var if np.isscalar(ref_var) else ref_var[sel, j]
+                pull = (fit.labels[sel, j] - reference[sel, j]) / np.sqrt(err[sel, j] ** 2
+                                                                            + ref_v)
+                entry[kind] = _num(np.std(pull)) if sel.sum() >= 5 else None
+            out[name][key] = entry
+    return out
+
+
+def _allstar_column(allstar, ids, column):
+    """One numeric allStar column for the stars ``ids`` (NaN where absent)."""
+    import fitsio
+
+    out = np.full(len(ids), np.nan)
+    try:
+        with fitsio.FITS(allstar) as f:
+            if column not in f[1].get_colnames() or "APOGEE_ID" not in f[1].get_colnames():
+                return out
+            t = f[1].read(columns=["APOGEE_ID", column])
+    except OSError:
+        return out
+    index = {}
+    for i, s in enumerate(np.char.strip(np.asarray(t["APOGEE_ID"]).astype(str))):
+        index.setdefault(s, i)
+    rows = np.array([index.get(str(s).strip(), -1) for s in ids])
+    have = rows >= 0
+    out[have] = np.asarray(t[column], float)[rows[have]]
+    return out
 
 
 def _catalog_flags(allstar, ids):
@@ -626,6 +686,7 @@ class _LabOptions:
     extra_terms: object
     test_step: str
     label_errors: object
+    binary_screen: bool
     show_progress: object
     log: object
 
@@ -682,6 +743,11 @@ class _LabContext:
     cv: dict = None
     model: object = None
     model_path: str = None
+    heldout: dict = dataclasses.field(default_factory=dict)  # cross_validate's held-out fits
+    # _step_screen_training, _step_screen_validation
+    binaries: dict = dataclasses.field(default_factory=dict)  # summary.json's "binaries"
+    val_screen: object = None  # core.binaries.BinaryScreen of the validation stars
+    error_calibration: dict = None
     # _step_fit
     fits: dict = dataclasses.field(default_factory=dict)  # FIT_STEPS key -> FitResult
     validation: dict = None
@@ -738,7 +804,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
             nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
-            label_errors="auto", show_progress=None, log=print):
+            label_errors="auto", binary_screen=True, show_progress=None, log=print):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -802,6 +868,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         stars). ``"auto"`` lets the cross-validation choose when the
         catalogue has ``<LABEL>_ERR`` columns (missing errors are filled with
         the label's median error).
+    binary_screen : bool
+        Screen every star for an unresolved companion (``core.binaries``): the
+        flagged training stars leave the training set before the model is chosen
+        and trained; the validation stars get BINARY_* columns, the composite
+        fit's primary labels, and separate statistics for singles and binaries.
     test_step : {"auto", "debias", "plain"}
         The label fit whose results the figures and the headline numbers use. Both
         are always computed and in ``summary.json``. ``"auto"`` chooses by 3-fold
@@ -831,9 +902,12 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     _step_prepare(ctx)
     _step_load(ctx)
     _step_split(ctx)
+    _step_screen_training(ctx)
     _step_choose_model(ctx)
     _step_train(ctx)
+    _step_calibrate_errors(ctx)
     _step_fit(ctx)
+    _step_screen_validation(ctx)
     _step_error_budget(ctx)
     _step_figures(ctx)
     _step_extras(ctx)
@@ -1002,6 +1076,38 @@ def _step_split(ctx):
             f"1 held back ({ctx.ids[ctx.mystery]})")
 
 
+def _step_screen_training(ctx):
+    """Flagged binaries leave the training set before anything is trained on it (step 15).
+
+    A first model of the lab's form fits the training stars; the screen compares
+    single and composite fits of each; the flagged stars are set aside.
+    """
+    from ..core.binaries import screen_binaries
+    from ..core.model import CannonModel
+
+    if not ctx.opts.binary_screen:
+        return
+    t0 = time.perf_counter()
+    tr = ctx.train
+    m = CannonModel(LAB_LABELS, order=2, backend=ctx.opts.backend).train(
+        ctx.flux[tr], ctx.ivar[tr], ctx.cat_labels[tr])
+    single = m.fit(ctx.flux[tr], ctx.ivar[tr], debias=False)
+    scr = screen_binaries(m, ctx.flux[tr], ctx.ivar[tr], single.labels,
+                          progress_bar=not _bar_disabled(ctx.opts.show_progress))
+    ctx.binaries["training"] = dict(n_screened=int(len(tr)), n_flagged=int(scr.flagged.sum()),
+                                    min_delta_chi2=scr.min_delta_chi2,
+                                    flagged_ids=[str(i) for i in ctx.ids[tr][scr.flagged]])
+    truth_b = ctx.truth_extra.get("IS_BINARY")
+    if truth_b is not None:
+        ctx.binaries["training"]["n_true_binaries_flagged"] = int(np.sum(
+            scr.flagged & np.asarray(truth_b[tr], bool)))
+    ctx.train = tr[~scr.flagged]
+    ctx.timings["binary_screen_training"] = time.perf_counter() - t0
+    ctx.say(f"binary screen: {int(scr.flagged.sum())} of {len(tr)} training stars flagged "
+            f"(Δχ² > {scr.min_delta_chi2:g}) and left out of training "
+            f"({ctx.timings['binary_screen_training']:.1f} s)")
+
+
 def _step_choose_model(ctx):
     """The model and the label fit, by cross-validation in the training set (lab step 9).
 
@@ -1053,21 +1159,64 @@ def _step_train(ctx):
                                                    ctx.cat_labels[tr], ctx.train_errors)
         bar.update(1)
     record_continuum(ctx.model, ctx.cont_mask, ctx.continuum_degree)
-    ctx.model_path = os.path.join(ctx.out_dir, "model.fits")
-    ctx.model.write(ctx.model_path, overwrite=True)
     ctx.timings["train"] = time.perf_counter() - t0
     ctx.say(f"trained {ctx.model!r} in {ctx.timings['train']:.1f} s")
+
+
+def _step_calibrate_errors(ctx):
+    """Calibrated errors from the training set's held-out fits; write model.fits (step 12).
+
+    The reference is the true labels when the data set has them (a simulation:
+    its training half calibrates, the validation half checks), otherwise the
+    catalogue labels with their stated errors.
+    """
+    from ..core.errors import fit_error_model
+
+    t0 = time.perf_counter()
+    tr, key = ctx.train, (ctx.model_name, ctx.primary_key)
+    truth = ctx.truth_labels
+    use_truth = truth is not None and np.isfinite(truth[tr]).all(axis=1).mean() > 0.9
+    ref, ref_err = (truth[tr], None) if use_truth else (ctx.cat_labels[tr], ctx.train_errors)
+    reference = "true labels" if use_truth else (
+        "catalogue labels" + (" with their stated errors" if ref_err is not None else ""))
+    if key not in ctx.heldout:   # no model choice was cross-validated: do it for the errors
+        cross_validate({ctx.model_name: ctx.candidates[ctx.model_name]}, ctx.flux[tr],
+                       ctx.ivar[tr], ctx.cat_labels[tr], steps=(ctx.primary_key,),
+                       seed=ctx.opts.seed, label_errors=ctx.train_errors, heldout=ctx.heldout)
+    fitted, formal = ctx.heldout[key]
+    try:
+        ctx.model.error_model = fit_error_model(
+            fitted, formal, ref, LAB_LABELS, reference_errors=ref_err,
+            training_labels=ctx.cat_labels[tr],
+            info=dict(reference=reference, fit=ctx.primary_key, n_folds=3))
+        ctx.error_calibration = dict(reference=reference, fit=ctx.primary_key,
+                                     params=ctx.model.error_model.to_dict()["params"])
+    except ValueError as err:  # too few usable held-out fits: formal errors, said so
+        ctx.notes.append(f"errors not calibrated ({err}); the errors are the fits' formal ones")
+        ctx.error_calibration = dict(reference=None, note=str(err))
+    ctx.model_path = os.path.join(ctx.out_dir, "model.fits")
+    ctx.model.write(ctx.model_path, overwrite=True)
+    ctx.timings["calibrate_errors"] = time.perf_counter() - t0
 
 
 def _step_fit(ctx):
     """Fit the validation half with every label fit, and score each (lab step 9)."""
     for st, options in FIT_STEPS.items():
         t0 = time.perf_counter()
+        # the calibration belongs to the primary fit; the others keep their formal errors
         ctx.fits[st] = ctx.model.fit(ctx.flux[ctx.valid], ctx.ivar[ctx.valid],
-                                     progress_bar=ctx.opts.show_progress, **options)
+                                     progress_bar=ctx.opts.show_progress,
+                                     calibrated_errors=st == ctx.primary_key, **options)
         ctx.timings["fit_" + st] = time.perf_counter() - t0
     ctx.validation = {st: _validation_block(res, ctx.val_cat, ctx.val_true)
                       for st, res in ctx.fits.items()}
+    snr = _allstar_column(ctx.allstar_path, ctx.ids[ctx.valid], "SNR")
+    pulls = dict(snr_bins=[f"{lo:g}-{hi:g}" for lo, hi in SNR_BINS], vs_catalog=pull_statistics(
+        ctx.primary, ctx.val_cat, snr, None if ctx.cat_errors is None
+        else ctx.cat_errors[ctx.valid]))
+    if ctx.val_true is not None:
+        pulls["vs_true"] = pull_statistics(ctx.primary, ctx.val_true, snr)
+    ctx.validation[ctx.primary_key]["pulls"] = pulls
     broad = ctx.fits["broadened"]
     ctx.validation["broadened"]["broadening"] = dict(
         unit="(km/s)^2", percentiles_5_50_95=[_num(q) for q in np.nanpercentile(
@@ -1083,6 +1232,54 @@ def _step_fit(ctx):
         ctx.primary_key = "plain"
     ctx.say(f"fitted {n_valid} validation stars ("
             + ", ".join(f"{ctx.timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
+
+
+def _step_screen_validation(ctx):
+    """Screen the validation stars with the trained model; score singles and binaries."""
+    from ..core.binaries import screen_binaries
+
+    if not ctx.opts.binary_screen:
+        return
+    t0 = time.perf_counter()
+    va, prim = ctx.valid, ctx.primary
+    scr = screen_binaries(ctx.model, ctx.flux[va], ctx.ivar[va], prim.labels,
+                          progress_bar=not _bar_disabled(ctx.opts.show_progress))
+    ctx.val_screen = scr
+    dt = time.perf_counter() - t0
+    ctx.timings["binary_screen_validation"] = dt
+    flagged = scr.flagged
+    b = dict(n_screened=int(len(va)), n_flagged=int(flagged.sum()),
+             stars_per_second=_num(len(va) / dt), min_delta_chi2=scr.min_delta_chi2,
+             columns="validation_labels.fits: BINARY_FLAG, BINARY_DELTA_CHI2, "
+                     "BINARY_LIGHT_WEIGHT, BINARY_VELOCITY, BINARY_TEFF2, BINARY_LOGG2, "
+                     "BINARY_PRIMARY_<LABEL>(_ERR)")
+    if ctx.val_true is not None:
+        ok = prim.ok
+        b["singles_vs_true"] = label_statistics(prim.labels, ctx.val_true, LAB_LABELS,
+                                                good=ok & ~flagged)
+        b["flagged_single_fit_vs_true"] = label_statistics(prim.labels, ctx.val_true,
+                                                           LAB_LABELS, good=ok & flagged)
+        b["flagged_composite_fit_vs_true"] = label_statistics(
+            scr.primary_labels, ctx.val_true, LAB_LABELS, good=flagged)
+    truth_b = ctx.truth_extra.get("IS_BINARY")
+    if truth_b is not None:
+        isb = np.asarray(truth_b[va], bool)
+        fr = ctx.truth_extra.get("FLUX_RATIO_H")
+        kr = ctx.truth_extra.get("K_REL")
+        b["truth"] = dict(n_binaries=int(isb.sum()), n_binaries_flagged=int(np.sum(flagged & isb)),
+                          n_singles=int((~isb).sum()),
+                          n_singles_flagged=int(np.sum(flagged & ~isb)))
+        if fr is not None and kr is not None:
+            strong = isb & (np.asarray(fr[va], float) > 0.3) & (np.asarray(kr[va], float) > 15)
+            b["truth"].update(n_bright_fast=int(strong.sum()),
+                              n_bright_fast_flagged=int(np.sum(flagged & strong)),
+                              bright_fast="FLUX_RATIO_H > 0.3 and K_REL > 15 km/s")
+        if ctx.val_true is not None:
+            b["true_singles_vs_true"] = label_statistics(prim.labels, ctx.val_true, LAB_LABELS,
+                                                         good=prim.ok & ~isb)
+    ctx.binaries["validation"] = b
+    ctx.say(f"binary screen: {int(flagged.sum())} of {len(va)} validation stars flagged "
+            f"({dt:.1f} s, {len(va) / dt:.0f} stars/s)")
 
 
 def _validation_block(res, val_cat, val_true):
@@ -1293,6 +1490,18 @@ def _validation_figures(ctx, pl, model_val):
         title=f"cross-validation against the CATALOG labels ({int(ok.sum())} stars, "
               f"{fit_note})"),
         "Cross-validation: fitted against the catalog (ASPCAP-like) labels, as in the lab."))
+    pulls = ctx.validation[ctx.primary_key].get("pulls", {})
+    ref = "vs_true" if "vs_true" in pulls else "vs_catalog"
+    if ref in pulls:
+        cal = ctx.error_calibration or {}
+        plan.append(("pulls", lambda: pl.plot_pulls(
+            pulls[ref], LAB_LABELS, title=f"are the errors right? validation stars against the "
+            f"{'TRUE' if ref == 'vs_true' else 'CATALOG'} labels ({fit_note})"),
+            "Error calibration (lab step 12): the standard deviation of (fit - reference) / "
+            "error per S/N bin; 1 is right, the band is 0.8-1.25. Formal errors count only the "
+            "pixel noise as the ivar states it; the calibrated ones add the model error "
+            f"learned by cross-validation in the training set against the "
+            f"{cal.get('reference') or 'reference'} (model.error_model)."))
     if outl:
         k = [o["index"] for o in outl]
         plan.append(("outliers", lambda: pl.plot_outliers(
@@ -1387,6 +1596,9 @@ def _extras_inputs(ctx):
 def _step_outputs(ctx):
     """validation_labels.fits, summary.json and report.html; the store goes unless kept."""
     tab = ctx.primary.to_table(ids=ctx.ids[ctx.valid])
+    if ctx.val_screen is not None:
+        for name, col in ctx.val_screen.columns(LAB_LABELS).items():
+            tab[name] = col
     for j, n in enumerate(LAB_LABELS):
         tab["CAT_" + n] = ctx.val_cat[:, j]
         if ctx.val_true is not None:
@@ -1431,6 +1643,7 @@ def _summary(ctx):
                                    else list(o.extra_terms), test_step=o.test_step),
                     model=ctx.model_name, test_step=ctx.primary_key, **ctx.cv),
         validation=ctx.validation,
+        error_calibration=ctx.error_calibration, binaries=ctx.binaries,
         targets=dict(against="true labels" if ctx.val_true is not None
                      else "unavailable (no truth)",
                      primary=ctx.validation[ctx.primary_key].get("targets_vs_true")),
