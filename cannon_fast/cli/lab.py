@@ -42,6 +42,11 @@ def register(subparsers, parent):
     p.add_argument("--isochrone", action="append", metavar="FILE",
                    help="MIST (.iso/.iso.cmd) or PARSEC isochrone to overlay on the Kiel diagram "
                         "(repeatable); default for the demo: the survey's own giant branch")
+    p.add_argument("--star", action="append", metavar="APOGEE_ID",
+                   help="star of the continuum and data-vs-model figures (repeatable; default: "
+                        "the median-S/N training star), e.g. the lab's checkpoint stars "
+                        "2M19395986+2341280 and 2M03533659+2512012 in a download of its "
+                        "fields (--data); an ID not in the data is an error listing near IDs")
     p.add_argument("--n-stars", type=int, default=1200,
                    help="size of the embedded survey (default 1200)")
     p.add_argument("--min-stars", type=int, default=60,
@@ -99,6 +104,7 @@ def _demo(args):
                       test_step=args.test_step,
                       label_errors={"auto": "auto", "yes": True, "no": False}[args.label_errors],
                       show_progress=False if quiet else None,
+                      stars=args.star,
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     v = summary["validation"][summary["primary_fit"]]
     ref = "vs_true" if "vs_true" in v else "vs_catalog"

@@ -628,6 +628,7 @@ class _LabOptions:
     label_errors: object
     show_progress: object
     log: object
+    stars: object
 
 
 @dataclasses.dataclass(eq=False)
@@ -648,11 +649,13 @@ class _LabContext:
     t_start: float
     timings: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    summary_extra: dict = dataclasses.field(default_factory=dict)  # more summary.json keys
     figures: list = dataclasses.field(default_factory=list)  # saved, with captions
     # _step_data
     source: dict = None
     files: list = None
     id_to_path: dict = None  # APOGEE_ID -> apStar path
+    stars: list = None  # the stars named for the example figures (--star), as the data spell them
     allstar_path: str = None
     truth_path: str = None
     # _step_continuum_pixels
@@ -738,7 +741,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
             nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
-            label_errors="auto", show_progress=None, log=print):
+            label_errors="auto", show_progress=None, log=print, stars=None):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -811,6 +814,14 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         Progress bars (default: when stderr is a terminal).
     log : callable or None
         Called with one line of text per step.
+    stars : sequence of str, optional
+        APOGEE IDs for the example figures (the lab's checkpoints name
+        2M19395986+2341280 for the continuum and 2M03533659+2512012 for data
+        against the model): the first replaces the median-S/N training star of
+        ``example_spectrum``, ``continuum`` and ``data_vs_model``; each other
+        one adds ``continuum_<ID>`` and ``data_vs_model_<ID>``. A star cut by
+        the lab's cuts gets the continuum figure only. An ID not in the data is
+        a ValueError listing the nearest IDs, raised before the spectra are read.
 
     Returns
     -------
@@ -911,7 +922,18 @@ def _step_data(ctx):
             pass
     ctx.source.update(allstar=ctx.allstar_path, truth=ctx.truth_path,
                       n_apstar_files=len(ctx.files))
+    from .stars import find_stars
+    ctx.stars = find_stars(o.stars, ctx.id_to_path, *_data_description(o, apstar_root))
     ctx.timings["survey"] = time.perf_counter() - t0
+
+
+def _data_description(o, apstar_root):
+    """What the data are, and a hint, for the message about a star they do not have."""
+    if o.data_dir is None:
+        return ("the embedded synthetic survey", "its IDs are made up; the lab's checkpoint "
+                "stars are real DR17 stars: `cannon-fast download --fields M15 N6791 "
+                "K2_C4_168-21 060+00 --out DIR`, then `cannon-fast demo --data DIR --star ID`")
+    return f"the apStar files under {apstar_root}", ""
 
 
 def _step_continuum_pixels(ctx):
@@ -1159,8 +1181,15 @@ def _step_figures(ctx):
     # a failed fit has NaN labels: draw the model at the training median there instead
     model_val = model.predict(np.where(np.isfinite(primary.labels), primary.labels,
                                        np.nanmedian(model.training_labels, axis=0)))
-    ex = _example_star(ctx)
-    plan = _example_figures(ctx, pl, ex) + _model_figures(ctx, pl, ex, lines)
+    plan = []
+    shown = _figure_stars(ctx)
+    for k, (star_id, _, _) in enumerate(shown):
+        plan += _example_figures(ctx, pl, star_id, "" if k == 0 else "_" + star_id,
+                                 raw_figure=k == 0)
+    plan += _model_figures(ctx, pl, lines, [_data_vs_model_figure(ctx, pl, idx, role,
+                                                                  "" if k == 0 else "_" + sid)
+                                            for k, (sid, idx, role) in enumerate(shown)
+                                            if idx is not None])
     ctx.outliers = _worst_outliers(ctx, model_val)
     plan += _validation_figures(ctx, pl, model_val) + _kiel_figure(ctx, pl)
     plan += _broadening_figure(ctx, pl)
@@ -1184,13 +1213,39 @@ def _example_star(ctx):
     return int(cand[np.argsort(snr_proxy, kind="stable")[len(cand) // 2]])
 
 
-def _example_figures(ctx, pl, ex):
-    """Plan of star ``ex``'s raw spectrum and its normalization (none if unreadable)."""
+def _figure_stars(ctx):
+    """The stars of the example figures: ``(apogee_id, index or None, role)`` each.
+
+    The named stars (``stars=``) in order, else the median-S/N training star;
+    ``index`` is the star's row among the kept stars (None when the cuts removed
+    it), ``role`` says which set it is in. summary.json's ``example_stars``
+    records them.
+    """
+    where = {int(i): "training" for i in ctx.train}
+    where.update({int(i): "validation" for i in ctx.valid})
+    where[int(ctx.mystery)] = "held back (the MCMC star)"
+    row = {sid: i for i, sid in enumerate(ctx.ids)}
+    if ctx.stars:
+        out = [(sid, row.get(sid), where.get(row.get(sid), "not kept by the lab's cuts"))
+               for sid in ctx.stars]
+    else:
+        ex = _example_star(ctx)
+        out = [(ctx.ids[ex], ex, "training")]
+    ctx.summary_extra["example_stars"] = [
+        dict(apogee_id=str(sid), role=role, named=bool(ctx.stars)) for sid, _, role in out]
+    for sid, idx, role in out:
+        if idx is None:
+            ctx.notes.append(f"star {sid} is in the data but {role}: its continuum figure is "
+                             "drawn, data against the model is not (no catalogue labels kept)")
+    return out
+
+
+def _example_figures(ctx, pl, ex_id, suffix="", raw_figure=True):
+    """Plan of star ``ex_id``'s raw spectrum and its normalization (none if unreadable)."""
     from ..apogee.bitmask import mask_spectra
     from ..apogee.files import read_apstar
     from ..core.continuum import normalize
 
-    ex_id = ctx.ids[ex]
     cont_mask = ctx.cont_mask
     try:
         spec = read_apstar(ctx.id_to_path[ex_id])
@@ -1198,15 +1253,15 @@ def _example_figures(ctx, pl, ex):
         ns = normalize(f_raw, v_raw, cont_mask, degree=ctx.continuum_degree,
                        keep_continuum=True, dtype=np.float64)
     except (KeyError, OSError, ValueError) as err:
-        ctx.notes.append(f"example/continuum figures skipped: {err}")
+        ctx.notes.append(f"example/continuum figures of {ex_id} skipped: {err}")
         return []
-    return [
+    plan = [
         ("example_spectrum", lambda: pl.plot_spectrum(
             spec.wavelength, spec.flux, good=v_raw > 0,
             title=f"{ex_id}: combined apStar spectrum (chip gaps and flagged pixels left empty)"),
          "An example spectrum: flux against vacuum wavelength, in 1e-17 erg/s/cm²/Å "
          "(flux density per unit wavelength). The two gaps are the detector chip gaps."),
-        ("continuum", lambda: pl.plot_continuum(
+        ("continuum" + suffix, lambda: pl.plot_continuum(
             spec.wavelength, f_raw, ns.continuum, ns.flux, good=v_raw > 0,
             continuum_pixels=cont_mask,
             title=f"{ex_id}: raw spectrum, per-chip pseudo-continuum, normalized spectrum"),
@@ -1216,13 +1271,25 @@ def _example_figures(ctx, pl, ex):
          f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
          f"for this star (orange dots)."),
     ]
+    return plan if raw_figure else plan[1:]
 
 
-def _model_figures(ctx, pl, ex, known_lines):
+def _data_vs_model_figure(ctx, pl, ex, role, suffix=""):
+    """Plan entry of kept star ``ex`` against the model at its catalogue labels."""
+    model = ctx.model
+    return ("data_vs_model" + suffix, lambda: pl.plot_data_vs_model(
+        ctx.wave, ctx.flux[ex], ctx.ivar[ex], model.predict(ctx.cat_labels[ex]),
+        (16000.0, 16100.0),
+        title=f"{role} star {ctx.ids[ex]}: data and model at its catalog labels", s2=model.s2),
+        f"Data against the model for a {role} star ({ctx.ids[ex]}), 16000-16100 Å; the "
+        "residual band is the data error plus the model's intrinsic scatter.")
+
+
+def _model_figures(ctx, pl, known_lines, data_vs_model):
     """Plan of the catalog labels' corner plot and the trained model's figures.
 
-    ``ex`` is the training star drawn against the model; ``known_lines`` is
-    ``(lines, their source)`` of the gradient-spectrum marks.
+    ``data_vs_model`` are the plan entries of stars drawn against the model;
+    ``known_lines`` is ``(lines, their source)`` of the gradient-spectrum marks.
     """
     from .plots._labels import label_name
 
@@ -1234,12 +1301,7 @@ def _model_figures(ctx, pl, ex, known_lines):
             cat_labels, LAB_LABELS,
             title=f"catalog labels of the {len(ctx.ids)} stars kept by the cuts"),
          "Corner plot of the catalog labels of the stars that pass the lab's cuts."),
-        ("data_vs_model", lambda: pl.plot_data_vs_model(
-            wave, ctx.flux[ex], ctx.ivar[ex], model.predict(cat_labels[ex]), (16000.0, 16100.0),
-            title=f"training star {ctx.ids[ex]}: data and model at its catalog labels",
-            s2=model.s2),
-         "Data against the model for a training star, 16000-16100 Å; the residual band is "
-         "the data error plus the model's intrinsic scatter."),
+        *data_vs_model,
         ("gradients", lambda: pl.plot_gradient_spectra(
             wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
             title="gradient spectra at the median training labels: " + ", ".join(
@@ -1438,7 +1500,7 @@ def _summary(ctx):
         figures=[dict(file=f["file"], caption=f["caption"]) for f in ctx.figures],
         extras=ctx.extras_status,
         timings={k: round(v, 2) for k, v in ctx.timings.items()}, notes=ctx.notes,
-        report=os.path.join(ctx.out_dir, "report.html"))
+        report=os.path.join(ctx.out_dir, "report.html"), **ctx.summary_extra)
 
 
 def _bar_disabled(show_progress):
