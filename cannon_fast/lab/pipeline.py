@@ -629,6 +629,9 @@ class _LabOptions:
     show_progress: object
     log: object
     stars: object
+    isochrone_age: object
+    isochrone_feh: object
+    isochrone_source: str
 
 
 @dataclasses.dataclass(eq=False)
@@ -741,7 +744,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
             nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
-            label_errors="auto", show_progress=None, log=print, stars=None):
+            label_errors="auto", show_progress=None, log=print, stars=None,
+            isochrone_age=None, isochrone_feh=None, isochrone_source="files"):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -822,6 +826,20 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         one adds ``continuum_<ID>`` and ``data_vs_model_<ID>``. A star cut by
         the lab's cuts gets the continuum figure only. An ID not in the data is
         a ValueError listing the nearest IDs, raised before the spectra are read.
+    isochrone_age : float, optional
+        Age (Gyr) of the isochrones on the Kiel diagram: the nearest one in each
+        ``isochrones`` file; for ``isochrone_source="mist"`` the age fetched
+        (default 6, lab step 11).
+    isochrone_feh : sequence of float, optional
+        Their [Fe/H]s, as for the age (default for MIST: 0 and -1, lab step 11).
+    isochrone_source : {"files", "mist"}
+        ``"files"``: the ``isochrones`` given (none: the demo draws the survey's
+        own giant branch). ``"mist"``: also MIST isochrones from the MIST web
+        interpolator (:mod:`cannon_fast.lab.mist_web`), cached under
+        ``cache_dir`` (default ``$CANNON_FAST_CACHE`` or ``~/.cache/cannon_fast``)
+        so later runs need no network; offline with nothing cached is a
+        ConnectionError before any work. summary.json's ``isochrones`` says which
+        were drawn (source, file or URL, age, [Fe/H]).
 
     Returns
     -------
@@ -876,11 +894,12 @@ def _new_context(opts):
     if wanted - set(_EXTRAS):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(_EXTRAS))}; "
                          f"choose from {_EXTRAS}")
-    iso_tracks = _read_isochrones(opts.isochrones)  # bad files fail here as well
+    iso_tracks, iso_notes = _read_isochrones(opts)  # bad files, or offline, fail here as well
     return _LabContext(opts=opts, out_dir=_prepare_out_dir(opts.out_dir, opts.force),
                        model_sets=model_sets, extras_wanted=wanted, iso_tracks=iso_tracks,
                        say=opts.log if opts.log is not None else (lambda *_: None),
-                       t_start=t_start)
+                       t_start=t_start, notes=iso_notes,
+                       summary_extra=dict(isochrones=[t["info"] for t in iso_tracks]))
 
 
 def _step_data(ctx):
@@ -1375,8 +1394,12 @@ def _kiel_figure(ctx, pl):
         if gb is not None:
             iso.append(gb)
             iso_note = gb.pop("note")
+            ctx.summary_extra["isochrones"] = [dict(source="survey giant branch",
+                                                    label=gb["label"], note=iso_note)]
     elif iso:
-        iso_note = "isochrones: " + "; ".join(t["label"] for t in iso)
+        iso_note = "isochrones (giants): " + "; ".join(
+            t["label"] + (f" ({t['info']['origin']})" if t["info"].get("origin") else "")
+            for t in iso)
     return [("kiel", lambda: pl.plot_kiel(primary.labels[primary.ok, 0],
                                           primary.labels[primary.ok, 1],
                                           primary.labels[primary.ok, 2], isochrones=iso,
@@ -1508,26 +1531,65 @@ def _bar_disabled(show_progress):
     return None if show_progress is None else not show_progress
 
 
-def _read_isochrones(isochrones):
-    """Isochrone tracks for the Kiel diagram from dicts or files (MIST/PARSEC, giants only)."""
-    tracks = []
-    for item in isochrones or ():
+def _read_isochrones(opts):
+    """Isochrone tracks for the Kiel diagram, and notes: files, dicts and MIST from the web.
+
+    Each track is a dict with ``teff``, ``logg``, ``label`` (the giants of an
+    isochrone: RGB and red clump) and ``info``, summary.json's record of it.
+    """
+    if opts.isochrone_source not in ("files", "mist"):
+        raise ValueError(f"isochrone_source must be 'files' or 'mist', got "
+                         f"{opts.isochrone_source!r}")
+    fehs = None if opts.isochrone_feh is None else [float(f) for f in
+                                                    np.atleast_1d(opts.isochrone_feh)]
+    age = None if opts.isochrone_age is None else float(opts.isochrone_age)
+    picked, notes = [], []  # (Isochrone, origin)
+    for item in opts.isochrones or ():
         if isinstance(item, dict):
-            tracks.append(dict(teff=np.asarray(item["teff"], float),
-                               logg=np.asarray(item["logg"], float),
-                               label=str(item.get("label", "isochrone"))))
             continue
-        path = os.fspath(item)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: isochrone file not found")
-        from .isochrones import load_isochrone
-        try:
-            iso = load_isochrone(path, giants=True)
-        except (ValueError, OSError, KeyError, IndexError) as err:
-            raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
-        tracks.append(dict(teff=np.asarray(iso.teff, float), logg=np.asarray(iso.logg, float),
-                           label=f"{iso.source} {iso.age_gyr:.3g} Gyr, [Fe/H] = {iso.feh:+.2f}"))
-    return tracks
+        picked += [(iso, "file") for iso in _isochrones_from_file(item, age, fehs)]
+    if opts.isochrone_source == "mist":
+        from .mist_web import mist_isochrones
+        picked += mist_isochrones(6.0 if age is None else age,
+                                  (0.0, -1.0) if fehs is None else fehs,
+                                  cache_dir=opts.cache_dir)
+    tracks = [dict(teff=np.asarray(item["teff"], float), logg=np.asarray(item["logg"], float),
+                   label=str(item.get("label", "isochrone")),
+                   info=dict(source="given", label=str(item.get("label", "isochrone"))))
+              for item in opts.isochrones or () if isinstance(item, dict)]
+    for iso, origin in picked:
+        giants = iso.giants()
+        label = iso.label  # e.g. "MIST 6 Gyr [Fe/H] = -1.00" ([M/H] for PARSEC)
+        tracks.append(dict(teff=np.asarray(giants.teff, float),
+                           logg=np.asarray(giants.logg, float), label=label,
+                           info=dict(source=iso.source, origin=origin, path=iso.path,
+                                     age_gyr=round(iso.age_gyr, 3), feh=round(iso.feh, 3),
+                                     label=label)))
+        far_age = age is not None and abs(np.log10(iso.age_gyr / age)) > 0.05
+        far_feh = fehs is not None and min(abs(iso.feh - f) for f in fehs) > 0.1
+        if far_age or far_feh:
+            wanted = ([f"{age:g} Gyr"] if age is not None else []) + (
+                ["[Fe/H] = " + " or ".join(f"{f:+.2f}" for f in fehs)] if fehs else [])
+            notes.append(f"{iso.path}: the isochrone nearest {', '.join(wanted)} in this file "
+                         f"is {iso.label}; drawn as it is")
+    return tracks, notes
+
+
+def _isochrones_from_file(path, age, fehs):
+    """The file's isochrones nearest ``age`` and each of ``fehs`` (each drawn once)."""
+    from .isochrones import read_isochrones, select_isochrone
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: isochrone file not found")
+    try:
+        blocks = read_isochrones(path)
+        chosen = [select_isochrone(blocks, age_gyr=age, feh=f) for f in (fehs or [None])]
+        for iso in chosen:
+            iso.giants()  # a file without giants fails here, before any work
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
+    return [iso for k, iso in enumerate(chosen) if all(iso is not c for c in chosen[:k])]
 
 
 def _short_caption(o, width=125):

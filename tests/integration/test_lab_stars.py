@@ -32,17 +32,31 @@ def _pick(allstar):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A 150-star lab run naming a star the cuts keep and one they remove."""
+def lab(tmp_path_factory, mist_server, mist_table):
+    """A 150-star lab run naming a star the cuts keep and one they remove.
+
+    Its Kiel diagram has a MIST file of the user's (10 Gyr, [Fe/H] = -0.5) and the lab's
+    MIST isochrones (6 Gyr, [Fe/H] = 0 and -1) from the loopback stand-in of the MIST web
+    interpolator.
+    """
     from cannon_fast.demo import datasets
 
     root = tmp_path_factory.mktemp("stars")
     paths = datasets.demo_survey(cache_dir=root / "cache", n_stars=150, seed=0, progress=False)
     kept, cut, ids = _pick(paths.allstar)
     out = root / "report"
-    summary = run_lab(out_dir=out, n_stars=150, cache_dir=root / "cache", seed=1, extras=False,
-                      min_stars=40, show_progress=False, log=None, stars=[kept.lower(), cut])
-    yield dict(out=out, summary=summary, kept=kept, cut=cut, ids=ids, root=root, paths=paths)
+    iso_file = root / "my_isochrone.iso"
+    iso_file.write_text(mist_table(10.0, -0.5))
+    n_forms = len(mist_server.requests)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CANNON_FAST_MIST_URL", mist_server.url)
+        summary = run_lab(out_dir=out, n_stars=150, cache_dir=root / "cache", seed=1,
+                          extras=False, min_stars=40, show_progress=False, log=None,
+                          extra_terms=(), test_step="plain", label_errors=False,  # no CV: fast
+                          stars=[kept.lower(), cut], isochrones=[iso_file],
+                          isochrone_source="mist", isochrone_age=6.0, isochrone_feh=[0.0, -1.0])
+    yield dict(out=out, summary=summary, kept=kept, cut=cut, ids=ids, root=root, paths=paths,
+               forms=mist_server.requests[n_forms:], iso_file=iso_file)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -60,6 +74,25 @@ def test_named_stars_get_the_example_figures(lab):
         assert (out / name).stat().st_size > 10000
     assert not (out / f"data_vs_model_{cut}.png").exists()
     assert any(cut in n and "continuum figure is drawn" in n for n in s["notes"])
+
+
+def test_kiel_diagram_says_which_isochrones_it_drew(lab):
+    """The user's file and the lab's two MIST isochrones, fetched once, in summary and report."""
+    s = lab["summary"]
+    got = [(i["source"], i["origin"], i["age_gyr"], i["feh"]) for i in s["isochrones"]]
+    assert got == [("MIST", "file", 10.0, -0.5),
+                   ("MIST", "MIST web interpolator", 6.0, 0.0),
+                   ("MIST", "MIST web interpolator", 6.0, -1.0)]
+    assert s["isochrones"][0]["path"] == str(lab["iso_file"])
+    assert all(p["path"].startswith(str(lab["root"] / "cache" / "isochrones"))
+               for p in s["isochrones"][1:])
+    assert [f["FeH_value"] for f in lab["forms"]] == ["0.0000", "-1.0000"]
+    caption = next(f["caption"] for f in s["figures"] if f["file"] == "kiel.png")
+    assert "MIST 6 Gyr [Fe/H] = -1.00 (MIST web interpolator)" in caption
+    assert any("nearest 6 Gyr, [Fe/H] = +0.00 or -1.00" in n and "10 Gyr" in n
+               for n in s["notes"])
+    page = (lab["out"] / "report.html").read_text()
+    assert "Kiel diagram isochrones" in page and "MIST web interpolator" in page
 
 
 def test_unknown_star_is_a_one_line_error_with_near_ids(lab, tmp_path, capsys):
