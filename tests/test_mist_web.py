@@ -96,3 +96,22 @@ def test_cli_demo_offline_fails_before_any_work(closed_port_url, tmp_path, monke
     assert not out.exists() and not (tmp_path / "cache").exists()  # no survey was generated
     rc = main(["demo", "--isochrone-feh", "0,solar", "--out", str(out), "-q"])
     assert rc == 1 and "--isochrone-feh '0,solar'" in capsys.readouterr().err
+
+
+def test_cli_isochrones_fetches_once_and_copies(mist_server, tmp_path, monkeypatch, capsys):
+    """`cannon-fast isochrones`: fetched, cached, copied to --out for `--isochrone FILE`."""
+    monkeypatch.setenv("CANNON_FAST_MIST_URL", mist_server.url)
+    monkeypatch.setenv("CANNON_FAST_CACHE", str(tmp_path / "cache"))
+    n0 = len(mist_server.requests)
+    rc = main(["isochrones", "--age", "6", "--feh", "0,-1", "--out", str(tmp_path / "iso")])
+    text = capsys.readouterr().out
+    assert rc == 0 and len(mist_server.requests) == n0 + 2
+    assert "MIST 6 Gyr [Fe/H] = -1.00" in text and "RGB Teff at log g 3, 2, 1" in text
+    copies = sorted(p.name for p in (tmp_path / "iso").iterdir())
+    assert copies == ["MIST_6Gyr_feh+0.00.iso", "MIST_6Gyr_feh-1.00.iso"]
+    (iso,) = read_mist(tmp_path / "iso" / copies[1])
+    assert iso.feh == -1.0 and iso.teff_at(2.0) == pytest.approx(4715.0, abs=2.0)
+    rc = main(["isochrones", "--out", str(tmp_path / "iso")])  # defaults 6 Gyr, 0 and -1
+    assert rc == 1 and "exists; pass --force" in capsys.readouterr().err
+    rc = main(["isochrones", "--out", str(tmp_path / "iso"), "--force"])
+    assert rc == 0 and len(mist_server.requests) == n0 + 2  # from the cache

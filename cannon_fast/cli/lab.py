@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-__all__ = ["register"]
+__all__ = ["register", "parse_fehs"]
 
 
 def register(subparsers, parent):
@@ -100,15 +100,17 @@ def _extra_terms(text):
     return [t for t in text.split(",") if t.strip()]
 
 
-def _fehs(text):
-    """``--isochrone-feh``: comma-separated [Fe/H] values, or None."""
+def parse_fehs(text, option="--isochrone-feh"):
+    """``--isochrone-feh`` (or ``option``): comma-separated [Fe/H] values, or None."""
     if text is None:
         return None
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        fehs = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--isochrone-feh {text!r}: give numbers separated by commas, "
-                         "e.g. 0,-1") from None
+        fehs = []
+    if not fehs:
+        raise ValueError(f"{option} {text!r}: give numbers separated by commas, e.g. 0,-1")
+    return fehs
 
 
 def _demo(args):
@@ -128,7 +130,7 @@ def _demo(args):
                       stars=args.star,
                       isochrone_source=args.isochrone_source,
                       isochrone_age=args.isochrone_age,
-                      isochrone_feh=_fehs(args.isochrone_feh),
+                      isochrone_feh=parse_fehs(args.isochrone_feh),
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     v = summary["validation"][summary["primary_fit"]]
     ref = "vs_true" if "vs_true" in v else "vs_catalog"

@@ -81,6 +81,23 @@ def register(subparsers, parent):
     m.add_argument("--force", action="store_true", help="overwrite existing movies")
     m.set_defaults(func=_movie)
 
+    i = subparsers.add_parser(
+        "isochrones", parents=[parent],
+        help="MIST isochrones from the MIST web interpolator (cached), e.g. for lab step 11",
+        description="Fetch MIST isochrones at one age and one or more [Fe/H] from the MIST web "
+                    "interpolator (once: they are cached in ~/.cache/cannon_fast/isochrones or "
+                    "$CANNON_FAST_CACHE) and print where they are and their giant branch; "
+                    "--out copies them to a folder, for `demo --isochrone FILE` or "
+                    "`movie --isochrone FILE`.")
+    i.add_argument("--age", type=float, default=6.0, help="age in Gyr (default 6)")
+    i.add_argument("--feh", default="0,-1", metavar="FEH[,FEH...]",
+                   help="[Fe/H] values, comma-separated (default 0,-1)")
+    i.add_argument("--out", default=None, help="copy the .iso files into this folder")
+    i.add_argument("--force", action="store_true", help="overwrite files in --out")
+    i.add_argument("--refresh", action="store_true",
+                   help="fetch again even when cached (the cache is replaced only by a good file)")
+    i.set_defaults(func=_isochrones)
+
     b = subparsers.add_parser(
         "binaries", parents=[parent], help="single vs binary fits; bias of binaries (study)",
         description="Fit each spectrum with the single-star model and a two-star composite "
@@ -307,6 +324,32 @@ def _movie(args):
             if n not in said:
                 print("  " + n)
                 said.add(n)
+    return 0
+
+
+def _isochrones(args):
+    import shutil
+
+    from ..lab.isochrones import read_mist, select_isochrone
+    from ..lab.mist_web import fetch_mist
+    from .lab import parse_fehs
+
+    fehs = parse_fehs(args.feh, "--feh")
+    if args.out:
+        targets = [os.path.join(args.out, f"MIST_{args.age:g}Gyr_feh{f:+.2f}.iso") for f in fehs]
+        for t in targets:
+            _refuse_existing(t, args.force)
+    for k, feh in enumerate(fehs):
+        path = fetch_mist(args.age, feh, refresh=args.refresh)
+        iso = select_isochrone(read_mist(path), age_gyr=args.age, feh=feh)
+        teff = iso.teff_at([3.0, 2.0, 1.0])
+        print(f"{iso.label}: {path}\n  RGB Teff at log g 3, 2, 1: "
+              + ", ".join(f"{t:.0f}" for t in teff) + " K")
+        if args.out:
+            from .._util import atomic_path
+            with atomic_path(targets[k]) as tmp:
+                shutil.copyfile(path, tmp)
+            print(f"  copied to {targets[k]}")
     return 0
 
 
