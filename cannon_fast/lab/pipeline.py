@@ -839,7 +839,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         ``cache_dir`` (default ``$CANNON_FAST_CACHE`` or ``~/.cache/cannon_fast``)
         so later runs need no network; offline with nothing cached is a
         ConnectionError before any work. summary.json's ``isochrones`` says which
-        were drawn (source, file or URL, age, [Fe/H]).
+        were drawn (source, origin, path, age, [Fe/H]).
 
     Returns
     -------
@@ -1242,7 +1242,7 @@ def _figure_stars(ctx):
     """
     where = {int(i): "training" for i in ctx.train}
     where.update({int(i): "validation" for i in ctx.valid})
-    where[int(ctx.mystery)] = "held back (the MCMC star)"
+    where[int(ctx.mystery)] = "held-back (MCMC)"
     row = {sid: i for i, sid in enumerate(ctx.ids)}
     if ctx.stars:
         out = [(sid, row.get(sid), where.get(row.get(sid), "not kept by the lab's cuts"))

@@ -65,7 +65,7 @@ def test_named_stars_get_the_example_figures(lab):
     s, out, kept, cut = lab["summary"], lab["out"], lab["kept"], lab["cut"]
     roles = {e["apogee_id"]: e["role"] for e in s["example_stars"]}
     assert list(roles) == [kept, cut]  # as the data spell them, in the order given
-    assert roles[kept] in ("training", "validation", "held back (the MCMC star)")
+    assert roles[kept] in ("training", "validation", "held-back (MCMC)")
     assert roles[cut] == "not kept by the lab's cuts"
     captions = {f["file"]: f["caption"] for f in s["figures"]}
     # the first named star takes the default figures; the cut one has no labels to model
