@@ -689,6 +689,10 @@ class _LabOptions:
     binary_screen: bool
     show_progress: object
     log: object
+    stars: object
+    isochrone_age: object
+    isochrone_feh: object
+    isochrone_source: str
 
 
 @dataclasses.dataclass(eq=False)
@@ -709,11 +713,13 @@ class _LabContext:
     t_start: float
     timings: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    summary_extra: dict = dataclasses.field(default_factory=dict)  # more summary.json keys
     figures: list = dataclasses.field(default_factory=list)  # saved, with captions
     # _step_data
     source: dict = None
     files: list = None
     id_to_path: dict = None  # APOGEE_ID -> apStar path
+    stars: list = None  # the stars named for the example figures (--star), as the data spell them
     allstar_path: str = None
     truth_path: str = None
     # _step_continuum_pixels
@@ -804,7 +810,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
             nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
-            label_errors="auto", binary_screen=True, show_progress=None, log=print):
+            label_errors="auto", binary_screen=True, show_progress=None, log=print,
+            stars=None, isochrone_age=None, isochrone_feh=None, isochrone_source="files"):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -882,6 +889,28 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         Progress bars (default: when stderr is a terminal).
     log : callable or None
         Called with one line of text per step.
+    stars : sequence of str, optional
+        APOGEE IDs for the example figures (the lab's checkpoints name
+        2M19395986+2341280 for the continuum and 2M03533659+2512012 for data
+        against the model): the first replaces the median-S/N training star of
+        ``example_spectrum``, ``continuum`` and ``data_vs_model``; each other
+        one adds ``continuum_<ID>`` and ``data_vs_model_<ID>``. A star cut by
+        the lab's cuts gets the continuum figure only. An ID not in the data is
+        a ValueError listing the nearest IDs, raised before the spectra are read.
+    isochrone_age : float, optional
+        Age (Gyr) of the isochrones on the Kiel diagram: the nearest one in each
+        ``isochrones`` file; for ``isochrone_source="mist"`` the age fetched
+        (default 6, lab step 11).
+    isochrone_feh : sequence of float, optional
+        Their [Fe/H]s, as for the age (default for MIST: 0 and -1, lab step 11).
+    isochrone_source : {"files", "mist"}
+        ``"files"``: the ``isochrones`` given (none: the demo draws the survey's
+        own giant branch). ``"mist"``: also MIST isochrones from the MIST web
+        interpolator (:mod:`cannon_fast.lab.mist_web`), cached under
+        ``cache_dir`` (default ``$CANNON_FAST_CACHE`` or ``~/.cache/cannon_fast``)
+        so later runs need no network; offline with nothing cached is a
+        ConnectionError before any work. summary.json's ``isochrones`` says which
+        were drawn (source, origin, path, age, [Fe/H]).
 
     Returns
     -------
@@ -939,11 +968,12 @@ def _new_context(opts):
     if wanted - set(_EXTRAS):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(_EXTRAS))}; "
                          f"choose from {_EXTRAS}")
-    iso_tracks = _read_isochrones(opts.isochrones)  # bad files fail here as well
+    iso_tracks, iso_notes = _read_isochrones(opts)  # bad files, or offline, fail here as well
     return _LabContext(opts=opts, out_dir=_prepare_out_dir(opts.out_dir, opts.force),
                        model_sets=model_sets, extras_wanted=wanted, iso_tracks=iso_tracks,
                        say=opts.log if opts.log is not None else (lambda *_: None),
-                       t_start=t_start)
+                       t_start=t_start, notes=iso_notes,
+                       summary_extra=dict(isochrones=[t["info"] for t in iso_tracks]))
 
 
 def _step_data(ctx):
@@ -985,7 +1015,18 @@ def _step_data(ctx):
             pass
     ctx.source.update(allstar=ctx.allstar_path, truth=ctx.truth_path,
                       n_apstar_files=len(ctx.files))
+    from .stars import find_stars
+    ctx.stars = find_stars(o.stars, ctx.id_to_path, *_data_description(o, apstar_root))
     ctx.timings["survey"] = time.perf_counter() - t0
+
+
+def _data_description(o, apstar_root):
+    """What the data are, and a hint, for the message about a star they do not have."""
+    if o.data_dir is None:
+        return ("the embedded synthetic survey", "its IDs are made up; the lab's checkpoint "
+                "stars are real DR17 stars: `cannon-fast download --fields M15 N6791 "
+                "K2_C4_168-21 060+00 --out DIR`, then `cannon-fast demo --data DIR --star ID`")
+    return f"the apStar files under {apstar_root}", ""
 
 
 def _step_continuum_pixels(ctx):
@@ -1356,8 +1397,15 @@ def _step_figures(ctx):
     # a failed fit has NaN labels: draw the model at the training median there instead
     model_val = model.predict(np.where(np.isfinite(primary.labels), primary.labels,
                                        np.nanmedian(model.training_labels, axis=0)))
-    ex = _example_star(ctx)
-    plan = _example_figures(ctx, pl, ex) + _model_figures(ctx, pl, ex, lines)
+    plan = []
+    shown = _figure_stars(ctx)
+    for k, (star_id, _, _) in enumerate(shown):
+        plan += _example_figures(ctx, pl, star_id, "" if k == 0 else "_" + star_id,
+                                 raw_figure=k == 0)
+    plan += _model_figures(ctx, pl, lines, [_data_vs_model_figure(ctx, pl, idx, role,
+                                                                  "" if k == 0 else "_" + sid)
+                                            for k, (sid, idx, role) in enumerate(shown)
+                                            if idx is not None])
     ctx.outliers = _worst_outliers(ctx, model_val)
     plan += _validation_figures(ctx, pl, model_val) + _kiel_figure(ctx, pl)
     plan += _broadening_figure(ctx, pl)
@@ -1381,13 +1429,39 @@ def _example_star(ctx):
     return int(cand[np.argsort(snr_proxy, kind="stable")[len(cand) // 2]])
 
 
-def _example_figures(ctx, pl, ex):
-    """Plan of star ``ex``'s raw spectrum and its normalization (none if unreadable)."""
+def _figure_stars(ctx):
+    """The stars of the example figures: ``(apogee_id, index or None, role)`` each.
+
+    The named stars (``stars=``) in order, else the median-S/N training star;
+    ``index`` is the star's row among the kept stars (None when the cuts removed
+    it), ``role`` says which set it is in. summary.json's ``example_stars``
+    records them.
+    """
+    where = {int(i): "training" for i in ctx.train}
+    where.update({int(i): "validation" for i in ctx.valid})
+    where[int(ctx.mystery)] = "held-back (MCMC)"
+    row = {sid: i for i, sid in enumerate(ctx.ids)}
+    if ctx.stars:
+        out = [(sid, row.get(sid), where.get(row.get(sid), "not kept by the lab's cuts"))
+               for sid in ctx.stars]
+    else:
+        ex = _example_star(ctx)
+        out = [(ctx.ids[ex], ex, "training")]
+    ctx.summary_extra["example_stars"] = [
+        dict(apogee_id=str(sid), role=role, named=bool(ctx.stars)) for sid, _, role in out]
+    for sid, idx, role in out:
+        if idx is None:
+            ctx.notes.append(f"star {sid} is in the data but {role}: its continuum figure is "
+                             "drawn, data against the model is not (no catalogue labels kept)")
+    return out
+
+
+def _example_figures(ctx, pl, ex_id, suffix="", raw_figure=True):
+    """Plan of star ``ex_id``'s raw spectrum and its normalization (none if unreadable)."""
     from ..apogee.bitmask import mask_spectra
     from ..apogee.files import read_apstar
     from ..core.continuum import normalize
 
-    ex_id = ctx.ids[ex]
     cont_mask = ctx.cont_mask
     try:
         spec = read_apstar(ctx.id_to_path[ex_id])
@@ -1395,15 +1469,15 @@ def _example_figures(ctx, pl, ex):
         ns = normalize(f_raw, v_raw, cont_mask, degree=ctx.continuum_degree,
                        keep_continuum=True, dtype=np.float64)
     except (KeyError, OSError, ValueError) as err:
-        ctx.notes.append(f"example/continuum figures skipped: {err}")
+        ctx.notes.append(f"example/continuum figures of {ex_id} skipped: {err}")
         return []
-    return [
+    plan = [
         ("example_spectrum", lambda: pl.plot_spectrum(
             spec.wavelength, spec.flux, good=v_raw > 0,
             title=f"{ex_id}: combined apStar spectrum (chip gaps and flagged pixels left empty)"),
          "An example spectrum: flux against vacuum wavelength, in 1e-17 erg/s/cm²/Å "
          "(flux density per unit wavelength). The two gaps are the detector chip gaps."),
-        ("continuum", lambda: pl.plot_continuum(
+        ("continuum" + suffix, lambda: pl.plot_continuum(
             spec.wavelength, f_raw, ns.continuum, ns.flux, good=v_raw > 0,
             continuum_pixels=cont_mask,
             title=f"{ex_id}: raw spectrum, per-chip pseudo-continuum, normalized spectrum"),
@@ -1413,13 +1487,25 @@ def _example_figures(ctx, pl, ex):
          f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
          f"for this star (orange dots)."),
     ]
+    return plan if raw_figure else plan[1:]
 
 
-def _model_figures(ctx, pl, ex, known_lines):
+def _data_vs_model_figure(ctx, pl, ex, role, suffix=""):
+    """Plan entry of kept star ``ex`` against the model at its catalogue labels."""
+    model = ctx.model
+    return ("data_vs_model" + suffix, lambda: pl.plot_data_vs_model(
+        ctx.wave, ctx.flux[ex], ctx.ivar[ex], model.predict(ctx.cat_labels[ex]),
+        (16000.0, 16100.0),
+        title=f"{role} star {ctx.ids[ex]}: data and model at its catalog labels", s2=model.s2),
+        f"Data against the model for a {role} star ({ctx.ids[ex]}), 16000-16100 Å; the "
+        "residual band is the data error plus the model's intrinsic scatter.")
+
+
+def _model_figures(ctx, pl, known_lines, data_vs_model):
     """Plan of the catalog labels' corner plot and the trained model's figures.
 
-    ``ex`` is the training star drawn against the model; ``known_lines`` is
-    ``(lines, their source)`` of the gradient-spectrum marks.
+    ``data_vs_model`` are the plan entries of stars drawn against the model;
+    ``known_lines`` is ``(lines, their source)`` of the gradient-spectrum marks.
     """
     from .plots._labels import label_name
 
@@ -1431,12 +1517,7 @@ def _model_figures(ctx, pl, ex, known_lines):
             cat_labels, LAB_LABELS,
             title=f"catalog labels of the {len(ctx.ids)} stars kept by the cuts"),
          "Corner plot of the catalog labels of the stars that pass the lab's cuts."),
-        ("data_vs_model", lambda: pl.plot_data_vs_model(
-            wave, ctx.flux[ex], ctx.ivar[ex], model.predict(cat_labels[ex]), (16000.0, 16100.0),
-            title=f"training star {ctx.ids[ex]}: data and model at its catalog labels",
-            s2=model.s2),
-         "Data against the model for a training star, 16000-16100 Å; the residual band is "
-         "the data error plus the model's intrinsic scatter."),
+        *data_vs_model,
         ("gradients", lambda: pl.plot_gradient_spectra(
             wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
             title="gradient spectra at the median training labels: " + ", ".join(
@@ -1522,8 +1603,12 @@ def _kiel_figure(ctx, pl):
         if gb is not None:
             iso.append(gb)
             iso_note = gb.pop("note")
+            ctx.summary_extra["isochrones"] = [dict(source="survey giant branch",
+                                                    label=gb["label"], note=iso_note)]
     elif iso:
-        iso_note = "isochrones: " + "; ".join(t["label"] for t in iso)
+        iso_note = "isochrones (giants): " + "; ".join(
+            t["label"] + (f" ({t['info']['origin']})" if t["info"].get("origin") else "")
+            for t in iso)
     return [("kiel", lambda: pl.plot_kiel(primary.labels[primary.ok, 0],
                                           primary.labels[primary.ok, 1],
                                           primary.labels[primary.ok, 2], isochrones=iso,
@@ -1651,7 +1736,7 @@ def _summary(ctx):
         figures=[dict(file=f["file"], caption=f["caption"]) for f in ctx.figures],
         extras=ctx.extras_status,
         timings={k: round(v, 2) for k, v in ctx.timings.items()}, notes=ctx.notes,
-        report=os.path.join(ctx.out_dir, "report.html"))
+        report=os.path.join(ctx.out_dir, "report.html"), **ctx.summary_extra)
 
 
 def _bar_disabled(show_progress):
@@ -1659,26 +1744,65 @@ def _bar_disabled(show_progress):
     return None if show_progress is None else not show_progress
 
 
-def _read_isochrones(isochrones):
-    """Isochrone tracks for the Kiel diagram from dicts or files (MIST/PARSEC, giants only)."""
-    tracks = []
-    for item in isochrones or ():
+def _read_isochrones(opts):
+    """Isochrone tracks for the Kiel diagram, and notes: files, dicts and MIST from the web.
+
+    Each track is a dict with ``teff``, ``logg``, ``label`` (the giants of an
+    isochrone: RGB and red clump) and ``info``, summary.json's record of it.
+    """
+    if opts.isochrone_source not in ("files", "mist"):
+        raise ValueError(f"isochrone_source must be 'files' or 'mist', got "
+                         f"{opts.isochrone_source!r}")
+    fehs = None if opts.isochrone_feh is None else [float(f) for f in
+                                                    np.atleast_1d(opts.isochrone_feh)]
+    age = None if opts.isochrone_age is None else float(opts.isochrone_age)
+    picked, notes = [], []  # (Isochrone, origin)
+    for item in opts.isochrones or ():
         if isinstance(item, dict):
-            tracks.append(dict(teff=np.asarray(item["teff"], float),
-                               logg=np.asarray(item["logg"], float),
-                               label=str(item.get("label", "isochrone"))))
             continue
-        path = os.fspath(item)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: isochrone file not found")
-        from .isochrones import load_isochrone
-        try:
-            iso = load_isochrone(path, giants=True)
-        except (ValueError, OSError, KeyError, IndexError) as err:
-            raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
-        tracks.append(dict(teff=np.asarray(iso.teff, float), logg=np.asarray(iso.logg, float),
-                           label=f"{iso.source} {iso.age_gyr:.3g} Gyr, [Fe/H] = {iso.feh:+.2f}"))
-    return tracks
+        picked += [(iso, "file") for iso in _isochrones_from_file(item, age, fehs)]
+    if opts.isochrone_source == "mist":
+        from .mist_web import mist_isochrones
+        picked += mist_isochrones(6.0 if age is None else age,
+                                  (0.0, -1.0) if fehs is None else fehs,
+                                  cache_dir=opts.cache_dir)
+    tracks = [dict(teff=np.asarray(item["teff"], float), logg=np.asarray(item["logg"], float),
+                   label=str(item.get("label", "isochrone")),
+                   info=dict(source="given", label=str(item.get("label", "isochrone"))))
+              for item in opts.isochrones or () if isinstance(item, dict)]
+    for iso, origin in picked:
+        giants = iso.giants()
+        label = iso.label  # e.g. "MIST 6 Gyr [Fe/H] = -1.00" ([M/H] for PARSEC)
+        tracks.append(dict(teff=np.asarray(giants.teff, float),
+                           logg=np.asarray(giants.logg, float), label=label,
+                           info=dict(source=iso.source, origin=origin, path=iso.path,
+                                     age_gyr=round(iso.age_gyr, 3), feh=round(iso.feh, 3),
+                                     label=label)))
+        far_age = age is not None and abs(np.log10(iso.age_gyr / age)) > 0.05
+        far_feh = fehs is not None and min(abs(iso.feh - f) for f in fehs) > 0.1
+        if far_age or far_feh:
+            wanted = ([f"{age:g} Gyr"] if age is not None else []) + (
+                ["[Fe/H] = " + " or ".join(f"{f:+.2f}" for f in fehs)] if fehs else [])
+            notes.append(f"{iso.path}: the isochrone nearest {', '.join(wanted)} in this file "
+                         f"is {iso.label}; drawn as it is")
+    return tracks, notes
+
+
+def _isochrones_from_file(path, age, fehs):
+    """The file's isochrones nearest ``age`` and each of ``fehs`` (each drawn once)."""
+    from .isochrones import read_isochrones, select_isochrone
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: isochrone file not found")
+    try:
+        blocks = read_isochrones(path)
+        chosen = [select_isochrone(blocks, age_gyr=age, feh=f) for f in (fehs or [None])]
+        for iso in chosen:
+            iso.giants()  # a file without giants fails here, before any work
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
+    return [iso for k, iso in enumerate(chosen) if all(iso is not c for c in chosen[:k])]
 
 
 def _short_caption(o, width=125):

@@ -116,6 +116,12 @@ def _overview_html(s):
                  ("continuum pixels", f"{s.get('continuum', {}).get('n_pixels')} "
                                       f"({s.get('continuum', {}).get('method', '')})"),
                  ("fit shown in figures", s.get("primary_fit")),
+                 ("example stars", ", ".join(f"{e['apogee_id']} ({e['role']})"
+                                             for e in s.get("example_stars", [])) or "n/a"),
+                 ("Kiel diagram isochrones", "; ".join(
+                     i.get("label", "") + (f" ({i['origin']}: {i.get('path')})"
+                                           if i.get("origin") else "")
+                     for i in s.get("isochrones", [])) or "none"),
                  ("total run time", f"{s.get('timings', {}).get('total', float('nan')):.1f} s")):
         parts.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
     parts.append("</table>")
