@@ -23,8 +23,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
 from .emulator import PayneEmulator, train_emulator
 from .evaluate import (calibration_fraction, calibration_scale, comparison_table, label_metrics,
                        three_cornered_hat)
-from .regressor import NNResult, SpectrumRegressor
+from .regressor import STARNET_TRAINING, NNResult, SpectrumRegressor, format_layer_summary
 
-__all__ = ["SpectrumRegressor", "NNResult", "PayneEmulator", "train_emulator",
+__all__ = ["SpectrumRegressor", "NNResult", "STARNET_TRAINING", "format_layer_summary",
+           "PayneEmulator", "train_emulator",
            "label_metrics", "calibration_fraction", "calibration_scale", "three_cornered_hat",
            "comparison_table"]
