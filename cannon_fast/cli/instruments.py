@@ -1,4 +1,8 @@
-"""``cannon-fast jwst``: the JWST project (seed 001) as one command."""
+"""``cannon-fast jwst`` and ``cannon-fast transfer``: other instruments' spectra.
+
+``jwst`` is the JWST project (seed 001) as one run; ``transfer`` carries a
+catalogue's labels to another survey's spectra through the stars in common.
+"""
 from __future__ import annotations
 
 import sys
@@ -12,7 +16,7 @@ def _ints(text):
 
 
 def register(subparsers, parent):
-    """Add the ``jwst`` subcommand.
+    """Add the ``jwst`` and ``transfer`` subcommands.
 
     Parameters
     ----------
@@ -54,6 +58,28 @@ def register(subparsers, parent):
     g.add_argument("--patience", type=int, default=5)
     p.set_defaults(func=_jwst)
 
+    t = subparsers.add_parser(
+        "transfer", parents=[parent],
+        help="carry a catalogue's labels to another survey's spectra (Cannon, optionally NN)",
+        description="Train the Cannon (and with --nn the StarNet regressor) on the spectra of "
+                    "stars the catalogue labels, a seeded share of them, and label every "
+                    "spectrum; repeat visits of the stars not trained on give the scatter of "
+                    "the labels over their stated errors (pull std). Writes a FITS table.")
+    t.add_argument("--catalog", required=True, help="reference catalogue FITS with labels")
+    t.add_argument("--spectra", required=True, help="the other survey's spectra (FITS or .npz)")
+    t.add_argument("--out", required=True, help="output FITS table, one row per spectrum")
+    t.add_argument("--force", action="store_true", help="replace --out")
+    t.add_argument("--labels", default="TEFF,LOGG,FE_H", help="labels to carry over")
+    t.add_argument("--match-column", default="APOGEE_ID",
+                   help="column of both files naming the star (default APOGEE_ID)")
+    t.add_argument("--train-fraction", type=float, default=0.5,
+                   help="share of the stars in common trained on (default 0.5)")
+    t.add_argument("--cannon-order", type=int, default=2)
+    t.add_argument("--no-debias", action="store_true",
+                   help="plain chi² fit: noise-only errors, what repeat visits measure")
+    t.add_argument("--nn", action="store_true", help="also train StarNet (needs torch)")
+    t.set_defaults(func=_transfer)
+
 
 def _jwst(args):
     from ..lab.jwst import run_jwst_report
@@ -82,4 +108,51 @@ def _jwst(args):
             print(f"{method:8s} RMSE " + "  ".join(
                 f"{n} {v['rmse']:.4g}" for n, v in comp[method]["metrics"].items()))
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {s['report']}")
+    return 0
+
+
+def _transfer(args):
+    import os
+
+    import numpy as np
+
+    from .._util import atomic_path
+    from ..instruments import read_spectra
+    from ..lab.jwst import read_catalog
+    from ..lab.transfer import transfer_labels
+
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to replace it")
+    names = [n.strip() for n in args.labels.split(",") if n.strip()]
+    cat = read_catalog(args.catalog)
+    missing = [n for n in names + [args.match_column] if n not in cat]
+    if missing:
+        raise ValueError(f"{args.catalog}: no column(s) {', '.join(missing)}")
+    sp = read_spectra(args.spectra, normalize=True)
+    if args.match_column not in sp.table:
+        raise ValueError(f"{args.spectra}: no {args.match_column} column to match by")
+    quiet = getattr(args, "quiet", False)
+    out = transfer_labels(cat[args.match_column], np.column_stack([cat[n] for n in names]), sp,
+                          sp.table[args.match_column], names,
+                          train_fraction=args.train_fraction, seed=args.seed,
+                          cannon_order=args.cannon_order, debias=not args.no_debias, nn=args.nn,
+                          backend=args.backend,
+                          names=(os.path.basename(args.catalog), os.path.basename(args.spectra)),
+                          log=None if quiet else (lambda m: print(m, file=sys.stderr)))
+    cols = {"ID": sp.ids, args.match_column: sp.table[args.match_column]}
+    trained = np.zeros(len(sp), bool)
+    trained[out.train_rows] = True
+    for method in out.labels:
+        for j, n in enumerate(names):
+            cols[f"{n}_{method.upper()}"] = out.labels[method][:, j]
+            cols[f"{n}_{method.upper()}_ERR"] = out.errors[method][:, j]
+        cols[f"OK_{method.upper()}"] = out.ok[method]
+    cols["TRAINED_ON"] = trained
+    from astropy.table import Table
+    with atomic_path(args.out) as tmp:
+        Table(cols).write(tmp, format="fits")
+    for method, p in out.pulls.items():
+        print(f"{method}: {p['n_pairs']} repeat pairs; pull std " + "  ".join(
+            f"{n} {v:.3f}" for n, v in zip(names, p["std"])))
+    print(f"{len(sp)} spectra labeled -> {args.out}")
     return 0

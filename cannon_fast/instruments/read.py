@@ -269,10 +269,12 @@ def _read_npz(path):
         wk = _first(_WAVE_NAMES, keys)
         if wk is not None:
             raw["wave"] = d[wk]
-        idk = _first(tuple(n.upper() for n in ID_COLUMNS) + ("IDS",), keys)
+        for k in keys:  # every ID column is kept (e.g. OBSID and the APOGEE_ID to match by)
+            if k.upper() in ID_COLUMNS or k.upper() == "IDS":
+                raw["table"][k.upper()] = np.asarray(d[k]).astype(str)
+        idk = _first(ID_COLUMNS + ("IDS",), keys)
         if idk is not None:
-            raw["ids"] = np.asarray(d[idk]).astype(str)
-            raw["table"][idk.upper()] = raw["ids"]
+            raw["ids"] = raw["table"][idk.upper()]
         if "labels" in keys and "label_names" in keys:
             lab = np.atleast_2d(d["labels"])
             for j, n in enumerate(np.asarray(d["label_names"]).astype(str)):
