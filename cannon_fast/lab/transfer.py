@@ -106,8 +106,8 @@ def repeat_pulls(keys, labels, errors, ok=None):
 
 
 def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
-                    train_fraction=0.5, seed=0, cannon_order=2, debias=True, nn=False,
-                    nn_options=None, nn_training=None, backend="auto",
+                    ref_errors=None, train_fraction=0.5, seed=0, cannon_order=2, debias=True,
+                    nn=False, nn_options=None, nn_training=None, backend="auto",
                     names=("reference", "spectra"), log=None):
     """Train on the overlap's spectra with the reference labels; label every spectrum.
 
@@ -122,6 +122,10 @@ def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
     spectra_keys : array_like, (N,)
         The reference star key of each spectrum (e.g. its APOGEE_ID column).
     label_names : sequence of str
+    ref_errors : array_like, (M, L), optional
+        1-sigma errors of ``ref_labels``: both models are trained for the true
+        labels rather than the noisy ones (the Cannon's errors-in-variables
+        training, the regressor's added label variance).
     train_fraction : float
         Share of the overlap's stars trained on (seeded); the rest, and the
         stars not in the reference, are labeled as new stars.
@@ -153,6 +157,10 @@ def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
     n = len(spectra)
     reference = np.full((n, len(names_l)), np.nan)
     reference[cm.rows_b] = ref_labels[cm.rows_a]
+    ref_err = None
+    if ref_errors is not None:
+        ref_err = np.full((n, len(names_l)), np.nan)
+        ref_err[cm.rows_b] = np.atleast_2d(np.asarray(ref_errors, float))[cm.rows_a]
     # one spectrum per star for training (the first), and whole stars on either side
     stars = np.unique(cm.rows_a)
     stars = stars[np.all(np.isfinite(ref_labels[stars]), axis=1)]
@@ -174,7 +182,8 @@ def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
     out = TransferResult(names_l, {}, {}, {}, reference, train_rows, applied, cm)
     t0 = time.perf_counter()
     model = CannonModel(list(names_l), order=cannon_order, grid=spectra.grid, backend=backend)
-    model.train(spectra.flux[train_rows], spectra.ivar[train_rows], reference[train_rows])
+    model.train(spectra.flux[train_rows], spectra.ivar[train_rows], reference[train_rows],
+                label_errors=None if ref_err is None else ref_err[train_rows])
     out.timings["cannon_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = model.fit(spectra.flux, spectra.ivar, debias=debias)
@@ -185,6 +194,7 @@ def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
         reg = SpectrumRegressor(list(names_l), seed=seed, **(nn_options or {}))
         t0 = time.perf_counter()
         reg.train(spectra.flux[train_rows], reference[train_rows], spectra.ivar[train_rows],
+                  label_errors=None if ref_err is None else ref_err[train_rows],
                   **dict(STARNET_TRAINING, progress=False, **(nn_training or {})))
         out.timings["nn_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
