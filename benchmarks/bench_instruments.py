@@ -18,6 +18,10 @@ Figures against the issue's targets, every one against the TRUE labels:
   seed's schedule) on the same split: RMSE over the Cannon's (target <= 1.5x), % of true
   labels within its 1 sigma (60-76 %), training time and prediction rate (targets scale to
   15,000 spectra in <= 10 min; >= 2,000 spectra/s).
+* The shared latent space (APOGEE from the mock survey, JWST): labels from JWST through the
+  latent against a direct JWST MLP of the same widths (target <= 1.2x); APOGEE spectra
+  generated from the JWST latent against the observed ones, residual rms in units of the
+  noise in the lines (target <= 2).
 * LAMOST (and DESI): labels carried from the APOGEE-like catalogue through half the stars;
   scatter on the other half against the CRB (target <= 1.5x); pull std of repeat visits
   (target 0.8-1.25), with the de-biased errors and the plain fit's.
@@ -204,6 +208,73 @@ def bench_transfer(args, mi, name):
                 print(_line(f"{tag} repeat pull std ({p['n_pairs']})", p["std"], "{:.2f}"))
 
 
+# ----------------------------------------------------------------------------- latent
+def _apogee(args):
+    """The mock survey's APOGEE spectra: bad pixels masked, normalized per chip (all pixels)."""
+    from cannon_fast import PixelGrid
+    from cannon_fast.apogee.bitmask import bad_pixel_mask
+    from cannon_fast.core.continuum import normalize
+
+    d = np.load(os.path.join(args.survey, "survey.npz"))
+    grid = PixelGrid.apstar()
+    ivar = np.where(bad_pixel_mask(d["bitmask"]) | ~grid.in_segment, 0.0, d["ivar"])
+    res = normalize(d["flux"], ivar, grid.in_segment, degree=2, segments=grid, dtype=np.float64)
+    keep = grid.in_segment
+    return res.flux[:, keep], res.ivar[:, keep]
+
+
+def bench_latent(args):
+    """The shared APOGEE-JWST latent space against a direct JWST network."""
+    import torch
+
+    from cannon_fast.instruments import parse_row_index, read_spectra
+    from cannon_fast.nn import SharedLatent, SpectrumRegressor
+
+    if not args.survey:
+        print("latent: needs --survey (the APOGEE spectra), skipped")
+        return
+    torch.set_num_threads(args.nn_threads)
+    sp = read_spectra(os.path.join(args.inst, "jwst_spectra.fits"))
+    rows, _ = parse_row_index(sp.ids)
+    fa, ia = _apogee(args)
+    fa, ia = fa[rows], ia[rows]
+    truth = sp.labels(NAMES)
+    print(f"LATENT: {len(rows)} stars seen by both; APOGEE {fa.shape[1]} on-chip pixels, JWST "
+          f"{sp.grid.n_pixels}; load {' '.join(load_uptime())}")
+    lat = SharedLatent(list(NAMES), ("APOGEE", "JWST"), latent_dim=args.latent_dim,
+                       hidden=(256,), seed=args.seed)
+    lat.train(fa, ia, sp.flux, sp.ivar, truth, epochs=args.latent_epochs, progress=False)
+    te = lat.split["test"]
+    h = lat.history
+    print(f"  shared latent: {h['n_epochs']} epochs (kept {h['best_epoch'] + 1}) in "
+          f"{h['train_time']:.0f} s; validation label / chi2 / align "
+          f"{h['val_label'][h['best_epoch']]:.3f} / {h['val_recon'][h['best_epoch']]:.3f} / "
+          f"{h['val_align'][h['best_epoch']]:.3g}")
+    via_j, _ = lat.predict_labels(sp.flux[te], sp.ivar[te], "JWST")
+    via_a, _ = lat.predict_labels(fa[te], ia[te], "APOGEE")
+    direct = SpectrumRegressor(list(NAMES), arch="mlp", hidden=(256, args.latent_dim),
+                               seed=args.seed)
+    direct.train(sp.flux, truth, sp.ivar, progress=False, epochs=args.latent_epochs)
+    assert np.array_equal(direct.split["test"], te)
+    d_rms = _rms(direct.predict(sp.flux[te], sp.ivar[te]).labels - truth[te])
+    print(_line("labels from APOGEE via latent, RMSE", _rms(via_a - truth[te])))
+    print(_line("labels from JWST via latent, RMSE", _rms(via_j - truth[te])))
+    print(_line("direct JWST MLP (same widths), RMSE", d_rms))
+    print(_line("via latent / direct (target <= 1.2)", _rms(via_j - truth[te]) / d_rms, "{:.2f}"))
+    made = lat.generate(sp.flux[te], sp.ivar[te], "JWST", "APOGEE")
+    z = (made - fa[te]) * np.sqrt(ia[te])
+    good = ia[te] > 0
+    lines = np.nanmedian(np.where(good, fa[te], np.nan), axis=0) < 0.95
+    for name, sel in (("lines (median flux < 0.95)", lines), ("all pixels", np.ones_like(lines))):
+        m = good & sel[None, :]
+        print(f"  generated APOGEE from JWST, residual rms / noise in {name}: "
+              f"{np.sqrt(np.mean(z[m] ** 2)):.2f} (target <= 2; {int(sel.sum())} pixels)")
+    own = lat.generate(fa[te], ia[te], "APOGEE", "APOGEE")
+    z2 = (own - fa[te]) * np.sqrt(ia[te])
+    print(f"  APOGEE from its own latent, in the lines: "
+          f"{np.sqrt(np.mean(z2[good & lines[None, :]] ** 2)):.2f}")
+
+
 def _reference(args, sp):
     """APOGEE-derived labels (the mock allStar's) if the survey is given, else the truth."""
     if args.survey and os.path.exists(os.path.join(args.survey, "survey.npz")):
@@ -234,7 +305,9 @@ def main():
     ap.add_argument("--nn-transfer", action="store_true", help="StarNet on LAMOST/DESI too")
     ap.add_argument("--nn-threads", type=int, default=2)
     ap.add_argument("--nn-epochs", type=int, default=20)
-    ap.add_argument("--only", default="jwst,lamost,desi")
+    ap.add_argument("--only", default="jwst,lamost,desi,latent")
+    ap.add_argument("--latent-dim", type=int, default=16)
+    ap.add_argument("--latent-epochs", type=int, default=100)
     ap.add_argument("--transfer-labels", choices=("errors", "catalog", "truth"),
                     default="errors", help="what LAMOST/DESI train on: the mock allStar labels "
                     "with their errors (default), without, or the true labels")
@@ -249,6 +322,8 @@ def main():
     for name in ("lamost", "desi"):
         if name in only:
             bench_transfer(args, mi, name)
+    if "latent" in only:
+        bench_latent(args)
 
 
 if __name__ == "__main__":
