@@ -468,7 +468,8 @@ def jwst_summary_html(s):
     for k, v in (s.get("spectra") or {}).items():
         parts.append(_row(f"{k} spectra", f"{v['n_pixels']} pixels, "
                           f"{v['wavelength_range'][0]:.1f}-{v['wavelength_range'][1]:.1f} Å "
-                          f"({v['spacing']}); gaps {v['gaps'] or 'none'}"))
+                          f"({v['spacing']}); gaps "
+                          + (", ".join(f"{a:.1f}-{b:.1f} Å" for a, b in v["gaps"]) or "none")))
     for n, a in (m.get("label_agreement") or {}).items():
         parts.append(_row(f"{n} catalogue vs JWST", f"max |diff| {a['max_abs_diff']:.3g}, "
                           f"{a['n_disagree']} beyond {a['tolerance']:.3g}"))
