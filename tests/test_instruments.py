@@ -176,3 +176,17 @@ def test_crossmatch_duplicates_and_nothing_in_common():
     assert sorted(zip(every.rows_a.tolist(), every.rows_b.tolist())) == [(1, 0), (1, 2), (2, 1)]
     with pytest.raises(ValueError, match=r"allStar and jwst have no star in common"):
         crossmatch_sets(a, np.array(["000001_00"]), names=("allStar", "jwst"))
+
+
+def test_bad_pixels_from_the_files_bitmask(tmp_path):
+    wave, flux, ivar, _ = _spectra()
+    bits = np.zeros((N, P), np.int32)
+    bits[1, 50:53] = 4
+    bits[3, 7] = 1
+    np.savez(tmp_path / "m.npz", flux=flux, ivar=ivar, wavelength=wave, bitmask=bits)
+    s = read_spectra(tmp_path / "m.npz", bad_pixels=lambda b: (b & 4) != 0)
+    assert np.flatnonzero(s.ivar[1] == 0).tolist() == [50, 51, 52]
+    assert s.ivar[3, 7] > 0 and np.all(s.flux[1, 50:53] == 1.0)
+    np.savez(tmp_path / "n.npz", flux=flux, ivar=ivar, wavelength=wave)
+    with pytest.raises(ValueError, match=r"n\.npz: bad_pixels given but the file has no BITMASK"):
+        read_spectra(tmp_path / "n.npz", bad_pixels=lambda b: b != 0)

@@ -33,6 +33,7 @@ _IVAR_NAMES = ("IVAR",)
 _ERROR_NAMES = ("ERROR", "ERR", "SIGMA", "FLUX_ERR")
 _WAVE_NAMES = ("WAVE", "WAVELENGTH", "LAMBDA")
 _LOGLAM_NAMES = ("LOGLAM",)
+_MASK_NAMES = ("BITMASK", "PIXMASK")
 #: Columns that identify a spectrum, in the order they are preferred.
 ID_COLUMNS = ("ID", "INDEX", "OBSID", "TARGETID", "OBJID", "APOGEE_ID", "STAR")
 
@@ -90,7 +91,7 @@ class Spectra:
 
 # ----------------------------------------------------------------------------- public readers
 def read_spectra(path, grid=None, *, resolution=None, id_column=None, normalize=False,
-                 continuum_pixels=None, degree=2, dtype=np.float32):
+                 continuum_pixels=None, degree=2, dtype=np.float32, bad_pixels=None):
     """Read a FITS or ``.npz`` file of spectra onto a pixel grid.
 
     Parameters
@@ -115,6 +116,11 @@ def read_spectra(path, grid=None, *, resolution=None, id_column=None, normalize=
     degree : int
     dtype : numpy dtype
         Float type of flux and ivar.
+    bad_pixels : callable, optional
+        ``bitmask (N, P) -> bool (N, P)``: pixels to mask (``ivar = 0``) before
+        anything else, from the file's ``BITMASK``/``PIXMASK`` array (e.g.
+        :func:`cannon_fast.apogee.bitmask.bad_pixel_mask`); the reader itself
+        knows no instrument's bits. A file without one is an error.
 
     Returns
     -------
@@ -138,6 +144,10 @@ def read_spectra(path, grid=None, *, resolution=None, id_column=None, normalize=
     else:
         raise ValueError(f"{path}: not a FITS or .npz file (for one text table per star use "
                          "read_spectrum_tables)")
+    if bad_pixels is not None:
+        if raw.get("bitmask") is None:
+            raise ValueError(f"{path}: bad_pixels given but the file has no BITMASK or PIXMASK")
+        raw["bad"] = np.asarray(bad_pixels(np.asarray(raw["bitmask"])), bool)
     return _assemble(path, raw, grid, resolution, id_column, normalize, continuum_pixels,
                      degree, dtype)
 
@@ -269,6 +279,9 @@ def _read_npz(path):
         wk = _first(_WAVE_NAMES, keys)
         if wk is not None:
             raw["wave"] = d[wk]
+        mk = _first(_MASK_NAMES, keys)
+        if mk is not None:
+            raw["bitmask"] = d[mk]
         for k in keys:  # every ID column is kept (e.g. OBSID and the APOGEE_ID to match by)
             if k.upper() in ID_COLUMNS or k.upper() == "IDS":
                 raw["table"][k.upper()] = np.asarray(d[k]).astype(str)
@@ -310,6 +323,9 @@ def _read_fits(path):
             raw["wave"] = 10.0 ** f[lk].read()
         else:
             raw["wave"] = _wave_from_header(head, np.shape(raw["flux"])[-1])
+        mk = _first(_MASK_NAMES, names)
+        if mk is not None:
+            raw["bitmask"] = f[mk].read()
         tk = _first(("LABELS", "TABLE", "CATALOG"), names)
         if tk is not None:
             tab = f[tk].read()
@@ -371,6 +387,11 @@ def _assemble(path, raw, grid, resolution, id_column, normalize, continuum_pixel
             ivar = np.where(np.isfinite(err) & (err > 0), 1.0 / err ** 2, 0.0)
     if ivar.shape != flux.shape:
         raise ValueError(f"{path}: flux {flux.shape} and ivar/error {ivar.shape} differ in shape")
+    if raw.get("bad") is not None:
+        if raw["bad"].shape != flux.shape:
+            raise ValueError(f"{path}: the bitmask {raw['bad'].shape} does not match the flux "
+                             f"{flux.shape}")
+        ivar = np.where(raw["bad"], 0.0, ivar)
     table = {k: np.asarray(v) for k, v in raw.get("table", {}).items()}
     for k, v in table.items():
         if len(v) != n:

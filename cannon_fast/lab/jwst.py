@@ -178,6 +178,21 @@ def _match_spectra(cat, cat_path, spectra, id_column, duplicates):
     return cm, rule, labels_cat
 
 
+def _apogee_bad_pixels(path):
+    """APOGEE's PIXMASK decoding when the file has a bitmask array (else nothing masked)."""
+    from ..apogee.bitmask import bad_pixel_mask
+
+    path = os.fspath(path)
+    if path.lower().endswith(".npz"):
+        with np.load(path, allow_pickle=False) as d:
+            has = any(k.upper() in ("BITMASK", "PIXMASK") for k in d.files)
+    else:
+        import fitsio
+        with fitsio.FITS(path) as f:
+            has = any((h.get_extname() or "").upper() in ("BITMASK", "PIXMASK") for h in f)
+    return bad_pixel_mask if has else None
+
+
 def _star_names(cat, rows):
     ids = cat.get("APOGEE_ID")
     return [str(ids[r]) if ids is not None else f"row {r}" for r in rows]
@@ -402,7 +417,8 @@ def run_jwst_report(catalog, jwst, out_dir, apogee=None, *, force=False, seed=0,
         if isinstance(cont, (str, os.PathLike)):
             from ..core.continuum import load_continuum_pixels
             cont = load_continuum_pixels(cont)
-        ap = read_spectra(apogee, normalize=True, continuum_pixels=cont)
+        ap = read_spectra(apogee, normalize=True, continuum_pixels=cont,
+                          bad_pixels=_apogee_bad_pixels(apogee))
         acm, arule, _ = _match_spectra(cat, cat_path, ap, None, "first")
         summary["apogee_match"] = dict(rule=arule, **acm.as_dict())
         ap_of_cat = dict(zip(acm.rows_a.tolist(), acm.rows_b.tolist()))
