@@ -279,7 +279,8 @@ font-size:0.9em;text-align:left}figure{margin:1.5em 0}img{max-width:100%}
 figcaption{font-size:0.9em;color:#444}.note{color:#a40}"""
 
 
-def write_report(out_dir, summary=None, figures=None):
+def write_report(out_dir, summary=None, figures=None, title="cannon_fast modeling lab report",
+                 summary_html=None):
     """Write ``report.html``: the summary tables and every PNG in ``out_dir``.
 
     Parameters
@@ -290,6 +291,10 @@ def write_report(out_dir, summary=None, figures=None):
     figures : sequence of dict, optional
         ``{"file", "caption"}`` in display order; PNG files in ``out_dir`` that are
         not listed are appended (so every PNG there is on the page).
+    title : str
+        The page's heading.
+    summary_html : callable, optional
+        summary dict -> HTML of its tables; default the modeling lab's.
 
     Returns
     -------
@@ -309,9 +314,10 @@ def write_report(out_dir, summary=None, figures=None):
     listed = [f for f in listed if os.path.exists(os.path.join(out_dir, f["file"]))]
     others = sorted(os.path.basename(p) for ext in ("gif", "mp4")
                     for p in glob.glob(os.path.join(out_dir, f"*.{ext}")))
-    body = [f"<h1>cannon_fast modeling lab report</h1><p>{html.escape(summary.get('created', ''))}"
+    tables = (summary_html or _summary_html)(summary)
+    body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(summary.get('created', ''))}"
             f" &middot; cannon_fast {html.escape(str(summary.get('package_version', '')))}</p>",
-            _summary_html(summary), "<h2>Figures</h2>"]
+            tables, "<h2>Figures</h2>"]
     for f in listed:
         src = html.escape(f["file"], quote=True)
         body.append(f"<figure id='{src}'><img src='{src}' alt='{src}'>"
@@ -322,7 +328,7 @@ def write_report(out_dir, summary=None, figures=None):
         tag = (f"<img src='{src}' alt='{src}'>" if m.endswith(".gif")
                else f"<video controls src='{src}'></video>")
         body.append(f"<figure>{tag}<figcaption><b>{src}</b></figcaption></figure>")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>cannon_fast lab report"
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>")
     path = os.path.join(out_dir, "report.html")
     with atomic_path(path) as tmp:
