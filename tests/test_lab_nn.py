@@ -1,0 +1,102 @@
+"""Lab step 16 (cannon_fast.lab.nn_compare): networks against the Cannon, honestly scored."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cannon_fast.lab import report  # noqa: E402
+from cannon_fast.lab.nn_compare import TARGET_RATIO, compare_networks  # noqa: E402
+from cannon_fast.testing import make_synthetic  # noqa: E402
+
+ARCHS = {"mlp": dict(arch="mlp", hidden=(32, 16), dropout=0.1),
+         "cnn": dict(arch="cnn", filters=(4, 8), kernel_size=5, stride=1, pool_size=(2, 2),
+                     hidden=(16, 8), dropout=0.1)}
+TRAIN = dict(split=(5, 1, 0), batch_size=16, learning_rate=2e-3, patience=10)
+
+
+@pytest.fixture(scope="module")
+def run():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = make_synthetic(n_stars=360, n_pix=100, n_labels=3, seed=5)
+    tr, va = np.arange(240), np.arange(240, 359)  # the last star is fully masked: left out
+    rng = np.random.default_rng(0)
+    # a "Cannon" 10x worse than the networks can be (met) and one near-perfect (not met)
+    sig = np.std(s.labels[tr], axis=0)
+    poor = s.labels[va] + rng.normal(0, 1, (len(va), 3)) * sig
+    good = s.labels[va] + 1e-3 * sig
+    out = {}
+    for key, cannon in (("poor", poor), ("good", good)):
+        out[key] = compare_networks(
+            s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va] + 0.0,
+            cannon, s.label_names, val_truth=s.labels[va], architectures=ARCHS,
+            training=TRAIN, epochs=40, progress=False)
+    torch.set_num_threads(old)
+    return s, va, poor, good, out
+
+
+def test_chosen_network_has_the_lowest_validation_loss(run):
+    _, _, _, _, out = run
+    res = out["poor"]
+    losses = {k: v["best_val_loss"] for k, v in res["networks"].items()}
+    assert res["chosen"] == min(losses, key=losses.get)
+    for v in res["networks"].values():
+        assert 1 <= v["best_epoch"] <= v["n_epochs"] <= 40 and v["n_weights"] > 0
+    # the same seed and data give the same networks whatever the Cannon's labels
+    assert losses == {k: v["best_val_loss"] for k, v in out["good"]["networks"].items()}
+
+
+def test_targets_are_the_rmse_ratios_and_say_when_they_are_missed(run):
+    s, va, poor, good, out = run
+    for key, cannon in (("poor", poor), ("good", good)):
+        res = out[key]
+        t = res["targets"]
+        for j, n in enumerate(s.label_names):
+            rmse_c = np.sqrt(np.mean((cannon[:, j] - s.labels[va, j]) ** 2))
+            assert res["cannon"]["vs_true"][n]["rmse"] == pytest.approx(rmse_c, rel=1e-12)
+            nn = res["networks"][res["chosen"]]["vs_true"][n]["rmse"]
+            if n in t:
+                assert t[n]["ratio"] == pytest.approx(nn / rmse_c, rel=1e-12)
+                assert t[n]["met"] == (nn / rmse_c <= TARGET_RATIO)
+    assert out["poor"]["targets"]["all_met"] and "target <= 1.5x: met" in out["poor"]["headline"]
+    assert not out["good"]["targets"]["all_met"] and "NOT met" in out["good"]["headline"]
+
+
+def test_networks_learn_and_figures_and_report(run, tmp_path):
+    s, va, _, _, out = run
+    res = out["poor"]
+    best = res["networks"][res["chosen"]]["vs_true"]  # better than predicting the mean label
+    for j, n in enumerate(s.label_names):
+        assert best[n]["rmse"] < 0.6 * np.std(s.labels[va, j])
+    names = [f[0] for f in res["figures"]]
+    assert names == ["nn_loss", "nn_vs_true"]
+    assert all(hasattr(f[1], "savefig") for f in res["figures"])
+    status = {k: v for k, v in res.items() if k != "figures"}
+    status["status"] = "ok"
+    summary = {"labels": list(s.label_names), "extras": {"nn": status}}
+    html = "".join(report._nn_html(summary)) + "".join(report._extras_html(summary))
+    assert "Cannon" in html and f"{res['chosen']} (chosen)" in html
+    assert res["headline"].split(";")[0] in html
+
+
+def test_label_neighbors_and_mixup_keep_spectra_and_labels_consistent():
+    """Neighbours are the nearest in label space; a mix of linear spectra is the mixed labels'."""
+    from cannon_fast.nn.regressor import _label_neighbors, _mix
+
+    y = np.array([[0.0], [10.0], [1.0], [11.0], [2.5]])
+    nb = _label_neighbors(y, 2)
+    assert [set(r) for r in nb] == [{2, 4}, {3, 4}, {0, 4}, {1, 4}, {2, 0}]
+    rng = np.random.default_rng(1)
+    lab = rng.normal(size=(50, 3))
+    A = rng.normal(size=(3, 20))
+    flux = lab @ A
+    lv = rng.uniform(0.1, 1.0, size=(50, 3))
+    data = [torch.as_tensor(flux, dtype=torch.float64), torch.ones(50, 20, dtype=torch.float64),
+            torch.as_tensor(lab), torch.as_tensor(lv)]
+    b = torch.arange(50)
+    gen = torch.Generator().manual_seed(0)
+    x, g, yy, v = _mix(data, b, data[0], data[1], data[2], data[3],
+                       torch.as_tensor(_label_neighbors(lab, 5)), gen, torch.device("cpu"))
+    np.testing.assert_allclose(x.numpy(), yy.numpy() @ A, atol=1e-10)
+    assert not np.allclose(yy.numpy(), lab)  # they were mixed
+    assert (v.numpy() <= np.maximum(lv, lv[_label_neighbors(lab, 5)].max(1)) + 1e-12).all()
