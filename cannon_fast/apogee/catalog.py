@@ -20,7 +20,8 @@ import numpy as np
 
 from .files import LAB_LABELS, match_ids
 
-__all__ = ["Cut", "CutReport", "TooFewStarsError", "lab_cuts", "select", "crossmatch"]
+__all__ = ["Cut", "CutReport", "TooFewStarsError", "lab_cuts", "select", "crossmatch",
+           "distance_training_cuts", "PARALLAX_COLUMNS", "read_distance_catalog"]
 
 
 @dataclass
@@ -94,6 +95,119 @@ def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh
                 return _col(t, "FE_H") < feh_min
         cuts.append(Cut("metal_poor", f"FE_H < {feh_min:g}", poor, ("FE_H",)))
     return cuts
+
+
+#: The allStar's Gaia EDR3 parallax columns (DR17), what distance training needs.
+PARALLAX_COLUMNS = ("GAIAEDR3_PARALLAX", "GAIAEDR3_PARALLAX_ERROR")
+
+
+def _missing_value(t, name):
+    """NaN, inf and DR17's -9999 sentinel are missing."""
+    x = _col(t, name)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(x) | (x < -9000)
+
+
+def distance_training_cuts(columns, snr_min=200.0, ruwe_max=1.4, parallax_error_max=0.1,
+                           vscatter_max=1.0, k_column="K", ak_column="AK_TARG"):
+    """AstroNNDist's training cuts (Astra's DR17 training set), for :func:`select`.
+
+    S/N > ``snr_min``, no STARFLAG bit set, RUWE < ``ruwe_max`` (only when the
+    catalogue has ``GAIAEDR3_RUWE``: DR17's allStar does not, a user adds it
+    from Gaia), parallax error < ``parallax_error_max`` mas, VSCATTER <
+    ``vscatter_max`` km/s (when present), Ks and A_K present. The parallax
+    itself is not cut on: negative parallaxes are measurements.
+
+    Parameters
+    ----------
+    columns : sequence of str
+        The catalogue's column names (decides the optional cuts).
+    snr_min, ruwe_max, parallax_error_max, vscatter_max : float or None
+        None drops that cut.
+    k_column, ak_column : str
+        Apparent Ks and its extinction.
+
+    Returns
+    -------
+    list of Cut
+
+    Raises
+    ------
+    ValueError
+        If ``columns`` lacks the parallax columns (naming them).
+    """
+    columns = set(columns)
+    missing = [c for c in PARALLAX_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"the catalogue has no {', '.join(missing)} column(s): distance "
+                         "training needs Gaia EDR3 parallaxes (DR17 allStar columns "
+                         f"{', '.join(PARALLAX_COLUMNS)})")
+    cuts = []
+    if snr_min is not None:
+        cuts.append(Cut("low_snr", f"SNR <= {snr_min:g}", lambda t: ~(_col(t, "SNR") > snr_min),
+                        ("SNR",)))
+    if "STARFLAG" in columns:
+        cuts.append(Cut("starflag", "any STARFLAG bit set",
+                        lambda t: np.asarray(t["STARFLAG"]).astype(np.int64) != 0, ("STARFLAG",)))
+    if ruwe_max is not None and "GAIAEDR3_RUWE" in columns:
+        cuts.append(Cut("ruwe", f"GAIAEDR3_RUWE >= {ruwe_max:g} or missing",
+                        lambda t: ~(_col(t, "GAIAEDR3_RUWE") < ruwe_max), ("GAIAEDR3_RUWE",)))
+    if vscatter_max is not None and "VSCATTER" in columns:
+        cuts.append(Cut("vscatter", f"VSCATTER >= {vscatter_max:g} km/s",
+                        lambda t: ~(_col(t, "VSCATTER") < vscatter_max), ("VSCATTER",)))
+    cuts.append(Cut("parallax", "parallax or its error missing, or error <= 0",
+                    lambda t: _missing_value(t, PARALLAX_COLUMNS[0])
+                    | ~(_col(t, PARALLAX_COLUMNS[1]) > 0), PARALLAX_COLUMNS))
+    if parallax_error_max is not None:
+        cuts.append(Cut("parallax_error", f"parallax error >= {parallax_error_max:g} mas",
+                        lambda t: ~(_col(t, PARALLAX_COLUMNS[1]) < parallax_error_max),
+                        PARALLAX_COLUMNS[1:]))
+    cuts.append(Cut("missing_photometry", f"{k_column} missing",
+                    lambda t: _missing_value(t, k_column), (k_column,)))
+    cuts.append(Cut("missing_extinction", f"{ak_column} missing",
+                    lambda t: _missing_value(t, ak_column), (ak_column,)))
+    return cuts
+
+
+def read_distance_catalog(path, apogee_ids, ak_column="AK_TARG", parallax=True):
+    """The allStar columns distances need, one row per star (cross-matched by APOGEE_ID).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        allStar catalogue.
+    apogee_ids : sequence of str, (N,)
+    ak_column : str
+        The extinction column (DR17: ``AK_TARG`` or ``AK_WISE``).
+    parallax : bool
+        Require the Gaia parallax columns (training, or checking against Gaia).
+
+    Returns
+    -------
+    rows : astropy.table.Table
+        N rows; a star not in the catalogue has NaN photometry (and is reported
+        by ``found``).
+    found : ndarray of bool, (N,)
+
+    Raises
+    ------
+    ValueError
+        If the catalogue lacks a needed column (the message names it).
+    """
+    from .files import read_allstar
+
+    required = ["APOGEE_ID", "SNR", "K", ak_column] + (list(PARALLAX_COLUMNS) if parallax
+                                                       else [])
+    cat = read_allstar(path, columns=required, labels=(),
+                       optional=("STARFLAG", "K_ERR", "GAIAEDR3_RUWE", "VSCATTER")
+                       + (() if parallax else PARALLAX_COLUMNS))
+    idx = match_ids(cat, [str(s).strip() for s in apogee_ids])
+    found = idx >= 0
+    rows = cat[np.where(found, idx, 0)]
+    for c in rows.colnames:
+        if rows[c].dtype.kind == "f":
+            rows[c][~found] = np.nan
+    return rows, found
 
 
 class TooFewStarsError(ValueError):
