@@ -204,12 +204,30 @@ def test_flags(data, mlp):
     assert res.bad_pixel_fraction[0] == pytest.approx(0.75, abs=0.02)
     tiny = mlp.predict(flux[1:], ivar[1:], uncertain_thresholds={"TEFF": 1e-3})
     assert tiny.uncertain[:, 0].all() and tiny.bad.all()
-    assert all("UNCERTAIN_LABEL" in tiny.flag_names(i) for i in range(5))
+    assert all("UNCERTAIN_TEFF" in tiny.flag_names(i) for i in range(5))
     t = res.to_table()
     assert {"TEFF", "TEFF_ERR", "NN_FLAGS", "NN_BAD"} <= set(t.colnames)
     with pytest.raises(ValueError, match="unknown labels"):
         mlp.predict(flux, ivar, uncertain_thresholds={"VSINI": 1.0})
-    assert NNResult.FLAGS["NO_RESULT"] == 4
+    assert NNResult.FLAGS["NO_RESULT"] == 1 << 11
+
+
+def test_result_flags_follow_astras_rules(data, mlp):
+    """UNCERTAIN_LOGG/TEFF/FE_H bits 0/1/2, NO_RESULT bit 11, flag_warn and flag_bad."""
+    import copy
+
+    reg = copy.copy(mlp)  # errors scaled so that each rule splits these stars
+    reg.error_scale = mlp.error_scale * np.array([2.0, 0.6, 0.5])
+    res = reg.predict(data.flux, data.ivar, n_samples=10)
+    lab, err = res.labels, res.errors
+    logg = (err[:, 1] > 0.2) & (np.abs(err[:, 1] / lab[:, 1]) > 0.075)
+    teff = err[:, 0] > 300
+    feh = np.abs(err[:, 2] / lab[:, 2]) > 0.12
+    assert all(0 < r.sum() < len(r) for r in (logg, teff, feh))
+    for bit, rule in ((0, logg), (1, teff), (2, feh)):
+        assert_array_equal((res.flags >> bit) & 1 == 1, rule)
+    assert_array_equal(res.bad, teff | (logg & feh))
+    assert_array_equal(res.warn, res.flags != 0)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -21,7 +21,7 @@ import numpy as np
 from .files import LAB_LABELS, match_ids
 
 __all__ = ["Cut", "CutReport", "TooFewStarsError", "lab_cuts", "select", "crossmatch",
-           "distance_training_cuts", "PARALLAX_COLUMNS", "read_distance_catalog"]
+           "distance_training_cuts", "PARALLAX_COLUMNS", "read_distance_catalog", "flag_cuts"]
 
 
 @dataclass
@@ -50,7 +50,35 @@ def _col(table, name):
     return np.asarray(table[name], dtype=float)
 
 
-def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh_min=-1.0):
+def flag_cuts(names):
+    """One cut per named catalogue flag bit (ASPCAPFLAG or STARFLAG), each counted.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Flag names (:func:`cannon_fast.apogee.bitmask.flag_bit`), e.g.
+        :data:`cannon_fast.apogee.bitmask.ASTRONN_TRAINING_FLAGS`.
+
+    Returns
+    -------
+    list of Cut
+        Named after the flag; the star fails when the bit is set.
+    """
+    from .bitmask import flag_bit
+
+    cuts = []
+    for name in names:
+        column, bit = flag_bit(name)
+
+        def fails(t, column=column, bit=bit):
+            return (np.asarray(t[column]).astype(np.int64) >> np.int64(bit)) & 1 == 1
+        cuts.append(Cut(str(name).strip().upper().split(":")[-1], f"{column} bit {bit} set",
+                        fails, (column,)))
+    return cuts
+
+
+def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh_min=-1.0,
+             keep_missing=False, flags=()):
     """Return the modeling lab's cuts, with every threshold configurable.
 
     Parameters
@@ -63,16 +91,28 @@ def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh
         Dwarf cut: LOGG > logg_max or TEFF > teff_max (None drops that part).
     feh_min : float or None
         Minimum FE_H (None drops the cut).
+    keep_missing : bool
+        Keep stars with some of ``labels`` missing (NaN), for a loss that ignores
+        missing labels (:class:`cannon_fast.nn.SpectrumRegressor`); only stars
+        with every label missing are cut. The other cuts keep a star whose
+        label they test is missing.
+    flags : sequence of str
+        Catalogue flag bits that remove a star, one counted cut each
+        (:func:`flag_cuts`), e.g. ``bitmask.ASTRONN_TRAINING_FLAGS``.
 
     Returns
     -------
     list of Cut
     """
     labels = tuple(labels)
-    cuts = [Cut("missing_labels", "any of " + ", ".join(labels) + " not derived",
-                lambda t: ~np.all(np.column_stack([np.isfinite(_col(t, c)) for c in labels]),
-                                  axis=1),
-                labels)]
+    present = lambda t: np.column_stack([np.isfinite(_col(t, c)) for c in labels])  # noqa: E731
+    if keep_missing:
+        cuts = [Cut("no_labels", "every one of " + ", ".join(labels) + " not derived",
+                    lambda t: ~np.any(present(t), axis=1), labels)]
+    else:
+        cuts = [Cut("missing_labels", "any of " + ", ".join(labels) + " not derived",
+                    lambda t: ~np.all(present(t), axis=1), labels)]
+    cuts += flag_cuts(flags)
     if snr_min is not None:
         cuts.append(Cut("low_snr", f"SNR < {snr_min:g}",
                         lambda t: ~(_col(t, "SNR") >= snr_min), ("SNR",)))
