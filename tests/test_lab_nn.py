@@ -78,25 +78,3 @@ def test_networks_learn_and_figures_and_report(run, tmp_path):
     assert "Cannon" in html and f"{res['chosen']} (chosen)" in html
     assert res["headline"].split(";")[0] in html
 
-
-def test_label_neighbors_and_mixup_keep_spectra_and_labels_consistent():
-    """Neighbours are the nearest in label space; a mix of linear spectra is the mixed labels'."""
-    from cannon_fast.nn.regressor import _label_neighbors, _mix
-
-    y = np.array([[0.0], [10.0], [1.0], [11.0], [2.5]])
-    nb = _label_neighbors(y, 2)
-    assert [set(r) for r in nb] == [{2, 4}, {3, 4}, {0, 4}, {1, 4}, {2, 0}]
-    rng = np.random.default_rng(1)
-    lab = rng.normal(size=(50, 3))
-    A = rng.normal(size=(3, 20))
-    flux = lab @ A
-    lv = rng.uniform(0.1, 1.0, size=(50, 3))
-    data = [torch.as_tensor(flux, dtype=torch.float64), torch.ones(50, 20, dtype=torch.float64),
-            torch.as_tensor(lab), torch.as_tensor(lv)]
-    b = torch.arange(50)
-    gen = torch.Generator().manual_seed(0)
-    x, g, yy, v = _mix(data, b, data[0], data[1], data[2], data[3],
-                       torch.as_tensor(_label_neighbors(lab, 5)), gen, torch.device("cpu"))
-    np.testing.assert_allclose(x.numpy(), yy.numpy() @ A, atol=1e-10)
-    assert not np.allclose(yy.numpy(), lab)  # they were mixed
-    assert (v.numpy() <= np.maximum(lv, lv[_label_neighbors(lab, 5)].max(1)) + 1e-12).all()

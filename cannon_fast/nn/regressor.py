@@ -63,32 +63,6 @@ def masked_gaussian_nll(mean, log_var, target, label_var=None):
     return nll.sum() / present.sum().clamp(min=1)
 
 
-def _label_neighbors(y, k):
-    """(N, k) indices of each star's k nearest other stars in (standardized) label space."""
-    z = np.where(np.isfinite(y), y, 0.0)  # a missing label counts as the mean
-    sq = (z ** 2).sum(1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * z @ z.T  # (N, N), not (N, N, L)
-    np.fill_diagonal(d2, np.inf)
-    k = min(k, len(z) - 1)
-    return np.argsort(d2, axis=1)[:, :k]
-
-
-def _mix(data, b, xb, gb, yb, lb, neighbors, gen, dev):
-    """Mix each star of a batch with a random label-space neighbour (see ``mixup_neighbors``)."""
-    pick = torch.randint(neighbors.shape[1], (len(b),), generator=gen).to(dev)
-    j = neighbors[b, pick]
-    w = torch.rand(len(b), 1, generator=gen).to(dev)
-    xj, gj, yj = data[0][j], data[1][j], data[2][j]
-    # the noise of xb (augmentation) is kept: the mix would otherwise be less noisy
-    xb = w * xb + (1 - w) * xj
-    gb = gb * gj
-    both = torch.isfinite(yb) & torch.isfinite(yj)
-    yb = torch.where(both, w * yb + (1 - w) * yj, torch.full_like(yb, float("nan")))
-    if lb is not None:
-        lb = w ** 2 * lb + (1 - w) ** 2 * data[3][j]
-    return xb, gb, yb, lb
-
-
 def _per_layer(value, n, name):
     """Broadcast an int to ``n`` layers or check a sequence of length ``n``."""
     if np.ndim(value) == 0:
@@ -351,7 +325,7 @@ class SpectrumRegressor:
               epochs=100, batch_size=64, learning_rate=1e-3, weight_decay=0.0, patience=10,
               min_delta=1e-4, lr_factor=0.5, lr_patience=4, missing_value=MISSING_VALUE,
               max_bad_fraction=0.3, calibrate=True, augment_noise=0.0, ema_decay=0.99,
-              mixup_neighbors=0, progress=None):
+              progress=None):
         """Train on normalized spectra with (possibly incomplete) labels.
 
         The stars are split (seeded) into train/validation/test by ``split``;
@@ -404,14 +378,6 @@ class SpectrumRegressor:
             ``augment_noise`` times each pixel's own sigma (capped at 0.05;
             needs ``ivar``);
             a regularizer against over-fitting small training sets.
-        mixup_neighbors : int
-            Data augmentation for small training sets: each training star is
-            replaced, in each batch, by a random mix ``w x_i + (1 - w) x_j`` of
-            itself and one of its ``mixup_neighbors`` nearest neighbours in
-            label space (spectra, labels and label variances alike; ``w``
-            uniform in [0, 1]). Spectra change smoothly with the labels, so a
-            mix of near neighbours is close to the spectrum at the mixed labels.
-            0 switches it off.
         progress : bool, optional
             Progress bar per epoch (default: when stderr is a terminal).
 
@@ -465,10 +431,6 @@ class SpectrumRegressor:
             sigma = np.where(good, np.minimum(1.0 / np.sqrt(np.where(good, iv, 1.0)), 0.05), 0.0)
             sigma_t = torch.as_tensor((augment_noise * sigma[tr]).astype(np.float32), device=dev)
 
-        neighbors = None
-        if mixup_neighbors > 0:
-            neighbors = torch.as_tensor(_label_neighbors(y[tr], int(mixup_neighbors)), device=dev)
-
         def tensors(idx):
             out = [torch.as_tensor(flux[idx], device=dev),
                    torch.as_tensor(good[idx], dtype=torch.float32, device=dev),
@@ -513,8 +475,6 @@ class SpectrumRegressor:
                     if sigma is not None:
                         xb = xb + sigma_t[b] * torch.randn(xb.shape, generator=gen).to(dev)
                     lb = None if train_t[3] is None else train_t[3][b]
-                    if neighbors is not None:
-                        xb, gb, yb, lb = _mix(train_t, b, xb, gb, yb, lb, neighbors, gen, dev)
                     mu, logv = net(xb, gb)
                     loss = masked_gaussian_nll(mu, logv, yb, lb)
                     opt.zero_grad(set_to_none=True)
