@@ -19,7 +19,9 @@ from cannon_fast.core import continuum, fitting
 from cannon_fast.core.grid import PixelGrid
 from cannon_fast.core.model import CannonModel
 from cannon_fast.lab import pipeline
+from cannon_fast.apogee import catalog
 from cannon_fast.nn import NNResult, SpectrumRegressor, train_emulator
+from cannon_fast.nn.distance import DistanceNetwork
 from cannon_fast.store import SpectraStore
 
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -68,6 +70,11 @@ DOCUMENTED = {
     "reg.calibrate": (SpectrumRegressor.calibrate, None),
     "train_emulator": (train_emulator, None),
     "cannon_fast.fit_spectra": (fitting.fit_spectra, fitting.fit_generic),
+    "DistanceNetwork": (DistanceNetwork, SpectrumRegressor),
+    "net.train": (DistanceNetwork.train, SpectrumRegressor.train),
+    "net.predict": (DistanceNetwork.predict, None),
+    "distance_training_cuts": (catalog.distance_training_cuts, None),
+    "read_distance_catalog": (catalog.read_distance_catalog, None),
 }
 #: Calls in the code blocks that document nothing of this package.
 NOT_API = {"print"}

@@ -47,9 +47,21 @@ def register(subparsers, parent):
         description="Predict labels, MC-dropout + predicted errors and flags; writes a FITS "
                     "table.")
     q.add_argument("checkpoint", help="checkpoint written by nn-train")
-    q.add_argument("input", help=".npz file (flux, ivar) or SpectraStore directory")
+    q.add_argument("input", nargs="+",
+                   help=".npz file (flux, ivar) or SpectraStore directory of normalized "
+                        "spectra; with --visits: apStar files or directories of them")
     q.add_argument("--out", "-o", "--output", dest="output", required=True,
                    help="FITS table to write")
+    q.add_argument("--visits", action="store_true",
+                   help="apStar inputs: also predict every visit spectrum (VISIT 1..n; VISIT 0 "
+                        "is the combined spectrum), and compare the visits' scatter with "
+                        "their errors")
+    q.add_argument("--continuum", default=None,
+                   help="continuum pixels for the apStar spectra of --visits (the ones the "
+                        "training spectra were normalized with)")
+    q.add_argument("--astra", action="store_true",
+                   help="astraAllStarAstroNN / astraAllVisitAstroNN-like columns: teff, e_teff, "
+                        "..., result_flags, flag_warn, flag_bad")
     q.add_argument("--n-samples", type=int, default=30, help="MC-dropout samples")
     q.add_argument("--max-bad-fraction", type=float, default=0.3)
     q.add_argument("--device", default="auto")
@@ -185,16 +197,80 @@ def _one_or_all(values):
     return values[0] if len(values) == 1 else values
 
 
+def _read_visits(inputs, continuum):
+    """Combined and visit spectra of apStar files, normalized: (flux, ivar, ids, columns)."""
+    from ..core.continuum import load_continuum_pixels, normalize
+    from ..survey.inputs import open_inputs
+
+    if continuum is None:
+        raise ValueError("--visits reads raw apStar spectra: give --continuum, the continuum "
+                         "pixels the training spectra were normalized with")
+    src = open_inputs(inputs, visits=True)
+    rows = src.chunk(0, src.n_items).read()
+    ns = normalize(rows["flux"], rows["ivar"], load_continuum_pixels(continuum))
+    bad = [f"{r}" for r in rows["reason"] if r]
+    for why in bad:
+        print(f"skipped: {why}")
+    cols = {"VISIT": rows["visit"]}
+    cols.update(rows["extra"])
+    return ns.flux, ns.ivar, rows["ids"], cols
+
+
+def visit_scatter(labels, errors, ids, visit):
+    """The visits' chi^2 about each star's weighted mean over its dof, pooled over stars.
+
+    Close to 1 when the visit labels scatter as their errors say; below 1 when the
+    errors are larger than the scatter (e.g. a model error shared by every visit).
+
+    Parameters
+    ----------
+    labels, errors : ndarray, (N, L)
+    ids, visit : ndarray, (N,)
+        Star of each row, and its visit number (0, the combined spectrum, is left out).
+
+    Returns
+    -------
+    ratio : ndarray, (L,)
+    n_stars : int
+        Stars with at least two usable visits.
+    """
+    chi, dof = [], 0
+    for sid in np.unique(ids):
+        k = (ids == sid) & (visit > 0) & np.all(np.isfinite(labels), axis=1)
+        if k.sum() < 2:
+            continue
+        w = 1.0 / errors[k] ** 2
+        mean = (w * labels[k]).sum(0) / w.sum(0)
+        chi.append(((labels[k] - mean) ** 2 * w).sum(0))
+        dof += int(k.sum()) - 1
+    if not chi:
+        return np.full(labels.shape[1], np.nan), 0
+    return np.sum(chi, axis=0) / dof, len(chi)
+
+
 def _predict(args):
     from ..nn import SpectrumRegressor
 
     _refuse_existing((args.output,), args.overwrite)
     reg = SpectrumRegressor.load(args.checkpoint, device=args.device)
-    flux, ivar, _, _, ids = _read_input(args.input, need_labels=False)
+    extra = {}
+    if args.visits:
+        flux, ivar, ids, extra = _read_visits(args.input, args.continuum)
+    elif len(args.input) != 1:
+        raise ValueError("give one .npz or SpectraStore (several inputs need --visits)")
+    else:
+        flux, ivar, _, _, ids = _read_input(args.input[0], need_labels=False)
     res = reg.predict(flux, ivar, n_samples=args.n_samples, seed=args.seed,
                       max_bad_fraction=args.max_bad_fraction)
-    table = res.to_table()
-    table.add_column(np.asarray(ids).astype(str), name="ID", index=0)
+    table = res.to_astra_table() if args.astra else res.to_table()
+    table.add_column(np.asarray(ids).astype(str), name="apogee_id" if args.astra else "ID",
+                     index=0)
+    for k, (name, col) in enumerate(extra.items()):
+        table.add_column(col, name=name.lower() if args.astra else name, index=1 + k)
+    if args.visits:
+        ratio, n_multi = visit_scatter(res.labels, res.errors, np.asarray(ids), extra["VISIT"])
+        print(f"visit scatter over the errors (chi2/dof, {n_multi} stars with >= 2 "
+              "visits): " + ", ".join(f"{n} {r:.2f}" for n, r in zip(reg.label_names, ratio)))
     from .._util import atomic_path
 
     with atomic_path(args.output) as tmp:

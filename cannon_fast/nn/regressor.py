@@ -235,6 +235,24 @@ class NNResult:
         t["BAD_PIXEL_FRACTION"] = self.bad_pixel_fraction
         return t
 
+    def to_astra_table(self):
+        """Return an astropy Table with astraAllStarAstroNN-like columns.
+
+        Lower-case label names (``teff``, ``logg``, ``fe_h``, ...), ``e_<name>``
+        for the total errors, ``result_flags`` (Astra's bits, :attr:`FLAGS`),
+        ``flag_warn`` and ``flag_bad``.
+        """
+        from astropy.table import Table
+
+        t = Table()
+        for j, name in enumerate(self.label_names):
+            t[name.lower()] = self.labels[:, j].astype(np.float32)
+            t["e_" + name.lower()] = self.errors[:, j].astype(np.float32)
+        t["result_flags"] = self.flags.astype(np.int32)
+        t["flag_warn"] = self.warn
+        t["flag_bad"] = self.bad
+        return t
+
 
 class SpectrumRegressor:
     """Normalized spectrum -> labels, with MC-dropout and predicted uncertainties.
