@@ -66,7 +66,7 @@ def test_crossmatch():
 
 
 def test_flag_cuts_name_and_count_each_bit_and_missing_labels_can_be_kept():
-    """astroNN's training filter: one counted cut per named bit; NaN labels kept on request."""
+    """AstroNN training filter: one counted cut per named bit; NaN labels kept on request."""
     from cannon_fast.apogee.bitmask import ASTRONN_TRAINING_FLAGS, flag_bit
 
     assert flag_bit("M_H_BAD") == ("ASPCAPFLAG", 19) and flag_bit("PROBLEM_TARGET")[1] == 40

@@ -16,6 +16,7 @@ TRAIN = dict(split=(5, 1, 0), batch_size=16, learning_rate=2e-3, patience=10)
 
 @pytest.fixture(scope="module")
 def run():
+    """Train the tiny networks once against a poor and a near-perfect Cannon."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     s = make_synthetic(n_stars=360, n_pix=100, n_labels=3, seed=5)
@@ -36,6 +37,7 @@ def run():
 
 
 def test_chosen_network_has_the_lowest_validation_loss(run):
+    """The kept network is the one with the lowest validation loss."""
     _, _, _, _, out = run
     res = out["poor"]
     losses = {k: v["best_val_loss"] for k, v in res["networks"].items()}
@@ -47,6 +49,7 @@ def test_chosen_network_has_the_lowest_validation_loss(run):
 
 
 def test_targets_are_the_rmse_ratios_and_say_when_they_are_missed(run):
+    """Targets are NN/Cannon RMSE ratios; the headline says met or NOT met."""
     s, va, poor, good, out = run
     for key, cannon in (("poor", poor), ("good", good)):
         res = out[key]
@@ -63,6 +66,7 @@ def test_targets_are_the_rmse_ratios_and_say_when_they_are_missed(run):
 
 
 def test_networks_learn_and_figures_and_report(run, tmp_path):
+    """The chosen network learns; figures and the report table are made."""
     s, va, _, _, out = run
     res = out["poor"]
     best = res["networks"][res["chosen"]]["vs_true"]  # better than predicting the mean label

@@ -12,6 +12,7 @@ MLP = dict(arch="mlp", hidden=(64, 32), dropout=0.1)
 
 
 def test_fakemag_is_the_absolute_magnitude_for_a_true_parallax():
+    """Fakemag is 10^(0.2 M + 2) for the true parallax; negative parallaxes stay."""
     m, d, a = np.array([-1.5, 0.3, 4.0]), np.array([150.0, 2300.0, 9000.0]), 0.2
     k0 = m + 5 * np.log10(d) - 5
     f = fakemag(1000.0 / d, k0)
@@ -45,6 +46,7 @@ def survey():
 
 
 def test_distances_beat_inverted_parallaxes_and_errors_are_calibrated(survey):
+    """Distances beat 1/parallax at low parallax S/N; ~68 % within 1 sigma."""
     s, te, net = survey["s"], survey["te"], survey["net"]
     assert (survey["plx"][:500] < 0).sum() > 5  # negative parallaxes were trained on
     res = net.predict(s.flux[te], s.ivar[te], survey["k"][te], survey["a_k"][te])
@@ -64,6 +66,7 @@ def test_distances_beat_inverted_parallaxes_and_errors_are_calibrated(survey):
 
 
 def test_missing_photometry_extinction_and_masked_spectra_are_flagged(survey, tmp_path):
+    """Missing Ks/A_K and masked spectra get Astra's flags; save/load round trip."""
     s, net = survey["s"], survey["net"]
     i = np.arange(500, 506)
     k, a_k = survey["k"][i].copy(), survey["a_k"][i].copy()
@@ -93,6 +96,7 @@ def test_missing_photometry_extinction_and_masked_spectra_are_flagged(survey, tm
 
 
 def test_training_needs_photometry_and_parallaxes(survey):
+    """A training star without Ks is an error naming it."""
     s = survey["s"]
     k = survey["k"][:50].copy()
     k[3] = np.nan
@@ -102,6 +106,7 @@ def test_training_needs_photometry_and_parallaxes(survey):
 
 
 def test_training_cuts_count_each_cut_and_name_missing_columns():
+    """Each training cut is counted; RUWE only when present; no parallax column: error."""
     from astropy.table import Table
 
     t = Table(dict(SNR=[250.0, 150.0, 300.0, 400.0, 500.0, 260.0],
@@ -124,6 +129,7 @@ def test_training_cuts_count_each_cut_and_name_missing_columns():
 
 
 def test_cli_train_and_predict_distances(survey, tmp_path, capsys):
+    """nn-dist-train / nn-dist-predict; missing parallax columns: a one-line error."""
     from astropy.table import Table
 
     from cannon_fast.cli import main
