@@ -97,8 +97,10 @@ class CensoredAbundanceNetwork:
         self.param_scales = np.where(scale > 0, scale, 1.0)
         f = np.asarray(flux, float)[:, self.mask]
         good = np.ones(f.shape, bool) if ivar is None else np.asarray(ivar)[:, self.mask] > 0
-        mean = np.nanmean(np.where(good, f, np.nan), axis=0)
-        self.feature_scale = float(np.sqrt(np.nanmean(np.where(good, f - mean, np.nan) ** 2)))
+        count = np.maximum(good.sum(0), 1)
+        mean = np.where(good, f, 0.0).sum(0) / count
+        resid2 = np.where(good, (f - mean) ** 2, 0.0).sum() / max(int(good.sum()), 1)
+        self.feature_scale = float(np.sqrt(resid2)) or 1.0
         x, v = self._inputs(flux, ivar, params)
         err = None if label_errors is None else np.asarray(label_errors, float).reshape(-1, 1)
         self.regressor.train(x, np.asarray(labels, float).reshape(-1, 1), v, label_errors=err,
