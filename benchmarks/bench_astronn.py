@@ -230,6 +230,7 @@ def main(argv=None):
                                                         "cannon_continuum_apogee.npz"))
     ap.add_argument("--snr-min", type=float, default=50.0, help="training S/N cut")
     ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--no-distances", action="store_true", help="skip the distance part")
     ap.add_argument("--censor", action="store_true",
                     help="with --survey: the [Mg/Fe] leak into [Si/Fe], censored or not")
     ap.add_argument("--windows", default=os.path.join(_shared(), "data", "real", "windows_dr17",
@@ -249,7 +250,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
           f"{args.threads} torch thread(s)")
-    if args.survey:
+    if args.survey and not args.no_distances:
         bench_distances(args)
     if args.survey and args.censor:
         bench_censoring(args)
