@@ -171,6 +171,7 @@ def bench_censoring(args):
         w[on_chip_mask()] = np.loadtxt(args.si_filter)
         core = w > args.si_filter_min * w.max()
         masks[f"censored: {int(core.sum())} px, Si.filt > {args.si_filter_min:g}"] = core
+    tr = tr[np.isfinite(lab[tr, j_si])]  # the censored networks need their label
     p_tr = full.predict(flux[tr], ivar[tr], n_samples=1).labels[:, params]
     print(f"censoring ({n} mock stars, {len(tr)} train / {len(te)} test; MLP 64/32 both; the "
           "censored ones get the whole-spectrum network's Teff, log g, [Fe/H]):")
