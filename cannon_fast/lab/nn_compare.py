@@ -135,6 +135,7 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
             best_epoch=int(h["best_epoch"]) + 1,
             best_val_loss=float(h["val_loss"][h["best_epoch"]]),
             train_seconds=round(float(h["train_time"]), 1),
+            train_cpu_seconds=round(float(h["train_cpu_time"]), 1),
             spectra_per_second=round(len(res.labels) / max(infer, 1e-9), 1),
             vs_catalog=_stats(res.labels, np.asarray(val_catalog, float), names),
             n_bad=int(res.bad.sum()))
