@@ -24,7 +24,9 @@ from cannon_fast.instruments.read import Spectra
 from cannon_fast.lab import mist_web, pipeline
 from cannon_fast.lab.jwst import run_jwst_report
 from cannon_fast.lab.transfer import transfer_labels
+from cannon_fast.apogee import catalog
 from cannon_fast.nn import NNResult, SpectrumRegressor, train_emulator
+from cannon_fast.nn.distance import DistanceNetwork
 from cannon_fast.store import SpectraStore
 
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -87,6 +89,11 @@ DOCUMENTED = {
     "run_jwst_report": (run_jwst_report, None),
     "transfer_labels": (transfer_labels, None),
     "reg.layer_summary": (SpectrumRegressor.layer_summary, None),
+    "DistanceNetwork": (DistanceNetwork, SpectrumRegressor),
+    "net.train": (DistanceNetwork.train, SpectrumRegressor.train),
+    "net.predict": (DistanceNetwork.predict, None),
+    "distance_training_cuts": (catalog.distance_training_cuts, None),
+    "read_distance_catalog": (catalog.read_distance_catalog, None),
 }
 #: Calls in the code blocks that document nothing of this package.
 NOT_API = {"print"}

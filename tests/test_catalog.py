@@ -63,3 +63,36 @@ def test_crossmatch():
     rows, found, idx = catalog.crossmatch(t, ["2M3", "2Mx", "2M0"])
     np.testing.assert_array_equal(found, [True, False, True])
     assert list(rows["APOGEE_ID"]) == ["2M3", "2M0"] and idx[1] == -1
+
+
+def test_flag_cuts_name_and_count_each_bit_and_missing_labels_can_be_kept():
+    """AstroNN training filter: one counted cut per named bit; NaN labels kept on request."""
+    from cannon_fast.apogee.bitmask import ASTRONN_TRAINING_FLAGS, flag_bit
+
+    assert flag_bit("M_H_BAD") == ("ASPCAPFLAG", 19) and flag_bit("PROBLEM_TARGET")[1] == 40
+    assert flag_bit("starflag:BRIGHT_NEIGHBOR") == ("STARFLAG", 2)
+    assert flag_bit("ASPCAPFLAG:33") == ("ASPCAPFLAG", 33)
+    with pytest.raises(ValueError, match="unknown flag name 'TELEPATHY'"):
+        flag_bit("TELEPATHY")
+    t = _table()
+    bits = {0: 19, 1: 23, 2: 31, 3: 32, 5: 33, 6: 40}  # star -> the bit it carries
+    t["ASPCAPFLAG"] = np.array([1 << bits.get(i, 0) if i in bits else 1 << 3 for i in range(10)],
+                               np.int64)
+    t["ASPCAPFLAG"][7] |= np.int64(1) << 19  # a second star with M_H_BAD
+    t["STARFLAG"] = np.zeros(10, np.int64)
+    t["STARFLAG"][9] = 1 << 2
+    cuts = catalog.lab_cuts(snr_min=None, logg_max=None, teff_max=None, feh_min=None,
+                            keep_missing=True,
+                            flags=list(ASTRONN_TRAINING_FLAGS) + ["BRIGHT_NEIGHBOR"])
+    t["TEFF"][4] = np.nan  # star 4 keeps its other labels
+    for c in ("TEFF", "LOGG", "FE_H", "MG_FE", "SI_FE"):
+        t[c][8] = np.nan  # star 8 has none
+    keep, rep = catalog.select(t, cuts=cuts)
+    fails = {r["name"]: r["fails"] for r in rep.rows}
+    assert fails == {"no_labels": 1, "M_H_BAD": 2, "STAR_BAD": 1, "NO_ASPCAP_RESULT": 1,
+                     "MISSING_APSTAR": 1, "NO_GRID": 1, "PROBLEM_TARGET": 1,
+                     "BRIGHT_NEIGHBOR": 1}
+    np.testing.assert_array_equal(np.flatnonzero(keep), [4])  # its TEFF is missing
+    t.remove_column("ASPCAPFLAG")
+    with pytest.raises(ValueError, match="lacks column.* ASPCAPFLAG needed by cut 'M_H_BAD'"):
+        catalog.select(t, cuts=cuts)

@@ -4,6 +4,7 @@ import os
 
 import fitsio
 import numpy as np
+import numpy.lib.recfunctions  # noqa: F401
 import pytest
 
 from cannon_fast.apogee import files as ap
@@ -363,3 +364,20 @@ def test_absurd_header_sizes_are_a_failed_star(tmp_path, key, value, why):
     assert len(errors) == 1 and "corrupt header" in errors[0][1]
     (row,) = _apstar_rows(str(p), 0, False, None)         # label: a row with a REASON
     assert "corrupt header" in row[5] and not row[1].any()
+
+
+def test_prepare_filters_named_flag_bits_and_keeps_missing_labels(tmp_path):
+    """prepare_dataset(flags=, keep_missing=): counted flag cuts, NaN labels stored as NaN."""
+    from cannon_fast.apogee.prepare import prepare_dataset
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    t = fitsio.read(str(allstar))
+    t = np.lib.recfunctions.append_fields(t, "ASPCAPFLAG", np.array([0, 0, 0, 1 << 23], np.int64),
+                                          usemask=False)
+    t["LOGG"][0] = np.nan
+    fitsio.write(str(allstar), t, clobber=True)
+    res = prepare_dataset(stars, allstar, tmp_path / "s", cont, labels=("TEFF", "LOGG", "FE_H"),
+                          flags=("STAR_BAD",), keep_missing=True)
+    assert list(res.store.ids) == ["2M1"] and np.isnan(res.store.labels[0, 1])
+    assert res.store.meta["cut_report"]["STAR_BAD"] == 1
+    assert res.store.meta["cut_report"]["no_labels"] == 0

@@ -222,12 +222,30 @@ def test_flags(data, mlp):
     assert res.bad_pixel_fraction[0] == pytest.approx(0.75, abs=0.02)
     tiny = mlp.predict(flux[1:], ivar[1:], uncertain_thresholds={"TEFF": 1e-3})
     assert tiny.uncertain[:, 0].all() and tiny.bad.all()
-    assert all("UNCERTAIN_LABEL" in tiny.flag_names(i) for i in range(5))
+    assert all("UNCERTAIN_TEFF" in tiny.flag_names(i) for i in range(5))
     t = res.to_table()
     assert {"TEFF", "TEFF_ERR", "NN_FLAGS", "NN_BAD"} <= set(t.colnames)
     with pytest.raises(ValueError, match="unknown labels"):
         mlp.predict(flux, ivar, uncertain_thresholds={"VSINI": 1.0})
-    assert NNResult.FLAGS["NO_RESULT"] == 4
+    assert NNResult.FLAGS["NO_RESULT"] == 1 << 11
+
+
+def test_result_flags_follow_astras_rules(data, mlp):
+    """UNCERTAIN_LOGG/TEFF/FE_H bits 0/1/2, NO_RESULT bit 11, flag_warn and flag_bad."""
+    import copy
+
+    reg = copy.copy(mlp)  # errors scaled so that each rule splits these stars
+    reg.error_scale = mlp.error_scale * np.array([2.0, 0.6, 0.5])
+    res = reg.predict(data.flux, data.ivar, n_samples=10)
+    lab, err = res.labels, res.errors
+    logg = (err[:, 1] > 0.2) & (np.abs(err[:, 1] / lab[:, 1]) > 0.075)
+    teff = err[:, 0] > 300
+    feh = np.abs(err[:, 2] / lab[:, 2]) > 0.12
+    assert all(0 < r.sum() < len(r) for r in (logg, teff, feh))
+    for bit, rule in ((0, logg), (1, teff), (2, feh)):
+        assert_array_equal((res.flags >> bit) & 1 == 1, rule)
+    assert_array_equal(res.bad, teff | (logg & feh))
+    assert_array_equal(res.warn, res.flags != 0)
 
 
 # ---------------------------------------------------------------------- bad input
@@ -494,3 +512,69 @@ def test_cli_reads_a_spectra_store(data, tmp_path):
                  "--epochs", "2", "-q"]) == 0
     assert SpectrumRegressor.load(ck).label_names == data.label_names
     assert os.path.exists(tmp_path / "reg_loss.png")
+
+
+def test_visit_scatter_measures_errors_against_the_scatter():
+    """chi2/dof of visits about their mean: ~1 for right errors, ~1/4 for doubled ones."""
+    from cannon_fast.cli.nn import visit_scatter
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(300), 5).astype(str)
+    visit = np.tile(np.arange(5), 300)  # visit 0 (combined) is left out
+    err = np.full((1500, 2), [50.0, 0.1])
+    lab = np.array([4800.0, 2.5]) + err * rng.standard_normal((1500, 2))
+    ratio, n = visit_scatter(lab, err, ids, visit)
+    assert n == 300 and np.allclose(ratio, 1.0, atol=0.12)
+    ratio2, _ = visit_scatter(lab, 2 * err, ids, visit)
+    np.testing.assert_allclose(ratio2, ratio / 4)
+
+
+def test_cli_predict_visits_of_apstar_files(tmp_path, capsys):
+    """nn-predict --visits: the combined spectrum as visit 0, then each visit; astra columns."""
+    import fitsio
+    from astropy.table import Table
+
+    from cannon_fast.apogee.files import NPIX, on_chip_mask
+    from cannon_fast.cli import main
+    from cannon_fast.core.continuum import normalize
+
+    rng = np.random.default_rng(4)
+    pix = np.arange(NPIX)
+    shape = np.sin(pix / 37.0) * 0.05
+    cont = on_chip_mask() & (pix % 9 == 0)
+    lab = rng.uniform(0, 1, 120)
+    raw = 1000 * (1 + np.outer(lab, shape) * ~cont)
+    raw_ivar = np.where(on_chip_mask(), 1.0 / 4.0, 0.0) * np.ones_like(raw)
+    ns = normalize(raw + rng.normal(0, 2, raw.shape) * on_chip_mask(), raw_ivar, cont)
+    npz = tmp_path / "train.npz"
+    np.savez(npz, flux=ns.flux, ivar=ns.ivar, labels=lab[:, None] * 1000 + 4000,
+             label_names=np.array(["TEFF"]))
+    ck = tmp_path / "reg.pt"
+    assert main(["nn-train", str(npz), "-o", str(ck), "--arch", "mlp", "--hidden", "8",
+                 "--epochs", "3", "-q"]) == 0
+    np.save(tmp_path / "cont.npy", cont)
+    d = tmp_path / "stars"
+    d.mkdir()
+    for i, nvis in enumerate((3, 2)):
+        sid = f"2M0000000{i}+0000000"
+        f = np.vstack([raw[i], raw[i]] + [raw[i] + rng.normal(0, 3, NPIX) for _ in range(nvis)])
+        e = np.full(f.shape, 2.0) * on_chip_mask()
+        hdr = {"OBJID": sid, "NVISITS": nvis, "SNR": 150.0, "CRVAL1": 4.179, "CDELT1": 6e-6,
+               "NWAVE": NPIX}
+        hdr.update({f"JD{v}": 2459000.5 + v for v in range(1, nvis + 1)})
+        with fitsio.FITS(str(d / f"apStar-dr17-{sid}.fits"), "rw", clobber=True) as fh:
+            fh.write(None, header=[{"name": k, "value": v} for k, v in hdr.items()])
+            for a in (f, np.where(e > 0, e, 1.0), np.where(e > 0, 0, 1).astype(np.int32)):
+                fh.write(a)
+    out = tmp_path / "visits.fits"
+    capsys.readouterr()
+    assert main(["nn-predict", str(ck), str(d), "--visits", "--continuum",
+                 str(tmp_path / "cont.npy"), "--astra", "-o", str(out), "-q"]) == 0
+    assert "visit scatter over the errors" in capsys.readouterr().out
+    t = Table.read(out)
+    assert list(t["visit"]) == [0, 1, 2, 3, 0, 1, 2]
+    assert {"apogee_id", "teff", "e_teff", "result_flags", "flag_warn", "flag_bad",
+            "visit_jd"} <= set(t.colnames)
+    f = fitsio.read(str(out))
+    np.testing.assert_array_equal(f["teff"], t["teff"])
+    assert np.all(np.abs(t["teff"][1:4] - t["teff"][0]) < 5 * t["e_teff"][1:4])

@@ -15,6 +15,7 @@ import numpy as np
 from ..core._apstar_grid import NPIX, on_chip_mask
 
 __all__ = [
+    "ASPCAPFLAG_BITS", "STARFLAG_BITS", "ASTRONN_TRAINING_FLAGS", "flag_bit",
     "PIXMASK_BITS", "DEFAULT_BAD_BITS", "BAD_ERROR", "bit_value", "decode", "bad_pixel_mask",
     "quality_mask", "mask_spectra",
 ]
@@ -26,6 +27,68 @@ PIXMASK_BITS = {
     "PERSIST_LOW": 11, "SIG_SKYLINE": 12, "SIG_TELLURIC": 13, "NOT_ENOUGH_PSF": 14,
 }
 _BIT_NAMES = {v: k for k, v in PIXMASK_BITS.items()}
+
+#: APOGEE_ASPCAPFLAG bit numbers (DR17 data model).
+ASPCAPFLAG_BITS = {
+    "TEFF_WARN": 0, "LOGG_WARN": 1, "VMICRO_WARN": 2, "M_H_WARN": 3, "ALPHA_M_WARN": 4,
+    "C_M_WARN": 5, "N_M_WARN": 6, "STAR_WARN": 7, "CHI2_WARN": 8, "COLORTE_WARN": 9,
+    "ROTATION_WARN": 10, "SN_WARN": 11, "SPEC_HOLE_WARN": 12, "ATMOS_HOLE_WARN": 13,
+    "VSINI_WARN": 14, "TEFF_BAD": 16, "LOGG_BAD": 17, "VMICRO_BAD": 18, "M_H_BAD": 19,
+    "ALPHA_M_BAD": 20, "C_M_BAD": 21, "N_M_BAD": 22, "STAR_BAD": 23, "CHI2_BAD": 24,
+    "COLORTE_BAD": 25, "ROTATION_BAD": 26, "SN_BAD": 27, "SPEC_HOLE_BAD": 28,
+    "ATMOS_HOLE_BAD": 29, "VSINI_BAD": 30, "NO_ASPCAP_RESULT": 31, "MISSING_APSTAR": 32,
+    "NO_GRID": 33, "BAD_FRAC_LOWSNR": 34, "BAD_FRAC_BADPIX": 35, "FERRE_FAIL": 36,
+    "PROBLEM_TARGET": 40, "MULTIPLE_SUSPECT": 41,
+}
+#: APOGEE_STARFLAG bit numbers (DR17) of the flags this package meets; others by number.
+STARFLAG_BITS = {
+    "BAD_PIXELS": 0, "COMMISSIONING": 1, "BRIGHT_NEIGHBOR": 2, "VERY_BRIGHT_NEIGHBOR": 3,
+    "LOW_SNR": 4, "PERSIST_HIGH": 9, "PERSIST_MED": 10, "PERSIST_LOW": 11,
+    "SUSPECT_RV_COMBINATION": 16, "SUSPECT_BROAD_LINES": 17,
+}
+#: The ASPCAPFLAG bits Astra's AstroNN (DR17 training set) filtered on.
+ASTRONN_TRAINING_FLAGS = ("M_H_BAD", "STAR_BAD", "NO_ASPCAP_RESULT", "MISSING_APSTAR",
+                          "NO_GRID", "PROBLEM_TARGET")
+
+
+def flag_bit(name):
+    """``(column, bit)`` of a catalogue flag: a name of either table, or ``COLUMN:bit``.
+
+    Parameters
+    ----------
+    name : str
+        ``"STAR_BAD"`` (ASPCAPFLAG), ``"BRIGHT_NEIGHBOR"`` (STARFLAG), or an
+        explicit ``"ASPCAPFLAG:23"`` / ``"STARFLAG:BRIGHT_NEIGHBOR"``.
+
+    Returns
+    -------
+    (str, int)
+        ``("ASPCAPFLAG", 23)`` etc.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or column.
+    """
+    text = str(name).strip().upper()
+    tables = {"ASPCAPFLAG": ASPCAPFLAG_BITS, "STARFLAG": STARFLAG_BITS}
+    if ":" in text:
+        column, bit = (t.strip() for t in text.split(":", 1))
+        if column not in tables:
+            raise ValueError(f"unknown flag column {column!r} in {name!r}; use ASPCAPFLAG or "
+                             "STARFLAG")
+        if bit.isdigit() and 0 <= int(bit) < 64:
+            return column, int(bit)
+        if bit in tables[column]:
+            return column, tables[column][bit]
+        raise ValueError(f"unknown {column} bit {bit!r}; known: {', '.join(tables[column])}")
+    for column, table in tables.items():
+        if text in table:
+            return column, table[text]
+    raise ValueError(f"unknown flag name {name!r}: not an ASPCAPFLAG ({', '.join(ASPCAPFLAG_BITS)})"
+                     f" or STARFLAG ({', '.join(STARFLAG_BITS)}) bit; write COLUMN:bit for "
+                     "others")
+
 
 #: Bits that mark a pixel bad by default: 0-7 (detector/reduction failures) and 12 (sky line).
 DEFAULT_BAD_BITS = ("BADPIX", "CRPIX", "SATPIX", "UNFIXABLE", "BADDARK", "BADFLAT", "BADERR",

@@ -20,7 +20,8 @@ import numpy as np
 
 from .files import LAB_LABELS, match_ids
 
-__all__ = ["Cut", "CutReport", "TooFewStarsError", "lab_cuts", "select", "crossmatch"]
+__all__ = ["Cut", "CutReport", "TooFewStarsError", "lab_cuts", "select", "crossmatch",
+           "distance_training_cuts", "PARALLAX_COLUMNS", "read_distance_catalog", "flag_cuts"]
 
 
 @dataclass
@@ -49,7 +50,35 @@ def _col(table, name):
     return np.asarray(table[name], dtype=float)
 
 
-def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh_min=-1.0):
+def flag_cuts(names):
+    """One cut per named catalogue flag bit (ASPCAPFLAG or STARFLAG), each counted.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Flag names (:func:`cannon_fast.apogee.bitmask.flag_bit`), e.g.
+        :data:`cannon_fast.apogee.bitmask.ASTRONN_TRAINING_FLAGS`.
+
+    Returns
+    -------
+    list of Cut
+        Named after the flag; the star fails when the bit is set.
+    """
+    from .bitmask import flag_bit
+
+    cuts = []
+    for name in names:
+        column, bit = flag_bit(name)
+
+        def fails(t, column=column, bit=bit):
+            return (np.asarray(t[column]).astype(np.int64) >> np.int64(bit)) & 1 == 1
+        cuts.append(Cut(str(name).strip().upper().split(":")[-1], f"{column} bit {bit} set",
+                        fails, (column,)))
+    return cuts
+
+
+def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh_min=-1.0,
+             keep_missing=False, flags=()):
     """Return the modeling lab's cuts, with every threshold configurable.
 
     Parameters
@@ -62,16 +91,28 @@ def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh
         Dwarf cut: LOGG > logg_max or TEFF > teff_max (None drops that part).
     feh_min : float or None
         Minimum FE_H (None drops the cut).
+    keep_missing : bool
+        Keep stars with some of ``labels`` missing (NaN), for a loss that ignores
+        missing labels (:class:`cannon_fast.nn.SpectrumRegressor`); only stars
+        with every label missing are cut. The other cuts keep a star whose
+        label they test is missing.
+    flags : sequence of str
+        Catalogue flag bits that remove a star, one counted cut each
+        (:func:`flag_cuts`), e.g. ``bitmask.ASTRONN_TRAINING_FLAGS``.
 
     Returns
     -------
     list of Cut
     """
     labels = tuple(labels)
-    cuts = [Cut("missing_labels", "any of " + ", ".join(labels) + " not derived",
-                lambda t: ~np.all(np.column_stack([np.isfinite(_col(t, c)) for c in labels]),
-                                  axis=1),
-                labels)]
+    present = lambda t: np.column_stack([np.isfinite(_col(t, c)) for c in labels])  # noqa: E731
+    if keep_missing:
+        cuts = [Cut("no_labels", "every one of " + ", ".join(labels) + " not derived",
+                    lambda t: ~np.any(present(t), axis=1), labels)]
+    else:
+        cuts = [Cut("missing_labels", "any of " + ", ".join(labels) + " not derived",
+                    lambda t: ~np.all(present(t), axis=1), labels)]
+    cuts += flag_cuts(flags)
     if snr_min is not None:
         cuts.append(Cut("low_snr", f"SNR < {snr_min:g}",
                         lambda t: ~(_col(t, "SNR") >= snr_min), ("SNR",)))
@@ -94,6 +135,119 @@ def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh
                 return _col(t, "FE_H") < feh_min
         cuts.append(Cut("metal_poor", f"FE_H < {feh_min:g}", poor, ("FE_H",)))
     return cuts
+
+
+#: The allStar's Gaia EDR3 parallax columns (DR17), what distance training needs.
+PARALLAX_COLUMNS = ("GAIAEDR3_PARALLAX", "GAIAEDR3_PARALLAX_ERROR")
+
+
+def _missing_value(t, name):
+    """NaN, inf and DR17's -9999 sentinel are missing."""
+    x = _col(t, name)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(x) | (x < -9000)
+
+
+def distance_training_cuts(columns, snr_min=200.0, ruwe_max=1.4, parallax_error_max=0.1,
+                           vscatter_max=1.0, k_column="K", ak_column="AK_TARG"):
+    """AstroNNDist's training cuts (Astra's DR17 training set), for :func:`select`.
+
+    S/N > ``snr_min``, no STARFLAG bit set, RUWE < ``ruwe_max`` (only when the
+    catalogue has ``GAIAEDR3_RUWE``: DR17's allStar does not, a user adds it
+    from Gaia), parallax error < ``parallax_error_max`` mas, VSCATTER <
+    ``vscatter_max`` km/s (when present), Ks and A_K present. The parallax
+    itself is not cut on: negative parallaxes are measurements.
+
+    Parameters
+    ----------
+    columns : sequence of str
+        The catalogue's column names (decides the optional cuts).
+    snr_min, ruwe_max, parallax_error_max, vscatter_max : float or None
+        None drops that cut.
+    k_column, ak_column : str
+        Apparent Ks and its extinction.
+
+    Returns
+    -------
+    list of Cut
+
+    Raises
+    ------
+    ValueError
+        If ``columns`` lacks the parallax columns (naming them).
+    """
+    columns = set(columns)
+    missing = [c for c in PARALLAX_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"the catalogue has no {', '.join(missing)} column(s): distance "
+                         "training needs Gaia EDR3 parallaxes (DR17 allStar columns "
+                         f"{', '.join(PARALLAX_COLUMNS)})")
+    cuts = []
+    if snr_min is not None:
+        cuts.append(Cut("low_snr", f"SNR <= {snr_min:g}", lambda t: ~(_col(t, "SNR") > snr_min),
+                        ("SNR",)))
+    if "STARFLAG" in columns:
+        cuts.append(Cut("starflag", "any STARFLAG bit set",
+                        lambda t: np.asarray(t["STARFLAG"]).astype(np.int64) != 0, ("STARFLAG",)))
+    if ruwe_max is not None and "GAIAEDR3_RUWE" in columns:
+        cuts.append(Cut("ruwe", f"GAIAEDR3_RUWE >= {ruwe_max:g} or missing",
+                        lambda t: ~(_col(t, "GAIAEDR3_RUWE") < ruwe_max), ("GAIAEDR3_RUWE",)))
+    if vscatter_max is not None and "VSCATTER" in columns:
+        cuts.append(Cut("vscatter", f"VSCATTER >= {vscatter_max:g} km/s",
+                        lambda t: ~(_col(t, "VSCATTER") < vscatter_max), ("VSCATTER",)))
+    cuts.append(Cut("parallax", "parallax or its error missing, or error <= 0",
+                    lambda t: _missing_value(t, PARALLAX_COLUMNS[0])
+                    | ~(_col(t, PARALLAX_COLUMNS[1]) > 0), PARALLAX_COLUMNS))
+    if parallax_error_max is not None:
+        cuts.append(Cut("parallax_error", f"parallax error >= {parallax_error_max:g} mas",
+                        lambda t: ~(_col(t, PARALLAX_COLUMNS[1]) < parallax_error_max),
+                        PARALLAX_COLUMNS[1:]))
+    cuts.append(Cut("missing_photometry", f"{k_column} missing",
+                    lambda t: _missing_value(t, k_column), (k_column,)))
+    cuts.append(Cut("missing_extinction", f"{ak_column} missing",
+                    lambda t: _missing_value(t, ak_column), (ak_column,)))
+    return cuts
+
+
+def read_distance_catalog(path, apogee_ids, ak_column="AK_TARG", parallax=True):
+    """The allStar columns distances need, one row per star (cross-matched by APOGEE_ID).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        allStar catalogue.
+    apogee_ids : sequence of str, (N,)
+    ak_column : str
+        The extinction column (DR17: ``AK_TARG`` or ``AK_WISE``).
+    parallax : bool
+        Require the Gaia parallax columns (training, or checking against Gaia).
+
+    Returns
+    -------
+    rows : astropy.table.Table
+        N rows; a star not in the catalogue has NaN photometry (and is reported
+        by ``found``).
+    found : ndarray of bool, (N,)
+
+    Raises
+    ------
+    ValueError
+        If the catalogue lacks a needed column (the message names it).
+    """
+    from .files import read_allstar
+
+    required = ["APOGEE_ID", "SNR", "K", ak_column] + (list(PARALLAX_COLUMNS) if parallax
+                                                       else [])
+    cat = read_allstar(path, columns=required, labels=(),
+                       optional=("STARFLAG", "K_ERR", "GAIAEDR3_RUWE", "VSCATTER")
+                       + (() if parallax else PARALLAX_COLUMNS))
+    idx = match_ids(cat, [str(s).strip() for s in apogee_ids])
+    found = idx >= 0
+    rows = cat[np.where(found, idx, 0)]
+    for c in rows.colnames:
+        if rows[c].dtype.kind == "f":
+            rows[c][~found] = np.nan
+    return rows, found
 
 
 class TooFewStarsError(ValueError):

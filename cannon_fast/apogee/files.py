@@ -572,7 +572,8 @@ def _strip(col):
     return col
 
 
-def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None, ext=1):
+def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None, ext=1,
+                 optional=()):
     """Read the needed columns (and rows) of an allStar catalogue.
 
     Only the requested columns are read (fitsio ``columns=``, ``rows=``), so a
@@ -596,6 +597,8 @@ def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None,
         Release ("dr17", "dr16", ...); inferred from the file name if omitted.
     ext : int
         The table HDU.
+    optional : sequence of str
+        Columns read when the file has them and skipped silently otherwise.
 
     Returns
     -------
@@ -612,11 +615,13 @@ def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None,
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: allStar catalogue not found")
-    optional = {"TELESCOPE", "FIELD"} | {f"{c}_ERR".upper() for c in labels}
+    optional = ({"TELESCOPE", "FIELD"} | {f"{c}_ERR".upper() for c in labels}
+                | {c.upper() for c in optional})
     if columns is None:  # the labels' errors are read when the catalogue has them
         columns = (["APOGEE_ID", "TELESCOPE", "FIELD", "SNR"] + list(labels)
                    + [f"{c}_ERR" for c in labels])
-    columns = [c.upper() for c in columns]
+    columns = [c.upper() for c in columns] + sorted(optional - {"TELESCOPE", "FIELD"}
+                                                    - {f"{c}_ERR".upper() for c in labels})
     columns = list(dict.fromkeys(columns))
     release = (release or release_of(path) or "unknown").lower()
     try:

@@ -17,7 +17,52 @@ import functools
 
 import numpy as np
 
-__all__ = ["air_to_vacuum", "line_list"]
+__all__ = ["air_to_vacuum", "line_list", "read_element_windows"]
+
+
+def read_element_windows(path):
+    """Wavelength windows of one element from an ASPCAP ``<El>.wind`` file (DR17).
+
+    Each line holds start, end (vacuum Å) and a flag; windows with flag 0 are
+    skipped.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    ndarray, (W, 2)
+        Start and end of each window, vacuum Å.
+
+    Raises
+    ------
+    ValueError
+        For a malformed line (naming the file and the line number) or no window.
+    """
+    import os
+
+    path = os.fspath(path)
+    out = []
+    with open(path) as fh:
+        for no, line in enumerate(fh, 1):
+            text = line.split("#", 1)[0].split()
+            if not text:
+                continue
+            try:
+                lo, hi = float(text[0]), float(text[1])
+                flag = float(text[2]) if len(text) > 2 else 1.0
+            except (ValueError, IndexError):
+                raise ValueError(f"{path}:{no}: expected 'start end [flag]' in vacuum Å, got "
+                                 f"{line.strip()!r}") from None
+            if not (lo < hi and lo > 1000):
+                raise ValueError(f"{path}:{no}: window {lo}-{hi} is not an increasing range "
+                                 "in Å")
+            if flag != 0:
+                out.append((lo, hi))
+    if not out:
+        raise ValueError(f"{path}: no window")
+    return np.array(out)
 
 
 def air_to_vacuum(wave_air):

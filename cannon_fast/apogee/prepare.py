@@ -178,7 +178,9 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
         missing-label cut).
     cuts : list of Cut, optional
         Default: the lab's cuts (:func:`cannon_fast.apogee.catalog.lab_cuts`) with
-        ``cut_options`` (``snr_min=``, ``logg_max=``, ``teff_max=``, ``feh_min=``).
+        ``cut_options`` (``snr_min=``, ``logg_max=``, ``teff_max=``, ``feh_min=``,
+        ``keep_missing=`` to keep stars with some labels missing, ``flags=`` to
+        cut on named ASPCAPFLAG/STARFLAG bits).
     bits : iterable of str or int, or int
         PIXMASK bits that make a pixel bad.
     degree : int
@@ -222,7 +224,8 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
         tels.append(tel)
         flds.append(fld)
         keep_paths.append(p)
-    cat = allstar if isinstance(allstar, Table) else read_allstar(allstar, labels=labels)
+    cat = allstar if isinstance(allstar, Table) else read_allstar(
+        allstar, labels=labels, optional=("ASPCAPFLAG", "STARFLAG"))  # for flag cuts
     idx = match_ids(cat, ids, tels, flds)
     found = idx >= 0
     for i in np.flatnonzero(~found):

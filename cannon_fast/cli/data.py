@@ -67,6 +67,13 @@ def register(subparsers, parent):
     q.add_argument("--logg-max", type=float, default=4.0)
     q.add_argument("--teff-max", type=float, default=5700.0)
     q.add_argument("--feh-min", type=float, default=-1.0)
+    q.add_argument("--flag-bits", default=None, metavar="NAMES",
+                   help="remove stars with these ASPCAPFLAG/STARFLAG bits set, comma-separated "
+                        "(each counted); 'astronn' for Astra AstroNN's training filter: "
+                        "M_H_BAD,STAR_BAD,NO_ASPCAP_RESULT,MISSING_APSTAR,NO_GRID,PROBLEM_TARGET")
+    q.add_argument("--keep-missing-labels", action="store_true",
+                   help="keep stars with some labels missing (stored as NaN) for the NN's "
+                        "masked loss; only stars with none of the labels are cut")
     q.add_argument("--min-stars", type=int, default=1,
                    help="fail if fewer stars pass the cuts (default 1)")
     q.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -104,6 +111,12 @@ def _prepare(args):
         kw["degree"] = args.degree
     if args.bad_bits is not None:
         kw["bits"] = args.bad_bits
+    if args.flag_bits:
+        from ..apogee.bitmask import ASTRONN_TRAINING_FLAGS
+
+        kw["flags"] = (ASTRONN_TRAINING_FLAGS if args.flag_bits.strip().lower() == "astronn"
+                       else [b for b in args.flag_bits.split(",") if b.strip()])
+    kw["keep_missing"] = args.keep_missing_labels
     res = prepare_dataset(paths, args.allstar, args.out, args.continuum, labels=labels,
                           workers=args.workers, min_remaining=args.min_stars,
                           overwrite=args.overwrite,

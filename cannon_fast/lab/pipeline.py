@@ -666,18 +666,13 @@ def _extra_nn(inputs):
 
     if importlib.util.find_spec("torch") is None:
         raise ImportError("torch is not installed")
-    from ..nn import SpectrumRegressor
+    from .nn_compare import compare_networks
 
-    reg = SpectrumRegressor(LAB_LABELS, arch="mlp", seed=inputs["seed"], device="cpu")
-    reg.train(inputs["train_flux"], inputs["train_labels"], inputs["train_ivar"],
-              epochs=inputs["nn_epochs"], progress=inputs["show"])
-    res = reg.predict(inputs["val_flux"], inputs["val_ivar"], n_samples=1)
-    pred = np.asarray(res.labels, float)
-    out = {"architecture": "mlp", "epochs_max": inputs["nn_epochs"],
-           "vs_catalog": label_statistics(pred, inputs["val_catalog"], LAB_LABELS)}
-    if inputs.get("val_truth") is not None:
-        out["vs_true"] = label_statistics(pred, inputs["val_truth"], LAB_LABELS)
-    return out
+    return compare_networks(
+        inputs["train_flux"], inputs["train_ivar"], inputs["train_labels"], inputs["val_flux"],
+        inputs["val_ivar"], inputs["val_catalog"], inputs["val_cannon"], LAB_LABELS,
+        train_errors=inputs["train_errors"], val_truth=inputs.get("val_truth"),
+        epochs=inputs["nn_epochs"], seed=inputs["seed"], progress=inputs["show"])
 
 
 # --------------------------------------------------------------------------- the lab
@@ -834,7 +829,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             n_stars=1200, survey_seed=0, cache_dir=None, allstar=None, truth=None,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
-            nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
+            nn_epochs=150, keep_store=False, extra_terms="auto", test_step="auto",
             label_errors="auto", binary_screen=True, show_progress=None, log=print,
             stars=None, isochrone_age=None, isochrone_feh=None, isochrone_source="files"):
     """Run the modeling lab end to end and write a report folder.
@@ -886,7 +881,9 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         Run the optional steps (``"mcmc"``, ``"movies"``, ``"binaries"``, ``"nn"``)
         when their modules are available: True for all, False for none.
     nn_epochs : int
-        Maximum epochs of the NN comparison.
+        Maximum epochs of each network of the NN comparison (lab step 16,
+        :func:`cannon_fast.lab.nn_compare.compare_networks`; early stopping ends most
+        runs sooner).
     keep_store : bool
         Keep the normalized SpectraStore in ``out_dir/.work``.
     extra_terms : "auto" or sequence of str
@@ -1698,8 +1695,9 @@ def _step_extras(ctx):
             continue
         ctx.say(f"optional step: {key}")
         status, value = _guarded(key, func, inputs)
-        if isinstance(value, dict) and "figure" in value:
-            fname, fig, cap = value["figure"]
+        value = value if isinstance(value, dict) else {}
+        for fname, fig, cap in ([value["figure"]] if "figure" in value else []) + list(
+                value.get("figures", [])):
             ctx.figures.append(_report.save_figure(fig, ctx.out_dir, fname, cap))
         ctx.extras_status[key] = status
     ctx.timings["extras"] = time.perf_counter() - t0
@@ -1717,6 +1715,7 @@ def _extras_inputs(ctx):
                 val_flux=ctx.flux[va], val_ivar=ctx.ivar[va], val_catalog=ctx.val_cat,
                 val_truth=ctx.val_true, train_flux=ctx.flux[tr], train_ivar=ctx.ivar[tr],
                 train_labels=ctx.cat_labels[tr], nn_epochs=ctx.opts.nn_epochs,
+                train_errors=ctx.train_errors, val_cannon=np.asarray(ctx.primary.labels),
                 mystery_catalog=ctx.cat_labels[mystery],
                 mystery_truth=ctx.truth_labels[mystery] if ctx.truth_labels is not None
                 else None,

@@ -97,7 +97,7 @@ def _summary_html(s):
     """The summary tables of the report page, one section after another."""
     parts = []
     for section in (_overview_html, _cuts_html, _targets_html, _validation_html,
-                    _diagnostics_html, _outliers_html, _extras_html, _timings_html,
+                    _diagnostics_html, _outliers_html, _extras_html, _nn_html, _timings_html,
                     _notes_html):
         parts += section(s)
     return "\n".join(parts)
@@ -255,9 +255,34 @@ def _extras_html(s):
         text = v.get("status", "")
         if v.get("reason"):
             text += f": {v['reason']}"
+        if v.get("headline"):  # an optional step's result in one line, not just "ok"
+            text += f": {v['headline']}"
         parts.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(text)}</td></tr>")
     parts.append("</table>")
     return parts
+
+
+def _nn_html(s):
+    """Lab step 16: each network and the Cannon on the validation stars, side by side."""
+    nn = (s.get("extras") or {}).get("nn") or {}
+    if nn.get("status") != "ok" or not nn.get("networks"):
+        return []
+    key = "vs_true" if "vs_true" in nn["cannon"] else "vs_catalog"
+    labels = [n for n in s.get("labels", []) if n in nn["cannon"][key]]
+    head = "".join(f"<th>{html.escape(n)} bias</th><th>{html.escape(n)} RMSE</th>"
+                   for n in labels)
+    rows = [("Cannon", nn["cannon"], "")]
+    rows += [(k, v, f"{v['n_weights']} weights, {v['n_epochs']} epochs, "
+                    f"{v['train_seconds']:.0f} s") for k, v in nn["networks"].items()]
+    body = "".join(
+        f"<tr><td>{html.escape(name)}{' (chosen)' if name == nn['chosen'] else ''}</td>"
+        + "".join(f"<td>{_fmt(n, st[key][n]['bias'])}</td><td>{_fmt(n, st[key][n]['rmse'])}"
+                  "</td>" for n in labels) + f"<td>{html.escape(info)}</td></tr>"
+        for name, st, info in rows)
+    return [f"<h3>Lab step 16: neural networks against the Cannon "
+            f"({html.escape(nn['scored_against'])}, validation stars)</h3>"
+            f"<p>{html.escape(nn['headline'])}</p><table><tr><th>method</th>{head}"
+            f"<th>training</th></tr>{body}</table>"]
 
 
 def _timings_html(s):

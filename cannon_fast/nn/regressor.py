@@ -27,7 +27,8 @@ ARCHITECTURES = ("cnn", "mlp")
 # Bounds on the predicted log-variance (standardized labels): keeps exp() finite early on.
 _LOGVAR_MIN, _LOGVAR_MAX = -14.0, 6.0
 #: Default "uncertain label" thresholds on the total 1-sigma error, after astroNN's
-#: flags (Teff 300 K, log g 0.2; [X/H], [X/Fe] 0.12 dex taken as absolute errors).
+#: flags (Teff 300 K, log g 0.2 and, in ``predict``, 7.5 % of log g; [Fe/H] / [M/H]
+#: use Astra's relative rule instead; other [X/H], [X/Fe] 0.12 dex absolute).
 DEFAULT_UNCERTAIN = {"TEFF": 300.0, "LOGG": 0.2, "FE_H": 0.12, "M_H": 0.12}
 #: StarNet's training as in the JWST project (seed 001, after Fabbro et al. 2018): batch 64,
 #: learning rate 1e-3, at most 20 epochs, stop when the validation loss has not improved by
@@ -189,10 +190,13 @@ class NNResult:
     bad_pixel_fraction: np.ndarray
     label_names: tuple = field(default_factory=tuple)
 
-    #: ``UNCERTAIN_LABEL``: some label's error is above its threshold (see ``uncertain``);
-    #: ``OUT_OF_RANGE``: some label lies outside the training labels' range;
-    #: ``NO_RESULT``: too many masked pixels, the spectrum was not used.
-    FLAGS = {"UNCERTAIN_LABEL": 1, "OUT_OF_RANGE": 2, "NO_RESULT": 4}
+    #: Astra's AstroNN ``result_flags`` bits: ``UNCERTAIN_LOGG`` (0), ``UNCERTAIN_TEFF``
+    #: (1), ``UNCERTAIN_FE_H`` (2, or [M/H] without FE_H), ``NO_RESULT`` (11: too many
+    #: masked pixels, the spectrum was not used); and ours: ``UNCERTAIN_LABEL`` (3: another
+    #: label is uncertain), ``OUT_OF_RANGE`` (4: a label outside the training range).
+    #: Which errors make a label uncertain: :meth:`SpectrumRegressor.predict`.
+    FLAGS = {"UNCERTAIN_LOGG": 1 << 0, "UNCERTAIN_TEFF": 1 << 1, "UNCERTAIN_FE_H": 1 << 2,
+             "UNCERTAIN_LABEL": 1 << 3, "OUT_OF_RANGE": 1 << 4, "NO_RESULT": 1 << 11}
 
     def flag_names(self, i):
         """Names of the flags set for star ``i``."""
@@ -235,6 +239,24 @@ class NNResult:
         t["NN_WARN"] = self.warn
         t["NN_BAD"] = self.bad
         t["BAD_PIXEL_FRACTION"] = self.bad_pixel_fraction
+        return t
+
+    def to_astra_table(self):
+        """Return an astropy Table with astraAllStarAstroNN-like columns.
+
+        Lower-case label names (``teff``, ``logg``, ``fe_h``, ...), ``e_<name>``
+        for the total errors, ``result_flags`` (Astra's bits, :attr:`FLAGS`),
+        ``flag_warn`` and ``flag_bad``.
+        """
+        from astropy.table import Table
+
+        t = Table()
+        for j, name in enumerate(self.label_names):
+            t[name.lower()] = self.labels[:, j].astype(np.float32)
+            t["e_" + name.lower()] = self.errors[:, j].astype(np.float32)
+        t["result_flags"] = self.flags.astype(np.int32)
+        t["flag_warn"] = self.warn
+        t["flag_bad"] = self.bad
         return t
 
 
@@ -639,9 +661,13 @@ class SpectrumRegressor:
         max_bad_fraction : float
             Spectra with more masked pixels get ``NO_RESULT`` and NaN labels.
         uncertain_thresholds : dict, optional
-            Label name -> error above which ``UNCERTAIN_LABEL`` is set. Defaults:
-            ``DEFAULT_UNCERTAIN`` for known names, 0.12 dex for other abundances
-            (names ending in ``_H`` or ``_FE``), else half the training scatter.
+            Label name -> error above which the label is uncertain. Defaults:
+            Astra's rules for TEFF (error > 300 K), LOGG (error > 0.2 and
+            > 7.5 % of log g) and FE_H (error > 12 % of abs([Fe/H]); M_H likewise
+            without FE_H), which set ``UNCERTAIN_TEFF``, ``UNCERTAIN_LOGG``,
+            ``UNCERTAIN_FE_H``; for other labels (``UNCERTAIN_LABEL``) 0.12 dex for
+            abundances (names ending in ``_H`` or ``_FE``), else half the training
+            scatter.
 
         Returns
         -------
@@ -686,12 +712,24 @@ class SpectrumRegressor:
         for a in (labels, errors, model_err, pred_err):
             a[no_result] = np.nan
         thr = self._thresholds(uncertain_thresholds)
-        with np.errstate(invalid="ignore"):
+        given = {k.upper() for k in (uncertain_thresholds or {})}
+        names = [nm.upper() for nm in self.label_names]
+        feh = "FE_H" if "FE_H" in names else "M_H"
+        with np.errstate(invalid="ignore", divide="ignore"):
             uncertain = errors > thr
+            # Astra's rules, unless the caller set that label's threshold
+            if "LOGG" in names and "LOGG" not in given:
+                j = names.index("LOGG")
+                uncertain[:, j] &= np.abs(errors[:, j] / labels[:, j]) > 0.075
+            if feh in names and feh not in given:
+                j = names.index(feh)
+                uncertain[:, j] = np.abs(errors[:, j] / labels[:, j]) > 0.12
             lo, hi = self.label_range.T
             outside = ((labels < lo) | (labels > hi)).any(axis=1)
         flags = np.zeros(n, np.int64)
-        flags[uncertain.any(axis=1)] |= NNResult.FLAGS["UNCERTAIN_LABEL"]
+        named = {"LOGG": "UNCERTAIN_LOGG", "TEFF": "UNCERTAIN_TEFF", feh: "UNCERTAIN_FE_H"}
+        for j, nm in enumerate(names):
+            flags[uncertain[:, j]] |= NNResult.FLAGS[named.get(nm, "UNCERTAIN_LABEL")]
         flags[outside] |= NNResult.FLAGS["OUT_OF_RANGE"]
         flags[no_result] |= NNResult.FLAGS["NO_RESULT"]
         return NNResult(labels=labels, errors=errors, model_errors=model_err,

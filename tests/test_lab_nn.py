@@ -1,0 +1,84 @@
+"""Lab step 16 (cannon_fast.lab.nn_compare): networks against the Cannon, honestly scored."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cannon_fast.lab import report  # noqa: E402
+from cannon_fast.lab.nn_compare import TARGET_RATIO, compare_networks  # noqa: E402
+from cannon_fast.testing import make_synthetic  # noqa: E402
+
+ARCHS = {"mlp": dict(arch="mlp", hidden=(32, 16), dropout=0.1),
+         "cnn": dict(arch="cnn", filters=(4, 8), kernel_size=5, stride=1, pool_size=(2, 2),
+                     hidden=(16, 8), dropout=0.1)}
+TRAIN = dict(split=(5, 1, 0), batch_size=16, learning_rate=2e-3, patience=10)
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Train the tiny networks once against a poor and a near-perfect Cannon."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = make_synthetic(n_stars=360, n_pix=100, n_labels=3, seed=5)
+    tr, va = np.arange(240), np.arange(240, 359)  # the last star is fully masked: left out
+    rng = np.random.default_rng(0)
+    # a "Cannon" 10x worse than the networks can be (met) and one near-perfect (not met)
+    sig = np.std(s.labels[tr], axis=0)
+    poor = s.labels[va] + rng.normal(0, 1, (len(va), 3)) * sig
+    good = s.labels[va] + 1e-3 * sig
+    out = {}
+    for key, cannon in (("poor", poor), ("good", good)):
+        out[key] = compare_networks(
+            s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va] + 0.0,
+            cannon, s.label_names, val_truth=s.labels[va], architectures=ARCHS,
+            training=TRAIN, epochs=40, progress=False)
+    torch.set_num_threads(old)
+    return s, va, poor, good, out
+
+
+def test_chosen_network_has_the_lowest_validation_loss(run):
+    """The kept network is the one with the lowest validation loss."""
+    _, _, _, _, out = run
+    res = out["poor"]
+    losses = {k: v["best_val_loss"] for k, v in res["networks"].items()}
+    assert res["chosen"] == min(losses, key=losses.get)
+    for v in res["networks"].values():
+        assert 1 <= v["best_epoch"] <= v["n_epochs"] <= 40 and v["n_weights"] > 0
+    # the same seed and data give the same networks whatever the Cannon's labels
+    assert losses == {k: v["best_val_loss"] for k, v in out["good"]["networks"].items()}
+
+
+def test_targets_are_the_rmse_ratios_and_say_when_they_are_missed(run):
+    """Targets are NN/Cannon RMSE ratios; the headline says met or NOT met."""
+    s, va, poor, good, out = run
+    for key, cannon in (("poor", poor), ("good", good)):
+        res = out[key]
+        t = res["targets"]
+        for j, n in enumerate(s.label_names):
+            rmse_c = np.sqrt(np.mean((cannon[:, j] - s.labels[va, j]) ** 2))
+            assert res["cannon"]["vs_true"][n]["rmse"] == pytest.approx(rmse_c, rel=1e-12)
+            nn = res["networks"][res["chosen"]]["vs_true"][n]["rmse"]
+            if n in t:
+                assert t[n]["ratio"] == pytest.approx(nn / rmse_c, rel=1e-12)
+                assert t[n]["met"] == (nn / rmse_c <= TARGET_RATIO)
+    assert out["poor"]["targets"]["all_met"] and "target <= 1.5x: met" in out["poor"]["headline"]
+    assert not out["good"]["targets"]["all_met"] and "NOT met" in out["good"]["headline"]
+
+
+def test_networks_learn_and_figures_and_report(run, tmp_path):
+    """The chosen network learns; figures and the report table are made."""
+    s, va, _, _, out = run
+    res = out["poor"]
+    best = res["networks"][res["chosen"]]["vs_true"]  # better than predicting the mean label
+    for j, n in enumerate(s.label_names):
+        assert best[n]["rmse"] < 0.6 * np.std(s.labels[va, j])
+    names = [f[0] for f in res["figures"]]
+    assert names == ["nn_loss", "nn_vs_true"]
+    assert all(hasattr(f[1], "savefig") for f in res["figures"])
+    status = {k: v for k, v in res.items() if k != "figures"}
+    status["status"] = "ok"
+    summary = {"labels": list(s.label_names), "extras": {"nn": status}}
+    html = "".join(report._nn_html(summary)) + "".join(report._extras_html(summary))
+    assert "Cannon" in html and f"{res['chosen']} (chosen)" in html
+    assert res["headline"].split(";")[0] in html
+
