@@ -235,7 +235,7 @@ def broaden(flux, grid, vsini=0.0, sigma=0.0, epsilon=DEFAULT_LIMB_DARKENING):
     return out[0] if single else out
 
 
-def lsf_matrix(wave_in, wave_out, resolution, n_sigma=5.0):
+def lsf_matrix(wave_in, wave_out, resolution, n_sigma=5.0, truncate=False):
     """Gaussian line-spread function and resampling as one sparse matrix.
 
     Row ``i`` is a Gaussian of FWHM ``wave_out[i] / R_i`` centred on
@@ -252,6 +252,9 @@ def lsf_matrix(wave_in, wave_out, resolution, n_sigma=5.0):
         Resolving power at the output pixels.
     n_sigma : float
         Kernel half-width in sigma.
+    truncate : bool
+        Where the input ends inside a kernel, cut the kernel there (and
+        renormalize) instead of refusing.
 
     Returns
     -------
@@ -263,8 +266,9 @@ def lsf_matrix(wave_in, wave_out, resolution, n_sigma=5.0):
     wave_out = np.asarray(wave_out, np.float64)
     sig = wave_out / np.broadcast_to(np.asarray(resolution, np.float64), wave_out.shape) \
         / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-    if (wave_out[0] - n_sigma * sig[0] < wave_in[0]
-            or wave_out[-1] + n_sigma * sig[-1] > wave_in[-1]):
+    if wave_out[0] < wave_in[0] or wave_out[-1] > wave_in[-1] or (not truncate and (
+            wave_out[0] - n_sigma * sig[0] < wave_in[0]
+            or wave_out[-1] + n_sigma * sig[-1] > wave_in[-1])):
         raise ValueError(f"the output grid {wave_out[0]:.2f}-{wave_out[-1]:.2f} A with its LSF "
                          f"needs input from {wave_out[0] - n_sigma * sig[0]:.2f} to "
                          f"{wave_out[-1] + n_sigma * sig[-1]:.2f} A; the input covers "
