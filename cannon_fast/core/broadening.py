@@ -344,6 +344,14 @@ class BroadenedForwardModel:
         if getattr(model, "pixel_flags", None) is not None:
             self.pixel_flags = model.pixel_flags
 
+    def outside_training(self, labels):
+        """(N,) bool: the model's own ``outside_training`` of the labels (False without one)."""
+        labels = np.atleast_2d(np.asarray(labels, np.float64))
+        own = getattr(self.model, "outside_training", None)
+        if own is None:
+            return np.zeros(len(labels), bool)
+        return np.asarray(own(labels[:, :self.n_base]), bool)
+
     def _broaden(self, arr, vsini, sigma):
         """One star's (K, P) rows, broadened."""
         out = _apply(_rotation_matrix(self.grid, vsini, self.epsilon), arr, self.grid)
