@@ -1,5 +1,6 @@
-"""The ab initio spectral model of ../shared (a cubic polynomial emulator of synthetic spectra)
-on an instrument's grid, as a cannon_fast forward model. Benchmarks only: the package never
+"""The ab initio spectral model of ../shared on an instrument's grid, as a forward model.
+
+A cubic polynomial emulator of synthetic spectra. Benchmarks only: the package never
 reads ../shared.
 
 The model (``data/synthetic_grid/SOURCES.md``): normalized flux = theta @ v(x) on an air grid

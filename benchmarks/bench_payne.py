@@ -1,4 +1,4 @@
-"""The Payne family on the ab initio model and the mock surveys (issue 17): a script printing figures.
+"""The Payne family on the ab initio model and mock surveys (issue 17): a script printing figures.
 
 Run (2 shared CPU cores; each section a few minutes)::
 
@@ -42,11 +42,13 @@ SNRS = np.array([10, 20, 30, 50, 100, 200, 300], float)
 
 
 def load_info(msg):
+    """Print a section header with the machine's load."""
     print(f"\n## {msg}   (uptime: {os.getloadavg()[0]:.1f} load)", flush=True)
 
 
 # ----------------------------------------------------------------------------- information
 def section_info(args):
+    """CRB vs S/N on four instruments (the HotPayne figure)."""
     from cannon_fast.core.broadening import BroadenedForwardModel
     from cannon_fast.core.information import bound_vs_snr, information_content
 
@@ -80,7 +82,8 @@ def section_info(args):
         info = information_content(model, STAR, snr=100.0)
         pixel_share_figure(model.grid.wavelength, info, flux=model.predict(STAR),
                            path=os.path.join(args.out, "pixel_share_lamost.png"),
-                           title="LAMOST-like, S/N 100: each pixel's share of each label's variance")
+                           title="LAMOST-like, S/N 100: each pixel's share of each "
+                                 "label's variance")
         top = {n: model.grid.wavelength[info.top_pixels(n, 3)].round(1).tolist()
                for n in info.label_names}
         print(f"LAMOST-like: pixels carrying most of each label (A): {top}")
@@ -89,6 +92,7 @@ def section_info(args):
 
 # ----------------------------------------------------------------------------- rotation
 def section_rotation(args):
+    """Rotation fitted with the labels on rotated ab initio spectra."""
     from cannon_fast import fit_spectra
     from cannon_fast.core.broadening import BroadenedForwardModel, broaden
 
@@ -123,8 +127,112 @@ def section_rotation(args):
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return out
 
+# ----------------------------------------------------------------------------- ab initio Payne
+def _train_payne(model, n, args, seed=0):
+    from cannon_fast.nn.ab_initio import train_on_model
+
+    return train_on_model(model, n, accept=model.in_hull, activation="silu", schedule="onecycle",
+                          epochs=args.epochs, learning_rate=3e-3, batch_size=128, seed=seed,
+                          progress=False)
+
+
+def _held_out(model, n=300):
+    from cannon_fast.nn.ab_initio import label_design
+
+    # inside the box by a margin: the design's edges are where every emulator is worst
+    return label_design([[3800.0, 7700.0], [0.2, 4.8], [-2.3, 0.4]], n, seed=99,
+                        accept=model.in_hull)
+
+
+def _recalibrate(fit, truth, ref, other):
+    """Linear recalibration truth ~ [1, fitted labels] on the reference stars."""
+    a = np.column_stack([np.ones(len(ref)), fit[ref]])
+    coef = np.linalg.lstsq(a, truth[ref], rcond=None)[0]
+    return np.column_stack([np.ones(len(other)), fit[other]]) @ coef
+
+
+def _bias_scatter(d):
+    med = np.median(d, axis=0)
+    return med, 1.4826 * np.median(np.abs(d - med), axis=0)
+
+
+def section_abinitio(args):
+    """The MLP Payne on ab initio spectra: emulation, the mock surveys, recalibration."""
+    from cannon_fast import fit_spectra
+    from cannon_fast.core.information import information_content
+    from cannon_fast.nn.ab_initio import emulation_errors
+
+    load_info(f"ab initio Payne: MLP (SiLU, 300x300) on {args.n_payne} ab initio spectra "
+              f"(Sobol in the model's box, the hot-giant corner left out), {args.epochs} epochs")
+    emus = {}
+    for name in ("apogee", "lamost"):
+        model = ab.AbInitioModel(ab.instrument_grid(name))
+        emu = _train_payne(model, args.n_payne, args)
+        emus[name] = (model, emu)
+        err = emulation_errors(emu, model, _held_out(model))
+        print(f"{name}: trained in {emu.history['train_time']:.0f} s "
+              f"(cpu {emu.history['train_cpu_time']:.0f} s), best epoch "
+              f"{emu.history['best_epoch']}; held-out emulation |error| median "
+              f"{err['median']:.2e} (target <= 1e-3 on APOGEE), MAE {err['mae']:.2e}, "
+              f"p99 {err['p99']:.2e}, max {err['max']:.2e}", flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            emu.write(os.path.join(args.out, f"payne_abinitio_{name}.npz"))
+
+    # the mock APOGEE survey: another (data-driven) model made its spectra
+    import bench_nn
+
+    model, emu = emus["apogee"]
+    d = bench_nn.load_survey(args.survey)
+    names = list(d["label_names"])
+    cols = [names.index(n) for n in ab.LABEL_NAMES]
+    truth = d["truth"][:, cols]
+    t0 = time.perf_counter()
+    res = fit_spectra(emu, d["flux"], d["ivar"])
+    dt = time.perf_counter() - t0
+    print(f"APOGEE mock survey ({len(truth)} stars after cuts, {d['normalization'][:40]}...): "
+          f"fitted in {dt:.1f} s = {len(truth) / dt:.0f} stars/s (target >= 500 on 2 cores; "
+          f"{args.threads} torch thread(s), BLAS threads from the environment); "
+          f"flagged OUTSIDE_TRAINING: {int(np.sum(res.flags & res.FLAGS['OUTSIDE_TRAINING'] > 0))}")
+    _offsets_table("APOGEE mock survey", res.labels, truth, d["train"], d["test"])
+
+    # the LAMOST-like set: made by the same ab initio model (only emulation error and noise)
+    model, emu = emus["lamost"]
+    lam = ab.read_instrument(os.path.join(args.inst, "lamost_spectra.fits"))
+    keep = np.flatnonzero(model.in_hull(lam["labels"]))[: args.n_lamost]
+    res = fit_spectra(emu, lam["flux"][keep], lam["ivar"][keep])
+    order = np.random.default_rng(1).permutation(len(keep))
+    half = len(keep) // 2
+    _offsets_table("LAMOST-like set", res.labels, lam["labels"][keep], np.sort(order[:half]),
+                   np.sort(order[half:]))
+    snr50 = np.abs(lam["snr"][keep] - 50) < 10
+    crb = information_content(model, STAR, snr=50.0, s2=0.0).crb
+    sc = _bias_scatter(res.labels[snr50] - lam["labels"][keep][snr50])[1]
+    print(f"LAMOST-like stars at S/N 40-60 ({int(snr50.sum())}): scatter "
+          + ", ".join(f"{n} {s:.3g}" for n, s in zip(ab.LABEL_NAMES, sc))
+          + "; CRB of the red giant at S/N 50: " + ", ".join(f"{c:.3g}" for c in crb))
+    return emus
+
+
+def _offsets_table(what, fitted, truth, ref, other):
+    ok = np.all(np.isfinite(fitted), axis=1)
+    ref, other = ref[ok[ref]], other[ok[other]]
+    b0, s0 = _bias_scatter(fitted[other] - truth[other])
+    cal = _recalibrate(fitted, truth, ref, other)
+    b1, s1 = _bias_scatter(cal - truth[other])
+    slope = [np.polyfit(truth[other][:, j], fitted[other][:, j], 1)[0] for j in range(3)]
+    print(f"| {what}: {len(other)} stars, fitted - true | TEFF | LOGG | FE_H |")
+    print("|---|---|---|---|")
+    print("| median offset | " + " | ".join(f"{x:+.3g}" for x in b0) + " |")
+    print("| scatter (1.4826 MAD) | " + " | ".join(f"{x:.3g}" for x in s0) + " |")
+    print("| slope fitted vs true | " + " | ".join(f"{x:.3f}" for x in slope) + " |")
+    print(f"| after a linear recalibration on {len(ref)} reference stars: offset | "
+          + " | ".join(f"{x:+.3g}" for x in b1) + " |")
+    print("| ... scatter | " + " | ".join(f"{x:.3g}" for x in s1) + " |", flush=True)
+
 
 def main(argv=None):
+    """Run the sections asked for."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=None,
                     choices=["info", "rotation", "abinitio", "transformer"])
@@ -134,6 +242,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-rot", type=int, default=20, help="stars per v sin i")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n-payne", type=int, default=2000, help="ab initio training spectra")
+    ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--n-lamost", type=int, default=1000, help="LAMOST-like spectra to fit")
     args = ap.parse_args(argv)
     try:
         import torch

@@ -373,7 +373,7 @@ def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negati
                    validation_fraction=0.2, epochs=1000, batch_size=128, learning_rate=1e-3,
                    patience=30, min_delta=1e-4, sigma_floor=0.0, seed=0, device="auto",
                    progress=None, activation="leaky_relu", grid=None, box=None,
-                   extrapolate=0.05):
+                   extrapolate=0.05, schedule="plateau"):
     """Train The Payne's MLP on normalized spectra with complete labels.
 
     The loss is the mean chi^2 per unmasked pixel,
@@ -410,6 +410,11 @@ def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negati
         label design was drawn in.
     extrapolate : float
         Fit bounds: the box widened by this fraction (0: no extrapolation).
+    schedule : {"plateau", "onecycle"}
+        Learning rate: halved when the validation loss stalls (with early
+        stopping), or one cycle up to ``learning_rate`` and down over all
+        ``epochs`` (no early stop; the best validation epoch is kept), which
+        reaches a lower error on noise-free model spectra in a fixed budget.
 
     Returns
     -------
@@ -463,8 +468,15 @@ def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negati
         with torch.no_grad():  # start at the mean spectrum
             net[-1].bias.copy_(torch.as_tensor(filled[tr].mean(axis=0)))
         opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5,
-                                                           patience=max(patience // 3, 1))
+        steps = (len(tr) + batch_size - 1) // batch_size
+        if schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate,
+                                                        total_steps=epochs * steps)
+        elif schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5,
+                                                               patience=max(patience // 3, 1))
+        else:
+            raise ValueError(f"schedule must be 'plateau' or 'onecycle', got {schedule!r}")
         gen = torch.Generator().manual_seed(seed)
         best, best_state, best_epoch, wait = np.inf, None, -1, 0
         bar = _progress(range(epochs), total=epochs, desc="emulator", unit="epoch",
@@ -479,19 +491,22 @@ def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negati
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if schedule == "onecycle":
+                    sched.step()
                 total += float(loss.detach()) * len(b)
             with torch.no_grad():
                 val = float(chi2(net, xv, fv, wv))
             hist["train_loss"].append(total / len(tr))
             hist["val_loss"].append(val)
-            sched.step(val)
+            if schedule == "plateau":
+                sched.step(val)
             bar.set_postfix(train=f"{hist['train_loss'][-1]:.3g}", val=f"{val:.3g}")
             if val < best * (1.0 - min_delta):
                 best, best_epoch, wait = val, epoch, 0
                 best_state = copy.deepcopy(net.state_dict())
             else:
                 wait += 1
-                if wait >= patience:
+                if wait >= patience and schedule == "plateau":
                     break
         bar.close()
         net.load_state_dict(best_state)
