@@ -164,10 +164,17 @@ def section_abinitio(args):
 
     load_info(f"ab initio Payne: MLP (SiLU, 300x300) on {args.n_payne} ab initio spectra "
               f"(Sobol in the model's box, the hot-giant corner left out), {args.epochs} epochs")
+    from cannon_fast.nn import PayneEmulator
+
     emus = {}
     for name in ("apogee", "lamost"):
         model = ab.AbInitioModel(ab.instrument_grid(name))
-        emu = _train_payne(model, args.n_payne, args)
+        path = os.path.join(args.out or "", f"payne_abinitio_{name}_{args.n_payne}.npz")
+        if args.out and os.path.exists(path):  # a rerun reuses the trained emulator
+            emu = PayneEmulator.read(path, grid=model.grid)
+            emu.history = dict(train_time=np.nan, train_cpu_time=np.nan, best_epoch=-1)
+        else:
+            emu = _train_payne(model, args.n_payne, args)
         emus[name] = (model, emu)
         err = emulation_errors(emu, model, _held_out(model))
         print(f"{name}: trained in {emu.history['train_time']:.0f} s "
@@ -175,16 +182,25 @@ def section_abinitio(args):
               f"{emu.history['best_epoch']}; held-out emulation |error| median "
               f"{err['median']:.2e} (target <= 1e-3 on APOGEE), MAE {err['mae']:.2e}, "
               f"p99 {err['p99']:.2e}, max {err['max']:.2e}", flush=True)
-        if args.out:
+        if args.out and not os.path.exists(path):
             os.makedirs(args.out, exist_ok=True)
-            emu.write(os.path.join(args.out, f"payne_abinitio_{name}.npz"))
+            emu.write(path)
 
     # the mock APOGEE survey: another (data-driven) model made its spectra
     import bench_nn
 
     model, emu = emus["apogee"]
-    d = bench_nn.load_survey(args.survey)
-    names = list(d["label_names"])
+    cache = os.path.join(args.out or "", "apogee_survey_normalized.npz")
+    if args.out and os.path.exists(cache):
+        with np.load(cache, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        d["normalization"] = str(d["normalization"])
+    else:
+        d = bench_nn.load_survey(args.survey)
+        if args.out:
+            keys = ("flux", "ivar", "truth", "label_names", "train", "test", "normalization")
+            np.savez(cache, **{k: np.asarray(d[k]) for k in keys})
+    names = [str(n) for n in d["label_names"]]
     cols = [names.index(n) for n in ab.LABEL_NAMES]
     truth = d["truth"][:, cols]
     t0 = time.perf_counter()
@@ -231,6 +247,54 @@ def _offsets_table(what, fitted, truth, ref, other):
     print("| ... scatter | " + " | ".join(f"{x:.3g}" for x in s1) + " |", flush=True)
 
 
+# ----------------------------------------------------------------------------- TransformerPayne
+def section_transformer(args):
+    """TransformerPayne vs the MLP Payne on the same ab initio training spectra (APOGEE grid)."""
+    from cannon_fast import fit_spectra
+    from cannon_fast.nn.ab_initio import emulation_errors, label_design, model_spectra
+    from cannon_fast.nn.transformer import train_transformer
+
+    load_info(f"TransformerPayne (d={args.tp_d}, 2 blocks, {args.tp_steps} steps of 16 spectra x "
+              f"256 wavelengths) vs MLP Payne (SiLU 300x300, one-cycle) on the APOGEE grid")
+    model = ab.AbInitioModel(ab.instrument_grid("apogee"))
+    held = _held_out(model, args.n_held)
+    rng = np.random.default_rng(5)
+    fit_truth = held[: args.n_fit]
+    clean = model.predict(fit_truth)
+    noisy = clean + rng.standard_normal(clean.shape) / 100.0
+    ivar = np.full_like(noisy, 1e4)
+    print("| N train | emulator | train s (cpu) | eval ms/spectrum | MAE | median | p99 |"
+          f" fit errors at S/N 100 ({args.n_fit} held-out stars): TEFF, LOGG, FE_H (rms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        design = label_design(ab.BOX, n, seed=0, accept=model.in_hull)
+        flux = model_spectra(model, design)
+        runs = {}
+        c0, t0 = time.process_time(), time.perf_counter()
+        epochs = args.epochs if n <= 2000 else max(args.epochs * 2000 // n * 2, 20)
+        from cannon_fast.nn.emulator import train_emulator
+
+        runs["MLP Payne"] = (train_emulator(
+            flux, np.full_like(flux, 1e6), design, list(ab.LABEL_NAMES), activation="silu",
+            schedule="onecycle", epochs=epochs, learning_rate=3e-3, box=ab.BOX, extrapolate=0.0,
+            grid=model.grid, progress=False), time.perf_counter() - t0, time.process_time() - c0)
+        c0, t0 = time.process_time(), time.perf_counter()
+        runs["TransformerPayne"] = (train_transformer(
+            flux, design, model.grid.wavelength, ab.LABEL_NAMES, box=ab.BOX, grid=model.grid,
+            d=args.tp_d, blocks=2, steps=args.tp_steps, batch_spectra=16, batch_wavelengths=256,
+            eval_every=max(args.tp_steps // 4, 1), progress=False),
+            time.perf_counter() - t0, time.process_time() - c0)
+        for name, (emu, wall, cpu) in runs.items():
+            t1 = time.perf_counter()
+            err = emulation_errors(emu, model, held)
+            ms = 1e3 * (time.perf_counter() - t1) / len(held) / 2  # emulator + model: ~emulator
+            res = fit_spectra(emu, noisy, ivar, n_starts=2)
+            rms = np.sqrt(np.nanmean((res.labels - fit_truth) ** 2, axis=0))
+            print(f"| {n} | {name} | {wall:.0f} ({cpu:.0f}) | {ms:.1f} | {err['mae']:.2e} | "
+                  f"{err['median']:.2e} | {err['p99']:.2e} | {rms[0]:.1f} K, {rms[1]:.3f}, "
+                  f"{rms[2]:.3f} |", flush=True)
+
+
 def main(argv=None):
     """Run the sections asked for."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -245,6 +309,12 @@ def main(argv=None):
     ap.add_argument("--n-payne", type=int, default=2000, help="ab initio training spectra")
     ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--n-lamost", type=int, default=1000, help="LAMOST-like spectra to fit")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[500, 2000, 8000],
+                    help="training-set sizes of the emulator comparison")
+    ap.add_argument("--tp-steps", type=int, default=2000)
+    ap.add_argument("--tp-d", type=int, default=32)
+    ap.add_argument("--n-held", type=int, default=100, help="held-out spectra for emulation errors")
+    ap.add_argument("--n-fit", type=int, default=20, help="held-out noisy spectra fitted")
     args = ap.parse_args(argv)
     try:
         import torch
