@@ -90,13 +90,19 @@ def test_label_design_fills_the_box_evenly():
         label_design(BOX, 10, "grid")
 
 
-def test_payne_on_model_spectra_emulates_and_flags_its_box():
+@pytest.fixture(scope="module")
+def toy_payne():
+    """The toy model and a Payne trained on 400 of its spectra."""
+    model = _toy_model()
+    return model, train_on_model(model, 400, hidden=(32, 32), epochs=150, learning_rate=3e-3,
+                                 patience=40, batch_size=64, progress=False)
+
+
+def test_payne_on_model_spectra_emulates_and_flags_its_box(toy_payne):
     """Trained on a model's spectra: small emulation error; fits stay in the box and say so."""
     from cannon_fast import fit_spectra
 
-    model = _toy_model()
-    emu = train_on_model(model, 400, hidden=(32, 32), epochs=150, learning_rate=3e-3,
-                         patience=40, batch_size=64, progress=False)
+    model, emu = toy_payne
     np.testing.assert_allclose(emu.label_bounds, BOX)
     assert emu.grid == GRID
     held = label_design([[4100.0, 5900.0], [-0.9, 0.4]], 100, seed=9)
@@ -113,3 +119,24 @@ def test_payne_on_model_spectra_emulates_and_flags_its_box():
     with pytest.raises(ValueError, match="outside the emulator's training box, e.g. "
                                          "TEFF=6600, FE_H=-0.2"):
         emu.predict(truth, strict=True)
+
+
+def test_fast_fit_equals_the_generic_fit(toy_payne):
+    """The low-rank quadratic-form fit finds the generic fit's labels, errors and chi²."""
+    from cannon_fast import fit_spectra
+    from cannon_fast.nn.fast_fit import fit_emulator, output_basis
+
+    model, emu = toy_payne
+    _, _, k, err = output_basis(emu, rtol=1e-6)
+    assert k <= 32 and err <= 1e-6
+    rng = np.random.default_rng(4)
+    truth = label_design([[4200.0, 5800.0], [-0.9, 0.4]], 40, seed=3)
+    flux = model.predict(truth) + rng.standard_normal((40, GRID.n_pixels)) / 200.0
+    ivar = np.full_like(flux, 4e4)
+    ivar[3, :60] = 0.0   # a star with half its pixels masked
+    fast = fit_emulator(emu, flux, ivar, rtol=1e-6)
+    ref = fit_spectra(emu, flux, ivar)
+    assert np.all(np.abs(fast.labels - ref.labels) < 0.05 * np.median(ref.errors, axis=0))
+    np.testing.assert_allclose(fast.errors, ref.errors, rtol=1e-3)
+    np.testing.assert_allclose(fast.chi2, ref.chi2, rtol=1e-4, atol=1e-6)
+    assert fast.n_pixels[3] == GRID.n_pixels - 60

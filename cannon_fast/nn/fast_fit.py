@@ -1,0 +1,167 @@
+"""Fast fits with The Payne's MLP: chi² as a quadratic form in a low-rank output.
+
+The emulator's last layer is linear: ``flux = W a(x) + b`` with ``a`` the last
+hidden activations (H) and ``W`` (P, H). Its singular value decomposition
+``W = U S V^T`` keeps the ``k`` components needed to reproduce the emulator's
+spectra at its training labels to ``rtol`` (a network's output layer is of low
+rank: the spectra of a few labels span few directions). With ``z = S_k V_k^T a``
+(k,) and ``U_k`` (P, k),
+
+    chi²(x) = c - 2 h.z + z^T M z,   c = sum w (f - b)², h = U_k^T W (f - b),
+    M = U_k^T diag(w) U_k,
+
+so after one pass over the pixels per star (one BLAS product over a batch for
+``M``), every Levenberg–Marquardt step costs O(k² + H²) instead of O(P H): the
+same idea as the Cannon's fast fit (``cannon_fast.core.fitting.fit_cannon``).
+Many starting points are then almost free.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._util import progress
+from ..core import fitting as _fitting
+from ..core.model import fitted_pixels
+
+__all__ = ["fit_emulator", "output_basis"]
+
+
+def output_basis(emulator, rtol=1e-4, max_rank=80):
+    """The low-rank output layer: ``U_k`` (P, k), ``S_k V_k^T`` (k, H), the rank and its error.
+
+    ``k`` is the smallest rank that reproduces the emulator's spectra at its
+    training labels to ``rtol`` (max absolute flux difference), at most
+    ``max_rank`` (the precomputation costs P k² per star); the error reached is returned.
+    """
+    w_out = emulator.weights[-1]  # (P, H)
+    u, s, vt = np.linalg.svd(w_out, full_matrices=False)
+    x, _ = emulator._scaled(emulator.training_labels[:2000])
+    _, pre = emulator._forward(x, keep=True)
+    from .emulator import _activate
+
+    a = _activate(emulator.activation, pre[-1], emulator.negative_slope)  # (N, H)
+    full = a @ w_out.T
+    limit = len(s) if max_rank is None else min(int(max_rank), len(s))
+    k = limit
+    lo, hi = 1, limit  # bisect the smallest rank within rtol
+    while lo < hi:
+        mid = (lo + hi) // 2
+        approx = (a @ (vt[:mid].T * s[:mid])) @ u[:, :mid].T
+        if np.max(np.abs(approx - full)) <= rtol:
+            hi = mid
+        else:
+            lo = mid + 1
+    k = lo
+    err = np.max(np.abs((a @ (vt[:k].T * s[:k])) @ u[:, :k].T - full))
+    return u[:, :k], s[:k, None] * vt[:k], k, float(err)
+
+
+def _hidden(emulator, x):
+    """Last hidden activations (N, H) and their Jacobian in scaled labels (N, H, L)."""
+    from .emulator import _activate, _activation_slope
+
+    a = x
+    g = np.broadcast_to(np.eye(x.shape[1]), (x.shape[0],) + (x.shape[1],) * 2)
+    for w, b in zip(emulator.weights[:-1], emulator.biases[:-1]):
+        h = a @ w.T + b
+        g = np.matmul(w, g)  # (N, H, L)
+        slope = _activation_slope(emulator.activation, h, emulator.negative_slope)
+        g = slope[:, :, None] * g
+        a = _activate(emulator.activation, h, emulator.negative_slope)
+    return a, g
+
+
+def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch_size=512,
+                 max_iter=100, xtol=1e-7, ftol=1e-10, progress_bar=None):
+    """Fit labels with a Payne MLP from the moments of chi² (see the module).
+
+    Parameters
+    ----------
+    emulator : PayneEmulator
+    flux, ivar : array_like, (N, P)
+    rtol, max_rank : float, int
+        Flux accuracy of the low-rank output layer (the rank is chosen for it, up
+        to ``max_rank``; see :func:`output_basis`).
+    n_starts : int
+        Starting points: the box's centre, then training labels spread out.
+    batch_size, max_iter, xtol, ftol, progress_bar
+        As for ``fit_generic``.
+
+    Returns
+    -------
+    FitResult
+        As ``fit_generic``'s (errors from the Gauss–Newton normal matrix); the
+        rank and its accuracy are in ``emulator.history["fast_fit_rank"]``.
+    """
+    u, sv, k, err = output_basis(emulator, rtol=rtol, max_rank=max_rank)
+    emulator.history["fast_fit_rank"] = (k, err)
+    n_pix = emulator.n_pixels
+    flux, ivar = _fitting._check_fit_input(flux, ivar, n_pix)
+    s2 = np.zeros(n_pix) if emulator.s2 is None else emulator.s2
+    usable = fitted_pixels(emulator, n_pix)
+    n_lab = emulator.n_labels
+    span = emulator.x_max - emulator.x_min
+    lo = (emulator.label_bounds[:, 0] - emulator.x_min) / span - 0.5
+    hi = (emulator.label_bounds[:, 1] - emulator.x_min) / span - 0.5
+    xtr, _ = emulator._scaled(emulator.training_labels)
+    starts = [np.zeros(n_lab)]
+    dist = np.sum(xtr ** 2, axis=1)
+    while len(starts) < n_starts and len(starts) <= len(xtr):
+        j = int(np.argmax(dist))
+        starts.append(xtr[j])
+        dist = np.minimum(dist, np.sum((xtr - xtr[j]) ** 2, axis=1))
+    starts = np.clip(np.array(starts), lo, hi)
+    uu = (u[:, :, None] * u[:, None, :]).reshape(n_pix, k * k)  # (P, k²)
+    bias = emulator.biases[-1]
+    parts = []
+    for b0 in progress(range(0, flux.shape[0], batch_size), desc="fitting labels", unit="batch",
+                       disable=None if progress_bar is None else not progress_bar):
+        f, w, valid = _fitting._batch_weights(flux[b0:b0 + batch_size],
+                                              ivar[b0:b0 + batch_size], s2, usable)
+        n = len(f)
+        r0 = np.where(valid, f - bias, 0.0)
+        c = np.einsum("np,np,np->n", r0, w, r0)
+        h = (w * r0) @ u  # (N, k)
+        m = (w @ uu).reshape(n, k, k)  # one BLAS product for the batch
+
+        def normal_equations(rows, x, c=c, h=h, m=m):
+            a, g = _hidden(emulator, x)
+            z = a @ sv.T  # (n, k)
+            dz = np.matmul(sv, g)  # (n, k, L)
+            mz = np.einsum("nij,nj->ni", m[rows], z)
+            chi2 = c[rows] - 2 * np.einsum("ni,ni->n", h[rows], z) + np.einsum("ni,ni->n", z, mz)
+            mdz = np.matmul(m[rows], dz)
+            norm = np.matmul(np.swapaxes(dz, 1, 2), mdz)
+            grad = np.einsum("nkl,nk->nl", dz, h[rows] - mz)
+            return np.maximum(chi2, 0.0), norm, grad
+
+        best = None
+        for x0 in starts:
+            x = np.array(np.broadcast_to(x0, (n, n_lab)))
+            out = _fitting._lm_batched(x, normal_equations, lo, hi, max_iter, xtol, ftol)
+            if best is None:
+                best = list(out)
+                continue
+            better = out[1] < best[1]
+            for i in (0, 1, 2, 4):
+                best[i][better] = out[i][better]
+            best[3] = best[3] + out[3]
+        x, chi, norm, iters, done = best
+        n_good = valid.sum(axis=1)
+        cov = _fitting._inverse(norm) * span[None, :, None] * span[None, None, :]
+        labels = (x + 0.5) * span + emulator.x_min
+        flags = np.where(done, 0, _fitting.FLAGS["NOT_CONVERGED"])
+        at_bound = np.any(np.isclose(x, lo) | np.isclose(x, hi), axis=1)
+        flags[at_bound] |= _fitting.FLAGS["HIT_BOUND"]
+        few = n_good < _fitting.min_good_pixels(n_lab, n_pix)
+        flags[few] |= _fitting.FLAGS["TOO_FEW_PIXELS"]
+        labels[few] = np.nan
+        if (~few).any():
+            flags[~few] |= np.where(emulator.outside_training(labels[~few]),
+                                    _fitting.FLAGS["OUTSIDE_TRAINING"], 0)
+        parts.append(_fitting.FitResult(
+            labels=labels, errors=np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), covariance=cov,
+            chi2=chi, reduced_chi2=chi / np.maximum(n_good - n_lab, 1), n_pixels=n_good,
+            iterations=iters, flags=flags, label_names=list(emulator.label_names),
+            debiased=False))
+    return _fitting.FitResult.concatenate(parts)
