@@ -1,14 +1,14 @@
 """Fast fits with The Payne's MLP: chi² as a quadratic form in a low-rank output.
 
 The emulator's last layer is linear: ``flux = W a(x) + b`` with ``a`` the last
-hidden activations (H) and ``W`` (P, H). Its singular value decomposition
-``W = U S V^T`` keeps the ``k`` components needed to reproduce the emulator's
-spectra at its training labels to ``rtol`` (a network's output layer is of low
-rank: the spectra of a few labels span few directions). With ``z = S_k V_k^T a``
-(k,) and ``U_k`` (P, k),
+hidden activations (H) and ``W`` (P, H). For labels in the training box the
+activations stay close to a k-dimensional subspace, ``a ~ m + A z`` (their
+principal directions, k chosen so that the spectra are reproduced to ``rtol``:
+a few labels span few directions), so ``flux ~ b' + B z`` with ``B = W A``
+(P, k), ``b' = b + W m``, and
 
-    chi²(x) = c - 2 h.z + z^T M z,   c = sum w (f - b)², h = U_k^T W (f - b),
-    M = U_k^T diag(w) U_k,
+    chi²(x) = c - 2 h.z + z^T M z,   c = sum w (f - b')², h = B^T W (f - b'),
+    M = B^T diag(w) B,
 
 so after one pass over the pixels per star (one BLAS product over a batch for
 ``M``), every Levenberg–Marquardt step costs O(k² + H²) instead of O(P H): the
@@ -26,34 +26,56 @@ from ..core.model import fitted_pixels
 __all__ = ["fit_emulator", "output_basis"]
 
 
-def output_basis(emulator, rtol=1e-4, max_rank=80):
-    """The low-rank output layer: ``U_k`` (P, k), ``S_k V_k^T`` (k, H), the rank and its error.
+def output_basis(emulator, rtol=1e-4, max_rank=80, n_probe=2000, seed=0):
+    """The last hidden layer's activations in a few principal directions, and the output there.
 
-    ``k`` is the smallest rank that reproduces the emulator's spectra at its
-    training labels to ``rtol`` (max absolute flux difference), at most
-    ``max_rank`` (the precomputation costs P k² per star); the error reached is returned.
+    The activations ``a`` (H) of labels in the training box lie close to a
+    k-dimensional affine subspace ``a ~ m + A z`` (the output layer's weights
+    themselves are not of low rank: training leaves their unused directions
+    as initialized). The spectrum is then ``b' + B z`` with ``B = W A`` (P, k)
+    and ``b' = b + W m``. ``k`` is the smallest rank that reproduces the
+    emulator's spectra to ``rtol`` (max absolute flux difference) at its
+    training labels and ``n_probe`` random labels in its box, at most ``max_rank``.
+
+    Returns
+    -------
+    basis : ndarray, (P, k)
+        ``B``.
+    offset : ndarray, (P,)
+        ``b'``.
+    directions : ndarray, (H, k)
+        ``A`` (orthonormal columns).
+    mean : ndarray, (H,)
+        ``m``.
+    k : int
+    error : float
+        Largest flux difference at the probe labels.
     """
-    w_out = emulator.weights[-1]  # (P, H)
-    u, s, vt = np.linalg.svd(w_out, full_matrices=False)
-    x, _ = emulator._scaled(emulator.training_labels[:2000])
-    _, pre = emulator._forward(x, keep=True)
     from .emulator import _activate
 
+    x_train, _ = emulator._scaled(emulator.training_labels[:n_probe])
+    rng = np.random.default_rng(seed)
+    x = np.vstack([x_train, rng.uniform(-0.5, 0.5, (n_probe, emulator.n_labels))])
+    _, pre = emulator._forward(x, keep=True)
     a = _activate(emulator.activation, pre[-1], emulator.negative_slope)  # (N, H)
-    full = a @ w_out.T
-    limit = len(s) if max_rank is None else min(int(max_rank), len(s))
-    k = limit
-    lo, hi = 1, limit  # bisect the smallest rank within rtol
-    while lo < hi:
-        mid = (lo + hi) // 2
-        approx = (a @ (vt[:mid].T * s[:mid])) @ u[:, :mid].T
-        if np.max(np.abs(approx - full)) <= rtol:
-            hi = mid
-        else:
-            lo = mid + 1
-    k = lo
-    err = np.max(np.abs((a @ (vt[:k].T * s[:k])) @ u[:, :k].T - full))
-    return u[:, :k], s[:k, None] * vt[:k], k, float(err)
+    w_out = emulator.weights[-1]  # (P, H)
+    mean = a.mean(axis=0)
+    _, _, vt = np.linalg.svd(a - mean, full_matrices=False)
+    full = (a - mean) @ w_out.T
+
+    def error(k):
+        z = (a - mean) @ vt[:k].T
+        return float(np.max(np.abs(z @ (w_out @ vt[:k].T).T - full)))
+
+    lo, hi = 1, min(int(max_rank), vt.shape[0])
+    if error(hi) <= rtol:  # bisect the smallest rank within rtol
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if error(mid) <= rtol else (mid + 1, hi)
+    k = hi
+    directions = vt[:k].T  # (H, k)
+    return (w_out @ directions, emulator.biases[-1] + w_out @ mean, directions, mean, k,
+            error(k))
 
 
 def _hidden(emulator, x):
@@ -71,8 +93,8 @@ def _hidden(emulator, x):
     return a, g
 
 
-def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch_size=512,
-                 max_iter=100, xtol=1e-7, ftol=1e-10, progress_bar=None):
+def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=2, n_candidates=512,
+                 batch_size=256, max_iter=100, xtol=1e-7, ftol=1e-10, progress_bar=None):
     """Fit labels with a Payne MLP from the moments of chi² (see the module).
 
     Parameters
@@ -82,8 +104,9 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch
     rtol, max_rank : float, int
         Flux accuracy of the low-rank output layer (the rank is chosen for it, up
         to ``max_rank``; see :func:`output_basis`).
-    n_starts : int
-        Starting points: the box's centre, then training labels spread out.
+    n_starts, n_candidates : int
+        chi² is evaluated at the box's centre and ``n_candidates`` training
+        labels (k² operations each); the ``n_starts`` best are polished.
     batch_size, max_iter, xtol, ftol, progress_bar
         As for ``fit_generic``.
 
@@ -93,7 +116,7 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch
         As ``fit_generic``'s (errors from the Gauss–Newton normal matrix); the
         rank and its accuracy are in ``emulator.history["fast_fit_rank"]``.
     """
-    u, sv, k, err = output_basis(emulator, rtol=rtol, max_rank=max_rank)
+    u, bias, directions, mean, k, err = output_basis(emulator, rtol=rtol, max_rank=max_rank)
     emulator.history["fast_fit_rank"] = (k, err)
     n_pix = emulator.n_pixels
     flux, ivar = _fitting._check_fit_input(flux, ivar, n_pix)
@@ -103,16 +126,16 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch
     span = emulator.x_max - emulator.x_min
     lo = (emulator.label_bounds[:, 0] - emulator.x_min) / span - 0.5
     hi = (emulator.label_bounds[:, 1] - emulator.x_min) / span - 0.5
+    # candidate starts: chi² at many labels costs k² each once M is known; the best
+    # few are polished by Levenberg-Marquardt
+    rng = np.random.default_rng(0)
     xtr, _ = emulator._scaled(emulator.training_labels)
-    starts = [np.zeros(n_lab)]
-    dist = np.sum(xtr ** 2, axis=1)
-    while len(starts) < n_starts and len(starts) <= len(xtr):
-        j = int(np.argmax(dist))
-        starts.append(xtr[j])
-        dist = np.minimum(dist, np.sum((xtr - xtr[j]) ** 2, axis=1))
-    starts = np.clip(np.array(starts), lo, hi)
+    if len(xtr) > n_candidates:
+        xtr = xtr[rng.choice(len(xtr), n_candidates, replace=False)]
+    cand = np.clip(np.vstack([np.zeros((1, n_lab)), xtr]), lo, hi)  # (C, L)
+    a_c, _ = _hidden(emulator, cand)
+    z_c = (a_c - mean) @ directions  # (C, k)
     uu = (u[:, :, None] * u[:, None, :]).reshape(n_pix, k * k)  # (P, k²)
-    bias = emulator.biases[-1]
     parts = []
     for b0 in progress(range(0, flux.shape[0], batch_size), desc="fitting labels", unit="batch",
                        disable=None if progress_bar is None else not progress_bar):
@@ -126,8 +149,8 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch
 
         def normal_equations(rows, x, c=c, h=h, m=m):
             a, g = _hidden(emulator, x)
-            z = a @ sv.T  # (n, k)
-            dz = np.matmul(sv, g)  # (n, k, L)
+            z = (a - mean) @ directions  # (n, k)
+            dz = np.matmul(directions.T, g)  # (n, k, L)
             mz = np.einsum("nij,nj->ni", m[rows], z)
             chi2 = c[rows] - 2 * np.einsum("ni,ni->n", h[rows], z) + np.einsum("ni,ni->n", z, mz)
             mdz = np.matmul(m[rows], dz)
@@ -135,9 +158,12 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=8, batch
             grad = np.einsum("nkl,nk->nl", dz, h[rows] - mz)
             return np.maximum(chi2, 0.0), norm, grad
 
+        mz_c = np.einsum("nij,cj->nci", m, z_c)  # (n, C, k)
+        chi_c = c[:, None] - 2 * h @ z_c.T + np.einsum("nci,ci->nc", mz_c, z_c)
+        order = np.argsort(chi_c, axis=1)[:, :n_starts]  # (n, S)
         best = None
-        for x0 in starts:
-            x = np.array(np.broadcast_to(x0, (n, n_lab)))
+        for s_idx in range(order.shape[1]):
+            x = cand[order[:, s_idx]].copy()
             out = _fitting._lm_batched(x, normal_equations, lo, hi, max_iter, xtol, ftol)
             if best is None:
                 best = list(out)
