@@ -116,7 +116,13 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=2, n_can
         As ``fit_generic``'s (errors from the Gauss–Newton normal matrix); the
         rank and its accuracy are in ``emulator.history["fast_fit_rank"]``.
     """
-    u, bias, directions, mean, k, err = output_basis(emulator, rtol=rtol, max_rank=max_rank)
+    # the basis is the emulator's, not the spectra's: computed once per emulator and setting
+    key = (float(rtol), int(max_rank))
+    cache = emulator.__dict__.setdefault("_fast_fit_basis", {})
+    if key not in cache:
+        cache.clear()  # one setting kept: the weights could have changed since
+        cache[key] = output_basis(emulator, rtol=rtol, max_rank=max_rank)
+    u, bias, directions, mean, k, err = cache[key]
     emulator.history["fast_fit_rank"] = (k, err)
     n_pix = emulator.n_pixels
     flux, ivar = _fitting._check_fit_input(flux, ivar, n_pix)
@@ -135,7 +141,8 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=2, n_can
     cand = np.clip(np.vstack([np.zeros((1, n_lab)), xtr]), lo, hi)  # (C, L)
     a_c, _ = _hidden(emulator, cand)
     z_c = (a_c - mean) @ directions  # (C, k)
-    uu = (u[:, :, None] * u[:, None, :]).reshape(n_pix, k * k)  # (P, k²)
+    iu, ju = np.triu_indices(k)  # M is symmetric: its k (k + 1) / 2 distinct entries only
+    uu = u[:, iu] * u[:, ju]  # (P, k (k + 1) / 2)
     parts = []
     for b0 in progress(range(0, flux.shape[0], batch_size), desc="fitting labels", unit="batch",
                        disable=None if progress_bar is None else not progress_bar):
@@ -145,7 +152,8 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=2, n_can
         r0 = np.where(valid, f - bias, 0.0)
         c = np.einsum("np,np,np->n", r0, w, r0)
         h = (w * r0) @ u  # (N, k)
-        m = (w @ uu).reshape(n, k, k)  # one BLAS product for the batch
+        m = np.empty((n, k, k))
+        m[:, iu, ju] = m[:, ju, iu] = w @ uu  # one BLAS product for the batch
 
         def normal_equations(rows, x, c=c, h=h, m=m):
             a, g = _hidden(emulator, x)
@@ -158,8 +166,8 @@ def fit_emulator(emulator, flux, ivar, rtol=1e-4, max_rank=80, n_starts=2, n_can
             grad = np.einsum("nkl,nk->nl", dz, h[rows] - mz)
             return np.maximum(chi2, 0.0), norm, grad
 
-        mz_c = np.einsum("nij,cj->nci", m, z_c)  # (n, C, k)
-        chi_c = c[:, None] - 2 * h @ z_c.T + np.einsum("nci,ci->nc", mz_c, z_c)
+        mz_c = np.matmul(m, z_c.T)  # (n, k, C), batched BLAS
+        chi_c = c[:, None] - 2 * h @ z_c.T + np.einsum("nkc,ck->nc", mz_c, z_c)
         order = np.argsort(chi_c, axis=1)[:, :n_starts]  # (n, S)
         best = None
         for s_idx in range(order.shape[1]):
