@@ -132,3 +132,21 @@ def test_log_grid_convolution_equals_the_banded_matrix():
     fast = br.broaden(flux, grid, vsini=70.0)
     idx, w = br.broadening_matrix(grid, lambda u: br.rotation_second_integral(u, 70.0), 70.0)
     np.testing.assert_allclose(fast, np.einsum("pk,pk->p", flux[idx], w), atol=1e-12)
+
+
+def test_a_cannon_model_takes_rotation_too():
+    """Any forward model: a CannonModel with a grid, rotated spectra, VSINI and labels fitted."""
+    from cannon_fast import CannonModel, fit_spectra
+    from cannon_fast.testing import make_synthetic
+
+    syn = make_synthetic(n_stars=200, n_pix=400, n_labels=3, seed=2)
+    grid = PixelGrid.log_uniform(15500.0, step=6e-6, n_pixels=400, resolution=22500.0)
+    model = CannonModel(syn.label_names, order=2, grid=grid).train(syn.true_flux,
+                                                                  np.full_like(syn.flux, 1e6),
+                                                                  syn.labels)
+    rot = br.BroadenedForwardModel(model, vsini_max=100.0)
+    truth = np.column_stack([syn.labels[:3], [15.0, 40.0, 80.0]])
+    flux = rot.predict(truth)
+    res = fit_spectra(rot, flux, np.full_like(flux, 1e6))
+    np.testing.assert_allclose(res.labels[:, 3], truth[:, 3], rtol=0.02)
+    assert np.all(np.abs(res.labels[:, :3] - truth[:, :3]) < 0.01 * np.ptp(syn.labels, axis=0))
