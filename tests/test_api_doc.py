@@ -25,7 +25,9 @@ from cannon_fast.lab import mist_web, pipeline
 from cannon_fast.lab.jwst import run_jwst_report
 from cannon_fast.lab.transfer import transfer_labels
 from cannon_fast.apogee import catalog
-from cannon_fast.nn import NNResult, SpectrumRegressor, train_emulator
+from cannon_fast.core import broadening, information
+from cannon_fast.nn import NNResult, PayneEmulator, SpectrumRegressor, ab_initio, train_emulator
+from cannon_fast.nn import transformer
 from cannon_fast.nn.distance import DistanceNetwork
 from cannon_fast.store import SpectraStore
 
@@ -94,6 +96,21 @@ DOCUMENTED = {
     "net.predict": (DistanceNetwork.predict, None),
     "distance_training_cuts": (catalog.distance_training_cuts, None),
     "read_distance_catalog": (catalog.read_distance_catalog, None),
+    "information_content": (information.information_content, None),
+    "info.top_pixels": (information.InformationContent.top_pixels, None),
+    "bound_vs_snr": (information.bound_vs_snr, information.information_content),
+    "CallableModel": (information.CallableModel, None),
+    "broaden": (broadening.broaden, None),
+    "BroadenedForwardModel": (broadening.BroadenedForwardModel, None),
+    "lsf_matrix": (broadening.lsf_matrix, None),
+    "label_design": (ab_initio.label_design, None),
+    "train_on_model": (ab_initio.train_on_model, train_emulator),
+    "emulation_errors": (ab_initio.emulation_errors, None),
+    "emu.outside_training": (PayneEmulator.outside_training, None),
+    "emu.predict": (PayneEmulator.predict, None),
+    "PayneEmulator.read": (PayneEmulator.read, None),
+    "train_transformer": (transformer.train_transformer, None),
+    "tp.predict": (transformer.TransformerPayne.predict, None),
 }
 #: Calls in the code blocks that document nothing of this package.
 NOT_API = {"print"}

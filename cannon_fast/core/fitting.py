@@ -962,6 +962,11 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
         flags[few] |= FLAGS["TOO_FEW_PIXELS"]
         labels = best_x * scale + med
         labels[few] = np.nan
+        # a forward model that knows its training box (an emulator) flags labels at or
+        # beyond its edge: there it extrapolates, or the fit was stopped by the box
+        outside = getattr(forward_model, "outside_training", None)
+        if outside is not None and (~few).any():
+            flags[~few] |= np.where(outside(labels[~few]), FLAGS["OUTSIDE_TRAINING"], 0)
         parts.append(FitResult(labels=labels, errors=np.sqrt(np.diagonal(cov, axis1=1, axis2=2)),
                                covariance=cov, chi2=best_chi,
                                reduced_chi2=best_chi / np.maximum(n_pix - n_labels, 1),
