@@ -241,6 +241,34 @@ def test_match_ids_repeats(tmp_path):
     assert idx[0] == 1
 
 
+def test_match_ids_tied_rows_with_other_labels_are_ambiguous(tmp_path):
+    """Tied repeated IDs that disagree in a label match nothing, with a reason and a count."""
+    from astropy.table import Table
+    from cannon_fast.apogee.prepare import prepare_dataset
+
+    t = Table(dict(APOGEE_ID=["2MA", "2MA", "2MB", "2MB"], SNR=[90.0, 90.0, 50.0, 50.0],
+                   TEFF=[4500.0, 4600.0, 4800.0, 4800.0], LOGG=[2.0, 2.0, 2.5, 2.5]))
+    # 2MA's two rows tie on SNR and disagree in TEFF; 2MB's tie but agree
+    assert list(ap.match_ids(t, ["2MA", "2MB"])) == [0, 2]   # without labels: as before
+    idx = ap.match_ids(t, ["2MA", "2MB"], labels=["TEFF", "LOGG"])
+    assert list(idx) == [ap.AMBIGUOUS_MATCH, 2]
+    why = ap.match_conflicts(t, "2MA", ["TEFF", "LOGG"])
+    assert "2 allStar rows" in why and "TEFF 4500 vs 4600" in why and "LOGG" not in why
+    # through prepare: the star is left out, named, and counted in the cut report
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    cat = fitsio.read(str(allstar))
+    dup = cat[np.char.strip(cat["APOGEE_ID"].astype(str)) == "2M4"].copy()
+    dup["TEFF"] = 5100
+    fitsio.write(str(allstar), np.concatenate([cat, dup]), clobber=True)
+    res = prepare_dataset(stars, allstar, tmp_path / "out.store", cont,
+                          labels=("TEFF", "LOGG", "FE_H"))
+    assert list(res.store.ids) == ["2M1"]
+    msg = {os.path.basename(f): m for f, m in res.failures}["apStar-dr17-2M4.fits"]
+    assert "TEFF 4800 vs 5100" in msg and "ambiguous" in msg
+    rows = {r["name"]: r["removed"] for r in res.report.rows}
+    assert rows["ambiguous_catalog_match"] == 1 and rows["no_catalog_match"] == 1
+
+
 def _prepare_inputs(tmp_path):
     """Five apStar files (two bad, one not in the catalogue), an allStar, continuum pixels."""
     d = tmp_path / "stars" / "apo25m" / "F1"
