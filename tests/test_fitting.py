@@ -83,8 +83,10 @@ def test_debiasing_removes_the_pull_to_the_centre():
 
 
 def test_debias_capped_marks_the_stars_the_cap_leaves_biased(monkeypatch):
-    """DEBIAS_CAPPED: only capped stars whose withheld correction is large; they are the
-    ones still pulled toward the training centre (the withheld step predicts their error)."""
+    """DEBIAS_CAPPED marks only the capped stars still pulled toward the training centre.
+
+    Those whose withheld correction is large: their errors against the truth are larger.
+    """
     from cannon_fast.core import fitting
     train = make_synthetic(n_stars=60, n_pix=600, n_labels=3, seed=31)
     test = make_synthetic(n_stars=300, n_pix=600, n_labels=3, seed=32, coeffs=train.coeffs,
