@@ -391,3 +391,30 @@ def test_absurd_header_sizes_are_a_failed_star(tmp_path, key, value, why):
     assert len(errors) == 1 and "corrupt header" in errors[0][1]
     (row,) = _apstar_rows(str(p), 0, False, None)         # label: a row with a REASON
     assert "corrupt header" in row[5] and not row[1].any()
+
+
+def test_prepare_takes_the_continuum_a_model_recorded(tmp_path, capsys):
+    """prepare --model: the store is normalized with the model's own continuum pixels/degree."""
+    from cannon_fast import CannonModel
+    from cannon_fast.cli import main
+    from cannon_fast.core.continuum import record_continuum
+    from cannon_fast.store import SpectraStore
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = rng.normal(size=(12, 2))
+    flux = 1 + 0.01 * rng.normal(size=(12, NPIX))
+    model = CannonModel(["TEFF", "LOGG"], order=1).train(flux, np.full_like(flux, 1e4), labels)
+    model.write(tmp_path / "bare.npz")
+    record_continuum(model, cont, degree=2)
+    model.write(tmp_path / "m.npz")
+    args = ["prepare", "-q", "--apstar", str(stars), "--allstar", str(allstar),
+            "--labels", "TEFF,LOGG,FE_H"]
+    assert main(args + ["--model", str(tmp_path / "m.npz"), "--out", str(tmp_path / "s")]) == 0
+    meta = SpectraStore(tmp_path / "s").meta
+    assert meta["continuum_pixels"] == np.flatnonzero(cont).tolist()
+    assert meta["continuum_degree"] == 2
+    capsys.readouterr()
+    assert main(args + ["--model", str(tmp_path / "bare.npz"), "--out", str(tmp_path / "t")]) == 1
+    assert "records no continuum pixels" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -508,3 +508,54 @@ def test_thread_limits_are_put_back(small, npz, c_thread_cap):
     plain = sv.process_chunk(model, source.chunk(0, 40), options)
     for k in plain:
         assert plain[k].tobytes() == limited[k].tobytes(), k
+
+
+def test_fit_and_label_read_apstar_files_as_prepare_normalizes_them(tmp_path, full_grid,
+                                                                    capsys):
+    """apStar files -> fit, -> label, and -> prepare --model -> fit give the same labels."""
+    from cannon_fast.core.continuum import record_continuum
+    model, cont, s = full_grid
+    mpath = tmp_path / "m.npz"
+    record_continuum(model.__class__.read(_write(model, tmp_path / "bare.npz"),
+                                          backend="numba"), cont, degree=3).write(mpath)
+    d = tmp_path / "stars" / "apo25m" / "F1"
+    d.mkdir(parents=True)
+    c = _continuum(3, 7)
+    ids = [f"2M0000000{i}+0000000" for i in range(3)]
+    for i, sid in enumerate(ids):
+        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[140 + i] * c[i],
+                      0.004 * c[i], nvis=1, apogee_id=sid, seed=i)
+    cat = np.zeros(3, dtype=[("APOGEE_ID", "S20"), ("TELESCOPE", "S8"), ("FIELD", "S8"),
+                             ("SNR", "f4"), ("TEFF", "f4"), ("LOGG", "f4"), ("FE_H", "f4")])
+    cat["APOGEE_ID"], cat["TELESCOPE"], cat["FIELD"] = ids, "apo25m", "F1"
+    cat["SNR"], cat["TEFF"], cat["LOGG"], cat["FE_H"] = 150, 4800, 2.5, 0.0
+    fitsio.write(str(tmp_path / "allStar-dr17-x.fits"), cat)
+    run = ["-q", "--backend", "numba"]
+    assert main(["prepare", "--apstar", str(tmp_path / "stars"), "--allstar",
+                 str(tmp_path / "allStar-dr17-x.fits"), "--labels", "TEFF,LOGG,FE_H", "--model",
+                 str(mpath), "--out", str(tmp_path / "store")] + run) == 0
+    assert main(["fit", str(tmp_path / "store"), "--model", str(mpath), "--out",
+                 str(tmp_path / "from_store.fits")] + run) == 0
+    assert main(["fit", str(tmp_path / "stars"), "--model", str(mpath), "--out",
+                 str(tmp_path / "from_files.fits")] + run) == 0
+    assert main(["label", "--model", str(mpath), str(tmp_path / "stars"), "--out",
+                 str(tmp_path / "cat.fits")] + run) == 0
+    from astropy.table import Table
+    a, b = Table.read(tmp_path / "from_store.fits"), Table.read(tmp_path / "from_files.fits")
+    _, lab = _labels(tmp_path / "cat.fits")
+    assert list(a["ID"]) == list(b["ID"]) == list(lab["ID"]) == ids
+    for name in model.label_names:
+        np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_allclose(lab[name], a[name], rtol=1e-6)   # float32 catalogue
+    np.testing.assert_allclose(a["TEFF"], s.labels[140:143, 0], rtol=0.01)
+    # a file that cannot be read is named and skipped; nothing readable is an error
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "nope.fits"), "--model", str(mpath), "--out",
+                 str(tmp_path / "none.fits")] + run) == 1
+    err = capsys.readouterr().err
+    assert "nope.fits" in err and "not found" in err and not (tmp_path / "none.fits").exists()
+
+
+def _write(model, path):
+    model.write(path)
+    return path

@@ -41,7 +41,8 @@ them chunk by chunk), :mod:`.chunk` (mask, normalize and fit one chunk),
 from .catalog import SurveyError, read_catalog
 from .chunk import ALL_FLAGS, SURVEY_FLAGS, process_chunk
 from .inputs import open_inputs
-from .run import DEFAULT_CHUNK_SIZE, SurveySummary, label_survey, model_hash
+from .run import DEFAULT_CHUNK_SIZE, SurveySummary, label_survey, model_hash, read_normalized
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "DEFAULT_CHUNK_SIZE", "SurveyError", "SurveySummary",
-           "model_hash", "open_inputs", "label_survey", "process_chunk", "read_catalog"]
+           "model_hash", "open_inputs", "label_survey", "process_chunk", "read_catalog",
+           "read_normalized"]

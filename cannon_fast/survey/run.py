@@ -19,11 +19,12 @@ from .._util import progress
 from ..core.fitting import _check_broadening
 from .catalog import (_FORMAT, _VERSION, SurveyError, _catalog_format, _catalog_meta,
                       _catalog_record, _Parts, _refuse_other_model)
-from .chunk import _grid_columns
+from .chunk import _grid_columns, _normalized
 from .inputs import open_inputs
 from .schedulers import run_chunks
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "SurveySummary", "model_hash", "label_survey"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "SurveySummary", "model_hash", "label_survey",
+           "read_normalized"]
 
 #: Stars per chunk by default (a peak of about 0.85 GB on the 8575-pixel grid).
 DEFAULT_CHUNK_SIZE = 2048
@@ -266,6 +267,42 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     summary.catalog_rows = (existing["n_rows"] if existing else 0) + counts["n_spectra"]
     summary.elapsed = time.perf_counter() - t0
     return summary
+
+
+def read_normalized(model, inputs, continuum=None, degree=None, bad_bits=None, normalized=None,
+                    release=None, log=None):
+    """All spectra of ``inputs``, masked and normalized for ``model`` as a label job does it.
+
+    The in-memory counterpart of :func:`label_survey` for ``cannon-fast fit``:
+    apStar files (paths, lists, directories) are masked and continuum-normalized
+    with the model's recorded continuum (as ``cannon-fast prepare --model`` does),
+    stores and normalized npz files are read as they are.
+
+    Parameters
+    ----------
+    model : CannonModel
+    inputs, continuum, degree, bad_bits, normalized, release
+        As for :func:`label_survey`.
+    log : callable, optional
+
+    Returns
+    -------
+    dict
+        ``flux``, ``ivar`` (N, P of the model's grid), ``ids`` (N,), ``reason``
+        (N,) object: why a row cannot be fitted ("" if it can), ``describe``.
+    """
+    source = open_inputs(inputs, normalized=normalized, release=release)
+    if source.n_items == 0:
+        raise ValueError(f"no spectra in the inputs ({source.describe})")
+    cols = _grid_columns(source.n_pixels, model.n_pixels)
+    options = _chunk_options(model, "", source, {}, continuum, degree, bad_bits,
+                             log or (lambda msg: None))
+    d = source.chunk(0, source.n_items).read()
+    flux, ivar, _ = _normalized(d, options, np.zeros(len(d["reason"]), np.int64))
+    if cols is not None:
+        flux, ivar = flux[:, cols], ivar[:, cols]
+    return dict(flux=flux, ivar=ivar, ids=d["ids"], reason=d["reason"],
+                describe=source.describe)
 
 
 def _check_arguments(model, chunk_size, fit_options):
