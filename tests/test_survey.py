@@ -165,7 +165,7 @@ def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, cap
     with pytest.raises(sv.SurveyError, match=r"already holds these inputs labeled with other "
                        r"options \(chunk_size: 350 then, 100 now\).*another --out.*--force"):
         sv.label_survey(model, npz, out, chunk_size=100)
-    with pytest.raises(sv.SurveyError, match=r"fit.debias: None then, False now"):
+    with pytest.raises(sv.SurveyError, match=r"fit.debias: True then, False now"):
         sv.label_survey(model, npz, out, chunk_size=350, fit_options=dict(debias=False))
     assert out.read_bytes() == before and not os.path.exists(f"{out}.parts")
     assert sv.label_survey(model, npz, out, chunk_size=350).already_done   # identical: no-op
@@ -181,6 +181,17 @@ def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, cap
     err = capsys.readouterr().err
     assert "fit.debias: False then, True now" in err and len(err.strip().splitlines()) == 1
     assert len(sv.read_catalog(out)) == 700
+    # other inputs are appended only when measured the same way
+    more = tmp_path / "more.npz"
+    np.savez(more, flux=small[1][:20], ivar=small[2][:20])
+    with pytest.raises(sv.SurveyError, match=r"holds labels measured with other options "
+                       r"\(fit.debias: False then, True now\).*--force"):
+        sv.label_survey(model, more, out)
+    assert len(sv.read_catalog(out)) == 700
+    assert sv.label_survey(model, more, out, chunk_size=7,
+                           fit_options=dict(debias=False)).catalog_rows == 720
+    s = sv.label_survey(model, more, out, force=True)   # replaced by this job alone
+    assert s.catalog_rows == 20 and len(sv.read_catalog(out)) == 20
 
 
 def test_bad_grid_and_visits_of_arrays(tmp_path, small):

@@ -33,7 +33,8 @@ def register(subparsers, parent):
                                       "flux, ivar (N, P) and optionally ids, bitmask")
     p.add_argument("--out", required=True, metavar="CATALOG",
                    help="output catalogue (.fits, or .parquet); other inputs are appended to it "
-                        "if it was made by the same model; the same command again resumes "
+                        "if it was made by the same model with the same fit options; the same "
+                        "command again resumes "
                         "or does nothing")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="N",
                    help=f"stars per chunk (default {DEFAULT_CHUNK_SIZE}); memory is bounded by "

@@ -24,7 +24,8 @@ fit that fails keeps its row with NaN labels, a flag bit and a ``REASON``.
 
 A catalogue records the hash of the model that made it (:func:`model_hash`)
 and the jobs merged into it; labeling more inputs into an existing catalogue
-appends rows, and a model with a different hash is refused.
+appends rows measured the same way (other fit options, continuum or masked bits are
+refused), and a model with a different hash is refused.
 
 With ``scheduler="dask"`` (a ``distributed.LocalCluster``), a scheduler
 address or a ``distributed.Client``, the chunks become tasks: the model is

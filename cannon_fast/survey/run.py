@@ -226,10 +226,11 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     if existing is not None:
         _refuse_other_model(existing, out, model, mh)
         record = next((j for j in existing["jobs"] if j["job_id"] == job_id), None)
+        if record is None:  # the same job recorded before its options were spelled out?
+            record = _refuse_other_job(existing, out, job, job_id)
         if record is not None:
             parts.remove()  # merged, then killed before cleaning up
             return _already_done(summary, record, existing, t0)
-        _refuse_other_job(existing, out, job, job_id)
 
     parts.start(dict(format=_FORMAT, version=_VERSION, job_id=job_id, job=job,
                      n_items=n_items, n_chunks=n_chunks, label_names=list(model.label_names),
@@ -312,7 +313,7 @@ def _check_arguments(model, chunk_size, fit_options):
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not getattr(model, "is_trained", False):
         raise ValueError("the model is not trained")
-    fit_options = dict(fit_options or {})
+    fit_options = {**_FIT_DEFAULTS, **(fit_options or {})}
     # fit_cannon would refuse every chunk (each star recorded as failed): refuse once, first
     _check_broadening(fit_options.get("debias", True), fit_options.get("broadening", False))
     return chunk_size, fit_options
@@ -358,27 +359,55 @@ def _job_identity(mh, source, chunk_size, backend, options):
     return job, job_id
 
 
+#: The label fit's choices a job always records (the ``model.fit`` defaults where not given),
+#: so that the API's defaults and the command line's make the same job.
+_FIT_DEFAULTS = dict(debias=True, broadening=False, refine_continuum=False)
+
+
 def _flat(job):
     """A job's options as one flat dict (``fit`` spelled out), without its inputs."""
     out = {k: v for k, v in job.items() if k not in ("inputs", "fit")}
-    out.update({f"fit.{k}": v for k, v in (job.get("fit") or {}).items()})
+    out.update({f"fit.{k}": v for k, v in {**_FIT_DEFAULTS, **(job.get("fit") or {})}.items()})
     return out
 
 
-def _refuse_other_job(existing, out, job, job_id):
-    """Raise SurveyError if ``out`` already holds this job's inputs labeled by another job.
+#: Job options that change how labels are measured: a catalogue holds one setting of each.
+#: (The chunk size and the backend change only the rounding.)
+_METHOD_OPTIONS = ("degree", "bad_bits", "continuum")
 
-    Appending other inputs is allowed; the same inputs again with other
-    options would add a second set of rows for the same stars, from another
-    method, under the same MODEL_HASH.
+
+def _method(job):
+    """The options of a job (flat) that make its labels mean something else."""
+    flat = _flat(job)
+    return {k: v for k, v in flat.items() if k in _METHOD_OPTIONS or k.startswith("fit.")}
+
+
+def _refuse_other_job(existing, out, job, job_id):
+    """Raise SurveyError if ``out`` would hold rows of one model made in different ways.
+
+    The same inputs again with other options would add a second set of rows for
+    the same stars under the same MODEL_HASH; other inputs may be appended, but
+    only measured the same way (fit options, continuum, masked bits), so that one
+    catalogue is one method. Returns the record of the same job made before its
+    options were spelled out in full (None if there is none).
     """
     for old in existing["jobs"]:
         if old.get("inputs") != job["inputs"]:
+            if "job" in old and _method(old["job"]) != _method(job):
+                then, now = _method(old["job"]), _method(job)
+                diffs = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                         for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+                raise SurveyError(
+                    f"{out} holds labels measured with other options ({'; '.join(diffs[:4])}); "
+                    "refusing to append rows measured another way. Use the same options, "
+                    "write to another --out, or pass --force to replace the catalogue.")
             continue
         if "job" in old:
             then, now = _flat(old["job"]), _flat(job)
             diffs = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
                      for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            if not diffs:
+                return old
             what = "; ".join(diffs[:4])
         elif old.get("chunk_size") != job["chunk_size"]:
             what = f"chunk_size: {old.get('chunk_size')!r} then, {job['chunk_size']!r} now"
