@@ -570,3 +570,72 @@ def test_fit_and_label_read_apstar_files_as_prepare_normalizes_them(tmp_path, fu
 def _write(model, path):
     model.write(path)
     return path
+
+
+_SLOW_READER = '''
+import os, time
+class SlowReader:
+    def __init__(self, flag):
+        self.flag = flag
+    def read(self):
+        with open(self.flag + ".tmp", "w") as fh:
+            fh.write(str(os.getpid()))
+        os.replace(self.flag + ".tmp", self.flag)
+        time.sleep(120)
+'''
+
+_DRIVER = '''
+import sys
+from slowreader import SlowReader
+from cannon_fast import CannonModel
+from cannon_fast.survey.schedulers import run_chunks
+from cannon_fast.testing import make_synthetic
+s = make_synthetic(n_stars=30, n_pix=40, n_labels=2, seed=1)
+model = CannonModel(s.label_names, backend="numpy").train(s.flux, s.ivar, s.labels)
+run_chunks(model, [(0, SlowReader(sys.argv[1]))], {}, lambda k, c: None,
+           scheduler="processes", n_workers=1)
+'''
+
+
+@pytest.mark.skipif(not os.path.exists("/proc"), reason="needs /proc to find the worker")
+def test_pool_workers_end_when_the_driver_is_killed(tmp_path):
+    """SIGKILL of the label driver leaves no worker running (each held a model and a chunk)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slowreader.py").write_text(_SLOW_READER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path)] + [p for p in sys.path if p]), OMP_NUM_THREADS="1")
+    flag = tmp_path / "worker.pid"
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(flag)], env=env,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists() and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        assert flag.exists(), "the worker never started its chunk"
+        worker = int(flag.read_text())
+        assert os.path.exists(f"/proc/{worker}")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = _alive(worker)
+        if alive:
+            os.kill(worker, signal.SIGKILL)
+        assert not alive, "the worker outlived its driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie, reaped by init soon, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
