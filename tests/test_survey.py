@@ -639,3 +639,25 @@ def _alive(pid):
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_python_and_command_line_jobs_share_one_vocabulary(tmp_path, small, npz, capsys):
+    """label_survey's keywords are label's options: the same job either way, old names kept."""
+    model = small[0]
+    mpath = tmp_path / "model.npz"
+    model.write(mpath)
+    out = tmp_path / "cat.fits"
+    sv.label_survey(CannonModel.read(mpath, backend="numba"), npz, out, chunk_size=350,
+                    workers=1, format="fits", debias=False, backend="numba")
+    capsys.readouterr()
+    assert main(["label", "--model", str(mpath), str(npz), "--out", str(out), "--chunk-size",
+                 "350", "--workers", "1", "--format", "fits", "--no-debias", "--backend",
+                 "numba"]) == 0
+    assert "already in the catalogue" in capsys.readouterr().out
+    assert len(sv.read_catalog(out)) == 700
+    with pytest.raises(TypeError, match="workers= or its older name n_workers="):
+        sv.label_survey(model, npz, tmp_path / "x.fits", workers=1, n_workers=2)
+    with pytest.raises(TypeError, match="debias=False and fit_options"):
+        sv.label_survey(model, npz, tmp_path / "x.fits", debias=False,
+                        fit_options=dict(debias=True))
+    assert not (tmp_path / "x.fits").exists()

@@ -46,8 +46,11 @@ def register(subparsers, parent):
         "nn-predict", parents=[parent], help="predict labels with a trained NN regressor",
         description="Predict labels, MC-dropout + predicted errors and flags; writes a FITS "
                     "table.")
-    q.add_argument("checkpoint", help="checkpoint written by nn-train")
-    q.add_argument("input", help=".npz file (flux, ivar) or SpectraStore directory")
+    q.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".npz file (flux, ivar) or SpectraStore directory (the older form "
+                        "`CHECKPOINT INPUT`, without --model, still works)")
+    q.add_argument("--model", default=None, metavar="CHECKPOINT",
+                   help="checkpoint written by nn-train")
     q.add_argument("--out", "-o", "--output", dest="output", required=True,
                    help="FITS table to write")
     q.add_argument("--n-samples", type=int, default=30, help="MC-dropout samples")
@@ -146,8 +149,12 @@ def _predict(args):
     from ..nn import SpectrumRegressor
 
     _refuse_existing((args.output,), args.overwrite)
-    reg = SpectrumRegressor.load(args.checkpoint, device=args.device)
-    flux, ivar, _, _, ids = _read_input(args.input, need_labels=False)
+    from .core import model_and_inputs
+    checkpoint, inputs = model_and_inputs(args)
+    if len(inputs) != 1:
+        raise ValueError(f"nn-predict reads one input (.npz or SpectraStore), got {inputs}")
+    reg = SpectrumRegressor.load(checkpoint, device=args.device)
+    flux, ivar, _, _, ids = _read_input(inputs[0], need_labels=False)
     res = reg.predict(flux, ivar, n_samples=args.n_samples, seed=args.seed,
                       max_bad_fraction=args.max_bad_fraction)
     table = res.to_table()

@@ -85,10 +85,10 @@ def _label(args):
     try:
         summary = label_survey(
             model, inputs, args.out, chunk_size=args.chunk_size, visits=args.visits,
-            scheduler=args.scheduler, n_workers=args.workers, fmt=args.format,
-            continuum_pixels=args.continuum, degree=args.degree,
-            bad_bits=args.bad_bits, normalized=args.normalized,
-            fit_options=fit_options(args), log=say, force=args.force)
+            scheduler=args.scheduler, workers=args.workers, format=args.format,
+            continuum=args.continuum, degree=args.degree,
+            bad_bits=args.bad_bits, normalized=args.normalized, **fit_options(args),
+            log=say, force=args.force)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)

@@ -128,9 +128,11 @@ def model_hash(model):
 
 
 def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
-                 scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=None,
-                 bad_bits=None, normalized=None, release=None, fit_options=None,
-                 show_progress=None, log=None, force=False, _on_commit=None):
+                 scheduler=None, workers=None, format=None, continuum=None, degree=None,
+                 bad_bits=None, normalized=None, release=None, debias=True, broadening=False,
+                 refine_continuum=False, backend=None, fit_options=None, show_progress=None,
+                 log=None, force=False, n_workers=None, fmt=None, continuum_pixels=None,
+                 _on_commit=None):
     """Label a whole survey, chunk by chunk, into one catalogue (resumable).
 
     Parameters
@@ -158,11 +160,11 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         processes; any other string is the address of a running
         ``distributed`` scheduler.  The driver commits every chunk itself in
         all cases, so a job started one way can be resumed another.
-    n_workers : int, optional
+    workers : int, optional
         Workers of the process pool or local cluster (default: the number of CPUs).
-    fmt : {"fits", "parquet"}, optional
+    format : {"fits", "parquet"}, optional
         Default: from the suffix of ``out``.
-    continuum_pixels : array_like, str or os.PathLike, optional
+    continuum : array_like, str or os.PathLike, optional
         For raw spectra (apStar files, raw npz): see
         :func:`cannon_fast.core.continuum.load_continuum_pixels`; default the
         model's record, else pixels picked from the model
@@ -175,8 +177,13 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         See :func:`open_inputs`.
     release : str, optional
         Expected apStar layout.
+    debias, broadening, refine_continuum : bool
+        The label fit, as ``model.fit`` takes them (``broadening`` needs
+        ``debias=False``).
+    backend : str, optional
+        Kernels of the normalization and the fit (default: the model's).
     fit_options : dict, optional
-        Keyword arguments of ``model.fit`` (e.g. ``debias``, ``n_starts``).
+        Other keyword arguments of ``model.fit`` (e.g. ``n_starts``).
     show_progress : bool, optional
         Progress bar with stars/s and time left (default: on a terminal).
     log : callable, optional
@@ -185,6 +192,12 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         Replace an existing catalogue with this job's rows alone (the old one
         stays until the new one is written) instead of refusing a catalogue
         that holds these inputs labeled by another job, or another model's labels.
+    n_workers, fmt, continuum_pixels
+        The older names of ``workers``, ``format`` and ``continuum``.
+
+    The keywords are those of ``cannon-fast label`` (``--chunk-size``,
+    ``--workers``, ``--format``, ``--continuum``, ``--no-debias``, ``--backend``,
+    ...), with dashes as underscores.
 
     Returns
     -------
@@ -203,16 +216,23 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
     out = os.fspath(out)
-    fmt = _catalog_format(out, fmt)
+    workers = _renamed("workers", workers, "n_workers", n_workers)
+    fmt = _catalog_format(out, _renamed("format", format, "fmt", fmt))
+    continuum = _renamed("continuum", continuum, "continuum_pixels", continuum_pixels)
+    fit_options = _fit_keywords(fit_options, debias=debias, broadening=broadening,
+                                refine_continuum=refine_continuum)
+    # the kernels are the job's (recorded once), not a fit option
+    backend = _renamed("backend", backend, "fit_options['backend']",
+                       fit_options.pop("backend", None)) or model.backend
     chunk_size, fit_options = _check_arguments(model, chunk_size, fit_options)
     mh = model_hash(model)
     source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
-    options = _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits,
-                             log)
+    options = _chunk_options(model, mh, source, fit_options, continuum, degree, bad_bits, log,
+                             backend)
     if source.n_items == 0:
         raise ValueError(f"no spectra in the inputs ({source.describe})")
-    job, job_id = _job_identity(mh, source, chunk_size, model.backend, options)
+    job, job_id = _job_identity(mh, source, chunk_size, options["backend"], options)
     n_items = source.n_items
     n_chunks = -(-n_items // chunk_size)
     bounds = [(k * chunk_size, min((k + 1) * chunk_size, n_items)) for k in range(n_chunks)]
@@ -254,7 +274,7 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
 
     try:
         run_chunks(model, ((k, source.chunk(*bounds[k])) for k in pending), options, commit,
-                   scheduler=scheduler, n_workers=n_workers, name=f"cannon-fast-chunk-{job_id}")
+                   scheduler=scheduler, n_workers=workers, name=f"cannon-fast-chunk-{job_id}")
     finally:
         bar.close()
 
@@ -268,6 +288,26 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     summary.catalog_rows = (existing["n_rows"] if existing else 0) + counts["n_spectra"]
     summary.elapsed = time.perf_counter() - t0
     return summary
+
+
+def _renamed(name, value, old_name, old_value):
+    """The value of a keyword given by its name or its older one (not both)."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name}= or its older name {old_name}=, not both")
+    return old_value
+
+
+def _fit_keywords(fit_options, **given):
+    """``fit_options`` with the fit keywords given by name; refuse the two disagreeing."""
+    out = dict(fit_options or {})
+    for key, value in given.items():
+        if key in out and value != _FIT_DEFAULTS[key] and out[key] != value:
+            raise TypeError(f"{key}={value!r} and fit_options={{{key!r}: {out[key]!r}}} "
+                            "disagree")
+        out.setdefault(key, value)
+    return out
 
 
 def read_normalized(model, inputs, continuum=None, degree=None, bad_bits=None, normalized=None,
@@ -319,13 +359,14 @@ def _check_arguments(model, chunk_size, fit_options):
     return chunk_size, fit_options
 
 
-def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits, log):
+def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits, log,
+                   backend=None):
     """The options of every chunk (see process_chunk): for raw spectra, their continuum too."""
     from ..apogee.bitmask import DEFAULT_BAD_BITS, bit_value
 
     options = dict(model_hash=mh, degree=None, bad_bits=bit_value(
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
-        backend=model.backend)
+        backend=backend or model.backend)
     if source.normalized:
         return options
     from ..core.continuum import model_continuum
