@@ -394,7 +394,7 @@ def test_absurd_header_sizes_are_a_failed_star(tmp_path, key, value, why):
 
 
 def test_prepare_takes_the_continuum_a_model_recorded(tmp_path, capsys):
-    """prepare --model: the store is normalized with the model's own continuum pixels/degree."""
+    """Prepare --model: the store is normalized with the model's continuum pixels and degree."""
     from cannon_fast import CannonModel
     from cannon_fast.cli import main
     from cannon_fast.core.continuum import record_continuum

@@ -523,7 +523,7 @@ def test_thread_limits_are_put_back(small, npz, c_thread_cap):
 
 def test_fit_and_label_read_apstar_files_as_prepare_normalizes_them(tmp_path, full_grid,
                                                                     capsys):
-    """apStar files -> fit, -> label, and -> prepare --model -> fit give the same labels."""
+    """The same labels from apStar files by fit, by label, and by prepare --model + fit."""
     from cannon_fast.core.continuum import record_continuum
     model, cont, s = full_grid
     mpath = tmp_path / "m.npz"
