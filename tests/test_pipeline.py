@@ -330,7 +330,7 @@ def test_cli_fit_warns_when_the_store_was_normalized_unlike_the_training_set(tmp
 
 
 def test_cli_fit_and_train_on_an_apstar_file_say_what_is_wrong(tmp_path, capsys):
-    """fit reads apStar files (here: not on the model's grid); train says what it reads."""
+    """Fit reads apStar files (here: not on the model's grid); train says what it reads."""
     from cannon_fast import CannonModel
     from cannon_fast.testing import make_synthetic
     s = make_synthetic(n_stars=40, n_pix=30, n_labels=2, seed=1)
@@ -391,8 +391,10 @@ def _report_summary():
 
 
 def test_report_leads_with_the_headline_and_reaches_every_number(tmp_path):
-    """Headline numbers and key figures before any section; flags and the CV choice as
-    tables; every number of summary.json somewhere on the page."""
+    """The report leads with the headline and shows every number of summary.json.
+
+    Headline numbers and key figures before any section; flags and the CV choice as tables.
+    """
     summary = _report_summary()
     report.write_summary(summary, tmp_path)
     for name in ("cv_true.png", "kiel.png", "gradients.png", "s2.png", "zz_new.png"):

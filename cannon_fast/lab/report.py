@@ -12,7 +12,8 @@ order; a last one holds every number of ``summary.json``. A step that adds to th
 lab adds its section with one call::
 
     from cannon_fast.lab.report import ReportSection, add_section
-    add_section(ReportSection("pulls", "Error pulls", render=lambda s: ..., figures=("pulls*.png",)))
+    add_section(ReportSection("pulls", "Error pulls", render=lambda s: ...,
+                              figures=("pulls*.png",)))
 
 ``render(summary)`` returns the section's HTML (or None to leave it out when the
 summary has nothing for it); ``figures`` are file names or glob patterns of the
