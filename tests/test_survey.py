@@ -661,3 +661,30 @@ def test_python_and_command_line_jobs_share_one_vocabulary(tmp_path, small, npz,
         sv.label_survey(model, npz, tmp_path / "x.fits", debias=False,
                         fit_options=dict(debias=True))
     assert not (tmp_path / "x.fits").exists()
+
+
+def test_bad_bits_apply_to_apstar_files(tmp_path, full_grid):
+    """label's --bad-bits masks apStar pixels too (they were masked with the default bits)."""
+    model, cont, s = full_grid
+    c = _continuum(1, 9)[0]
+    sid = "2M00000001+0000000"
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    for d in (clean, dirty):
+        d.mkdir()
+        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[150] * c, 0.004 * c,
+                      nvis=1, apogee_id=sid, seed=0)
+    with fitsio.FITS(str(dirty / f"apStar-dr17-{sid}.fits"), "rw") as fh:
+        flux, pm = fh[1].read(), fh[3].read()
+        flux[:, 5000:5040] *= 3.0        # garbage where PIXMASK bit 9 (PERSIST_HIGH) is set
+        pm[:, 5000:5040] = 1 << 9
+        fh[1].write(flux)
+        fh[3].write(pm)
+    bits = list(range(8)) + [9, 12]
+    lab = {}
+    for name, d, b in (("clean", clean, bits), ("default", dirty, None), ("bits", dirty, bits)):
+        sv.label_survey(model, d, tmp_path / f"{name}.fits", continuum=cont, bad_bits=b)
+        lab[name] = _labels(tmp_path / f"{name}.fits")[1]["TEFF"]
+    assert lab["default"][0] != lab["clean"][0]          # bit 9 is not masked by default
+    masked = sv.read_normalized(model, dirty, continuum=cont, bad_bits=bits)
+    assert np.all(masked["ivar"][0, 5000:5040] == 0)
+    np.testing.assert_allclose(lab["bits"], lab["clean"], rtol=1e-4)

@@ -226,7 +226,8 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
                        fit_options.pop("backend", None)) or model.backend
     chunk_size, fit_options = _check_arguments(model, chunk_size, fit_options)
     mh = model_hash(model)
-    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
+    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release,
+                         bad_bits=bad_bits)
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
     options = _chunk_options(model, mh, source, fit_options, continuum, degree, bad_bits, log,
                              backend)
@@ -332,7 +333,7 @@ def read_normalized(model, inputs, continuum=None, degree=None, bad_bits=None, n
         ``flux``, ``ivar`` (N, P of the model's grid), ``ids`` (N,), ``reason``
         (N,) object: why a row cannot be fitted ("" if it can), ``describe``.
     """
-    source = open_inputs(inputs, normalized=normalized, release=release)
+    source = open_inputs(inputs, normalized=normalized, release=release, bad_bits=bad_bits)
     if source.n_items == 0:
         raise ValueError(f"no spectra in the inputs ({source.describe})")
     cols = _grid_columns(source.n_pixels, model.n_pixels)
