@@ -46,7 +46,7 @@ class SurveySummary:
         Rows with finite labels.
     n_flagged : int
         Fitted rows with a flag bit set that marks a problem (see ``ALL_FLAGS``;
-        ``fitting.INFORMATIONAL_FLAGS`` such as DEBIAS_CAPPED do not count).
+        ``fitting.INFORMATIONAL_FLAGS`` such as SPARSE_TRAINING do not count).
     n_failed : int
         Rows without labels (unreadable, not normalizable, or the fit failed).
     n_chunks, n_resumed : int
