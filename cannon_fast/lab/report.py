@@ -567,7 +567,8 @@ font-size:1.3em;font-weight:bold;cursor:pointer;padding:0.3em 0}nav{font-size:0.
 margin:0.5em 0 1em 0}nav a{margin-right:0.9em;white-space:nowrap}.ok{color:#060}
 .bad{color:#b00;font-weight:bold}.muted{color:#777;font-size:0.85em}.note{color:#a40}
 .cap{margin:0.6em 0 0.2em 0;color:#444;font-size:0.9em}pre{font-size:0.8em;overflow-x:auto}
-table.outliers td:last-child{min-width:26em}table.headline td:first-child{white-space:nowrap}img.square{max-width:min(100%,720px)}"""
+table.outliers td:last-child{min-width:26em}table.headline td:first-child{white-space:nowrap}
+img.square{max-width:min(100%,720px)}"""
 
 
 def _figure(f, cls=""):
