@@ -8,7 +8,13 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_path", "progress", "quiet", "as_float64", "describe_bad"]
+__all__ = ["atomic_path", "progress", "quiet", "as_float64", "describe_bad", "cache_root"]
+
+
+def cache_root():
+    """Root of cannon_fast's caches: ``$CANNON_FAST_CACHE`` or ``~/.cache/cannon_fast``."""
+    env = os.environ.get("CANNON_FAST_CACHE")
+    return env if env else os.path.join(os.path.expanduser("~"), ".cache", "cannon_fast")
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ import pytest
 
 from cannon_fast import _util, survey, testing
 from cannon_fast.apogee import files as apogee
-from cannon_fast.core import continuum, fitting
+from cannon_fast.core import binaries, continuum, fitting
 from cannon_fast.core.grid import PixelGrid
 from cannon_fast.core.model import CannonModel
-from cannon_fast.lab import pipeline
+from cannon_fast.lab import mist_web, pipeline
 from cannon_fast.nn import NNResult, SpectrumRegressor, train_emulator
 from cannon_fast.store import SpectraStore
 
@@ -47,6 +47,8 @@ DOCUMENTED = {
     "m.write": (CannonModel.write, None),
     "CannonModel.read": (CannonModel.read, None),
     "m.fit": (CannonModel.fit, fitting.fit_cannon),
+    "m.calibrate_errors": (CannonModel.calibrate_errors, None),
+    "screen_binaries": (binaries.screen_binaries, None),
     "fitted_spectra": (fitting.fitted_spectra, None),
     "run_lab": (pipeline.run_lab, None),
     "cross_validate": (pipeline.cross_validate, None),
@@ -54,6 +56,9 @@ DOCUMENTED = {
     "progress": (_util.progress, None),
     "quiet": (_util.quiet, None),
     "describe_bad": (_util.describe_bad, None),
+    "cache_root": (_util.cache_root, None),
+    "fetch_mist": (mist_web.fetch_mist, None),
+    "mist_isochrones": (mist_web.mist_isochrones, None),
     "make_synthetic": (testing.make_synthetic, None),
     "read_apstar": (apogee.read_apstar, None),
     "normalize": (continuum.normalize, None),

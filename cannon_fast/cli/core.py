@@ -31,6 +31,11 @@ def register(sub, parent):
     p.add_argument("--label-errors", action="store_true",
                    help="train with the labels' errors (errors-in-variables; the store's "
                         "<LABEL>_ERR from the allStar, or label_errors in an .npz)")
+    p.add_argument("--no-calibrate-errors", action="store_true",
+                   help="skip the error calibration: by default 3-fold cross-validation on "
+                        "the training set learns a model-error term (against the training "
+                        "labels and their errors) that fit and label add to the formal errors "
+                        "(<LABEL>_ERR, with _ERR_FORMAL and _ERR_MODEL)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     p.set_defaults(func=_train)
 
@@ -197,9 +202,16 @@ def _train(args):
                         extra_terms=[t for t in args.extra_terms.split(",") if t.strip()],
                         reciprocal_labels=[n.strip() for n in args.reciprocal.split(",")
                                            if n.strip()], grid=data["grid"])
-    model.train(np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep],
-                labels[keep], label_errors=errors)
+    flux, ivar = np.asarray(data["flux"][rows])[keep], np.asarray(data["ivar"][rows])[keep]
+    model.train(flux, ivar, labels[keep], label_errors=errors)
     info = model.train_info
+    calib_note = ""
+    if not args.no_calibrate_errors:
+        if len(flux) >= 30:
+            model.calibrate_errors(flux, ivar, labels[keep], label_errors=errors)
+            calib_note = "; errors calibrated by 3-fold cross-validation"
+        else:
+            calib_note = f"; errors not calibrated ({len(flux)} stars, need >= 30)"
     cont_note = ""
     if data["continuum_pixels"] is not None:  # later fits of raw spectra normalize the same way
         from ..core.continuum import DEFAULT_DEGREE, record_continuum
@@ -209,7 +221,8 @@ def _train(args):
         cont_note = f", the store's {len(data['continuum_pixels'])} continuum pixels recorded"
     model.write(args.out, overwrite=args.force)
     print(f"trained {model!r} in {time.perf_counter() - t0:.2f} s "
-          f"({info['n_flagged_pixels']} flagged pixels{cont_note}); wrote {args.out}")
+          f"({info['n_flagged_pixels']} flagged pixels{cont_note}{calib_note}); "
+          f"wrote {args.out}")
     return 0
 
 

@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-__all__ = ["register"]
+__all__ = ["register", "parse_fehs"]
 
 
 def register(subparsers, parent):
@@ -42,6 +42,21 @@ def register(subparsers, parent):
     p.add_argument("--isochrone", action="append", metavar="FILE",
                    help="MIST (.iso/.iso.cmd) or PARSEC isochrone to overlay on the Kiel diagram "
                         "(repeatable); default for the demo: the survey's own giant branch")
+    p.add_argument("--star", action="append", metavar="APOGEE_ID",
+                   help="star of the continuum and data-vs-model figures (repeatable; default: "
+                        "the median-S/N training star), e.g. the lab's checkpoint stars "
+                        "2M19395986+2341280 and 2M03533659+2512012 in a download of its "
+                        "fields (--data); an ID not in the data is an error listing near IDs")
+    p.add_argument("--isochrone-source", choices=("files", "mist"), default="files",
+                   help="files: the --isochrone files only; mist: also MIST isochrones from the "
+                        "MIST web interpolator, fetched once and cached (~/.cache/cannon_fast/"
+                        "isochrones or $CANNON_FAST_CACHE), so later runs work offline")
+    p.add_argument("--isochrone-age", type=float, default=None, metavar="GYR",
+                   help="age of the isochrones: the nearest in each file; fetched for mist "
+                        "(default 6, as in lab step 11)")
+    p.add_argument("--isochrone-feh", default=None, metavar="FEH[,FEH...]",
+                   help="their [Fe/H]s, comma-separated, as for the age (default for mist: "
+                        "0,-1, as in lab step 11)")
     p.add_argument("--n-stars", type=int, default=1200,
                    help="size of the embedded survey (default 1200)")
     p.add_argument("--min-stars", type=int, default=60,
@@ -61,6 +76,10 @@ def register(subparsers, parent):
                         "summary.json): de-biased, plain chi², or plain chi² with extra line "
                         "broadening fitted; auto: chosen by cross-validation on the training "
                         "set")
+    p.add_argument("--no-binary-screen", action="store_true",
+                   help="do not screen the stars for unresolved binaries (by default the "
+                        "flagged training stars leave the training set and the validation "
+                        "stars get BINARY_* columns)")
     p.add_argument("--label-errors", choices=("auto", "yes", "no"), default="auto",
                    help="train with the catalogue's label errors (regression-calibrated "
                         "labels, error-weighted stars); auto: chosen by cross-validation when "
@@ -85,6 +104,19 @@ def _extra_terms(text):
     return [t for t in text.split(",") if t.strip()]
 
 
+def parse_fehs(text, option="--isochrone-feh"):
+    """``--isochrone-feh`` (or ``option``): comma-separated [Fe/H] values, or None."""
+    if text is None:
+        return None
+    try:
+        fehs = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        fehs = []
+    if not fehs:
+        raise ValueError(f"{option} {text!r}: give numbers separated by commas, e.g. 0,-1")
+    return fehs
+
+
 def _demo(args):
     from ..lab.pipeline import run_lab
 
@@ -98,7 +130,12 @@ def _demo(args):
                       extra_terms=_extra_terms(args.extra_terms),
                       test_step=args.test_step,
                       label_errors={"auto": "auto", "yes": True, "no": False}[args.label_errors],
+                      binary_screen=not args.no_binary_screen,
                       show_progress=False if quiet else None,
+                      stars=args.star,
+                      isochrone_source=args.isochrone_source,
+                      isochrone_age=args.isochrone_age,
+                      isochrone_feh=parse_fehs(args.isochrone_feh),
                       log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     v = summary["validation"][summary["primary_fit"]]
     ref = "vs_true" if "vs_true" in v else "vs_catalog"

@@ -11,6 +11,8 @@ __all__ = ["register", "load_one_spectrum"]
 
 #: Exit code of ``mcmc`` when the chain did not converge (no result is reported).
 EXIT_NOT_CONVERGED = 3
+#: Exit code of ``mcmc`` when the spectrum has too few usable pixels (flag TOO_FEW_PIXELS).
+EXIT_TOO_FEW_PIXELS = 4
 
 
 def register(subparsers, parent):
@@ -27,9 +29,12 @@ def register(subparsers, parent):
         description="Sample the posterior of one spectrum's labels with emcee: stated priors "
                     "(uniform within the training range unless --prior), walkers started from "
                     "the chi² fit, run until 50 autocorrelation times (or --max-steps). An "
-                    "unconverged chain is not reported (exit code 3). SPECTRUM is an apStar "
-                    "file (masked with its PIXMASK and pseudo-continuum normalized here) or an "
-                    ".npz with normalized flux and ivar on the model's pixels.")
+                    "unconverged chain is not reported (exit code 3); a spectrum with too few "
+                    "usable pixels (e.g. every pixel masked) is flagged TOO_FEW_PIXELS (exit "
+                    "code 4). SPECTRUM is an apStar file (any star: masked with its PIXMASK and "
+                    "pseudo-continuum normalized here as `prepare` does, with the continuum "
+                    "pixels and degree the model records) or an .npz with normalized flux and "
+                    "ivar on the model's pixels.")
     p.add_argument("spectrum", help="apStar FITS file, or .npz with flux, ivar (one spectrum)")
     p.add_argument("--model", required=True, help="model file (cannon-fast train)")
     p.add_argument("--continuum", default=None,
@@ -75,6 +80,23 @@ def register(subparsers, parent):
     m.add_argument("--no-mp4", action="store_true", help="GIF only")
     m.add_argument("--force", action="store_true", help="overwrite existing movies")
     m.set_defaults(func=_movie)
+
+    i = subparsers.add_parser(
+        "isochrones", parents=[parent],
+        help="MIST isochrones from the MIST web interpolator (cached), e.g. for lab step 11",
+        description="Fetch MIST isochrones at one age and one or more [Fe/H] from the MIST web "
+                    "interpolator (once: they are cached in ~/.cache/cannon_fast/isochrones or "
+                    "$CANNON_FAST_CACHE) and print where they are and their giant branch; "
+                    "--out copies them to a folder, for `demo --isochrone FILE` or "
+                    "`movie --isochrone FILE`.")
+    i.add_argument("--age", type=float, default=6.0, help="age in Gyr (default 6)")
+    i.add_argument("--feh", default="0,-1", metavar="FEH[,FEH...]",
+                   help="[Fe/H] values, comma-separated (default 0,-1)")
+    i.add_argument("--out", default=None, help="copy the .iso files into this folder")
+    i.add_argument("--force", action="store_true", help="overwrite files in --out")
+    i.add_argument("--refresh", action="store_true",
+                   help="fetch again even when cached (the cache is replaced only by a good file)")
+    i.set_defaults(func=_isochrones)
 
     b = subparsers.add_parser(
         "binaries", parents=[parent], help="single vs binary fits; bias of binaries (study)",
@@ -149,6 +171,8 @@ def load_one_spectrum(path, model, continuum=None):
 
     star = read_apstar(path)
     flux, ivar, bad = star.masked()
+    notes.append(f"{int(bad.sum())} of {bad.size} pixels masked (bad PIXMASK bits, chip gaps, "
+                 "non-finite values)")
     if flux.shape[-1] != NPIX:
         raise ValueError(f"{path}: {flux.shape[-1]} pixels, expected the {NPIX}-pixel apStar grid")
     cont, degree, source = model_continuum(model, continuum)
@@ -209,6 +233,8 @@ def _mcmc(args):
         raise ValueError(f"{args.spectrum} holds {len(flux)} spectra; mcmc takes one")
     for n in notes:
         print(n)
+    if _too_few_pixels(args, model, flux[0], ivar[0], ids[0], notes):
+        return EXIT_TOO_FEW_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingRangeWarning)  # printed below instead
         res = sample_posterior(model, flux[0], ivar[0], prior=parse_prior_args(args.prior),
@@ -253,6 +279,28 @@ def _mcmc(args):
     return 0
 
 
+def _too_few_pixels(args, model, flux, ivar, star, notes):
+    """Say so (one line, and --out's JSON with the flag) when a spectrum cannot be sampled."""
+    from ..lab.mcmc import usable_pixels
+
+    n_use, n_need = usable_pixels(model, flux, ivar)
+    if n_use >= n_need:
+        return False
+    cont = [n for n in notes if n.startswith("continuum flags")]
+    print(f"cannon-fast mcmc: {args.spectrum} ({star}): TOO_FEW_PIXELS: {n_use} usable pixels "
+          f"of {model.n_pixels}, at least {n_need} needed"
+          + (f" ({cont[0]})" if cont else "") + "; no posterior", file=sys.stderr)
+    if args.output:
+        from .._util import atomic_path
+        with atomic_path(args.output) as tmp:
+            with open(tmp, "w") as fh:
+                json.dump(dict(spectrum=args.spectrum, star=star, model=args.model,
+                               flags=["TOO_FEW_PIXELS"], n_usable_pixels=n_use,
+                               n_pixels_needed=n_need, converged=False, notes=notes),
+                          fh, indent=1)
+    return True
+
+
 def _movie(args):
     from ..lab.plots.movies import movie_metallicity, movie_rgb
 
@@ -276,6 +324,32 @@ def _movie(args):
             if n not in said:
                 print("  " + n)
                 said.add(n)
+    return 0
+
+
+def _isochrones(args):
+    import shutil
+
+    from ..lab.isochrones import read_mist, select_isochrone
+    from ..lab.mist_web import fetch_mist
+    from .lab import parse_fehs
+
+    fehs = parse_fehs(args.feh, "--feh")
+    if args.out:
+        targets = [os.path.join(args.out, f"MIST_{args.age:g}Gyr_feh{f:+.2f}.iso") for f in fehs]
+        for t in targets:
+            _refuse_existing(t, args.force)
+    for k, feh in enumerate(fehs):
+        path = fetch_mist(args.age, feh, refresh=args.refresh)
+        iso = select_isochrone(read_mist(path), age_gyr=args.age, feh=feh)
+        teff = iso.teff_at([3.0, 2.0, 1.0])
+        print(f"{iso.label}: {path}\n  RGB Teff at log g 3, 2, 1: "
+              + ", ".join(f"{t:.0f}" for t in teff) + " K")
+        if args.out:
+            from .._util import atomic_path
+            with atomic_path(targets[k]) as tmp:
+                shutil.copyfile(path, tmp)
+            print(f"  copied to {targets[k]}")
     return 0
 
 

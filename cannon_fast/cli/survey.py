@@ -67,6 +67,10 @@ def register(subparsers, parent):
     p.add_argument("--refine-continuum", action="store_true",
                    help="refine each continuum against the model and fit again (see "
                         "cannon-fast fit)")
+    p.add_argument("--binaries", action="store_true",
+                   help="screen every star for an unresolved companion: BINARY_FLAG, "
+                        "BINARY_DELTA_CHI2, BINARY_LIGHT_WEIGHT, BINARY_VELOCITY, BINARY_TEFF2/"
+                        "LOGG2 and the composite fit's primary labels BINARY_PRIMARY_<LABEL>")
     p.add_argument("--force", action="store_true",
                    help="replace an existing catalogue with this job's rows (the old one "
                         "stays until the new one is written) instead of refusing one that "
@@ -88,7 +92,7 @@ def _label(args):
             scheduler=args.scheduler, workers=args.workers, format=args.format,
             continuum=args.continuum, degree=args.degree,
             bad_bits=args.bad_bits, normalized=args.normalized, **fit_options(args),
-            log=say, force=args.force)
+            binaries=args.binaries, log=say, force=args.force)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)

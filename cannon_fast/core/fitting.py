@@ -217,6 +217,9 @@ class FitResult:
     broadening, broadening_error : ndarray, (N,), or None
         Extra line broadening and its error, (km/s)², from ``fit_broadened``;
         None from the other fits.
+    formal_errors : ndarray, (N, L), or None
+        The fit's own errors when ``errors`` are calibrated by the model's
+        ``error_model`` (``CannonModel.fit``); None otherwise.
     """
 
     labels: np.ndarray
@@ -231,6 +234,7 @@ class FitResult:
     debiased: bool = True
     broadening: np.ndarray = None
     broadening_error: np.ndarray = None
+    formal_errors: np.ndarray = None
 
     FLAGS = FLAGS
 
@@ -247,19 +251,35 @@ class FitResult:
         return (self.flags & BAD_FLAGS) == 0
 
     @property
+    def model_errors(self):
+        """(N, L) what the calibration adds to the formal errors, in quadrature (or None)."""
+        if self.formal_errors is None:
+            return None
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(np.clip(self.errors ** 2 - self.formal_errors ** 2, 0, None))
+
+    @property
     def warn(self):
         """(N,) True where a usable fit carries a warning (``WARNING_FLAGS``)."""
         return self.ok & ((self.flags & WARNING_FLAGS) != 0)
 
     def to_table(self, ids=None):
-        """The result as an astropy Table: labels, ``<NAME>_ERR``, chi², flags."""
+        """The result as an astropy Table: labels, ``<NAME>_ERR``, chi², flags.
+
+        With calibrated errors, ``<NAME>_ERR`` is the calibrated error and
+        ``<NAME>_ERR_FORMAL`` / ``<NAME>_ERR_MODEL`` its two parts (in quadrature).
+        """
         from astropy.table import Table
         t = Table()
         if ids is not None:
             t["ID"] = np.asarray(ids)
+        model_errors = self.model_errors
         for i, name in enumerate(self.label_names):
             t[name] = self.labels[:, i]
             t[name + "_ERR"] = self.errors[:, i]
+            if model_errors is not None:
+                t[name + "_ERR_FORMAL"] = self.formal_errors[:, i]
+                t[name + "_ERR_MODEL"] = model_errors[:, i]
         t["CHI2"] = self.chi2
         t["REDUCED_CHI2"] = self.reduced_chi2
         t["N_PIXELS"] = self.n_pixels

@@ -108,6 +108,9 @@ class CannonModel:
         self.label_offsets = self.label_scales = self.training_labels = None
         self.training_hash = None
         self.train_info = {}
+        #: calibrated errors (``core.errors.ErrorModel``) that ``fit`` applies; see
+        #: ``calibrate_errors``. Training again drops it: it belongs to one training.
+        self.error_model = None
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -369,6 +372,7 @@ class CannonModel:
         self.theta, self.s2, self.theta_cov, self.pixel_flags = theta, s2, cov, flags
         self.training_labels = labels
         self.training_hash = _fingerprint(flux, ivar, labels)
+        self.error_model = None
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
                                neighbour_noise_correlation=self._neighbour_correlation(
@@ -531,10 +535,77 @@ class CannonModel:
         arr, _ = self._labels_2d(labels)
         return self.predict(arr), np.swapaxes(self.gradient(arr), 1, 2)
 
-    def fit(self, flux, ivar, **kwargs):
-        """Fit labels to spectra: see ``cannon_fast.core.fitting.fit_cannon``."""
+    def fit(self, flux, ivar, calibrated_errors=True, **kwargs):
+        """Fit labels to spectra: see ``cannon_fast.core.fitting.fit_cannon``.
+
+        With an ``error_model`` (``calibrate_errors``) and ``calibrated_errors``
+        (default), the result's ``errors`` are the calibrated ones and
+        ``formal_errors`` the fit's own.
+        """
         from .fitting import fit_cannon
-        return fit_cannon(self, flux, ivar, **kwargs)
+        res = fit_cannon(self, flux, ivar, **kwargs)
+        if calibrated_errors and self.error_model is not None:
+            res = self.error_model.apply(res)
+        return res
+
+    def calibrate_errors(self, flux, ivar, labels, label_errors=None, reference=None,
+                         reference_errors=None, n_folds=3, seed=0, progress_bar=False,
+                         **fit_options):
+        """Learn calibrated errors by cross-validation on a training set; keep them.
+
+        The training set is split in ``n_folds``; a model like this one is trained
+        on the others and fits each fold (with ``fit_options``); the held-out
+        fits against ``reference`` set ``self.error_model`` (see
+        ``core.errors``), which ``fit`` and ``write`` then carry.
+
+        Parameters
+        ----------
+        flux, ivar, labels, label_errors
+            The training set, as given to ``train`` (normally the same one).
+        reference, reference_errors : ndarray, (N, L), optional
+            What the held-out fits are judged against (default: ``labels`` with
+            ``label_errors``). Reference labels better than the training labels
+            (a simulation's truth, a calibration sample) give truer errors;
+            understated reference errors make them too large, not too small.
+        n_folds, seed : int
+        progress_bar : bool
+        **fit_options
+            Options of the fits the errors are for (e.g. ``debias=False``).
+
+        Returns
+        -------
+        ErrorModel
+        """
+        from .errors import fit_error_model
+
+        self._require_trained()
+        labels = np.atleast_2d(np.asarray(labels, float))
+        n = len(labels)
+        if not 2 <= n_folds <= n // 10:
+            raise ValueError(f"{n} stars cannot be split into {n_folds} folds of >= 10 stars")
+        ref = labels if reference is None else np.atleast_2d(np.asarray(reference, float))
+        ref_err = label_errors if reference is None else reference_errors
+        folds = np.random.default_rng(seed).permutation(n) % n_folds
+        fitted = np.full(labels.shape, np.nan)
+        formal = np.full(labels.shape, np.nan)
+        for k in range(n_folds):
+            inner, held = folds != k, folds == k
+            m = CannonModel(self.label_names, order=self.order, backend=self.backend,
+                            extra_terms=self.extra_terms,
+                            reciprocal_labels=self.reciprocal_labels,
+                            grid=self.grid if self._grid_given else None)
+            m.train(flux[inner], ivar[inner], labels[inner],
+                    label_errors=None if label_errors is None else label_errors[inner])
+            r = m.fit(flux[held], ivar[held], progress_bar=progress_bar, **fit_options)
+            fitted[held] = np.where(r.ok[:, None], r.labels, np.nan)
+            formal[held] = r.errors
+        self.error_model = fit_error_model(
+            fitted, formal, ref, self.label_names, reference_errors=ref_err,
+            training_labels=self.training_labels,
+            info=dict(reference="training labels" if reference is None else "given",
+                      n_folds=n_folds, fit_options={k: v for k, v in fit_options.items()
+                                                    if isinstance(v, (bool, int, float, str))}))
+        return self.error_model
 
     def starting_points(self, n):
         """``n`` starting points for label fits, in scaled labels.
@@ -564,7 +635,9 @@ class CannonModel:
                     label_names=self.label_names, order=self.order,
                     extra_terms=self.extra_terms, reciprocal_labels=self.reciprocal_labels,
                     backend=self.backend,
-                    training_hash=self.training_hash, train_info=self.train_info)
+                    training_hash=self.training_hash, train_info=self.train_info,
+                    error_model=None if self.error_model is None
+                    else self.error_model.to_dict())
 
     def _grid_record(self):
         """The grid's metadata (None without a grid) and its arrays, named for the file."""
@@ -685,6 +758,12 @@ class CannonModel:
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: bad pixel grid record: {err}") from None
         model.training_hash = meta["training_hash"]
+        if meta.get("error_model") is not None:
+            from .errors import ErrorModel
+            try:
+                model.error_model = ErrorModel.from_dict(meta["error_model"])
+            except ValueError as err:
+                raise ValueError(f"{path}: bad error-model record: {err}") from None
         model.train_info = meta.get("train_info", {})
         model.train_info["trained_with_backend"] = meta.get("backend")
         model.train_info["written_by_version"] = meta.get("version")

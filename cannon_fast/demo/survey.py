@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from .._util import atomic_path, progress as _progress
+from .._util import atomic_path, cache_root, progress as _progress
 from .archive import (ALLSTAR_RELPATH, APSTAR_RELDIR, SURVEY_VERSION, _apstar_file, _paths,
                       _write_apstar, _write_tables)
 from .catalog import _catalog
@@ -175,11 +175,6 @@ def make_demo_survey(out_dir, n_stars=1200, seed=0, visits=True, binary_fraction
 
 
 # ----------------------------------------------------------------------------- cache
-def _default_cache_root():
-    env = os.environ.get("CANNON_FAST_CACHE")
-    return env if env else os.path.join(os.path.expanduser("~"), ".cache", "cannon_fast")
-
-
 def _cache_name(seed, n_stars, visits, binary_fraction, kwargs):
     """``demo-survey-v1-seed<seed>``, plus the parameters that differ from the defaults."""
     name = f"demo-survey-v{SURVEY_VERSION}-seed{int(seed)}"
@@ -239,7 +234,7 @@ def demo_survey(cache_dir=None, n_stars=1200, seed=0, visits=True, binary_fracti
     SurveyPaths
     """
     name = _cache_name(seed, n_stars, visits, binary_fraction, kwargs)
-    root = os.path.join(os.fspath(cache_dir) if cache_dir is not None else _default_cache_root(),
+    root = os.path.join(os.fspath(cache_dir) if cache_dir is not None else cache_root(),
                         name)
     paths = _cached(root, n_stars, seed)
     if paths is not None:

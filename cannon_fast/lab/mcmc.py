@@ -42,7 +42,7 @@ from .._util import progress
 from ..core.model import fitted_pixels
 
 __all__ = ["Prior", "PosteriorResult", "TrainingRangeWarning", "make_prior", "sample_posterior",
-           "log_likelihood_function"]
+           "log_likelihood_function", "usable_pixels"]
 
 
 class TrainingRangeWarning(UserWarning):
@@ -208,6 +208,32 @@ def _good_pixels(model, flux, ivar):
     return (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar) & fitted_pixels(model, len(ivar))
 
 
+def _min_pixels(model):
+    """Fewest usable pixels a posterior is sampled from: ten per label."""
+    return 10 * len(model.label_names)
+
+
+def usable_pixels(model, flux, ivar):
+    """How many pixels of one spectrum the posterior can use, and how many it needs.
+
+    Parameters
+    ----------
+    model : CannonModel or forward model
+    flux, ivar : array_like, (P,)
+        Normalized flux and inverse variance on the model's pixels.
+
+    Returns
+    -------
+    n_usable, n_needed : int
+        Pixels with ``ivar > 0``, finite values and a fitted model pixel; below
+        ``n_needed`` :func:`sample_posterior` refuses the spectrum.
+    """
+    flux, ivar = _one_spectrum(flux, ivar)
+    if flux.shape != ivar.shape:
+        raise ValueError(f"flux and ivar shapes differ: {flux.shape} vs {ivar.shape}")
+    return int(_good_pixels(model, flux, ivar).sum()), _min_pixels(model)
+
+
 def log_likelihood_function(model, flux, ivar, method="auto"):
     """Return ``loglike(labels (W, L)) -> (W,)`` for one spectrum.
 
@@ -241,7 +267,7 @@ def log_likelihood_function(model, flux, ivar, method="auto"):
                          "it must be on the model's pixel grid")
     good = _good_pixels(model, flux, ivar)
     n_good = int(good.sum())
-    if n_good < 10 * len(model.label_names):
+    if n_good < _min_pixels(model):
         raise ValueError(f"only {n_good} usable pixels (ivar > 0, finite, model pixel not "
                          "flagged): too few to constrain the labels")
     w = 1.0 / (1.0 / ivar[good] + s2[good])  # (P_good,)
@@ -689,7 +715,7 @@ def _start_fit(model, flux, ivar, init=None):
         deb_errors = fit_errors.copy()
     else:
         deb = fit_spectra(model, flux[None], ivar[None], debias=True)
-        deb_errors = deb.errors[0]  # DEBIAS_CAPPED (informational) gets no warning
+        deb_errors = deb.errors[0]  # its errors only: its flags are not the chain's
     flags = int(np.ravel(init.flags)[0])
     if not np.all(np.isfinite(fit_labels)):
         raise ValueError("the chi² fit failed for this spectrum (flags "

@@ -96,7 +96,7 @@ AUTO_MODELS = {
 
 
 def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3, seed=0,
-                   label_errors=None):
+                   label_errors=None, heldout=None):
     """Choose a model and a label fit by cross-validation on a training set.
 
     Each fold is fitted by each model trained on the other folds, with each label
@@ -120,6 +120,9 @@ def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3
     seed : int
     label_errors : ndarray, (N, L), optional
         The catalogue's label errors, passed on to the models.
+    heldout : dict, optional
+        Filled with ``(model_name, step) -> (labels, errors)``, each (N, L): every
+        training star's held-out fit (NaN where it failed), for error calibration.
 
     Returns
     -------
@@ -130,7 +133,8 @@ def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3
     """
     n = len(labels)
     folds = np.random.default_rng(seed).permutation(n) % n_folds
-    resid = {(m, st): [] for m in models for st in steps}
+    fitted = {(m, st): (np.full(labels.shape, np.nan), np.full(labels.shape, np.nan))
+              for m in models for st in steps}
     for k in range(n_folds):
         inner, held = folds != k, folds == k
         for name, train_model in models.items():
@@ -138,10 +142,14 @@ def cross_validate(models, flux, ivar, labels, steps=tuple(FIT_STEPS), n_folds=3
                             None if label_errors is None else label_errors[inner])
             for st in steps:
                 r = m.fit(flux[held], ivar[held], **FIT_STEPS[st])
-                resid[name, st].append(np.where(r.ok[:, None], r.labels - labels[held], np.nan))
+                fitted[name, st][0][held] = np.where(r.ok[:, None], r.labels, np.nan)
+                fitted[name, st][1][held] = r.errors
+    if heldout is not None:
+        heldout.update(fitted)
+    resid = {key: f[0] - labels for key, f in fitted.items()}
     scatter, score = {}, {}
-    for key, parts in resid.items():
-        sd = np.nanstd(np.concatenate(parts), axis=0)
+    for key, r in resid.items():
+        sd = np.nanstd(r, axis=0)
         scatter[" / ".join(key)] = sd.tolist()
         score[" / ".join(key)] = float(np.mean(np.log(sd ** 2)))
     best = min(resid, key=lambda key: score[" / ".join(key)])
@@ -277,13 +285,65 @@ def _read_truth(path, ids):
         if name in names:
             out[have, j] = np.asarray(t[name], float)[rows[have]]
     extra = {}
-    for col in ("IS_BINARY", "POPULATION", "VMACRO"):
+    for col in ("IS_BINARY", "POPULATION", "VMACRO", "FLUX_RATIO_H", "K_REL"):
         if col in names:
             vals = np.asarray(t[col])[np.maximum(rows, 0)]
             missing = np.full_like(vals, np.nan) if vals.dtype.kind == "f" else \
                 np.zeros_like(vals)
             extra[col] = np.where(have, vals, missing)
     return out, extra
+
+
+#: S/N bins of the pull statistics (lower edges inclusive)
+SNR_BINS = ((0, 70), (70, 100), (100, 200), (200, np.inf))
+
+
+def pull_statistics(fit, reference, snr, reference_errors=None, names=LAB_LABELS):
+    """Standard deviation of (fit - reference) / error per label and S/N bin.
+
+    For calibrated fits both the calibrated errors and the formal ones are scored;
+    ``reference_errors`` (a catalogue's) are added in quadrature. A well-calibrated
+    error gives 1; the issue's band is 0.8-1.25.
+    """
+    ok = fit.ok & np.isfinite(snr)
+    ref_var = 0.0 if reference_errors is None else np.nan_to_num(reference_errors) ** 2
+    kinds = {"calibrated": fit.errors} if fit.formal_errors is not None else {}
+    kinds["formal"] = fit.errors if fit.formal_errors is None else fit.formal_errors
+    out = {}
+    for j, name in enumerate(names):
+        out[name] = {}
+        for lo, hi in SNR_BINS:
+            sel = ok & (snr >= lo) & (snr < hi) & np.isfinite(reference[:, j])
+            key = f"{lo:g}-{hi:g}"
+            entry = dict(n=int(sel.sum()))
+            for kind, err in kinds.items():
+                ref_v = ref_var if np.isscalar(ref_var) else ref_var[sel, j]
+                pull = (fit.labels[sel, j] - reference[sel, j]) / np.sqrt(err[sel, j] ** 2
+                                                                            + ref_v)
+                entry[kind] = _num(np.std(pull)) if sel.sum() >= 5 else None
+            out[name][key] = entry
+    return out
+
+
+def _allstar_column(allstar, ids, column):
+    """One numeric allStar column for the stars ``ids`` (NaN where absent)."""
+    import fitsio
+
+    out = np.full(len(ids), np.nan)
+    try:
+        with fitsio.FITS(allstar) as f:
+            if column not in f[1].get_colnames() or "APOGEE_ID" not in f[1].get_colnames():
+                return out
+            t = f[1].read(columns=["APOGEE_ID", column])
+    except OSError:
+        return out
+    index = {}
+    for i, s in enumerate(np.char.strip(np.asarray(t["APOGEE_ID"]).astype(str))):
+        index.setdefault(s, i)
+    rows = np.array([index.get(str(s).strip(), -1) for s in ids])
+    have = rows >= 0
+    out[have] = np.asarray(t[column], float)[rows[have]]
+    return out
 
 
 def _catalog_flags(allstar, ids):
@@ -626,8 +686,13 @@ class _LabOptions:
     extra_terms: object
     test_step: str
     label_errors: object
+    binary_screen: bool
     show_progress: object
     log: object
+    stars: object
+    isochrone_age: object
+    isochrone_feh: object
+    isochrone_source: str
 
 
 @dataclasses.dataclass(eq=False)
@@ -648,11 +713,13 @@ class _LabContext:
     t_start: float
     timings: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    summary_extra: dict = dataclasses.field(default_factory=dict)  # more summary.json keys
     figures: list = dataclasses.field(default_factory=list)  # saved, with captions
     # _step_data
     source: dict = None
     files: list = None
     id_to_path: dict = None  # APOGEE_ID -> apStar path
+    stars: list = None  # the stars named for the example figures (--star), as the data spell them
     allstar_path: str = None
     truth_path: str = None
     # _step_continuum_pixels
@@ -682,6 +749,11 @@ class _LabContext:
     cv: dict = None
     model: object = None
     model_path: str = None
+    heldout: dict = dataclasses.field(default_factory=dict)  # cross_validate's held-out fits
+    # _step_screen_training, _step_screen_validation
+    binaries: dict = dataclasses.field(default_factory=dict)  # summary.json's "binaries"
+    val_screen: object = None  # core.binaries.BinaryScreen of the validation stars
+    error_calibration: dict = None
     # _step_fit
     fits: dict = dataclasses.field(default_factory=dict)  # FIT_STEPS key -> FitResult
     validation: dict = None
@@ -738,7 +810,8 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
             continuum=None, line_file=None, isochrones=None, train_fraction=0.5,
             min_stars=60, workers=2, backend="auto", n_outliers=6, extras=True,
             nn_epochs=30, keep_store=False, extra_terms="auto", test_step="auto",
-            label_errors="auto", show_progress=None, log=print):
+            label_errors="auto", binary_screen=True, show_progress=None, log=print,
+            stars=None, isochrone_age=None, isochrone_feh=None, isochrone_source="files"):
     """Run the modeling lab end to end and write a report folder.
 
     Parameters
@@ -802,6 +875,11 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         stars). ``"auto"`` lets the cross-validation choose when the
         catalogue has ``<LABEL>_ERR`` columns (missing errors are filled with
         the label's median error).
+    binary_screen : bool
+        Screen every star for an unresolved companion (``core.binaries``): the
+        flagged training stars leave the training set before the model is chosen
+        and trained; the validation stars get BINARY_* columns, the composite
+        fit's primary labels, and separate statistics for singles and binaries.
     test_step : {"auto", "debias", "plain"}
         The label fit whose results the figures and the headline numbers use. Both
         are always computed and in ``summary.json``. ``"auto"`` chooses by 3-fold
@@ -811,6 +889,28 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
         Progress bars (default: when stderr is a terminal).
     log : callable or None
         Called with one line of text per step.
+    stars : sequence of str, optional
+        APOGEE IDs for the example figures (the lab's checkpoints name
+        2M19395986+2341280 for the continuum and 2M03533659+2512012 for data
+        against the model): the first replaces the median-S/N training star of
+        ``example_spectrum``, ``continuum`` and ``data_vs_model``; each other
+        one adds ``continuum_<ID>`` and ``data_vs_model_<ID>``. A star cut by
+        the lab's cuts gets the continuum figure only. An ID not in the data is
+        a ValueError listing the nearest IDs, raised before the spectra are read.
+    isochrone_age : float, optional
+        Age (Gyr) of the isochrones on the Kiel diagram: the nearest one in each
+        ``isochrones`` file; for ``isochrone_source="mist"`` the age fetched
+        (default 6, lab step 11).
+    isochrone_feh : sequence of float, optional
+        Their [Fe/H]s, as for the age (default for MIST: 0 and -1, lab step 11).
+    isochrone_source : {"files", "mist"}
+        ``"files"``: the ``isochrones`` given (none: the demo draws the survey's
+        own giant branch). ``"mist"``: also MIST isochrones from the MIST web
+        interpolator (:mod:`cannon_fast.lab.mist_web`), cached under
+        ``cache_dir`` (default ``$CANNON_FAST_CACHE`` or ``~/.cache/cannon_fast``)
+        so later runs need no network; offline with nothing cached is a
+        ConnectionError before any work. summary.json's ``isochrones`` says which
+        were drawn (source, origin, path, age, [Fe/H]).
 
     Returns
     -------
@@ -831,9 +931,12 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     _step_prepare(ctx)
     _step_load(ctx)
     _step_split(ctx)
+    _step_screen_training(ctx)
     _step_choose_model(ctx)
     _step_train(ctx)
+    _step_calibrate_errors(ctx)
     _step_fit(ctx)
+    _step_screen_validation(ctx)
     _step_error_budget(ctx)
     _step_figures(ctx)
     _step_extras(ctx)
@@ -865,11 +968,12 @@ def _new_context(opts):
     if wanted - set(_EXTRAS):
         raise ValueError(f"unknown optional steps {sorted(wanted - set(_EXTRAS))}; "
                          f"choose from {_EXTRAS}")
-    iso_tracks = _read_isochrones(opts.isochrones)  # bad files fail here as well
+    iso_tracks, iso_notes = _read_isochrones(opts)  # bad files, or offline, fail here as well
     return _LabContext(opts=opts, out_dir=_prepare_out_dir(opts.out_dir, opts.force),
                        model_sets=model_sets, extras_wanted=wanted, iso_tracks=iso_tracks,
                        say=opts.log if opts.log is not None else (lambda *_: None),
-                       t_start=t_start)
+                       t_start=t_start, notes=iso_notes,
+                       summary_extra=dict(isochrones=[t["info"] for t in iso_tracks]))
 
 
 def _step_data(ctx):
@@ -911,7 +1015,18 @@ def _step_data(ctx):
             pass
     ctx.source.update(allstar=ctx.allstar_path, truth=ctx.truth_path,
                       n_apstar_files=len(ctx.files))
+    from .stars import find_stars
+    ctx.stars = find_stars(o.stars, ctx.id_to_path, *_data_description(o, apstar_root))
     ctx.timings["survey"] = time.perf_counter() - t0
+
+
+def _data_description(o, apstar_root):
+    """What the data are, and a hint, for the message about a star they do not have."""
+    if o.data_dir is None:
+        return ("the embedded synthetic survey", "its IDs are made up; the lab's checkpoint "
+                "stars are real DR17 stars: `cannon-fast download --fields M15 N6791 "
+                "K2_C4_168-21 060+00 --out DIR`, then `cannon-fast demo --data DIR --star ID`")
+    return f"the apStar files under {apstar_root}", ""
 
 
 def _step_continuum_pixels(ctx):
@@ -1002,6 +1117,38 @@ def _step_split(ctx):
             f"1 held back ({ctx.ids[ctx.mystery]})")
 
 
+def _step_screen_training(ctx):
+    """Flagged binaries leave the training set before anything is trained on it (step 15).
+
+    A first model of the lab's form fits the training stars; the screen compares
+    single and composite fits of each; the flagged stars are set aside.
+    """
+    from ..core.binaries import screen_binaries
+    from ..core.model import CannonModel
+
+    if not ctx.opts.binary_screen:
+        return
+    t0 = time.perf_counter()
+    tr = ctx.train
+    m = CannonModel(LAB_LABELS, order=2, backend=ctx.opts.backend).train(
+        ctx.flux[tr], ctx.ivar[tr], ctx.cat_labels[tr])
+    single = m.fit(ctx.flux[tr], ctx.ivar[tr], debias=False)
+    scr = screen_binaries(m, ctx.flux[tr], ctx.ivar[tr], single.labels,
+                          progress_bar=not _bar_disabled(ctx.opts.show_progress))
+    ctx.binaries["training"] = dict(n_screened=int(len(tr)), n_flagged=int(scr.flagged.sum()),
+                                    min_delta_chi2=scr.min_delta_chi2,
+                                    flagged_ids=[str(i) for i in ctx.ids[tr][scr.flagged]])
+    truth_b = ctx.truth_extra.get("IS_BINARY")
+    if truth_b is not None:
+        ctx.binaries["training"]["n_true_binaries_flagged"] = int(np.sum(
+            scr.flagged & np.asarray(truth_b[tr], bool)))
+    ctx.train = tr[~scr.flagged]
+    ctx.timings["binary_screen_training"] = time.perf_counter() - t0
+    ctx.say(f"binary screen: {int(scr.flagged.sum())} of {len(tr)} training stars flagged "
+            f"(Δχ² > {scr.min_delta_chi2:g}) and left out of training "
+            f"({ctx.timings['binary_screen_training']:.1f} s)")
+
+
 def _step_choose_model(ctx):
     """The model and the label fit, by cross-validation in the training set (lab step 9).
 
@@ -1053,21 +1200,64 @@ def _step_train(ctx):
                                                    ctx.cat_labels[tr], ctx.train_errors)
         bar.update(1)
     record_continuum(ctx.model, ctx.cont_mask, ctx.continuum_degree)
-    ctx.model_path = os.path.join(ctx.out_dir, "model.fits")
-    ctx.model.write(ctx.model_path, overwrite=True)
     ctx.timings["train"] = time.perf_counter() - t0
     ctx.say(f"trained {ctx.model!r} in {ctx.timings['train']:.1f} s")
+
+
+def _step_calibrate_errors(ctx):
+    """Calibrated errors from the training set's held-out fits; write model.fits (step 12).
+
+    The reference is the true labels when the data set has them (a simulation:
+    its training half calibrates, the validation half checks), otherwise the
+    catalogue labels with their stated errors.
+    """
+    from ..core.errors import fit_error_model
+
+    t0 = time.perf_counter()
+    tr, key = ctx.train, (ctx.model_name, ctx.primary_key)
+    truth = ctx.truth_labels
+    use_truth = truth is not None and np.isfinite(truth[tr]).all(axis=1).mean() > 0.9
+    ref, ref_err = (truth[tr], None) if use_truth else (ctx.cat_labels[tr], ctx.train_errors)
+    reference = "true labels" if use_truth else (
+        "catalogue labels" + (" with their stated errors" if ref_err is not None else ""))
+    if key not in ctx.heldout:   # no model choice was cross-validated: do it for the errors
+        cross_validate({ctx.model_name: ctx.candidates[ctx.model_name]}, ctx.flux[tr],
+                       ctx.ivar[tr], ctx.cat_labels[tr], steps=(ctx.primary_key,),
+                       seed=ctx.opts.seed, label_errors=ctx.train_errors, heldout=ctx.heldout)
+    fitted, formal = ctx.heldout[key]
+    try:
+        ctx.model.error_model = fit_error_model(
+            fitted, formal, ref, LAB_LABELS, reference_errors=ref_err,
+            training_labels=ctx.cat_labels[tr],
+            info=dict(reference=reference, fit=ctx.primary_key, n_folds=3))
+        ctx.error_calibration = dict(reference=reference, fit=ctx.primary_key,
+                                     params=ctx.model.error_model.to_dict()["params"])
+    except ValueError as err:  # too few usable held-out fits: formal errors, said so
+        ctx.notes.append(f"errors not calibrated ({err}); the errors are the fits' formal ones")
+        ctx.error_calibration = dict(reference=None, note=str(err))
+    ctx.model_path = os.path.join(ctx.out_dir, "model.fits")
+    ctx.model.write(ctx.model_path, overwrite=True)
+    ctx.timings["calibrate_errors"] = time.perf_counter() - t0
 
 
 def _step_fit(ctx):
     """Fit the validation half with every label fit, and score each (lab step 9)."""
     for st, options in FIT_STEPS.items():
         t0 = time.perf_counter()
+        # the calibration belongs to the primary fit; the others keep their formal errors
         ctx.fits[st] = ctx.model.fit(ctx.flux[ctx.valid], ctx.ivar[ctx.valid],
-                                     progress_bar=ctx.opts.show_progress, **options)
+                                     progress_bar=ctx.opts.show_progress,
+                                     calibrated_errors=st == ctx.primary_key, **options)
         ctx.timings["fit_" + st] = time.perf_counter() - t0
     ctx.validation = {st: _validation_block(res, ctx.val_cat, ctx.val_true)
                       for st, res in ctx.fits.items()}
+    snr = _allstar_column(ctx.allstar_path, ctx.ids[ctx.valid], "SNR")
+    pulls = dict(snr_bins=[f"{lo:g}-{hi:g}" for lo, hi in SNR_BINS], vs_catalog=pull_statistics(
+        ctx.primary, ctx.val_cat, snr, None if ctx.cat_errors is None
+        else ctx.cat_errors[ctx.valid]))
+    if ctx.val_true is not None:
+        pulls["vs_true"] = pull_statistics(ctx.primary, ctx.val_true, snr)
+    ctx.validation[ctx.primary_key]["pulls"] = pulls
     broad = ctx.fits["broadened"]
     ctx.validation["broadened"]["broadening"] = dict(
         unit="(km/s)^2", percentiles_5_50_95=[_num(q) for q in np.nanpercentile(
@@ -1083,6 +1273,54 @@ def _step_fit(ctx):
         ctx.primary_key = "plain"
     ctx.say(f"fitted {n_valid} validation stars ("
             + ", ".join(f"{ctx.timings['fit_' + st]:.1f} s {st}" for st in FIT_STEPS) + ")")
+
+
+def _step_screen_validation(ctx):
+    """Screen the validation stars with the trained model; score singles and binaries."""
+    from ..core.binaries import screen_binaries
+
+    if not ctx.opts.binary_screen:
+        return
+    t0 = time.perf_counter()
+    va, prim = ctx.valid, ctx.primary
+    scr = screen_binaries(ctx.model, ctx.flux[va], ctx.ivar[va], prim.labels,
+                          progress_bar=not _bar_disabled(ctx.opts.show_progress))
+    ctx.val_screen = scr
+    dt = time.perf_counter() - t0
+    ctx.timings["binary_screen_validation"] = dt
+    flagged = scr.flagged
+    b = dict(n_screened=int(len(va)), n_flagged=int(flagged.sum()),
+             stars_per_second=_num(len(va) / dt), min_delta_chi2=scr.min_delta_chi2,
+             columns="validation_labels.fits: BINARY_FLAG, BINARY_DELTA_CHI2, "
+                     "BINARY_LIGHT_WEIGHT, BINARY_VELOCITY, BINARY_TEFF2, BINARY_LOGG2, "
+                     "BINARY_PRIMARY_<LABEL>(_ERR)")
+    if ctx.val_true is not None:
+        ok = prim.ok
+        b["singles_vs_true"] = label_statistics(prim.labels, ctx.val_true, LAB_LABELS,
+                                                good=ok & ~flagged)
+        b["flagged_single_fit_vs_true"] = label_statistics(prim.labels, ctx.val_true,
+                                                           LAB_LABELS, good=ok & flagged)
+        b["flagged_composite_fit_vs_true"] = label_statistics(
+            scr.primary_labels, ctx.val_true, LAB_LABELS, good=flagged)
+    truth_b = ctx.truth_extra.get("IS_BINARY")
+    if truth_b is not None:
+        isb = np.asarray(truth_b[va], bool)
+        fr = ctx.truth_extra.get("FLUX_RATIO_H")
+        kr = ctx.truth_extra.get("K_REL")
+        b["truth"] = dict(n_binaries=int(isb.sum()), n_binaries_flagged=int(np.sum(flagged & isb)),
+                          n_singles=int((~isb).sum()),
+                          n_singles_flagged=int(np.sum(flagged & ~isb)))
+        if fr is not None and kr is not None:
+            strong = isb & (np.asarray(fr[va], float) > 0.3) & (np.asarray(kr[va], float) > 15)
+            b["truth"].update(n_bright_fast=int(strong.sum()),
+                              n_bright_fast_flagged=int(np.sum(flagged & strong)),
+                              bright_fast="FLUX_RATIO_H > 0.3 and K_REL > 15 km/s")
+        if ctx.val_true is not None:
+            b["true_singles_vs_true"] = label_statistics(prim.labels, ctx.val_true, LAB_LABELS,
+                                                         good=prim.ok & ~isb)
+    ctx.binaries["validation"] = b
+    ctx.say(f"binary screen: {int(flagged.sum())} of {len(va)} validation stars flagged "
+            f"({dt:.1f} s, {len(va) / dt:.0f} stars/s)")
 
 
 def _validation_block(res, val_cat, val_true):
@@ -1159,8 +1397,15 @@ def _step_figures(ctx):
     # a failed fit has NaN labels: draw the model at the training median there instead
     model_val = model.predict(np.where(np.isfinite(primary.labels), primary.labels,
                                        np.nanmedian(model.training_labels, axis=0)))
-    ex = _example_star(ctx)
-    plan = _example_figures(ctx, pl, ex) + _model_figures(ctx, pl, ex, lines)
+    plan = []
+    shown = _figure_stars(ctx)
+    for k, (star_id, _, _) in enumerate(shown):
+        plan += _example_figures(ctx, pl, star_id, "" if k == 0 else "_" + star_id,
+                                 raw_figure=k == 0)
+    plan += _model_figures(ctx, pl, lines, [_data_vs_model_figure(ctx, pl, idx, role,
+                                                                  "" if k == 0 else "_" + sid)
+                                            for k, (sid, idx, role) in enumerate(shown)
+                                            if idx is not None])
     ctx.outliers = _worst_outliers(ctx, model_val)
     plan += _validation_figures(ctx, pl, model_val) + _kiel_figure(ctx, pl)
     plan += _broadening_figure(ctx, pl)
@@ -1184,13 +1429,39 @@ def _example_star(ctx):
     return int(cand[np.argsort(snr_proxy, kind="stable")[len(cand) // 2]])
 
 
-def _example_figures(ctx, pl, ex):
-    """Plan of star ``ex``'s raw spectrum and its normalization (none if unreadable)."""
+def _figure_stars(ctx):
+    """The stars of the example figures: ``(apogee_id, index or None, role)`` each.
+
+    The named stars (``stars=``) in order, else the median-S/N training star;
+    ``index`` is the star's row among the kept stars (None when the cuts removed
+    it), ``role`` says which set it is in. summary.json's ``example_stars``
+    records them.
+    """
+    where = {int(i): "training" for i in ctx.train}
+    where.update({int(i): "validation" for i in ctx.valid})
+    where[int(ctx.mystery)] = "held-back (MCMC)"
+    row = {sid: i for i, sid in enumerate(ctx.ids)}
+    if ctx.stars:
+        out = [(sid, row.get(sid), where.get(row.get(sid), "not kept by the lab's cuts"))
+               for sid in ctx.stars]
+    else:
+        ex = _example_star(ctx)
+        out = [(ctx.ids[ex], ex, "training")]
+    ctx.summary_extra["example_stars"] = [
+        dict(apogee_id=str(sid), role=role, named=bool(ctx.stars)) for sid, _, role in out]
+    for sid, idx, role in out:
+        if idx is None:
+            ctx.notes.append(f"star {sid} is in the data but {role}: its continuum figure is "
+                             "drawn, data against the model is not (no catalogue labels kept)")
+    return out
+
+
+def _example_figures(ctx, pl, ex_id, suffix="", raw_figure=True):
+    """Plan of star ``ex_id``'s raw spectrum and its normalization (none if unreadable)."""
     from ..apogee.bitmask import mask_spectra
     from ..apogee.files import read_apstar
     from ..core.continuum import normalize
 
-    ex_id = ctx.ids[ex]
     cont_mask = ctx.cont_mask
     try:
         spec = read_apstar(ctx.id_to_path[ex_id])
@@ -1198,15 +1469,15 @@ def _example_figures(ctx, pl, ex):
         ns = normalize(f_raw, v_raw, cont_mask, degree=ctx.continuum_degree,
                        keep_continuum=True, dtype=np.float64)
     except (KeyError, OSError, ValueError) as err:
-        ctx.notes.append(f"example/continuum figures skipped: {err}")
+        ctx.notes.append(f"example/continuum figures of {ex_id} skipped: {err}")
         return []
-    return [
+    plan = [
         ("example_spectrum", lambda: pl.plot_spectrum(
             spec.wavelength, spec.flux, good=v_raw > 0,
             title=f"{ex_id}: combined apStar spectrum (chip gaps and flagged pixels left empty)"),
          "An example spectrum: flux against vacuum wavelength, in 1e-17 erg/s/cm²/Å "
          "(flux density per unit wavelength). The two gaps are the detector chip gaps."),
-        ("continuum", lambda: pl.plot_continuum(
+        ("continuum" + suffix, lambda: pl.plot_continuum(
             spec.wavelength, f_raw, ns.continuum, ns.flux, good=v_raw > 0,
             continuum_pixels=cont_mask,
             title=f"{ex_id}: raw spectrum, per-chip pseudo-continuum, normalized spectrum"),
@@ -1216,13 +1487,25 @@ def _example_figures(ctx, pl, ex):
          f"the chips' ranges, not flagged, finite): {int(np.sum(cont_mask & (v_raw > 0)))} "
          f"for this star (orange dots)."),
     ]
+    return plan if raw_figure else plan[1:]
 
 
-def _model_figures(ctx, pl, ex, known_lines):
+def _data_vs_model_figure(ctx, pl, ex, role, suffix=""):
+    """Plan entry of kept star ``ex`` against the model at its catalogue labels."""
+    model = ctx.model
+    return ("data_vs_model" + suffix, lambda: pl.plot_data_vs_model(
+        ctx.wave, ctx.flux[ex], ctx.ivar[ex], model.predict(ctx.cat_labels[ex]),
+        (16000.0, 16100.0),
+        title=f"{role} star {ctx.ids[ex]}: data and model at its catalog labels", s2=model.s2),
+        f"Data against the model for a {role} star ({ctx.ids[ex]}), 16000-16100 Å; the "
+        "residual band is the data error plus the model's intrinsic scatter.")
+
+
+def _model_figures(ctx, pl, known_lines, data_vs_model):
     """Plan of the catalog labels' corner plot and the trained model's figures.
 
-    ``ex`` is the training star drawn against the model; ``known_lines`` is
-    ``(lines, their source)`` of the gradient-spectrum marks.
+    ``data_vs_model`` are the plan entries of stars drawn against the model;
+    ``known_lines`` is ``(lines, their source)`` of the gradient-spectrum marks.
     """
     from .plots._labels import label_name
 
@@ -1234,12 +1517,7 @@ def _model_figures(ctx, pl, ex, known_lines):
             cat_labels, LAB_LABELS,
             title=f"catalog labels of the {len(ctx.ids)} stars kept by the cuts"),
          "Corner plot of the catalog labels of the stars that pass the lab's cuts."),
-        ("data_vs_model", lambda: pl.plot_data_vs_model(
-            wave, ctx.flux[ex], ctx.ivar[ex], model.predict(cat_labels[ex]), (16000.0, 16100.0),
-            title=f"training star {ctx.ids[ex]}: data and model at its catalog labels",
-            s2=model.s2),
-         "Data against the model for a training star, 16000-16100 Å; the residual band is "
-         "the data error plus the model's intrinsic scatter."),
+        *data_vs_model,
         ("gradients", lambda: pl.plot_gradient_spectra(
             wave, model.gradient(ref_labels), LAB_LABELS, lines=lines, lines_source=lines_src,
             title="gradient spectra at the median training labels: " + ", ".join(
@@ -1293,6 +1571,18 @@ def _validation_figures(ctx, pl, model_val):
         title=f"cross-validation against the CATALOG labels ({int(ok.sum())} stars, "
               f"{fit_note})"),
         "Cross-validation: fitted against the catalog (ASPCAP-like) labels, as in the lab."))
+    pulls = ctx.validation[ctx.primary_key].get("pulls", {})
+    ref = "vs_true" if "vs_true" in pulls else "vs_catalog"
+    if ref in pulls:
+        cal = ctx.error_calibration or {}
+        plan.append(("pulls", lambda: pl.plot_pulls(
+            pulls[ref], LAB_LABELS, title=f"are the errors right? validation stars against the "
+            f"{'TRUE' if ref == 'vs_true' else 'CATALOG'} labels ({fit_note})"),
+            "Error calibration (lab step 12): the standard deviation of (fit - reference) / "
+            "error per S/N bin; 1 is right, the band is 0.8-1.25. Formal errors count only the "
+            "pixel noise as the ivar states it; the calibrated ones add the model error "
+            f"learned by cross-validation in the training set against the "
+            f"{cal.get('reference') or 'reference'} (model.error_model)."))
     if outl:
         k = [o["index"] for o in outl]
         plan.append(("outliers", lambda: pl.plot_outliers(
@@ -1313,8 +1603,12 @@ def _kiel_figure(ctx, pl):
         if gb is not None:
             iso.append(gb)
             iso_note = gb.pop("note")
+            ctx.summary_extra["isochrones"] = [dict(source="survey giant branch",
+                                                    label=gb["label"], note=iso_note)]
     elif iso:
-        iso_note = "isochrones: " + "; ".join(t["label"] for t in iso)
+        iso_note = "isochrones (giants): " + "; ".join(
+            t["label"] + (f" ({t['info']['origin']})" if t["info"].get("origin") else "")
+            for t in iso)
     return [("kiel", lambda: pl.plot_kiel(primary.labels[primary.ok, 0],
                                           primary.labels[primary.ok, 1],
                                           primary.labels[primary.ok, 2], isochrones=iso,
@@ -1387,6 +1681,9 @@ def _extras_inputs(ctx):
 def _step_outputs(ctx):
     """validation_labels.fits, summary.json and report.html; the store goes unless kept."""
     tab = ctx.primary.to_table(ids=ctx.ids[ctx.valid])
+    if ctx.val_screen is not None:
+        for name, col in ctx.val_screen.columns(LAB_LABELS).items():
+            tab[name] = col
     for j, n in enumerate(LAB_LABELS):
         tab["CAT_" + n] = ctx.val_cat[:, j]
         if ctx.val_true is not None:
@@ -1431,6 +1728,7 @@ def _summary(ctx):
                                    else list(o.extra_terms), test_step=o.test_step),
                     model=ctx.model_name, test_step=ctx.primary_key, **ctx.cv),
         validation=ctx.validation,
+        error_calibration=ctx.error_calibration, binaries=ctx.binaries,
         targets=dict(against="true labels" if ctx.val_true is not None
                      else "unavailable (no truth)",
                      primary=ctx.validation[ctx.primary_key].get("targets_vs_true")),
@@ -1438,7 +1736,7 @@ def _summary(ctx):
         figures=[dict(file=f["file"], caption=f["caption"]) for f in ctx.figures],
         extras=ctx.extras_status,
         timings={k: round(v, 2) for k, v in ctx.timings.items()}, notes=ctx.notes,
-        report=os.path.join(ctx.out_dir, "report.html"))
+        report=os.path.join(ctx.out_dir, "report.html"), **ctx.summary_extra)
 
 
 def _bar_disabled(show_progress):
@@ -1446,26 +1744,65 @@ def _bar_disabled(show_progress):
     return None if show_progress is None else not show_progress
 
 
-def _read_isochrones(isochrones):
-    """Isochrone tracks for the Kiel diagram from dicts or files (MIST/PARSEC, giants only)."""
-    tracks = []
-    for item in isochrones or ():
+def _read_isochrones(opts):
+    """Isochrone tracks for the Kiel diagram, and notes: files, dicts and MIST from the web.
+
+    Each track is a dict with ``teff``, ``logg``, ``label`` (the giants of an
+    isochrone: RGB and red clump) and ``info``, summary.json's record of it.
+    """
+    if opts.isochrone_source not in ("files", "mist"):
+        raise ValueError(f"isochrone_source must be 'files' or 'mist', got "
+                         f"{opts.isochrone_source!r}")
+    fehs = None if opts.isochrone_feh is None else [float(f) for f in
+                                                    np.atleast_1d(opts.isochrone_feh)]
+    age = None if opts.isochrone_age is None else float(opts.isochrone_age)
+    picked, notes = [], []  # (Isochrone, origin)
+    for item in opts.isochrones or ():
         if isinstance(item, dict):
-            tracks.append(dict(teff=np.asarray(item["teff"], float),
-                               logg=np.asarray(item["logg"], float),
-                               label=str(item.get("label", "isochrone"))))
             continue
-        path = os.fspath(item)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: isochrone file not found")
-        from .isochrones import load_isochrone
-        try:
-            iso = load_isochrone(path, giants=True)
-        except (ValueError, OSError, KeyError, IndexError) as err:
-            raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
-        tracks.append(dict(teff=np.asarray(iso.teff, float), logg=np.asarray(iso.logg, float),
-                           label=f"{iso.source} {iso.age_gyr:.3g} Gyr, [Fe/H] = {iso.feh:+.2f}"))
-    return tracks
+        picked += [(iso, "file") for iso in _isochrones_from_file(item, age, fehs)]
+    if opts.isochrone_source == "mist":
+        from .mist_web import mist_isochrones
+        picked += mist_isochrones(6.0 if age is None else age,
+                                  (0.0, -1.0) if fehs is None else fehs,
+                                  cache_dir=opts.cache_dir)
+    tracks = [dict(teff=np.asarray(item["teff"], float), logg=np.asarray(item["logg"], float),
+                   label=str(item.get("label", "isochrone")),
+                   info=dict(source="given", label=str(item.get("label", "isochrone"))))
+              for item in opts.isochrones or () if isinstance(item, dict)]
+    for iso, origin in picked:
+        giants = iso.giants()
+        label = iso.label  # e.g. "MIST 6 Gyr [Fe/H] = -1.00" ([M/H] for PARSEC)
+        tracks.append(dict(teff=np.asarray(giants.teff, float),
+                           logg=np.asarray(giants.logg, float), label=label,
+                           info=dict(source=iso.source, origin=origin, path=iso.path,
+                                     age_gyr=round(iso.age_gyr, 3), feh=round(iso.feh, 3),
+                                     label=label)))
+        far_age = age is not None and abs(np.log10(iso.age_gyr / age)) > 0.05
+        far_feh = fehs is not None and min(abs(iso.feh - f) for f in fehs) > 0.1
+        if far_age or far_feh:
+            wanted = ([f"{age:g} Gyr"] if age is not None else []) + (
+                ["[Fe/H] = " + " or ".join(f"{f:+.2f}" for f in fehs)] if fehs else [])
+            notes.append(f"{iso.path}: the isochrone nearest {', '.join(wanted)} in this file "
+                         f"is {iso.label}; drawn as it is")
+    return tracks, notes
+
+
+def _isochrones_from_file(path, age, fehs):
+    """The file's isochrones nearest ``age`` and each of ``fehs`` (each drawn once)."""
+    from .isochrones import read_isochrones, select_isochrone
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: isochrone file not found")
+    try:
+        blocks = read_isochrones(path)
+        chosen = [select_isochrone(blocks, age_gyr=age, feh=f) for f in (fehs or [None])]
+        for iso in chosen:
+            iso.giants()  # a file without giants fails here, before any work
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        raise ValueError(f"{path}: cannot read the isochrone ({err})") from None
+    return [iso for k, iso in enumerate(chosen) if all(iso is not c for c in chosen[:k])]
 
 
 def _short_caption(o, width=125):

@@ -325,6 +325,11 @@ def _data_html(s):
         ("kept by the cuts", cuts.get("n_kept")),
         ("training / validation", f"{s.get('n_train')} / {s.get('n_validation')}"),
         ("held-back mystery star", (s.get("mystery_star") or {}).get("apogee_id")),
+        ("example stars", ", ".join(f"{e['apogee_id']} ({e['role']})"
+                                    for e in s.get("example_stars", [])) or None),
+        ("Kiel diagram isochrones", "; ".join(
+            i.get("label", "") + (f" ({i['origin']}: {i.get('path')})" if i.get("origin")
+                                  else "") for i in s.get("isochrones", [])) or None),
         ("continuum pixels", f"{cont.get('n_pixels')} ({cont.get('method', '')})"
          if cont else None)))]
     rows = cuts.get("rows") or []

@@ -99,9 +99,25 @@ def _fit_chunk(model, d, options):
     flux, ivar, cflags = _normalized(d, options, flags)
     usable = (flags & (SURVEY_FLAGS["READ_FAILED"] | SURVEY_FLAGS["NORMALIZATION_FAILED"])) == 0
     fit = _fit_rows(model, flux, ivar, usable, reason, options)
+    binary_cols = _binary_columns(model, flux, ivar, fit) if options.get("binaries") else {}
     del flux, ivar
     flags |= fit["flags"]
-    return _columns(model, d, fit, flags, cflags, reason, options["model_hash"])
+    out = _columns(model, d, fit, flags, cflags, reason, options["model_hash"])
+    out.update(binary_cols)
+    return out
+
+
+def _binary_columns(model, flux, ivar, fit):
+    """The binary screen's BINARY_* columns for the fitted rows (core.binaries)."""
+    from ..core.binaries import screen_binaries
+
+    cols = _grid_columns(flux.shape[1], model.n_pixels)
+    f = flux if cols is None else flux[:, cols]
+    v = ivar if cols is None else ivar[:, cols]
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(f) & np.isfinite(v) & (v > 0)
+    scr = screen_binaries(model, np.where(ok, f, 1.0), np.where(ok, v, 0.0), fit["labels"])
+    return scr.columns(model.label_names)
 
 
 def _normalized(d, options, flags):
@@ -161,7 +177,7 @@ def _fit_rows(model, flux, ivar, usable, reason, options):
     r = dict(labels=np.full((n, L), np.nan), cov=np.full((n, L, L), np.nan),
              chi2=np.full(n, np.nan), rchi2=np.full(n, np.nan), npix=np.zeros(n, np.int64),
              iters=np.zeros(n, np.int64), flags=np.zeros(n, np.int64),
-             broad=np.full((n, 2), np.nan))
+             broad=np.full((n, 2), np.nan), formal=np.full((n, L), np.nan))
     # fit the whole chunk in slices that are multiples of the fit's own batches, so the
     # float64 copies it makes stay small and the results do not depend on the slicing
     for a in range(0, n, _FIT_SLICE):
@@ -175,13 +191,14 @@ def _fit_rows(model, flux, ivar, usable, reason, options):
         v = np.where(ok, v, 0.0)
         for lo, hi, res in _fit_slice(model, f, v, a, fit_kw, r["flags"], reason):
             r["labels"][lo:hi], r["cov"][lo:hi] = res.labels, res.covariance
+            r["formal"][lo:hi] = res.errors if res.formal_errors is None else res.formal_errors
             r["chi2"][lo:hi], r["rchi2"][lo:hi] = res.chi2, res.reduced_chi2
             r["npix"][lo:hi], r["iters"][lo:hi], r["flags"][lo:hi] = \
                 res.n_pixels, res.iterations, res.flags
             if with_broadening:
                 r["broad"][lo:hi] = np.column_stack([res.broadening, res.broadening_error])
     r["flags"][~usable] = 0
-    for key in ("labels", "cov", "broad", "chi2", "rchi2"):
+    for key in ("labels", "cov", "broad", "chi2", "rchi2", "formal"):
         r[key][~usable] = np.nan
     nolab = usable & ~np.all(np.isfinite(r["labels"]), axis=1) & (reason == "")
     for i in np.flatnonzero(nolab):
@@ -227,6 +244,11 @@ def _columns(model, d, fit, flags, cflags, reason, model_hash):
         with np.errstate(invalid="ignore"):
             dg = fit["cov"][:, i, i]
             out[name + "_ERR"] = np.sqrt(np.where(dg > 0, dg, np.nan))
+        if model.error_model is not None:   # the calibrated error's two parts
+            out[name + "_ERR_FORMAL"] = fit["formal"][:, i]
+            with np.errstate(invalid="ignore"):
+                out[name + "_ERR_MODEL"] = np.sqrt(np.clip(
+                    out[name + "_ERR"] ** 2 - fit["formal"][:, i] ** 2, 0, None))
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             out[f"COV_{names[i]}_{names[j]}"] = fit["cov"][:, i, j]

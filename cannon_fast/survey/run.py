@@ -97,7 +97,8 @@ def model_hash(model):
     """Return a 16-hex-digit hash of everything that determines a model's fitted labels.
 
     Label names, order, coefficients, scatter, their covariance, pixel flags,
-    label scaling and training labels (which set the bounds and starting points).
+    label scaling and training labels (which set the bounds and starting points),
+    and the error calibration when there is one.
 
     Parameters
     ----------
@@ -122,6 +123,8 @@ def model_hash(model):
         a = np.ascontiguousarray(a)
         h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
+    if getattr(model, "error_model", None) is not None:   # it sets the errors written
+        h.update(json.dumps(model.error_model.to_dict(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -130,9 +133,9 @@ def model_hash(model):
 def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
                  scheduler=None, workers=None, format=None, continuum=None, degree=None,
                  bad_bits=None, normalized=None, release=None, debias=True, broadening=False,
-                 refine_continuum=False, backend=None, fit_options=None, show_progress=None,
-                 log=None, force=False, n_workers=None, fmt=None, continuum_pixels=None,
-                 _on_commit=None):
+                 refine_continuum=False, backend=None, fit_options=None, binaries=False,
+                 show_progress=None, log=None, force=False, n_workers=None, fmt=None,
+                 continuum_pixels=None, _on_commit=None):
     """Label a whole survey, chunk by chunk, into one catalogue (resumable).
 
     Parameters
@@ -184,6 +187,10 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         Kernels of the normalization and the fit (default: the model's).
     fit_options : dict, optional
         Other keyword arguments of ``model.fit`` (e.g. ``n_starts``).
+    binaries : bool
+        Screen every star for an unresolved companion (``core.binaries``) and add
+        the BINARY_* columns (flag, Δχ², light share, velocity, secondary TEFF/LOGG,
+        the composite fit's primary labels).
     show_progress : bool, optional
         Progress bar with stars/s and time left (default: on a terminal).
     log : callable, optional
@@ -231,6 +238,7 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
     options = _chunk_options(model, mh, source, fit_options, continuum, degree, bad_bits, log,
                              backend)
+    options["binaries"] = bool(binaries)
     if source.n_items == 0:
         raise ValueError(f"no spectra in the inputs ({source.describe})")
     job, job_id = _job_identity(mh, source, chunk_size, options["backend"], options)
@@ -397,6 +405,8 @@ def _job_identity(mh, source, chunk_size, backend, options):
                degree=options["degree"], bad_bits=options["bad_bits"], fit=options["fit"],
                continuum=(hashlib.sha256(np.packbits(options["continuum_pixels"]).tobytes())
                           .hexdigest()[:16] if "continuum_pixels" in options else None))
+    if options.get("binaries"):   # only when asked: older jobs keep their ids
+        job["binaries"] = True
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     return job, job_id
 
@@ -415,7 +425,7 @@ def _flat(job):
 
 #: Job options that change how labels are measured: a catalogue holds one setting of each.
 #: (The chunk size and the backend change only the rounding.)
-_METHOD_OPTIONS = ("degree", "bad_bits", "continuum")
+_METHOD_OPTIONS = ("degree", "bad_bits", "continuum", "binaries")
 
 
 def _method(job):

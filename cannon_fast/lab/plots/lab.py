@@ -23,7 +23,7 @@ __all__ = [
     "FLUX_UNIT", "known_lines", "read_line_file", "bias_scatter",
     "plot_spectrum", "plot_corner", "plot_continuum", "plot_data_vs_model",
     "plot_gradient_spectra", "plot_s2", "plot_one_to_one", "plot_outliers", "plot_kiel",
-    "plot_broadening",
+    "plot_broadening", "plot_pulls",
 ]
 
 #: Flux unit of apStar spectra, for axis labels.
@@ -763,4 +763,46 @@ def plot_broadening(broadening, broadening_error, teff, logg, true_vmacro=None, 
         ax2.set_title("against the truth (a synthetic survey)", fontsize=10)
     fig.suptitle(title or "Extra line broadening fitted with the labels "
                  "(relative to the model's lines)")
+    return fig
+
+
+def plot_pulls(pulls, label_names, band=(0.8, 1.25), title=None):
+    """Error calibration: std of (fit - reference) / error per label and S/N bin.
+
+    Parameters
+    ----------
+    pulls : dict
+        ``lab.pipeline.pull_statistics`` output: label -> S/N bin -> ``n``,
+        ``formal`` and (for calibrated fits) ``calibrated`` pull std.
+    label_names : sequence of str
+    band : (float, float)
+        The shaded band of acceptable calibration.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    names = list(label_names)
+    bins = list(pulls[names[0]])
+    fig = _figure((2.6 * len(names), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False, sharey=True)[0]
+    x = np.arange(len(bins))
+    for ax, name in zip(axes, names):
+        ax.axhspan(*band, color="0.9", zorder=0)
+        ax.axhline(1.0, color="0.5", lw=0.8, zorder=1)
+        for kind, style in (("formal", dict(color="C3", marker="s", label="formal errors")),
+                            ("calibrated", dict(color="C0", marker="o",
+                                                label="calibrated errors"))):
+            y = [pulls[name][b].get(kind) for b in bins]
+            if any(v is not None for v in y):
+                ax.plot(x, [np.nan if v is None else v for v in y], **style)
+        ax.set_xticks(x, [f"{b}\n(n={pulls[name][b]['n']})" for b in bins], fontsize=7)
+        ax.set_title(label_name(name), fontsize=10)
+        ax.set_yscale("log")
+        ax.set_xlabel("S/N bin", fontsize=8)
+    axes[0].set_ylabel("std of (fit - reference) / error")
+    axes[0].legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig

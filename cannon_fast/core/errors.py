@@ -1,0 +1,221 @@
+"""Calibrated label errors: the fit's formal errors plus a model-error term.
+
+A fit's formal error counts only the pixel noise as the inverse variances state it.
+Two things it misses dominate on real surveys: noise the ivar does not describe
+(pixel-correlated noise of resampled, combined spectra; continuum errors), which
+scales with the formal error, and the model's own misfit (its form, its training
+labels' errors), which does not shrink with S/N. Cross-validation measures both: the
+held-out stars' (fit - reference) against their formal errors. Per label, the
+variance is modelled as
+
+    var = s² σ₀² (σ / σ₀)^(2γ) + exp(2 (b₀ + b · z))
+
+with σ the formal error, σ₀ its median in the calibration set, and z the fitted
+labels standardized by the training labels (clipped to ±3, so a star far outside
+the training set does not extrapolate the floor). The parameters are fitted by
+maximum likelihood with the reference labels' own stated errors added to the
+variance, and refitted once without stars beyond 5 sigma (binaries and failed fits
+should not set everyone's errors).
+"""
+
+import numpy as np
+
+__all__ = ["ErrorModel", "fit_error_model"]
+
+#: z-scores of the fitted labels are clipped to this in the floor's label dependence
+Z_CLIP = 3.0
+#: stars beyond this many calibrated sigma leave the second pass of the fit
+CLIP_SIGMA = 5.0
+
+
+class ErrorModel:
+    """Per-label calibration of formal errors: ``total² = noise part + model floor²``.
+
+    Build with ``fit_error_model`` (or ``CannonModel.calibrate_errors``); a model
+    keeps it as ``model.error_model``, writes it into its file and applies it in
+    ``model.fit`` (``FitResult.errors`` then holds the calibrated errors and
+    ``formal_errors`` the fit's own).
+
+    Parameters
+    ----------
+    label_names : sequence of str
+    center, spread : array_like, (L,)
+        Standardization of the labels for the floor's label dependence.
+    params : dict of str -> dict
+        Per label: ``scale`` (s), ``power`` (γ), ``sigma0`` (σ₀), ``floor`` (b₀
+        followed by the L coefficients b).
+    info : dict, optional
+        How it was calibrated (reference, number of stars, fit options, ...).
+    """
+
+    def __init__(self, label_names, center, spread, params, info=None):
+        self.label_names = list(label_names)
+        self.center = np.asarray(center, float)
+        self.spread = np.asarray(spread, float)
+        self.params = {n: dict(params[n]) for n in self.label_names}
+        self.info = dict(info or {})
+
+    def __repr__(self):
+        return (f"<ErrorModel {', '.join(self.label_names)}: "
+                f"{self.info.get('n_stars', '?')} calibration stars, reference "
+                f"{self.info.get('reference', '?')}>")
+
+    def _z(self, labels):
+        z = (np.asarray(labels, float) - self.center) / self.spread
+        return np.clip(np.nan_to_num(z), -Z_CLIP, Z_CLIP)
+
+    def parts(self, labels, formal):
+        """The noise part's sigma and the model floor, each (N, L), at ``labels``."""
+        formal = np.atleast_2d(np.asarray(formal, float))
+        z = self._z(np.atleast_2d(labels))
+        noise, floor = np.empty_like(formal), np.empty_like(formal)
+        for j, name in enumerate(self.label_names):
+            p = self.params[name]
+            noise[:, j] = _noise_sigma(formal[:, j], p["scale"], p["power"], p["sigma0"])
+            coef = np.asarray(p["floor"], float)
+            floor[:, j] = np.exp(coef[0] + z @ coef[1:])
+        return noise, floor
+
+    def total(self, labels, formal):
+        """(N, L) calibrated errors at the fitted ``labels`` and ``formal`` errors.
+
+        Never below the formal error: what a fit cannot know from its pixels is
+        added; the calibration does not claim more precision than the noise allows.
+        """
+        noise, floor = self.parts(labels, formal)
+        return np.fmax(np.hypot(noise, floor), np.asarray(formal, float))
+
+    def apply(self, result):
+        """A copy of a ``FitResult`` with calibrated errors and covariances.
+
+        The covariance is rescaled so its diagonal holds the calibrated variances
+        and its correlations stay those of the fit.
+        """
+        import dataclasses
+
+        if list(result.label_names) != self.label_names:
+            raise ValueError(f"error model for labels {self.label_names}, fit result has "
+                             f"{list(result.label_names)}")
+        formal = result.errors
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = self.total(result.labels, formal)
+            ratio = np.where(formal > 0, total / formal, np.nan)
+        cov = result.covariance * ratio[:, :, None] * ratio[:, None, :]
+        return dataclasses.replace(result, errors=total, covariance=cov, formal_errors=formal)
+
+    def to_dict(self):
+        """A JSON-ready record (written into model files)."""
+        return dict(label_names=self.label_names, center=self.center.tolist(),
+                    spread=self.spread.tolist(),
+                    params={n: {k: (np.asarray(v).tolist()) for k, v in p.items()}
+                            for n, p in self.params.items()},
+                    info=self.info)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The inverse of ``to_dict``; ValueError for a record that is not one."""
+        try:
+            em = cls(d["label_names"], d["center"], d["spread"], d["params"], d.get("info"))
+            L = len(em.label_names)
+            if em.center.shape != (L,) or em.spread.shape != (L,) or np.any(em.spread <= 0):
+                raise ValueError("center/spread do not match the labels")
+            for n in em.label_names:
+                p = em.params[n]
+                if np.asarray(p["floor"]).shape != (L + 1,) or not p["sigma0"] > 0:
+                    raise ValueError(f"bad parameters for {n}")
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"not an error-model record: {err}") from None
+        return em
+
+
+def _noise_sigma(formal, scale, power, sigma0):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return scale * sigma0 * (formal / sigma0) ** power
+
+
+def fit_error_model(fitted, formal, reference, label_names, reference_errors=None,
+                    training_labels=None, info=None):
+    """Fit an ``ErrorModel`` to held-out fits and reference labels.
+
+    Parameters
+    ----------
+    fitted, formal : ndarray, (N, L)
+        Labels fitted to stars the model was not trained on, and their formal
+        errors (NaN rows are skipped).
+    reference : ndarray, (N, L)
+        The labels they are judged against (true labels in a simulation, a
+        reference catalogue otherwise).
+    label_names : sequence of str
+    reference_errors : ndarray, (N, L), optional
+        The reference labels' own errors, added to the variance. Where they are
+        understated, the model floor absorbs the excess and the calibrated errors
+        come out too large, not too small.
+    training_labels : ndarray, (M, L), optional
+        The model's training labels, for the floor's label standardization
+        (default: ``reference``).
+    info : dict, optional
+        Recorded with the model (e.g. the reference's name).
+
+    Returns
+    -------
+    ErrorModel
+    """
+    from scipy.optimize import minimize
+
+    fitted, formal, reference = (np.atleast_2d(np.asarray(a, float))
+                                 for a in (fitted, formal, reference))
+    L = fitted.shape[1]
+    if formal.shape != fitted.shape or reference.shape != fitted.shape or len(label_names) != L:
+        raise ValueError(f"fitted {fitted.shape}, formal {formal.shape}, reference "
+                         f"{reference.shape} and {len(label_names)} label names disagree")
+    ref_var = (np.zeros_like(fitted) if reference_errors is None
+               else np.nan_to_num(np.asarray(reference_errors, float)) ** 2)
+    base = reference if training_labels is None else np.asarray(training_labels, float)
+    center = np.nanmedian(base, axis=0)
+    spread = np.nanstd(base, axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    model = ErrorModel(label_names, center, spread, {n: {} for n in label_names})
+    z = model._z(fitted)
+    params, n_used = {}, []
+    for j, name in enumerate(label_names):
+        r = fitted[:, j] - reference[:, j]
+        ok = np.isfinite(r) & np.isfinite(formal[:, j]) & (formal[:, j] > 0)
+        if ok.sum() < 4 * (L + 3):
+            raise ValueError(f"{name}: only {int(ok.sum())} usable held-out fits to calibrate "
+                             f"errors on (need >= {4 * (L + 3)})")
+        sigma0 = float(np.median(formal[ok, j]))
+        p = None
+        for _ in range(2):
+            p = _fit_one(r[ok], formal[ok, j], z[ok], ref_var[ok, j], sigma0, minimize, p)
+            var = _variance(p, formal[:, j], z, sigma0) + ref_var[:, j]
+            with np.errstate(invalid="ignore"):
+                keep = ok & (np.abs(r) <= CLIP_SIGMA * np.sqrt(var))
+            if keep.sum() == ok.sum():
+                break
+            ok = keep
+        n_used.append(int(ok.sum()))
+        params[name] = dict(scale=float(np.exp(p[0])), power=float(p[1]), sigma0=sigma0,
+                            floor=[float(x) for x in p[2:]])
+    info = dict(info or {}, n_stars=int(len(fitted)), n_used=dict(zip(label_names, n_used)))
+    return ErrorModel(label_names, center, spread, params, info)
+
+
+def _variance(p, formal, z, sigma0):
+    return _noise_sigma(formal, np.exp(p[0]), p[1], sigma0) ** 2 + np.exp(2 * (p[2] + z @ p[3:]))
+
+
+def _fit_one(r, formal, z, ref_var, sigma0, minimize, start):
+    """Maximum-likelihood parameters (log s, γ, b₀, b) of one label."""
+    L = z.shape[1]
+
+    def nll(p):
+        v = _variance(p, formal, z, sigma0) + ref_var
+        return 0.5 * np.sum(r * r / v + np.log(v))
+
+    if start is None:
+        start = np.zeros(3 + L)
+        start[1] = 1.0
+        start[2] = np.log(max(np.std(r), 1e-12) / 2)
+    # the power stays physical (0: a constant; 2: faster than the formal error itself)
+    bounds = [(-5, 5), (0.0, 2.0), (None, None)] + [(-3, 3)] * L
+    return minimize(nll, start, method="L-BFGS-B", bounds=bounds).x
