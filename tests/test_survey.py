@@ -664,7 +664,7 @@ def test_python_and_command_line_jobs_share_one_vocabulary(tmp_path, small, npz,
 
 
 def test_bad_bits_apply_to_apstar_files(tmp_path, full_grid):
-    """label's --bad-bits masks apStar pixels too (they were masked with the default bits)."""
+    """The --bad-bits of label mask apStar pixels too (they were masked with the default bits)."""
     model, cont, s = full_grid
     c = _continuum(1, 9)[0]
     sid = "2M00000001+0000000"
