@@ -8,7 +8,8 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_path", "progress", "quiet", "as_float64", "describe_bad", "cache_root"]
+__all__ = ["atomic_path", "progress", "quiet", "as_float64", "describe_bad", "cache_root",
+           "key_rows"]
 
 
 def cache_root():
@@ -124,3 +125,32 @@ def _ranges(idx, limit=3):
     out.append((start, prev))
     text = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out[:limit])
     return text + (", ..." if len(out) > limit else "")
+
+
+def key_rows(keys, query):
+    """Where each query value occurs among ``keys``: the one place identifiers are matched.
+
+    Parameters
+    ----------
+    keys : array_like, (N,)
+        Identifiers (strings or integers) of one set; may repeat.
+    query : array_like, (M,)
+        Identifiers to look up.
+
+    Returns
+    -------
+    order : ndarray of int64, (N,)
+        A stable sort of ``keys``.
+    lo, hi : ndarray of int64, (M,)
+        ``order[lo[i]:hi[i]]`` are the rows of ``keys`` equal to ``query[i]``
+        (empty when absent; more than one when the key repeats).
+    """
+    keys = np.asarray(keys)
+    query = np.asarray(query)
+    if keys.dtype.kind in "US" or query.dtype.kind in "US":
+        keys, query = keys.astype(str), query.astype(str)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    lo = np.searchsorted(sorted_keys, query, side="left")
+    hi = np.searchsorted(sorted_keys, query, side="right")
+    return order.astype(np.int64), lo.astype(np.int64), hi.astype(np.int64)

@@ -18,7 +18,12 @@ from cannon_fast.apogee import files as apogee
 from cannon_fast.core import binaries, continuum, fitting
 from cannon_fast.core.grid import PixelGrid
 from cannon_fast.core.model import CannonModel
+from cannon_fast.instruments import (CrossMatch, crossmatch_sets, parse_row_index,
+                                     read_spectra, read_spectrum_tables)
+from cannon_fast.instruments.read import Spectra
 from cannon_fast.lab import mist_web, pipeline
+from cannon_fast.lab.jwst import run_jwst_report
+from cannon_fast.lab.transfer import transfer_labels
 from cannon_fast.nn import NNResult, SpectrumRegressor, train_emulator
 from cannon_fast.store import SpectraStore
 
@@ -74,6 +79,15 @@ DOCUMENTED = {
     "reg.calibrate": (SpectrumRegressor.calibrate, None),
     "train_emulator": (train_emulator, None),
     "cannon_fast.fit_spectra": (fitting.fit_spectra, fitting.fit_generic),
+    "read_spectra": (read_spectra, None),
+    "read_spectrum_tables": (read_spectrum_tables, None),
+    "sp.labels": (Spectra.labels, None),
+    "parse_row_index": (parse_row_index, None),
+    "crossmatch_sets": (crossmatch_sets, None),
+    "cm.describe": (CrossMatch.describe, None),
+    "run_jwst_report": (run_jwst_report, None),
+    "transfer_labels": (transfer_labels, None),
+    "reg.layer_summary": (SpectrumRegressor.layer_summary, None),
 }
 #: Calls in the code blocks that document nothing of this package.
 NOT_API = {"print"}

@@ -38,25 +38,34 @@ def setup():
 
 
 def _reference_delta_chi2(m, flux, ivar, labels, max_weight=0.6):
-    """Per star, every template and velocity in float64 with explicit loops."""
+    """Per star and template, the two-parameter least squares in float64, by loops."""
     use = fitted_pixels(m, m.n_pixels)
+    inner = m.grid.inner_pixels()
     pairs = cb._secondary_grid(m, 8, 6)
     vels = np.arange(-40.0, 41.0, 4.0)
     out = []
     for f, iv, lab in zip(flux, ivar, labels):
-        base = lab.copy()
         m1 = m.predict(lab[None])[0]
-        w_ = iv / (1 + iv * m.s2)
-        lab2 = np.repeat(base[None], len(pairs), axis=0)
+        g = np.zeros_like(m1)
+        g[1:-1] = (m1[2:] - 2 * m1[1:-1] + m1[:-2]) * inner[1:-1]
+        w_ = (iv / (1 + iv * m.s2))[use]
+        r, g = (f - m1)[use], g[use]
+        chi2_b = np.sum(w_ * r * r) - np.sum(w_ * g * r) ** 2 / np.sum(w_ * g * g)
+        rchi2 = max(chi2_b / (use.sum() - len(lab) - 1), 1.0)
+        lab2 = np.repeat(lab[None], len(pairs), axis=0)
         lab2[:, 0], lab2[:, 1] = pairs[:, 0], pairs[:, 1]
-        S = cb._shifted(m.predict(lab2), m.grid.wavelength, vels)
         best = 0.0
-        for s in S:
+        for s in cb._shifted(m.predict(lab2), m.grid.wavelength, vels):
             d = (s - m1)[use]
-            a = np.sum(w_[use] * d * (f - m1)[use])
-            b = np.sum(w_[use] * d * d)
-            wt = np.clip(a / b, 0, max_weight)
-            best = max(best, 2 * wt * a - wt * wt * b)
+            # chi2 of the broadened single star minus that of the broadened composite
+            # with w clipped to [0, max_weight] (beta free)
+            A = np.array([[np.sum(w_ * d * d), np.sum(w_ * d * g)],
+                          [np.sum(w_ * d * g), np.sum(w_ * g * g)]])
+            y = np.array([np.sum(w_ * d * r), np.sum(w_ * g * r)])
+            wt = np.clip(np.linalg.solve(A, y)[0], 0, max_weight)
+            beta = (y[1] - wt * A[0, 1]) / A[1, 1]
+            resid = r - wt * d - beta * g
+            best = max(best, (chi2_b - np.sum(w_ * resid * resid)) / rchi2)
         out.append(best)
     return np.array(out)
 

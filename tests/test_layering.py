@@ -18,7 +18,8 @@ PACKAGE_DIR = Path(cannon_fast.__file__).resolve().parent
 #: The C extension holds kernels of the core (it sits at the top only for setup.py).
 LAYER_OF_TOP = {"": "root", "_util": "_util", "_compat": "_compat", "_ccannon": "core",
                 "store": "store", "testing": "testing", "survey": "survey", "core": "core",
-                "apogee": "apogee", "demo": "demo", "lab": "lab", "nn": "nn", "cli": "cli"}
+                "apogee": "apogee", "demo": "demo", "lab": "lab", "nn": "nn", "cli": "cli",
+                "instruments": "instruments"}
 
 #: What each layer may import besides itself. Everyone may import the package itself
 #: (``__version__``): it is lazy and imports nothing but ``_compat``.
@@ -30,8 +31,9 @@ ALLOWED = {
     "testing": {"core", "_util"},
     "core": {"_util"},
     "apogee": {"core", "_util", "store"},
+    "instruments": {"core", "_util"},
     "demo": {"core", "apogee", "_util"},
-    "lab": {"core", "apogee", "demo", "nn", "store", "_util", "testing"},
+    "lab": {"core", "apogee", "demo", "instruments", "nn", "store", "_util", "testing"},
     "survey": {"core", "apogee", "store", "_util"},
     "nn": {"core", "_util"},
     "cli": set(LAYER_OF_TOP.values()),

@@ -11,7 +11,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from cannon_fast.nn import (NNResult, PayneEmulator, SpectrumRegressor, calibration_fraction,
                             comparison_table, label_metrics, train_emulator)
 from cannon_fast.nn.evaluate import plot_loss, plot_predictions
-from cannon_fast.nn.regressor import masked_gaussian_nll
+from cannon_fast.nn.regressor import STARNET_TRAINING, format_layer_summary, masked_gaussian_nll
 from cannon_fast.store import SpectraStore
 from cannon_fast.testing import make_synthetic
 
@@ -80,6 +80,24 @@ def test_default_split_is_5_1_2_and_seeded(data, mlp):
     assert sizes == [250, 50, 100]
     all_idx = np.concatenate([mlp.split[k] for k in ("train", "val", "test")])
     assert_array_equal(np.sort(all_idx), np.arange(len(data.flux)))
+
+
+def test_starnet_default_matches_fabbro_et_al_parameter_count():
+    """The default CNN is StarNet: 8,406,327 weights at 8192 pixels, plus the variance outputs."""
+    reg = SpectrumRegressor(["TEFF", "LOGG", "FE_H"])
+    rows = reg.layer_summary(8192)
+    shapes = [(r["layer"], r["output_shape"]) for r in rows if r["layer"] != "ReLU"]
+    assert shapes == [("Conv1d", (4, 8185)), ("Conv1d", (16, 8178)), ("MaxPool1d", (16, 2044)),
+                      ("Flatten", (32704,)), ("Linear", (256,)), ("Dropout", (256,)),
+                      ("Linear", (128,)), ("Dropout", (128,)), ("Linear", (6,))]
+    total = sum(r["n_parameters"] for r in rows)
+    # StarNet's last layer has 3 outputs (128 * 3 + 3 weights); ours adds 3 log-variances
+    assert total - (128 * 3 + 3) == 8_406_327
+    assert format_layer_summary(rows).splitlines()[-1].split()[-1] == f"{total:,d}"
+    assert STARNET_TRAINING == dict(epochs=20, batch_size=64, learning_rate=1e-3, patience=5,
+                                    min_delta=1e-3)
+    small = SpectrumRegressor(["A"], **CNN).layer_summary(120)
+    assert small[-1]["output_shape"] == (2,)
 
 
 def test_cnn_trains_on_any_pixel_count(data):

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - exercised only where fitsio is missing
 from ..core._apstar_grid import (CDELT1, CHIP_RANGES, CRVAL1, GRID_SEGMENTS, NPIX, chip_of_pixel,
                                  grid_indices, on_chip_mask, to_apstar_grid, wavelength_grid)
 from .bitmask import DEFAULT_BAD_BITS, mask_spectra
+from .._util import key_rows
 
 __all__ = [
     "NPIX", "CRVAL1", "CDELT1", "CHIP_NAMES", "CHIP_RANGES", "GRID_SEGMENTS", "LAB_LABELS",
@@ -691,11 +692,8 @@ def match_ids(catalog, apogee_ids, telescopes=None, fields=None, labels=None):
     cfld = np.asarray(catalog["FIELD"]).astype(str) if "FIELD" in names else None
     csnr = np.asarray(catalog["SNR"], float) if "SNR" in names else None
     clab = [np.asarray(catalog[c], float) for c in (labels or ()) if c in names]
-    order = np.argsort(cat_ids, kind="stable")
-    sorted_ids = cat_ids[order]
     q = np.asarray(apogee_ids).astype(str)
-    lo = np.searchsorted(sorted_ids, q, side="left")
-    hi = np.searchsorted(sorted_ids, q, side="right")
+    order, lo, hi = key_rows(cat_ids, q)
     out = np.full(len(q), -1, np.int64)
     for i in range(len(q)):
         n = hi[i] - lo[i]

@@ -14,7 +14,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # one module per workflow step, in the order ``--help`` lists them
-_COMMAND_MODULES = ("data", "core", "lab", "science", "nn", "survey")
+_COMMAND_MODULES = ("data", "core", "lab", "science", "nn", "instruments", "survey")
 
 
 def build_parser():

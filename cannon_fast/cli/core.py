@@ -32,7 +32,7 @@ def register(sub, parent):
                    help="train with the labels' errors (errors-in-variables; the store's "
                         "<LABEL>_ERR from the allStar, or label_errors in an .npz)")
     p.add_argument("--no-calibrate-errors", action="store_true",
-                   help="skip the error calibration: by default 3-fold cross-validation on "
+                   help="skip the error calibration: by default 5-fold cross-validation on "
                         "the training set learns a model-error term (against the training "
                         "labels and their errors) that fit and label add to the formal errors "
                         "(<LABEL>_ERR, with _ERR_FORMAL and _ERR_MODEL)")
@@ -207,11 +207,11 @@ def _train(args):
     info = model.train_info
     calib_note = ""
     if not args.no_calibrate_errors:
-        if len(flux) >= 30:
+        if len(flux) >= 50:
             model.calibrate_errors(flux, ivar, labels[keep], label_errors=errors)
-            calib_note = "; errors calibrated by 3-fold cross-validation"
+            calib_note = "; errors calibrated by 5-fold cross-validation"
         else:
-            calib_note = f"; errors not calibrated ({len(flux)} stars, need >= 30)"
+            calib_note = f"; errors not calibrated ({len(flux)} stars, need >= 50)"
     cont_note = ""
     if data["continuum_pixels"] is not None:  # later fits of raw spectra normalize the same way
         from ..core.continuum import DEFAULT_DEGREE, record_continuum

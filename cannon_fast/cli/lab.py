@@ -152,8 +152,14 @@ def _demo(args):
 
 
 def _report(args):
+    import json
+
     from ..lab.report import rebuild_report
 
     path = rebuild_report(args.folder)
+    with open(os.path.join(args.folder, "summary.json")) as fh:
+        if json.load(fh).get("report_kind") == "jwst":  # its page has its own tables
+            from ..lab.jwst import rebuild_jwst_report
+            path = rebuild_jwst_report(args.folder)
     print(f"report: {os.path.abspath(path)}")
     return 0

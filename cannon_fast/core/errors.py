@@ -8,11 +8,12 @@ labels' errors), which does not shrink with S/N. Cross-validation measures both:
 held-out stars' (fit - reference) against their formal errors. Per label, the
 variance is modelled as
 
-    var = s² σ₀² (σ / σ₀)^(2γ) + exp(2 (b₀ + b · z))
+    var = s² σ₀² (σ / σ₀)^(2γ) + exp(2 (b₀ + clip(b · z, ±ln 4)))
 
 with σ the formal error, σ₀ its median in the calibration set, and z the fitted
-labels standardized by the training labels (clipped to ±3, so a star far outside
-the training set does not extrapolate the floor). The parameters are fitted by
+labels standardized by the training labels (clipped to ±3): the floor varies with
+the labels by at most a factor 4 either way, so a star far outside the training set
+does not extrapolate it. The parameters are fitted by
 maximum likelihood with the reference labels' own stated errors added to the
 variance, and refitted once without stars beyond 5 sigma (binaries and failed fits
 should not set everyone's errors).
@@ -26,6 +27,10 @@ __all__ = ["ErrorModel", "fit_error_model"]
 Z_CLIP = 3.0
 #: stars beyond this many calibrated sigma leave the second pass of the fit
 CLIP_SIGMA = 5.0
+#: the floor's label dependence spans at most this factor either way of its centre value
+#: (model errors differ across label space by a few, not by orders of magnitude; a small
+#: calibration set must not extrapolate them to hundreds of K at its edges)
+FLOOR_RANGE = 4.0
 
 
 class ErrorModel:
@@ -72,8 +77,7 @@ class ErrorModel:
         for j, name in enumerate(self.label_names):
             p = self.params[name]
             noise[:, j] = _noise_sigma(formal[:, j], p["scale"], p["power"], p["sigma0"])
-            coef = np.asarray(p["floor"], float)
-            floor[:, j] = np.exp(coef[0] + z @ coef[1:])
+            floor[:, j] = _floor(np.asarray(p["floor"], float), z)
         return noise, floor
 
     def total(self, labels, formal):
@@ -200,8 +204,13 @@ def fit_error_model(fitted, formal, reference, label_names, reference_errors=Non
     return ErrorModel(label_names, center, spread, params, info)
 
 
+def _floor(coef, z):
+    lim = np.log(FLOOR_RANGE)
+    return np.exp(coef[0] + np.clip(z @ coef[1:], -lim, lim))
+
+
 def _variance(p, formal, z, sigma0):
-    return _noise_sigma(formal, np.exp(p[0]), p[1], sigma0) ** 2 + np.exp(2 * (p[2] + z @ p[3:]))
+    return _noise_sigma(formal, np.exp(p[0]), p[1], sigma0) ** 2 + _floor(p[2:], z) ** 2
 
 
 def _fit_one(r, formal, z, ref_var, sigma0, minimize, start):
@@ -216,6 +225,8 @@ def _fit_one(r, formal, z, ref_var, sigma0, minimize, start):
         start = np.zeros(3 + L)
         start[1] = 1.0
         start[2] = np.log(max(np.std(r), 1e-12) / 2)
-    # the power stays physical (0: a constant; 2: faster than the formal error itself)
-    bounds = [(-5, 5), (0.0, 2.0), (None, None)] + [(-3, 3)] * L
+    # the noise part scales with the formal error (power 1 for noise the ivar understates
+    # by a constant factor); the bounds keep it physical where it extrapolates (S/N far
+    # below or above the calibration stars'), the floor takes what does not scale
+    bounds = [(-5, 5), (0.5, 1.5), (None, None)] + [(-3, 3)] * L
     return minimize(nll, start, method="L-BFGS-B", bounds=bounds).x

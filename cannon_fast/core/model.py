@@ -549,7 +549,7 @@ class CannonModel:
         return res
 
     def calibrate_errors(self, flux, ivar, labels, label_errors=None, reference=None,
-                         reference_errors=None, n_folds=3, seed=0, progress_bar=False,
+                         reference_errors=None, n_folds=5, seed=0, progress_bar=False,
                          **fit_options):
         """Learn calibrated errors by cross-validation on a training set; keep them.
 

@@ -422,7 +422,7 @@ def _continuum_from_data(paths, allstar, n_max, seed, workers, backend, show):
 # --------------------------------------------------------------------------- outliers
 def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatter,
                       continuum_flags=None, catalog_flags=None, truth=None, truth_extra=None,
-                      bounds=None, edges=None, n=6):
+                      bounds=None, edges=None, n=6, binary_screen=None):
     """Pick the worst cross-validation outliers and say what went wrong with each.
 
     Parameters
@@ -451,6 +451,9 @@ def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatt
         outside it are "at the edge".
     n : int
         How many outliers.
+    binary_screen : core.binaries.BinaryScreen, optional
+        The screen of the same stars: a flagged star's diagnosis names the companion
+        found from the data (not from the truth).
 
     Returns
     -------
@@ -509,8 +512,19 @@ def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatt
             elif abs(fit_err) > 2 * abs(cat_err):
                 reasons.append(f"model/fit error: fit - true = {fit_err:+.3g}, catalog - true "
                                f"= {cat_err:+.2g}")
+        if binary_screen is not None and binary_screen.flagged[i]:
+            info["binary_delta_chi2"] = _num(binary_screen.delta_chi2[i])
+            pj = binary_screen.primary_labels[i, j]
+            reasons.append(
+                f"a likely binary (the screen's composite fit improves chi2 by "
+                f"{binary_screen.delta_chi2[i]:.0f}: a companion with "
+                f"{100 * binary_screen.weight[i]:.0f}% of the light at "
+                f"{binary_screen.velocity[i]:+.0f} km/s); the composite fit's primary "
+                f"{label_names[j]} = {pj:.4g}" + (
+                    f" (true {truth[i, j]:.4g})" if truth is not None
+                    and np.isfinite(truth[i, j]) else ""))
         if truth_extra and "IS_BINARY" in truth_extra and bool(truth_extra["IS_BINARY"][i]):
-            reasons.append("an (injected) binary: composite spectrum")
+            reasons.append("a true (injected) binary in the mock's truth")
         trouble = [f for f in info["fit_flags"] if f in _TROUBLE_FLAGS]
         if trouble:
             reasons.append("fit flags " + "+".join(trouble))
@@ -544,7 +558,11 @@ def diagnose_outliers(fit, reference, label_names, flux, ivar, model_flux, scatt
                                "range), where the quadratic model is least accurate: "
                                + ", ".join(near))
         if not reasons:
-            reasons.append("no data problem found: the model's limit at these labels, or noise")
+            # the spectrum is fitted as well as most: the model describes it, the labels it
+            # finds are as good as any star's, so the catalogue's is the one to doubt
+            reasons.append(f"no problem in the data or the fit (reduced chi2 "
+                           f"{info['reduced_chi2']:.2f}, median {med_rchi:.2f}): the catalogue "
+                           "label is the likely culprit")
         info["diagnosis"] = "; ".join(reasons)
         info["main_reason"] = reasons[0]
         out.append(info)
@@ -749,7 +767,6 @@ class _LabContext:
     cv: dict = None
     model: object = None
     model_path: str = None
-    heldout: dict = dataclasses.field(default_factory=dict)  # cross_validate's held-out fits
     # _step_screen_training, _step_screen_validation
     binaries: dict = dataclasses.field(default_factory=dict)  # summary.json's "binaries"
     val_screen: object = None  # core.binaries.BinaryScreen of the validation stars
@@ -1220,16 +1237,19 @@ def _step_calibrate_errors(ctx):
     ref, ref_err = (truth[tr], None) if use_truth else (ctx.cat_labels[tr], ctx.train_errors)
     reference = "true labels" if use_truth else (
         "catalogue labels" + (" with their stated errors" if ref_err is not None else ""))
-    if key not in ctx.heldout:   # no model choice was cross-validated: do it for the errors
-        cross_validate({ctx.model_name: ctx.candidates[ctx.model_name]}, ctx.flux[tr],
-                       ctx.ivar[tr], ctx.cat_labels[tr], steps=(ctx.primary_key,),
-                       seed=ctx.opts.seed, label_errors=ctx.train_errors, heldout=ctx.heldout)
-    fitted, formal = ctx.heldout[key]
+    # 5 folds, not the model choice's 3: the fold models are trained on 4/5 of the stars,
+    # closer to the final model (on the mock survey 3 folds left the pulls 0.86-1.29 by S/N
+    # bin, 5 folds 0.86-1.19)
+    heldout = {}
+    cross_validate({ctx.model_name: ctx.candidates[ctx.model_name]}, ctx.flux[tr],
+                   ctx.ivar[tr], ctx.cat_labels[tr], steps=(ctx.primary_key,), n_folds=5,
+                   seed=ctx.opts.seed, label_errors=ctx.train_errors, heldout=heldout)
+    fitted, formal = heldout[key]
     try:
         ctx.model.error_model = fit_error_model(
             fitted, formal, ref, LAB_LABELS, reference_errors=ref_err,
             training_labels=ctx.cat_labels[tr],
-            info=dict(reference=reference, fit=ctx.primary_key, n_folds=3))
+            info=dict(reference=reference, fit=ctx.primary_key, n_folds=5))
         ctx.error_calibration = dict(reference=reference, fit=ctx.primary_key,
                                      params=ctx.model.error_model.to_dict()["params"])
     except ValueError as err:  # too few usable held-out fits: formal errors, said so
@@ -1318,6 +1338,14 @@ def _step_screen_validation(ctx):
         if ctx.val_true is not None:
             b["true_singles_vs_true"] = label_statistics(prim.labels, ctx.val_true, LAB_LABELS,
                                                          good=prim.ok & ~isb)
+    if ctx.val_true is not None:   # the calibrated errors of the stars the screen passes
+        snr = _allstar_column(ctx.allstar_path, ctx.ids[va], "SNR")
+        keep = ~flagged
+        sub = dataclasses.replace(prim, **{f: getattr(prim, f)[keep] for f in (
+            "labels", "errors", "covariance", "chi2", "reduced_chi2", "n_pixels",
+            "iterations", "flags") + (("formal_errors",) if prim.formal_errors is not None
+                                      else ())})
+        b["pulls_unflagged_vs_true"] = pull_statistics(sub, ctx.val_true[keep], snr[keep])
     ctx.binaries["validation"] = b
     ctx.say(f"binary screen: {int(flagged.sum())} of {len(va)} validation stars flagged "
             f"({dt:.1f} s, {len(va) / dt:.0f} stars/s)")
@@ -1543,9 +1571,21 @@ def _worst_outliers(ctx, model_val):
                              bounds=np.column_stack([model.training_labels.min(0),
                                                      model.training_labels.max(0)]),
                              edges=np.percentile(model.training_labels, [2.5, 97.5], axis=0).T,
-                             n=ctx.opts.n_outliers)
-    for o in outl:
+                             n=ctx.opts.n_outliers, binary_screen=ctx.val_screen)
+    # the same diagnosis from the data alone (no truth): what a survey user would read;
+    # summary.json keeps both so the truth can judge it (lab step 10)
+    blind = diagnose_outliers(ctx.primary, ctx.val_cat, LAB_LABELS, ctx.flux[va], ctx.ivar[va],
+                              model_val, scat, continuum_flags=ctx.cflags[va],
+                              catalog_flags=_catalog_flags(ctx.allstar_path, ctx.ids[va]),
+                              bounds=np.column_stack([model.training_labels.min(0),
+                                                      model.training_labels.max(0)]),
+                              edges=np.percentile(model.training_labels, [2.5, 97.5],
+                                                  axis=0).T,
+                              n=ctx.opts.n_outliers, binary_screen=ctx.val_screen)
+    for o, b in zip(outl, blind):
         o["apogee_id"] = ctx.ids[va][o["index"]]
+        o["diagnosis_from_data"] = b["diagnosis"]
+        o["main_reason_from_data"] = b["main_reason"]
     return outl
 
 

@@ -678,7 +678,8 @@ def _sections(summary):
     return out[:at] + extra + out[at:]
 
 
-def write_report(out_dir, summary=None, figures=None):
+def write_report(out_dir, summary=None, figures=None, title="cannon_fast modeling lab report",
+                 summary_html=None):
     """Write ``report.html``: headline numbers and figures first, then foldable sections.
 
     Parameters
@@ -689,6 +690,12 @@ def write_report(out_dir, summary=None, figures=None):
     figures : sequence of dict, optional
         ``{"file", "caption"}`` in display order; figure files (PNG, GIF, MP4) in
         ``out_dir`` that are not listed are shown too (every one is on the page).
+    title : str
+        The page's heading.
+    summary_html : callable, optional
+        summary dict -> HTML of its tables, for a report other than the modeling lab's
+        (e.g. :mod:`cannon_fast.lab.jwst`): the page is then those tables, every
+        figure, and the table of every number.
 
     Returns
     -------
@@ -701,20 +708,26 @@ def write_report(out_dir, summary=None, figures=None):
             summary = json.load(fh)
     summary = to_jsonable(summary)
     pool = _figures(out_dir, summary, figures)
-    head = _headline_html(summary) + _headline_figures(pool)
-    blocks = [(sec, _section_html(sec, summary, pool)) for sec in _sections(summary)]
+    if summary_html is None:
+        lead = _lead_html(summary)
+        head = _headline_html(summary) + _headline_figures(pool)
+        sections = _sections(summary)
+    else:
+        lead, head = "", summary_html(summary) + "".join(_figure(f) for f in _one_per_movie(pool))
+        pool.clear()
+        sections = [sec for sec in SECTIONS if sec.key == "all_numbers"]
+    blocks = [(sec, _section_html(sec, summary, pool)) for sec in sections]
     blocks = [(sec, b) for sec, b in blocks if b]
     nav = " ".join(f"<a href='#{html.escape(sec.key, quote=True)}'>{_esc(sec.title)}</a>"
                    for sec, _ in blocks)
     meta = (f"{_esc(summary.get('created', ''))} · cannon_fast "
             f"{_esc(summary.get('package_version', ''))}")
     total = (summary.get("timings") or {}).get("total")
-    if total is not None:
+    if isinstance(total, (int, float)):
         meta += f" · {total:.0f} s"
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>cannon_fast lab report"
-            f"</title><style>{_CSS}</style></head><body><h1>cannon_fast modeling lab report</h1>"
-            f"<p class='muted'>{meta}</p>{_lead_html(summary)}<nav><b>Sections:</b> {nav}</nav>"
-            f"{head}"
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}"
+            f"</title><style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
+            f"<p class='muted'>{meta}</p>{lead}<nav><b>Sections:</b> {nav}</nav>{head}"
             + "\n".join(b for _, b in blocks) + "</body></html>")
     path = os.path.join(out_dir, "report.html")
     with atomic_path(path) as tmp:

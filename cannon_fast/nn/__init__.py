@@ -8,6 +8,9 @@
   (Ting et al. 2019) exported to plain numpy arrays, with an analytic Jacobian,
   usable as a forward model by :func:`cannon_fast.fit_spectra`; trained by
   :func:`train_emulator`.
+* :class:`SharedLatent` -- encoders and decoders of two instruments around one
+  latent space with a label head: labels from either instrument's spectrum, and
+  one instrument's spectrum generated from the other's.
 * :mod:`cannon_fast.nn.evaluate` -- bias, RMSE, MAD, R^2, calibration, plots and
   a side-by-side table against the Cannon.
 
@@ -21,10 +24,12 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
         "extra with `pip install cannon_fast[nn]`") from err
 
 from .emulator import PayneEmulator, train_emulator
+from .latent import SharedLatent
 from .evaluate import (calibration_fraction, calibration_scale, comparison_table, label_metrics,
                        three_cornered_hat)
-from .regressor import NNResult, SpectrumRegressor
+from .regressor import STARNET_TRAINING, NNResult, SpectrumRegressor, format_layer_summary
 
-__all__ = ["SpectrumRegressor", "NNResult", "PayneEmulator", "train_emulator",
+__all__ = ["SpectrumRegressor", "NNResult", "STARNET_TRAINING", "format_layer_summary",
+           "PayneEmulator", "train_emulator", "SharedLatent",
            "label_metrics", "calibration_fraction", "calibration_scale", "three_cornered_hat",
            "comparison_table"]

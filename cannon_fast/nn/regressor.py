@@ -20,7 +20,8 @@ from .._util import progress as _progress
 from ._common import (MISSING_VALUE, load_checkpoint, prepare_labels, prepare_spectra,
                       resolve_device, save_checkpoint, seeded, split_indices)
 
-__all__ = ["SpectrumRegressor", "NNResult", "masked_gaussian_nll", "ARCHITECTURES"]
+__all__ = ["SpectrumRegressor", "NNResult", "masked_gaussian_nll", "ARCHITECTURES",
+           "STARNET_TRAINING", "format_layer_summary"]
 
 ARCHITECTURES = ("cnn", "mlp")
 # Bounds on the predicted log-variance (standardized labels): keeps exp() finite early on.
@@ -28,6 +29,11 @@ _LOGVAR_MIN, _LOGVAR_MAX = -14.0, 6.0
 #: Default "uncertain label" thresholds on the total 1-sigma error, after astroNN's
 #: flags (Teff 300 K, log g 0.2; [X/H], [X/Fe] 0.12 dex taken as absolute errors).
 DEFAULT_UNCERTAIN = {"TEFF": 300.0, "LOGG": 0.2, "FE_H": 0.12, "M_H": 0.12}
+#: StarNet's training as in the JWST project (seed 001, after Fabbro et al. 2018): batch 64,
+#: learning rate 1e-3, at most 20 epochs, stop when the validation loss has not improved by
+#: 1e-3 in 5 epochs. The architecture is the regressor's default (``arch="cnn"``).
+STARNET_TRAINING = dict(epochs=20, batch_size=64, learning_rate=1e-3, patience=5,
+                        min_delta=1e-3)
 
 
 def masked_gaussian_nll(mean, log_var, target, label_var=None):
@@ -311,6 +317,49 @@ class SpectrumRegressor:
         """Number of trainable weights."""
         self._check_trained()
         return sum(p.numel() for p in self.net.parameters())
+
+    def layer_summary(self, n_pixels=None):
+        """Each layer's output shape and trainable parameters (torchsummary-like).
+
+        Parameters
+        ----------
+        n_pixels : int, optional
+            Spectrum length; default the trained network's. Works before
+            training (a network of that size is built and run on one spectrum).
+
+        Returns
+        -------
+        list of dict
+            ``{"layer", "output_shape", "n_parameters"}`` in order, the output
+            shape without the batch axis. The last dense layer has ``2 L``
+            outputs: L means and L log-variances (the uncertainties).
+        """
+        if n_pixels is None:
+            self._check_trained()
+            cfg, net = self.config, self.net
+        else:
+            cfg = _make_config(n_pixels=int(n_pixels), n_labels=self.n_labels,
+                               **self._arch_args)
+            with seeded(self.seed, torch.device("cpu")):
+                net = _Net(cfg)
+        rows = []
+        layers = list(net.conv) + [net.dense, torch.nn.ReLU()] + list(net.head)
+        x = torch.ones(1, cfg["n_pixels"])
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            if net.is_cnn:
+                x = x[:, None, :]
+            for i, layer in enumerate(layers):
+                if layer is net.dense and net.is_cnn:
+                    rows.append(dict(layer="Flatten", output_shape=(int(x[0].numel()),),
+                                     n_parameters=0))
+                    x = x.flatten(1)
+                x = layer(x)
+                rows.append(dict(layer=type(layer).__name__, output_shape=tuple(x.shape[1:]),
+                                 n_parameters=sum(p.numel() for p in layer.parameters())))
+        net.train(was_training)
+        return rows
 
     def _check_trained(self):
         if self.net is None:
@@ -741,3 +790,13 @@ class SpectrumRegressor:
         from .evaluate import plot_loss
 
         return plot_loss(self.history, path)
+
+
+def format_layer_summary(rows):
+    """Text table of :meth:`SpectrumRegressor.layer_summary` rows, with the total."""
+    lines = [f"{'layer':<14s}{'output shape':>18s}{'parameters':>14s}"]
+    for r in rows:
+        lines.append(f"{r['layer']:<14s}{str(tuple(r['output_shape'])):>18s}"
+                     f"{r['n_parameters']:>14,d}")
+    lines.append(f"{'total':<14s}{'':>18s}{sum(r['n_parameters'] for r in rows):>14,d}")
+    return "\n".join(lines)
