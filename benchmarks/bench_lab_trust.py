@@ -12,6 +12,7 @@ and prints the figures the error and binary targets are about:
 Usage::
 
     python benchmarks/bench_lab_trust.py --mock DIR [--mock DIR2 ...] [--out OUT]
+    python benchmarks/bench_lab_trust.py --screen-rate STORE   # a prepared store (prepare)
     python benchmarks/bench_lab_trust.py --generate clean,lowsnr,binaries --work /tmp/mocks
 
 ``--generate`` writes the three surveys with the shared tool first (seeds 7, 7, 11;
@@ -81,6 +82,33 @@ def _report(name, s):
                 for n in LABELS))
 
 
+def _screen_rate(store_path):
+    """The screen's rate on a prepared store: wall and CPU seconds (a loaded machine
+    stretches the wall time, not the CPU time)."""
+    import time
+
+    import numpy as np
+
+    from cannon_fast import CannonModel
+    from cannon_fast.core.binaries import screen_binaries
+    from cannon_fast.store import SpectraStore
+
+    st = SpectraStore(store_path)
+    flux, ivar = np.asarray(st.flux), np.asarray(st.ivar)
+    labels = np.asarray(st.labels, float)
+    half = len(flux) // 2
+    m = CannonModel(st.label_names).train(flux[:half], ivar[:half], labels[:half])
+    single = m.fit(flux[half:], ivar[half:], debias=False)
+    for n_refine in (0, 4):
+        w0, c0 = time.perf_counter(), time.process_time()
+        scr = screen_binaries(m, flux[half:], ivar[half:], single.labels, n_refine=n_refine)
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        n = len(flux) - half
+        print(f"screen of {n} stars (n_refine={n_refine}, {int(scr.flagged.sum())} flagged): "
+              f"{w:.1f} s wall = {n / w:.0f} stars/s; {c:.1f} s CPU = {2 * n / c:.0f} stars/s "
+              f"on 2 idle cores; load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv=None):
     from cannon_fast.lab.pipeline import run_lab
 
@@ -89,7 +117,11 @@ def main(argv=None):
     ap.add_argument("--generate", default=None, help="comma-separated: clean,lowsnr,binaries")
     ap.add_argument("--work", default="bench_lab_trust", help="where generated surveys go")
     ap.add_argument("--out", default="bench_lab_trust_reports")
+    ap.add_argument("--screen-rate", default=None, metavar="STORE",
+                    help="only time the binary screen on a prepared store")
     a = ap.parse_args(argv)
+    if a.screen_rate:
+        return _screen_rate(a.screen_rate)
     mocks = [Path(m) for m in a.mock]
     if a.generate:
         mocks += _generate(a.generate.split(","), a.work)

@@ -316,11 +316,19 @@ def pull_statistics(fit, reference, snr, reference_errors=None, names=LAB_LABELS
             sel = ok & (snr >= lo) & (snr < hi) & np.isfinite(reference[:, j])
             key = f"{lo:g}-{hi:g}"
             entry = dict(n=int(sel.sum()))
-            for kind, err in kinds.items():
-                ref_v = ref_var if np.isscalar(ref_var) else ref_var[sel, j]
-                pull = (fit.labels[sel, j] - reference[sel, j]) / np.sqrt(err[sel, j] ** 2
-                                                                            + ref_v)
-                entry[kind] = _num(np.std(pull)) if sel.sum() >= 5 else None
+            ref_v = ref_var if np.isscalar(ref_var) else ref_var[:, j]
+            with np.errstate(invalid="ignore"):
+                pulls = {kind: (fit.labels[:, j] - reference[:, j]) / np.sqrt(
+                    err[:, j] ** 2 + ref_v) for kind, err in kinds.items()}
+            for kind, pull in pulls.items():
+                entry[kind] = _num(np.std(pull[sel])) if sel.sum() >= 5 else None
+            # a few catastrophic fits (flagged) can set a bin's std alone: the same
+            # without the warned stars, and the robust (MAD) width
+            cal = pulls.get("calibrated", pulls["formal"])
+            quiet = sel & ~fit.warn
+            entry["without_warned"] = _num(np.std(cal[quiet])) if quiet.sum() >= 5 else None
+            entry["robust"] = _num(1.4826 * np.median(np.abs(cal[sel] - np.median(
+                cal[sel])))) if sel.sum() >= 5 else None
             out[name][key] = entry
     return out
 

@@ -118,3 +118,20 @@ def test_mock_survey_pipeline_runs_and_recovers_labels(mock_lab):
 def test_mock_survey_meets_the_lab_targets(mock_lab):
     t = mock_lab["validation"][mock_lab["primary_fit"]]["targets_vs_true"]
     assert t["all_met"], _numbers(mock_lab)
+
+
+def test_mock_survey_errors_are_calibrated(mock_lab):
+    """Lab step 12: the calibrated errors hold in every S/N bin against the truth.
+
+    The calibration (5-fold CV in the training half, truth as the reference) is judged on
+    the validation half. A few catastrophic fits where the training set is thin
+    (SPARSE_TRAINING) can set a bin's standard deviation alone (measured: log g at S/N
+    100-200, 1.59 with two such stars, 1.0 without), so the band is checked without the
+    stars that carry a warning flag, and loosely with them.
+    """
+    pulls = mock_lab["validation"][mock_lab["primary_fit"]]["pulls"]["vs_true"]
+    for name in ("TEFF", "LOGG", "FE_H"):
+        for b, e in pulls[name].items():
+            assert e["formal"] > 2 * e["calibrated"], (name, b, e)   # formal: 2.3-9.6
+            assert 0.75 <= e["without_warned"] <= 1.3, (name, b, e)
+            assert 0.75 <= e["calibrated"] <= 2.0, (name, b, e)
