@@ -236,7 +236,7 @@ def _headline_table(s, v, labels):
     header = ["label"]
     if true:
         header += ["bias vs truth", "scatter vs truth"]
-    header += ["bias vs catalogue", "scatter vs catalogue", "median formal error", "target"]
+    header += ["bias vs catalogue", "scatter vs catalogue", "median error", "target"]
     rows = []
     for n in labels:
         unit = _UNITS.get(n, "dex" if n.endswith(("_H", "_FE")) else "")
@@ -276,7 +276,7 @@ def _validation_html(s):
                     rows.append([f"<b>{k.replace('_', ' ')} {name}</b>"]
                                 + [_fmt(n, stats[n].get(k)) for n in labels if n in stats])
         if v.get("median_errors"):
-            rows.append(["<b>median formal error</b>"]
+            rows.append(["<b>median error</b>"]
                         + [_fmt(n, v["median_errors"].get(n)) for n in labels])
         parts.append(_table([""] + labels, rows))
         broad = (v.get("broadening") or {}).get("percentiles_5_50_95")
