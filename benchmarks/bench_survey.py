@@ -236,7 +236,7 @@ def main(argv=None):
         cat = read_catalog(os.path.join(args.work, "single.fits"))
         from cannon_fast.core.fitting import INFORMATIONAL_FLAGS
 
-        # DEBIAS_CAPPED and SPARSE_TRAINING say how or where a fit was done, not that it is bad
+        # SPARSE_TRAINING says where a fit was done, not that it is bad
         ok = (np.asarray(cat["FLAGS"]) & ~INFORMATIONAL_FLAGS) == 0
         ok &= np.asarray(truth["PASS_LAB_CUTS"])[np.asarray(cat["INDEX"])]
         d = np.asarray(cat["TEFF"])[ok] - np.asarray(truth["TEFF"])[np.asarray(cat["INDEX"])[ok]]

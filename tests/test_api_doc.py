@@ -75,6 +75,7 @@ DOCUMENTED = {
     "renormalize_to_model": (continuum.renormalize_to_model, None),
     "model_continuum": (continuum.model_continuum, None),
     "label_survey": (survey.label_survey, None),
+    "read_normalized": (survey.read_normalized, None),
     "summary.report": (survey.SurveySummary.report, None),
     "SpectrumRegressor": (SpectrumRegressor, None),
     "reg.train": (SpectrumRegressor.train, None),

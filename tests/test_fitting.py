@@ -40,8 +40,10 @@ def test_chi2_is_the_direct_sum(setup):
     assert_allclose(r.reduced_chi2, direct / (r.n_pixels - 3), rtol=1e-7)
 
 
-def test_debiased_fast_matches_its_reference(setup):
+def test_debiased_fast_matches_its_reference(setup, monkeypatch):
     """Fast de-biased fit vs minimising chi² - sum_p w_p v^T C_p v directly (L-BFGS-B)."""
+    from cannon_fast.core import fitting
+    monkeypatch.setattr(fitting, "DEBIAS_CAPPED_SIGMA", 0.0)  # flag every capped star here
     model, _, test = setup
     exact = model.fit(test.flux[:15], test.ivar[:15], exact_debias=True)
     approx = model.fit(test.flux[:15], test.ivar[:15])
@@ -78,6 +80,27 @@ def test_debiasing_removes_the_pull_to_the_centre():
         else:
             assert np.all(pulls > 1.2), pulls  # plain errors are too small
     assert np.all(np.abs(np.array(slopes[True]) - 1) < np.abs(np.array(slopes[False]) - 1))
+
+
+def test_debias_capped_marks_the_stars_the_cap_leaves_biased(monkeypatch):
+    """DEBIAS_CAPPED marks only the capped stars still pulled toward the training centre.
+
+    Those whose withheld correction is large: their errors against the truth are larger.
+    """
+    from cannon_fast.core import fitting
+    train = make_synthetic(n_stars=60, n_pix=600, n_labels=3, seed=31)
+    test = make_synthetic(n_stars=300, n_pix=600, n_labels=3, seed=32, coeffs=train.coeffs,
+                          s2_true=train.s2_true)
+    model = CannonModel(train.label_names).train(train.flux, train.ivar, train.labels)
+    r = model.fit(test.flux, test.ivar)
+    flagged = (r.flags & FLAGS["DEBIAS_CAPPED"]) > 0
+    monkeypatch.setattr(fitting, "DEBIAS_CAPPED_SIGMA", 0.0)
+    capped = (model.fit(test.flux, test.ivar).flags & FLAGS["DEBIAS_CAPPED"]) > 0
+    assert 0 < flagged.sum() < capped.sum() and not np.any(flagged & ~capped)
+    assert np.all(r.warn[flagged])   # a warning (FLAG_WARN), no longer informational
+    pull = np.sqrt(np.mean(((r.labels - test.labels) / r.errors) ** 2, axis=1))
+    assert np.median(pull[flagged]) > 1.4 * np.median(pull[~flagged]), (
+        np.median(pull[flagged]), np.median(pull[~flagged]))
 
 
 def test_masked_star_is_flagged_and_the_rest_go_on(setup):

@@ -242,6 +242,34 @@ def test_match_ids_repeats(tmp_path):
     assert idx[0] == 1
 
 
+def test_match_ids_tied_rows_with_other_labels_are_ambiguous(tmp_path):
+    """Tied repeated IDs that disagree in a label match nothing, with a reason and a count."""
+    from astropy.table import Table
+    from cannon_fast.apogee.prepare import prepare_dataset
+
+    t = Table(dict(APOGEE_ID=["2MA", "2MA", "2MB", "2MB"], SNR=[90.0, 90.0, 50.0, 50.0],
+                   TEFF=[4500.0, 4600.0, 4800.0, 4800.0], LOGG=[2.0, 2.0, 2.5, 2.5]))
+    # 2MA's two rows tie on SNR and disagree in TEFF; 2MB's tie but agree
+    assert list(ap.match_ids(t, ["2MA", "2MB"])) == [0, 2]   # without labels: as before
+    idx = ap.match_ids(t, ["2MA", "2MB"], labels=["TEFF", "LOGG"])
+    assert list(idx) == [ap.AMBIGUOUS_MATCH, 2]
+    why = ap.match_conflicts(t, "2MA", ["TEFF", "LOGG"])
+    assert "2 allStar rows" in why and "TEFF 4500 vs 4600" in why and "LOGG" not in why
+    # through prepare: the star is left out, named, and counted in the cut report
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    cat = fitsio.read(str(allstar))
+    dup = cat[np.char.strip(cat["APOGEE_ID"].astype(str)) == "2M4"].copy()
+    dup["TEFF"] = 5100
+    fitsio.write(str(allstar), np.concatenate([cat, dup]), clobber=True)
+    res = prepare_dataset(stars, allstar, tmp_path / "out.store", cont,
+                          labels=("TEFF", "LOGG", "FE_H"))
+    assert list(res.store.ids) == ["2M1"]
+    msg = {os.path.basename(f): m for f, m in res.failures}["apStar-dr17-2M4.fits"]
+    assert "TEFF 4800 vs 5100" in msg and "ambiguous" in msg
+    rows = {r["name"]: r["removed"] for r in res.report.rows}
+    assert rows["ambiguous_catalog_match"] == 1 and rows["no_catalog_match"] == 1
+
+
 def _prepare_inputs(tmp_path):
     """Five apStar files (two bad, one not in the catalogue), an allStar, continuum pixels."""
     d = tmp_path / "stars" / "apo25m" / "F1"
@@ -381,3 +409,30 @@ def test_prepare_filters_named_flag_bits_and_keeps_missing_labels(tmp_path):
     assert list(res.store.ids) == ["2M1"] and np.isnan(res.store.labels[0, 1])
     assert res.store.meta["cut_report"]["STAR_BAD"] == 1
     assert res.store.meta["cut_report"]["no_labels"] == 0
+
+
+def test_prepare_takes_the_continuum_a_model_recorded(tmp_path, capsys):
+    """Prepare --model: the store is normalized with the model's continuum pixels and degree."""
+    from cannon_fast import CannonModel
+    from cannon_fast.cli import main
+    from cannon_fast.core.continuum import record_continuum
+    from cannon_fast.store import SpectraStore
+
+    stars, allstar, cont = _prepare_inputs(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = rng.normal(size=(12, 2))
+    flux = 1 + 0.01 * rng.normal(size=(12, NPIX))
+    model = CannonModel(["TEFF", "LOGG"], order=1).train(flux, np.full_like(flux, 1e4), labels)
+    model.write(tmp_path / "bare.npz")
+    record_continuum(model, cont, degree=2)
+    model.write(tmp_path / "m.npz")
+    args = ["prepare", "-q", "--apstar", str(stars), "--allstar", str(allstar),
+            "--labels", "TEFF,LOGG,FE_H"]
+    assert main(args + ["--model", str(tmp_path / "m.npz"), "--out", str(tmp_path / "s")]) == 0
+    meta = SpectraStore(tmp_path / "s").meta
+    assert meta["continuum_pixels"] == np.flatnonzero(cont).tolist()
+    assert meta["continuum_degree"] == 2
+    capsys.readouterr()
+    assert main(args + ["--model", str(tmp_path / "bare.npz"), "--out", str(tmp_path / "t")]) == 1
+    assert "records no continuum pixels" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

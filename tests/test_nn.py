@@ -472,6 +472,9 @@ def test_cli_train_and_predict(data, tmp_path):
     t = Table.read(out)
     assert len(t) == len(data.flux) and "LOGG_ERR" in t.colnames
     assert main(["nn-predict", str(ck), str(npz), "-o", str(out), "-q"]) == 1  # exists
+    out2 = tmp_path / "labels2.fits"   # --model, as in fit, label, mcmc
+    assert main(["nn-predict", "--model", str(ck), str(npz), "--out", str(out2), "-q"]) == 0
+    assert len(Table.read(out2)) == len(t)
     emu = tmp_path / "emu.npz"
     assert main(["nn-train", str(npz), "-o", str(emu), "--kind", "emulator", "--hidden", "16",
                  "16", "--epochs", "5", "-q"]) == 0

@@ -329,18 +329,23 @@ def test_cli_fit_warns_when_the_store_was_normalized_unlike_the_training_set(tmp
             assert "CONTMISM" in meta
 
 
-def test_cli_fit_on_an_apstar_file_says_what_to_use(tmp_path, capsys):
+def test_cli_fit_and_train_on_an_apstar_file_say_what_is_wrong(tmp_path, capsys):
+    """Fit reads apStar files (here: not on the model's grid); train says what it reads."""
     from cannon_fast import CannonModel
     from cannon_fast.testing import make_synthetic
     s = make_synthetic(n_stars=40, n_pix=30, n_labels=2, seed=1)
     CannonModel(s.label_names).train(s.flux, s.ivar, s.labels).write(tmp_path / "m.fits")
     path = tmp_path / "apStar-dr17-2M00000000+0000000.fits"
     path.write_bytes(b"SIMPLE  =                    T" + b" " * 2850)
-    assert main(["fit", str(tmp_path / "m.fits"), str(path), "--out", str(tmp_path / "o.fits")]) \
-        == 1
+    assert main(["fit", str(path), "--model", str(tmp_path / "m.fits"), "--out",
+                 str(tmp_path / "o.fits")]) == 1
     err = capsys.readouterr().err
-    assert "is a FITS file (an apStar spectrum?)" in err and "cannon-fast label" in err
+    assert "trained on 30 pixels but the input spectra have 8575" in err
     assert len(err.strip().splitlines()) == 1
+    assert main(["train", str(path), "--out", str(tmp_path / "o.fits")]) == 1
+    err = capsys.readouterr().err
+    assert "is a FITS file (an apStar spectrum?)" in err and "fit and label read" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.fits").exists()
 
 
 def test_cli_train_names_a_wavelength_array_that_makes_no_grid(tmp_path, capsys):
@@ -356,3 +361,86 @@ def test_cli_train_names_a_wavelength_array_that_makes_no_grid(tmp_path, capsys)
     assert f"{path}: its wavelengths make no pixel grid: pixel grid wavelengths must increase: " \
            "pixel 10" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.npz").exists()
+
+
+def _report_summary():
+    """A small summary in the shape run_lab writes (two labels, one fit, a CV choice)."""
+    st = lambda b, s: dict(bias=b, scatter=s, mad_scatter=s, n=40)  # noqa: E731
+    return dict(
+        created="now", package_version="x", labels=["TEFF", "FE_H"], n_train=40,
+        n_validation=40, primary_fit="debias", data=dict(kind="a test survey"),
+        validation=dict(debias=dict(
+            n_fitted=40, n_ok=39, median_reduced_chi2=1.04,
+            flags=dict(HIT_BOUND=2, FAILED=1, POOR_FIT=0),
+            median_errors=dict(TEFF=5.5, FE_H=0.004),
+            vs_true=dict(TEFF=st(1.25, 17.75), FE_H=st(0.0003, 0.0117)),
+            vs_catalog=dict(TEFF=st(3.5, 32.25), FE_H=st(0.0008, 0.0184)))),
+        targets=dict(against="true labels", primary=dict(
+            TEFF=dict(bias=1.25, scatter=17.75, bias_max=5.0, scatter_max=30.0, met=True),
+            all_met=True)),
+        choice=dict(model="quadratic", test_step="debias",
+                    note="3-fold cross-validation, relative to the best: quadratic / debias "
+                         "1.000, cubic / plain 1.100",
+                    scatter={"quadratic / debias": [30.0, 0.02], "cubic / plain": [33.0, 0.022]}),
+        notes=["Model (quadratic) and label fit (debias) chosen by 3-fold cross-validation, "
+               "relative to the best: quadratic / debias 1.000, cubic / plain 1.100. More."],
+        extras=dict(nn=dict(status="ok", seconds=1.0, vs_true=dict(TEFF=st(0, 150.5),
+                                                                  FE_H=st(0, 0.35))),
+                    pulls=dict(status="ok", seconds=0.5, median_pull=1.375)),
+        timings=dict(total=12.0))
+
+
+def test_report_leads_with_the_headline_and_reaches_every_number(tmp_path):
+    """The report leads with the headline and shows every number of summary.json.
+
+    Headline numbers and key figures before any section; flags and the CV choice as tables.
+    """
+    summary = _report_summary()
+    report.write_summary(summary, tmp_path)
+    for name in ("cv_true.png", "kiel.png", "gradients.png", "s2.png", "zz_new.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    page = (tmp_path / report.rebuild_report(tmp_path)).read_text(encoding="utf-8")
+    first_section = page.index("<details class='section'")
+    for text in ("17.8", "32.2", "0.0117", "met", "cv_true.png", "kiel.png", "gradients.png"):
+        assert page.index(text) < first_section, text
+    assert page.index("s2.png") > first_section        # details come after
+    assert "<td>HIT_BOUND</td><td>2 (5%)</td>" in page and '{"HIT_BOUND"' not in page
+    assert "39 of 40 validation fits usable" in page
+    # the cross-validation candidates are table rows, not a paragraph in the notes
+    assert "<td>cubic</td><td>plain chi2</td><td>1.100</td>" in page
+    body = page.split("id='all_numbers'")[0]        # the page before the raw numbers
+    assert "cubic / plain 1.100" not in body
+    # no verdict from a status word: the network's numbers stand next to the Cannon's
+    assert ">ok<" not in body and "neural network" in body and "150.5" in body
+    # an optional step without a section of its own gets one; so does an unplaced figure
+    assert "id='pulls'" in page and "1.375" in page and "src='zz_new.png'" in page
+    nav = page[page.index("<nav>"):page.index("</nav>")]
+    assert "href='#validation'" in nav and "href='#all_numbers'" in nav
+
+    def scalars(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                yield from scalars(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from scalars(v)
+        elif isinstance(o, (int, float)) and not isinstance(o, bool):
+            yield o
+    for x in scalars(summary):
+        assert f"{x:.6g}" in page, x
+
+
+def test_a_section_is_one_call(tmp_path, monkeypatch):
+    """add_section: a step's own section, with its figures, before the timings."""
+    monkeypatch.setattr(report, "SECTIONS", list(report.SECTIONS))
+    report.add_section(report.ReportSection(
+        "pulls", "Error pulls", render=lambda s: f"<p>pull {s['extras']['pulls']['median_pull']}"
+                                                 "</p>", figures=("pull*.png",)))
+    summary = _report_summary()
+    report.write_summary(summary, tmp_path)
+    (tmp_path / "pulls_teff.png").write_bytes(b"\x89PNG")
+    page = (tmp_path / report.rebuild_report(tmp_path)).read_text(encoding="utf-8")
+    sec = page[page.index("id='pulls'"):]
+    sec = sec[:sec.index("</details>")]
+    assert "Error pulls" in sec and "pull 1.375" in sec and "src='pulls_teff.png'" in sec
+    assert page.index("id='pulls'") < page.index("id='timings'")

@@ -165,7 +165,7 @@ def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, cap
     with pytest.raises(sv.SurveyError, match=r"already holds these inputs labeled with other "
                        r"options \(chunk_size: 350 then, 100 now\).*another --out.*--force"):
         sv.label_survey(model, npz, out, chunk_size=100)
-    with pytest.raises(sv.SurveyError, match=r"fit.debias: None then, False now"):
+    with pytest.raises(sv.SurveyError, match=r"fit.debias: True then, False now"):
         sv.label_survey(model, npz, out, chunk_size=350, fit_options=dict(debias=False))
     assert out.read_bytes() == before and not os.path.exists(f"{out}.parts")
     assert sv.label_survey(model, npz, out, chunk_size=350).already_done   # identical: no-op
@@ -181,6 +181,17 @@ def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, cap
     err = capsys.readouterr().err
     assert "fit.debias: False then, True now" in err and len(err.strip().splitlines()) == 1
     assert len(sv.read_catalog(out)) == 700
+    # other inputs are appended only when measured the same way
+    more = tmp_path / "more.npz"
+    np.savez(more, flux=small[1][:20], ivar=small[2][:20])
+    with pytest.raises(sv.SurveyError, match=r"holds labels measured with other options "
+                       r"\(fit.debias: False then, True now\).*--force"):
+        sv.label_survey(model, more, out)
+    assert len(sv.read_catalog(out)) == 700
+    assert sv.label_survey(model, more, out, chunk_size=7,
+                           fit_options=dict(debias=False)).catalog_rows == 720
+    s = sv.label_survey(model, more, out, force=True)   # replaced by this job alone
+    assert s.catalog_rows == 20 and len(sv.read_catalog(out)) == 20
 
 
 def test_bad_grid_and_visits_of_arrays(tmp_path, small):
@@ -508,3 +519,172 @@ def test_thread_limits_are_put_back(small, npz, c_thread_cap):
     plain = sv.process_chunk(model, source.chunk(0, 40), options)
     for k in plain:
         assert plain[k].tobytes() == limited[k].tobytes(), k
+
+
+def test_fit_and_label_read_apstar_files_as_prepare_normalizes_them(tmp_path, full_grid,
+                                                                    capsys):
+    """The same labels from apStar files by fit, by label, and by prepare --model + fit."""
+    from cannon_fast.core.continuum import record_continuum
+    model, cont, s = full_grid
+    mpath = tmp_path / "m.npz"
+    record_continuum(model.__class__.read(_write(model, tmp_path / "bare.npz"),
+                                          backend="numba"), cont, degree=3).write(mpath)
+    d = tmp_path / "stars" / "apo25m" / "F1"
+    d.mkdir(parents=True)
+    c = _continuum(3, 7)
+    ids = [f"2M0000000{i}+0000000" for i in range(3)]
+    for i, sid in enumerate(ids):
+        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[140 + i] * c[i],
+                      0.004 * c[i], nvis=1, apogee_id=sid, seed=i)
+    cat = np.zeros(3, dtype=[("APOGEE_ID", "S20"), ("TELESCOPE", "S8"), ("FIELD", "S8"),
+                             ("SNR", "f4"), ("TEFF", "f4"), ("LOGG", "f4"), ("FE_H", "f4")])
+    cat["APOGEE_ID"], cat["TELESCOPE"], cat["FIELD"] = ids, "apo25m", "F1"
+    cat["SNR"], cat["TEFF"], cat["LOGG"], cat["FE_H"] = 150, 4800, 2.5, 0.0
+    fitsio.write(str(tmp_path / "allStar-dr17-x.fits"), cat)
+    run = ["-q", "--backend", "numba"]
+    assert main(["prepare", "--apstar", str(tmp_path / "stars"), "--allstar",
+                 str(tmp_path / "allStar-dr17-x.fits"), "--labels", "TEFF,LOGG,FE_H", "--model",
+                 str(mpath), "--out", str(tmp_path / "store")] + run) == 0
+    assert main(["fit", str(tmp_path / "store"), "--model", str(mpath), "--out",
+                 str(tmp_path / "from_store.fits")] + run) == 0
+    assert main(["fit", str(tmp_path / "stars"), "--model", str(mpath), "--out",
+                 str(tmp_path / "from_files.fits")] + run) == 0
+    assert main(["label", "--model", str(mpath), str(tmp_path / "stars"), "--out",
+                 str(tmp_path / "cat.fits")] + run) == 0
+    from astropy.table import Table
+    a, b = Table.read(tmp_path / "from_store.fits"), Table.read(tmp_path / "from_files.fits")
+    _, lab = _labels(tmp_path / "cat.fits")
+    assert list(a["ID"]) == list(b["ID"]) == list(lab["ID"]) == ids
+    for name in model.label_names:
+        np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_allclose(lab[name], a[name], rtol=1e-6)   # float32 catalogue
+    np.testing.assert_allclose(a["TEFF"], s.labels[140:143, 0], rtol=0.01)
+    # a file that cannot be read is named and skipped; nothing readable is an error
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "nope.fits"), "--model", str(mpath), "--out",
+                 str(tmp_path / "none.fits")] + run) == 1
+    err = capsys.readouterr().err
+    assert "nope.fits" in err and "not found" in err and not (tmp_path / "none.fits").exists()
+
+
+def _write(model, path):
+    model.write(path)
+    return path
+
+
+_SLOW_READER = '''
+import os, time
+class SlowReader:
+    def __init__(self, flag):
+        self.flag = flag
+    def read(self):
+        with open(self.flag + ".tmp", "w") as fh:
+            fh.write(str(os.getpid()))
+        os.replace(self.flag + ".tmp", self.flag)
+        time.sleep(120)
+'''
+
+_DRIVER = '''
+import sys
+from slowreader import SlowReader
+from cannon_fast import CannonModel
+from cannon_fast.survey.schedulers import run_chunks
+from cannon_fast.testing import make_synthetic
+s = make_synthetic(n_stars=30, n_pix=40, n_labels=2, seed=1)
+model = CannonModel(s.label_names, backend="numpy").train(s.flux, s.ivar, s.labels)
+run_chunks(model, [(0, SlowReader(sys.argv[1]))], {}, lambda k, c: None,
+           scheduler="processes", n_workers=1)
+'''
+
+
+@pytest.mark.skipif(not os.path.exists("/proc"), reason="needs /proc to find the worker")
+def test_pool_workers_end_when_the_driver_is_killed(tmp_path):
+    """SIGKILL of the label driver leaves no worker running (each held a model and a chunk)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slowreader.py").write_text(_SLOW_READER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path)] + [p for p in sys.path if p]), OMP_NUM_THREADS="1")
+    flag = tmp_path / "worker.pid"
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(flag)], env=env,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists() and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        assert flag.exists(), "the worker never started its chunk"
+        worker = int(flag.read_text())
+        assert os.path.exists(f"/proc/{worker}")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = _alive(worker)
+        if alive:
+            os.kill(worker, signal.SIGKILL)
+        assert not alive, "the worker outlived its driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie, reaped by init soon, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_python_and_command_line_jobs_share_one_vocabulary(tmp_path, small, npz, capsys):
+    """label_survey's keywords are label's options: the same job either way, old names kept."""
+    model = small[0]
+    mpath = tmp_path / "model.npz"
+    model.write(mpath)
+    out = tmp_path / "cat.fits"
+    sv.label_survey(CannonModel.read(mpath, backend="numba"), npz, out, chunk_size=350,
+                    workers=1, format="fits", debias=False, backend="numba")
+    capsys.readouterr()
+    assert main(["label", "--model", str(mpath), str(npz), "--out", str(out), "--chunk-size",
+                 "350", "--workers", "1", "--format", "fits", "--no-debias", "--backend",
+                 "numba"]) == 0
+    assert "already in the catalogue" in capsys.readouterr().out
+    assert len(sv.read_catalog(out)) == 700
+    with pytest.raises(TypeError, match="workers= or its older name n_workers="):
+        sv.label_survey(model, npz, tmp_path / "x.fits", workers=1, n_workers=2)
+    with pytest.raises(TypeError, match="debias=False and fit_options"):
+        sv.label_survey(model, npz, tmp_path / "x.fits", debias=False,
+                        fit_options=dict(debias=True))
+    assert not (tmp_path / "x.fits").exists()
+
+
+def test_bad_bits_apply_to_apstar_files(tmp_path, full_grid):
+    """The --bad-bits of label mask apStar pixels too (they were masked with the default bits)."""
+    model, cont, s = full_grid
+    c = _continuum(1, 9)[0]
+    sid = "2M00000001+0000000"
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    for d in (clean, dirty):
+        d.mkdir()
+        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[150] * c, 0.004 * c,
+                      nvis=1, apogee_id=sid, seed=0)
+    with fitsio.FITS(str(dirty / f"apStar-dr17-{sid}.fits"), "rw") as fh:
+        flux, pm = fh[1].read(), fh[3].read()
+        flux[:, 5000:5040] *= 3.0        # garbage where PIXMASK bit 9 (PERSIST_HIGH) is set
+        pm[:, 5000:5040] = 1 << 9
+        fh[1].write(flux)
+        fh[3].write(pm)
+    bits = list(range(8)) + [9, 12]
+    lab = {}
+    for name, d, b in (("clean", clean, bits), ("default", dirty, None), ("bits", dirty, bits)):
+        sv.label_survey(model, d, tmp_path / f"{name}.fits", continuum=cont, bad_bits=b)
+        lab[name] = _labels(tmp_path / f"{name}.fits")[1]["TEFF"]
+    assert lab["default"][0] != lab["clean"][0]          # bit 9 is not masked by default
+    masked = sv.read_normalized(model, dirty, continuum=cont, bad_bits=bits)
+    assert np.all(masked["ivar"][0, 5000:5040] == 0)
+    np.testing.assert_allclose(lab["bits"], lab["clean"], rtol=1e-4)

@@ -354,7 +354,7 @@ def select(table, cuts=None, min_remaining=1, **cut_options):
     return keep, report
 
 
-def crossmatch(catalog, apogee_ids, telescopes=None, fields=None):
+def crossmatch(catalog, apogee_ids, telescopes=None, fields=None, labels=None):
     """Catalogue rows for a list of stars, and which stars were found.
 
     Parameters
@@ -364,6 +364,9 @@ def crossmatch(catalog, apogee_ids, telescopes=None, fields=None):
     apogee_ids : sequence of str, shape (N,)
     telescopes, fields : sequence of str, shape (N,), optional
         Used to pick among repeated IDs.
+    labels : sequence of str, optional
+        A repeated ID whose tied rows disagree in one of these columns is not
+        found (:func:`cannon_fast.apogee.files.match_ids`).
 
     Returns
     -------
@@ -371,8 +374,8 @@ def crossmatch(catalog, apogee_ids, telescopes=None, fields=None):
         The matched rows, in the order of the found stars.
     found : ndarray of bool, shape (N,)
     index : ndarray of int64, shape (N,)
-        Catalogue row per star, -1 if absent.
+        Catalogue row per star, -1 if absent, -2 if ambiguous.
     """
-    idx = match_ids(catalog, apogee_ids, telescopes, fields)
+    idx = match_ids(catalog, apogee_ids, telescopes, fields, labels=labels)
     found = idx >= 0
     return catalog[idx[found]], found, idx

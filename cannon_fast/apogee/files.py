@@ -45,7 +45,7 @@ __all__ = [
     "ApStar", "wavelength_grid", "on_chip_mask", "chip_of_pixel", "grid_indices",
     "to_apstar_grid", "parse_apstar_path", "fits_check", "apstar_filename", "release_of",
     "read_apstar",
-    "read_allstar", "match_ids", "ALLSTAR_MISSING",
+    "read_allstar", "match_ids", "match_conflicts", "AMBIGUOUS_MATCH", "ALLSTAR_MISSING",
 ]
 
 CHIP_NAMES = ("blue", "green", "red")
@@ -662,12 +662,19 @@ def read_allstar(path, columns=None, rows=None, labels=LAB_LABELS, release=None,
     return t
 
 
-def match_ids(catalog, apogee_ids, telescopes=None, fields=None):
+#: ``match_ids`` row of a star whose repeated catalogue rows tie and disagree in a label.
+AMBIGUOUS_MATCH = -2
+
+
+def match_ids(catalog, apogee_ids, telescopes=None, fields=None, labels=None):
     """Row of ``catalog`` for each star, by APOGEE_ID (+ TELESCOPE/FIELD where IDs repeat).
 
     When an ID occurs more than once (a star observed from both telescopes or in
     several fields), the rows whose TELESCOPE and FIELD agree with the star's are
-    preferred; any remaining tie goes to the highest SNR.
+    preferred; any remaining tie goes to the highest SNR. Rows still tied after
+    that (the same SNR, or no SNR column) that disagree in one of ``labels``
+    give no match: which of them is right cannot be told, and taking the first
+    would pick one star's labels silently.
 
     Parameters
     ----------
@@ -675,17 +682,21 @@ def match_ids(catalog, apogee_ids, telescopes=None, fields=None):
         With an APOGEE_ID column, optionally TELESCOPE, FIELD, SNR.
     apogee_ids : sequence of str, shape (N,)
     telescopes, fields : sequence of str or None, shape (N,), optional
+    labels : sequence of str, optional
+        Catalogue columns that tied rows must agree in (NaN equals NaN).
 
     Returns
     -------
     ndarray of int64, shape (N,)
-        Catalogue row, -1 where the ID is absent.
+        Catalogue row, -1 where the ID is absent, ``AMBIGUOUS_MATCH`` (-2)
+        where tied rows disagree in ``labels`` (:func:`match_conflicts` says how).
     """
     cat_ids = np.asarray(catalog["APOGEE_ID"]).astype(str)
     names = catalog.colnames if hasattr(catalog, "colnames") else list(catalog.keys())
     ctel = np.asarray(catalog["TELESCOPE"]).astype(str) if "TELESCOPE" in names else None
     cfld = np.asarray(catalog["FIELD"]).astype(str) if "FIELD" in names else None
     csnr = np.asarray(catalog["SNR"], float) if "SNR" in names else None
+    clab = [np.asarray(catalog[c], float) for c in (labels or ()) if c in names]
     q = np.asarray(apogee_ids).astype(str)
     order, lo, hi = key_rows(cat_ids, q)
     out = np.full(len(q), -1, np.int64)
@@ -702,6 +713,30 @@ def match_ids(catalog, apogee_ids, telescopes=None, fields=None):
                         cand = sub
             if len(cand) > 1 and csnr is not None:
                 s = np.nan_to_num(csnr[cand], nan=-np.inf)
-                cand = cand[[int(np.argmax(s))]]
+                cand = cand[s == s.max()]
+            if len(cand) > 1 and any(_disagree(col[cand]) for col in clab):
+                out[i] = AMBIGUOUS_MATCH
+                continue
         out[i] = cand[0]
     return out
+
+
+def _disagree(values):
+    """Whether the values differ (NaN equal to NaN)."""
+    nan = np.isnan(values)
+    return bool(nan.any() and not nan.all()) or len(set(values[~nan].tolist())) > 1
+
+
+def match_conflicts(catalog, apogee_id, labels):
+    """Say how the catalogue rows of ``apogee_id`` disagree in ``labels`` (one line)."""
+    names = catalog.colnames if hasattr(catalog, "colnames") else list(catalog.keys())
+    rows = np.flatnonzero(np.asarray(catalog["APOGEE_ID"]).astype(str) == str(apogee_id))
+    diffs = []
+    for c in labels:
+        if c in names:
+            v = np.asarray(catalog[c], float)[rows]
+            if _disagree(v):
+                diffs.append(f"{c} " + " vs ".join(f"{x:g}" for x in v))
+    return (f"star {apogee_id} has {len(rows)} allStar rows (rows {', '.join(map(str, rows))}) "
+            f"that tie on TELESCOPE/FIELD/SNR and disagree ({'; '.join(diffs)}): "
+            "ambiguous, left out")

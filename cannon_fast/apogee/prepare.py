@@ -26,7 +26,8 @@ import numpy as np
 from .._util import progress as _progress
 from .catalog import select
 from ..core.continuum import load_continuum_pixels, normalize
-from .files import LAB_LABELS, NPIX, match_ids, parse_apstar_path, read_allstar, read_apstar
+from .files import (AMBIGUOUS_MATCH, LAB_LABELS, NPIX, match_conflicts, match_ids,
+                    parse_apstar_path, read_allstar, read_apstar)
 from .files import wavelength_grid
 from .bitmask import DEFAULT_BAD_BITS, bit_value, mask_spectra
 from ..store import SpectraStore
@@ -226,18 +227,27 @@ def prepare_dataset(apstar, allstar, out, continuum_pixels, labels=LAB_LABELS, c
         keep_paths.append(p)
     cat = allstar if isinstance(allstar, Table) else read_allstar(
         allstar, labels=labels, optional=("ASPCAPFLAG", "STARFLAG"))  # for flag cuts
-    idx = match_ids(cat, ids, tels, flds)
+    idx = match_ids(cat, ids, tels, flds, labels=labels)
     found = idx >= 0
     for i in np.flatnonzero(~found):
-        failures.append((keep_paths[i], f"star {ids[i]} is not in the allStar catalogue"))
+        failures.append((keep_paths[i], match_conflicts(cat, ids[i], labels)
+                         if idx[i] == AMBIGUOUS_MATCH
+                         else f"star {ids[i]} is not in the allStar catalogue"))
     rows = cat[idx[found]]
     if cuts is None:
         cut_options.setdefault("labels", labels)
     keep, report = select(rows, cuts=cuts, min_remaining=min_remaining, **cut_options)
     n_files = len(paths)
+    n_ambiguous = int(np.sum(idx == AMBIGUOUS_MATCH))
     report.rows.insert(0, dict(name="no_catalog_match", description="not in allStar or bad name",
-                               fails=n_files - int(found.sum()),
-                               removed=n_files - int(found.sum()), remaining=int(found.sum())))
+                               fails=n_files - n_ambiguous - int(found.sum()),
+                               removed=n_files - n_ambiguous - int(found.sum()),
+                               remaining=int(found.sum()) + n_ambiguous))
+    if n_ambiguous:  # repeated IDs whose tied rows disagree: which labels are right is unknown
+        report.rows.insert(1, dict(name="ambiguous_catalog_match",
+                                   description="repeated APOGEE_ID, tied rows with other labels",
+                                   fails=n_ambiguous, removed=n_ambiguous,
+                                   remaining=int(found.sum())))
     report.n_input = n_files
     sel_paths = [p for p, f in zip(np.asarray(keep_paths, object)[found], keep) if f]
     sel_rows = rows[keep]

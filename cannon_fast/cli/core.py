@@ -39,13 +39,18 @@ def register(sub, parent):
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("fit", parents=[parent], help="fit labels to prepared spectra",
+    p = sub.add_parser("fit", parents=[parent], help="fit labels to spectra (stores, apStar files)",
                        description="Fit labels with a trained model (batched, de-biased by "
                                    "default) and write a FITS table of labels, errors, chi², "
-                                   "flags.")
-    p.add_argument("model", help="model file written by cannon-fast train")
-    p.add_argument("spectra", help="a SpectraStore directory or an .npz with flux, ivar")
+                                   "flags. Prepared spectra (a SpectraStore, an .npz) are fitted "
+                                   "as they are; apStar files are masked and continuum-"
+                                   "normalized first with the model's recorded continuum, as "
+                                   "`cannon-fast prepare --model` and `cannon-fast label` do.")
+    add_model_and_inputs(p, "SPECTRA", "a SpectraStore directory or an .npz with flux, ivar; "
+                                       "or apStar files, text files listing them, directories "
+                                       "of them")
     p.add_argument("--out", required=True, help="output FITS table")
+    add_continuum_options(p)
     p.add_argument("--rows", default=None, help="fit rows START:STOP of the input only")
     p.add_argument("--no-debias", action="store_true",
                    help="plain chi² fit (as other Cannon codes), errors (J^T W J)^-1")
@@ -59,6 +64,36 @@ def register(sub, parent):
                    help="fast batched LM (default) or the scipy trf reference")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_fit)
+
+
+def add_model_and_inputs(p, metavar, help_inputs):
+    """``--model MODEL`` and the positional inputs (``MODEL INPUTS...`` still reads)."""
+    p.add_argument("inputs", metavar=metavar, nargs="+",
+                   help=help_inputs + " (the older form `MODEL " + metavar + "`, without "
+                        "--model, still works)")
+    p.add_argument("--model", default=None, help="model file (cannon-fast train)")
+
+
+def add_continuum_options(p):
+    """How raw spectra are masked and normalized (fit and label: one vocabulary)."""
+    p.add_argument("--continuum", default=None, metavar="FILE",
+                   help="continuum pixels for raw spectra (default: the model's record, or "
+                        "pixels picked from the model)")
+    p.add_argument("--degree", type=int, default=None,
+                   help="continuum Chebyshev degree (default: the model's record, else 3)")
+    p.add_argument("--bad-bits", default=None,
+                   help="PIXMASK bits that mask a pixel, names or numbers, comma-separated "
+                        "(default 0-7,12)")
+
+
+def model_and_inputs(args):
+    """(model path, inputs) of ``--model M INPUTS...`` or the older ``MODEL INPUTS...``."""
+    if args.model is not None:
+        return args.model, list(args.inputs)
+    if len(args.inputs) < 2:
+        raise ValueError(f"give the model with --model (got only {args.inputs[0]!r}: the "
+                         "spectra, or the model without spectra?)")
+    return args.inputs[0], list(args.inputs[1:])
 
 
 def fit_options(args):
@@ -103,9 +138,9 @@ def read_spectra_file(path, need_labels=False):
                    continuum_degree=store.meta.get("continuum_degree"),
                    grid=_grid(store.wavelength, None, None, path))
     elif os.path.isfile(path) and path.lower().endswith((".fits", ".fit", ".fits.gz")):
-        raise ValueError(f"{path} is a FITS file (an apStar spectrum?): train and fit read "
-                         "prepared spectra (a store from cannon-fast prepare, or an .npz); "
-                         "cannon-fast label fits apStar files directly")
+        raise ValueError(f"{path} is a FITS file (an apStar spectrum?): train reads prepared "
+                         "spectra with labels (a store from cannon-fast prepare, or an .npz); "
+                         "fit and label read apStar files too")
     elif os.path.isfile(path):
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("flux", "ivar") if k not in f.files]
@@ -212,14 +247,49 @@ def _continuum_mismatch(model, data):
             "model's continuum pixels")
 
 
+def _is_prepared(inputs):
+    """Whether the inputs are one SpectraStore or one .npz (else apStar files)."""
+    return len(inputs) == 1 and (
+        os.path.exists(os.path.join(inputs[0], "index.json"))
+        or (inputs[0].lower().endswith(".npz") and not os.path.isdir(inputs[0])))
+
+
+def _read_for_fit(model, inputs, args):
+    """What ``fit`` fits: a store/npz as it is, apStar files masked and normalized."""
+    if _is_prepared(inputs):
+        return read_spectra_file(inputs[0])
+    from ..survey import read_normalized
+
+    r = read_normalized(model, inputs, continuum=args.continuum, degree=args.degree,
+                        bad_bits=args.bad_bits,
+                        log=None if args.quiet else lambda msg: print(msg, file=sys.stderr))
+    bad = np.flatnonzero(r["reason"] != "")
+    for i in bad[:20]:
+        print(f"cannon-fast fit: skipped {r['ids'][i]}: {r['reason'][i]}", file=sys.stderr)
+    if len(bad) > 20:
+        print(f"cannon-fast fit: ... and {len(bad) - 20} more skipped", file=sys.stderr)
+    if len(bad) == len(r["ids"]):
+        raise ValueError(f"none of {r['describe']} could be read or normalized; the first: "
+                         f"{r['reason'][bad[0]]}")
+    keep = r["reason"] == ""
+    return dict(flux=r["flux"][keep], ivar=r["ivar"][keep], ids=r["ids"][keep],
+                continuum_pixels=None, continuum_degree=None)
+
+
 def _fit(args):
     from ..core.fitting import fit_spectra
     from ..core.model import CannonModel
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
-    model = CannonModel.read(args.model, backend=args.backend)
-    data = read_spectra_file(args.spectra)
-    rows = _rows(args.rows, len(data["flux"]), args.spectra)
+    model_path, inputs = model_and_inputs(args)
+    model = CannonModel.read(model_path, backend=args.backend)
+    if _is_prepared(inputs) and any(v is not None for v in (args.continuum, args.degree,
+                                                            args.bad_bits)):
+        raise ValueError(f"{inputs[0]} holds prepared spectra: --continuum, --degree and "
+                         "--bad-bits apply to apStar files")
+    data = _read_for_fit(model, inputs, args)
+    label = inputs[0] if len(inputs) == 1 else f"{len(inputs)} inputs"
+    rows = _rows(args.rows, len(data["flux"]), label)
     t0 = time.perf_counter()
     if (args.broadening or args.refine_continuum) and args.method == "trf":
         raise ValueError("--broadening and --refine-continuum go with the fast method, not "
@@ -233,7 +303,7 @@ def _fit(args):
     dt = time.perf_counter() - t0
     ids = None if data["ids"] is None else np.asarray(data["ids"][rows])
     table = result.to_table(ids=ids)
-    table.meta["MODEL"] = os.path.basename(args.model)
+    table.meta["MODEL"] = os.path.basename(model_path)
     table.meta["MODELHSH"] = model.training_hash
     if mismatch:
         table.meta["CONTMISM"] = "continuum pixels/degree differ from the model's training set"

@@ -50,9 +50,15 @@ def register(subparsers, parent):
     q.add_argument("--apstar", nargs="+", required=True,
                    help="apStar files or directories (searched recursively)")
     q.add_argument("--allstar", required=True, help="allStar catalogue (FITS)")
-    q.add_argument("--continuum", required=True,
-                   help="continuum pixels: .npz/.npy mask or indices (7214/7514/8575 grid), "
-                        "text indices, or a text list of wavelength ranges")
+    cont = q.add_mutually_exclusive_group(required=True)
+    cont.add_argument("--continuum",
+                      help="continuum pixels: .npz/.npy mask or indices (7214/7514/8575 grid), "
+                           "text indices, or a text list of wavelength ranges")
+    cont.add_argument("--model", "--continuum-from", dest="continuum_model", metavar="MODEL",
+                      help="normalize as this model's training spectra were: the continuum "
+                           "pixels and degree recorded in the model file (cannon-fast train "
+                           "on a store, and the demo's model.fits, record them); to prepare "
+                           "spectra for `fit` with that model")
     q.add_argument("--out", required=True, help="SpectraStore directory to create")
     q.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
                    help="replace an existing store, once the new one is complete")
@@ -99,6 +105,23 @@ def _download(args):
     return 0 if report.ok else 1
 
 
+def _recorded_continuum(path, backend):
+    """(apStar continuum mask, degree) recorded in the model at ``path``; ValueError if none."""
+    from ..apogee.files import NPIX
+    from ..core.continuum import model_continuum
+    from ..core.model import CannonModel
+
+    model = CannonModel.read(path, backend=backend)
+    if (model.train_info or {}).get("continuum_pixels") is None:
+        raise ValueError(f"{path} records no continuum pixels (a model trained on an .npz or "
+                         "by the Python API without record_continuum): give --continuum")
+    mask, degree, _ = model_continuum(model)
+    if mask.size != NPIX:
+        raise ValueError(f"{path} is a model on a {model.n_pixels}-pixel grid, not APOGEE's: "
+                         "prepare reads apStar files")
+    return mask, degree
+
+
 def _prepare(args):
     from ..apogee.prepare import corner_plot, find_apstar_files, prepare_dataset
 
@@ -107,6 +130,9 @@ def _prepare(args):
         paths.extend(find_apstar_files(a))
     labels = [c.strip().upper() for c in args.labels.split(",") if c.strip()]
     kw = {}
+    continuum = args.continuum
+    if args.continuum_model is not None:
+        continuum, kw["degree"] = _recorded_continuum(args.continuum_model, args.backend)
     if args.degree is not None:
         kw["degree"] = args.degree
     if args.bad_bits is not None:
@@ -117,7 +143,7 @@ def _prepare(args):
         kw["flags"] = (ASTRONN_TRAINING_FLAGS if args.flag_bits.strip().lower() == "astronn"
                        else [b for b in args.flag_bits.split(",") if b.strip()])
     kw["keep_missing"] = args.keep_missing_labels
-    res = prepare_dataset(paths, args.allstar, args.out, args.continuum, labels=labels,
+    res = prepare_dataset(paths, args.allstar, args.out, continuum, labels=labels,
                           workers=args.workers, min_remaining=args.min_stars,
                           overwrite=args.overwrite,
                           show_progress=None if not getattr(args, "quiet", False) else False,

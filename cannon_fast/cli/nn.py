@@ -46,10 +46,12 @@ def register(subparsers, parent):
         "nn-predict", parents=[parent], help="predict labels with a trained NN regressor",
         description="Predict labels, MC-dropout + predicted errors and flags; writes a FITS "
                     "table.")
-    q.add_argument("checkpoint", help="checkpoint written by nn-train")
-    q.add_argument("input", nargs="+",
+    q.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".npz file (flux, ivar) or SpectraStore directory of normalized "
-                        "spectra; with --visits: apStar files or directories of them")
+                        "spectra; with --visits: apStar files or directories of them (the "
+                        "older form `CHECKPOINT INPUT`, without --model, still works)")
+    q.add_argument("--model", default=None, metavar="CHECKPOINT",
+                   help="checkpoint written by nn-train")
     q.add_argument("--out", "-o", "--output", dest="output", required=True,
                    help="FITS table to write")
     q.add_argument("--visits", action="store_true",
@@ -252,14 +254,17 @@ def _predict(args):
     from ..nn import SpectrumRegressor
 
     _refuse_existing((args.output,), args.overwrite)
-    reg = SpectrumRegressor.load(args.checkpoint, device=args.device)
+    from .core import model_and_inputs
+    checkpoint, inputs = model_and_inputs(args)
+    reg = SpectrumRegressor.load(checkpoint, device=args.device)
     extra = {}
     if args.visits:
-        flux, ivar, ids, extra = _read_visits(args.input, args.continuum)
-    elif len(args.input) != 1:
-        raise ValueError("give one .npz or SpectraStore (several inputs need --visits)")
+        flux, ivar, ids, extra = _read_visits(inputs, args.continuum)
+    elif len(inputs) != 1:
+        raise ValueError(f"nn-predict reads one input (.npz or SpectraStore; several inputs "
+                         f"need --visits), got {inputs}")
     else:
-        flux, ivar, _, _, ids = _read_input(args.input[0], need_labels=False)
+        flux, ivar, _, _, ids = _read_input(inputs[0], need_labels=False)
     res = reg.predict(flux, ivar, n_samples=args.n_samples, seed=args.seed,
                       max_bad_fraction=args.max_bad_fraction)
     table = res.to_astra_table() if args.astra else res.to_table()

@@ -16,6 +16,7 @@ def register(subparsers, parent):
         Shared options (``--backend``, ``--seed``, ``--quiet``).
     """
     from ..survey import DEFAULT_CHUNK_SIZE
+    from .core import add_continuum_options, add_model_and_inputs
 
     p = subparsers.add_parser(
         "label", parents=[parent],
@@ -27,14 +28,13 @@ def register(subparsers, parent):
                     "when the same command is run again; the catalogue is written when every "
                     "chunk is done. Stars that cannot be read, normalized or fitted keep a row "
                     "with NaN labels, a flag and a REASON.")
-    p.add_argument("model", metavar="MODEL", help="trained model file (cannon-fast train)")
-    p.add_argument("inputs", metavar="INPUTS", nargs="+",
-                   help="apStar files, text files listing them, directories of them; or one "
-                        "SpectraStore directory; or one .npz with flux, ivar (N, P) and "
-                        "optionally ids, bitmask")
+    add_model_and_inputs(p, "INPUTS", "apStar files, text files listing them, directories of "
+                                      "them; or one SpectraStore directory; or one .npz with "
+                                      "flux, ivar (N, P) and optionally ids, bitmask")
     p.add_argument("--out", required=True, metavar="CATALOG",
                    help="output catalogue (.fits, or .parquet); other inputs are appended to it "
-                        "if it was made by the same model; the same command again resumes "
+                        "if it was made by the same model with the same fit options; the same "
+                        "command again resumes "
                         "or does nothing")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="N",
                    help=f"stars per chunk (default {DEFAULT_CHUNK_SIZE}); memory is bounded by "
@@ -53,14 +53,7 @@ def register(subparsers, parent):
                    help="worker processes for 'processes' or 'dask' (default: CPU count)")
     p.add_argument("--format", choices=("fits", "parquet"), default=None,
                    help="catalogue format (default: from the --out suffix; fits)")
-    p.add_argument("--continuum", default=None, metavar="FILE",
-                   help="continuum pixels for raw spectra (default: the model's record, or "
-                        "pixels picked from the model)")
-    p.add_argument("--degree", type=int, default=None,
-                   help="continuum Chebyshev degree (default: the model's record, else 3)")
-    p.add_argument("--bad-bits", default=None,
-                   help="PIXMASK bits that mask a pixel, names or numbers, comma-separated "
-                        "(default 0-7,12)")
+    add_continuum_options(p)
     norm = p.add_mutually_exclusive_group()
     norm.add_argument("--raw", dest="normalized", action="store_const", const=False,
                       default=None, help="the npz spectra are raw: normalize them")
@@ -88,17 +81,18 @@ def register(subparsers, parent):
 def _label(args):
     from ..core.model import CannonModel
     from ..survey import SurveyError, label_survey
-    from .core import fit_options
+    from .core import fit_options, model_and_inputs
 
-    model = CannonModel.read(args.model, backend=args.backend)
+    model_path, inputs = model_and_inputs(args)
+    model = CannonModel.read(model_path, backend=args.backend)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
         summary = label_survey(
-            model, args.inputs, args.out, chunk_size=args.chunk_size, visits=args.visits,
-            scheduler=args.scheduler, n_workers=args.workers, fmt=args.format,
-            continuum_pixels=args.continuum, degree=args.degree,
-            bad_bits=args.bad_bits, normalized=args.normalized,
-            fit_options=fit_options(args), binaries=args.binaries, log=say, force=args.force)
+            model, inputs, args.out, chunk_size=args.chunk_size, visits=args.visits,
+            scheduler=args.scheduler, workers=args.workers, format=args.format,
+            continuum=args.continuum, degree=args.degree,
+            bad_bits=args.bad_bits, normalized=args.normalized, **fit_options(args),
+            binaries=args.binaries, log=say, force=args.force)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)

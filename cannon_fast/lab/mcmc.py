@@ -715,7 +715,7 @@ def _start_fit(model, flux, ivar, init=None):
         deb_errors = fit_errors.copy()
     else:
         deb = fit_spectra(model, flux[None], ivar[None], debias=True)
-        deb_errors = deb.errors[0]  # DEBIAS_CAPPED (informational) gets no warning
+        deb_errors = deb.errors[0]  # its errors only: its flags are not the chain's
     flags = int(np.ravel(init.flags)[0])
     if not np.all(np.isfinite(fit_labels)):
         raise ValueError("the chi² fit failed for this spectrum (flags "

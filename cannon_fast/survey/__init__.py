@@ -24,7 +24,8 @@ fit that fails keeps its row with NaN labels, a flag bit and a ``REASON``.
 
 A catalogue records the hash of the model that made it (:func:`model_hash`)
 and the jobs merged into it; labeling more inputs into an existing catalogue
-appends rows, and a model with a different hash is refused.
+appends rows measured the same way (other fit options, continuum or masked bits are
+refused), and a model with a different hash is refused.
 
 With ``scheduler="dask"`` (a ``distributed.LocalCluster``), a scheduler
 address or a ``distributed.Client``, the chunks become tasks: the model is
@@ -41,7 +42,8 @@ them chunk by chunk), :mod:`.chunk` (mask, normalize and fit one chunk),
 from .catalog import SurveyError, read_catalog
 from .chunk import ALL_FLAGS, SURVEY_FLAGS, process_chunk
 from .inputs import open_inputs
-from .run import DEFAULT_CHUNK_SIZE, SurveySummary, label_survey, model_hash
+from .run import DEFAULT_CHUNK_SIZE, SurveySummary, label_survey, model_hash, read_normalized
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "DEFAULT_CHUNK_SIZE", "SurveyError", "SurveySummary",
-           "model_hash", "open_inputs", "label_survey", "process_chunk", "read_catalog"]
+           "model_hash", "open_inputs", "label_survey", "process_chunk", "read_catalog",
+           "read_normalized"]

@@ -171,6 +171,8 @@ def _fit_rows(model, flux, ivar, usable, reason, options):
     cols = _grid_columns(flux.shape[1], model.n_pixels)
     fit_kw = dict(options.get("fit") or {})
     fit_kw.setdefault("progress_bar", False)
+    if options.get("backend") and options["backend"] != model.backend:
+        fit_kw.setdefault("backend", options["backend"])  # the job's kernels, not the model's
     with_broadening = bool(fit_kw.get("broadening"))
     r = dict(labels=np.full((n, L), np.nan), cov=np.full((n, L, L), np.nan),
              chi2=np.full(n, np.nan), rchi2=np.full(n, np.nan), npix=np.zeros(n, np.int64),

@@ -118,8 +118,9 @@ def _open_npz(path):
 class _ApStarFiles:
     """apStar files ``paths`` (global numbers ``lo``...); light to pickle."""
 
-    def __init__(self, paths, lo, visits, release=None):
+    def __init__(self, paths, lo, visits, release=None, bad_bits=None):
         self.paths, self.lo, self.visits, self.release = list(paths), lo, visits, release
+        self.bad_bits = bad_bits
         self.normalized = False
         self.n_pixels = None
 
@@ -131,11 +132,11 @@ class _ApStarFiles:
         """Read and mask the files (and visits); unreadable files keep a row with a reason."""
         rows = []
         for j, p in enumerate(self.paths):
-            rows.extend(_apstar_rows(p, self.lo + j, self.visits, self.release))
+            rows.extend(_apstar_rows(p, self.lo + j, self.visits, self.release, self.bad_bits))
         return _stack_rows(rows, self.visits)
 
 
-def _apstar_rows(p, index, visits, release):
+def _apstar_rows(p, index, visits, release, bad_bits=None):
     """The rows of one apStar file: (flux, ivar, ID, index, visit, reason, extra) each.
 
     The combined spectrum, then with ``visits`` every visit; a file that cannot
@@ -144,18 +145,19 @@ def _apstar_rows(p, index, visits, release):
     from ..apogee.bitmask import DEFAULT_BAD_BITS, mask_spectra
     from ..apogee.files import NPIX, parse_apstar_path, read_apstar
 
+    bits = DEFAULT_BAD_BITS if bad_bits is None else bad_bits
     rows = []
     try:
         s = read_apstar(p, visits=visits, release=release, full_header=visits)
         if s.flux.shape != (NPIX,):
             raise ValueError(f"{p}: {s.flux.shape[-1]} pixels, expected the {NPIX}-pixel "
                              "apStar grid")
-        f, v, _ = mask_spectra(s.flux, s.err, s.pixmask, DEFAULT_BAD_BITS, dtype=np.float32)
+        f, v, _ = mask_spectra(s.flux, s.err, s.pixmask, bits, dtype=np.float32)
         sid = str(s.apogee_id or os.path.basename(p))
         rows.append((f, v, sid, index, 0, "", dict(file=os.path.basename(p))))
         if visits:
             vf, vv, _ = mask_spectra(s.visit_flux, s.visit_err, s.visit_pixmask,
-                                     DEFAULT_BAD_BITS, dtype=np.float32)
+                                     bits, dtype=np.float32)
             hdr = s.header
             for k in range(vf.shape[0]):
                 n = k + 1
@@ -262,7 +264,7 @@ def _expand_inputs(inputs):
     return arrays[0] if arrays else ("apstar", paths)
 
 
-def open_inputs(inputs, visits=False, normalized=None, release=None):
+def open_inputs(inputs, visits=False, normalized=None, release=None, bad_bits=None):
     """Describe the input survey without reading its spectra.
 
     Parameters
@@ -281,6 +283,8 @@ def open_inputs(inputs, visits=False, normalized=None, release=None):
         SpectraStores are normalized and apStar files raw.
     release : str, optional
         Expected apStar release layout (default: from each file name).
+    bad_bits : iterable of str or int, or int, optional
+        PIXMASK bits that mask a pixel of apStar files (default bits 0-7 and 12).
 
     Returns
     -------
@@ -288,7 +292,7 @@ def open_inputs(inputs, visits=False, normalized=None, release=None):
     """
     found = _expand_inputs(inputs)
     if found[0] == "apstar":
-        return _open_apstar(found[1], visits, normalized, release)
+        return _open_apstar(found[1], visits, normalized, release, bad_bits)
     if visits:
         raise ValueError("visit spectra (--visits) are only available from apStar files; "
                          f"{found[1]} holds one spectrum per star")
@@ -303,7 +307,7 @@ def open_inputs(inputs, visits=False, normalized=None, release=None):
                    lambda lo, hi: _Arrays(kind, path, lo, hi, bool(norm), p))
 
 
-def _open_apstar(paths, visits, normalized, release):
+def _open_apstar(paths, visits, normalized, release, bad_bits=None):
     """The _Source of apStar files (raw spectra on the 8575-pixel grid)."""
     # absolute, so that Dask workers with another working directory find them
     paths = [os.path.abspath(p) for p in paths]
@@ -315,7 +319,7 @@ def _open_apstar(paths, visits, normalized, release):
     ident = dict(kind="apstar", n=len(paths), paths_sha256=h[:32], visits=bool(visits),
                  release=release)
     return _Source("apstar", ident, len(paths), 8575, False, f"{len(paths)} apStar files",
-                   lambda lo, hi: _ApStarFiles(paths[lo:hi], lo, visits, release))
+                   lambda lo, hi: _ApStarFiles(paths[lo:hi], lo, visits, release, bad_bits))
 
 
 def _describe_store(path, normalized):

@@ -19,11 +19,12 @@ from .._util import progress
 from ..core.fitting import _check_broadening
 from .catalog import (_FORMAT, _VERSION, SurveyError, _catalog_format, _catalog_meta,
                       _catalog_record, _Parts, _refuse_other_model)
-from .chunk import _grid_columns
+from .chunk import _grid_columns, _normalized
 from .inputs import open_inputs
 from .schedulers import run_chunks
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "SurveySummary", "model_hash", "label_survey"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "SurveySummary", "model_hash", "label_survey",
+           "read_normalized"]
 
 #: Stars per chunk by default (a peak of about 0.85 GB on the 8575-pixel grid).
 DEFAULT_CHUNK_SIZE = 2048
@@ -45,7 +46,7 @@ class SurveySummary:
         Rows with finite labels.
     n_flagged : int
         Fitted rows with a flag bit set that marks a problem (see ``ALL_FLAGS``;
-        ``fitting.INFORMATIONAL_FLAGS`` such as DEBIAS_CAPPED do not count).
+        ``fitting.INFORMATIONAL_FLAGS`` such as SPARSE_TRAINING do not count).
     n_failed : int
         Rows without labels (unreadable, not normalizable, or the fit failed).
     n_chunks, n_resumed : int
@@ -130,9 +131,11 @@ def model_hash(model):
 
 
 def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False,
-                 scheduler=None, n_workers=None, fmt=None, continuum_pixels=None, degree=None,
-                 bad_bits=None, normalized=None, release=None, fit_options=None,
-                 binaries=False, show_progress=None, log=None, force=False, _on_commit=None):
+                 scheduler=None, workers=None, format=None, continuum=None, degree=None,
+                 bad_bits=None, normalized=None, release=None, debias=True, broadening=False,
+                 refine_continuum=False, backend=None, fit_options=None, binaries=False,
+                 show_progress=None, log=None, force=False, n_workers=None, fmt=None,
+                 continuum_pixels=None, _on_commit=None):
     """Label a whole survey, chunk by chunk, into one catalogue (resumable).
 
     Parameters
@@ -160,11 +163,11 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         processes; any other string is the address of a running
         ``distributed`` scheduler.  The driver commits every chunk itself in
         all cases, so a job started one way can be resumed another.
-    n_workers : int, optional
+    workers : int, optional
         Workers of the process pool or local cluster (default: the number of CPUs).
-    fmt : {"fits", "parquet"}, optional
+    format : {"fits", "parquet"}, optional
         Default: from the suffix of ``out``.
-    continuum_pixels : array_like, str or os.PathLike, optional
+    continuum : array_like, str or os.PathLike, optional
         For raw spectra (apStar files, raw npz): see
         :func:`cannon_fast.core.continuum.load_continuum_pixels`; default the
         model's record, else pixels picked from the model
@@ -177,8 +180,13 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         See :func:`open_inputs`.
     release : str, optional
         Expected apStar layout.
+    debias, broadening, refine_continuum : bool
+        The label fit, as ``model.fit`` takes them (``broadening`` needs
+        ``debias=False``).
+    backend : str, optional
+        Kernels of the normalization and the fit (default: the model's).
     fit_options : dict, optional
-        Keyword arguments of ``model.fit`` (e.g. ``debias``, ``n_starts``).
+        Other keyword arguments of ``model.fit`` (e.g. ``n_starts``).
     binaries : bool
         Screen every star for an unresolved companion (``core.binaries``) and add
         the BINARY_* columns (flag, Δχ², light share, velocity, secondary TEFF/LOGG,
@@ -191,6 +199,12 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         Replace an existing catalogue with this job's rows alone (the old one
         stays until the new one is written) instead of refusing a catalogue
         that holds these inputs labeled by another job, or another model's labels.
+    n_workers, fmt, continuum_pixels
+        The older names of ``workers``, ``format`` and ``continuum``.
+
+    The keywords are those of ``cannon-fast label`` (``--chunk-size``,
+    ``--workers``, ``--format``, ``--continuum``, ``--no-debias``, ``--backend``,
+    ...), with dashes as underscores.
 
     Returns
     -------
@@ -209,17 +223,25 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
     out = os.fspath(out)
-    fmt = _catalog_format(out, fmt)
+    workers = _renamed("workers", workers, "n_workers", n_workers)
+    fmt = _catalog_format(out, _renamed("format", format, "fmt", fmt))
+    continuum = _renamed("continuum", continuum, "continuum_pixels", continuum_pixels)
+    fit_options = _fit_keywords(fit_options, debias=debias, broadening=broadening,
+                                refine_continuum=refine_continuum)
+    # the kernels are the job's (recorded once), not a fit option
+    backend = _renamed("backend", backend, "fit_options['backend']",
+                       fit_options.pop("backend", None)) or model.backend
     chunk_size, fit_options = _check_arguments(model, chunk_size, fit_options)
     mh = model_hash(model)
-    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release)
+    source = open_inputs(inputs, visits=visits, normalized=normalized, release=release,
+                         bad_bits=bad_bits)
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
-    options = _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits,
-                             log)
+    options = _chunk_options(model, mh, source, fit_options, continuum, degree, bad_bits, log,
+                             backend)
     options["binaries"] = bool(binaries)
     if source.n_items == 0:
         raise ValueError(f"no spectra in the inputs ({source.describe})")
-    job, job_id = _job_identity(mh, source, chunk_size, model.backend, options)
+    job, job_id = _job_identity(mh, source, chunk_size, options["backend"], options)
     n_items = source.n_items
     n_chunks = -(-n_items // chunk_size)
     bounds = [(k * chunk_size, min((k + 1) * chunk_size, n_items)) for k in range(n_chunks)]
@@ -233,10 +255,11 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     if existing is not None:
         _refuse_other_model(existing, out, model, mh)
         record = next((j for j in existing["jobs"] if j["job_id"] == job_id), None)
+        if record is None:  # the same job recorded before its options were spelled out?
+            record = _refuse_other_job(existing, out, job, job_id)
         if record is not None:
             parts.remove()  # merged, then killed before cleaning up
             return _already_done(summary, record, existing, t0)
-        _refuse_other_job(existing, out, job, job_id)
 
     parts.start(dict(format=_FORMAT, version=_VERSION, job_id=job_id, job=job,
                      n_items=n_items, n_chunks=n_chunks, label_names=list(model.label_names),
@@ -260,7 +283,7 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
 
     try:
         run_chunks(model, ((k, source.chunk(*bounds[k])) for k in pending), options, commit,
-                   scheduler=scheduler, n_workers=n_workers, name=f"cannon-fast-chunk-{job_id}")
+                   scheduler=scheduler, n_workers=workers, name=f"cannon-fast-chunk-{job_id}")
     finally:
         bar.close()
 
@@ -276,6 +299,62 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     return summary
 
 
+def _renamed(name, value, old_name, old_value):
+    """The value of a keyword given by its name or its older one (not both)."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name}= or its older name {old_name}=, not both")
+    return old_value
+
+
+def _fit_keywords(fit_options, **given):
+    """``fit_options`` with the fit keywords given by name; refuse the two disagreeing."""
+    out = dict(fit_options or {})
+    for key, value in given.items():
+        if key in out and value != _FIT_DEFAULTS[key] and out[key] != value:
+            raise TypeError(f"{key}={value!r} and fit_options={{{key!r}: {out[key]!r}}} "
+                            "disagree")
+        out.setdefault(key, value)
+    return out
+
+
+def read_normalized(model, inputs, continuum=None, degree=None, bad_bits=None, normalized=None,
+                    release=None, log=None):
+    """All spectra of ``inputs``, masked and normalized for ``model`` as a label job does it.
+
+    The in-memory counterpart of :func:`label_survey` for ``cannon-fast fit``:
+    apStar files (paths, lists, directories) are masked and continuum-normalized
+    with the model's recorded continuum (as ``cannon-fast prepare --model`` does),
+    stores and normalized npz files are read as they are.
+
+    Parameters
+    ----------
+    model : CannonModel
+    inputs, continuum, degree, bad_bits, normalized, release
+        As for :func:`label_survey`.
+    log : callable, optional
+
+    Returns
+    -------
+    dict
+        ``flux``, ``ivar`` (N, P of the model's grid), ``ids`` (N,), ``reason``
+        (N,) object: why a row cannot be fitted ("" if it can), ``describe``.
+    """
+    source = open_inputs(inputs, normalized=normalized, release=release, bad_bits=bad_bits)
+    if source.n_items == 0:
+        raise ValueError(f"no spectra in the inputs ({source.describe})")
+    cols = _grid_columns(source.n_pixels, model.n_pixels)
+    options = _chunk_options(model, "", source, {}, continuum, degree, bad_bits,
+                             log or (lambda msg: None))
+    d = source.chunk(0, source.n_items).read()
+    flux, ivar, _ = _normalized(d, options, np.zeros(len(d["reason"]), np.int64))
+    if cols is not None:
+        flux, ivar = flux[:, cols], ivar[:, cols]
+    return dict(flux=flux, ivar=ivar, ids=d["ids"], reason=d["reason"],
+                describe=source.describe)
+
+
 def _check_arguments(model, chunk_size, fit_options):
     """Refuse what would fail every chunk; return ``chunk_size`` (int), ``fit_options`` (dict)."""
     chunk_size = int(chunk_size)
@@ -283,19 +362,20 @@ def _check_arguments(model, chunk_size, fit_options):
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not getattr(model, "is_trained", False):
         raise ValueError("the model is not trained")
-    fit_options = dict(fit_options or {})
+    fit_options = {**_FIT_DEFAULTS, **(fit_options or {})}
     # fit_cannon would refuse every chunk (each star recorded as failed): refuse once, first
     _check_broadening(fit_options.get("debias", True), fit_options.get("broadening", False))
     return chunk_size, fit_options
 
 
-def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits, log):
+def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad_bits, log,
+                   backend=None):
     """The options of every chunk (see process_chunk): for raw spectra, their continuum too."""
     from ..apogee.bitmask import DEFAULT_BAD_BITS, bit_value
 
     options = dict(model_hash=mh, degree=None, bad_bits=bit_value(
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
-        backend=model.backend)
+        backend=backend or model.backend)
     if source.normalized:
         return options
     from ..core.continuum import model_continuum
@@ -331,27 +411,55 @@ def _job_identity(mh, source, chunk_size, backend, options):
     return job, job_id
 
 
+#: The label fit's choices a job always records (the ``model.fit`` defaults where not given),
+#: so that the API's defaults and the command line's make the same job.
+_FIT_DEFAULTS = dict(debias=True, broadening=False, refine_continuum=False)
+
+
 def _flat(job):
     """A job's options as one flat dict (``fit`` spelled out), without its inputs."""
     out = {k: v for k, v in job.items() if k not in ("inputs", "fit")}
-    out.update({f"fit.{k}": v for k, v in (job.get("fit") or {}).items()})
+    out.update({f"fit.{k}": v for k, v in {**_FIT_DEFAULTS, **(job.get("fit") or {})}.items()})
     return out
 
 
-def _refuse_other_job(existing, out, job, job_id):
-    """Raise SurveyError if ``out`` already holds this job's inputs labeled by another job.
+#: Job options that change how labels are measured: a catalogue holds one setting of each.
+#: (The chunk size and the backend change only the rounding.)
+_METHOD_OPTIONS = ("degree", "bad_bits", "continuum", "binaries")
 
-    Appending other inputs is allowed; the same inputs again with other
-    options would add a second set of rows for the same stars, from another
-    method, under the same MODEL_HASH.
+
+def _method(job):
+    """The options of a job (flat) that make its labels mean something else."""
+    flat = _flat(job)
+    return {k: v for k, v in flat.items() if k in _METHOD_OPTIONS or k.startswith("fit.")}
+
+
+def _refuse_other_job(existing, out, job, job_id):
+    """Raise SurveyError if ``out`` would hold rows of one model made in different ways.
+
+    The same inputs again with other options would add a second set of rows for
+    the same stars under the same MODEL_HASH; other inputs may be appended, but
+    only measured the same way (fit options, continuum, masked bits), so that one
+    catalogue is one method. Returns the record of the same job made before its
+    options were spelled out in full (None if there is none).
     """
     for old in existing["jobs"]:
         if old.get("inputs") != job["inputs"]:
+            if "job" in old and _method(old["job"]) != _method(job):
+                then, now = _method(old["job"]), _method(job)
+                diffs = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                         for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+                raise SurveyError(
+                    f"{out} holds labels measured with other options ({'; '.join(diffs[:4])}); "
+                    "refusing to append rows measured another way. Use the same options, "
+                    "write to another --out, or pass --force to replace the catalogue.")
             continue
         if "job" in old:
             then, now = _flat(old["job"]), _flat(job)
             diffs = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
                      for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            if not diffs:
+                return old
             what = "; ".join(diffs[:4])
         elif old.get("chunk_size") != job["chunk_size"]:
             what = f"chunk_size: {old.get('chunk_size')!r} then, {job['chunk_size']!r} now"

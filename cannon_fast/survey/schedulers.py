@@ -8,6 +8,7 @@ it, so a job started with one scheduler can be resumed with another.
 from __future__ import annotations
 
 import os
+import time
 
 from ._threads import limit_threads
 from .chunk import _fit_chunk, process_chunk
@@ -70,7 +71,7 @@ def _run_pool(model, chunks, options, done, n_workers):
     n = int(n_workers or os.cpu_count() or 1)
     chunks = iter(chunks)
     with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
-                             initializer=_pool_init, initargs=(model, 1)) as pool:
+                             initializer=_pool_init, initargs=(model, 1, os.getpid())) as pool:
         running = {}
 
         def submit_next():
@@ -96,11 +97,51 @@ def _run_pool(model, chunks, options, done, n_workers):
 _WORKER_MODEL = None
 
 
-def _pool_init(model, n_threads):
-    """Initialize a process-pool worker: receive the model once, limit its threads."""
+#: Seconds between a pool worker's checks that the driver is still alive (without prctl).
+_PARENT_CHECK_INTERVAL = 1.0
+
+
+def _pool_init(model, n_threads, parent_pid=None):
+    """Initialize a process-pool worker: receive the model once, limit its threads.
+
+    The worker also ends when the driver does: a driver killed with SIGKILL runs
+    no clean-up, and its workers (each holding a model and a chunk) would
+    otherwise run on, orphaned.
+    """
     global _WORKER_MODEL
     _WORKER_MODEL = model
     limit_threads(n_threads)  # for the worker's life: the process is the survey's own
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid):
+    """End this process when ``parent_pid`` dies (a signal on Linux, else a watchdog thread)."""
+    import signal
+    import sys
+    import threading
+
+    signalled = False
+    if sys.platform.startswith("linux"):
+        try:  # the kernel sends SIGKILL to this process when its parent exits
+            import ctypes
+            pr_set_pdeathsig = 1
+            signalled = ctypes.CDLL(None, use_errno=True).prctl(
+                pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the signal was set up
+        os._exit(1)
+    if signalled:
+        return
+
+    def watch():  # elsewhere: poll (a worker inside a long kernel call exits after it)
+        while True:
+            time.sleep(_PARENT_CHECK_INTERVAL)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="cannon-fast-parent-watch", daemon=True).start()
 
 
 def _pool_chunk(reader, options):
