@@ -467,6 +467,11 @@ def _errors_html(s):
             cells.append(f"{_fmt('', e.get('formal'), 2)} → <b>{_fmt('', e.get('calibrated'), 2)}"
                          f"</b> <span class='muted'>(n={e.get('n')})</span>")
         rows.append([f"<b>{_esc(name)}</b>"] + cells)
+    unflagged = ((s.get("binaries") or {}).get("validation") or {}).get("pulls_unflagged_vs_true")
+    for name, per_bin in (unflagged or {}).items():   # a binary's error is no model error
+        rows.append([f"<b>{_esc(name)}</b>, stars the binary screen passes"] + [
+            f"{_fmt('', (per_bin.get(b) or {}).get('formal'), 2)} → <b>"
+            f"{_fmt('', (per_bin.get(b) or {}).get('calibrated'), 2)}</b>" for b in bins])
     return (f"<p>Standard deviation of (fit − {'true' if ref == 'vs_true' else 'catalogue'} "
             "label) / error per S/N bin: formal → calibrated (1 is right; 0.8–1.25 the lab's "
             f"band). The calibrated errors add a model-error term learned by "
@@ -486,7 +491,7 @@ def _binaries_html(s):
                    "single fit's reduced χ²) and left out of training.</p>")
     if va:
         out.append(f"<p>Validation stars: {va['n_flagged']} of {va['n_screened']} flagged "
-                   f"({_fmt('', va.get('stars_per_second'), 0)} stars/s); columns "
+                   f"({va.get('stars_per_second') or 0:.0f} stars/s); columns "
                    f"{_esc(va.get('columns', ''))}.</p>")
         t = va.get("truth")
         if t:
