@@ -78,7 +78,7 @@ def test_networks_learn_and_figures_and_report(run, tmp_path):
     status = {k: v for k, v in res.items() if k != "figures"}
     status["status"] = "ok"
     summary = {"labels": list(s.label_names), "extras": {"nn": status}}
-    html = "".join(report._nn_html(summary)) + "".join(report._extras_html(summary))
+    html = report._nn_html(summary)
     assert "Cannon" in html and f"{res['chosen']} (chosen)" in html
     assert res["headline"].split(";")[0] in html
 

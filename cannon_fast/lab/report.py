@@ -532,13 +532,35 @@ def _extra_default(key):
     return render
 
 
+def _nn_scatter_html(s, e):
+    """One network's scatter next to the Cannon's, so that its status is no verdict."""
+    out = [_step_status(e)]
+    cannon = (s.get("validation") or {}).get(s.get("primary_fit")) or {}
+    labels = _labels(s)
+    for ref, name in (("vs_true", "truth"), ("vs_catalog", "catalogue")):
+        if e.get(ref) and cannon.get(ref):
+            rows = [[f"<b>{who}</b>"] + [_fmt(n, (st.get(n) or {}).get("scatter"))
+                                         for n in labels]
+                    for who, st in (("neural network", e[ref]), ("the Cannon", cannon[ref]))]
+            rows += [["<b>ratio</b>"] + [
+                _fmt("", (e[ref].get(n) or {}).get("scatter", np.nan)
+                     / max((cannon[ref].get(n) or {}).get("scatter", np.nan), 1e-300), 2)
+                for n in labels]]
+            out.append(f"<p class='cap'>Scatter against the {name} "
+                       f"({_esc(e.get('architecture', ''))}, ≤ {e.get('epochs_max')} epochs):"
+                       "</p>" + _table([""] + labels, rows))
+    return "\n".join(out)
+
+
 def _nn_html(s):
     """Lab step 16: each network and the Cannon on the validation stars, side by side."""
     nn = _extra(s, "nn")
     if not nn:
         return None
-    if nn.get("status") != "ok" or not nn.get("networks"):
+    if nn.get("status") != "ok":
         return _step_status(nn)
+    if not nn.get("networks"):   # one network's scatter (summaries before the comparison)
+        return _nn_scatter_html(s, nn)
     key = "vs_true" if "vs_true" in nn["cannon"] else "vs_catalog"
     labels = [n for n in s.get("labels", []) if n in nn["cannon"][key]]
     header = ["method"] + [f"{n} {k}" for n in labels for k in ("bias", "RMSE")] + ["training"]
