@@ -31,7 +31,7 @@ import traceback
 
 import numpy as np
 
-from .._util import atomic_path, progress
+from .._util import atomic_path, key_rows, progress
 from . import report as _report
 from .fit_steps import FIT_STEP_NAMES, FIT_STEPS, fit_step_title
 
@@ -298,14 +298,15 @@ def _read_truth(path, ids):
 SNR_BINS = ((0, 70), (70, 100), (100, 200), (200, np.inf))
 
 
-def pull_statistics(fit, reference, snr, reference_errors=None, names=LAB_LABELS):
+def pull_statistics(fit, reference, snr, reference_errors=None, names=LAB_LABELS, select=None):
     """Standard deviation of (fit - reference) / error per label and S/N bin.
 
     For calibrated fits both the calibrated errors and the formal ones are scored;
     ``reference_errors`` (a catalogue's) are added in quadrature. A well-calibrated
-    error gives 1; the issue's band is 0.8-1.25.
+    error gives 1; the issue's band is 0.8-1.25. ``select`` (N,) bool keeps only
+    those stars (e.g. the ones the binary screen passes).
     """
-    ok = fit.ok & np.isfinite(snr)
+    ok = fit.ok & np.isfinite(snr) & (True if select is None else np.asarray(select, bool))
     ref_var = 0.0 if reference_errors is None else np.nan_to_num(reference_errors) ** 2
     kinds = {"calibrated": fit.errors} if fit.formal_errors is not None else {}
     kinds["formal"] = fit.errors if fit.formal_errors is None else fit.formal_errors
@@ -345,12 +346,10 @@ def _allstar_column(allstar, ids, column):
             t = f[1].read(columns=["APOGEE_ID", column])
     except OSError:
         return out
-    index = {}
-    for i, s in enumerate(np.char.strip(np.asarray(t["APOGEE_ID"]).astype(str))):
-        index.setdefault(s, i)
-    rows = np.array([index.get(str(s).strip(), -1) for s in ids])
-    have = rows >= 0
-    out[have] = np.asarray(t[column], float)[rows[have]]
+    order, lo, hi = key_rows(np.char.strip(np.asarray(t["APOGEE_ID"]).astype(str)),
+                             np.char.strip(np.asarray(ids).astype(str)))
+    have = hi > lo   # a repeated ID: its first row, as the other allStar readers here
+    out[have] = np.asarray(t[column], float)[order[lo[have]]]
     return out
 
 
@@ -776,6 +775,7 @@ class _LabContext:
     error_calibration: dict = None
     # _step_fit
     fits: dict = dataclasses.field(default_factory=dict)  # FIT_STEPS key -> FitResult
+    val_snr: np.ndarray = None  # (N_valid,) the catalogue's S/N, for the pull statistics
     validation: dict = None
     # _step_error_budget
     diagnostics: dict = None
@@ -1276,12 +1276,12 @@ def _step_fit(ctx):
         ctx.timings["fit_" + st] = time.perf_counter() - t0
     ctx.validation = {st: _validation_block(res, ctx.val_cat, ctx.val_true)
                       for st, res in ctx.fits.items()}
-    snr = _allstar_column(ctx.allstar_path, ctx.ids[ctx.valid], "SNR")
+    ctx.val_snr = _allstar_column(ctx.allstar_path, ctx.ids[ctx.valid], "SNR")
     pulls = dict(snr_bins=[f"{lo:g}-{hi:g}" for lo, hi in SNR_BINS], vs_catalog=pull_statistics(
-        ctx.primary, ctx.val_cat, snr, None if ctx.cat_errors is None
+        ctx.primary, ctx.val_cat, ctx.val_snr, None if ctx.cat_errors is None
         else ctx.cat_errors[ctx.valid]))
     if ctx.val_true is not None:
-        pulls["vs_true"] = pull_statistics(ctx.primary, ctx.val_true, snr)
+        pulls["vs_true"] = pull_statistics(ctx.primary, ctx.val_true, ctx.val_snr)
     ctx.validation[ctx.primary_key]["pulls"] = pulls
     broad = ctx.fits["broadened"]
     ctx.validation["broadened"]["broadening"] = dict(
@@ -1344,13 +1344,8 @@ def _step_screen_validation(ctx):
             b["true_singles_vs_true"] = label_statistics(prim.labels, ctx.val_true, LAB_LABELS,
                                                          good=prim.ok & ~isb)
     if ctx.val_true is not None:   # the calibrated errors of the stars the screen passes
-        snr = _allstar_column(ctx.allstar_path, ctx.ids[va], "SNR")
-        keep = ~flagged
-        sub = dataclasses.replace(prim, **{f: getattr(prim, f)[keep] for f in (
-            "labels", "errors", "covariance", "chi2", "reduced_chi2", "n_pixels",
-            "iterations", "flags") + (("formal_errors",) if prim.formal_errors is not None
-                                      else ())})
-        b["pulls_unflagged_vs_true"] = pull_statistics(sub, ctx.val_true[keep], snr[keep])
+        b["pulls_unflagged_vs_true"] = pull_statistics(prim, ctx.val_true, ctx.val_snr,
+                                                       select=~flagged)
     ctx.binaries["validation"] = b
     ctx.say(f"binary screen: {int(flagged.sum())} of {len(va)} validation stars flagged "
             f"({dt:.1f} s, {len(va) / dt:.0f} stars/s)")
@@ -1568,25 +1563,19 @@ def _worst_outliers(ctx, model_val):
     va, model = ctx.valid, ctx.model
     scat = np.array([ctx.validation[ctx.primary_key]["vs_catalog"][n]["mad_scatter"] or 1.0
                      for n in LAB_LABELS])
-    outl = diagnose_outliers(ctx.primary, ctx.val_cat, LAB_LABELS, ctx.flux[va], ctx.ivar[va],
-                             model_val, scat, continuum_flags=ctx.cflags[va],
-                             catalog_flags=_catalog_flags(ctx.allstar_path, ctx.ids[va]),
-                             truth=ctx.val_true,
+    common = dict(continuum_flags=ctx.cflags[va],
+                  catalog_flags=_catalog_flags(ctx.allstar_path, ctx.ids[va]),
+                  bounds=np.column_stack([model.training_labels.min(0),
+                                          model.training_labels.max(0)]),
+                  edges=np.percentile(model.training_labels, [2.5, 97.5], axis=0).T,
+                  n=ctx.opts.n_outliers, binary_screen=ctx.val_screen)
+    args = (ctx.primary, ctx.val_cat, LAB_LABELS, ctx.flux[va], ctx.ivar[va], model_val, scat)
+    outl = diagnose_outliers(*args, truth=ctx.val_true,
                              truth_extra={k: v[va] for k, v in ctx.truth_extra.items()},
-                             bounds=np.column_stack([model.training_labels.min(0),
-                                                     model.training_labels.max(0)]),
-                             edges=np.percentile(model.training_labels, [2.5, 97.5], axis=0).T,
-                             n=ctx.opts.n_outliers, binary_screen=ctx.val_screen)
+                             **common)
     # the same diagnosis from the data alone (no truth): what a survey user would read;
     # summary.json keeps both so the truth can judge it (lab step 10)
-    blind = diagnose_outliers(ctx.primary, ctx.val_cat, LAB_LABELS, ctx.flux[va], ctx.ivar[va],
-                              model_val, scat, continuum_flags=ctx.cflags[va],
-                              catalog_flags=_catalog_flags(ctx.allstar_path, ctx.ids[va]),
-                              bounds=np.column_stack([model.training_labels.min(0),
-                                                      model.training_labels.max(0)]),
-                              edges=np.percentile(model.training_labels, [2.5, 97.5],
-                                                  axis=0).T,
-                              n=ctx.opts.n_outliers, binary_screen=ctx.val_screen)
+    blind = diagnose_outliers(*args, **common)
     for o, b in zip(outl, blind):
         o["apogee_id"] = ctx.ids[va][o["index"]]
         o["diagnosis_from_data"] = b["diagnosis"]
