@@ -29,10 +29,10 @@ import dataclasses
 import numpy as np
 
 from ._common import fitted_pixels
+from .grid import SPEED_OF_LIGHT as C_KMS
 
 __all__ = ["BinaryScreen", "screen_binaries", "DEFAULT_MIN_DELTA_CHI2"]
 
-C_KMS = 299792.458
 #: χ² improvement above which a star is flagged as a likely binary
 DEFAULT_MIN_DELTA_CHI2 = 100.0
 

@@ -21,7 +21,7 @@ should not set everyone's errors).
 
 import numpy as np
 
-__all__ = ["ErrorModel", "fit_error_model"]
+__all__ = ["ErrorModel", "fit_error_model", "model_error_part"]
 
 #: z-scores of the fitted labels are clipped to this in the floor's label dependence
 Z_CLIP = 3.0
@@ -130,6 +130,12 @@ class ErrorModel:
         except (KeyError, TypeError) as err:
             raise ValueError(f"not an error-model record: {err}") from None
         return em
+
+
+def model_error_part(total, formal):
+    """What a calibration adds to ``formal`` errors, in quadrature: sqrt(total² - formal²)."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(np.clip(np.asarray(total) ** 2 - np.asarray(formal) ** 2, 0, None))
 
 
 def _noise_sigma(formal, scale, power, sigma0):

@@ -253,10 +253,9 @@ class FitResult:
     @property
     def model_errors(self):
         """(N, L) what the calibration adds to the formal errors, in quadrature (or None)."""
-        if self.formal_errors is None:
-            return None
-        with np.errstate(invalid="ignore"):
-            return np.sqrt(np.clip(self.errors ** 2 - self.formal_errors ** 2, 0, None))
+        from .errors import model_error_part
+        return None if self.formal_errors is None else model_error_part(self.errors,
+                                                                         self.formal_errors)
 
     @property
     def warn(self):

@@ -41,13 +41,15 @@ import dataclasses
 import numpy as np
 
 from .._util import progress
+from ..core.grid import SPEED_OF_LIGHT
 from ..core.model import fitted_pixels
 
 __all__ = ["C_KMS", "DLOG10", "velocity_to_pixels", "doppler_shift", "pixel_grid",
            "planck_ratio", "composite_spectrum", "BinaryFit", "fit_binaries",
            "BiasStudy", "binary_bias_study", "secondary_for_light_ratio"]
 
-C_KMS = 299792.458
+#: km/s (the one constant, from the pixel grid's module)
+C_KMS = SPEED_OF_LIGHT
 #: log10 wavelength step of the apStar grid.
 DLOG10 = 6e-6
 _H_BAND = 16000.0  # Angstrom, where a scalar H-band light ratio is defined

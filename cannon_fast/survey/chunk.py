@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import model_error_part
 from ..core.fitting import BAD_FLAGS, WARNING_FLAGS
 from ..core.grid import segment_index
 from ..core.fitting import FLAGS as _FIT_FLAG_BITS
@@ -246,9 +247,7 @@ def _columns(model, d, fit, flags, cflags, reason, model_hash):
             out[name + "_ERR"] = np.sqrt(np.where(dg > 0, dg, np.nan))
         if model.error_model is not None:   # the calibrated error's two parts
             out[name + "_ERR_FORMAL"] = fit["formal"][:, i]
-            with np.errstate(invalid="ignore"):
-                out[name + "_ERR_MODEL"] = np.sqrt(np.clip(
-                    out[name + "_ERR"] ** 2 - fit["formal"][:, i] ** 2, 0, None))
+            out[name + "_ERR_MODEL"] = model_error_part(out[name + "_ERR"], fit["formal"][:, i])
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             out[f"COV_{names[i]}_{names[j]}"] = fit["cov"][:, i, j]
