@@ -139,3 +139,13 @@ def test_error_model_travels_with_the_model_file(calibrated, tmp_path):
     train = make_synthetic(n_stars=200, n_pix=300, seed=5, bad_frac=0.0, masked_pixel=False)
     m3.train(train.flux, train.ivar, train.labels)
     assert m3.error_model is None
+
+
+def test_calibration_refuses_what_it_cannot_do(calibrated):
+    m, test = calibrated
+    with pytest.raises(ValueError, match="cannot be split into 5 folds"):
+        m.calibrate_errors(test.flux[:30], test.ivar[:30], test.labels[:30])
+    r = m.fit(test.flux[:5], test.ivar[:5], debias=False, calibrated_errors=False)
+    r.label_names = ["A", "B", "C"]
+    with pytest.raises(ValueError, match="error model for labels"):
+        m.error_model.apply(r)
