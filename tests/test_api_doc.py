@@ -58,6 +58,7 @@ DOCUMENTED = {
     "m.fit": (CannonModel.fit, fitting.fit_cannon),
     "m.calibrate_errors": (CannonModel.calibrate_errors, None),
     "screen_binaries": (binaries.screen_binaries, None),
+    "train_secondary_model": (binaries.train_secondary_model, None),
     "fitted_spectra": (fitting.fitted_spectra, None),
     "run_lab": (pipeline.run_lab, None),
     "cross_validate": (pipeline.cross_validate, None),

@@ -96,3 +96,14 @@ def test_flag_cuts_name_and_count_each_bit_and_missing_labels_can_be_kept():
     t.remove_column("ASPCAPFLAG")
     with pytest.raises(ValueError, match="lacks column.* ASPCAPFLAG needed by cut 'M_H_BAD'"):
         catalog.select(t, cuts=cuts)
+
+
+def test_companion_cuts_keep_the_dwarfs_and_hot_stars():
+    """The stars a binary's secondary model is trained on: the lab's dwarfs, no giants."""
+    keep, rep = catalog.select(_table(), cuts=catalog.companion_cuts(("TEFF", "LOGG", "FE_H")))
+    # missing: 4; low SNR: 1, 6, 8; metal poor: 5, 9 (8 gone already); giants: 0, 7
+    # kept: 2 (TEFF 5800), 3 (LOGG 4.2)
+    np.testing.assert_array_equal(np.flatnonzero(keep), [2, 3])
+    rows = {r["name"]: r["removed"] for r in rep.rows}
+    assert rows == {"missing_labels": 1, "low_snr": 3, "metal_poor": 2, "giant": 2}
+    assert "LOGG <= 3.5 and TEFF <= 5500" in str(rep)

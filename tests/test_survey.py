@@ -688,3 +688,41 @@ def test_bad_bits_apply_to_apstar_files(tmp_path, full_grid):
     masked = sv.read_normalized(model, dirty, continuum=cont, bad_bits=bits)
     assert np.all(masked["ivar"][0, 5000:5040] == 0)
     np.testing.assert_allclose(lab["bits"], lab["clean"], rtol=1e-4)
+
+
+def test_binary_columns_with_a_secondary_model(tmp_path, small, npz):
+    """Label with --binaries and a secondary model: the columns a direct screen gives.
+
+    The secondary model is part of the job's identity; one for other pixels is refused.
+    """
+    from cannon_fast.core.binaries import screen_binaries
+
+    model, flux, ivar, _ = small
+    # (the fixture's family of spectra, another training set: a model with its own hash)
+    d = make_synthetic(n_stars=1000, n_pix=200, n_labels=3, seed=7)
+    dwarfs = CannonModel(d.label_names, backend="numba", grid=d.grid).train(
+        d.flux[300:], d.ivar[300:], d.labels[300:])
+    # 60 of the stars get a companion, 30 % of the light, 30 km/s away
+    wave = model.grid.wavelength
+    f32, v32 = flux.astype(np.float32), ivar.astype(np.float32)
+    for k in range(60):
+        s2 = np.interp(wave / (1 + 30.0 / 299792.458), wave, dwarfs.predict(d.labels[k]))
+        f32[k] = 0.7 * f32[k] + 0.3 * s2
+    npz = tmp_path / "binaries.npz"
+    np.savez(npz, flux=f32, ivar=v32, ids=np.array([f"STAR{i:04d}" for i in range(len(f32))]))
+    out = tmp_path / "cat.fits"
+    sv.label_survey(model, npz, out, chunk_size=700, binaries=dwarfs)   # one chunk
+    _, c = _labels(out)
+    scr = screen_binaries(model, f32, v32, model.fit(f32, v32).labels, secondary_model=dwarfs)
+    assert scr.flagged[:60].mean() > 0.5 and scr.flagged[60:].mean() < 0.05
+    np.testing.assert_array_equal(c["BINARY_FLAG"], scr.flagged)
+    np.testing.assert_allclose(c["BINARY_DELTA_CHI2"], scr.delta_chi2, rtol=1e-4)
+    np.testing.assert_allclose(c["BINARY_PRIMARY_TEFF"], scr.primary_labels[:, 0], rtol=1e-5)
+    # the same inputs screened with the model's own secondaries are another job
+    with pytest.raises(sv.SurveyError, match="binaries"):
+        sv.label_survey(model, npz, out, chunk_size=700, binaries=True)
+    wide = make_synthetic(n_stars=100, n_pix=150, n_labels=3, seed=9)
+    other_pixels = CannonModel(wide.label_names, grid=wide.grid).train(wide.flux, wide.ivar,
+                                                                       wide.labels)
+    with pytest.raises(ValueError, match="150.*200"):
+        sv.label_survey(model, npz, tmp_path / "x.fits", binaries=other_pixels)

@@ -137,6 +137,39 @@ def lab_cuts(labels=LAB_LABELS, snr_min=50.0, logg_max=4.0, teff_max=5700.0, feh
     return cuts
 
 
+def companion_cuts(labels=("TEFF", "LOGG", "FE_H", "MG_FE"), snr_min=50.0, logg_min=3.5,
+                   teff_min=5500.0, feh_min=-1.0):
+    """Return cuts that keep the dwarfs and hot stars a binary's companion looks like.
+
+    The lab's cuts keep giants; the companions of giants are mostly main-sequence
+    stars. A model trained on the stars kept here makes the secondary's spectrum in
+    the binary screen's composite fit (:func:`cannon_fast.core.binaries.screen_binaries`).
+    The limits overlap the lab's dwarf cut (LOGG > 4, TEFF > 5700) so the two sets
+    meet.
+
+    Parameters
+    ----------
+    labels : sequence of str
+        Labels that must all be derived.
+    snr_min, feh_min : float or None
+        As in :func:`lab_cuts`.
+    logg_min, teff_min : float
+        A star is kept when LOGG > logg_min or TEFF > teff_min.
+
+    Returns
+    -------
+    list of Cut
+    """
+    cuts = lab_cuts(labels, snr_min=snr_min, logg_max=None, teff_max=None, feh_min=feh_min)
+
+    def giant(t):
+        with np.errstate(invalid="ignore"):
+            return ~((_col(t, "LOGG") > logg_min) | (_col(t, "TEFF") > teff_min))
+    cuts.append(Cut("giant", f"LOGG <= {logg_min:g} and TEFF <= {teff_min:g}", giant,
+                    ("LOGG", "TEFF")))
+    return cuts
+
+
 #: The allStar's Gaia EDR3 parallax columns (DR17), what distance training needs.
 PARALLAX_COLUMNS = ("GAIAEDR3_PARALLAX", "GAIAEDR3_PARALLAX_ERROR")
 

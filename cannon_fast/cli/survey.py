@@ -71,6 +71,11 @@ def register(subparsers, parent):
                    help="screen every star for an unresolved companion: BINARY_FLAG, "
                         "BINARY_DELTA_CHI2, BINARY_LIGHT_WEIGHT, BINARY_VELOCITY, BINARY_TEFF2/"
                         "LOGG2 and the composite fit's primary labels BINARY_PRIMARY_<LABEL>")
+    p.add_argument("--secondary-model", metavar="MODEL",
+                   help="implies --binaries: a model of dwarfs on the same pixels (cannon-fast "
+                        "train on a store prepared with --logg-max 9 --teff-max 99999 ...) "
+                        "that makes the secondaries of the composite fits; the companions of "
+                        "giants are mostly dwarfs, which a giants' model cannot make")
     p.add_argument("--force", action="store_true",
                    help="replace an existing catalogue with this job's rows (the old one "
                         "stays until the new one is written) instead of refusing one that "
@@ -86,13 +91,16 @@ def _label(args):
     model_path, inputs = model_and_inputs(args)
     model = CannonModel.read(model_path, backend=args.backend)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    binaries = args.binaries
+    if args.secondary_model:   # implies --binaries
+        binaries = CannonModel.read(args.secondary_model, backend=args.backend)
     try:
         summary = label_survey(
             model, inputs, args.out, chunk_size=args.chunk_size, visits=args.visits,
             scheduler=args.scheduler, workers=args.workers, format=args.format,
             continuum=args.continuum, degree=args.degree,
             bad_bits=args.bad_bits, normalized=args.normalized, **fit_options(args),
-            binaries=args.binaries, log=say, force=args.force)
+            binaries=binaries, log=say, force=args.force)
     except KeyboardInterrupt:
         print(f"cannon-fast label: interrupted; the committed chunks are kept in "
               f"{args.out}.parts: run the same command again to resume", file=sys.stderr)

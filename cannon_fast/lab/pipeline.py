@@ -771,6 +771,7 @@ class _LabContext:
     model_path: str = None
     # _step_screen_training, _step_screen_validation
     binaries: dict = dataclasses.field(default_factory=dict)  # summary.json's "binaries"
+    secondary_model: object = None  # _step_secondary_model: the companions' CannonModel
     val_screen: object = None  # core.binaries.BinaryScreen of the validation stars
     error_calibration: dict = None
     # _step_fit
@@ -953,6 +954,7 @@ def run_lab(data_dir=None, out_dir="cannon_fast_report", seed=0, force=False, *,
     _step_prepare(ctx)
     _step_load(ctx)
     _step_split(ctx)
+    _step_secondary_model(ctx)
     _step_screen_training(ctx)
     _step_choose_model(ctx)
     _step_train(ctx)
@@ -1139,6 +1141,62 @@ def _step_split(ctx):
             f"1 held back ({ctx.ids[ctx.mystery]})")
 
 
+#: labels of the model that makes a binary's secondary (it shares the primary's composition)
+SECONDARY_LABELS = ("TEFF", "LOGG", "FE_H", "MG_FE")
+#: fewest dwarfs that make a secondary model; with fewer the lab's own model makes them
+MIN_SECONDARY_STARS = 50
+
+
+def _step_secondary_model(ctx):
+    """A model of the survey's dwarfs, for the secondaries of the composite fits (step 15).
+
+    The companions of giants are mostly main-sequence stars, which the lab's
+    giant-trained model cannot make; the survey's own dwarfs (catalogue labels, the
+    validation stars left out, screened for binaries themselves) can. Without enough
+    of them the lab's model makes the secondaries.
+    """
+    from ..apogee.catalog import TooFewStarsError, companion_cuts
+    from ..apogee.prepare import prepare_dataset
+    from ..core.binaries import train_secondary_model
+
+    if not ctx.opts.binary_screen:
+        return
+    t0 = time.perf_counter()
+    info = dict(labels=list(SECONDARY_LABELS), n_stars=0)
+    ctx.binaries["secondary_model"] = info
+    try:
+        prep = prepare_dataset(ctx.files, ctx.allstar_path, os.path.join(ctx.work, "dwarfs"),
+                               ctx.cont_mask, labels=SECONDARY_LABELS,
+                               cuts=companion_cuts(SECONDARY_LABELS), workers=ctx.opts.workers,
+                               min_remaining=MIN_SECONDARY_STARS, overwrite=True,
+                               show_progress=False)
+    except TooFewStarsError:
+        info["note"] = (f"fewer than {MIN_SECONDARY_STARS} dwarfs in the survey: the lab's own "
+                        f"model makes the secondaries")
+        ctx.say(f"binary screen: {info['note']}")
+        return
+    held = set(ctx.ids[ctx.valid]) | {ctx.ids[ctx.mystery]}
+    ids = np.asarray(prep.store.ids).astype(str)
+    use = np.flatnonzero([i not in held for i in ids])
+    if len(use) < MIN_SECONDARY_STARS:
+        info["note"] = f"only {len(use)} dwarfs outside the validation set: not used"
+        return
+    labels = np.asarray(prep.store.labels, float)[use]
+    ctx.secondary_model = train_secondary_model(
+        np.asarray(prep.store.flux)[use], np.asarray(prep.store.ivar)[use], labels,
+        SECONDARY_LABELS, backend=ctx.opts.backend)
+    n_model = len(ctx.secondary_model.training_labels)
+    info.update(n_stars=int(n_model), n_binaries_left_out=int(len(use) - n_model),
+                teff_range=[_num(v) for v in np.percentile(labels[:, 0], [1, 99])],
+                logg_range=[_num(v) for v in np.percentile(labels[:, 1], [1, 99])])
+    ctx.timings["secondary_model"] = time.perf_counter() - t0
+    ctx.say(f"binary screen: secondaries from a model of {n_model} dwarfs of the survey "
+            f"({len(use) - n_model} flagged as binaries left out; "
+            f"TEFF {info['teff_range'][0]:.0f}-{info['teff_range'][1]:.0f} K, LOGG "
+            f"{info['logg_range'][0]:.2f}-{info['logg_range'][1]:.2f}; "
+            f"{ctx.timings['secondary_model']:.1f} s)")
+
+
 def _step_screen_training(ctx):
     """Flagged binaries leave the training set before anything is trained on it (step 15).
 
@@ -1155,7 +1213,7 @@ def _step_screen_training(ctx):
     m = CannonModel(LAB_LABELS, order=2, backend=ctx.opts.backend).train(
         ctx.flux[tr], ctx.ivar[tr], ctx.cat_labels[tr])
     single = m.fit(ctx.flux[tr], ctx.ivar[tr], debias=False)
-    scr = screen_binaries(m, ctx.flux[tr], ctx.ivar[tr], single.labels,
+    scr = screen_binaries(m, ctx.flux[tr], ctx.ivar[tr], single.labels, n_refine=0,
                           progress_bar=not _bar_disabled(ctx.opts.show_progress))
     ctx.binaries["training"] = dict(n_screened=int(len(tr)), n_flagged=int(scr.flagged.sum()),
                                     min_delta_chi2=scr.min_delta_chi2,
@@ -1309,6 +1367,7 @@ def _step_screen_validation(ctx):
     t0 = time.perf_counter()
     va, prim = ctx.valid, ctx.primary
     scr = screen_binaries(ctx.model, ctx.flux[va], ctx.ivar[va], prim.labels,
+                          secondary_model=ctx.secondary_model,
                           progress_bar=not _bar_disabled(ctx.opts.show_progress))
     ctx.val_screen = scr
     dt = time.perf_counter() - t0

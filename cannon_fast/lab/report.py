@@ -489,6 +489,15 @@ def _binaries_html(s):
         out.append(f"<p>Training stars: {tr['n_flagged']} of {tr['n_screened']} flagged "
                    f"(composite fit improves χ² by more than {tr['min_delta_chi2']:g} times the "
                    "single fit's reduced χ²) and left out of training.</p>")
+    sm = b.get("secondary_model")
+    if sm:
+        out.append("<p>Composite fits: " + (
+            f"the secondary's spectrum from a model of {sm['n_stars']} dwarfs of the survey "
+            f"({sm.get('n_binaries_left_out', 0)} flagged as binaries themselves left out; "
+            f"TEFF {sm['teff_range'][0]:.0f}-{sm['teff_range'][1]:.0f} K, LOGG "
+            f"{sm['logg_range'][0]:.2f}-{sm['logg_range'][1]:.2f}), its light spread over "
+            "velocities (visits at different orbital phases)" if sm.get("n_stars")
+            else _esc(sm.get("note", ""))) + ".</p>")
     if va:
         out.append(f"<p>Validation stars: {va['n_flagged']} of {va['n_screened']} flagged "
                    f"({va.get('stars_per_second') or 0:.0f} stars/s); columns "

@@ -100,7 +100,8 @@ def _fit_chunk(model, d, options):
     flux, ivar, cflags = _normalized(d, options, flags)
     usable = (flags & (SURVEY_FLAGS["READ_FAILED"] | SURVEY_FLAGS["NORMALIZATION_FAILED"])) == 0
     fit = _fit_rows(model, flux, ivar, usable, reason, options)
-    binary_cols = _binary_columns(model, flux, ivar, fit) if options.get("binaries") else {}
+    binary_cols = (_binary_columns(model, flux, ivar, fit, options.get("secondary_model"))
+                   if options.get("binaries") else {})
     del flux, ivar
     flags |= fit["flags"]
     out = _columns(model, d, fit, flags, cflags, reason, options["model_hash"])
@@ -108,7 +109,7 @@ def _fit_chunk(model, d, options):
     return out
 
 
-def _binary_columns(model, flux, ivar, fit):
+def _binary_columns(model, flux, ivar, fit, secondary_model=None):
     """The binary screen's BINARY_* columns for the fitted rows (core.binaries)."""
     from ..core.binaries import screen_binaries
 
@@ -117,7 +118,8 @@ def _binary_columns(model, flux, ivar, fit):
     v = ivar if cols is None else ivar[:, cols]
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(f) & np.isfinite(v) & (v > 0)
-    scr = screen_binaries(model, np.where(ok, f, 1.0), np.where(ok, v, 0.0), fit["labels"])
+    scr = screen_binaries(model, np.where(ok, f, 1.0), np.where(ok, v, 0.0), fit["labels"],
+                          secondary_model=secondary_model)
     return scr.columns(model.label_names)
 
 

@@ -187,10 +187,12 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
         Kernels of the normalization and the fit (default: the model's).
     fit_options : dict, optional
         Other keyword arguments of ``model.fit`` (e.g. ``n_starts``).
-    binaries : bool
+    binaries : bool or CannonModel
         Screen every star for an unresolved companion (``core.binaries``) and add
         the BINARY_* columns (flag, Δχ², light share, velocity, secondary TEFF/LOGG,
-        the composite fit's primary labels).
+        the composite fit's primary labels). A model (of dwarfs, on the same pixels)
+        instead of True makes the secondaries of the composite fits
+        (``screen_binaries(secondary_model=)``).
     show_progress : bool, optional
         Progress bar with stars/s and time left (default: on a terminal).
     log : callable, optional
@@ -238,7 +240,11 @@ def label_survey(model, inputs, out, chunk_size=DEFAULT_CHUNK_SIZE, visits=False
     _grid_columns(source.n_pixels, model.n_pixels)  # refuse a wrong grid before any work
     options = _chunk_options(model, mh, source, fit_options, continuum, degree, bad_bits, log,
                              backend)
-    options["binaries"] = bool(binaries)
+    options["binaries"] = binaries is not False and binaries is not None
+    if options["binaries"] and binaries is not True:   # a model for the secondaries
+        from ..core.binaries import check_secondary_model
+        check_secondary_model(model, binaries)
+        options["secondary_model"] = binaries
     if source.n_items == 0:
         raise ValueError(f"no spectra in the inputs ({source.describe})")
     job, job_id = _job_identity(mh, source, chunk_size, options["backend"], options)
@@ -406,7 +412,8 @@ def _job_identity(mh, source, chunk_size, backend, options):
                continuum=(hashlib.sha256(np.packbits(options["continuum_pixels"]).tobytes())
                           .hexdigest()[:16] if "continuum_pixels" in options else None))
     if options.get("binaries"):   # only when asked: older jobs keep their ids
-        job["binaries"] = True
+        sec = options.get("secondary_model")
+        job["binaries"] = True if sec is None else model_hash(sec)
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     return job, job_id
 

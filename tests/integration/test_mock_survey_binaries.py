@@ -56,11 +56,15 @@ def test_singles_and_corrected_primaries_against_the_truth(binary_lab):
     singles = v["true_singles_vs_true"]
     # the issue's targets: singles' Teff <= 30 K and [Fe/H] <= 0.02 dex against the truth
     assert singles["TEFF"]["scatter"] <= 30 and singles["FE_H"]["scatter"] <= 0.02, singles
-    # the composite fit's primary labels are better than the flagged stars' single-star
-    # fits (the issue asks for 2x the singles' scatter: not reached, see docs/lab.md step 15)
+    # the composite fit's primaries (secondaries from the survey's own dwarfs): within 2x
+    # the singles' scatter in Teff and [Fe/H] (the issue's target); log g better than the
+    # single-star fits' but not within 2x (measured 2.3x, see docs/lab.md step 15)
+    assert binary_lab["binaries"]["secondary_model"]["n_stars"] >= 50
     comp, one = v["flagged_composite_fit_vs_true"], v["flagged_single_fit_vs_true"]
+    for n in ("TEFF", "FE_H"):
+        assert comp[n]["rms"] <= 2.0 * singles[n]["rms"], (n, comp[n], singles[n])
     for n in ("TEFF", "LOGG", "FE_H"):
-        assert comp[n]["rms"] < 0.95 * one[n]["rms"], (n, comp[n], one[n])
+        assert comp[n]["rms"] < 0.6 * one[n]["rms"], (n, comp[n], one[n])
 
 
 def test_step10_diagnosis_from_the_data_agrees_with_the_truth(binary_lab):
