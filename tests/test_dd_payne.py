@@ -127,3 +127,44 @@ def test_files_round_trip_and_refuse_another_grid(trained, tmp_path):
     flux, ivar, labels = _training_set(_model(), n=20)
     with pytest.raises(ValueError, match="no LOGG"):
         train_dd_payne(flux, ivar, labels, ["TEFF", "LOGG"], template, epochs=1)
+
+
+def test_command_line_chain(trained, tmp_path, capsys):
+    """information, gradient-template, dd-payne-train and fit --model on emulator files."""
+    from astropy.table import Table
+
+    from cannon_fast.cli import main
+    from cannon_fast.core.information import information_content
+
+    model, _, with_prior, _ = trained
+    net = tmp_path / "dd.npz"
+    with_prior.write(net)
+    assert main(["information", "--model", str(net), "--star", "5000", "-0.2",
+                 "--snr", "50", "--ideal", "--out", str(tmp_path / "share.png")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    row = [float(v) for v in printed[-2].split()]  # "S/N TEFF FE_H", the figure line last
+    crb = information_content(with_prior, [5000.0, -0.2], snr=50.0, s2=0.0).crb
+    np.testing.assert_allclose(row[1:], crb, rtol=1e-3)
+    assert (tmp_path / "share.png").stat().st_size > 0
+    # the trained network as a template, then a network trained under it from the CLI
+    assert main(["gradient-template", "--model", str(net), "--n", "64",
+                 "--out", str(tmp_path / "t.npz")]) == 0
+    flux, ivar, labels = _training_set(model, n=200)
+    np.savez(tmp_path / "train.npz", flux=flux, ivar=ivar, labels=labels,
+             label_names=np.array(NAMES))
+    args = ["dd-payne-train", str(tmp_path / "train.npz"), "--template", str(tmp_path / "t.npz"),
+            "--out", str(tmp_path / "new.npz"), "--epochs", "3", "--hidden", "16", "-q"]
+    assert main(args) == 0
+    assert DataDrivenPayne.read(tmp_path / "new.npz").prior["n_points"] == 64
+    assert main(args) == 1 and "--force" in capsys.readouterr().err
+    # fit --model with the emulator file: labels back from noise-free spectra
+    truth = np.array([[4600.0, -0.3], [5300.0, 0.1]])
+    np.savez(tmp_path / "obs.npz", flux=model.predict(truth), ivar=np.full((2, 100), 1e4))
+    assert main(["fit", "--model", str(net), str(tmp_path / "obs.npz"),
+                 "--out", str(tmp_path / "fit.fits")]) == 0
+    tab = Table.read(tmp_path / "fit.fits")
+    np.testing.assert_allclose(tab["TEFF"], truth[:, 0], atol=60)
+    np.testing.assert_allclose(tab["FE_H"], truth[:, 1], atol=0.05)
+    assert main(["fit", "--model", str(net), str(tmp_path / "obs.npz"), "--broadening",
+                 "--out", str(tmp_path / "fit2.fits")]) == 1
+    assert "apply to Cannon models" in capsys.readouterr().err

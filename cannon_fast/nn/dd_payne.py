@@ -434,8 +434,8 @@ def train_dd_payne(flux, ivar, labels, label_names, template=None, *, strength=1
         "strength": float(strength),
         "source": template.source if template is not None else None,
         "n_points": template.n_points if template is not None else 0,
-        "template_box": (np.column_stack([template.labels.min(0), template.labels.max(0)])
-                         .tolist() if template is not None else None),
+        "template_box": (None if template is None else np.column_stack(
+            [template.labels.min(0), template.labels.max(0)]).tolist()),
         "data_box": np.column_stack([labels[tr].min(0), labels[tr].max(0)]).tolist(),
         "n_train": int(len(tr)), "epochs": int(epochs)}
     hist.update(best_epoch=best_epoch, train_time=time.perf_counter() - t0,
