@@ -68,17 +68,43 @@ def crbs(model, labels, ivar):
                      for lab, iv in zip(labels, ivar)])
 
 
+def make_template(model, grid, ref, args):
+    """The model's gradient spectra at the design (optionally made imperfect on purpose)."""
+    from cannon_fast.core.grid import PixelGrid
+    from cannon_fast.nn.dd_payne import GradientTemplate
+
+    source = f"ab initio model (doppler polynomial) on the {grid.name} grid"
+    if args.template_resolution is None and args.template_shift is None:
+        return GradientTemplate.from_model(model, ref, source=source)
+    other = model
+    if args.template_resolution is not None:
+        other = ab.AbInitioModel(PixelGrid(grid.wavelength, resolution=args.template_resolution,
+                                           name=grid.name))
+        source += f" at R {args.template_resolution:g}"
+    shift = np.zeros(3) if args.template_shift is None else np.asarray(args.template_shift)
+    source += f", labels shifted by {shift.tolist()}"
+    tpl = GradientTemplate.from_model(other, ref + shift)
+    print(f"imperfect template: {source}", flush=True)
+    return GradientTemplate(ref, tpl.gradients, NAMES, grid=grid, source=source)
+
+
 def train_all(inst, train, template, args, grid, tag):
     """DD-Payne, the same network without the prior, and a quadratic Cannon."""
     from cannon_fast import CannonModel
     from cannon_fast.nn.dd_payne import train_dd_payne
 
     flux, ivar, lab = inst["flux"][train], inst["ivar"][train], inst["catalogue"][train]
+    # one box for both networks (the data's and the template's ranges): the network without
+    # the prior may extrapolate as far as the one with it
+    box = np.column_stack([np.minimum(lab.min(0), template.labels.min(0)),
+                           np.maximum(lab.max(0), template.labels.max(0))])
     out = {}
-    for name, strength in (("DD-Payne", args.strength), ("no prior", 0.0)):
+    runs = [(f"DD-Payne {s:g}", s) for s in args.strength] + [("no prior", 0.0)]
+    for name, strength in runs:
         t0, c0 = time.perf_counter(), time.process_time()
         net = train_dd_payne(flux, ivar, lab, NAMES, template if strength else None,
                              strength=strength, hidden=tuple(args.hidden), epochs=args.epochs,
+                             box=box,
                              learning_rate=args.lr, grid=grid, seed=args.seed,
                              progress=False)
         print(f"  {tag} {name}: trained on {train.sum()} spectra in "
@@ -88,7 +114,8 @@ def train_all(inst, train, template, args, grid, tag):
               flush=True)
         if args.out:
             net.write(os.path.join(args.out, f"ddpayne_{args.instrument}_{tag}_"
-                                             f"{'prior' if strength else 'noprior'}.npz"))
+                                             f"{f'prior{strength:g}' if strength else 'noprior'}"
+                                             f"{args.suffix}.npz"))
         out[name] = net
     cannon = CannonModel(NAMES, order=2)
     cannon.train(flux, ivar, lab)
@@ -132,7 +159,13 @@ def main(argv=None):
     p.add_argument("--inst", default="/work/scratch/inst")
     p.add_argument("--survey", default="/work/scratch/mock3036")
     p.add_argument("--out", default=None)
-    p.add_argument("--strength", type=float, default=10.0)
+    p.add_argument("--strength", type=float, nargs="+", default=[100.0, 1000.0])
+    p.add_argument("--template-shift", type=float, nargs=3, default=None,
+                   metavar=("DTEFF", "DLOGG", "DFEH"),
+                   help="an imperfect template: gradients of the model at labels + these")
+    p.add_argument("--template-resolution", type=float, default=None,
+                   help="an imperfect template: the model at this resolving power")
+    p.add_argument("--suffix", default="", help="appended to the written file names")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, nargs="+", default=[300, 300])
@@ -144,7 +177,6 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     from cannon_fast.nn.ab_initio import label_design
-    from cannon_fast.nn.dd_payne import GradientTemplate
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -156,10 +188,9 @@ def main(argv=None):
         raise SystemExit("the instrument file's wavelengths differ from _abinitio's grid")
     model = ab.AbInitioModel(grid)
     ref = label_design(DESIGN_BOX, args.n_template, accept=model.in_hull, seed=args.seed)
-    template = GradientTemplate.from_model(model, ref, source="ab initio model (doppler "
-                                           "polynomial) on the " + grid.name + " grid")
+    template = make_template(model, grid, ref, args)
     if args.out:
-        template.write(os.path.join(args.out, f"template_{args.instrument}.npz"))
+        template.write(os.path.join(args.out, f"template_{args.instrument}{args.suffix}.npz"))
     train, test = split(inst, args.seed)
     truth = inst["labels"]
     crb = crbs(model, truth[test], inst["ivar"][test])

@@ -101,6 +101,22 @@ def test_fits_off_the_training_correlation(trained):
     assert err["plain"][1] > 1.5 * err["prior"][1], err
 
 
+def test_templates_from_a_callable_and_masked(trained):
+    """A plain function gives the same gradients; masking zeroes the line-free pixels only."""
+    model, template, _, _ = trained
+    lab = template.labels[:3]
+    plain = GradientTemplate.from_model(lambda x: model.predict(x), lab, label_names=NAMES)
+    np.testing.assert_allclose(plain.gradients, template.gradients[:3], rtol=1e-3,
+                               atol=1e-4 * np.abs(template.gradients).max())
+    masked = template.masked(0.01)
+    g, m = template.gradients, masked.gradients
+    assert np.all((m == 0) | (m == g))
+    assert np.all(m[:, W_A, 1] == 0)  # FE_H has no line among TEFF's pixels
+    assert np.count_nonzero(m[:, W_B, 1]) > 0.2 * m[:, W_B, 1].size
+    with pytest.raises(ValueError, match="label_names"):
+        GradientTemplate.from_model(lambda x: model.predict(x), lab)
+
+
 def test_files_round_trip_and_refuse_another_grid(trained, tmp_path):
     """Network and template files: same predictions and record; another grid refused."""
     _, template, with_prior, _ = trained

@@ -123,7 +123,7 @@ class GradientTemplate:
                 f"{', '.join(self.label_names)}{'; ' + self.source if self.source else ''}>")
 
     @classmethod
-    def from_model(cls, model, labels, grid=None, source=None, batch_size=64):
+    def from_model(cls, model, labels, grid=None, source=None, batch_size=64, label_names=None):
         """Differentiate a forward model at reference labels.
 
         Parameters
@@ -131,12 +131,15 @@ class GradientTemplate:
         model : forward model or callable
             ``predict_with_jacobian(labels (N, L))`` (e.g. an ab initio grid on the
             instrument's pixels, an emulator of one), or ``labels (L,) -> flux (P,)``
-            (central differences); with ``label_names``.
+            (central differences).
         labels : array_like, (R, L)
         grid : PixelGrid, optional
             Default ``model.grid``.
         source : str, optional
             Default: the model's class name.
+        batch_size : int
+        label_names : sequence of str, optional
+            Default ``model.label_names`` (needed for a plain callable).
         """
         from ..core.information import model_jacobian
 
@@ -147,7 +150,10 @@ class GradientTemplate:
                 for i in range(0, len(labels), batch_size)])
         else:
             jac = np.stack([model_jacobian(model, lab)[1] for lab in labels]).astype(np.float32)
-        return cls(labels, jac, getattr(model, "label_names"),
+        names = label_names if label_names is not None else getattr(model, "label_names", None)
+        if names is None:
+            raise ValueError("give label_names: the model has no label_names attribute")
+        return cls(labels, jac, names,
                    grid=grid if grid is not None else getattr(model, "grid", None),
                    source=source or type(model).__name__)
 
