@@ -57,8 +57,9 @@ def register(subparsers, parent):
                                                      "(cannon-fast gradient-template)")
     d.add_argument("--out", required=True, help="network .npz to write")
     d.add_argument("--labels", nargs="+", default=None, help="train on these labels only")
-    d.add_argument("--strength", type=float, default=10.0,
-                   help="weight of the gradient prior (0: none; default 10)")
+    d.add_argument("--strength", type=float, default=100.0,
+                   help="weight of the gradient prior (0: none; default 100; lower it for a "
+                        "template less like the data)")
     d.add_argument("--hidden", nargs="+", type=int, default=[300, 300])
     d.add_argument("--epochs", type=int, default=100)
     d.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one cycle)")

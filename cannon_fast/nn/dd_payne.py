@@ -290,7 +290,7 @@ def _box(labels, template, box):
     return lo, hi
 
 
-def train_dd_payne(flux, ivar, labels, label_names, template=None, *, strength=10.0,
+def train_dd_payne(flux, ivar, labels, label_names, template=None, *, strength=100.0,
                    hidden=(300, 300), activation="silu", epochs=150, batch_size=128,
                    prior_batch=32, learning_rate=3e-3, validation_fraction=0.2,
                    sigma_floor=0.0, box=None, extrapolate=0.0, grid=None, seed=0,
@@ -309,7 +309,9 @@ def train_dd_payne(flux, ivar, labels, label_names, template=None, *, strength=1
         name). ``None`` or ``strength=0``: no prior (the plain data-driven network).
     strength : float
         Weight of the prior against the data's mean chi^2 per pixel (see the module:
-        the prior is a relative squared error of the gradient spectra).
+        the prior is a relative squared error of the gradient spectra). The more the
+        template is like the data, the higher it pays to set it (measured values in
+        docs/measurements.md).
     hidden, activation
         The network (smooth activations: gradients are what the prior constrains).
     epochs, batch_size, learning_rate
