@@ -152,6 +152,28 @@ def table(results, truth, crb, sel, title):
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def figure(results, truth, path, title):
+    """Fitted minus true labels against the true [Fe/H], one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(NAMES), figsize=(4.2 * len(NAMES), 3.6),
+                             constrained_layout=True)
+    for j, (ax, name) in enumerate(zip(axes, NAMES)):
+        for model, lab in results.items():
+            ax.plot(truth[:, 2], lab[:, j] - truth[:, j], ".", ms=3, alpha=0.7, label=model)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("true FE_H")
+        ax.set_ylabel(f"fitted - true {name}")
+    axes[0].legend(fontsize=7, markerscale=2)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"figure: {path}")
+
+
 def main(argv=None):
     """Run the comparison."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -209,6 +231,10 @@ def main(argv=None):
         table(res, truth[test][poor], crb[poor], np.ones(poor.sum(), bool),
               "Extrapolation: trained on catalogue [Fe/H] > -1, test stars with true [Fe/H] < -1")
         table(res, truth[test][poor], crb[poor], snr[poor] >= 50, "  the same at S/N >= 50")
+        if args.out:
+            figure(res, truth[test][poor], os.path.join(
+                args.out, f"extrapolation_{args.instrument}{args.suffix}.png"),
+                f"{args.instrument}-like: trained on catalogue [Fe/H] > -1, stars below")
     print(f"\n(load at the end {os.getloadavg()[0]:.1f})")
 
 
