@@ -47,7 +47,7 @@ import numpy as np
 
 from .._util import atomic_path
 from .._util import progress as _progress
-from .emulator import PayneEmulator, _build_mlp, held_out_s2
+from .emulator import ACTIVATIONS, PayneEmulator, _build_mlp, held_out_s2
 
 __all__ = ["GradientTemplate", "DataDrivenPayne", "train_dd_payne"]
 
@@ -339,6 +339,8 @@ def train_dd_payne(flux, ivar, labels, label_names, template=None, *, strength=1
 
     from ._common import prepare_spectra, resolve_device, seeded
 
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     filled, good = prepare_spectra(flux, ivar)
     n, n_pix = filled.shape
     ivar = np.where(good, np.asarray(ivar, np.float64), 0.0)
