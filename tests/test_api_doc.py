@@ -27,7 +27,7 @@ from cannon_fast.lab.transfer import transfer_labels
 from cannon_fast.apogee import catalog
 from cannon_fast.core import broadening, information
 from cannon_fast.nn import NNResult, PayneEmulator, SpectrumRegressor, ab_initio, train_emulator
-from cannon_fast.nn import transformer
+from cannon_fast.nn import dd_payne, transformer
 from cannon_fast.nn.distance import DistanceNetwork
 from cannon_fast.store import SpectraStore
 
@@ -113,6 +113,15 @@ DOCUMENTED = {
     "PayneEmulator.read": (PayneEmulator.read, None),
     "train_transformer": (transformer.train_transformer, None),
     "tp.predict": (transformer.TransformerPayne.predict, None),
+    "GradientTemplate.from_model": (dd_payne.GradientTemplate.from_model, None),
+    "GradientTemplate": (dd_payne.GradientTemplate, None),
+    "tpl.masked": (dd_payne.GradientTemplate.masked, None),
+    "tpl.write": (dd_payne.GradientTemplate.write, None),
+    "GradientTemplate.read": (dd_payne.GradientTemplate.read, None),
+    "train_dd_payne": (dd_payne.train_dd_payne, None),
+    "dd.gradient_spectra": (dd_payne.DataDrivenPayne.gradient_spectra, None),
+    "dd.gradient_mismatch": (dd_payne.DataDrivenPayne.gradient_mismatch, None),
+    "DataDrivenPayne.read": (dd_payne.DataDrivenPayne.read, None),
 }
 #: Calls in the code blocks that document nothing of this package.
 NOT_API = {"print"}

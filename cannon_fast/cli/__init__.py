@@ -14,7 +14,8 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # one module per workflow step, in the order ``--help`` lists them
-_COMMAND_MODULES = ("data", "core", "lab", "science", "nn", "instruments", "survey")
+_COMMAND_MODULES = ("data", "core", "lab", "science", "nn", "payne", "instruments",
+                    "survey")
 
 
 def build_parser():

@@ -282,6 +282,8 @@ def _fit(args):
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
     model_path, inputs = model_and_inputs(args)
+    if is_emulator_file(model_path):
+        return _fit_emulator(args, model_path, inputs)
     model = CannonModel.read(model_path, backend=args.backend)
     if _is_prepared(inputs) and any(v is not None for v in (args.continuum, args.degree,
                                                             args.bad_bits)):
@@ -313,4 +315,51 @@ def _fit(args):
     n = len(result)
     print(f"fitted {n} spectra in {dt:.2f} s ({n / max(dt, 1e-9):.0f} stars/s); "
           f"{int((~result.ok).sum())} flagged as unusable; wrote {args.out}")
+    return 0
+
+
+def is_emulator_file(path):
+    """True for a Payne emulator .npz (of any kind), read without pickle."""
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            return "format" in data.files and str(data["format"]) == "cannon_fast.PayneEmulator"
+    except (OSError, ValueError):
+        return False
+
+
+def _fit_emulator(args, model_path, inputs):
+    """``fit --model EMULATOR.npz``: a Payne (or Data-Driven Payne) on prepared spectra."""
+    from ..nn.emulator import PayneEmulator
+    cannon_only = [flag for flag, on in (("--no-debias", args.no_debias),
+                                         ("--broadening", args.broadening),
+                                         ("--refine-continuum", args.refine_continuum),
+                                         ("--continuum", args.continuum is not None))
+                   if on]
+    if cannon_only:
+        raise ValueError(f"{', '.join(cannon_only)} apply to Cannon models; {model_path} is a "
+                         "Payne emulator")
+    if len(inputs) != 1 or not _is_prepared(inputs):
+        raise ValueError(f"an emulator fits prepared spectra (one .npz with flux, ivar or a "
+                         f"SpectraStore), got {inputs}")
+    data = read_spectra_file(inputs[0])
+    model = PayneEmulator.read(model_path, grid=data["grid"])
+    flux, ivar, ids = data["flux"], data["ivar"], data["ids"]
+    rows = _rows(args.rows, len(flux), inputs[0])
+    t0 = time.perf_counter()
+    if args.method == "fast":
+        from ..nn.fast_fit import fit_emulator
+        result = fit_emulator(model, np.asarray(flux[rows]), np.asarray(ivar[rows]),
+                              progress_bar=not args.quiet or None)
+    else:
+        from ..core.fitting import fit_spectra
+        result = fit_spectra(model, np.asarray(flux[rows]), np.asarray(ivar[rows]))
+    dt = time.perf_counter() - t0
+    table = result.to_table(ids=None if ids is None else np.asarray(ids)[rows])
+    table.meta["MODEL"] = os.path.basename(model_path)
+    from .._util import atomic_path
+    with atomic_path(args.out) as tmp:
+        table.write(tmp, format="fits")
+    n = len(result)
+    print(f"fitted {n} spectra with the emulator in {dt:.2f} s ({n / max(dt, 1e-9):.0f} "
+          f"stars/s); {int((~result.ok).sum())} flagged as unusable; wrote {args.out}")
     return 0

@@ -289,6 +289,7 @@ class PayneEmulator:
             arrays.update({f"grid_{k}": v for k, v in grid_arrays.items()})
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             arrays[f"W{k}"], arrays[f"b{k}"] = w, b
+        arrays.update(self._extra_arrays())
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)  # a file object: savez would append ".npz" to a name
 
@@ -342,8 +343,16 @@ class PayneEmulator:
                       activation=(str(data["activation"]) if "activation" in data.files
                                   else "leaky_relu"),
                       grid=own_grid)
+            emu._read_extra(data, path)
         emu.check_grid(grid, what=f"the spectra to use {path} with")
         return emu
+
+    # a subclass keeps what it adds (e.g. how it was trained) in the same file
+    def _extra_arrays(self):
+        return {}
+
+    def _read_extra(self, data, path):
+        pass
 
 
 def _build_mlp(n_labels, hidden, n_pixels, negative_slope, weights=None, biases=None,
@@ -367,6 +376,15 @@ def _build_mlp(n_labels, hidden, n_pixels, negative_slope, weights=None, biases=
                 m.weight.copy_(torch.as_tensor(w))
                 m.bias.copy_(torch.as_tensor(b))
     return net
+
+
+def held_out_s2(emu, flux, ivar, good, labels):
+    """Per-pixel model variance: the held-out stars' residual variance beyond their noise."""
+    resid = emu.predict(labels) - flux
+    with np.errstate(divide="ignore", invalid="ignore"):
+        excess = np.where(good, resid ** 2 - 1.0 / np.where(good, ivar, 1.0), 0.0)
+        cnt = good.sum(axis=0)
+        return np.where(cnt > 0, np.clip(excess.sum(axis=0) / np.maximum(cnt, 1), 0, None), 0.0)
 
 
 def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negative_slope=0.01,
@@ -514,13 +532,7 @@ def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negati
     emu = PayneEmulator.from_torch(net.cpu(), label_names, x_min, x_max,
                                    training_labels=labels[tr], grid=grid,
                                    extrapolate=extrapolate)
-    # s2: residual variance beyond the noise on the held-out stars
-    resid = emu.predict(labels[va]) - filled[va]
-    gv = good[va]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        excess = np.where(gv, resid ** 2 - 1.0 / np.where(gv, ivar[va], 1.0), 0.0)
-        cnt = gv.sum(axis=0)
-        emu.s2 = np.where(cnt > 0, np.clip(excess.sum(axis=0) / np.maximum(cnt, 1), 0, None), 0.0)
+    emu.s2 = held_out_s2(emu, filled[va], ivar[va], good[va], labels[va])
     emu.pixel_flags = (good[tr].sum(axis=0) == 0).astype(np.uint8)
     hist.update(best_epoch=best_epoch, train_time=time.perf_counter() - t0,
                     train_cpu_time=time.process_time() - c0,

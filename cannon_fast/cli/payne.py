@@ -1,0 +1,179 @@
+"""``information``, ``gradient-template`` and ``dd-payne-train``: the Payne family's commands.
+
+Fitting with an emulator file goes through ``cannon-fast fit --model EMULATOR.npz``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["register", "read_forward_model"]
+
+
+def register(subparsers, parent):
+    """Add ``information``, ``gradient-template`` and ``dd-payne-train``."""
+    p = subparsers.add_parser(
+        "information", parents=[parent],
+        help="Cramér–Rao bound of each label of a model at a star and S/N",
+        description="The best precision any unbiased fit can reach with a model (a Cannon "
+                    "model file or a Payne emulator .npz) for one star at the given continuum "
+                    "S/N per pixel, and which pixels carry each label (figure with --out).")
+    p.add_argument("--model", required=True, help="Cannon model file or Payne emulator .npz")
+    p.add_argument("--star", nargs="+", type=float, required=True, metavar="VALUE",
+                   help="the star's labels, in the model's label order")
+    p.add_argument("--snr", nargs="+", type=float, default=[50.0, 100.0],
+                   help="continuum S/N per pixel (default: 50 100)")
+    p.add_argument("--ideal", action="store_true",
+                   help="leave out the model's own variance s2 (a perfect model's bound)")
+    p.add_argument("--out", default=None,
+                   help="figure of each pixel's share of each label's variance, at the first S/N")
+    p.add_argument("--force", action="store_true", help="overwrite an existing figure")
+    p.set_defaults(func=_information)
+
+    t = subparsers.add_parser(
+        "gradient-template", parents=[parent],
+        help="gradient spectra of a model at a label design (for dd-payne-train)",
+        description="Differentiate a forward model file (e.g. The Payne trained on ab initio "
+                    "spectra, or a Cannon model) at a Sobol design of label sets in a box: the "
+                    "gradient template the Data-Driven Payne's prior ties its gradients to.")
+    t.add_argument("--model", required=True, help="Payne emulator .npz or Cannon model file")
+    t.add_argument("--out", required=True, help="template .npz to write")
+    t.add_argument("--n", type=int, default=512, help="label sets (default: 512)")
+    t.add_argument("--box", nargs="+", default=None, metavar="NAME=LO:HI",
+                   help="the design's range of some labels (default: the model's box)")
+    t.add_argument("--force", action="store_true", help="overwrite an existing template")
+    t.set_defaults(func=_template)
+
+    d = subparsers.add_parser(
+        "dd-payne-train", parents=[parent],
+        help="train the Data-Driven Payne (gradient prior from a template)",
+        description="Train The Payne's MLP on labelled normalized spectra (an .npz with flux, "
+                    "ivar, labels, label_names, or a SpectraStore) with its gradient spectra "
+                    "tied to a gradient template's (Xiang et al. 2019). Fit with it through "
+                    "`cannon-fast fit --model OUT`.")
+    d.add_argument("input", help=".npz or SpectraStore directory of normalized spectra")
+    d.add_argument("--template", required=True, help="gradient template .npz "
+                                                     "(cannon-fast gradient-template)")
+    d.add_argument("--out", required=True, help="network .npz to write")
+    d.add_argument("--labels", nargs="+", default=None, help="train on these labels only")
+    d.add_argument("--strength", type=float, default=100.0,
+                   help="weight of the gradient prior (0: none; default 100; lower it for a "
+                        "template less like the data)")
+    d.add_argument("--hidden", nargs="+", type=int, default=[300, 300])
+    d.add_argument("--epochs", type=int, default=100)
+    d.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one cycle)")
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    d.add_argument("--force", action="store_true", help="overwrite an existing network")
+    d.set_defaults(func=_dd_train)
+
+
+def read_forward_model(path, backend="auto"):
+    """A Payne emulator (.npz, needs torch installed) or a Cannon model file."""
+    from .core import is_emulator_file
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model file")
+    if is_emulator_file(path):
+        from ..nn.emulator import PayneEmulator
+
+        return PayneEmulator.read(path)
+    from ..core.model import CannonModel
+
+    return CannonModel.read(path, backend=backend)
+
+
+def _refuse(path, force):
+    if path and os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
+def _information(args):
+    from ..core.information import information_content
+
+    _refuse(args.out, args.force)
+    model = read_forward_model(args.model, backend=args.backend)
+    names = list(model.label_names)
+    if len(args.star) != len(names):
+        raise ValueError(f"--star has {len(args.star)} values; {args.model} has the labels "
+                         f"{', '.join(names)}")
+    s2 = 0.0 if args.ideal else None
+    infos = [information_content(model, args.star, snr=s, s2=s2) for s in args.snr]
+    print(f"Cramér–Rao bounds at {', '.join(f'{n}={v:g}' for n, v in zip(names, args.star))}"
+          f" ({'perfect model' if args.ideal else 'with the model variance s2'}):")
+    print("S/N  " + "  ".join(f"{n:>10s}" for n in names))
+    for s, info in zip(args.snr, infos):
+        print(f"{s:<5g}" + "  ".join(f"{v:10.4g}" for v in info.crb))
+    if args.out:
+        from ..lab.plots.information import pixel_share_figure
+
+        grid = getattr(model, "grid", None)
+        wave = grid.wavelength if grid is not None else np.arange(infos[0].share.shape[0])
+        pixel_share_figure(wave, infos[0], path=args.out, flux=model.predict(
+            np.asarray(args.star, float)[None])[0],
+            title=f"{os.path.basename(args.model)}, S/N {args.snr[0]:g}: each pixel's share "
+                  "of each label's variance")
+        print(f"figure: {args.out}")
+    return 0
+
+
+def _parse_box(items, names, default):
+    box = np.array(default, dtype=float)
+    for item in items or ():
+        name, eq, rng = item.partition("=")
+        lo, colon, hi = rng.partition(":")
+        if not eq or not colon or name not in names:
+            raise ValueError(f"--box {item!r}: expected NAME=LO:HI with NAME one of "
+                             f"{', '.join(names)}")
+        box[names.index(name)] = float(lo), float(hi)
+    return box
+
+
+def _template(args):
+    from ..nn.ab_initio import label_design
+    from ..nn.dd_payne import GradientTemplate
+
+    _refuse(args.out, args.force)
+    model = read_forward_model(args.model, backend=args.backend)
+    names = list(model.label_names)
+    default = (np.column_stack([model.x_min, model.x_max]) if hasattr(model, "x_min")
+               else model.label_bounds)
+    box = _parse_box(args.box, names, default)
+    labels = label_design(box, args.n, seed=args.seed)
+    tpl = GradientTemplate.from_model(model, labels, source=os.path.basename(args.model))
+    tpl.write(args.out)
+    print(f"gradient template: {tpl.n_points} label sets x {tpl.n_pixels} pixels x "
+          f"{', '.join(names)}; wrote {args.out}")
+    return 0
+
+
+def _dd_train(args):
+    from ..nn.dd_payne import GradientTemplate, train_dd_payne
+    from .core import read_spectra_file
+
+    _refuse(args.out, args.force)
+    data = read_spectra_file(args.input, need_labels=True)
+    flux, ivar, labels, names = (data["flux"], data["ivar"], data["labels"],
+                                 list(data["label_names"] or []))
+    if labels is None or not names:
+        raise ValueError(f"{args.input} has no labels to train on")
+    if args.labels:
+        unknown = [n for n in args.labels if n not in names]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}; {args.input} has {names}")
+        labels = np.asarray(labels)[:, [names.index(n) for n in args.labels]]
+        names = list(args.labels)
+    template = GradientTemplate.read(args.template, grid=data["grid"])
+    net = train_dd_payne(flux, ivar, labels, names, template, strength=args.strength,
+                         grid=data["grid"],
+                         hidden=tuple(args.hidden), epochs=args.epochs,
+                         learning_rate=args.lr, seed=args.seed, device=args.device,
+                         progress=not args.quiet or None)
+    net.write(args.out)
+    h = net.history
+    print(f"Data-Driven Payne: {net.n_labels} labels -> {net.n_pixels} pixels, "
+          f"{net.prior['n_train']} training spectra, validation chi2/pixel "
+          f"{h['val_chi2'][h['best_epoch']]:.3g}, gradient mismatch to the template "
+          + ", ".join(f"{n} {m:.2f}" for n, m in zip(names, net.gradient_mismatch(template)))
+          + f"; wrote {args.out}")
+    return 0
