@@ -256,24 +256,25 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
 
 PyDoc_STRVAR(star_weights_doc,
 "star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out, "
-"moments_out)\n--\n\n"
+"moments_out, bad_out)\n--\n\n"
 "Weights (float32), ``w (f - theta0)``, its chi2, good-pixel counts and weight moments\n"
-"per star: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``.\n\n"
+"per star, and the values the input check refuses:\n"
+"``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``.\n\n"
 "flux, ivar (N, P) float64; s2 (P,) float64; good_pix (P,) bool; theta0, t_pix (P,) float64\n"
 "-> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
-"moments_out (N, 3) float64.");
+"moments_out (N, 3) float64, bad_out (N,) int64.");
 
 static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"flux", "ivar", "s2", "good_pix", "theta0", "t_pix", "w_out",
-                             "wr_out", "c_out", "npix_out", "moments_out", NULL};
+                             "wr_out", "c_out", "npix_out", "moments_out", "bad_out", NULL};
     static const char *fn = "star_weights";
-    PyObject *o[11];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOO:star_weights", kwlist, &o[0],
+    PyObject *o[12];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOOO:star_weights", kwlist, &o[0],
                                      &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                                     &o[9], &o[10]))
+                                     &o[9], &o[10], &o[11]))
         return NULL;
-    PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom;
+    PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom, *bad;
     if (!(flux = as_array(o[0], fn, "flux", F64, 2, IN))) return NULL;
     if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
     if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
@@ -285,6 +286,7 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
     if (!(c = as_array(o[8], fn, "c_out", F64, 1, OUT))) return NULL;
     if (!(np_ = as_array(o[9], fn, "npix_out", I64, 1, OUT))) return NULL;
     if (!(mom = as_array(o[10], fn, "moments_out", F64, 2, OUT))) return NULL;
+    if (!(bad = as_array(o[11], fn, "bad_out", I64, 1, OUT))) return NULL;
     npy_intp n_stars = PyArray_DIM(flux, 0), n_pix = PyArray_DIM(flux, 1);
     if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
         check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
@@ -299,7 +301,8 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
         check_dim(c, 0, n_stars, fn, "c_out", "(N,)", "N") ||
         check_dim(np_, 0, n_stars, fn, "npix_out", "(N,)", "N") ||
         check_dim(mom, 0, n_stars, fn, "moments_out", "(N, 3)", "N") ||
-        check_dim(mom, 1, 3, fn, "moments_out", "(N, 3)", "the second axis"))
+        check_dim(mom, 1, 3, fn, "moments_out", "(N, 3)", "the second axis") ||
+        check_dim(bad, 0, n_stars, fn, "bad_out", "(N,)", "N"))
         return NULL;
     int code;
     Py_BEGIN_ALLOW_THREADS
@@ -309,7 +312,7 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
                            (const double *)PyArray_DATA(th0), (const double *)PyArray_DATA(tp),
                            (float *)PyArray_DATA(w), (double *)PyArray_DATA(wr),
                            (double *)PyArray_DATA(c), (int64_t *)PyArray_DATA(np_),
-                           (double *)PyArray_DATA(mom));
+                           (double *)PyArray_DATA(mom), (int64_t *)PyArray_DATA(bad));
     Py_END_ALLOW_THREADS
     return finish(code, fn);
 }

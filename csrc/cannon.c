@@ -771,7 +771,7 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
                     const double *s2, const uint8_t *good_pix, const double *theta0,
                     const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out)
+                    int64_t *npix_out, double *moments_out, int64_t *bad_out)
 {
     if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
     const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
@@ -784,9 +784,12 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         float *wo = w_out + i * n_pix;
         double *wro = wr_out + i * n_pix;
         double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0;
-        int64_t cnt = 0;
+        int64_t cnt = 0, bad = 0;
         for (ptrdiff_t p = 0; p < n_pix; p++) {
             double x = iv[p];
+            /* the input check rides along (the pass is bound by memory, not by these
+               compares): ivar NaN, inf or negative, or flux NaN/inf where ivar > 0 */
+            bad += !(x >= 0.0 && x < INFINITY) | (x > 0.0 && !(fabs(f[p]) < INFINITY));
             if (x > 0 && good_pix[p]) {
                 double w = 1.0 / (1.0 / x + s2[p]);
                 double r = f[p] - theta0[p];
@@ -804,6 +807,7 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         }
         c_out[i] = acc;
         npix_out[i] = cnt;
+        bad_out[i] = bad;
         moments_out[3 * i] = m0;
         moments_out[3 * i + 1] = m1;
         moments_out[3 * i + 2] = m2;

@@ -158,7 +158,7 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
 /**
  * Fit weights, weighted residuals from the constant term, their chi2,
  * good-pixel counts and weight moments per star, in one pass over the spectra.
- * Contract: (p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3) over stars.
+ * Contract: (p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),() over stars.
  *
  * @param n_stars N: number of stars.
  * @param n_pix P: number of pixels.
@@ -173,12 +173,14 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
  * @param c_out (N,): sum_p w (f - theta0)^2.
  * @param npix_out (N,): number of usable pixels.
  * @param moments_out (N, 3): sum w, sum w t and sum w^2 t.
+ * @param bad_out (N,): values check_spectra refuses (ivar NaN, inf or < 0; flux NaN or
+ *        inf where ivar > 0), over all pixels, good or not.
  * @return CF_OK.
  */
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
                     const double *s2, const uint8_t *good_pix, const double *theta0,
                     const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out);
+                    int64_t *npix_out, double *moments_out, int64_t *bad_out);
 
 /**
  * Fit and divide out a per-chip weighted least-squares pseudo-continuum, per star.

@@ -69,7 +69,7 @@ def _design(k, x, exponents):
 def _weights(k, flux, ivar, s2, good, theta0, t_pix):
     n, p = flux.shape
     out = (np.full((n, p), np.nan, np.float32), np.full((n, p), np.nan), np.full(n, np.nan),
-           np.full(n, -1, np.int64), np.full((n, 3), np.nan))
+           np.full(n, -1, np.int64), np.full((n, 3), np.nan), np.full(n, -1, np.int64))
     k.star_weights(flux, ivar, s2, good, theta0, t_pix, *out)
     return out
 
@@ -424,7 +424,8 @@ def test_design_by_hand(backend):
 def test_star_weights_match_reference(fast_backend, weights_problem):
     out = _weights(kernels(fast_backend), *weights_problem)
     out_r = _weights(ref, *weights_problem)
-    w, wr, c, npix, mom = out
+    w, wr, c, npix, mom, bad = out
+    assert_array_equal(bad, out_r[5])
     assert w.dtype == np.float32
     assert_array_equal(w, out_r[0])  # the same float64 formula, rounded once to float32
     assert_allclose(wr, out_r[1], rtol=1e-14, atol=0)
@@ -442,12 +443,26 @@ def test_star_weights_by_hand(backend):
     flux, ivar = np.array([[1.5, 9.0, 1.5]]), np.array([[4.0, 0.0, 4.0]])
     s2, good = np.array([0.25, 0.0, 0.25]), np.array([True, True, False])
     theta0, t_pix = np.ones(3), np.array([3.0, 1.0, 1.0])
-    w, wr, c, npix, mom = _weights(kernels(backend), flux, ivar, s2, good, theta0, t_pix)
+    w, wr, c, npix, mom, bad = _weights(kernels(backend), flux, ivar, s2, good, theta0, t_pix)
+    assert_array_equal(bad, [0])
     assert_array_equal(w, [[2, 0, 0]])
     assert_array_equal(wr, [[1, 0, 0]])
     assert_array_equal(c, [0.5])
     assert_array_equal(npix, [1])
     assert_array_equal(mom, [[2, 6, 12]])
+
+
+def test_star_weights_count_bad_values(backend):
+    # what check_spectra refuses, on any pixel (good or not): ivar NaN, inf or < 0, and
+    # flux NaN or inf where ivar > 0; NaN flux where ivar = 0 is a masked pixel
+    nan, inf = np.nan, np.inf
+    flux = np.array([[1.0, nan, 1.0, 1.0], [nan, 1.0, inf, 1.0], [1.0, 1.0, 1.0, 1.0],
+                     [1.0, 1.0, 1.0, -inf]])
+    ivar = np.array([[1.0, 0.0, 1.0, 1.0], [1.0, nan, 1.0, -1.0], [inf, 1.0, -inf, 1.0],
+                     [0.0, 0.0, 0.0, 2.0]])
+    good = np.array([True, True, True, False])
+    out = _weights(kernels(backend), flux, ivar, np.zeros(4), good, np.ones(4), np.ones(4))
+    assert_array_equal(out[5], [0, 4, 2, 1])
 
 
 # ------------------------------------------------------------------ lm_fit
@@ -693,7 +708,7 @@ def _c_ok_args():
         "star_weights": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
                          np.ones(4), np.ones(4), np.empty((n, 4), np.float32),
                          np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
-                         np.empty((n, 3))],
+                         np.empty((n, 3)), np.empty(n, np.int64)],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
                                 np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
@@ -729,6 +744,7 @@ def test_c_valid_arguments_run(name):
     ("star_weights", 3, np.ones(4), TypeError, "good_pix must have dtype bool"),
     ("star_weights", 6, np.empty((3, 4)), TypeError, "w_out must have dtype float32"),
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
+    ("star_weights", 11, np.empty(2, np.int64), ValueError, "bad_out has shape"),
     ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
     ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,

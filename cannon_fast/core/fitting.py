@@ -300,7 +300,12 @@ class FitResult:
         return cls(label_names=parts[0].label_names, debiased=parts[0].debiased, **fields)
 
 
-def _check_fit_input(flux, ivar, n_pixels):
+def _check_fit_input(flux, ivar, n_pixels, check_values=True):
+    """Float64 (N, P) spectra on the model's grid; their values checked unless told not to.
+
+    ``check_values=False``: the caller checks them itself (``fit_cannon``'s weights
+    kernel counts the values ``check_spectra`` refuses in the pass it makes anyway).
+    """
     flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
     ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
     if flux.shape != ivar.shape:
@@ -308,7 +313,8 @@ def _check_fit_input(flux, ivar, n_pixels):
     if n_pixels is not None and flux.shape[1] != n_pixels:
         raise ValueError(f"the spectra have {flux.shape[1]} pixels but the model has {n_pixels}: "
                          "they must be on the model's pixel grid")
-    check_spectra(flux, ivar)
+    if check_values:
+        check_spectra(flux, ivar)
     return flux, ivar
 
 
@@ -397,7 +403,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     """
     model._require_trained()
     _check_broadening(debias, broadening)
-    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
+    # the values are checked by the weights kernel, in its pass over the spectra
+    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels, check_values=False)
     backend = resolve_backend(backend or model.backend)
     settings = _FitSettings(debias=debias, exact_debias=exact_debias, n_starts=n_starts,
                             n_polish=n_polish, batch_size=batch_size, max_iter=max_iter,
@@ -406,7 +413,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     result = _fit_once(model, flux, ivar, settings)
     if refine_continuum:
         flux, ivar = _refine_continuum(model, flux, ivar, result, batch_size, backend)
-        result = _fit_once(model, flux, ivar, settings)
+        result = _fit_once(model, flux, ivar, settings, check_values=False)
     return result
 
 
@@ -445,16 +452,20 @@ def _refine_continuum(model, flux, ivar, result, batch_size, backend):
     return refined_flux, refined_ivar
 
 
-def _fit_once(model, flux, ivar, settings):
-    """One batched fit of checked spectra (and the broadening fit from it when asked)."""
-    result = _fit_batches(model, flux, ivar, settings)
+def _fit_once(model, flux, ivar, settings, check_values=True):
+    """One batched fit of spectra (and the broadening fit from it when asked).
+
+    ``check_values``: refuse the values ``check_spectra`` refuses (the caller has not
+    checked them); not for spectra this module made itself (the refined continuum's).
+    """
+    result = _fit_batches(model, flux, ivar, settings, check_values)
     if settings.broadening:
         return fit_broadened(model, flux, ivar, start=result,
                              progress_bar=settings.progress_bar)
     return _mark_label_flags(model, result)
 
 
-def _fit_batches(model, flux, ivar, settings):
+def _fit_batches(model, flux, ivar, settings, check_values=True):
     """The fast batched fit (the body of ``fit_cannon``), before ``_mark_label_flags``."""
     (debias, exact_debias, n_starts, n_polish, batch_size, max_iter, xtol, disagree_dchi2,
      backend, progress_bar) = (settings.debias, settings.exact_debias, settings.n_starts,
@@ -484,8 +495,11 @@ def _fit_batches(model, flux, ivar, settings):
         n = sl.stop - sl.start
         w, wr = w_buf[:n], wr_buf[:n]
         c, n_pix, mom = np.empty(n), np.empty(n, dtype=np.int64), np.empty((n, 3))
+        bad = np.empty(n, dtype=np.int64)
         k.star_weights(flux[sl], ivar[sl], model.s2, pre["good_pix"], pre["theta0"],
-                       pre["t_pix"], w, wr, c, n_pix, mom)
+                       pre["t_pix"], w, wr, c, n_pix, mom, bad)
+        if check_values and bad.any():
+            _refuse_values(flux, ivar, sl)
         # chi²(x) = c - 2 h.v + v^T G v with r = f - theta_0 (the constant term's row of
         # G and entry of h are zero); G in float32 costs half, and its rounding moves
         # the labels by ~1e-6 of their errors.
@@ -563,6 +577,16 @@ def _fit_batches(model, flux, ivar, settings):
         bar.update(n)
     bar.close()
     return FitResult.concatenate(parts)
+
+
+def _refuse_values(flux, ivar, rows):
+    """Raise ``check_spectra``'s error: the weights kernel found bad values in ``rows``.
+
+    The spectra before ``rows`` are checked too (they passed), so the message's
+    star numbers count from the first spectrum of the input.
+    """
+    check_spectra(flux[:rows.stop], ivar[:rows.stop])
+    raise RuntimeError("the weights kernel counted values that check_spectra accepts")
 
 
 def fitted_spectra(model, result, rows=slice(None)):

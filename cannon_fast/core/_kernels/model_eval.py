@@ -248,20 +248,25 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 
 @nb.njit(**JIT_PARALLEL)
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
-                 moments_out):
-    """Weights (float32), ``w (f - theta0)``, chi², good pixels and weight moments per star.
+                 moments_out, bad_out):
+    """Weights (float32), ``w (f - theta0)``, chi², good pixels and weight moments per star,
+    and the values the input check refuses.
 
-    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``
+    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``
     """
     n_stars, n_pix = flux.shape
     for i in nb.prange(n_stars):
         acc = 0.0
         cnt = 0
+        bad = 0
         m0 = 0.0
         m1 = 0.0
         m2 = 0.0
         for p in range(n_pix):
             iv = ivar[i, p]
+            # the input check rides along with the pass (see _reference.star_weights)
+            if not (iv >= 0.0 and iv < np.inf) or (iv > 0.0 and not abs(flux[i, p]) < np.inf):
+                bad += 1
             if iv > 0 and good_pix[p]:
                 w = 1.0 / (1.0 / iv + s2[p])
                 r = flux[i, p] - theta0[p]
@@ -277,6 +282,7 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
                 wr_out[i, p] = 0.0
         c_out[i] = acc
         npix_out[i] = cnt
+        bad_out[i] = bad
         moments_out[i, 0] = m0
         moments_out[i, 1] = m1
         moments_out[i, 2] = m2

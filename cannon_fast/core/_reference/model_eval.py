@@ -144,10 +144,10 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 
 
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
-                 moments_out):
+                 moments_out, bad_out):
     """Fit weights, weighted residuals from the constant term, their chi², good-pixel counts.
 
-    Contract: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)`` over stars.
+    Contract: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()`` over stars.
 
     Working with ``r = f - theta_0`` (the model's constant term) removes the
     large, cancelling constant-term parts of ``c``, ``h`` and ``G``; what is
@@ -171,18 +171,26 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     npix_out : ndarray of int64, (N,)
     moments_out : ndarray, (N, 3)
         ``sum w``, ``sum w t`` and ``sum w² t`` over pixels.
+    bad_out : ndarray of int64, (N,)
+        How many values ``check_spectra`` refuses (ivar NaN, inf or negative; flux
+        NaN or inf where ivar > 0), over all pixels: the fit checks its input in this
+        pass instead of three more over the whole survey, and asks ``check_spectra``
+        for the message only when a count is not 0.
     """
     valid = (ivar > 0) & good_pix[None, :]
-    with np.errstate(divide="ignore"):
+    # bad values (counted in bad_out, refused by the caller) may make NaN here: no warnings
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         w = np.where(valid, 1.0 / (1.0 / np.where(valid, ivar, 1.0) + s2[None, :]), 0.0)
-    r = np.where(valid, flux - theta0[None, :], 0.0)
-    w_out[...] = w
-    wr_out[...] = w * r
-    c_out[...] = np.sum(w * r * r, axis=1)
-    npix_out[...] = valid.sum(axis=1)
-    moments_out[:, 0] = w.sum(axis=1)
-    moments_out[:, 1] = w @ t_pix
-    moments_out[:, 2] = (w * w) @ t_pix
+        r = np.where(valid, flux - theta0[None, :], 0.0)
+        w_out[...] = w
+        wr_out[...] = w * r
+        c_out[...] = np.sum(w * r * r, axis=1)
+        npix_out[...] = valid.sum(axis=1)
+        moments_out[:, 0] = w.sum(axis=1)
+        moments_out[:, 1] = w @ t_pix
+        moments_out[:, 2] = (w * w) @ t_pix
+        bad = ~((ivar >= 0) & (ivar < np.inf)) | ((ivar > 0) & ~(np.abs(flux) < np.inf))
+    bad_out[...] = bad.sum(axis=1)
 
 
 def design(x, exponents, v_out, dv_out):
