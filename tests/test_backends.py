@@ -453,6 +453,7 @@ def test_star_weights_by_hand(backend):
 
 
 def test_star_weights_count_bad_values(backend):
+    """The values check_spectra refuses, counted per star in the weights pass."""
     # what check_spectra refuses, on any pixel (good or not): ivar NaN, inf or < 0, and
     # flux NaN or inf where ivar > 0; NaN flux where ivar = 0 is a masked pixel
     nan, inf = np.nan, np.inf

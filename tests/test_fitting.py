@@ -170,7 +170,8 @@ def test_bad_fit_input(setup):
     ivar = test.ivar.copy()
     ivar[33, 7:9] = -1.0
     for backend in available_backends():
-        with pytest.raises(ValueError, match=r"ivar has negative values at star 33 \(2 pixels, 7-8\)"):
+        with pytest.raises(ValueError,
+                           match=r"ivar has negative values at star 33 \(2 pixels, 7-8\)"):
             model.fit(test.flux, ivar, batch_size=8, backend=backend)
     with pytest.raises(ValueError, match="unknown method"):
         fit_spectra(model, test.flux, test.ivar, method="lbfgs")

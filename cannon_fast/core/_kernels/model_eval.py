@@ -249,8 +249,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 @nb.njit(**JIT_PARALLEL)
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
                  moments_out, bad_out):
-    """Weights (float32), ``w (f - theta0)``, chi², good pixels and weight moments per star,
-    and the values the input check refuses.
+    """Weights, ``w (f - theta0)``, chi², good pixels, moments and bad values per star.
 
     ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``
     """
