@@ -355,6 +355,38 @@ static PyObject *py_design(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ weighted_square_sum */
+
+PyDoc_STRVAR(weighted_square_sum_doc,
+"weighted_square_sum(w, m, out)\n--\n\n"
+"``sum_p w m**2`` per star, accumulated in float64: ``(p),(p)->()`` over stars.\n\n"
+"w (N, P) float32, m (N, P) float64 -> out (N,) float64.");
+
+static PyObject *py_weighted_square_sum(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"w", "m", "out", NULL};
+    static const char *fn = "weighted_square_sum";
+    PyObject *o[3];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:weighted_square_sum", kwlist, &o[0],
+                                     &o[1], &o[2]))
+        return NULL;
+    PyArrayObject *w, *m, *out;
+    if (!(w = as_array(o[0], fn, "w", F32, 2, IN))) return NULL;
+    if (!(m = as_array(o[1], fn, "m", F64, 2, IN))) return NULL;
+    if (!(out = as_array(o[2], fn, "out", F64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(w, 0), n_pix = PyArray_DIM(w, 1);
+    if (check_dim(m, 0, n_stars, fn, "m", "(N, P)", "N") ||
+        check_dim(m, 1, n_pix, fn, "m", "(N, P)", "P") ||
+        check_dim(out, 0, n_stars, fn, "out", "(N,)", "N"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_weighted_square_sum(n_stars, n_pix, (const float *)PyArray_DATA(w),
+                                  (const double *)PyArray_DATA(m), (double *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ continuum_normalize */
 
 PyDoc_STRVAR(continuum_normalize_doc,
@@ -491,6 +523,8 @@ static PyMethodDef methods[] = {
      star_weights_doc},
     {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
      design_doc},
+    {"weighted_square_sum", (PyCFunction)(void (*)(void))py_weighted_square_sum,
+     METH_VARARGS | METH_KEYWORDS, weighted_square_sum_doc},
     {"continuum_normalize", (PyCFunction)(void (*)(void))py_continuum_normalize,
      METH_VARARGS | METH_KEYWORDS, continuum_normalize_doc},
     {"max_threads", py_max_threads, METH_NOARGS, max_threads_doc},

@@ -815,6 +815,26 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
     return CF_OK;
 }
 
+/* ------------------------------------------------------------------ weighted sum of squares */
+
+int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, const double *m,
+                           double *out)
+{
+    if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    /* one pass over two (N, P) arrays, bound by memory bandwidth */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        const float *wi = w + i * n_pix;
+        const double *mi = m + i * n_pix;
+        double acc = 0.0;
+        for (ptrdiff_t p = 0; p < n_pix; p++) acc += (double)wi[p] * mi[p] * mi[p];
+        out[i] = acc;
+    }
+    return CF_OK;
+}
+
 /* ------------------------------------------------------------------ continuum */
 
 /* What every star shares: the chips as runs of consecutive pixels (one run per chip for

@@ -183,6 +183,20 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
                     int64_t *npix_out, double *moments_out, int64_t *bad_out);
 
 /**
+ * sum_p w m^2 per star (the chi^2 of a model at fitted labels, from its residuals).
+ * Contract: (p),(p)->() over stars.
+ *
+ * @param n_stars N: number of stars.
+ * @param n_pix P: number of pixels.
+ * @param w (N, P): float32 weights.
+ * @param m (N, P): values.
+ * @param out (N,): the sums, accumulated in float64.
+ * @return CF_OK.
+ */
+int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, const double *m,
+                           double *out);
+
+/**
  * Fit and divide out a per-chip weighted least-squares pseudo-continuum, per star.
  * Contract: (p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c) over stars; the semantics are
  * those of _reference.continuum.continuum_normalize. The fit is in double precision;

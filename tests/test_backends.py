@@ -24,7 +24,8 @@ from cannon_fast.core._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RT
 from cannon_fast.core.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
 
-KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design",
+KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights",
+           "weighted_square_sum", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -466,6 +467,18 @@ def test_star_weights_count_bad_values(backend):
     assert_array_equal(out[5], [0, 4, 2, 1])
 
 
+def test_weighted_square_sum_matches_reference(backend):
+    """sum_p w m² per star in float64, against the plain sum (float32 weights)."""
+    rng = np.random.default_rng(3)
+    w = rng.random((37, 301)).astype(np.float32)
+    w[5] = 0.0
+    m = rng.normal(size=(37, 301)) * 1e3
+    out = np.full(37, np.nan)
+    kernels(backend).weighted_square_sum(w, m, out)
+    assert_allclose(out, np.sum(w.astype(np.float64) * m * m, axis=1), rtol=1e-13)
+    assert out[5] == 0.0
+
+
 # ------------------------------------------------------------------ lm_fit
 
 def test_lm_fit_matches_reference(fast_backend, lm_problem):
@@ -711,6 +724,7 @@ def _c_ok_args():
                          np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
                          np.empty((n, 3)), np.empty(n, np.int64)],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
+        "weighted_square_sum": [np.ones((n, 4), np.float32), np.ones((n, 4)), np.empty(n)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
                                 np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
                                 np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
@@ -747,6 +761,8 @@ def test_c_valid_arguments_run(name):
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
     ("star_weights", 11, np.empty(2, np.int64), ValueError, "bad_out has shape"),
     ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
+    ("weighted_square_sum", 0, np.ones((3, 4)), TypeError, "w must have dtype float32"),
+    ("weighted_square_sum", 1, np.ones((3, 5)), ValueError, r"m has shape \(3, 5\)"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
     ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,
      "flux must have dtype float64 or float32"),

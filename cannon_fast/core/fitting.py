@@ -529,12 +529,12 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
         k.design(x, model.exponents, v, dv)
         g_full = vz.unpack_symmetric(g, n_terms)
-        # chi² from the residuals themselves (G, accumulated in float32, is not used here)
+        # chi² from the residuals themselves (G, accumulated in float32, is not used here):
+        # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
         m = np.matmul(v, pre["theta_rest"].T, out=m_buf[:n])  # model minus its constant term
-        chi2 = c - 2 * np.einsum("np,np->n", wr, m)
-        np.square(m, out=m)
-        np.multiply(m, w, out=m)
-        chi2 += m.sum(axis=1)
+        chi2 = np.empty(n)
+        k.weighted_square_sum(w, m, chi2)
+        chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
         dvt = np.swapaxes(dv, 1, 2)
         fisher = dvt @ g_full @ dv  # (n, L, L)
         if debias:

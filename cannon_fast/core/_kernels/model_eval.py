@@ -294,3 +294,14 @@ def design(x, exponents, v_out, dv_out):
     # threads still spin) cost 20x the work itself
     for i in range(x.shape[0]):
         label_vector_and_jacobian(x[i], exponents, v_out[i], dv_out[i])
+
+
+@nb.njit(**JIT_PARALLEL)
+def weighted_square_sum(w, m, out):
+    """``sum_p w m²`` per star, accumulated in float64: ``(p),(p)->()``."""
+    n_stars, n_pix = m.shape
+    for i in nb.prange(n_stars):
+        acc = 0.0
+        for p in range(n_pix):
+            acc += np.float64(w[i, p]) * m[i, p] * m[i, p]
+        out[i] = acc

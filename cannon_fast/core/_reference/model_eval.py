@@ -207,3 +207,19 @@ def design(x, exponents, v_out, dv_out):
     """
     v_out[...] = label_vector(x, exponents)
     dv_out[...] = label_vector_jacobian(x, exponents)
+
+
+def weighted_square_sum(w, m, out):
+    """``sum_p w m²`` per star, accumulated in float64.
+
+    Contract: ``(p),(p)->()`` over stars. The chi² of the fit at its labels is
+    ``c - 2 h.v + sum_p w m²`` with ``m`` the model minus its constant term: one
+    pass over ``w`` and ``m`` instead of four over (N, P) temporaries.
+
+    Parameters
+    ----------
+    w : ndarray of float32, (N, P)
+    m : ndarray, (N, P)
+    out : ndarray, (N,)
+    """
+    out[...] = np.einsum("np,np->n", w.astype(np.float64) * m, m)
