@@ -252,6 +252,68 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ debias_steps */
+
+PyDoc_STRVAR(debias_steps_doc,
+"debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout, "
+"hard_out)\n--\n\n"
+"Newton steps on chi2 - v^T B v from the plain minimum, for the stars whose eigenvalues of\n"
+"B against the Fisher matrix stay below cap (hard_out 1 and x unchanged elsewhere):\n"
+"``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()`` over stars.\n\n"
+"g_packed, b_packed (N, T(T+1)/2), h (N, T) float64; exponents (T, L) int64; lo, hi (L,)\n"
+"float64; cap float; n_steps int >= 0; xtol float -> x_inout (N, L) float64 (read and\n"
+"written), hard_out (N,) int64.");
+
+static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"g_packed", "h", "b_packed", "exponents", "lo", "hi", "cap",
+                             "n_steps", "xtol", "x_inout", "hard_out", NULL};
+    static const char *fn = "debias_steps";
+    PyObject *o[6], *q[2];
+    Py_ssize_t n_steps;
+    double cap, xtol;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOdndOO:debias_steps", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[5], &cap, &n_steps, &xtol,
+                                     &q[0], &q[1]))
+        return NULL;
+    PyArrayObject *g, *h, *b, *ex, *lo, *hi, *x, *hard;
+    if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
+    if (!(h = as_array(o[1], fn, "h", F64, 2, IN))) return NULL;
+    if (!(b = as_array(o[2], fn, "b_packed", F64, 2, IN))) return NULL;
+    if (!(ex = as_array(o[3], fn, "exponents", I64, 2, IN))) return NULL;
+    if (!(lo = as_array(o[4], fn, "lo", F64, 1, IN))) return NULL;
+    if (!(hi = as_array(o[5], fn, "hi", F64, 1, IN))) return NULL;
+    if (!(x = as_array(q[0], fn, "x_inout", F64, 2, OUT))) return NULL;
+    if (!(hard = as_array(q[1], fn, "hard_out", I64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(h, 0);
+    npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
+    npy_intp n2 = n_terms * (n_terms + 1) / 2;
+    if (check_dim(h, 1, n_terms, fn, "h", "(N, T)", "T") ||
+        check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(b, 0, n_stars, fn, "b_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(b, 1, n2, fn, "b_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(lo, 0, n_labels, fn, "lo", "(L,)", "L") ||
+        check_dim(hi, 0, n_labels, fn, "hi", "(L,)", "L") ||
+        check_dim(x, 0, n_stars, fn, "x_inout", "(N, L)", "N") ||
+        check_dim(x, 1, n_labels, fn, "x_inout", "(N, L)", "L") ||
+        check_dim(hard, 0, n_stars, fn, "hard_out", "(N,)", "N"))
+        return NULL;
+    if (n_steps < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: n_steps must be >= 0, got %zd", fn, n_steps);
+        return NULL;
+    }
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_debias_steps(n_stars, n_terms, n_labels, (const double *)PyArray_DATA(g),
+                           (const double *)PyArray_DATA(h), (const double *)PyArray_DATA(b),
+                           (const int64_t *)PyArray_DATA(ex), (const double *)PyArray_DATA(lo),
+                           (const double *)PyArray_DATA(hi), cap, n_steps, xtol,
+                           (double *)PyArray_DATA(x), (int64_t *)PyArray_DATA(hard));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ star_weights */
 
 PyDoc_STRVAR(star_weights_doc,
@@ -521,6 +583,8 @@ static PyMethodDef methods[] = {
      lm_fit_doc},
     {"star_weights", (PyCFunction)(void (*)(void))py_star_weights, METH_VARARGS | METH_KEYWORDS,
      star_weights_doc},
+    {"debias_steps", (PyCFunction)(void (*)(void))py_debias_steps, METH_VARARGS | METH_KEYWORDS,
+     debias_steps_doc},
     {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
      design_doc},
     {"weighted_square_sum", (PyCFunction)(void (*)(void))py_weighted_square_sum,

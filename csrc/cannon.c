@@ -766,6 +766,102 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
     return err;
 }
 
+/* ------------------------------------------------------------------ de-biasing steps */
+
+/* Whether a (n, n) is positive definite: every Cholesky pivot > 0, NaN not (the rule of
+ * fitting._batched_cholesky: a sign test of the eigenvalues, no relative tolerance). */
+static int positive_definite(const double *a, ptrdiff_t n, double *c)
+{
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double d = a[j * n + j];
+        for (ptrdiff_t k = 0; k < j; k++) d -= c[j * n + k] * c[j * n + k];
+        if (!(d > 0.0)) return 0;
+        double dj = sqrt(d);
+        c[j * n + j] = dj;
+        for (ptrdiff_t i = j + 1; i < n; i++) {
+            double t = a[i * n + j];
+            for (ptrdiff_t k = 0; k < j; k++) t -= c[i * n + k] * c[j * n + k];
+            c[i * n + j] = t / dj;
+        }
+    }
+    return 1;
+}
+
+int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                    const double *g_packed, const double *h, const double *b_packed,
+                    const int64_t *exponents, const double *lo, const double *hi, double cap,
+                    ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *hard_out)
+{
+    const ptrdiff_t nt = n_terms, nl = n_labels, n2 = nt * (nt + 1) / 2;
+    int err = CF_OK;
+    if (n_stars < 0 || nt < 0 || nl < 0 || n_steps < 0) return CF_ERR_ARG;
+    if (n_stars == 0) return CF_OK;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        /* g, b (T, T); zero, v, gv (T); dv, gdv (T, L); x, plain, push, step, r (L);
+           fisher, bmat, work, m (L, L) */
+        size_t n_dbl = (size_t)(2 * nt * nt + 3 * nt + 2 * nt * nl + 5 * nl + 4 * nl * nl + 1);
+        double *blk = (double *)calloc(n_dbl, sizeof(double));
+        if (!blk) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        double *g = blk, *b = g + nt * nt, *zero = b + nt * nt, *v = zero + nt, *gv = v + nt;
+        double *dv = gv + nt, *gdv = dv + nt * nl, *x = gdv + nt * nl, *plain = x + nl;
+        double *push = plain + nl, *step = push + nl, *r = step + nl, *fisher = r + nl;
+        double *bmat = fisher + nl * nl, *work = bmat + nl * nl, *m = work + nl * nl;
+        CF_OMP(omp for schedule(dynamic, 8))
+        for (ptrdiff_t i = 0; i < n_stars; i++) {
+            if (!blk) continue;
+            const double *gp = g_packed + i * n2, *bp = b_packed + i * n2;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t c = a; c < nt; c++, k++) {
+                    g[a * nt + c] = g[c * nt + a] = gp[k];
+                    b[a * nt + c] = b[c * nt + a] = bp[k];
+                }
+            }
+            memcpy(x, x_inout + i * nl, sizeof(double) * (size_t)nl);
+            double last = INFINITY;
+            int64_t hard = 0;
+            for (ptrdiff_t it = 0; it < n_steps; it++) {
+                cf_label_vector_and_jacobian(nt, nl, x, exponents, v, dv);
+                lm_grad_hess(g, h + i * nt, v, dv, nt, nl, gv, gdv, plain, fisher);
+                lm_grad_hess(b, zero, v, dv, nt, nl, gv, gdv, push, bmat);
+                for (ptrdiff_t q = 0; q < nl * nl; q++) work[q] = cap * fisher[q] - bmat[q];
+                if (!positive_definite(work, nl, m)) {
+                    hard = 1;
+                    break;
+                }
+                for (ptrdiff_t l = 0; l < nl; l++) push[l] -= plain[l];
+                for (ptrdiff_t q = 0; q < nl * nl; q++) work[q] = fisher[q] - bmat[q];
+                /* F - B_x = (1 - cap) F + (cap F - B_x) is positive definite here */
+                solve_small(work, push, step, nl, m, r);
+                double size = 0.0;
+                for (ptrdiff_t l = 0; l < nl; l++) {
+                    if (fabs(step[l]) > size) size = fabs(step[l]);
+                }
+                int go = size < last;
+                if (go) {
+                    for (ptrdiff_t l = 0; l < nl; l++) {
+                        double xn = x[l] + step[l];
+                        xn = xn > lo[l] ? xn : lo[l];
+                        x[l] = xn < hi[l] ? xn : hi[l];
+                    }
+                }
+                last = size;
+                if (!(go && size > xtol)) break;
+            }
+            hard_out[i] = hard;
+            if (!hard) memcpy(x_inout + i * nl, x, sizeof(double) * (size_t)nl);
+        }
+        free(blk);
+    }
+    return err;
+}
+
 /* ------------------------------------------------------------------ star weights */
 
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,

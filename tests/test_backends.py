@@ -25,7 +25,7 @@ from cannon_fast.core.backends import available_backends, kernels, resolve_backe
 from cannon_fast.testing import make_synthetic
 
 KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights",
-           "weighted_square_sum", "design",
+           "weighted_square_sum", "debias_steps", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -479,6 +479,50 @@ def test_weighted_square_sum_matches_reference(backend):
     assert out[5] == 0.0
 
 
+@pytest.fixture(scope="module")
+def debias_problem(lm_problem):
+    """lm_problem's plain fits, with B = sum_p w_p C_p of another coefficient noise, scaled."""
+    p = lm_problem
+    rng = np.random.default_rng(5)
+    n = len(p["c"])
+    noise = rng.normal(scale=0.01, size=(300, len(p["exponents"])))
+    w = rng.uniform(1e3, 1e4, size=(n, 300))
+    b = (w @ vz.packed_outer(noise)) * np.geomspace(0.3, 300, n)[:, None]
+    x = np.full((n, p["exponents"].shape[1]), np.nan)
+    ref.lm_fit(p["g"], p["h"], p["c"], p["exponents"], p["starts"], p["lo"], p["hi"], 2, 100,
+               1e-10, 9.0, x, np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64))
+    return dict(p, b=np.ascontiguousarray(b), x=x)
+
+
+def _debias_steps(k, p, n_steps=4):
+    x, hard = p["x"].copy(), np.full(len(p["x"]), -1, np.int64)
+    k.debias_steps(p["g"], p["h"], p["b"], p["exponents"], p["lo"], p["hi"], 0.3, n_steps,
+                   1e-6, x, hard)
+    return x, hard
+
+
+def test_debias_steps_match_reference(backend, debias_problem):
+    """The kernels' Newton steps vs the reference, and vs fitting's batched capped steps."""
+    from cannon_fast.core import fitting
+    p = debias_problem
+    x, hard = _debias_steps(kernels(backend), p)
+    x_r, hard_r = _debias_steps(ref, p)
+    assert_array_equal(hard, hard_r)
+    assert 0 < hard.sum() < len(hard)  # both kinds of star in the problem
+    assert_allclose(x, x_r, rtol=0, atol=1e-12)
+    assert_array_equal(x[hard == 1], p["x"][hard == 1])  # left for the capped steps
+    assert np.all(np.any(x[hard == 0] != p["x"][hard == 0], axis=1))  # the others moved
+    # where the cap does not bite, fitting's batched capped Newton steps agree
+    easy = np.flatnonzero(hard == 0)
+    x_b = p["x"].copy()
+    fitting._debias_capped(kernels("numpy"), x_b, easy, p["g"], p["h"], p["b"],
+                           p["exponents"], p["lo"], p["hi"])
+    assert_allclose(x[easy], x_b[easy], rtol=0, atol=1e-12)
+    # no steps: nothing moves
+    x0, _ = _debias_steps(kernels(backend), p, n_steps=0)
+    assert_array_equal(x0, p["x"])
+
+
 # ------------------------------------------------------------------ lm_fit
 
 def test_lm_fit_matches_reference(fast_backend, lm_problem):
@@ -725,6 +769,8 @@ def _c_ok_args():
                          np.empty((n, 3)), np.empty(n, np.int64)],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
         "weighted_square_sum": [np.ones((n, 4), np.float32), np.ones((n, 4)), np.empty(n)],
+        "debias_steps": [np.ones((n, l2)), np.ones((n, t)), np.zeros((n, l2)), ex, -np.ones(2),
+                         np.ones(2), 0.3, 4, 1e-6, np.zeros((n, 2)), np.empty(n, np.int64)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
                                 np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
                                 np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
@@ -762,6 +808,8 @@ def test_c_valid_arguments_run(name):
     ("star_weights", 11, np.empty(2, np.int64), ValueError, "bad_out has shape"),
     ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
     ("weighted_square_sum", 0, np.ones((3, 4)), TypeError, "w must have dtype float32"),
+    ("debias_steps", 2, np.ones((3, 5)), ValueError, r"b_packed has shape \(3, 5\)"),
+    ("debias_steps", 7, -1, ValueError, "n_steps must be >= 0"),
     ("weighted_square_sum", 1, np.ones((3, 5)), ValueError, r"m has shape \(3, 5\)"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
     ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,

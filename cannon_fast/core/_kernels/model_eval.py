@@ -305,3 +305,113 @@ def weighted_square_sum(w, m, out):
         for p in range(n_pix):
             acc += np.float64(w[i, p]) * m[i, p] * m[i, p]
         out[i] = acc
+
+
+@nb.njit(**JIT)
+def _positive_definite(a, c, n):
+    """Whether ``a[:n, :n]`` is positive definite (every Cholesky pivot > 0); c is scratch."""
+    for j in range(n):
+        d = a[j, j]
+        for k in range(j):
+            d -= c[j, k] * c[j, k]
+        if not d > 0:
+            return False
+        dj = np.sqrt(d)
+        c[j, j] = dj
+        for i in range(j + 1, n):
+            s = a[i, j]
+            for k in range(j):
+                s -= c[i, k] * c[j, k]
+            c[i, j] = s / dj
+    return True
+
+
+@nb.njit(**JIT)
+def _quad_forms(g, h, v, dv, grad, mat):
+    """``grad = dv^T (g v - h)`` and ``mat = dv^T g dv`` for one star."""
+    n_terms, n_labels = dv.shape
+    gv = np.empty(n_terms)
+    gdv = np.empty((n_terms, n_labels))
+    for t in range(n_terms):
+        acc = 0.0
+        for s in range(n_terms):
+            acc += g[t, s] * v[s]
+        gv[t] = acc - h[t]
+        for l in range(n_labels):
+            acc = 0.0
+            for s in range(n_terms):
+                acc += g[t, s] * dv[s, l]
+            gdv[t, l] = acc
+    for l in range(n_labels):
+        acc = 0.0
+        for t in range(n_terms):
+            acc += dv[t, l] * gv[t]
+        grad[l] = acc
+        for m in range(n_labels):
+            acc = 0.0
+            for t in range(n_terms):
+                acc += dv[t, l] * gdv[t, m]
+            mat[l, m] = acc
+
+
+@nb.njit(**JIT_PARALLEL)
+def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
+                 hard_out):
+    """Newton steps on ``chi² - v^T B v`` for the stars the cap leaves alone.
+
+    ``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()``; see ``_reference.debias_steps``.
+    """
+    n_terms, n_labels = exponents.shape
+    for i in nb.prange(h.shape[0]):
+        g = np.empty((n_terms, n_terms))
+        b = np.empty((n_terms, n_terms))
+        k = 0
+        for a in range(n_terms):
+            for c in range(a, n_terms):
+                g[a, c] = g_packed[i, k]
+                g[c, a] = g_packed[i, k]
+                b[a, c] = b_packed[i, k]
+                b[c, a] = b_packed[i, k]
+                k += 1
+        zero = np.zeros(n_terms)
+        x = x_inout[i].copy()
+        v = np.empty(n_terms)
+        dv = np.empty((n_terms, n_labels))
+        plain = np.empty(n_labels)
+        push = np.empty(n_labels)
+        fisher = np.empty((n_labels, n_labels))
+        bmat = np.empty((n_labels, n_labels))
+        work = np.empty((n_labels, n_labels))
+        step = np.empty(n_labels)
+        last = np.inf
+        hard = 0
+        for _ in range(n_steps):
+            label_vector_and_jacobian(x, exponents, v, dv)
+            _quad_forms(g, h[i], v, dv, plain, fisher)
+            _quad_forms(b, zero, v, dv, push, bmat)
+            for l in range(n_labels):
+                for m in range(n_labels):
+                    work[l, m] = cap * fisher[l, m] - bmat[l, m]
+            if not _positive_definite(work, np.empty((n_labels, n_labels)), n_labels):
+                hard = 1
+                break
+            for l in range(n_labels):
+                push[l] -= plain[l]
+                for m in range(n_labels):
+                    work[l, m] = fisher[l, m] - bmat[l, m]
+            # F - B_x is positive definite here ((1 - cap) F + (cap F - B_x))
+            gauss_solve_inplace(work, push, step, n_labels, 0.0)
+            size = 0.0
+            for l in range(n_labels):
+                size = max(size, abs(step[l]))
+            go = size < last
+            if go:
+                for l in range(n_labels):
+                    x[l] = min(max(x[l] + step[l], lo[l]), hi[l])
+            last = size
+            if not (go and size > xtol):
+                break
+        hard_out[i] = hard
+        if hard == 0:
+            for l in range(n_labels):
+                x_inout[i, l] = x[l]

@@ -223,3 +223,82 @@ def weighted_square_sum(w, m, out):
     out : ndarray, (N,)
     """
     out[...] = np.einsum("np,np->n", w.astype(np.float64) * m, m)
+
+
+def _positive_definite(a):
+    """Whether ``a`` (L, L) is positive definite: every Cholesky pivot > 0 (NaN: no).
+
+    The rule of ``fitting._batched_cholesky`` (no relative tolerance: this is a test
+    of the eigenvalues' sign, not of a solve's conditioning).
+    """
+    n = len(a)
+    c = np.zeros_like(a)
+    for j in range(n):
+        d = a[j, j] - c[j, :j] @ c[j, :j]
+        if not d > 0:
+            return False
+        c[j, j] = np.sqrt(d)
+        for i in range(j + 1, n):
+            c[i, j] = (a[i, j] - c[i, :j] @ c[j, :j]) / c[j, j]
+    return True
+
+
+def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
+                 hard_out):
+    """Newton steps on the de-biased objective ``chi² - v^T B v`` from the plain minimum.
+
+    For the stars the eigenvalue cap of ``fitting._capped_hessian`` leaves alone:
+    where every generalized eigenvalue of ``B_x = dv^T B dv`` against
+    ``F = dv^T G dv`` is below ``cap`` (``cap F - B_x`` positive definite), the
+    capped Hessian is ``F - B_x`` and the push ``dv^T B v`` is not scaled. Each step
+    solves ``(F - B_x) s = dv^T B v - dv^T (G v - h)``, clipped to the bounds; a star
+    stops when a step is no smaller than the one before it (it is not taken), or
+    is below ``xtol``, or after ``n_steps``.
+
+    Contract: ``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()`` over stars
+    (``x_inout`` is read and written).
+
+    Parameters
+    ----------
+    g_packed, b_packed : ndarray, (N, T(T+1)/2)
+        Packed ``G`` and ``B = sum_p w_p Cov(theta_p)``.
+    h : ndarray, (N, T)
+    exponents : ndarray of int64, (T, L)
+    lo, hi : ndarray, (L,)
+    cap : float
+        ``fitting.DEBIAS_LAMBDA_CAP``.
+    n_steps : int
+    xtol : float
+    x_inout : ndarray, (N, L)
+        The plain fit's scaled labels; the de-biased ones on return, except where
+        ``hard_out`` is 1.
+    hard_out : ndarray of int64, (N,)
+        1 where some step met an eigenvalue above ``cap``: that star's ``x_inout``
+        is left as it was, for the caller's capped Newton steps (``fitting._debias``).
+    """
+    n_terms = exponents.shape[0]
+    for i in range(len(h)):
+        g = unpack_symmetric(g_packed[i], n_terms)
+        b = unpack_symmetric(b_packed[i], n_terms)
+        x = x_inout[i].copy()
+        last, hard = np.inf, 0
+        for _ in range(n_steps):
+            v = label_vector(x[None, :], exponents)[0]
+            dv = label_vector_jacobian(x[None, :], exponents)[0]
+            fisher, bmat = dv.T @ g @ dv, dv.T @ b @ dv
+            if not _positive_definite(cap * fisher - bmat):
+                hard = 1
+                break
+            plain = dv.T @ (g @ v - h[i])
+            push = dv.T @ (b @ v)
+            step = np.linalg.solve(fisher - bmat, push - plain)
+            size = np.max(np.abs(step))
+            go = size < last
+            if go:
+                x = np.clip(x + step, lo, hi)
+            last = size
+            if not (go and size > xtol):
+                break
+        hard_out[i] = hard
+        if not hard:
+            x_inout[i] = x
