@@ -542,7 +542,11 @@ static int solve_small(const double *a, const double *b, double *out, ptrdiff_t 
     return 1;
 }
 
-/* Gradient dv^T (G v - h) and Gauss-Newton Hessian dv^T G dv. */
+/* Gradient dv^T (G v - h) and Gauss-Newton Hessian dv^T G dv.
+ * dv is sparse (a term's derivative in a label it does not contain is exactly 0, most of
+ * them for a polynomial): the zero entries are skipped. What they would add is +-0, and the
+ * other products are added in the same order, so the sums are the dense loops' bit for bit.
+ * G is symmetric (both halves copied from one packed entry): row s stands for column s. */
 static void lm_grad_hess(const double *g, const double *h, const double *v, const double *dv,
                          ptrdiff_t nt, ptrdiff_t nl, double *gv, double *gdv, double *grad,
                          double *hess)
@@ -551,21 +555,26 @@ static void lm_grad_hess(const double *g, const double *h, const double *v, cons
         double acc = 0.0;
         for (ptrdiff_t s = 0; s < nt; s++) acc += g[t * nt + s] * v[s];
         gv[t] = acc - h[t];
+    }
+    memset(gdv, 0, sizeof(double) * (size_t)(nt * nl));
+    for (ptrdiff_t s = 0; s < nt; s++) {
+        const double *gs = g + s * nt;
         for (ptrdiff_t l = 0; l < nl; l++) {
-            acc = 0.0;
-            for (ptrdiff_t s = 0; s < nt; s++) acc += g[t * nt + s] * dv[s * nl + l];
-            gdv[t * nl + l] = acc;
+            double d = dv[s * nl + l];
+            if (d == 0.0) continue;
+            for (ptrdiff_t t = 0; t < nt; t++) gdv[t * nl + l] += gs[t] * d;
         }
     }
     for (ptrdiff_t l = 0; l < nl; l++) {
         double acc = 0.0;
-        for (ptrdiff_t t = 0; t < nt; t++) acc += dv[t * nl + l] * gv[t];
-        grad[l] = acc;
-        for (ptrdiff_t m = 0; m < nl; m++) {
-            acc = 0.0;
-            for (ptrdiff_t t = 0; t < nt; t++) acc += dv[t * nl + l] * gdv[t * nl + m];
-            hess[l * nl + m] = acc;
+        for (ptrdiff_t m = 0; m < nl; m++) hess[l * nl + m] = 0.0;
+        for (ptrdiff_t t = 0; t < nt; t++) {
+            double d = dv[t * nl + l];
+            if (d == 0.0) continue;
+            acc += d * gv[t];
+            for (ptrdiff_t m = 0; m < nl; m++) hess[l * nl + m] += d * gdv[t * nl + m];
         }
+        grad[l] = acc;
     }
 }
 

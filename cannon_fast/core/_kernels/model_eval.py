@@ -61,28 +61,38 @@ def _solve_small(a, b, out, n):
 
 @nb.njit(**JIT)
 def _grad_hess(g, h, v, dv, grad, hess, gv):
+    """``grad = dv^T (g v - h)``, ``hess = dv^T g dv`` (g symmetric), ``gv = g v - h``.
+
+    The exact zeros of ``dv`` (a term's derivative in a label it lacks) are skipped:
+    they would add +-0, and the other products are summed in the same order, so the
+    results are the dense loops' bit for bit (as the C kernel's ``lm_grad_hess``).
+    """
     n_terms, n_labels = dv.shape
-    gdv = np.empty((n_terms, n_labels))
+    gdv = np.zeros((n_terms, n_labels))
     for t in range(n_terms):
         acc = 0.0
         for s in range(n_terms):
             acc += g[t, s] * v[s]
         gv[t] = acc - h[t]
+    for s in range(n_terms):
         for l in range(n_labels):
-            acc = 0.0
-            for s in range(n_terms):
-                acc += g[t, s] * dv[s, l]
-            gdv[t, l] = acc
+            d = dv[s, l]
+            if d == 0.0:
+                continue
+            for t in range(n_terms):
+                gdv[t, l] += g[s, t] * d
     for l in range(n_labels):
         acc = 0.0
-        for t in range(n_terms):
-            acc += dv[t, l] * gv[t]
-        grad[l] = acc
         for m in range(n_labels):
-            acc = 0.0
-            for t in range(n_terms):
-                acc += dv[t, l] * gdv[t, m]
-            hess[l, m] = acc
+            hess[l, m] = 0.0
+        for t in range(n_terms):
+            d = dv[t, l]
+            if d == 0.0:
+                continue
+            acc += d * gv[t]
+            for m in range(n_labels):
+                hess[l, m] += d * gdv[t, m]
+        grad[l] = acc
 
 
 @nb.njit(**JIT)
@@ -326,34 +336,6 @@ def _positive_definite(a, c, n):
     return True
 
 
-@nb.njit(**JIT)
-def _quad_forms(g, h, v, dv, grad, mat):
-    """``grad = dv^T (g v - h)`` and ``mat = dv^T g dv`` for one star."""
-    n_terms, n_labels = dv.shape
-    gv = np.empty(n_terms)
-    gdv = np.empty((n_terms, n_labels))
-    for t in range(n_terms):
-        acc = 0.0
-        for s in range(n_terms):
-            acc += g[t, s] * v[s]
-        gv[t] = acc - h[t]
-        for l in range(n_labels):
-            acc = 0.0
-            for s in range(n_terms):
-                acc += g[t, s] * dv[s, l]
-            gdv[t, l] = acc
-    for l in range(n_labels):
-        acc = 0.0
-        for t in range(n_terms):
-            acc += dv[t, l] * gv[t]
-        grad[l] = acc
-        for m in range(n_labels):
-            acc = 0.0
-            for t in range(n_terms):
-                acc += dv[t, l] * gdv[t, m]
-            mat[l, m] = acc
-
-
 @nb.njit(**JIT_PARALLEL)
 def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
                  hard_out):
@@ -376,6 +358,7 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
         zero = np.zeros(n_terms)
         x = x_inout[i].copy()
         v = np.empty(n_terms)
+        gv = np.empty(n_terms)
         dv = np.empty((n_terms, n_labels))
         plain = np.empty(n_labels)
         push = np.empty(n_labels)
@@ -387,8 +370,8 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
         hard = 0
         for _ in range(n_steps):
             label_vector_and_jacobian(x, exponents, v, dv)
-            _quad_forms(g, h[i], v, dv, plain, fisher)
-            _quad_forms(b, zero, v, dv, push, bmat)
+            _grad_hess(g, h[i], v, dv, plain, fisher, gv)
+            _grad_hess(b, zero, v, dv, push, bmat, gv)
             for l in range(n_labels):
                 for m in range(n_labels):
                     work[l, m] = cap * fisher[l, m] - bmat[l, m]
