@@ -320,7 +320,7 @@ PyDoc_STRVAR(star_weights_doc,
 "star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out, "
 "moments_out, bad_out)\n--\n\n"
 "Weights (float32), ``w (f - theta0)``, its chi2, good-pixel counts and weight moments\n"
-"per star, and the values the input check refuses:\n"
+"per star, and 1 where the star may hold values the input check refuses:\n"
 "``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``.\n\n"
 "flux, ivar (N, P) float64; s2 (P,) float64; good_pix (P,) bool; theta0, t_pix (P,) float64\n"
 "-> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"

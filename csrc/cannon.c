@@ -888,13 +888,16 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         const double *iv = ivar + i * n_pix;
         float *wo = w_out + i * n_pix;
         double *wro = wr_out + i * n_pix;
-        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0;
-        int64_t cnt = 0, bad = 0;
+        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0, sum_iv = 0.0, sum_f = 0.0;
+        int64_t cnt = 0, neg = 0;
         for (ptrdiff_t p = 0; p < n_pix; p++) {
             double x = iv[p];
-            /* the input check rides along (the pass is bound by memory, not by these
-               compares): ivar NaN, inf or negative, or flux NaN/inf where ivar > 0 */
-            bad += !(x >= 0.0 && x < INFINITY) | (x > 0.0 && !(fabs(f[p]) < INFINITY));
+            /* the input check rides along, as check_spectra's fast path: a sum with a NaN
+               or inf in it is not finite (a finite sum can also overflow: a false alarm,
+               which check_spectra then clears) */
+            sum_iv += x;
+            neg += x < 0.0;
+            sum_f += x > 0.0 ? f[p] : 0.0;
             if (x > 0 && good_pix[p]) {
                 double w = 1.0 / (1.0 / x + s2[p]);
                 double r = f[p] - theta0[p];
@@ -912,7 +915,7 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         }
         c_out[i] = acc;
         npix_out[i] = cnt;
-        bad_out[i] = bad;
+        bad_out[i] = !isfinite(sum_iv) || neg > 0 || !isfinite(sum_f);
         moments_out[3 * i] = m0;
         moments_out[3 * i + 1] = m1;
         moments_out[3 * i + 2] = m2;

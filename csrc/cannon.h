@@ -173,8 +173,9 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
  * @param c_out (N,): sum_p w (f - theta0)^2.
  * @param npix_out (N,): number of usable pixels.
  * @param moments_out (N, 3): sum w, sum w t and sum w^2 t.
- * @param bad_out (N,): values check_spectra refuses (ivar NaN, inf or < 0; flux NaN or
- *        inf where ivar > 0), over all pixels, good or not.
+ * @param bad_out (N,): 1 where the star may hold a value check_spectra refuses (the sum of
+ *        its ivar, or of its flux where ivar > 0, is not finite, or an ivar is negative),
+ *        over all pixels, good or not; check_spectra then decides (a sum can overflow).
  * @return CF_OK.
  */
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,

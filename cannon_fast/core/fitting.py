@@ -304,7 +304,7 @@ def _check_fit_input(flux, ivar, n_pixels, check_values=True):
     """Float64 (N, P) spectra on the model's grid; their values checked unless told not to.
 
     ``check_values=False``: the caller checks them itself (``fit_cannon``'s weights
-    kernel counts the values ``check_spectra`` refuses in the pass it makes anyway).
+    kernel runs ``check_spectra``'s fast test in the pass it makes anyway).
     """
     flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
     ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
@@ -580,13 +580,13 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
 
 
 def _refuse_values(flux, ivar, rows):
-    """Raise ``check_spectra``'s error: the weights kernel found bad values in ``rows``.
+    """``check_spectra`` on the spectra up to ``rows``, where the weights kernel's test failed.
 
     The spectra before ``rows`` are checked too (they passed), so the message's
-    star numbers count from the first spectrum of the input.
+    star numbers count from the first spectrum of the input. The kernel's test is
+    check_spectra's fast path (finite sums): an overflowing sum passes here.
     """
     check_spectra(flux[:rows.stop], ivar[:rows.stop])
-    raise RuntimeError("the weights kernel counted values that check_spectra accepts")
 
 
 def fitted_spectra(model, result, rows=slice(None)):

@@ -259,7 +259,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 @nb.njit(**JIT_PARALLEL)
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
                  moments_out, bad_out):
-    """Weights, ``w (f - theta0)``, chi², good pixels, moments and bad values per star.
+    """Weights, ``w (f - theta0)``, chi², good pixels, moments and a bad-value test per star.
 
     ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``
     """
@@ -267,15 +267,20 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     for i in nb.prange(n_stars):
         acc = 0.0
         cnt = 0
-        bad = 0
+        neg = 0
+        sum_iv = 0.0
+        sum_f = 0.0
         m0 = 0.0
         m1 = 0.0
         m2 = 0.0
         for p in range(n_pix):
             iv = ivar[i, p]
             # the input check rides along with the pass (see _reference.star_weights)
-            if not (iv >= 0.0 and iv < np.inf) or (iv > 0.0 and not abs(flux[i, p]) < np.inf):
-                bad += 1
+            sum_iv += iv
+            if iv < 0.0:
+                neg += 1
+            if iv > 0.0:
+                sum_f += flux[i, p]
             if iv > 0 and good_pix[p]:
                 w = 1.0 / (1.0 / iv + s2[p])
                 r = flux[i, p] - theta0[p]
@@ -291,7 +296,7 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
                 wr_out[i, p] = 0.0
         c_out[i] = acc
         npix_out[i] = cnt
-        bad_out[i] = bad
+        bad_out[i] = 1 if (not np.isfinite(sum_iv) or neg > 0 or not np.isfinite(sum_f)) else 0
         moments_out[i, 0] = m0
         moments_out[i, 1] = m1
         moments_out[i, 2] = m2

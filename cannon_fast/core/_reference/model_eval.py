@@ -172,10 +172,11 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     moments_out : ndarray, (N, 3)
         ``sum w``, ``sum w t`` and ``sum w² t`` over pixels.
     bad_out : ndarray of int64, (N,)
-        How many values ``check_spectra`` refuses (ivar NaN, inf or negative; flux
-        NaN or inf where ivar > 0), over all pixels: the fit checks its input in this
-        pass instead of three more over the whole survey, and asks ``check_spectra``
-        for the message only when a count is not 0.
+        1 where the star may hold a value ``check_spectra`` refuses, by its fast test
+        over all pixels: the sum of ivar, or of flux where ivar > 0, is not finite
+        (a NaN or inf in it; or an overflow), or an ivar is negative. The fit checks
+        its input in this pass instead of three more over the whole survey, and asks
+        ``check_spectra`` for the verdict and message only where this is 1.
     """
     valid = (ivar > 0) & good_pix[None, :]
     # bad values (counted in bad_out, refused by the caller) may make NaN here: no warnings
@@ -189,8 +190,9 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
         moments_out[:, 0] = w.sum(axis=1)
         moments_out[:, 1] = w @ t_pix
         moments_out[:, 2] = (w * w) @ t_pix
-        bad = ~((ivar >= 0) & (ivar < np.inf)) | ((ivar > 0) & ~(np.abs(flux) < np.inf))
-    bad_out[...] = bad.sum(axis=1)
+        bad = (~np.isfinite(ivar.sum(axis=1)) | np.any(ivar < 0, axis=1)
+               | ~np.isfinite(np.where(ivar > 0, flux, 0.0).sum(axis=1)))
+    bad_out[...] = bad
 
 
 def design(x, exponents, v_out, dv_out):
