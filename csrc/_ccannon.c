@@ -256,18 +256,18 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
 
 PyDoc_STRVAR(debias_steps_doc,
 "debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout, "
-"hard_out)\n--\n\n"
-"Newton steps on chi2 - v^T B v from the plain minimum, for the stars whose eigenvalues of\n"
-"B against the Fisher matrix stay below cap (hard_out 1 and x unchanged elsewhere):\n"
+"capped_out)\n--\n\n"
+"Newton steps on chi2 - v^T B v from the plain minimum, the eigenvalues of B against the\n"
+"Fisher matrix capped at cap (capped_out 1 where some step capped one):\n"
 "``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()`` over stars.\n\n"
 "g_packed, b_packed (N, T(T+1)/2), h (N, T) float64; exponents (T, L) int64; lo, hi (L,)\n"
 "float64; cap float; n_steps int >= 0; xtol float -> x_inout (N, L) float64 (read and\n"
-"written), hard_out (N,) int64.");
+"written), capped_out (N,) int64.");
 
 static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"g_packed", "h", "b_packed", "exponents", "lo", "hi", "cap",
-                             "n_steps", "xtol", "x_inout", "hard_out", NULL};
+                             "n_steps", "xtol", "x_inout", "capped_out", NULL};
     static const char *fn = "debias_steps";
     PyObject *o[6], *q[2];
     Py_ssize_t n_steps;
@@ -284,7 +284,7 @@ static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
     if (!(lo = as_array(o[4], fn, "lo", F64, 1, IN))) return NULL;
     if (!(hi = as_array(o[5], fn, "hi", F64, 1, IN))) return NULL;
     if (!(x = as_array(q[0], fn, "x_inout", F64, 2, OUT))) return NULL;
-    if (!(hard = as_array(q[1], fn, "hard_out", I64, 1, OUT))) return NULL;
+    if (!(hard = as_array(q[1], fn, "capped_out", I64, 1, OUT))) return NULL;
     npy_intp n_stars = PyArray_DIM(h, 0);
     npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
     npy_intp n2 = n_terms * (n_terms + 1) / 2;
@@ -297,7 +297,7 @@ static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
         check_dim(hi, 0, n_labels, fn, "hi", "(L,)", "L") ||
         check_dim(x, 0, n_stars, fn, "x_inout", "(N, L)", "N") ||
         check_dim(x, 1, n_labels, fn, "x_inout", "(N, L)", "L") ||
-        check_dim(hard, 0, n_stars, fn, "hard_out", "(N,)", "N"))
+        check_dim(hard, 0, n_stars, fn, "capped_out", "(N,)", "N"))
         return NULL;
     if (n_steps < 0) {
         PyErr_Format(PyExc_ValueError, "%s: n_steps must be >= 0, got %zd", fn, n_steps);

@@ -184,8 +184,8 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
                     int64_t *npix_out, double *moments_out, int64_t *bad_out);
 
 /**
- * Newton steps on the de-biased objective chi^2 - v^T B v from the plain minimum, for the
- * stars whose eigenvalues of B_x = dv^T B dv against F = dv^T G dv stay below cap.
+ * Newton steps on the de-biased objective chi^2 - v^T B v from the plain minimum, with the
+ * generalized eigenvalues of B_x = dv^T B dv against F = dv^T G dv capped at cap.
  * Contract: (t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),() over stars; the semantics are
  * those of _reference.model_eval.debias_steps.
  *
@@ -194,14 +194,14 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
  * @param exponents (T, L).
  * @param lo, hi (L,): bounds in scaled labels.
  * @param cap the eigenvalue cap; n_steps, xtol: at most n_steps, until a step < xtol.
- * @param x_inout (N, L): the plain fit in, the de-biased fit out (unchanged where hard).
- * @param hard_out (N,): 1 where an eigenvalue exceeded cap (the caller's capped steps).
+ * @param x_inout (N, L): the plain fit in, the de-biased fit out.
+ * @param capped_out (N,): 1 where some step met an eigenvalue above cap.
  * @return CF_OK, or CF_ERR_NOMEM.
  */
 int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
                     const double *g_packed, const double *h, const double *b_packed,
                     const int64_t *exponents, const double *lo, const double *hi, double cap,
-                    ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *hard_out);
+                    ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *capped_out);
 
 /**
  * sum_p w m^2 per star (the chi^2 of a model at fitted labels, from its residuals).

@@ -19,7 +19,8 @@ from cannon_fast import CannonModel
 from cannon_fast.core import _kernels as nb_kernels
 from cannon_fast.core import _reference as ref
 from cannon_fast.core import vectorizer as vz
-from cannon_fast.core._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from cannon_fast.core._reference.model_eval import (HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE,
+                                                    capped_step_matrices)
 from cannon_fast.core._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, loglike_s2
 from cannon_fast.core.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
@@ -488,7 +489,8 @@ def test_weighted_square_sum_matches_reference(backend):
 
 @pytest.fixture(scope="module")
 def debias_problem(lm_problem):
-    """lm_problem's plain fits, with B = sum_p w_p C_p of another coefficient noise, scaled."""
+    """lm_problem's plain fits, with B = sum_p w_p C_p of another coefficient noise, scaled
+    so that the eigenvalue cap bites on some stars and not on others."""
     p = lm_problem
     rng = np.random.default_rng(5)
     n = len(p["c"])
@@ -502,32 +504,42 @@ def debias_problem(lm_problem):
 
 
 def _debias_steps(k, p, n_steps=4):
-    x, hard = p["x"].copy(), np.full(len(p["x"]), -1, np.int64)
+    x, capped = p["x"].copy(), np.full(len(p["x"]), -1, np.int64)
     k.debias_steps(p["g"], p["h"], p["b"], p["exponents"], p["lo"], p["hi"], 0.3, n_steps,
-                   1e-6, x, hard)
-    return x, hard
+                   1e-6, x, capped)
+    return x, capped
 
 
 def test_debias_steps_match_reference(backend, debias_problem):
-    """The kernels' Newton steps vs the reference, and vs fitting's batched capped steps."""
-    from cannon_fast.core import fitting
+    """The kernels' capped Newton steps against the reference's."""
     p = debias_problem
-    x, hard = _debias_steps(kernels(backend), p)
-    x_r, hard_r = _debias_steps(ref, p)
-    assert_array_equal(hard, hard_r)
-    assert 0 < hard.sum() < len(hard)  # both kinds of star in the problem
-    assert_allclose(x, x_r, rtol=0, atol=1e-12)
-    assert_array_equal(x[hard == 1], p["x"][hard == 1])  # left for the capped steps
-    assert np.all(np.any(x[hard == 0] != p["x"][hard == 0], axis=1))  # the others moved
-    # where the cap does not bite, fitting's batched capped Newton steps agree
-    easy = np.flatnonzero(hard == 0)
-    x_b = p["x"].copy()
-    fitting._debias_capped(kernels("numpy"), x_b, easy, p["g"], p["h"], p["b"],
-                           p["exponents"], p["lo"], p["hi"])
-    assert_allclose(x[easy], x_b[easy], rtol=0, atol=1e-12)
-    # no steps: nothing moves
-    x0, _ = _debias_steps(kernels(backend), p, n_steps=0)
+    x, capped = _debias_steps(kernels(backend), p)
+    x_r, capped_r = _debias_steps(ref, p)
+    assert_array_equal(capped, capped_r)
+    assert 0 < capped.sum() < len(capped)  # both kinds of star in the problem
+    # Jacobi rotations (C, numba) and LAPACK's eigh (reference) differ in rounding only
+    assert_allclose(x, x_r, rtol=0, atol=1e-10)
+    assert np.all(np.any(x != p["x"], axis=1))  # every star moved
+    x0, _ = _debias_steps(kernels(backend), p, n_steps=0)  # no steps: nothing moves
     assert_array_equal(x0, p["x"])
+
+
+def test_capped_step_matrices_match_the_batched_form():
+    """The reference's per-star capped Hessian and push against fitting._capped_hessian."""
+    from cannon_fast.core import fitting
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(60, 4, 4))
+    fisher = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(4)
+    c = rng.normal(size=(60, 4, 4))
+    bmat = (c @ np.swapaxes(c, 1, 2)) * np.geomspace(0.01, 3, 60)[:, None, None]
+    fisher[-1] = -np.eye(4)  # not positive definite: no correction
+    hess, push, capped = fitting._capped_hessian(fisher, bmat, cap=0.3)
+    assert 0 < capped.sum() < 59
+    for i in range(60):
+        h_i, p_i, c_i = capped_step_matrices(fisher[i], bmat[i], 0.3)
+        assert_allclose(h_i, hess[i], rtol=1e-10, atol=1e-12 * np.abs(hess[i]).max())
+        assert_allclose(p_i, push[i], rtol=1e-10, atol=1e-10)
+        assert c_i == capped[i]
 
 
 # ------------------------------------------------------------------ lm_fit

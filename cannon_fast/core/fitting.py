@@ -707,55 +707,20 @@ def _batched_cholesky(a):
 def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     """Newton steps on the (capped) corrected objective ``chi² - v^T B v``, in place on x[idx].
 
-    Each step recomputes the capped Hessian (reusing the first one can diverge); a
-    star stops where a step is no smaller than
-    the one before it, so a correction can only converge, never run away.
-    The backend's ``debias_steps`` takes the stars the cap never bites on (most of
-    them), per star in compiled code; the rest take ``_debias_capped``'s steps.
+    Each step recomputes the capped Hessian (``_capped_hessian``; reusing the first
+    one can diverge); a star stops where a step is no smaller than the one before
+    it, so a correction can only converge, never run away. Per star in the
+    backend's ``debias_steps`` (``_reference.model_eval.debias_steps``).
     Returns where a label ends on a bound (the steps are clipped to them, as LM's
     are: HIT_BOUND).
     """
     xs = np.ascontiguousarray(x[idx])
-    hard = np.zeros(len(idx), dtype=np.int64)
     k.debias_steps(np.ascontiguousarray(g[idx]), np.ascontiguousarray(h[idx]),
                    np.ascontiguousarray(b[idx]), exponents, lo, hi, float(DEBIAS_LAMBDA_CAP),
-                   int(DEBIAS_STEPS), float(DEBIAS_XTOL), xs, hard)
+                   int(DEBIAS_STEPS), float(DEBIAS_XTOL), xs, np.empty(len(idx), np.int64))
     x[idx] = xs
-    rest = idx[hard != 0]
-    if len(rest):  # from the plain fit again: the kernel left these stars as they were
-        _debias_capped(k, x, rest, g, h, b, exponents, lo, hi)
-    return np.any(np.isclose(x[idx], lo, rtol=0, atol=1e-9)
-                  | np.isclose(x[idx], hi, rtol=0, atol=1e-9), axis=1)
-
-
-def _debias_capped(k, x, idx, g, h, b, exponents, lo, hi):
-    """``_debias``'s Newton steps with the capped Hessian (``_capped_hessian``), batched.
-
-    The steps of ``debias_steps`` where no eigenvalue exceeds the cap, and the
-    capped ones elsewhere; in place on x[idx].
-    """
-    n_terms = exponents.shape[0]
-    g_full, b_full = vz.unpack_symmetric(g[idx], n_terms), vz.unpack_symmetric(b[idx], n_terms)
-    last = np.full(len(idx), np.inf)
-    act = np.arange(len(idx))  # stars still moving (converged or stalled ones drop out)
-    for _ in range(DEBIAS_STEPS):
-        xi = np.ascontiguousarray(x[idx[act]])
-        v, dv = np.empty((len(act), n_terms)), np.empty((len(act),) + exponents.shape)
-        k.design(xi, exponents, v, dv)
-        dvt = np.swapaxes(dv, 1, 2)
-        gf, bf = g_full[act], b_full[act]
-        hess, push, _ = _capped_hessian(dvt @ gf @ dv, dvt @ bf @ dv)
-        # half the gradient: J^T W (model - f) (zero at the plain minimum) minus the push
-        plain = (dvt @ ((gf @ v[:, :, None])[:, :, 0] - h[idx[act]])[:, :, None])[:, :, 0]
-        bias_push = (push @ (dvt @ (bf @ v[:, :, None])))[:, :, 0]
-        step = _solve_batched(hess, bias_push - plain)
-        size = np.max(np.abs(step), axis=1)
-        go = size < last[act]
-        x[idx[act[go]]] = np.clip(xi[go] + step[go], lo, hi)
-        last[act] = size
-        act = act[go & (size > DEBIAS_XTOL)]
-        if len(act) == 0:
-            break
+    return np.any(np.isclose(xs, lo, rtol=0, atol=1e-9) | np.isclose(xs, hi, rtol=0, atol=1e-9),
+                  axis=1)
 
 
 def _solve_batched(a, rhs):

@@ -365,10 +365,151 @@ def _positive_definite(a, c, n):
     return True
 
 
+@nb.njit(**JIT)
+def _jacobi_eigh(a, lam, u):
+    """Eigenvalues (lam) and eigenvectors (columns of u) of the symmetric a, destroyed.
+
+    Cyclic Jacobi rotations (a is a few labels square), until the off-diagonal part
+    is below 1e-15 of the whole; the C kernel's ``jacobi_eigh``.
+    """
+    n = a.shape[0]
+    for i in range(n):
+        for j in range(n):
+            u[i, j] = 1.0 if i == j else 0.0
+    for _ in range(100):
+        off = 0.0
+        tot = 0.0
+        for i in range(n):
+            for j in range(n):
+                tot += a[i, j] * a[i, j]
+                if i != j:
+                    off += a[i, j] * a[i, j]
+        if not off > 1e-30 * tot:
+            break
+        for p in range(n - 1):
+            for q in range(p + 1, n):
+                apq = a[p, q]
+                if apq == 0.0:
+                    continue
+                theta = (a[q, q] - a[p, p]) / (2.0 * apq)
+                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + np.sqrt(theta * theta + 1.0))
+                c = 1.0 / np.sqrt(t * t + 1.0)
+                sn = t * c
+                for k in range(n):
+                    akp = a[k, p]
+                    akq = a[k, q]
+                    a[k, p] = c * akp - sn * akq
+                    a[k, q] = sn * akp + c * akq
+                for k in range(n):
+                    apk = a[p, k]
+                    aqk = a[q, k]
+                    a[p, k] = c * apk - sn * aqk
+                    a[q, k] = sn * apk + c * aqk
+                for k in range(n):
+                    ukp = u[k, p]
+                    ukq = u[k, q]
+                    u[k, p] = c * ukp - sn * ukq
+                    u[k, q] = sn * ukp + c * ukq
+    for i in range(n):
+        lam[i] = a[i, i]
+
+
+@nb.njit(**JIT)
+def _lower_solve(c, b):
+    """Solve the lower-triangular ``c y = b`` in place."""
+    n = b.shape[0]
+    for i in range(n):
+        s = b[i]
+        for k in range(i):
+            s -= c[i, k] * b[k]
+        b[i] = s / c[i, i]
+
+
+@nb.njit(**JIT)
+def _capped_step(fisher, bmat, cap, work, push):
+    """The capped Hessian (into work) and pushed bias (push, in place) of one star.
+
+    ``_reference.capped_step_matrices`` applied to ``push``; returns whether an
+    eigenvalue exceeded ``cap``.
+    """
+    n = fisher.shape[0]
+    chol = np.zeros((n, n))
+    for l in range(n):
+        for m in range(n):
+            work[l, m] = cap * fisher[l, m] - bmat[l, m]
+    if _positive_definite(work, chol, n):
+        for l in range(n):
+            for m in range(n):
+                work[l, m] = fisher[l, m] - bmat[l, m]
+        return False
+    chol[:, :] = 0.0
+    if not _positive_definite(fisher, chol, n):
+        for l in range(n):
+            push[l] = 0.0
+            for m in range(n):
+                work[l, m] = fisher[l, m]
+        return False
+    y = np.empty((n, n))
+    a = np.empty((n, n))
+    vec = np.empty(n)
+    for j in range(n):  # Y = C^-1 B, column by column
+        for i in range(n):
+            vec[i] = bmat[i, j]
+        _lower_solve(chol, vec)
+        for i in range(n):
+            y[i, j] = vec[i]
+    for i in range(n):  # a = C^-1 Y^T, transposed: C^-1 B C^-T
+        for j in range(n):
+            vec[j] = y[i, j]
+        _lower_solve(chol, vec)
+        for j in range(n):
+            a[j, i] = vec[j]
+    for i in range(n):
+        for j in range(i + 1, n):
+            mid = 0.5 * (a[i, j] + a[j, i])
+            a[i, j] = mid
+            a[j, i] = mid
+    lam = np.empty(n)
+    u = np.empty((n, n))
+    _jacobi_eigh(a, lam, u)
+    cu = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            s = 0.0
+            for k in range(i + 1):
+                s += chol[i, k] * u[k, j]
+            cu[i, j] = s
+    for i in range(n):
+        for j in range(n):
+            s = 0.0
+            for k in range(n):
+                s += cu[i, k] * (1.0 - min(lam[k], cap)) * cu[j, k]
+            work[i, j] = s
+    for i in range(n):
+        vec[i] = push[i]
+    _lower_solve(chol, vec)
+    capped = False
+    coef = np.empty(n)
+    for k in range(n):
+        s = 0.0
+        for i in range(n):
+            s += u[i, k] * vec[i]
+        if lam[k] > cap:
+            capped = True
+            s *= cap / lam[k]
+        coef[k] = s
+    for i in range(n):
+        s = 0.0
+        for k in range(n):
+            s += cu[i, k] * coef[k]
+        push[i] = s
+    return capped
+
+
 @nb.njit(**JIT_PARALLEL)
 def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
-                 hard_out):
-    """Newton steps on ``chi² - v^T B v`` for the stars the cap leaves alone.
+                 capped_out):
+    """Newton steps on ``chi² - v^T B v``, the eigenvalues of B against F capped.
 
     ``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()``; see ``_reference.debias_steps``.
     """
@@ -396,23 +537,17 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
         work = np.empty((n_labels, n_labels))
         step = np.empty(n_labels)
         last = np.inf
-        hard = 0
+        capped = 0
         for _ in range(n_steps):
             label_vector_and_jacobian(x, exponents, v, dv)
             _grad_hess(g, h[i], v, dv, plain, fisher, gv)
             _grad_hess(b, zero, v, dv, push, bmat, gv)
-            for l in range(n_labels):
-                for m in range(n_labels):
-                    work[l, m] = cap * fisher[l, m] - bmat[l, m]
-            if not _positive_definite(work, np.empty((n_labels, n_labels)), n_labels):
-                hard = 1
-                break
+            if _capped_step(fisher, bmat, cap, work, push):
+                capped = 1
             for l in range(n_labels):
                 push[l] -= plain[l]
-                for m in range(n_labels):
-                    work[l, m] = fisher[l, m] - bmat[l, m]
-            # F - B_x is positive definite here ((1 - cap) F + (cap F - B_x))
-            gauss_solve_inplace(work, push, step, n_labels, 0.0)
+            if not gauss_solve_inplace(work, push, step, n_labels, 0.0):
+                step[:] = 0.0
             size = 0.0
             for l in range(n_labels):
                 size = max(size, abs(step[l]))
@@ -423,7 +558,6 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
             last = size
             if not (go and size > xtol):
                 break
-        hard_out[i] = hard
-        if hard == 0:
-            for l in range(n_labels):
-                x_inout[i, l] = x[l]
+        capped_out[i] = capped
+        for l in range(n_labels):
+            x_inout[i, l] = x[l]

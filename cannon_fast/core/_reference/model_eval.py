@@ -245,17 +245,40 @@ def _positive_definite(a):
     return True
 
 
+def capped_step_matrices(fisher, bmat, cap):
+    """The capped Hessian and push operator of one star (``fitting._capped_hessian``).
+
+    In the coordinates where F is the identity and B_x is diagonal (eigenvalues
+    lambda), the Hessian ``F - B_x`` has ``1 - min(lambda, cap)`` and the push
+    ``dv^T B v`` is scaled by ``min(1, cap / lambda)``. Returns (hess, push, capped):
+    ``F - B_x``, the identity and False where no eigenvalue exceeds the cap; F, 0 and
+    False where F is not positive definite (no correction).
+    """
+    n = len(fisher)
+    if _positive_definite(cap * fisher - bmat):
+        return fisher - bmat, np.eye(n), False
+    if not _positive_definite(fisher):
+        return fisher, np.zeros((n, n)), False
+    c = np.linalg.cholesky(fisher)
+    a = np.linalg.solve(c, np.linalg.solve(c, bmat).T)  # C^-1 B C^-T
+    lam, u = np.linalg.eigh(0.5 * (a + a.T))
+    hess = c @ (u * (1.0 - np.minimum(lam, cap))) @ u.T @ c.T
+    scale = np.where(lam > cap, cap / np.where(lam > cap, lam, 1.0), 1.0)
+    push = c @ (u * scale) @ u.T @ np.linalg.inv(c)
+    return hess, push, bool(lam.max() > cap)
+
+
 def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
-                 hard_out):
+                 capped_out):
     """Newton steps on the de-biased objective ``chi² - v^T B v`` from the plain minimum.
 
-    For the stars the eigenvalue cap of ``fitting._capped_hessian`` leaves alone:
-    where every generalized eigenvalue of ``B_x = dv^T B dv`` against
-    ``F = dv^T G dv`` is below ``cap`` (``cap F - B_x`` positive definite), the
-    capped Hessian is ``F - B_x`` and the push ``dv^T B v`` is not scaled. Each step
-    solves ``(F - B_x) s = dv^T B v - dv^T (G v - h)``, clipped to the bounds; a star
-    stops when a step is no smaller than the one before it (it is not taken), or
-    is below ``xtol``, or after ``n_steps``.
+    Each step takes the capped Hessian and push of ``capped_step_matrices`` at the
+    current labels (``F = dv^T G dv``, ``B_x = dv^T B dv``) and solves
+    ``hess s = push dv^T B v - dv^T (G v - h)`` (s = 0 where hess is singular),
+    clipped to the bounds; a star stops when a step is no smaller than the one
+    before it (it is not taken), or is below ``xtol``, or after ``n_steps``: a
+    correction can only converge, never run away. The per-star form of
+    ``fitting._debias``.
 
     Contract: ``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()`` over stars
     (``x_inout`` is read and written).
@@ -272,28 +295,26 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
     n_steps : int
     xtol : float
     x_inout : ndarray, (N, L)
-        The plain fit's scaled labels; the de-biased ones on return, except where
-        ``hard_out`` is 1.
-    hard_out : ndarray of int64, (N,)
-        1 where some step met an eigenvalue above ``cap``: that star's ``x_inout``
-        is left as it was, for the caller's capped Newton steps (``fitting._debias``).
+        The plain fit's scaled labels in, the de-biased ones out.
+    capped_out : ndarray of int64, (N,)
+        1 where some step met an eigenvalue above ``cap``.
     """
     n_terms = exponents.shape[0]
     for i in range(len(h)):
         g = unpack_symmetric(g_packed[i], n_terms)
         b = unpack_symmetric(b_packed[i], n_terms)
         x = x_inout[i].copy()
-        last, hard = np.inf, 0
+        last, capped = np.inf, 0
         for _ in range(n_steps):
             v = label_vector(x[None, :], exponents)[0]
             dv = label_vector_jacobian(x[None, :], exponents)[0]
-            fisher, bmat = dv.T @ g @ dv, dv.T @ b @ dv
-            if not _positive_definite(cap * fisher - bmat):
-                hard = 1
-                break
+            hess, push, cap_hit = capped_step_matrices(dv.T @ g @ dv, dv.T @ b @ dv, cap)
+            capped |= cap_hit
             plain = dv.T @ (g @ v - h[i])
-            push = dv.T @ (b @ v)
-            step = np.linalg.solve(fisher - bmat, push - plain)
+            try:
+                step = np.linalg.solve(hess, push @ (dv.T @ (b @ v)) - plain)
+            except np.linalg.LinAlgError:
+                step = np.zeros_like(x)
             size = np.max(np.abs(step))
             go = size < last
             if go:
@@ -301,6 +322,5 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
             last = size
             if not (go and size > xtol):
                 break
-        hard_out[i] = hard
-        if not hard:
-            x_inout[i] = x
+        capped_out[i] = capped
+        x_inout[i] = x
