@@ -489,8 +489,10 @@ def test_weighted_square_sum_matches_reference(backend):
 
 @pytest.fixture(scope="module")
 def debias_problem(lm_problem):
-    """lm_problem's plain fits, with B = sum_p w_p C_p of another coefficient noise, scaled
-    so that the eigenvalue cap bites on some stars and not on others."""
+    """lm_problem's plain fits, with B = sum_p w_p C_p of another coefficient noise.
+
+    Scaled so that the eigenvalue cap bites on some stars and not on others.
+    """
     p = lm_problem
     rng = np.random.default_rng(5)
     n = len(p["c"])
