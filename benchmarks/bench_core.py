@@ -94,6 +94,46 @@ def crb_from_truth(tr, te, n_max=100):
     return dict(zip(LABELS, np.median(out, axis=0).tolist()))
 
 
+def _best_time(fn, repeat=5):
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def roof_figures(model, train_flux, train_ivar, train_labels, batch=512):
+    """The BLAS work training and fitting cannot avoid, timed in this process.
+
+    ``gram_unit``: one all-pixel product ``(P x N) . (N x T(T+1)/2)``, the normal
+    matrices of every pixel at one s² (training is quoted in these units, so that
+    runs on different machines or loads compare). ``fit_roof``: stars/s of the
+    fit's three products over pixels alone (G in float32, h, and the model at the
+    solution for chi²), on a batch of ``batch`` stars: the rate the fit would reach
+    if everything after the products were free.
+    """
+    from cannon_fast.core import fitting
+    from cannon_fast.core import vectorizer as vz
+    design = vz.label_vector(model.scale_labels(train_labels), model.exponents)
+    outer = np.ascontiguousarray(vz.packed_outer(design))  # (N, T2)
+    weights_t = np.ascontiguousarray(train_ivar.T)  # (P, N)
+    gram = _best_time(lambda: weights_t @ outer)
+    pre = fitting._precompute(model)
+    rng = np.random.default_rng(0)
+    n = min(batch, len(train_flux))
+    w = rng.random((n, model.n_pixels)).astype(np.float32)
+    wr = rng.random((n, model.n_pixels))
+    v = rng.random((n, model.n_terms))
+    m = np.empty((n, model.n_pixels))
+
+    def products():
+        w @ pre["theta_outer32"]
+        wr @ pre["theta_rest"]
+        np.matmul(v, pre["theta_rest"].T, out=m)
+    return dict(gram_unit=gram, fit_roof=n / _best_time(products))
+
+
 def run_backend(args):
     """Child: train and fit with one backend, print one JSON line."""
     from cannon_fast import CannonModel
@@ -109,7 +149,8 @@ def run_backend(args):
         model.train(tf, ti, tl)
         times.append(time.perf_counter() - t0)
     out = dict(backend=args.backend, source=source, n_train=len(tl), n_test=n_test,
-               n_pix=tf.shape[1], t_train=min(times), train_info=model.train_info, crb=crb)
+               n_pix=tf.shape[1], t_train=min(times), train_info=model.train_info, crb=crb,
+               **roof_figures(model, tf, ti, tl))
     from cannon_fast.lab.fit_steps import FIT_STEPS  # the lab's three label fits
 
     for step, options in FIT_STEPS.items():
@@ -177,6 +218,14 @@ def report(results, peers):
               f"{r['peak_rss_mb']:8.0f} {r['s_ratio_median']:9.3f}   (N_test={r['n_test']})")
     print("   (broadened: the plain fit, then labels + line broadening from it; its label "
           "std/CRB is below, the data have no broadening to find)")
+    print("\n# the roof: the BLAS products the work cannot avoid, timed in each backend's process")
+    print(f"{'backend':8s} {'Gram unit s':>11s} {'train in Gram units':>19s} "
+          f"{'fit roof stars/s':>16s} {'de-biased fit / roof':>20s}")
+    for r in results:
+        print(f"{r['backend']:8s} {r['gram_unit']:11.4f} {r['t_train'] / r['gram_unit']:19.1f} "
+              f"{r['fit_roof']:16.0f} {r['debias']['stars_per_s'] / r['fit_roof']:20.2f}")
+    print("   (Gram unit: one all-pixel (P x N).(N x T(T+1)/2) product, every pixel's normal "
+          "matrix at one s²; fit roof: the fit's three products over pixels alone)")
     for r in results:
         print(f"\n## {r['backend']}: label recovery (std / CRB, pull std); "
               f"flagged {r['debias']['n_flagged']} de-biased, {r['plain']['n_flagged']} plain")

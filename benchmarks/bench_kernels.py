@@ -56,7 +56,7 @@ def fit_inputs(tr, n_stars, n_starts, seed):
     w = np.empty(te.flux.shape, np.float32)
     wr, c = np.empty(te.flux.shape), np.empty(n_stars)
     kernels("numpy").star_weights(*sw, w, wr, c, np.empty(n_stars, np.int64),
-                                  np.empty((n_stars, 3)))
+                                  np.empty((n_stars, 3)), np.empty(n_stars, np.int64))
     g = np.ascontiguousarray((w @ pre["theta_outer32"]).astype(np.float64))  # (N, T2)
     h = np.ascontiguousarray(wr @ pre["theta_rest"])  # (N, T)
     starts = model.starting_points(n_starts)
@@ -84,7 +84,7 @@ def calls(train, fit, n_train, n_fit, n_pix):
     def weights(k):
         k.star_weights(*fit["star_weights"], np.empty((n_fit, n_pix), np.float32),
                        np.empty((n_fit, n_pix)), np.empty(n_fit), np.empty(n_fit, np.int64),
-                       np.empty((n_fit, 3)))
+                       np.empty((n_fit, 3)), np.empty(n_fit, np.int64))
 
     def lm(k):
         k.lm_fit(*fit["lm_fit"], np.empty((n_fit, n_labels)), np.empty(n_fit),

@@ -252,28 +252,91 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ debias_steps */
+
+PyDoc_STRVAR(debias_steps_doc,
+"debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout, "
+"capped_out)\n--\n\n"
+"Newton steps on chi2 - v^T B v from the plain minimum, the eigenvalues of B against the\n"
+"Fisher matrix capped at cap (capped_out 1 where some step capped one):\n"
+"``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()`` over stars.\n\n"
+"g_packed, b_packed (N, T(T+1)/2), h (N, T) float64; exponents (T, L) int64; lo, hi (L,)\n"
+"float64; cap float; n_steps int >= 0; xtol float -> x_inout (N, L) float64 (read and\n"
+"written), capped_out (N,) int64.");
+
+static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"g_packed", "h", "b_packed", "exponents", "lo", "hi", "cap",
+                             "n_steps", "xtol", "x_inout", "capped_out", NULL};
+    static const char *fn = "debias_steps";
+    PyObject *o[6], *q[2];
+    Py_ssize_t n_steps;
+    double cap, xtol;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOdndOO:debias_steps", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[5], &cap, &n_steps, &xtol,
+                                     &q[0], &q[1]))
+        return NULL;
+    PyArrayObject *g, *h, *b, *ex, *lo, *hi, *x, *hard;
+    if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
+    if (!(h = as_array(o[1], fn, "h", F64, 2, IN))) return NULL;
+    if (!(b = as_array(o[2], fn, "b_packed", F64, 2, IN))) return NULL;
+    if (!(ex = as_array(o[3], fn, "exponents", I64, 2, IN))) return NULL;
+    if (!(lo = as_array(o[4], fn, "lo", F64, 1, IN))) return NULL;
+    if (!(hi = as_array(o[5], fn, "hi", F64, 1, IN))) return NULL;
+    if (!(x = as_array(q[0], fn, "x_inout", F64, 2, OUT))) return NULL;
+    if (!(hard = as_array(q[1], fn, "capped_out", I64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(h, 0);
+    npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
+    npy_intp n2 = n_terms * (n_terms + 1) / 2;
+    if (check_dim(h, 1, n_terms, fn, "h", "(N, T)", "T") ||
+        check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(b, 0, n_stars, fn, "b_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(b, 1, n2, fn, "b_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(lo, 0, n_labels, fn, "lo", "(L,)", "L") ||
+        check_dim(hi, 0, n_labels, fn, "hi", "(L,)", "L") ||
+        check_dim(x, 0, n_stars, fn, "x_inout", "(N, L)", "N") ||
+        check_dim(x, 1, n_labels, fn, "x_inout", "(N, L)", "L") ||
+        check_dim(hard, 0, n_stars, fn, "capped_out", "(N,)", "N"))
+        return NULL;
+    if (n_steps < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: n_steps must be >= 0, got %zd", fn, n_steps);
+        return NULL;
+    }
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_debias_steps(n_stars, n_terms, n_labels, (const double *)PyArray_DATA(g),
+                           (const double *)PyArray_DATA(h), (const double *)PyArray_DATA(b),
+                           (const int64_t *)PyArray_DATA(ex), (const double *)PyArray_DATA(lo),
+                           (const double *)PyArray_DATA(hi), cap, n_steps, xtol,
+                           (double *)PyArray_DATA(x), (int64_t *)PyArray_DATA(hard));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ star_weights */
 
 PyDoc_STRVAR(star_weights_doc,
 "star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out, "
-"moments_out)\n--\n\n"
+"moments_out, bad_out)\n--\n\n"
 "Weights (float32), ``w (f - theta0)``, its chi2, good-pixel counts and weight moments\n"
-"per star: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``.\n\n"
+"per star, and 1 where the star may hold values the input check refuses:\n"
+"``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``.\n\n"
 "flux, ivar (N, P) float64; s2 (P,) float64; good_pix (P,) bool; theta0, t_pix (P,) float64\n"
 "-> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
-"moments_out (N, 3) float64.");
+"moments_out (N, 3) float64, bad_out (N,) int64.");
 
 static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"flux", "ivar", "s2", "good_pix", "theta0", "t_pix", "w_out",
-                             "wr_out", "c_out", "npix_out", "moments_out", NULL};
+                             "wr_out", "c_out", "npix_out", "moments_out", "bad_out", NULL};
     static const char *fn = "star_weights";
-    PyObject *o[11];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOO:star_weights", kwlist, &o[0],
+    PyObject *o[12];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOOO:star_weights", kwlist, &o[0],
                                      &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                                     &o[9], &o[10]))
+                                     &o[9], &o[10], &o[11]))
         return NULL;
-    PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom;
+    PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom, *bad;
     if (!(flux = as_array(o[0], fn, "flux", F64, 2, IN))) return NULL;
     if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
     if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
@@ -285,6 +348,7 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
     if (!(c = as_array(o[8], fn, "c_out", F64, 1, OUT))) return NULL;
     if (!(np_ = as_array(o[9], fn, "npix_out", I64, 1, OUT))) return NULL;
     if (!(mom = as_array(o[10], fn, "moments_out", F64, 2, OUT))) return NULL;
+    if (!(bad = as_array(o[11], fn, "bad_out", I64, 1, OUT))) return NULL;
     npy_intp n_stars = PyArray_DIM(flux, 0), n_pix = PyArray_DIM(flux, 1);
     if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
         check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
@@ -299,7 +363,8 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
         check_dim(c, 0, n_stars, fn, "c_out", "(N,)", "N") ||
         check_dim(np_, 0, n_stars, fn, "npix_out", "(N,)", "N") ||
         check_dim(mom, 0, n_stars, fn, "moments_out", "(N, 3)", "N") ||
-        check_dim(mom, 1, 3, fn, "moments_out", "(N, 3)", "the second axis"))
+        check_dim(mom, 1, 3, fn, "moments_out", "(N, 3)", "the second axis") ||
+        check_dim(bad, 0, n_stars, fn, "bad_out", "(N,)", "N"))
         return NULL;
     int code;
     Py_BEGIN_ALLOW_THREADS
@@ -309,7 +374,7 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
                            (const double *)PyArray_DATA(th0), (const double *)PyArray_DATA(tp),
                            (float *)PyArray_DATA(w), (double *)PyArray_DATA(wr),
                            (double *)PyArray_DATA(c), (int64_t *)PyArray_DATA(np_),
-                           (double *)PyArray_DATA(mom));
+                           (double *)PyArray_DATA(mom), (int64_t *)PyArray_DATA(bad));
     Py_END_ALLOW_THREADS
     return finish(code, fn);
 }
@@ -348,6 +413,38 @@ static PyObject *py_design(PyObject *self, PyObject *args, PyObject *kwds)
     code = cf_design(n_stars, n_terms, n_labels, (const double *)PyArray_DATA(x),
                      (const int64_t *)PyArray_DATA(ex), (double *)PyArray_DATA(v),
                      (double *)PyArray_DATA(dv));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
+/* ------------------------------------------------------------------ weighted_square_sum */
+
+PyDoc_STRVAR(weighted_square_sum_doc,
+"weighted_square_sum(w, m, out)\n--\n\n"
+"``sum_p w m**2`` per star, accumulated in float64: ``(p),(p)->()`` over stars.\n\n"
+"w (N, P) float32, m (N, P) float64 -> out (N,) float64.");
+
+static PyObject *py_weighted_square_sum(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"w", "m", "out", NULL};
+    static const char *fn = "weighted_square_sum";
+    PyObject *o[3];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:weighted_square_sum", kwlist, &o[0],
+                                     &o[1], &o[2]))
+        return NULL;
+    PyArrayObject *w, *m, *out;
+    if (!(w = as_array(o[0], fn, "w", F32, 2, IN))) return NULL;
+    if (!(m = as_array(o[1], fn, "m", F64, 2, IN))) return NULL;
+    if (!(out = as_array(o[2], fn, "out", F64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(w, 0), n_pix = PyArray_DIM(w, 1);
+    if (check_dim(m, 0, n_stars, fn, "m", "(N, P)", "N") ||
+        check_dim(m, 1, n_pix, fn, "m", "(N, P)", "P") ||
+        check_dim(out, 0, n_stars, fn, "out", "(N,)", "N"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_weighted_square_sum(n_stars, n_pix, (const float *)PyArray_DATA(w),
+                                  (const double *)PyArray_DATA(m), (double *)PyArray_DATA(out));
     Py_END_ALLOW_THREADS
     return finish(code, fn);
 }
@@ -486,8 +583,12 @@ static PyMethodDef methods[] = {
      lm_fit_doc},
     {"star_weights", (PyCFunction)(void (*)(void))py_star_weights, METH_VARARGS | METH_KEYWORDS,
      star_weights_doc},
+    {"debias_steps", (PyCFunction)(void (*)(void))py_debias_steps, METH_VARARGS | METH_KEYWORDS,
+     debias_steps_doc},
     {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
      design_doc},
+    {"weighted_square_sum", (PyCFunction)(void (*)(void))py_weighted_square_sum,
+     METH_VARARGS | METH_KEYWORDS, weighted_square_sum_doc},
     {"continuum_normalize", (PyCFunction)(void (*)(void))py_continuum_normalize,
      METH_VARARGS | METH_KEYWORDS, continuum_normalize_doc},
     {"max_threads", py_max_threads, METH_NOARGS, max_threads_doc},

@@ -542,7 +542,11 @@ static int solve_small(const double *a, const double *b, double *out, ptrdiff_t 
     return 1;
 }
 
-/* Gradient dv^T (G v - h) and Gauss-Newton Hessian dv^T G dv. */
+/* Gradient dv^T (G v - h) and Gauss-Newton Hessian dv^T G dv.
+ * dv is sparse (a term's derivative in a label it does not contain is exactly 0, most of
+ * them for a polynomial): the zero entries are skipped. What they would add is +-0, and the
+ * other products are added in the same order, so the sums are the dense loops' bit for bit.
+ * G is symmetric (both halves copied from one packed entry): row s stands for column s. */
 static void lm_grad_hess(const double *g, const double *h, const double *v, const double *dv,
                          ptrdiff_t nt, ptrdiff_t nl, double *gv, double *gdv, double *grad,
                          double *hess)
@@ -551,21 +555,26 @@ static void lm_grad_hess(const double *g, const double *h, const double *v, cons
         double acc = 0.0;
         for (ptrdiff_t s = 0; s < nt; s++) acc += g[t * nt + s] * v[s];
         gv[t] = acc - h[t];
+    }
+    memset(gdv, 0, sizeof(double) * (size_t)(nt * nl));
+    for (ptrdiff_t s = 0; s < nt; s++) {
+        const double *gs = g + s * nt;
         for (ptrdiff_t l = 0; l < nl; l++) {
-            acc = 0.0;
-            for (ptrdiff_t s = 0; s < nt; s++) acc += g[t * nt + s] * dv[s * nl + l];
-            gdv[t * nl + l] = acc;
+            double d = dv[s * nl + l];
+            if (d == 0.0) continue;
+            for (ptrdiff_t t = 0; t < nt; t++) gdv[t * nl + l] += gs[t] * d;
         }
     }
     for (ptrdiff_t l = 0; l < nl; l++) {
         double acc = 0.0;
-        for (ptrdiff_t t = 0; t < nt; t++) acc += dv[t * nl + l] * gv[t];
-        grad[l] = acc;
-        for (ptrdiff_t m = 0; m < nl; m++) {
-            acc = 0.0;
-            for (ptrdiff_t t = 0; t < nt; t++) acc += dv[t * nl + l] * gdv[t * nl + m];
-            hess[l * nl + m] = acc;
+        for (ptrdiff_t m = 0; m < nl; m++) hess[l * nl + m] = 0.0;
+        for (ptrdiff_t t = 0; t < nt; t++) {
+            double d = dv[t * nl + l];
+            if (d == 0.0) continue;
+            acc += d * gv[t];
+            for (ptrdiff_t m = 0; m < nl; m++) hess[l * nl + m] += d * gdv[t * nl + m];
         }
+        grad[l] = acc;
     }
 }
 
@@ -766,12 +775,249 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
     return err;
 }
 
+/* ------------------------------------------------------------------ de-biasing steps */
+
+/* Whether a (n, n) is positive definite: every Cholesky pivot > 0, NaN not (the rule of
+ * fitting._batched_cholesky: a sign test of the eigenvalues, no relative tolerance). */
+static int positive_definite(const double *a, ptrdiff_t n, double *c)
+{
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double d = a[j * n + j];
+        for (ptrdiff_t k = 0; k < j; k++) d -= c[j * n + k] * c[j * n + k];
+        if (!(d > 0.0)) return 0;
+        double dj = sqrt(d);
+        c[j * n + j] = dj;
+        for (ptrdiff_t i = j + 1; i < n; i++) {
+            double t = a[i * n + j];
+            for (ptrdiff_t k = 0; k < j; k++) t -= c[i * n + k] * c[j * n + k];
+            c[i * n + j] = t / dj;
+        }
+    }
+    return 1;
+}
+
+/* Eigen-decomposition of the symmetric (n, n) a by cyclic Jacobi rotations (n is a few
+ * labels): a is destroyed, lam (n,) gets the eigenvalues and u (n, n) the eigenvectors
+ * as columns. Converges quadratically; stops when the off-diagonal part is below
+ * 1e-15 of the whole (or after 100 sweeps). */
+static void jacobi_eigh(double *a, ptrdiff_t n, double *lam, double *u)
+{
+    for (ptrdiff_t i = 0; i < n * n; i++) u[i] = 0.0;
+    for (ptrdiff_t i = 0; i < n; i++) u[i * n + i] = 1.0;
+    for (int sweep = 0; sweep < 100; sweep++) {
+        double off = 0.0, tot = 0.0;
+        for (ptrdiff_t i = 0; i < n; i++) {
+            for (ptrdiff_t j = 0; j < n; j++) {
+                tot += a[i * n + j] * a[i * n + j];
+                if (i != j) off += a[i * n + j] * a[i * n + j];
+            }
+        }
+        if (!(off > 1e-30 * tot)) break; /* also stops on NaN */
+        for (ptrdiff_t p = 0; p < n - 1; p++) {
+            for (ptrdiff_t q = p + 1; q < n; q++) {
+                double apq = a[p * n + q];
+                if (apq == 0.0) continue;
+                double theta = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
+                double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                double c = 1.0 / sqrt(t * t + 1.0), sn = t * c;
+                for (ptrdiff_t k = 0; k < n; k++) { /* columns p, q */
+                    double akp = a[k * n + p], akq = a[k * n + q];
+                    a[k * n + p] = c * akp - sn * akq;
+                    a[k * n + q] = sn * akp + c * akq;
+                }
+                for (ptrdiff_t k = 0; k < n; k++) { /* rows p, q */
+                    double apk = a[p * n + k], aqk = a[q * n + k];
+                    a[p * n + k] = c * apk - sn * aqk;
+                    a[q * n + k] = sn * apk + c * aqk;
+                }
+                for (ptrdiff_t k = 0; k < n; k++) {
+                    double ukp = u[k * n + p], ukq = u[k * n + q];
+                    u[k * n + p] = c * ukp - sn * ukq;
+                    u[k * n + q] = sn * ukp + c * ukq;
+                }
+            }
+        }
+    }
+    for (ptrdiff_t i = 0; i < n; i++) lam[i] = a[i * n + i];
+}
+
+/* Solve the lower-triangular c y = b in place (b -> y). */
+static void lower_solve(const double *c, double *b, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        double s = b[i];
+        for (ptrdiff_t k = 0; k < i; k++) s -= c[i * n + k] * b[k];
+        b[i] = s / c[i * n + i];
+    }
+}
+
+typedef struct {
+    double *chol, *a, *u, *lam, *tmp, *vec; /* (L, L) x 4, (L,) x 2 */
+} capped_scratch;
+
+/* The capped Hessian and pushed bias of one star (_reference.capped_step_matrices):
+ * work = F - B_x and push as it is where cap F - B_x is positive definite (returns 0);
+ * else, with F = C C^T and C^-1 B_x C^-T = U diag(lam) U^T,
+ * work = C U diag(1 - min(lam, cap)) U^T C^T and push -> C U diag(min(1, cap/lam)) U^T
+ * C^-1 push (returns 1 if some lam > cap); F and push = 0 where F is not positive
+ * definite (returns 0). */
+static int capped_step(const double *fisher, const double *bmat, double cap, ptrdiff_t nl,
+                       double *work, double *push, capped_scratch *cs)
+{
+    for (ptrdiff_t q = 0; q < nl * nl; q++) work[q] = cap * fisher[q] - bmat[q];
+    if (positive_definite(work, nl, cs->chol)) {
+        for (ptrdiff_t q = 0; q < nl * nl; q++) work[q] = fisher[q] - bmat[q];
+        return 0;
+    }
+    for (ptrdiff_t q = 0; q < nl * nl; q++) cs->chol[q] = 0.0;
+    if (!positive_definite(fisher, nl, cs->chol)) {
+        memcpy(work, fisher, sizeof(double) * (size_t)(nl * nl));
+        for (ptrdiff_t l = 0; l < nl; l++) push[l] = 0.0;
+        return 0;
+    }
+    const double *c = cs->chol;
+    /* a = C^-1 B C^-T: columns of B through C^-1, then the rows */
+    for (ptrdiff_t j = 0; j < nl; j++) {
+        for (ptrdiff_t i = 0; i < nl; i++) cs->vec[i] = bmat[i * nl + j];
+        lower_solve(c, cs->vec, nl);
+        for (ptrdiff_t i = 0; i < nl; i++) cs->tmp[i * nl + j] = cs->vec[i]; /* Y = C^-1 B */
+    }
+    for (ptrdiff_t i = 0; i < nl; i++) {
+        for (ptrdiff_t j = 0; j < nl; j++) cs->vec[j] = cs->tmp[i * nl + j]; /* row i of Y */
+        lower_solve(c, cs->vec, nl);
+        for (ptrdiff_t j = 0; j < nl; j++) cs->a[j * nl + i] = cs->vec[j]; /* (C^-1 Y^T)^T */
+    }
+    for (ptrdiff_t i = 0; i < nl; i++) {
+        for (ptrdiff_t j = i + 1; j < nl; j++) {
+            double m = 0.5 * (cs->a[i * nl + j] + cs->a[j * nl + i]);
+            cs->a[i * nl + j] = cs->a[j * nl + i] = m;
+        }
+    }
+    jacobi_eigh(cs->a, nl, cs->lam, cs->u);
+    int capped = 0;
+    /* tmp = C U (columns of U through C) */
+    for (ptrdiff_t i = 0; i < nl; i++) {
+        for (ptrdiff_t j = 0; j < nl; j++) {
+            double s = 0.0;
+            for (ptrdiff_t k = 0; k <= i; k++) s += c[i * nl + k] * cs->u[k * nl + j];
+            cs->tmp[i * nl + j] = s;
+        }
+    }
+    /* work = (C U) diag(1 - min(lam, cap)) (C U)^T */
+    for (ptrdiff_t i = 0; i < nl; i++) {
+        for (ptrdiff_t j = 0; j < nl; j++) {
+            double s = 0.0;
+            for (ptrdiff_t k = 0; k < nl; k++) {
+                double d = 1.0 - (cs->lam[k] < cap ? cs->lam[k] : cap);
+                s += cs->tmp[i * nl + k] * d * cs->tmp[j * nl + k];
+            }
+            work[i * nl + j] = s;
+        }
+    }
+    /* push -> (C U) diag(scale) U^T (C^-1 push) */
+    memcpy(cs->vec, push, sizeof(double) * (size_t)nl);
+    lower_solve(c, cs->vec, nl);
+    for (ptrdiff_t k = 0; k < nl; k++) {
+        double s = 0.0;
+        for (ptrdiff_t i = 0; i < nl; i++) s += cs->u[i * nl + k] * cs->vec[i];
+        if (cs->lam[k] > cap) {
+            capped = 1;
+            s *= cap / cs->lam[k];
+        }
+        cs->a[k] = s; /* a is free again */
+    }
+    for (ptrdiff_t i = 0; i < nl; i++) {
+        double s = 0.0;
+        for (ptrdiff_t k = 0; k < nl; k++) s += cs->tmp[i * nl + k] * cs->a[k];
+        push[i] = s;
+    }
+    return capped;
+}
+
+int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                    const double *g_packed, const double *h, const double *b_packed,
+                    const int64_t *exponents, const double *lo, const double *hi, double cap,
+                    ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *capped_out)
+{
+    const ptrdiff_t nt = n_terms, nl = n_labels, n2 = nt * (nt + 1) / 2;
+    int err = CF_OK;
+    if (n_stars < 0 || nt < 0 || nl < 0 || n_steps < 0) return CF_ERR_ARG;
+    if (n_stars == 0) return CF_OK;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        /* g, b (T, T); zero, v, gv (T); dv, gdv (T, L); x, plain, push, step, r, lam, vec
+           (L); fisher, bmat, work, m, chol, a, u, tmp (L, L) */
+        size_t n_dbl = (size_t)(2 * nt * nt + 3 * nt + 2 * nt * nl + 7 * nl + 8 * nl * nl + 1);
+        double *blk = (double *)calloc(n_dbl, sizeof(double));
+        if (!blk) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        double *g = blk, *b = g + nt * nt, *zero = b + nt * nt, *v = zero + nt, *gv = v + nt;
+        double *dv = gv + nt, *gdv = dv + nt * nl, *x = gdv + nt * nl, *plain = x + nl;
+        double *push = plain + nl, *step = push + nl, *r = step + nl, *fisher = r + nl;
+        double *bmat = fisher + nl * nl, *work = bmat + nl * nl, *m = work + nl * nl;
+        capped_scratch cs;
+        cs.chol = m + nl * nl;
+        cs.a = cs.chol + nl * nl;
+        cs.u = cs.a + nl * nl;
+        cs.tmp = cs.u + nl * nl;
+        cs.lam = cs.tmp + nl * nl;
+        cs.vec = cs.lam + nl;
+        CF_OMP(omp for schedule(dynamic, 8))
+        for (ptrdiff_t i = 0; i < n_stars; i++) {
+            if (!blk) continue;
+            const double *gp = g_packed + i * n2, *bp = b_packed + i * n2;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t c = a; c < nt; c++, k++) {
+                    g[a * nt + c] = g[c * nt + a] = gp[k];
+                    b[a * nt + c] = b[c * nt + a] = bp[k];
+                }
+            }
+            memcpy(x, x_inout + i * nl, sizeof(double) * (size_t)nl);
+            double last = INFINITY;
+            int64_t capped = 0;
+            for (ptrdiff_t it = 0; it < n_steps; it++) {
+                cf_label_vector_and_jacobian(nt, nl, x, exponents, v, dv);
+                lm_grad_hess(g, h + i * nt, v, dv, nt, nl, gv, gdv, plain, fisher);
+                lm_grad_hess(b, zero, v, dv, nt, nl, gv, gdv, push, bmat);
+                capped |= capped_step(fisher, bmat, cap, nl, work, push, &cs);
+                for (ptrdiff_t l = 0; l < nl; l++) push[l] -= plain[l];
+                if (!solve_small(work, push, step, nl, m, r)) {
+                    for (ptrdiff_t l = 0; l < nl; l++) step[l] = 0.0;
+                }
+                double size = 0.0;
+                for (ptrdiff_t l = 0; l < nl; l++) {
+                    if (fabs(step[l]) > size) size = fabs(step[l]);
+                }
+                int go = size < last;
+                if (go) {
+                    for (ptrdiff_t l = 0; l < nl; l++) {
+                        double xn = x[l] + step[l];
+                        xn = xn > lo[l] ? xn : lo[l];
+                        x[l] = xn < hi[l] ? xn : hi[l];
+                    }
+                }
+                last = size;
+                if (!(go && size > xtol)) break;
+            }
+            capped_out[i] = capped;
+            memcpy(x_inout + i * nl, x, sizeof(double) * (size_t)nl);
+        }
+        free(blk);
+    }
+    return err;
+}
+
 /* ------------------------------------------------------------------ star weights */
 
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
                     const double *s2, const uint8_t *good_pix, const double *theta0,
                     const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out)
+                    int64_t *npix_out, double *moments_out, int64_t *bad_out)
 {
     if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
     const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
@@ -783,10 +1029,16 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         const double *iv = ivar + i * n_pix;
         float *wo = w_out + i * n_pix;
         double *wro = wr_out + i * n_pix;
-        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0;
-        int64_t cnt = 0;
+        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0, sum_iv = 0.0, sum_f = 0.0;
+        int64_t cnt = 0, neg = 0;
         for (ptrdiff_t p = 0; p < n_pix; p++) {
             double x = iv[p];
+            /* the input check rides along, as check_spectra's fast path: a sum with a NaN
+               or inf in it is not finite (a finite sum can also overflow: a false alarm,
+               which check_spectra then clears) */
+            sum_iv += x;
+            neg += x < 0.0;
+            sum_f += x > 0.0 ? f[p] : 0.0;
             if (x > 0 && good_pix[p]) {
                 double w = 1.0 / (1.0 / x + s2[p]);
                 double r = f[p] - theta0[p];
@@ -804,9 +1056,30 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         }
         c_out[i] = acc;
         npix_out[i] = cnt;
+        bad_out[i] = !isfinite(sum_iv) || neg > 0 || !isfinite(sum_f);
         moments_out[3 * i] = m0;
         moments_out[3 * i + 1] = m1;
         moments_out[3 * i + 2] = m2;
+    }
+    return CF_OK;
+}
+
+/* ------------------------------------------------------------------ weighted sum of squares */
+
+int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, const double *m,
+                           double *out)
+{
+    if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    /* one pass over two (N, P) arrays, bound by memory bandwidth */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        const float *wi = w + i * n_pix;
+        const double *mi = m + i * n_pix;
+        double acc = 0.0;
+        for (ptrdiff_t p = 0; p < n_pix; p++) acc += (double)wi[p] * mi[p] * mi[p];
+        out[i] = acc;
     }
     return CF_OK;
 }

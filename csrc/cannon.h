@@ -158,7 +158,7 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
 /**
  * Fit weights, weighted residuals from the constant term, their chi2,
  * good-pixel counts and weight moments per star, in one pass over the spectra.
- * Contract: (p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3) over stars.
+ * Contract: (p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),() over stars.
  *
  * @param n_stars N: number of stars.
  * @param n_pix P: number of pixels.
@@ -173,12 +173,49 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
  * @param c_out (N,): sum_p w (f - theta0)^2.
  * @param npix_out (N,): number of usable pixels.
  * @param moments_out (N, 3): sum w, sum w t and sum w^2 t.
+ * @param bad_out (N,): 1 where the star may hold a value check_spectra refuses (the sum of
+ *        its ivar, or of its flux where ivar > 0, is not finite, or an ivar is negative),
+ *        over all pixels, good or not; check_spectra then decides (a sum can overflow).
  * @return CF_OK.
  */
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
                     const double *s2, const uint8_t *good_pix, const double *theta0,
                     const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out);
+                    int64_t *npix_out, double *moments_out, int64_t *bad_out);
+
+/**
+ * Newton steps on the de-biased objective chi^2 - v^T B v from the plain minimum, with the
+ * generalized eigenvalues of B_x = dv^T B dv against F = dv^T G dv capped at cap.
+ * Contract: (t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),() over stars; the semantics are
+ * those of _reference.model_eval.debias_steps.
+ *
+ * @param g_packed, b_packed (N, T(T+1)/2): packed G and B.
+ * @param h (N, T).
+ * @param exponents (T, L).
+ * @param lo, hi (L,): bounds in scaled labels.
+ * @param cap the eigenvalue cap; n_steps, xtol: at most n_steps, until a step < xtol.
+ * @param x_inout (N, L): the plain fit in, the de-biased fit out.
+ * @param capped_out (N,): 1 where some step met an eigenvalue above cap.
+ * @return CF_OK, or CF_ERR_NOMEM.
+ */
+int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                    const double *g_packed, const double *h, const double *b_packed,
+                    const int64_t *exponents, const double *lo, const double *hi, double cap,
+                    ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *capped_out);
+
+/**
+ * sum_p w m^2 per star (the chi^2 of a model at fitted labels, from its residuals).
+ * Contract: (p),(p)->() over stars.
+ *
+ * @param n_stars N: number of stars.
+ * @param n_pix P: number of pixels.
+ * @param w (N, P): float32 weights.
+ * @param m (N, P): values.
+ * @param out (N,): the sums, accumulated in float64.
+ * @return CF_OK.
+ */
+int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, const double *m,
+                           double *out);
 
 /**
  * Fit and divide out a per-chip weighted least-squares pseudo-continuum, per star.

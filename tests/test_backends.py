@@ -19,12 +19,14 @@ from cannon_fast import CannonModel
 from cannon_fast.core import _kernels as nb_kernels
 from cannon_fast.core import _reference as ref
 from cannon_fast.core import vectorizer as vz
-from cannon_fast.core._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from cannon_fast.core._reference.model_eval import (HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE,
+                                                    capped_step_matrices)
 from cannon_fast.core._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, loglike_s2
 from cannon_fast.core.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
 
-KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights", "design",
+KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights",
+           "weighted_square_sum", "debias_steps", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -69,7 +71,7 @@ def _design(k, x, exponents):
 def _weights(k, flux, ivar, s2, good, theta0, t_pix):
     n, p = flux.shape
     out = (np.full((n, p), np.nan, np.float32), np.full((n, p), np.nan), np.full(n, np.nan),
-           np.full(n, -1, np.int64), np.full((n, 3), np.nan))
+           np.full(n, -1, np.int64), np.full((n, 3), np.nan), np.full(n, -1, np.int64))
     k.star_weights(flux, ivar, s2, good, theta0, t_pix, *out)
     return out
 
@@ -424,7 +426,8 @@ def test_design_by_hand(backend):
 def test_star_weights_match_reference(fast_backend, weights_problem):
     out = _weights(kernels(fast_backend), *weights_problem)
     out_r = _weights(ref, *weights_problem)
-    w, wr, c, npix, mom = out
+    w, wr, c, npix, mom, bad = out
+    assert_array_equal(bad, out_r[5])
     assert w.dtype == np.float32
     assert_array_equal(w, out_r[0])  # the same float64 formula, rounded once to float32
     assert_allclose(wr, out_r[1], rtol=1e-14, atol=0)
@@ -442,12 +445,103 @@ def test_star_weights_by_hand(backend):
     flux, ivar = np.array([[1.5, 9.0, 1.5]]), np.array([[4.0, 0.0, 4.0]])
     s2, good = np.array([0.25, 0.0, 0.25]), np.array([True, True, False])
     theta0, t_pix = np.ones(3), np.array([3.0, 1.0, 1.0])
-    w, wr, c, npix, mom = _weights(kernels(backend), flux, ivar, s2, good, theta0, t_pix)
+    w, wr, c, npix, mom, bad = _weights(kernels(backend), flux, ivar, s2, good, theta0, t_pix)
+    assert_array_equal(bad, [0])
     assert_array_equal(w, [[2, 0, 0]])
     assert_array_equal(wr, [[1, 0, 0]])
     assert_array_equal(c, [0.5])
     assert_array_equal(npix, [1])
     assert_array_equal(mom, [[2, 6, 12]])
+
+
+def test_star_weights_count_bad_values(backend):
+    """check_spectra's fast test, per star in the weights pass."""
+    # what check_spectra refuses, on any pixel (good or not): ivar NaN, inf or < 0, and
+    # flux NaN or inf where ivar > 0; NaN flux where ivar = 0 is a masked pixel
+    nan, inf = np.nan, np.inf
+    flux = np.array([[1.0, nan, 1.0, 1.0], [nan, 1.0, inf, 1.0], [1.0, 1.0, 1.0, 1.0],
+                     [1.0, 1.0, 1.0, -inf]])
+    ivar = np.array([[1.0, 0.0, 1.0, 1.0], [1.0, nan, 1.0, -1.0], [inf, 1.0, -inf, 1.0],
+                     [0.0, 0.0, 0.0, 2.0]])
+    good = np.array([True, True, True, False])
+    out = _weights(kernels(backend), flux, ivar, np.zeros(4), good, np.ones(4), np.ones(4))
+    assert_array_equal(out[5], [0, 1, 1, 1])
+    for star in range(1, 4):  # one bad value is enough
+        for pix in np.flatnonzero(~np.isfinite(ivar[star]) | (ivar[star] < 0)
+                                  | ((ivar[star] > 0) & ~np.isfinite(flux[star]))):
+            f, iv = np.ones((1, 4)), np.ones((1, 4))
+            f[0, pix], iv[0, pix] = flux[star, pix], ivar[star, pix]
+            one = _weights(kernels(backend), f, iv, np.zeros(4), good, np.ones(4), np.ones(4))
+            assert one[5][0] == 1, (star, pix)
+
+
+def test_weighted_square_sum_matches_reference(backend):
+    """sum_p w m² per star in float64, against the plain sum (float32 weights)."""
+    rng = np.random.default_rng(3)
+    w = rng.random((37, 301)).astype(np.float32)
+    w[5] = 0.0
+    m = rng.normal(size=(37, 301)) * 1e3
+    out = np.full(37, np.nan)
+    kernels(backend).weighted_square_sum(w, m, out)
+    assert_allclose(out, np.sum(w.astype(np.float64) * m * m, axis=1), rtol=1e-13)
+    assert out[5] == 0.0
+
+
+@pytest.fixture(scope="module")
+def debias_problem(lm_problem):
+    """lm_problem's plain fits, with B = sum_p w_p C_p of another coefficient noise.
+
+    Scaled so that the eigenvalue cap bites on some stars and not on others.
+    """
+    p = lm_problem
+    rng = np.random.default_rng(5)
+    n = len(p["c"])
+    noise = rng.normal(scale=0.01, size=(300, len(p["exponents"])))
+    w = rng.uniform(1e3, 1e4, size=(n, 300))
+    b = (w @ vz.packed_outer(noise)) * np.geomspace(0.3, 300, n)[:, None]
+    x = np.full((n, p["exponents"].shape[1]), np.nan)
+    ref.lm_fit(p["g"], p["h"], p["c"], p["exponents"], p["starts"], p["lo"], p["hi"], 2, 100,
+               1e-10, 9.0, x, np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64))
+    return dict(p, b=np.ascontiguousarray(b), x=x)
+
+
+def _debias_steps(k, p, n_steps=4):
+    x, capped = p["x"].copy(), np.full(len(p["x"]), -1, np.int64)
+    k.debias_steps(p["g"], p["h"], p["b"], p["exponents"], p["lo"], p["hi"], 0.3, n_steps,
+                   1e-6, x, capped)
+    return x, capped
+
+
+def test_debias_steps_match_reference(backend, debias_problem):
+    """The kernels' capped Newton steps against the reference's."""
+    p = debias_problem
+    x, capped = _debias_steps(kernels(backend), p)
+    x_r, capped_r = _debias_steps(ref, p)
+    assert_array_equal(capped, capped_r)
+    assert 0 < capped.sum() < len(capped)  # both kinds of star in the problem
+    # Jacobi rotations (C, numba) and LAPACK's eigh (reference) differ in rounding only
+    assert_allclose(x, x_r, rtol=0, atol=1e-10)
+    assert np.all(np.any(x != p["x"], axis=1))  # every star moved
+    x0, _ = _debias_steps(kernels(backend), p, n_steps=0)  # no steps: nothing moves
+    assert_array_equal(x0, p["x"])
+
+
+def test_capped_step_matrices_match_the_batched_form():
+    """The reference's per-star capped Hessian and push against fitting._capped_hessian."""
+    from cannon_fast.core import fitting
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(60, 4, 4))
+    fisher = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(4)
+    c = rng.normal(size=(60, 4, 4))
+    bmat = (c @ np.swapaxes(c, 1, 2)) * np.geomspace(0.01, 3, 60)[:, None, None]
+    fisher[-1] = -np.eye(4)  # not positive definite: no correction
+    hess, push, capped = fitting._capped_hessian(fisher, bmat, cap=0.3)
+    assert 0 < capped.sum() < 59
+    for i in range(60):
+        h_i, p_i, c_i = capped_step_matrices(fisher[i], bmat[i], 0.3)
+        assert_allclose(h_i, hess[i], rtol=1e-10, atol=1e-12 * np.abs(hess[i]).max())
+        assert_allclose(p_i, push[i], rtol=1e-10, atol=1e-10)
+        assert c_i == capped[i]
 
 
 # ------------------------------------------------------------------ lm_fit
@@ -693,8 +787,11 @@ def _c_ok_args():
         "star_weights": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
                          np.ones(4), np.ones(4), np.empty((n, 4), np.float32),
                          np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
-                         np.empty((n, 3))],
+                         np.empty((n, 3)), np.empty(n, np.int64)],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
+        "weighted_square_sum": [np.ones((n, 4), np.float32), np.ones((n, 4)), np.empty(n)],
+        "debias_steps": [np.ones((n, l2)), np.ones((n, t)), np.zeros((n, l2)), ex, -np.ones(2),
+                         np.ones(2), 0.3, 4, 1e-6, np.zeros((n, 2)), np.empty(n, np.int64)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
                                 np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
                                 np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
@@ -729,7 +826,12 @@ def test_c_valid_arguments_run(name):
     ("star_weights", 3, np.ones(4), TypeError, "good_pix must have dtype bool"),
     ("star_weights", 6, np.empty((3, 4)), TypeError, "w_out must have dtype float32"),
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
+    ("star_weights", 11, np.empty(2, np.int64), ValueError, "bad_out has shape"),
     ("design", 3, np.empty((3, 6, 3)), ValueError, "dv_out has shape"),
+    ("weighted_square_sum", 0, np.ones((3, 4)), TypeError, "w must have dtype float32"),
+    ("debias_steps", 2, np.ones((3, 5)), ValueError, r"b_packed has shape \(3, 5\)"),
+    ("debias_steps", 7, -1, ValueError, "n_steps must be >= 0"),
+    ("weighted_square_sum", 1, np.ones((3, 5)), ValueError, r"m has shape \(3, 5\)"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
     ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,
      "flux must have dtype float64 or float32"),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from cannon_fast import CannonModel, fit_spectra
+from cannon_fast import CannonModel, available_backends, fit_spectra
 from cannon_fast.core import vectorizer as vz
 from cannon_fast.core.fitting import FLAGS, fit_trf
 from cannon_fast.testing import make_synthetic, synthetic_grid
@@ -166,6 +166,13 @@ def test_bad_fit_input(setup):
     flux[3, 10] = np.inf
     with pytest.raises(ValueError, match=r"star 3 \(1 pixels, 10\)"):
         model.fit(flux, test.ivar)
+    # checked batch by batch in the weights kernel: star numbers still count from the first
+    ivar = test.ivar.copy()
+    ivar[33, 7:9] = -1.0
+    for backend in available_backends():
+        with pytest.raises(ValueError,
+                           match=r"ivar has negative values at star 33 \(2 pixels, 7-8\)"):
+            model.fit(test.flux, ivar, batch_size=8, backend=backend)
     with pytest.raises(ValueError, match="unknown method"):
         fit_spectra(model, test.flux, test.ivar, method="lbfgs")
 

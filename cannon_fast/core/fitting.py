@@ -300,7 +300,12 @@ class FitResult:
         return cls(label_names=parts[0].label_names, debiased=parts[0].debiased, **fields)
 
 
-def _check_fit_input(flux, ivar, n_pixels):
+def _check_fit_input(flux, ivar, n_pixels, check_values=True):
+    """Float64 (N, P) spectra on the model's grid; their values checked unless told not to.
+
+    ``check_values=False``: the caller checks them itself (``fit_cannon``'s weights
+    kernel runs ``check_spectra``'s fast test in the pass it makes anyway).
+    """
     flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
     ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
     if flux.shape != ivar.shape:
@@ -308,7 +313,8 @@ def _check_fit_input(flux, ivar, n_pixels):
     if n_pixels is not None and flux.shape[1] != n_pixels:
         raise ValueError(f"the spectra have {flux.shape[1]} pixels but the model has {n_pixels}: "
                          "they must be on the model's pixel grid")
-    check_spectra(flux, ivar)
+    if check_values:
+        check_spectra(flux, ivar)
     return flux, ivar
 
 
@@ -397,7 +403,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     """
     model._require_trained()
     _check_broadening(debias, broadening)
-    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels)
+    # the values are checked by the weights kernel, in its pass over the spectra
+    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels, check_values=False)
     backend = resolve_backend(backend or model.backend)
     settings = _FitSettings(debias=debias, exact_debias=exact_debias, n_starts=n_starts,
                             n_polish=n_polish, batch_size=batch_size, max_iter=max_iter,
@@ -406,7 +413,7 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     result = _fit_once(model, flux, ivar, settings)
     if refine_continuum:
         flux, ivar = _refine_continuum(model, flux, ivar, result, batch_size, backend)
-        result = _fit_once(model, flux, ivar, settings)
+        result = _fit_once(model, flux, ivar, settings, check_values=False)
     return result
 
 
@@ -445,16 +452,20 @@ def _refine_continuum(model, flux, ivar, result, batch_size, backend):
     return refined_flux, refined_ivar
 
 
-def _fit_once(model, flux, ivar, settings):
-    """One batched fit of checked spectra (and the broadening fit from it when asked)."""
-    result = _fit_batches(model, flux, ivar, settings)
+def _fit_once(model, flux, ivar, settings, check_values=True):
+    """One batched fit of spectra (and the broadening fit from it when asked).
+
+    ``check_values``: refuse the values ``check_spectra`` refuses (the caller has not
+    checked them); not for spectra this module made itself (the refined continuum's).
+    """
+    result = _fit_batches(model, flux, ivar, settings, check_values)
     if settings.broadening:
         return fit_broadened(model, flux, ivar, start=result,
                              progress_bar=settings.progress_bar)
     return _mark_label_flags(model, result)
 
 
-def _fit_batches(model, flux, ivar, settings):
+def _fit_batches(model, flux, ivar, settings, check_values=True):
     """The fast batched fit (the body of ``fit_cannon``), before ``_mark_label_flags``."""
     (debias, exact_debias, n_starts, n_polish, batch_size, max_iter, xtol, disagree_dchi2,
      backend, progress_bar) = (settings.debias, settings.exact_debias, settings.n_starts,
@@ -484,8 +495,11 @@ def _fit_batches(model, flux, ivar, settings):
         n = sl.stop - sl.start
         w, wr = w_buf[:n], wr_buf[:n]
         c, n_pix, mom = np.empty(n), np.empty(n, dtype=np.int64), np.empty((n, 3))
+        bad = np.empty(n, dtype=np.int64)
         k.star_weights(flux[sl], ivar[sl], model.s2, pre["good_pix"], pre["theta0"],
-                       pre["t_pix"], w, wr, c, n_pix, mom)
+                       pre["t_pix"], w, wr, c, n_pix, mom, bad)
+        if check_values and bad.any():
+            _refuse_values(flux, ivar, sl)
         # chi²(x) = c - 2 h.v + v^T G v with r = f - theta_0 (the constant term's row of
         # G and entry of h are zero); G in float32 costs half, and its rounding moves
         # the labels by ~1e-6 of their errors.
@@ -508,19 +522,19 @@ def _fit_batches(model, flux, ivar, settings):
                 np.broadcast_to(starts, (len(idx),) + starts.shape), lo, hi, n_polish, max_iter,
                 xtol, disagree_dchi2)
             if debias:
-                at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)[1]
+                at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
                 status[idx[at_bound]] |= FLAGS["HIT_BOUND"]
         status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
         # chi², Fisher matrix and covariance at the solution
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
         k.design(x, model.exponents, v, dv)
         g_full = vz.unpack_symmetric(g, n_terms)
-        # chi² from the residuals themselves (G, accumulated in float32, is not used here)
+        # chi² from the residuals themselves (G, accumulated in float32, is not used here):
+        # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
         m = np.matmul(v, pre["theta_rest"].T, out=m_buf[:n])  # model minus its constant term
-        chi2 = c - 2 * np.einsum("np,np->n", wr, m)
-        np.square(m, out=m)
-        np.multiply(m, w, out=m)
-        chi2 += m.sum(axis=1)
+        chi2 = np.empty(n)
+        k.weighted_square_sum(w, m, chi2)
+        chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
         dvt = np.swapaxes(dv, 1, 2)
         fisher = dvt @ g_full @ dv  # (n, L, L)
         if debias:
@@ -563,6 +577,16 @@ def _fit_batches(model, flux, ivar, settings):
         bar.update(n)
     bar.close()
     return FitResult.concatenate(parts)
+
+
+def _refuse_values(flux, ivar, rows):
+    """``check_spectra`` on the spectra up to ``rows``, where the weights kernel's test failed.
+
+    The spectra before ``rows`` are checked too (they passed), so the message's
+    star numbers count from the first spectrum of the input. The kernel's test is
+    check_spectra's fast path (finite sums): an overflowing sum passes here.
+    """
+    check_spectra(flux[:rows.stop], ivar[:rows.stop])
 
 
 def fitted_spectra(model, result, rows=slice(None)):
@@ -683,39 +707,20 @@ def _batched_cholesky(a):
 def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     """Newton steps on the (capped) corrected objective ``chi² - v^T B v``, in place on x[idx].
 
-    Each step recomputes the capped Hessian (reusing the first one can diverge); a
-    star stops where a step is no smaller than
-    the one before it, so a correction can only converge, never run away.
-    Returns the (len(idx),) DEBIAS_CAPPED mask and where a label ends on a bound
-    (the steps are clipped to them, as LM's are: HIT_BOUND).
+    Each step recomputes the capped Hessian (``_capped_hessian``; reusing the first
+    one can diverge); a star stops where a step is no smaller than the one before
+    it, so a correction can only converge, never run away. Per star in the
+    backend's ``debias_steps`` (``_reference.model_eval.debias_steps``).
+    Returns where a label ends on a bound (the steps are clipped to them, as LM's
+    are: HIT_BOUND).
     """
-    n_terms = exponents.shape[0]
-    g_full, b_full = vz.unpack_symmetric(g[idx], n_terms), vz.unpack_symmetric(b[idx], n_terms)
-    capped = np.zeros(len(idx), bool)
-    last = np.full(len(idx), np.inf)
-    act = np.arange(len(idx))  # stars still moving (converged or stalled ones drop out)
-    for _ in range(DEBIAS_STEPS):
-        xi = np.ascontiguousarray(x[idx[act]])
-        v, dv = np.empty((len(act), n_terms)), np.empty((len(act),) + exponents.shape)
-        k.design(xi, exponents, v, dv)
-        dvt = np.swapaxes(dv, 1, 2)
-        gf, bf = g_full[act], b_full[act]
-        hess, push, cap = _capped_hessian(dvt @ gf @ dv, dvt @ bf @ dv)
-        capped[act] |= cap
-        # half the gradient: J^T W (model - f) (zero at the plain minimum) minus the push
-        plain = (dvt @ ((gf @ v[:, :, None])[:, :, 0] - h[idx[act]])[:, :, None])[:, :, 0]
-        bias_push = (push @ (dvt @ (bf @ v[:, :, None])))[:, :, 0]
-        step = _solve_batched(hess, bias_push - plain)
-        size = np.max(np.abs(step), axis=1)
-        go = size < last[act]
-        x[idx[act[go]]] = np.clip(xi[go] + step[go], lo, hi)
-        last[act] = size
-        act = act[go & (size > DEBIAS_XTOL)]
-        if len(act) == 0:
-            break
-    at_bound = np.any(np.isclose(x[idx], lo, rtol=0, atol=1e-9)
-                      | np.isclose(x[idx], hi, rtol=0, atol=1e-9), axis=1)
-    return capped, at_bound
+    xs = np.ascontiguousarray(x[idx])
+    k.debias_steps(np.ascontiguousarray(g[idx]), np.ascontiguousarray(h[idx]),
+                   np.ascontiguousarray(b[idx]), exponents, lo, hi, float(DEBIAS_LAMBDA_CAP),
+                   int(DEBIAS_STEPS), float(DEBIAS_XTOL), xs, np.empty(len(idx), np.int64))
+    x[idx] = xs
+    return np.any(np.isclose(xs, lo, rtol=0, atol=1e-9) | np.isclose(xs, hi, rtol=0, atol=1e-9),
+                  axis=1)
 
 
 def _solve_batched(a, rhs):

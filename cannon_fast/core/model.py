@@ -375,45 +375,73 @@ class CannonModel:
         self.error_model = None
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
-                               neighbour_noise_correlation=self._neighbour_correlation(
-                                   flux, ivar, design),
-                               poor_fit_reduced_chi2=self._poor_fit_limit(flux, ivar, design))
+                               **self._fit_diagnostics(flux, ivar, design, work))
         return self
 
-    def _training_residuals(self, flux, ivar, design, max_stars):
-        """Residuals of up to ``max_stars`` training stars at their labels, and their weights.
+    def _fit_diagnostics(self, flux, ivar, design, work, poor_fit_stars=512,
+                         neighbour_stars=256):
+        """``train_info``'s POOR_FIT limit and neighbour noise correlation.
+
+        From the residuals of every ``len(flux) // poor_fit_stars``-th training star
+        (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th
+        (``_neighbour_correlation``): the second set is a subset of the first
+        whenever its step is a multiple of the first's (as for every N below 512 or
+        a power of two times 256), and its residuals are then not computed again.
+        ``work`` is training's (N, P) buffer, free by now.
+        """
+        n = len(flux)
+        step_p, step_n = max(1, n // poor_fit_stars), max(1, n // neighbour_stars)
+        r, w = self._training_residuals(flux, ivar, design, slice(None, None, step_p), work)
+        limit = self._poor_fit_limit(r, w)
+        if step_n % step_p == 0:
+            r, w = r[::step_n // step_p], w[::step_n // step_p]
+        else:
+            r, w = self._training_residuals(flux, ivar, design, slice(None, None, step_n), work)
+        return dict(neighbour_noise_correlation=self._neighbour_correlation(r, w),
+                    poor_fit_reduced_chi2=limit)
+
+    def _training_residuals(self, flux, ivar, design, rows, work):
+        """Residuals of the training stars ``rows`` at their labels, and their weights.
 
         Returns (r, w), each (n, P); ``w = 1 / (1/ivar + s²)``, zero where a star
-        has no data and at the pixels fits do not use.
+        has no data and at the pixels fits do not use. r is a view of ``work``
+        (a flat buffer of at least n * P): (n, P) temporaries cost their page faults.
         """
-        rows = slice(None, None, max(1, len(flux) // max_stars))
         iv = ivar[rows]
-        w = np.where(fitted_pixels(self, self.n_pixels)[None, :], iv / (1.0 + iv * self.s2), 0.0)
-        return flux[rows] - design[rows] @ self.theta.T, w
+        n = len(iv)
+        r = np.matmul(design[rows], self.theta.T, out=work[:n * self.n_pixels].reshape(n, -1))
+        np.subtract(flux[rows], r, out=r)
+        w = np.multiply(iv, self.s2)
+        w += 1.0
+        np.divide(iv, w, out=w)
+        w[:, ~fitted_pixels(self, self.n_pixels)] = 0.0
+        return r, w
 
-    def _poor_fit_limit(self, flux, ivar, design, max_stars=512):
+    def _poor_fit_limit(self, r, w):
         """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
 
         Twice the 99th percentile of the training stars' own reduced chi² at their
         labels (at least 2): a spectrum unlike every training star's, or one the
-        normalization or the masks spoiled, lies far above it.
+        normalization or the masks spoiled, lies far above it. ``r, w`` are
+        ``_training_residuals``.
         """
-        r, w = self._training_residuals(flux, ivar, design, max_stars)
         dof = np.maximum((w > 0).sum(axis=1) - self.n_labels, 1)
-        return float(max(2.0, 2.0 * np.percentile(np.sum(w * r * r, axis=1) / dof, 99)))
+        wr2 = w * r
+        wr2 *= r
+        return float(max(2.0, 2.0 * np.percentile(wr2.sum(axis=1) / dof, 99)))
 
-    def _neighbour_correlation(self, flux, ivar, design, max_stars=256):
+    def _neighbour_correlation(self, r, w):
         """Correlation of neighbouring pixels' normalized training residuals.
 
         Resampling onto a grid correlates the noise of neighbouring pixels, and
         with it the training noise of neighbouring coefficients; the broadened
         fit's correction for that noise (``fit_broadened``) needs to know how
-        much. From up to ``max_stars`` training stars, pairs of usable pixels in
+        much. From the training stars' residuals ``r`` and weights ``w``
+        (``_training_residuals``; both overwritten), pairs of usable pixels in
         the same segment.
         """
-        r, w = self._training_residuals(flux, ivar, design, max_stars)
-        z = r * np.sqrt(w)
         good = w > 0
+        z = np.multiply(r, np.sqrt(w, out=w), out=r)
         seg = (self.grid.segment_of_pixel if self.grid is not None
                else np.zeros(self.n_pixels, np.int64))
         pair = good[:, :-1] & good[:, 1:] & ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0))[None, :]

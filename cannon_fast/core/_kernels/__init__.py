@@ -5,9 +5,9 @@ continuum kernel also float32) arrays and write into caller-allocated ``*_out``
 arrays.
 """
 from .continuum import continuum_normalize
-from .model_eval import design, lm_fit, star_weights
+from .model_eval import debias_steps, design, lm_fit, star_weights, weighted_square_sum
 from .normal_equations import solve_normal_equations
 from .s2_grid import s2_update
 
-__all__ = ["design", "lm_fit", "star_weights", "solve_normal_equations", "s2_update",
-           "continuum_normalize"]
+__all__ = ["debias_steps", "design", "lm_fit", "star_weights", "weighted_square_sum",
+           "solve_normal_equations", "s2_update", "continuum_normalize"]

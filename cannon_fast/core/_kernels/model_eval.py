@@ -41,15 +41,41 @@ def label_vector_and_jacobian(x, exponents, v_out, dv_out):
 
 
 @nb.njit(**JIT)
-def _objective(x, c, h, g, exponents, v, dv):
-    label_vector_and_jacobian(x, exponents, v, dv)
+def _label_vector(x, exponents, v_out):
+    """``v(x)`` alone, the products of ``label_vector_and_jacobian``."""
+    n_terms, n_labels = exponents.shape
+    for t in range(n_terms):
+        prod = 1.0
+        for l in range(n_labels):
+            prod *= _ipow(x[l], exponents[t, l])
+        v_out[t] = prod
+
+
+@nb.njit(**JIT)
+def _sym_matvec(g, v, gv):
+    """``gv = g v`` for the symmetric g: rows of g for its columns, the loop over t inside.
+
+    Vectorizes without reassociation: each ``gv[t]`` is summed in the order s = 0, 1, ...,
+    as the C kernel's dot product loop, bit for bit (there that loop measured faster).
+    """
     n_terms = v.shape[0]
+    for t in range(n_terms):
+        gv[t] = 0.0
+    for s in range(n_terms):
+        vs = v[s]
+        for t in range(n_terms):
+            gv[t] += g[s, t] * vs
+
+
+@nb.njit(**JIT)
+def _objective(x, c, h, g, exponents, v, dv):
+    _label_vector(x, exponents, v)
+    n_terms = v.shape[0]
+    gv = dv[:, 0]  # scratch (dv is not needed here)
+    _sym_matvec(g, v, gv)
     acc = c
     for t in range(n_terms):
-        gv = 0.0
-        for s in range(n_terms):
-            gv += g[t, s] * v[s]
-        acc += v[t] * (gv - 2.0 * h[t])
+        acc += v[t] * (gv[t] - 2.0 * h[t])
     return acc
 
 
@@ -61,28 +87,36 @@ def _solve_small(a, b, out, n):
 
 @nb.njit(**JIT)
 def _grad_hess(g, h, v, dv, grad, hess, gv):
+    """``grad = dv^T (g v - h)``, ``hess = dv^T g dv`` (g symmetric), ``gv = g v - h``.
+
+    The exact zeros of ``dv`` (a term's derivative in a label it lacks) are skipped:
+    they would add +-0, and the other products are summed in the same order, so the
+    results are the dense loops' bit for bit (as the C kernel's ``lm_grad_hess``).
+    """
     n_terms, n_labels = dv.shape
-    gdv = np.empty((n_terms, n_labels))
+    gdv = np.zeros((n_terms, n_labels))
+    _sym_matvec(g, v, gv)
     for t in range(n_terms):
-        acc = 0.0
-        for s in range(n_terms):
-            acc += g[t, s] * v[s]
-        gv[t] = acc - h[t]
+        gv[t] -= h[t]
+    for s in range(n_terms):
         for l in range(n_labels):
-            acc = 0.0
-            for s in range(n_terms):
-                acc += g[t, s] * dv[s, l]
-            gdv[t, l] = acc
+            d = dv[s, l]
+            if d == 0.0:
+                continue
+            for t in range(n_terms):
+                gdv[t, l] += g[s, t] * d
     for l in range(n_labels):
         acc = 0.0
-        for t in range(n_terms):
-            acc += dv[t, l] * gv[t]
-        grad[l] = acc
         for m in range(n_labels):
-            acc = 0.0
-            for t in range(n_terms):
-                acc += dv[t, l] * gdv[t, m]
-            hess[l, m] = acc
+            hess[l, m] = 0.0
+        for t in range(n_terms):
+            d = dv[t, l]
+            if d == 0.0:
+                continue
+            acc += d * gv[t]
+            for m in range(n_labels):
+                hess[l, m] += d * gdv[t, m]
+        grad[l] = acc
 
 
 @nb.njit(**JIT)
@@ -248,20 +282,29 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 
 @nb.njit(**JIT_PARALLEL)
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
-                 moments_out):
-    """Weights (float32), ``w (f - theta0)``, chi², good pixels and weight moments per star.
+                 moments_out, bad_out):
+    """Weights, ``w (f - theta0)``, chi², good pixels, moments and a bad-value test per star.
 
-    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)``
+    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``
     """
     n_stars, n_pix = flux.shape
     for i in nb.prange(n_stars):
         acc = 0.0
         cnt = 0
+        neg = 0
+        sum_iv = 0.0
+        sum_f = 0.0
         m0 = 0.0
         m1 = 0.0
         m2 = 0.0
         for p in range(n_pix):
             iv = ivar[i, p]
+            # the input check rides along with the pass (see _reference.star_weights)
+            sum_iv += iv
+            if iv < 0.0:
+                neg += 1
+            if iv > 0.0:
+                sum_f += flux[i, p]
             if iv > 0 and good_pix[p]:
                 w = 1.0 / (1.0 / iv + s2[p])
                 r = flux[i, p] - theta0[p]
@@ -277,6 +320,7 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
                 wr_out[i, p] = 0.0
         c_out[i] = acc
         npix_out[i] = cnt
+        bad_out[i] = 1 if (not np.isfinite(sum_iv) or neg > 0 or not np.isfinite(sum_f)) else 0
         moments_out[i, 0] = m0
         moments_out[i, 1] = m1
         moments_out[i, 2] = m2
@@ -289,3 +333,231 @@ def design(x, exponents, v_out, dv_out):
     # threads still spin) cost 20x the work itself
     for i in range(x.shape[0]):
         label_vector_and_jacobian(x[i], exponents, v_out[i], dv_out[i])
+
+
+@nb.njit(**JIT_PARALLEL)
+def weighted_square_sum(w, m, out):
+    """``sum_p w m²`` per star, accumulated in float64: ``(p),(p)->()``."""
+    n_stars, n_pix = m.shape
+    for i in nb.prange(n_stars):
+        acc = 0.0
+        for p in range(n_pix):
+            acc += np.float64(w[i, p]) * m[i, p] * m[i, p]
+        out[i] = acc
+
+
+@nb.njit(**JIT)
+def _positive_definite(a, c, n):
+    """Whether ``a[:n, :n]`` is positive definite (every Cholesky pivot > 0); c is scratch."""
+    for j in range(n):
+        d = a[j, j]
+        for k in range(j):
+            d -= c[j, k] * c[j, k]
+        if not d > 0:
+            return False
+        dj = np.sqrt(d)
+        c[j, j] = dj
+        for i in range(j + 1, n):
+            s = a[i, j]
+            for k in range(j):
+                s -= c[i, k] * c[j, k]
+            c[i, j] = s / dj
+    return True
+
+
+@nb.njit(**JIT)
+def _jacobi_eigh(a, lam, u):
+    """Eigenvalues (lam) and eigenvectors (columns of u) of the symmetric a, destroyed.
+
+    Cyclic Jacobi rotations (a is a few labels square), until the off-diagonal part
+    is below 1e-15 of the whole; the C kernel's ``jacobi_eigh``.
+    """
+    n = a.shape[0]
+    for i in range(n):
+        for j in range(n):
+            u[i, j] = 1.0 if i == j else 0.0
+    for _ in range(100):
+        off = 0.0
+        tot = 0.0
+        for i in range(n):
+            for j in range(n):
+                tot += a[i, j] * a[i, j]
+                if i != j:
+                    off += a[i, j] * a[i, j]
+        if not off > 1e-30 * tot:
+            break
+        for p in range(n - 1):
+            for q in range(p + 1, n):
+                apq = a[p, q]
+                if apq == 0.0:
+                    continue
+                theta = (a[q, q] - a[p, p]) / (2.0 * apq)
+                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + np.sqrt(theta * theta + 1.0))
+                c = 1.0 / np.sqrt(t * t + 1.0)
+                sn = t * c
+                for k in range(n):
+                    akp = a[k, p]
+                    akq = a[k, q]
+                    a[k, p] = c * akp - sn * akq
+                    a[k, q] = sn * akp + c * akq
+                for k in range(n):
+                    apk = a[p, k]
+                    aqk = a[q, k]
+                    a[p, k] = c * apk - sn * aqk
+                    a[q, k] = sn * apk + c * aqk
+                for k in range(n):
+                    ukp = u[k, p]
+                    ukq = u[k, q]
+                    u[k, p] = c * ukp - sn * ukq
+                    u[k, q] = sn * ukp + c * ukq
+    for i in range(n):
+        lam[i] = a[i, i]
+
+
+@nb.njit(**JIT)
+def _lower_solve(c, b):
+    """Solve the lower-triangular ``c y = b`` in place."""
+    n = b.shape[0]
+    for i in range(n):
+        s = b[i]
+        for k in range(i):
+            s -= c[i, k] * b[k]
+        b[i] = s / c[i, i]
+
+
+@nb.njit(**JIT)
+def _capped_step(fisher, bmat, cap, work, push):
+    """The capped Hessian (into work) and pushed bias (push, in place) of one star.
+
+    ``_reference.capped_step_matrices`` applied to ``push``; returns whether an
+    eigenvalue exceeded ``cap``.
+    """
+    n = fisher.shape[0]
+    chol = np.zeros((n, n))
+    for l in range(n):
+        for m in range(n):
+            work[l, m] = cap * fisher[l, m] - bmat[l, m]
+    if _positive_definite(work, chol, n):
+        for l in range(n):
+            for m in range(n):
+                work[l, m] = fisher[l, m] - bmat[l, m]
+        return False
+    chol[:, :] = 0.0
+    if not _positive_definite(fisher, chol, n):
+        for l in range(n):
+            push[l] = 0.0
+            for m in range(n):
+                work[l, m] = fisher[l, m]
+        return False
+    y = np.empty((n, n))
+    a = np.empty((n, n))
+    vec = np.empty(n)
+    for j in range(n):  # Y = C^-1 B, column by column
+        for i in range(n):
+            vec[i] = bmat[i, j]
+        _lower_solve(chol, vec)
+        for i in range(n):
+            y[i, j] = vec[i]
+    for i in range(n):  # a = C^-1 Y^T, transposed: C^-1 B C^-T
+        for j in range(n):
+            vec[j] = y[i, j]
+        _lower_solve(chol, vec)
+        for j in range(n):
+            a[j, i] = vec[j]
+    for i in range(n):
+        for j in range(i + 1, n):
+            mid = 0.5 * (a[i, j] + a[j, i])
+            a[i, j] = mid
+            a[j, i] = mid
+    lam = np.empty(n)
+    u = np.empty((n, n))
+    _jacobi_eigh(a, lam, u)
+    cu = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            s = 0.0
+            for k in range(i + 1):
+                s += chol[i, k] * u[k, j]
+            cu[i, j] = s
+    for i in range(n):
+        for j in range(n):
+            s = 0.0
+            for k in range(n):
+                s += cu[i, k] * (1.0 - min(lam[k], cap)) * cu[j, k]
+            work[i, j] = s
+    for i in range(n):
+        vec[i] = push[i]
+    _lower_solve(chol, vec)
+    capped = False
+    coef = np.empty(n)
+    for k in range(n):
+        s = 0.0
+        for i in range(n):
+            s += u[i, k] * vec[i]
+        if lam[k] > cap:
+            capped = True
+            s *= cap / lam[k]
+        coef[k] = s
+    for i in range(n):
+        s = 0.0
+        for k in range(n):
+            s += cu[i, k] * coef[k]
+        push[i] = s
+    return capped
+
+
+@nb.njit(**JIT_PARALLEL)
+def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
+                 capped_out):
+    """Newton steps on ``chi² - v^T B v``, the eigenvalues of B against F capped.
+
+    ``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()``; see ``_reference.debias_steps``.
+    """
+    n_terms, n_labels = exponents.shape
+    for i in nb.prange(h.shape[0]):
+        g = np.empty((n_terms, n_terms))
+        b = np.empty((n_terms, n_terms))
+        k = 0
+        for a in range(n_terms):
+            for c in range(a, n_terms):
+                g[a, c] = g_packed[i, k]
+                g[c, a] = g_packed[i, k]
+                b[a, c] = b_packed[i, k]
+                b[c, a] = b_packed[i, k]
+                k += 1
+        zero = np.zeros(n_terms)
+        x = x_inout[i].copy()
+        v = np.empty(n_terms)
+        gv = np.empty(n_terms)
+        dv = np.empty((n_terms, n_labels))
+        plain = np.empty(n_labels)
+        push = np.empty(n_labels)
+        fisher = np.empty((n_labels, n_labels))
+        bmat = np.empty((n_labels, n_labels))
+        work = np.empty((n_labels, n_labels))
+        step = np.empty(n_labels)
+        last = np.inf
+        capped = 0
+        for _ in range(n_steps):
+            label_vector_and_jacobian(x, exponents, v, dv)
+            _grad_hess(g, h[i], v, dv, plain, fisher, gv)
+            _grad_hess(b, zero, v, dv, push, bmat, gv)
+            if _capped_step(fisher, bmat, cap, work, push):
+                capped = 1
+            for l in range(n_labels):
+                push[l] -= plain[l]
+            if not gauss_solve_inplace(work, push, step, n_labels, 0.0):
+                step[:] = 0.0
+            size = 0.0
+            for l in range(n_labels):
+                size = max(size, abs(step[l]))
+            go = size < last
+            if go:
+                for l in range(n_labels):
+                    x[l] = min(max(x[l] + step[l], lo[l]), hi[l])
+            last = size
+            if not (go and size > xtol):
+                break
+        capped_out[i] = capped
+        for l in range(n_labels):
+            x_inout[i, l] = x[l]

@@ -4,9 +4,9 @@ Every backend (``_kernels`` for numba, ``_ccannon`` for C) implements these
 functions with the same names, arguments and ``*_out`` conventions.
 """
 from .continuum import continuum_normalize
-from .model_eval import design, lm_fit, star_weights
+from .model_eval import debias_steps, design, lm_fit, star_weights, weighted_square_sum
 from .normal_equations import solve_normal_equations
 from .s2_grid import s2_update
 
-__all__ = ["design", "lm_fit", "star_weights", "solve_normal_equations", "s2_update",
-           "continuum_normalize"]
+__all__ = ["debias_steps", "design", "lm_fit", "star_weights", "weighted_square_sum",
+           "solve_normal_equations", "s2_update", "continuum_normalize"]

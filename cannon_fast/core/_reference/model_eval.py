@@ -144,10 +144,10 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
 
 
 def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, npix_out,
-                 moments_out):
+                 moments_out, bad_out):
     """Fit weights, weighted residuals from the constant term, their chi², good-pixel counts.
 
-    Contract: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3)`` over stars.
+    Contract: ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()`` over stars.
 
     Working with ``r = f - theta_0`` (the model's constant term) removes the
     large, cancelling constant-term parts of ``c``, ``h`` and ``G``; what is
@@ -171,18 +171,28 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     npix_out : ndarray of int64, (N,)
     moments_out : ndarray, (N, 3)
         ``sum w``, ``sum w t`` and ``sum w² t`` over pixels.
+    bad_out : ndarray of int64, (N,)
+        1 where the star may hold a value ``check_spectra`` refuses, by its fast test
+        over all pixels: the sum of ivar, or of flux where ivar > 0, is not finite
+        (a NaN or inf in it; or an overflow), or an ivar is negative. The fit checks
+        its input in this pass instead of three more over the whole survey, and asks
+        ``check_spectra`` for the verdict and message only where this is 1.
     """
     valid = (ivar > 0) & good_pix[None, :]
-    with np.errstate(divide="ignore"):
+    # bad values (counted in bad_out, refused by the caller) may make NaN here: no warnings
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         w = np.where(valid, 1.0 / (1.0 / np.where(valid, ivar, 1.0) + s2[None, :]), 0.0)
-    r = np.where(valid, flux - theta0[None, :], 0.0)
-    w_out[...] = w
-    wr_out[...] = w * r
-    c_out[...] = np.sum(w * r * r, axis=1)
-    npix_out[...] = valid.sum(axis=1)
-    moments_out[:, 0] = w.sum(axis=1)
-    moments_out[:, 1] = w @ t_pix
-    moments_out[:, 2] = (w * w) @ t_pix
+        r = np.where(valid, flux - theta0[None, :], 0.0)
+        w_out[...] = w
+        wr_out[...] = w * r
+        c_out[...] = np.sum(w * r * r, axis=1)
+        npix_out[...] = valid.sum(axis=1)
+        moments_out[:, 0] = w.sum(axis=1)
+        moments_out[:, 1] = w @ t_pix
+        moments_out[:, 2] = (w * w) @ t_pix
+        bad = (~np.isfinite(ivar.sum(axis=1)) | np.any(ivar < 0, axis=1)
+               | ~np.isfinite(np.where(ivar > 0, flux, 0.0).sum(axis=1)))
+    bad_out[...] = bad
 
 
 def design(x, exponents, v_out, dv_out):
@@ -199,3 +209,118 @@ def design(x, exponents, v_out, dv_out):
     """
     v_out[...] = label_vector(x, exponents)
     dv_out[...] = label_vector_jacobian(x, exponents)
+
+
+def weighted_square_sum(w, m, out):
+    """``sum_p w m²`` per star, accumulated in float64.
+
+    Contract: ``(p),(p)->()`` over stars. The chi² of the fit at its labels is
+    ``c - 2 h.v + sum_p w m²`` with ``m`` the model minus its constant term: one
+    pass over ``w`` and ``m`` instead of four over (N, P) temporaries.
+
+    Parameters
+    ----------
+    w : ndarray of float32, (N, P)
+    m : ndarray, (N, P)
+    out : ndarray, (N,)
+    """
+    out[...] = np.einsum("np,np->n", w.astype(np.float64) * m, m)
+
+
+def _positive_definite(a):
+    """Whether ``a`` (L, L) is positive definite: every Cholesky pivot > 0 (NaN: no).
+
+    The rule of ``fitting._batched_cholesky`` (no relative tolerance: this is a test
+    of the eigenvalues' sign, not of a solve's conditioning).
+    """
+    n = len(a)
+    c = np.zeros_like(a)
+    for j in range(n):
+        d = a[j, j] - c[j, :j] @ c[j, :j]
+        if not d > 0:
+            return False
+        c[j, j] = np.sqrt(d)
+        for i in range(j + 1, n):
+            c[i, j] = (a[i, j] - c[i, :j] @ c[j, :j]) / c[j, j]
+    return True
+
+
+def capped_step_matrices(fisher, bmat, cap):
+    """The capped Hessian and push operator of one star (``fitting._capped_hessian``).
+
+    In the coordinates where F is the identity and B_x is diagonal (eigenvalues
+    lambda), the Hessian ``F - B_x`` has ``1 - min(lambda, cap)`` and the push
+    ``dv^T B v`` is scaled by ``min(1, cap / lambda)``. Returns (hess, push, capped):
+    ``F - B_x``, the identity and False where no eigenvalue exceeds the cap; F, 0 and
+    False where F is not positive definite (no correction).
+    """
+    n = len(fisher)
+    if _positive_definite(cap * fisher - bmat):
+        return fisher - bmat, np.eye(n), False
+    if not _positive_definite(fisher):
+        return fisher, np.zeros((n, n)), False
+    c = np.linalg.cholesky(fisher)
+    a = np.linalg.solve(c, np.linalg.solve(c, bmat).T)  # C^-1 B C^-T
+    lam, u = np.linalg.eigh(0.5 * (a + a.T))
+    hess = c @ (u * (1.0 - np.minimum(lam, cap))) @ u.T @ c.T
+    scale = np.where(lam > cap, cap / np.where(lam > cap, lam, 1.0), 1.0)
+    push = c @ (u * scale) @ u.T @ np.linalg.inv(c)
+    return hess, push, bool(lam.max() > cap)
+
+
+def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x_inout,
+                 capped_out):
+    """Newton steps on the de-biased objective ``chi² - v^T B v`` from the plain minimum.
+
+    Each step takes the capped Hessian and push of ``capped_step_matrices`` at the
+    current labels (``F = dv^T G dv``, ``B_x = dv^T B dv``) and solves
+    ``hess s = push dv^T B v - dv^T (G v - h)`` (s = 0 where hess is singular),
+    clipped to the bounds; a star stops when a step is no smaller than the one
+    before it (it is not taken), or is below ``xtol``, or after ``n_steps``: a
+    correction can only converge, never run away. The per-star form of
+    ``fitting._debias``.
+
+    Contract: ``(t2),(t),(t2),(t,l),(l),(l),(),(),()->(l),()`` over stars
+    (``x_inout`` is read and written).
+
+    Parameters
+    ----------
+    g_packed, b_packed : ndarray, (N, T(T+1)/2)
+        Packed ``G`` and ``B = sum_p w_p Cov(theta_p)``.
+    h : ndarray, (N, T)
+    exponents : ndarray of int64, (T, L)
+    lo, hi : ndarray, (L,)
+    cap : float
+        ``fitting.DEBIAS_LAMBDA_CAP``.
+    n_steps : int
+    xtol : float
+    x_inout : ndarray, (N, L)
+        The plain fit's scaled labels in, the de-biased ones out.
+    capped_out : ndarray of int64, (N,)
+        1 where some step met an eigenvalue above ``cap``.
+    """
+    n_terms = exponents.shape[0]
+    for i in range(len(h)):
+        g = unpack_symmetric(g_packed[i], n_terms)
+        b = unpack_symmetric(b_packed[i], n_terms)
+        x = x_inout[i].copy()
+        last, capped = np.inf, 0
+        for _ in range(n_steps):
+            v = label_vector(x[None, :], exponents)[0]
+            dv = label_vector_jacobian(x[None, :], exponents)[0]
+            hess, push, cap_hit = capped_step_matrices(dv.T @ g @ dv, dv.T @ b @ dv, cap)
+            capped |= cap_hit
+            plain = dv.T @ (g @ v - h[i])
+            try:
+                step = np.linalg.solve(hess, push @ (dv.T @ (b @ v)) - plain)
+            except np.linalg.LinAlgError:
+                step = np.zeros_like(x)
+            size = np.max(np.abs(step))
+            go = size < last
+            if go:
+                x = np.clip(x + step, lo, hi)
+            last = size
+            if not (go and size > xtol):
+                break
+        capped_out[i] = capped
+        x_inout[i] = x
