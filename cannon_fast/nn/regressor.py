@@ -123,9 +123,12 @@ class _Net(torch.nn.Module):
         if cfg["arch"] == "cnn":
             for f, k, s, p in zip(cfg["filters"], cfg["kernel_size"], cfg["stride"],
                                   cfg["pool_size"]):
-                layers += [torch.nn.Conv1d(c, f, k, stride=s), torch.nn.ReLU()]
+                # max-pool before the ReLU: the two commute (ReLU is monotonic), and the
+                # ReLU then touches p times fewer values (same outputs, same weights' keys)
+                layers.append(torch.nn.Conv1d(c, f, k, stride=s))
                 if p > 1:
                     layers.append(torch.nn.MaxPool1d(p))
+                layers.append(torch.nn.ReLU())
                 c = f
         self.conv = torch.nn.Sequential(*layers)
         self.is_cnn = cfg["arch"] == "cnn"
@@ -519,11 +522,14 @@ class SpectrumRegressor:
             net.pixel_scale.fill_(scale)
             # Polyak/EMA average of the weights: what is validated, kept and used
             ema = copy.deepcopy(net) if ema_decay > 0 else net
-            ema_pairs = [(e, p) for e, p in zip(ema.parameters(), net.parameters())]
+            ema_params, net_params = list(ema.parameters()), list(net.parameters())
             self.net = ema
             n_steps = 0
             train_t, val_t = tensors(tr), tensors(va)
-            opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+            # the fused update: one pass over the weights instead of several (on CPU ~13 %
+            # of a StarNet training step, docs/measurements.md)
+            opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay,
+                                   fused=True)
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=lr_factor,
                                                                patience=lr_patience)
             hist = {"train_loss": [], "val_loss": [], "lr": [],
@@ -553,8 +559,7 @@ class SpectrumRegressor:
                         # normalized over the steps so far, none on the initial weights
                         w = (1.0 - ema_decay) / (1.0 - ema_decay ** n_steps)
                         with torch.no_grad():
-                            for e, p in ema_pairs:
-                                e.lerp_(p, w)
+                            torch._foreach_lerp_(ema_params, net_params, w)
                     k = int(torch.isfinite(yb).sum())
                     total += float(loss.detach()) * k
                     count += k
