@@ -27,13 +27,13 @@ LAB_NN_ARCHITECTURES = {
     "cnn": dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(3, 1),
                 pool_size=(1, 4), hidden=(256, 128), dropout=0.1),
     "mlp": dict(arch="mlp", hidden=(256, 128), dropout=0.1),
-    # the same CNN trained on the observed stars plus 4000 spectra of the lab's Cannon
-    # (cannon_spectra(); it learns from the Cannon), at most 40 epochs (it is still
-    # improving then, but each epoch costs 10x the observed-only one), in bfloat16
-    # (1.6x cheaper on CPU)
+    # the same CNN trained on the observed stars plus 2000 spectra of the lab's Cannon
+    # (cannon_spectra(); it learns from the Cannon), at most 30 epochs: each costs ~5x an
+    # observed-only epoch. (4000 spectra, 40 epochs in bfloat16 scored the same on the
+    # demo for twice the CPU: docs/lab.md, step 16.)
     "cnn+cannon": dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(3, 1),
-                       pool_size=(1, 4), hidden=(256, 128), dropout=0.1, cannon_spectra=4000,
-                       epochs=40, precision="bfloat16"),
+                       pool_size=(1, 4), hidden=(256, 128), dropout=0.1, cannon_spectra=2000,
+                       epochs=30),
 }
 #: Training settings (benchmarks/bench_nn.py's): the catalogue's label errors go
 #: into the loss, noise augmentation, Adam with a little weight decay, early
