@@ -80,5 +80,67 @@ def test_networks_learn_and_figures_and_report(run, tmp_path):
     summary = {"labels": list(s.label_names), "extras": {"nn": status}}
     html = report._nn_html(summary)
     assert "Cannon" in html and f"{res['chosen']} (chosen)" in html
-    assert res["headline"].split(";")[0] in html
+    assert report._esc(res["headline"].split(";")[0]) in html
 
+
+
+def test_cannon_spectra_are_the_models_at_labels_near_the_training_stars():
+    """cannon_spectra: the model's spectra at jittered training labels, a training star's ivar."""
+    from cannon_fast import CannonModel
+    from cannon_fast.lab.nn_compare import cannon_spectra
+
+    s = make_synthetic(n_stars=120, n_pix=60, n_labels=3, seed=2)
+    labels = s.labels.copy()
+    labels[0, 1] = np.nan  # a star with a missing label is never drawn
+    model = CannonModel(s.label_names, order=2).train(s.flux, s.ivar, s.labels)
+    flux, ivar, drawn = cannon_spectra(model, labels, s.ivar, 500, jitter=0.1, seed=3)
+    assert flux.shape == (500, 60) and ivar.shape == (500, 60) and drawn.shape == (500, 3)
+    np.testing.assert_allclose(flux, model.predict(drawn), rtol=1e-6, atol=1e-6)
+    # each ivar row is one training star's
+    assert all(any(np.array_equal(r, t) for t in s.ivar) for r in ivar[:20])
+    # labels within a few jitters of some complete training star, never near star 0 alone
+    sd = np.std(s.labels[1:], axis=0)
+    dist = np.min(np.max(np.abs(drawn[:, None] - s.labels[None, 1:]) / sd, axis=2), axis=1)
+    assert dist.max() < 0.6
+    again = cannon_spectra(model, labels, s.ivar, 500, jitter=0.1, seed=3)
+    assert np.array_equal(again[2], drawn)  # seeded
+    with pytest.raises(ValueError, match="no training star has every label"):
+        cannon_spectra(model, np.full_like(labels, np.nan), s.ivar, 5)
+
+
+def test_a_network_trained_on_cannon_spectra_is_reported_apart(run):
+    """A network with cannon_spectra is reported apart from the observed-only ones.
+
+    Skipped without a model, else trained on the extra spectra; never the 'chosen' one
+    (its validation set differs); the headline says it learnt from the Cannon when best.
+    """
+    from cannon_fast import CannonModel
+
+    s, va, poor, _, _ = run
+    tr = np.arange(240)
+    archs = {"mlp": ARCHS["mlp"], "mlp+cannon": dict(ARCHS["mlp"], cannon_spectra=300)}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        no_model = compare_networks(
+            s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va], poor,
+            s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
+            epochs=3, progress=False)
+        assert list(no_model["networks"]) == ["mlp"] and "mlp+cannon" in no_model["skipped"]
+        model = CannonModel(s.label_names, order=2).train(s.flux[tr], s.ivar[tr], s.labels[tr])
+        res = compare_networks(
+            s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va], poor,
+            s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
+            epochs=3, progress=False, cannon_model=model)
+    finally:
+        torch.set_num_threads(old)
+    nets = res["networks"]
+    assert nets["mlp+cannon"]["cannon_spectra"] == 300 and nets["mlp"]["cannon_spectra"] == 0
+    assert res["chosen"] == "mlp"
+    ranked = sorted(nets, key=lambda k: (-sum(v["met"] for n, v in nets[k]["targets"].items()
+                                              if n != "all_met"),
+                                         max(v["ratio"] for n, v in nets[k]["targets"].items()
+                                             if n != "all_met")))
+    assert res["best"] == ranked[0]
+    if res["best"] == "mlp+cannon":
+        assert "learnt from the Cannon" in res["headline"]

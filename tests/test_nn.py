@@ -284,6 +284,30 @@ def test_bad_arguments(data):
         SpectrumRegressor(["A"]).predict(np.ones((2, 5)))
 
 
+def test_bfloat16_layers_predict_what_float32_does(data, mlp, tmp_path):
+    """precision="bfloat16": labels close to float32's with the same weights, and it learns.
+
+    bfloat16 keeps 8 bits of mantissa: the labels move by a small fraction of their spread.
+    """
+    with pytest.raises(ValueError, match="precision"):
+        SpectrumRegressor(["A"], precision="float16")
+    path = tmp_path / "reg.pt"
+    mlp.save(path)
+    bf = SpectrumRegressor.load(path, precision="bfloat16")
+    a = mlp.predict(data.flux, data.ivar, n_samples=1)
+    b = bf.predict(data.flux, data.ivar, n_samples=1)
+    assert a.labels.dtype == b.labels.dtype == np.float64
+    spread = np.std(data.labels, axis=0)
+    assert np.all(np.nanmax(np.abs(a.labels - b.labels), axis=0) < 0.05 * spread)
+    assert not np.array_equal(a.labels, b.labels)  # it did run in bfloat16
+    trained = SpectrumRegressor(data.label_names, seed=0, precision="bfloat16", **MLP).train(
+        data.flux, data.labels, data.ivar, **FIT)
+    te = mlp.split["test"]
+    r32 = _rmse(mlp.predict(data.flux[te], data.ivar[te]).labels, data.labels[te])
+    r16 = _rmse(trained.predict(data.flux[te], data.ivar[te]).labels, data.labels[te])
+    assert np.all(r16 < 1.3 * r32 + 0.02 * spread)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_is_exact(data, mlp, tmp_path):
     path = tmp_path / "reg.pt"

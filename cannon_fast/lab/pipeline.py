@@ -671,7 +671,8 @@ def _extra_nn(inputs):
         inputs["train_flux"], inputs["train_ivar"], inputs["train_labels"], inputs["val_flux"],
         inputs["val_ivar"], inputs["val_catalog"], inputs["val_cannon"], LAB_LABELS,
         train_errors=inputs["train_errors"], val_truth=inputs.get("val_truth"),
-        epochs=inputs["nn_epochs"], seed=inputs["seed"], progress=inputs["show"])
+        epochs=inputs["nn_epochs"], seed=inputs["seed"], progress=inputs["show"],
+        cannon_model=inputs["model"])
 
 
 # --------------------------------------------------------------------------- the lab

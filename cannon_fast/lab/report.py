@@ -575,8 +575,11 @@ def _nn_html(s):
     header = ["method"] + [f"{n} {k}" for n in labels for k in ("bias", "RMSE")] + ["training"]
     rows = [("Cannon", nn["cannon"], "")]
     rows += [(k, v, f"{v['n_weights']} weights, {v['n_epochs']} epochs, "
-                    f"{v['train_seconds']:.0f} s") for k, v in nn["networks"].items()]
-    body = [[_esc(name) + (" (chosen)" if name == nn.get("chosen") else "")]
+                    f"{v['train_seconds']:.0f} s"
+                    + (f", + {v['cannon_spectra']} Cannon spectra" if v.get("cannon_spectra")
+                       else "")) for k, v in nn["networks"].items()]
+    body = [[_esc(name) + (" (chosen)" if name == nn.get("chosen") else "")
+             + (" (best)" if name == nn.get("best") and name != nn.get("chosen") else "")]
             + [_fmt(n, st[key][n][k]) for n in labels for k in ("bias", "rmse")] + [_esc(info)]
             for name, st, info in rows]
     return (_step_status(nn) + f"<p>{_esc(nn.get('headline', ''))}</p>"
