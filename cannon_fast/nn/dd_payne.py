@@ -47,31 +47,13 @@ import numpy as np
 
 from .._util import atomic_path
 from .._util import progress as _progress
-from .emulator import ACTIVATIONS, PayneEmulator, _build_mlp, held_out_s2
+from ._files import grid_arrays, grid_from_npz, open_npz
+from .emulator import ACTIVATIONS, PayneEmulator, _build_mlp, held_out_s2, training_arrays
 
 __all__ = ["GradientTemplate", "DataDrivenPayne", "train_dd_payne"]
 
 _TEMPLATE_FORMAT = "cannon_fast.GradientTemplate"
 _TEMPLATE_VERSION = 1
-
-
-def _grid_arrays(grid):
-    if grid is None:
-        return {}
-    meta, arrays = grid.describe()
-    out = {"grid_meta": np.array(json.dumps(meta))}
-    out.update({f"grid_{k}": v for k, v in arrays.items()})
-    return out
-
-
-def _grid_from(data):
-    if "grid_meta" not in data.files:
-        return None
-    from ..core.grid import PixelGrid
-
-    return PixelGrid.from_description(
-        json.loads(str(data["grid_meta"])),
-        {k[5:]: data[k] for k in data.files if k.startswith("grid_") and k != "grid_meta"})
 
 
 class GradientTemplate:
@@ -193,7 +175,7 @@ class GradientTemplate:
                   "label_names": np.array(self.label_names, dtype=str),
                   "labels": self.labels, "gradients": self.gradients,
                   "source": np.array(self.source)}
-        arrays.update(_grid_arrays(self.grid))
+        arrays.update(grid_arrays(self.grid))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
@@ -201,19 +183,9 @@ class GradientTemplate:
     def read(cls, path, grid=None):
         """Read a template written by :meth:`write`; refuse one of another grid than ``grid``."""
         path = os.fspath(path)
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a GradientTemplate .npz file: {err}") from err
-        with data:
-            if "format" not in data.files or str(data["format"]) != _TEMPLATE_FORMAT:
-                raise ValueError(f"{path} is not a GradientTemplate .npz file")
-            if int(data["format_version"]) != _TEMPLATE_VERSION:
-                raise ValueError(f"{path} has template format version "
-                                 f"{int(data['format_version'])}, this cannon_fast reads "
-                                 f"{_TEMPLATE_VERSION}")
+        with open_npz(path, _TEMPLATE_FORMAT, _TEMPLATE_VERSION, "GradientTemplate") as data:
             out = cls(data["labels"], data["gradients"], [str(s) for s in data["label_names"]],
-                      grid=_grid_from(data), source=str(data["source"]))
+                      grid=grid_from_npz(data), source=str(data["source"]))
         out.check_grid(grid, what=f"the spectra to use {path} with")
         return out
 
@@ -337,22 +309,13 @@ def train_dd_payne(flux, ivar, labels, label_names, template=None, *, strength=1
     """
     import torch
 
-    from ._common import prepare_spectra, resolve_device, seeded
+    from ._common import resolve_device, seeded
 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    filled, good = prepare_spectra(flux, ivar)
+    filled, good, ivar, labels, label_names = training_arrays(flux, ivar, labels, label_names,
+                                                              "the Data-Driven Payne")
     n, n_pix = filled.shape
-    ivar = np.where(good, np.asarray(ivar, np.float64), 0.0)
-    labels = np.asarray(labels, np.float64)
-    label_names = tuple(label_names)
-    if labels.shape != (n, len(label_names)):
-        raise ValueError(f"labels must be ({n}, {len(label_names)}), got {labels.shape}")
-    if not np.all(np.isfinite(labels)):
-        from .._util import describe_bad
-
-        raise ValueError("the Data-Driven Payne needs complete labels; missing for "
-                         + describe_bad(~np.all(np.isfinite(labels), axis=1)))
     if template is not None and strength > 0:
         template = template.for_labels(label_names)
         if template.n_pixels != n_pix:

@@ -22,12 +22,12 @@ import copy
 import os
 import time
 
-import json
 
 import numpy as np
 
 from .._util import atomic_path, describe_bad
 from .._util import progress as _progress
+from ._files import grid_arrays, grid_from_npz, open_npz
 
 __all__ = ["PayneEmulator", "train_emulator"]
 
@@ -283,10 +283,7 @@ class PayneEmulator:
             "has_s2": np.array(self.s2 is not None),
             "activation": np.array(self.activation),
         }
-        if self.grid is not None:
-            meta, grid_arrays = self.grid.describe()
-            arrays["grid_meta"] = np.array(json.dumps(meta))
-            arrays.update({f"grid_{k}": v for k, v in grid_arrays.items()})
+        arrays.update(grid_arrays(self.grid))
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             arrays[f"W{k}"], arrays[f"b{k}"] = w, b
         arrays.update(self._extra_arrays())
@@ -310,25 +307,9 @@ class PayneEmulator:
             Not an emulator file, another format version, or another grid.
         """
         path = os.fspath(path)
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a PayneEmulator .npz file: {err}") from err
-        with data:
-            if "format" not in data.files or str(data["format"]) != _FORMAT:
-                raise ValueError(f"{path} is not a PayneEmulator .npz file")
-            if int(data["format_version"]) != _VERSION:
-                raise ValueError(f"{path} has emulator format version {int(data['format_version'])}"
-                                 f", this cannon_fast reads {_VERSION}")
+        with open_npz(path, _FORMAT, _VERSION, "PayneEmulator") as data:
             n = int(data["n_layers"])
-            own_grid = None
-            if "grid_meta" in data.files:
-                from ..core.grid import PixelGrid
-
-                own_grid = PixelGrid.from_description(
-                    json.loads(str(data["grid_meta"])),
-                    {k[5:]: data[k] for k in data.files if k.startswith("grid_") and
-                     k != "grid_meta"})
+            own_grid = grid_from_npz(data)
             n_pix = data[f"W{n - 1}"].shape[0]
             if grid is not None and own_grid is None and grid.n_pixels != n_pix:
                 raise ValueError(f"{path} is an emulator of {n_pix} pixels (no grid recorded); "
@@ -387,6 +368,26 @@ def held_out_s2(emu, flux, ivar, good, labels):
         return np.where(cnt > 0, np.clip(excess.sum(axis=0) / np.maximum(cnt, 1), 0, None), 0.0)
 
 
+def training_arrays(flux, ivar, labels, label_names, who):
+    """Checked training inputs of an emulator: filled flux, good, ivar (0 where bad), labels.
+
+    ``who`` names the model in the message when a star's labels are incomplete.
+    """
+    from ._common import prepare_spectra
+
+    filled, good = prepare_spectra(flux, ivar)
+    n = len(filled)
+    ivar = np.where(good, np.asarray(ivar, np.float64), 0.0)
+    labels = np.asarray(labels, np.float64)
+    label_names = tuple(label_names)
+    if labels.shape != (n, len(label_names)):
+        raise ValueError(f"labels must be ({n}, {len(label_names)}), got {labels.shape}")
+    if not np.all(np.isfinite(labels)):
+        raise ValueError(f"{who} needs complete labels; missing for "
+                         + describe_bad(~np.all(np.isfinite(labels), axis=1)))
+    return filled, good, ivar, labels, label_names
+
+
 def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negative_slope=0.01,
                    validation_fraction=0.2, epochs=1000, batch_size=128, learning_rate=1e-3,
                    patience=30, min_delta=1e-4, sigma_floor=0.0, seed=0, device="auto",
@@ -442,18 +443,11 @@ def train_emulator(flux, ivar, labels, label_names, *, hidden=(300, 300), negati
     """
     import torch
 
-    from ._common import prepare_spectra, resolve_device, seeded
+    from ._common import resolve_device, seeded
 
-    filled, good = prepare_spectra(flux, ivar)
+    filled, good, ivar, labels, label_names = training_arrays(flux, ivar, labels, label_names,
+                                                              "the emulator")
     n, n_pix = filled.shape
-    ivar = np.where(good, np.asarray(ivar, np.float64), 0.0)
-    labels = np.asarray(labels, np.float64)
-    label_names = tuple(label_names)
-    if labels.shape != (n, len(label_names)):
-        raise ValueError(f"labels must be ({n}, {len(label_names)}), got {labels.shape}")
-    if not np.all(np.isfinite(labels)):
-        raise ValueError("the emulator needs complete labels; missing for "
-                         + describe_bad(~np.all(np.isfinite(labels), axis=1)))
     w = ivar / (1.0 + ivar * sigma_floor ** 2)
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(validation_fraction * n)))

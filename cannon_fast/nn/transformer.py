@@ -31,6 +31,7 @@ import numpy as np
 
 from .._util import atomic_path
 from .._util import progress as _progress
+from ._files import grid_arrays, grid_from_npz, open_npz
 
 __all__ = ["TransformerPayne", "train_transformer"]
 
@@ -191,10 +192,7 @@ class TransformerPayne:
                       meta=np.array(json.dumps(meta)), x_min=self.x_min, x_max=self.x_max,
                       wavelength=self.wavelength, training_labels=self.training_labels,
                       label_bounds=self.label_bounds)
-        if self.grid is not None:
-            gmeta, garr = self.grid.describe()
-            arrays["grid_meta"] = np.array(json.dumps(gmeta))
-            arrays.update({f"grid_{k}": v for k, v in garr.items()})
+        arrays.update(grid_arrays(self.grid))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
@@ -204,28 +202,12 @@ class TransformerPayne:
         import torch
 
         path = os.fspath(path)
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a TransformerPayne .npz file: {err}") from err
-        with data:
-            if "format" not in data.files or str(data["format"]) != _FORMAT:
-                raise ValueError(f"{path} is not a TransformerPayne .npz file")
-            if int(data["format_version"]) != _VERSION:
-                raise ValueError(f"{path} has format version {int(data['format_version'])}, "
-                                 f"this cannon_fast reads {_VERSION}")
+        with open_npz(path, _FORMAT, _VERSION, "TransformerPayne") as data:
             meta = json.loads(str(data["meta"]))
             net = _network(meta["config"])
             state = {k[6:]: torch.as_tensor(data[k]) for k in data.files if k.startswith("param:")}
             net.load_state_dict(state)
-            own_grid = None
-            if "grid_meta" in data.files:
-                from ..core.grid import PixelGrid
-
-                own_grid = PixelGrid.from_description(
-                    json.loads(str(data["grid_meta"])),
-                    {k[5:]: data[k] for k in data.files if k.startswith("grid_")
-                     and k != "grid_meta"})
+            own_grid = grid_from_npz(data)
             emu = cls(net, meta["config"], meta["label_names"], data["x_min"], data["x_max"],
                       data["wavelength"], training_labels=data["training_labels"], grid=own_grid)
             emu.label_bounds = np.array(data["label_bounds"])
