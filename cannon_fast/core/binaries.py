@@ -128,6 +128,22 @@ class _Scorer:
             return np.zeros(len(labels), np.int64)
         return np.floor(np.nan_to_num(labels[:, self.j_feh]) / self.feh_step).astype(np.int64)
 
+    def primary(self, labels):
+        """The primaries' spectra and their broadening terms, on the fitted pixels.
+
+        The broadening term is the second difference of the spectrum along pixels
+        (zero where it would cross a segment's end).
+        """
+        m = self.model.predict(labels)
+        g = np.zeros_like(m)
+        g[:, 1:-1] = m[:, 2:] - 2.0 * m[:, 1:-1] + m[:, :-2]
+        return m[:, self.use], (g * self.inner)[:, self.use]
+
+    def pixel_weights(self, rows):
+        """Inverse variances of stars ``rows`` on the fitted pixels, the model's scatter in."""
+        iv = self.ivar[rows][:, self.use]
+        return iv / (1.0 + iv * self.s2)
+
     def templates(self, base):
         """The group's (V*K, P_use) secondary spectra minus ``m0`` (float32), and ``m0``.
 
@@ -161,13 +177,9 @@ class _Scorer:
         """
         use = self.use
         Sc2 = Sc * Sc
-        m1_all = self.model.predict(labels)
-        g = np.zeros_like(m1_all)
-        g[:, 1:-1] = m1_all[:, 2:] - 2.0 * m1_all[:, 1:-1] + m1_all[:, :-2]
-        g = (g * self.inner)[:, use]
-        m1 = m1_all[:, use]
-        f, iv = self.flux[rows][:, use], self.ivar[rows][:, use]
-        w_ = iv / (1.0 + iv * self.s2)          # the model's own scatter counts too
+        m1, g = self.primary(labels)
+        f = self.flux[rows][:, use]
+        w_ = self.pixel_weights(rows)
         res, m1c = f - m1, m1 - m0
         wr, wm, wg = w_ * res, w_ * m1c, w_ * g
 
@@ -424,14 +436,9 @@ def _composite_step(sc, rows, labels, w, S):
     model, use = sc.model, sc.use
     n, L = labels.shape
     V = S.shape[1]
-    m_all = model.predict(labels)
-    g = np.zeros_like(m_all)
-    g[:, 1:-1] = m_all[:, 2:] - 2.0 * m_all[:, 1:-1] + m_all[:, :-2]
-    g = (g * sc.inner)[:, use]
-    m = m_all[:, use]
+    m, g = sc.primary(labels)
     J = model.gradient(labels)[:, :, use] * (1.0 - w)[:, None, None]  # (n, L, P_use)
-    iv = sc.ivar[rows][:, use]
-    sw = np.sqrt(iv / (1.0 + iv * sc.s2))
+    sw = np.sqrt(sc.pixel_weights(rows))
     scale = np.sqrt(np.sum((J * sw[:, None]) ** 2, axis=2)) + 1e-30   # (n, L)
     D = np.concatenate([S - m[:, None], g[:, None], J / scale[:, :, None]], axis=1)
     D *= sw[:, None]                                                   # (n, C, P_use)
