@@ -228,3 +228,13 @@ def test_a_secondary_model_makes_companions_the_model_cannot(setup):
                                                                       short.labels)
     with pytest.raises(ValueError, match="700.*800"):
         cb.screen_binaries(m, flux, te.ivar, single.labels, secondary_model=other_grid)
+
+
+def test_secondary_models_without_teff_and_logg_are_refused(setup):
+    m, flux, ivar, labels, _ = setup
+    t = make_synthetic(n_stars=100, n_pix=800, n_labels=3, seed=79)
+    no_logg = CannonModel(["TEFF", "FE_H"], grid=m.grid).train(t.flux, t.ivar, t.labels[:, [0, 2]])
+    with pytest.raises(ValueError, match="secondary model needs TEFF and LOGG.*'FE_H'"):
+        cb.screen_binaries(m, flux[:4], ivar[:4], labels[:4], secondary_model=no_logg)
+    with pytest.raises(ValueError, match="secondary model needs TEFF and LOGG.*'FE_H'"):
+        cb.train_secondary_model(t.flux, t.ivar, t.labels[:, [0, 2]], ("TEFF", "FE_H"))
