@@ -308,6 +308,38 @@ def test_bfloat16_layers_predict_what_float32_does(data, mlp, tmp_path):
     assert np.all(r16 < 1.3 * r32 + 0.02 * spread)
 
 
+@pytest.mark.parametrize("stride, pool, n_pix", [(1, 4, 8192), (1, 3, 101), (2, 4, 97),
+                                                  (3, 2, 50)])
+def test_strided_conv_max_pool_is_conv_then_max_pool(stride, pool, n_pix):
+    """The inference form of conv + max-pool gives the plain layers' values and length."""
+    from cannon_fast.nn.regressor import _conv_max_pool
+    torch.manual_seed(1)
+    conv = torch.nn.Conv1d(4, 5, 8, stride=stride)
+    x = torch.randn(3, 4, n_pix)
+    with torch.no_grad():
+        plain = torch.max_pool1d(conv(x), pool)
+        strided = _conv_max_pool(conv, x, pool)
+    assert strided.shape == plain.shape
+    assert_allclose(strided.numpy(), plain.numpy(), rtol=0, atol=1e-5)
+
+
+def test_bfloat16_cnn_inference_path_matches_training_path():
+    """The CNN's bfloat16 inference (strided conv + pool) gives what its training form gives."""
+    from cannon_fast.nn.regressor import _make_config, _Net
+    cfg = _make_config("cnn", 300, 2, (4, 16), 8, 1, (1, 4), (32, 16), 0.1)
+    torch.manual_seed(2)
+    net = _Net(cfg).eval()
+    x = 1.0 + 0.05 * torch.randn(5, 300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = net._convolve(x[:, None]).float()
+        with torch.enable_grad():
+            plain = net._convolve(x[:, None]).float()
+    assert fast.shape == plain.shape
+    # both are bfloat16 convolutions; only the summation order may differ
+    assert_allclose(fast.numpy(), plain.detach().numpy(), rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_is_exact(data, mlp, tmp_path):
     path = tmp_path / "reg.pt"

@@ -114,6 +114,26 @@ def _make_config(arch, n_pixels, n_labels, filters, kernel_size, stride, pool_si
     return cfg
 
 
+def _conv_max_pool(conv, x, pool):
+    """``max_pool1d(conv(x), pool)`` as the maximum of ``pool`` convolutions of stride ``pool``.
+
+    The same values, without the full-resolution output: offset ``k`` computes the
+    positions ``k, k + pool, ...`` that the pool windows take their maximum over. In
+    bfloat16 on the CPU ``max_pool1d`` costs more than the convolution before it, and
+    the strided convolutions together cost about one full one.
+    """
+    stride, width = conv.stride[0], conv.kernel_size[0]
+    n = ((x.shape[-1] - width) // stride + 1) // pool  # pooled length, as max_pool1d's
+    step = stride * pool
+    out = None
+    for k in range(pool):
+        start = stride * k
+        part = torch.nn.functional.conv1d(x[..., start:start + step * (n - 1) + width],
+                                          conv.weight, conv.bias, stride=step)
+        out = part if out is None else torch.maximum(out, part)
+    return out
+
+
 class _Net(torch.nn.Module):
     """Trunk (conv layers + first dense layer, no dropout) and a dropout head.
 
@@ -153,8 +173,32 @@ class _Net(torch.nn.Module):
         """Deterministic features (B, H1) of standardized spectra."""
         x = (flux - self.pixel_mean) / self.pixel_scale * good
         if self.is_cnn:
-            x = self.conv(x[:, None, :]).flatten(1)
+            x = self._convolve(x[:, None, :]).flatten(1)
         return torch.relu(self.dense(x))
+
+    def _convolve(self, x):
+        """The conv layers.
+
+        At inference in bfloat16 a convolution followed by a max-pool runs as strided
+        convolutions (:func:`_conv_max_pool`, the same values). Not when training: the
+        backward pass of the strided form is slower than that of the plain one, and
+        not in float32, where it gains nothing.
+        """
+        if torch.is_grad_enabled() or not (torch.is_autocast_enabled("cpu") and
+                                           torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return self.conv(x)
+        layers = list(self.conv)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, torch.nn.Conv1d) and isinstance(nxt, torch.nn.MaxPool1d):
+                x = _conv_max_pool(layer, x, nxt.kernel_size)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x
 
     def split(self, out):
         """Split the head output into mean and clamped log-variance."""
@@ -668,7 +712,7 @@ class SpectrumRegressor:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ inference
-    def predict(self, flux, ivar=None, *, n_samples=30, batch_size=256, seed=None,
+    def predict(self, flux, ivar=None, *, n_samples=30, batch_size=128, seed=None,
                 max_bad_fraction=0.3, uncertain_thresholds=None):
         """Predict labels with MC-dropout and predicted (aleatoric) uncertainties.
 
@@ -682,6 +726,8 @@ class SpectrumRegressor:
             MC-dropout samples; 1 or 0 switches dropout off (errors are then the
             predicted ones only).
         batch_size : int
+            Spectra per forward pass; small enough that a batch's feature maps
+            stay in the CPU's cache.
         seed : int, optional
             Seed of the dropout masks (default: the regressor's seed).
         max_bad_fraction : float
