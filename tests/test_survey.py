@@ -567,6 +567,51 @@ def test_fit_and_label_read_apstar_files_as_prepare_normalizes_them(tmp_path, fu
     assert "nope.fits" in err and "not found" in err and not (tmp_path / "none.fits").exists()
 
 
+def test_fit_with_an_emulator_reads_apstar_files(tmp_path, full_grid):
+    """fit --model EMULATOR on apStar files: masked, normalized with continuum pixels picked
+    from the emulator, and the labels of a direct fit to the noise-free normalized flux."""
+    pytest.importorskip("torch")
+    from astropy.table import Table
+
+    from cannon_fast.core.continuum import continuum_pixels_from_model
+    from cannon_fast.nn import train_emulator
+    from cannon_fast.nn.fast_fit import fit_emulator
+    _, cont, s = full_grid
+    emu = train_emulator(s.flux[:120], s.ivar[:120], s.labels[:120], s.label_names,
+                         hidden=(16, 16), epochs=120, batch_size=32, learning_rate=3e-3,
+                         patience=20, seed=0)
+    picked = continuum_pixels_from_model(emu)
+    # the emulator's flat, label-insensitive pixels are mostly make_synthetic's flat ones
+    # (as for the Cannon's pick on the same stars: about half, 4x their share of pixels)
+    assert picked.sum() > 100 and cont[picked].mean() > 3 * cont.mean()
+    epath = tmp_path / "emu.npz"
+    emu.write(epath)
+    d = tmp_path / "stars" / "apo25m" / "F1"
+    d.mkdir(parents=True)
+    c = _continuum(3, 8)
+    ids = [f"2M0000000{i}+0000000" for i in range(3)]
+    for i, sid in enumerate(ids):
+        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[140 + i] * c[i],
+                      0.004 * c[i], nvis=1, apogee_id=sid, seed=i)
+    np.save(tmp_path / "cont.npy", cont)
+    for tag, extra in (("given", ["--continuum", str(tmp_path / "cont.npy")]), ("picked", [])):
+        assert main(["fit", str(tmp_path / "stars"), "--model", str(epath), "--out",
+                     str(tmp_path / f"{tag}.fits"), "-q"] + extra) == 0
+    given, picked = Table.read(tmp_path / "given.fits"), Table.read(tmp_path / "picked.fits")
+    assert list(given["ID"]) == list(picked["ID"]) == ids
+    direct = fit_emulator(emu, s.true_flux[140:143], np.full((3, NPIX), 1e4))
+    spread = s.labels.std(axis=0)
+    for j, name in enumerate(s.label_names):
+        # the true flat pixels give the direct fit's labels within the noise (S/N 250);
+        # the picked ones, half of them lines, a pseudo-continuum a little low
+        np.testing.assert_allclose(given[name], direct.labels[:, j], atol=0.06 * spread[j])
+        np.testing.assert_allclose(picked[name], direct.labels[:, j], atol=0.15 * spread[j])
+    # prepared-spectra options are still refused for a prepared input
+    np.savez(tmp_path / "p.npz", flux=s.flux[140:143], ivar=s.ivar[140:143])
+    assert main(["fit", str(tmp_path / "p.npz"), "--model", str(epath), "--continuum",
+                 str(tmp_path / "c.txt"), "--out", str(tmp_path / "x.fits"), "-q"]) == 1
+
+
 def _write(model, path):
     model.write(path)
     return path

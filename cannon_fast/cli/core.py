@@ -45,7 +45,8 @@ def register(sub, parent):
                                    "flags. Prepared spectra (a SpectraStore, an .npz) are fitted "
                                    "as they are; apStar files are masked and continuum-"
                                    "normalized first with the model's recorded continuum, as "
-                                   "`cannon-fast prepare --model` and `cannon-fast label` do.")
+                                   "`cannon-fast prepare --model` and `cannon-fast label` do. "
+                                   "The model may be a Cannon or a Payne emulator (.npz).")
     add_model_and_inputs(p, "SPECTRA", "a SpectraStore directory or an .npz with flux, ivar; "
                                        "or apStar files, text files listing them, directories "
                                        "of them")
@@ -328,23 +329,27 @@ def is_emulator_file(path):
 
 
 def _fit_emulator(args, model_path, inputs):
-    """``fit --model EMULATOR.npz``: a Payne (or Data-Driven Payne) on prepared spectra."""
+    """``fit --model EMULATOR.npz``: a Payne or Data-Driven Payne on prepared or apStar spectra."""
     from ..nn.emulator import PayneEmulator
     cannon_only = [flag for flag, on in (("--no-debias", args.no_debias),
                                          ("--broadening", args.broadening),
-                                         ("--refine-continuum", args.refine_continuum),
-                                         ("--continuum", args.continuum is not None))
+                                         ("--refine-continuum", args.refine_continuum))
                    if on]
     if cannon_only:
         raise ValueError(f"{', '.join(cannon_only)} apply to Cannon models; {model_path} is a "
                          "Payne emulator")
-    if len(inputs) != 1 or not _is_prepared(inputs):
-        raise ValueError(f"an emulator fits prepared spectra (one .npz with flux, ivar or a "
-                         f"SpectraStore), got {inputs}")
-    data = read_spectra_file(inputs[0])
-    model = PayneEmulator.read(model_path, grid=data["grid"])
+    if _is_prepared(inputs):
+        if any(v is not None for v in (args.continuum, args.degree, args.bad_bits)):
+            raise ValueError(f"{inputs[0]} holds prepared spectra: --continuum, --degree and "
+                             "--bad-bits apply to apStar files")
+        data = read_spectra_file(inputs[0])
+        model = PayneEmulator.read(model_path, grid=data["grid"])
+    else:  # apStar files: masked and normalized for the emulator's grid, as for a Cannon
+        model = PayneEmulator.read(model_path)
+        data = _read_for_fit(model, inputs, args)
     flux, ivar, ids = data["flux"], data["ivar"], data["ids"]
-    rows = _rows(args.rows, len(flux), inputs[0])
+    label = inputs[0] if len(inputs) == 1 else f"{len(inputs)} inputs"
+    rows = _rows(args.rows, len(flux), label)
     t0 = time.perf_counter()
     if args.method == "fast":
         from ..nn.fast_fit import fit_emulator

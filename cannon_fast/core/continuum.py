@@ -537,7 +537,9 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, segments=No
     ----------
     model : object
         With ``theta`` (P, T), ``n_labels`` (or ``label_names``) and optionally
-        ``pixel_flags`` (P,); see docs/api.md.
+        ``pixel_flags`` (P,); see docs/api.md. Or any forward model with
+        ``predict_with_jacobian`` and ``training_labels`` (an emulator): its flux
+        and Jacobian at the mean training labels take the place of ``theta``.
     fraction : float
         Fraction of each segment's pixels to keep.
     base_tol : float
@@ -550,15 +552,10 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, segments=No
     -------
     ndarray of bool, shape (P,)
     """
-    theta = np.asarray(model.theta, float)
-    n_labels = int(getattr(model, "n_labels", len(getattr(model, "label_names", ()))))
-    if theta.ndim != 2 or theta.shape[1] < n_labels + 1:
-        raise ValueError(f"model.theta has shape {theta.shape}; expected (P, T) with T > "
-                         f"{n_labels}")
-    p = theta.shape[0]
-    usable = np.all(np.isfinite(theta), axis=1) & fitted_pixels(model, p)
-    base = np.abs(theta[:, 0] - 1.0)
-    lin = np.max(np.abs(theta[:, 1:n_labels + 1]), axis=1)
+    base, lin = _flux_and_slopes(model)
+    p = base.size
+    usable = np.isfinite(base) & np.isfinite(lin) & fitted_pixels(model, p)
+    base = np.abs(base - 1.0)
     out = np.zeros(p, bool)
     if segments is None:
         segments = getattr(model, "grid", None)
@@ -571,6 +568,33 @@ def continuum_pixels_from_model(model, fraction=0.07, base_tol=0.02, segments=No
             continue
         out[on[np.argsort(lin[on], kind="stable")[:k]]] = True
     return out
+
+
+def _flux_and_slopes(model):
+    """(P,) model flux at the mean labels and each pixel's largest linear response.
+
+    A Cannon model holds both in ``theta`` (its first and linear coefficients, in
+    scaled labels). Any other forward model (an emulator) is evaluated at the mean
+    of its training labels, its Jacobian times the labels' spread standing in for
+    the linear coefficients.
+    """
+    n_labels = int(getattr(model, "n_labels", len(getattr(model, "label_names", ()))))
+    theta = getattr(model, "theta", None)
+    if theta is not None:
+        theta = np.asarray(theta, float)
+        if theta.ndim != 2 or theta.shape[1] < n_labels + 1:
+            raise ValueError(f"model.theta has shape {theta.shape}; expected (P, T) with T > "
+                             f"{n_labels}")
+        return theta[:, 0], np.max(np.abs(theta[:, 1:n_labels + 1]), axis=1)
+    labels = getattr(model, "training_labels", None)
+    if labels is None or not hasattr(model, "predict_with_jacobian"):
+        raise ValueError("picking continuum pixels needs a Cannon model (theta) or a forward "
+                         "model with predict_with_jacobian and its training labels; give the "
+                         "continuum pixels instead")
+    labels = np.asarray(labels, float)
+    labels = labels[np.all(np.isfinite(labels), axis=1)]
+    flux, jac = model.predict_with_jacobian(labels.mean(axis=0)[None, :])
+    return flux[0], np.max(np.abs(jac[0] * labels.std(axis=0)), axis=1)
 
 
 def _initial_continuum_pixels(flux, ivar, chip_ranges, fraction):

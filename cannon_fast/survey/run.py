@@ -336,7 +336,9 @@ def read_normalized(model, inputs, continuum=None, degree=None, bad_bits=None, n
 
     Parameters
     ----------
-    model : CannonModel
+    model : CannonModel or PayneEmulator
+        Any forward model on the spectra's grid; without a continuum record or
+        ``continuum``, its pixels are picked from the model.
     inputs, continuum, degree, bad_bits, normalized, release
         As for :func:`label_survey`.
     log : callable, optional
@@ -381,7 +383,7 @@ def _chunk_options(model, mh, source, fit_options, continuum_pixels, degree, bad
 
     options = dict(model_hash=mh, degree=None, bad_bits=bit_value(
         DEFAULT_BAD_BITS if bad_bits is None else bad_bits), fit=dict(fit_options or {}),
-        backend=backend or model.backend)
+        backend=backend or getattr(model, "backend", "auto"))  # an emulator has none
     if source.normalized:
         return options
     from ..core.continuum import model_continuum
