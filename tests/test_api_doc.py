@@ -108,6 +108,8 @@ DOCUMENTED = {
     "label_design": (ab_initio.label_design, None),
     "train_on_model": (ab_initio.train_on_model, train_emulator),
     "emulation_errors": (ab_initio.emulation_errors, None),
+    "degrade_spectra": (ab_initio.degrade_spectra, None),
+    "train_on_spectra": (ab_initio.train_on_spectra, train_emulator),
     "emu.outside_training": (PayneEmulator.outside_training, None),
     "emu.predict": (PayneEmulator.predict, None),
     "PayneEmulator.read": (PayneEmulator.read, None),

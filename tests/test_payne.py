@@ -140,3 +140,62 @@ def test_fast_fit_equals_the_generic_fit(toy_payne):
     np.testing.assert_allclose(fast.errors, ref.errors, rtol=1e-3)
     np.testing.assert_allclose(fast.chi2, ref.chi2, rtol=1e-4, atol=1e-6)
     assert fast.n_pixels[3] == GRID.n_pixels - 60
+
+
+# ------------------------------------------------------------------- model spectra -> Payne
+HIRES = np.arange(4985.0, 5030.0, 0.02)   # a synthetic code's wavelengths, around GRID
+
+
+def _hires_spectra(labels):
+    """Ten narrow lines (0.1 A) whose depths follow the labels, at high resolution."""
+    rng = np.random.default_rng(4)
+    centres = rng.uniform(GRID.wavelength[5], GRID.wavelength[-5], 10)
+    prof = np.exp(-0.5 * ((HIRES[None] - centres[:, None]) / 0.1) ** 2)
+    a, b = rng.uniform(0.3, 0.6, 10), rng.uniform(-0.3, 0.3, 10)
+    t = (labels[:, :1] - 5000.0) / 1000.0
+    return 1.0 - (a * np.exp(b * t + 0.5 * labels[:, 1:2])) @ prof
+
+
+def test_degrade_spectra_broadens_a_line_by_the_lsf_and_keeps_its_strength():
+    """A Gaussian line of sigma s0 comes out with sigma sqrt(s0^2 + s_lsf^2), same area."""
+    from cannon_fast.nn.ab_initio import degrade_spectra
+    s0, centre = 0.1, 5006.0
+    flux = 1.0 - 0.5 * np.exp(-0.5 * ((HIRES - centre) / s0) ** 2)
+    out = degrade_spectra(HIRES, flux[None], GRID)[0]
+    s_lsf = centre / 5000.0 / (2 * np.sqrt(2 * np.log(2)))
+    depth = 1.0 - out
+    step = np.gradient(GRID.wavelength)
+    area = np.sum(depth * step)
+    width = np.sqrt(np.sum(depth * step * (GRID.wavelength - centre) ** 2) / area)
+    np.testing.assert_allclose(area, 0.5 * s0 * np.sqrt(2 * np.pi), rtol=0.01)
+    np.testing.assert_allclose(width, np.hypot(s0, s_lsf), rtol=0.02)
+    with pytest.raises(ValueError, match="needs input from"):
+        degrade_spectra(HIRES[HIRES > 5003.0], flux[None, HIRES > 5003.0], GRID)
+
+
+def test_payne_train_cli_from_model_spectra(tmp_path, capsys):
+    """payne-train: model spectra -> LSF + grid -> The Payne, with a held-out error."""
+    from cannon_fast.cli import main
+    from cannon_fast.nn.ab_initio import degrade_spectra
+    labels = label_design(BOX, 440, seed=3)
+    np.savez(tmp_path / "models.npz", wavelength=HIRES, flux=_hires_spectra(labels),
+             labels=labels, label_names=np.array(["TEFF", "FE_H"]))
+    np.savez(tmp_path / "grid.npz", wavelength=GRID.wavelength,
+             flux=np.ones((1, GRID.n_pixels)), ivar=np.ones((1, GRID.n_pixels)))
+    out = tmp_path / "payne.npz"
+    base = ["payne-train", str(tmp_path / "models.npz"), "--grid", str(tmp_path / "grid.npz"),
+            "--resolution", "5000", "--out", str(out), "-q"]
+    assert main(base + ["--hidden", "32", "32", "--epochs", "150", "--lr", "3e-3"]) == 0
+    text = capsys.readouterr().out
+    assert "44 spectra" in text and "396 model spectra" in text
+    median = float(text.split("median ")[1].split(",")[0])
+    emu = PayneEmulator.read(out)
+    held = label_design([[4100.0, 5900.0], [-0.9, 0.4]], 50, seed=11)
+    truth = degrade_spectra(HIRES, _hires_spectra(held), emu.grid, resolution=5000.0)
+    err = np.abs(emu.predict(held) - truth)
+    assert np.median(err) < 3e-3 and median < 3e-3  # lines 0.3-0.9 deep before the LSF
+    assert main(base) == 1   # exists, no --force
+    assert "exists" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", wavelength=HIRES, flux=_hires_spectra(labels[:3]))
+    assert main(["payne-train", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "x.npz")]) == 1
+    assert "missing labels, label_names" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``information``, ``gradient-template`` and ``dd-payne-train``: the Payne family's commands.
+"""``information``, ``payne-train``, ``gradient-template``, ``dd-payne-train``: the Payne family.
 
 Fitting with an emulator file goes through ``cannon-fast fit --model EMULATOR.npz``.
 """
@@ -12,7 +12,7 @@ __all__ = ["register", "read_forward_model"]
 
 
 def register(subparsers, parent):
-    """Add ``information``, ``gradient-template`` and ``dd-payne-train``."""
+    """Add ``information``, ``payne-train``, ``gradient-template`` and ``dd-payne-train``."""
     p = subparsers.add_parser(
         "information", parents=[parent],
         help="Cramér–Rao bound of each label of a model at a star and S/N",
@@ -44,6 +44,32 @@ def register(subparsers, parent):
                    help="the design's range of some labels (default: the model's box)")
     t.add_argument("--force", action="store_true", help="overwrite an existing template")
     t.set_defaults(func=_template)
+
+    a = subparsers.add_parser(
+        "payne-train", parents=[parent],
+        help="train The Payne on ab initio model spectra, taken to an instrument",
+        description="Train The Payne's MLP (Ting et al. 2019) on a set of model spectra: an "
+                    ".npz with wavelength (W,), flux (N, W, continuum-normalized), labels "
+                    "(N, L) and label_names (L,). The spectra are convolved with a Gaussian "
+                    "LSF of the instrument's resolving power and resampled onto its pixels; a "
+                    "seeded fraction is held out to measure the emulation error. Fit with "
+                    "the result through `cannon-fast fit --model OUT`.")
+    a.add_argument("input", help="model spectra .npz (wavelength, flux, labels, label_names)")
+    a.add_argument("--grid", default="apstar",
+                   help="the instrument's pixels: apstar (8575), aspcap (7514), or a file of "
+                        "spectra (.npz/FITS with wavelengths) on them (default: apstar)")
+    a.add_argument("--resolution", type=float, default=None,
+                   help="resolving power of the LSF (default: the grid's; APOGEE 22,500)")
+    a.add_argument("--air", action="store_true",
+                   help="the model wavelengths are in air (converted to vacuum, APOGEE's)")
+    a.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of the spectra held out for the emulation error (0.1)")
+    a.add_argument("--hidden", nargs="+", type=int, default=[300, 300])
+    a.add_argument("--epochs", type=int, default=300)
+    a.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
+    a.add_argument("--out", required=True, help="emulator .npz to write")
+    a.add_argument("--force", action="store_true", help="overwrite an existing emulator")
+    a.set_defaults(func=_payne_train)
 
     d = subparsers.add_parser(
         "dd-payne-train", parents=[parent],
@@ -114,6 +140,71 @@ def _information(args):
             title=f"{os.path.basename(args.model)}, S/N {args.snr[0]:g}: each pixel's share "
                   "of each label's variance")
         print(f"figure: {args.out}")
+    return 0
+
+
+def _instrument_grid(spec, resolution):
+    """``--grid``: a built-in APOGEE grid by name, else the grid of a file of spectra."""
+    from ..core.grid import PixelGrid
+
+    named = {"apstar": PixelGrid.apstar, "aspcap": PixelGrid.aspcap}
+    if spec.lower() in named:
+        return named[spec.lower()]()
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"--grid {spec}: not apstar, aspcap or an existing file of "
+                                "spectra")
+    from ..instruments import read_spectra
+
+    return read_spectra(spec, resolution=resolution).grid
+
+
+def _read_model_spectra(path):
+    """The arrays of a model-spectra .npz, checked, with the names of what is missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: model spectra file not found")
+    need = ("wavelength", "flux", "labels", "label_names")
+    with np.load(path, allow_pickle=False) as d:
+        missing = [k for k in need if k not in d.files]
+        if missing:
+            raise ValueError(f"{path}: model spectra need {', '.join(need)}; missing "
+                             f"{', '.join(missing)} (it has {', '.join(d.files)})")
+        wave, flux = np.asarray(d["wavelength"], float), np.asarray(d["flux"], float)
+        labels = np.atleast_2d(np.asarray(d["labels"], float))
+        names = [str(n) for n in np.atleast_1d(d["label_names"])]
+    if flux.ndim != 2 or flux.shape[1] != wave.size or labels.shape != (flux.shape[0],
+                                                                         len(names)):
+        raise ValueError(f"{path}: flux {flux.shape}, wavelength {wave.shape}, labels "
+                         f"{labels.shape} and {len(names)} label names do not agree "
+                         "(expected (N, W), (W,), (N, L), L)")
+    return wave, flux, labels, names
+
+
+def _payne_train(args):
+    from ..nn.ab_initio import degrade_spectra, train_on_spectra
+
+    _refuse(args.out, args.force)
+    wave, flux, labels, names = _read_model_spectra(args.input)
+    if args.air:
+        from ..apogee.lines import air_to_vacuum
+
+        wave = air_to_vacuum(wave)
+    grid = _instrument_grid(args.grid, args.resolution)
+    try:
+        degraded = degrade_spectra(wave, flux, grid, resolution=args.resolution)
+    except ValueError as err:
+        raise ValueError(f"{args.input}: {err}") from None
+    emu, errors = train_on_spectra(degraded, labels, names, grid, holdout=args.holdout,
+                                   seed=args.seed, hidden=tuple(args.hidden),
+                                   epochs=args.epochs, learning_rate=args.lr,
+                                   progress=not args.quiet or None)
+    emu.write(args.out)
+    print(f"The Payne: {len(names)} labels ({', '.join(names)}) -> {emu.n_pixels} pixels of "
+          f"{grid!r}, trained on {flux.shape[0] - (0 if errors is None else errors['n'])} "
+          "model spectra")
+    if errors is not None:
+        print(f"held-out emulation error ({errors['n']} spectra): median {errors['median']:.2e},"
+              f" mean {errors['mae']:.2e}, 99th percentile {errors['p99']:.2e}")
+    print(f"wrote {args.out}")
     return 0
 
 

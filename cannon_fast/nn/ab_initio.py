@@ -22,7 +22,8 @@ import numpy as np
 
 from .emulator import train_emulator
 
-__all__ = ["label_design", "model_spectra", "train_on_model", "emulation_errors"]
+__all__ = ["label_design", "model_spectra", "train_on_model", "emulation_errors",
+           "degrade_spectra", "train_on_spectra"]
 
 
 def label_design(bounds, n, method="sobol", seed=0, accept=None):
@@ -147,3 +148,100 @@ def emulation_errors(emulator, model, labels):
     return dict(median=float(np.median(err)), mae=float(err.mean()),
                 p99=float(np.percentile(err, 99)), max=float(err.max()),
                 per_spectrum_mae=err.mean(axis=1))
+
+
+def degrade_spectra(wavelength, flux, grid, resolution=None, batch_size=256):
+    """Model spectra at high resolution taken to an instrument: its LSF, then its pixels.
+
+    Parameters
+    ----------
+    wavelength : array_like, (W,)
+        The model's wavelengths, increasing, in the frame of ``grid`` (vacuum
+        for APOGEE).
+    flux : array_like, (N, W)
+        Continuum-normalized model spectra.
+    grid : PixelGrid
+        The instrument's pixels.
+    resolution : float or array_like (P,), optional
+        Resolving power of a Gaussian LSF; by default the grid's.
+
+    Returns
+    -------
+    ndarray, (N, P)
+    """
+    from ..core.broadening import lsf_matrix
+
+    res = grid.resolution if resolution is None else resolution
+    if res is None:
+        raise ValueError(f"the grid {grid!r} has no resolution; give one")
+    flux = np.atleast_2d(np.asarray(flux, np.float64))
+    wavelength = np.asarray(wavelength, np.float64)
+    if flux.shape[1] != wavelength.size:
+        raise ValueError(f"the model spectra have {flux.shape[1]} pixels but "
+                         f"{wavelength.size} wavelengths")
+    if np.any(np.diff(wavelength) <= 0):
+        raise ValueError("the model wavelengths must increase")
+    lsf = lsf_matrix(wavelength, grid.wavelength, res)  # (P, W), sparse
+    out = np.empty((flux.shape[0], grid.n_pixels))
+    for i in range(0, flux.shape[0], batch_size):  # (N, W) @ (W, P) a batch at a time
+        out[i:i + batch_size] = (lsf @ flux[i:i + batch_size].T).T
+    return out
+
+
+def train_on_spectra(flux, labels, label_names, grid, holdout=0.1, seed=0, noise=1e-3,
+                     activation="silu", hidden=(300, 300), **kwargs):
+    """The Payne from a set of model spectra already on the instrument's grid.
+
+    The counterpart of :func:`train_on_model` for spectra computed at fixed label
+    sets (a synthetic grid from a radiative-transfer code), after
+    :func:`degrade_spectra`. A seeded ``holdout`` fraction is never trained on:
+    the emulation errors on it say how well the emulator interpolates.
+
+    Parameters
+    ----------
+    flux : array_like, (N, P)
+        Noise-free normalized spectra.
+    labels : array_like, (N, L)
+    label_names : sequence of str
+    grid : PixelGrid
+    holdout : float
+        Fraction held out (0 for none).
+    seed : int
+    noise, activation, hidden, **kwargs
+        As for :func:`train_on_model`.
+
+    Returns
+    -------
+    emulator : PayneEmulator
+        Its box is the labels' range; ``history["holdout"]`` holds the held-out rows.
+    errors : dict or None
+        :func:`emulation_errors`-like figures on the held-out spectra.
+    """
+    flux = np.atleast_2d(np.asarray(flux, np.float64))
+    labels = np.atleast_2d(np.asarray(labels, np.float64))
+    if labels.shape != (flux.shape[0], len(label_names)):
+        raise ValueError(f"labels have shape {labels.shape}; expected ({flux.shape[0]}, "
+                         f"{len(label_names)}) for {list(label_names)}")
+    bad = ~np.all(np.isfinite(flux), axis=1) | ~np.all(np.isfinite(labels), axis=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} model spectra have non-finite flux or labels, the "
+                         f"first row {int(np.flatnonzero(bad)[0])}")
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    order = np.random.default_rng(seed).permutation(flux.shape[0])
+    n_out = int(round(holdout * flux.shape[0]))
+    out, train = np.sort(order[:n_out]), np.sort(order[n_out:])
+    box = np.column_stack([labels[train].min(axis=0), labels[train].max(axis=0)])
+    emu = train_emulator(flux[train], np.full((len(train), flux.shape[1]), 1.0 / noise ** 2),
+                         labels[train], list(label_names), activation=activation,
+                         hidden=hidden, grid=grid, box=box, extrapolate=0.0, seed=seed,
+                         **kwargs)
+    emu.s2 = np.zeros(emu.n_pixels)  # noise-free spectra: no model scatter to keep
+    emu.history["holdout"] = out
+    errors = None
+    if n_out:
+        err = np.abs(emu.predict(labels[out]) - flux[out])
+        errors = dict(n=n_out, median=float(np.median(err)), mae=float(err.mean()),
+                      p99=float(np.percentile(err, 99)), max=float(err.max()),
+                      per_spectrum_mae=err.mean(axis=1))
+    return emu, errors
