@@ -106,6 +106,38 @@ def load_uptime():
 
 
 # ----------------------------------------------------------------------------- JWST
+def _ratio_interval(d, bound, n_boot=500, seed=0):
+    """Bootstrap 16-84 % range of rms(d) / rms(bound) over the stars, per label, as text.
+
+    The ratio is ruled by the stars with the largest bounds (metal-poor, faint), so
+    759 test stars pin it to a few per cent only.
+    """
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), (n_boot, len(d)))
+    r = np.sqrt(np.mean(d[idx] ** 2, axis=1) / np.mean(bound[idx] ** 2, axis=1))  # (B, 3)
+    lo, hi = np.percentile(r, [16, 84], axis=0)
+    return [f"{a:.2f}-{b:.2f}" for a, b in zip(lo, hi)]
+
+
+def _floor(mi, sp, truth, tr, te, bound):
+    """The generating model itself, fitted by the same code to the same test spectra.
+
+    A Cannon trained on the noise-free model flux (the model is a cubic, so this is
+    exact): its rms over the CRB is what no training set can beat on these noise
+    draws (the CRB is a bound for unbiased estimators, attained only asymptotically).
+    """
+    from cannon_fast import CannonModel
+
+    inst = mi.Instrument("jwst", mi.EmulatorModel())
+    flux = inst.flux(truth[tr])
+    exact = CannonModel(list(NAMES), order=3, grid=sp.grid).train(
+        flux, np.full(flux.shape, 1e12), truth[tr])
+    res = exact.fit(sp.flux[te], sp.ivar[te], debias=False)
+    ok = res.ok
+    d = res.labels[ok] - truth[te][ok]
+    print(_line("generating model fitted: rms / CRB", _rms(d) / _rms(bound[ok]), "{:.2f}"))
+
+
 def bench_jwst(args, mi):
     """The cubic Cannon and StarNet on one 5:1:2 split of the JWST spectra."""
     from cannon_fast import CannonModel
@@ -118,6 +150,7 @@ def bench_jwst(args, mi):
     print(f"JWST: {len(sp)} spectra, {sp.grid}; split {len(tr)} / {len(va)} / {len(te)} "
           f"(seed {args.seed}); load {' '.join(load_uptime())}")
     bound = crb(mi, "jwst", truth[te], sp.ivar[te].astype(float))
+    _floor(mi, sp, truth, tr, te, bound)
     for band_limit in (False, True):
         t0 = time.perf_counter()
         model = CannonModel(list(NAMES), order=3, grid=sp.grid).train(
@@ -135,6 +168,8 @@ def bench_jwst(args, mi):
         print(_line("Cannon rms", _rms(d)))
         print(_line("CRB rms (same stars)", _rms(bound[ok])))
         print(_line("Cannon rms / CRB (target <= 1.3)", _rms(d) / _rms(bound[ok]), "{:.2f}"))
+        print(_line("  its bootstrap 16-84 % over the test stars", _ratio_interval(d, bound[ok]),
+                    "{}"))
         print(_line("Cannon pull std", np.std(d / res.errors[ok], 0), "{:.2f}"))
         within = np.mean(np.abs(d) < res.errors[ok], 0)
         print(_line("Cannon within 1 sigma", 100 * within, "{:.0f} %"))
