@@ -62,7 +62,8 @@ def trained():
     # the true theta in the trained models' own label scaling
     m = CannonModel(NAMES, order=2, grid=grid).train(
         _spectra(truth, labels, 1e6, rng)[0], np.full(flux.shape, 1e12), labels)
-    return dict(grid=grid, plain=plain, limited=limited, truth=m.theta, labels=labels)
+    return dict(grid=grid, plain=plain, limited=limited, truth=m.theta, labels=labels,
+                flux=flux, ivar=ivar)
 
 
 def test_band_limit_keeps_a_noise_free_model(trained):
@@ -155,3 +156,23 @@ def test_band_limit_windows_follow_the_lsf():
     fwhm_px = (_grid().wavelength / R) / 0.7
     assert np.all(np.abs(win - 2.5 * fwhm_px) <= 2.0)
     assert win[-1] >= win[0]
+
+
+def test_band_limit_survives_write_and_calibration(trained, tmp_path, monkeypatch):
+    """The file keeps train_info's record; calibrate_errors trains its fold models the same way."""
+    limited = trained["limited"]
+    limited.write(tmp_path / "m.npz")
+    back = CannonModel.read(tmp_path / "m.npz")
+    assert back.train_info["band_limit"] == limited.train_info["band_limit"]
+    np.testing.assert_array_equal(back.theta, limited.theta)
+    seen = []
+    train = CannonModel.train
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("band_limit", False))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(CannonModel, "train", spy)
+    back.calibrate_errors(trained["flux"], trained["ivar"], trained["labels"], n_folds=3,
+                          debias=False)
+    assert seen == [True, True, True]
