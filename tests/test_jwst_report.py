@@ -135,3 +135,20 @@ def test_jwst_command_errors_name_the_file(project, tmp_path, capsys):
                  str(tmp_path / "r"), "--no-nn", "-q"]) == 1
     err = capsys.readouterr().err
     assert "catalog.fits and other.fits have no star in common" in err
+
+
+def test_jwst_cannon_band_limited(project, tmp_path, capsys):
+    """--band-limit: the Cannon with band-limited theta; without --resolution, a clear error."""
+    d, labels = project
+    base = ["jwst", "--catalog", str(d / "catalog.fits"), "--jwst", str(d / "jwst.fits"),
+            "--no-nn", "-q", "--n-show", "3"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--band-limit"]) == 1
+    assert "jwst.fits: band-limiting the Cannon needs the spectra's resolving power" \
+        in capsys.readouterr().err
+    # the fixture's lines are ~5 pixels (~110 A) wide: R ~ 100 on this coarse grid
+    assert main(base + ["--out", str(tmp_path / "b"), "--band-limit", "--resolution", "100"]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    c = s["comparison"]["cannon"]
+    assert c["band_limit"] is True
+    for j, n in enumerate(["TEFF", "LOGG", "FE_H"]):
+        assert c["metrics"][n]["rmse"] < 0.25 * labels[:, j].std()

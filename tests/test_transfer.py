@@ -56,6 +56,29 @@ def test_transfer_labels_new_stars_and_repeat_visits_agree_with_errors(survey):
     assert np.all(shared < np.array(p["std"])), (shared, p["std"])
 
 
+def test_transfer_with_band_limited_cannon(survey):
+    """band_limit=True trains the Cannon as ``train(band_limit=True)`` does; needs a resolution."""
+    from cannon_fast import CannonModel
+
+    ids, truth, spectra, rows = survey
+    # the lines are ~4.7 pixels wide: R ~ 920 on this grid
+    sharp = Spectra(spectra.flux, spectra.ivar,
+                    PixelGrid(spectra.grid.wavelength, resolution=920.0), spectra.ids,
+                    spectra.table, spectra.path, True)
+    out = transfer_labels(ids, truth, sharp, sharp.table["APOGEE_ID"], NAMES,
+                          train_fraction=0.2, seed=1, cannon_order=1, band_limit=True)
+    tr = out.train_rows
+    fits = {bl: CannonModel(NAMES, order=1, grid=sharp.grid).train(
+        sharp.flux[tr], sharp.ivar[tr], truth[rows[tr]], band_limit=bl).fit(sharp.flux,
+                                                                           sharp.ivar)
+        for bl in (False, True)}
+    np.testing.assert_allclose(out.labels["cannon"], fits[True].labels, rtol=1e-10)
+    assert np.abs(fits[True].labels - fits[False].labels).max(0)[0] > 0.1  # K: not a no-op
+    with pytest.raises(ValueError, match="resolving power"):
+        transfer_labels(ids, truth, spectra, spectra.table["APOGEE_ID"], NAMES,
+                        cannon_order=1, band_limit=True)
+
+
 def test_repeat_pulls_by_hand():
     keys = np.array(["a", "b", "a", "c", "b", "b"])
     labels = np.array([[1.0], [2.0], [3.0], [0.0], [2.0], [9.0]])
@@ -99,3 +122,6 @@ def test_transfer_command_writes_a_table(survey, tmp_path, capsys):
     d = t["LOGG_CANNON"][new] - truth[rows[new], 1]
     assert np.sqrt(np.mean(d ** 2)) < 0.1 * truth[:, 1].std()
     assert main(argv) == 1 and "--force" in capsys.readouterr().err
+    argv[argv.index(str(tmp_path / "t.fits"))] = str(tmp_path / "u.fits")
+    assert main(argv + ["--band-limit"]) == 1
+    assert "sp.npz: --band-limit needs --resolution" in capsys.readouterr().err

@@ -44,6 +44,11 @@ def register(subparsers, parent):
     p.add_argument("--continuum", help="continuum pixel file for the APOGEE spectra")
     p.add_argument("--n-show", type=int, default=10, help="stars whose spectra are drawn")
     p.add_argument("--cannon-order", type=int, default=2, help="the Cannon's polynomial order")
+    p.add_argument("--resolution", type=float,
+                   help="resolving power of the JWST spectra (R = lambda / FWHM)")
+    p.add_argument("--band-limit", action="store_true",
+                   help="smooth the Cannon's coefficients within the LSF's band (needs "
+                        "--resolution; less training noise on grids that oversample the LSF)")
     p.add_argument("--no-nn", action="store_true", help="skip StarNet")
     g = p.add_argument_group("StarNet (defaults: Fabbro et al. 2018 as in the seed)")
     g.add_argument("--filters", type=_ints, default=(4, 16), help="conv filters (4,16)")
@@ -78,6 +83,11 @@ def register(subparsers, parent):
     t.add_argument("--no-debias", action="store_true",
                    help="plain chi² fit: noise-only errors, what repeat visits measure")
     t.add_argument("--nn", action="store_true", help="also train StarNet (needs torch)")
+    t.add_argument("--resolution", type=float,
+                   help="resolving power of the spectra (R = lambda / FWHM)")
+    t.add_argument("--band-limit", action="store_true",
+                   help="smooth the Cannon's coefficients within the LSF's band (needs "
+                        "--resolution)")
     t.set_defaults(func=_transfer)
 
 
@@ -96,6 +106,7 @@ def _jwst(args):
                         continuum_pixels=args.continuum, nn=not args.no_nn,
                         nn_options=nn_options, nn_training=nn_training,
                         cannon_order=args.cannon_order, backend=args.backend,
+                        resolution=args.resolution, cannon_band_limit=args.band_limit,
                         show_progress=False if quiet else None,
                         log=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     m = s["jwst_match"]
@@ -128,7 +139,10 @@ def _transfer(args):
     missing = [n for n in names + [args.match_column] if n not in cat]
     if missing:
         raise ValueError(f"{args.catalog}: no column(s) {', '.join(missing)}")
-    sp = read_spectra(args.spectra, normalize=True)
+    if args.band_limit and args.resolution is None:
+        raise ValueError(f"{args.spectra}: --band-limit needs --resolution (the spectra's "
+                         "resolving power)")
+    sp = read_spectra(args.spectra, normalize=True, resolution=args.resolution)
     if args.match_column not in sp.table:
         raise ValueError(f"{args.spectra}: no {args.match_column} column to match by")
     quiet = getattr(args, "quiet", False)
@@ -136,6 +150,7 @@ def _transfer(args):
                           sp.table[args.match_column], names,
                           train_fraction=args.train_fraction, seed=args.seed,
                           cannon_order=args.cannon_order, debias=not args.no_debias, nn=args.nn,
+                          band_limit=args.band_limit,
                           backend=args.backend,
                           names=(os.path.basename(args.catalog), os.path.basename(args.spectra)),
                           log=None if quiet else (lambda m: print(m, file=sys.stderr)))

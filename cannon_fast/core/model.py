@@ -210,7 +210,8 @@ class CannonModel:
         return arr, single
 
     # ------------------------------------------------------------------ training
-    def train(self, flux, ivar, labels, max_iter=25, s2_rtol=1e-2, label_errors=None):
+    def train(self, flux, ivar, labels, max_iter=25, s2_rtol=1e-2, label_errors=None,
+              band_limit=False):
         """Fit theta and s² at every pixel to a training set.
 
         At fixed s² the coefficients are the weighted least-squares solution with
@@ -256,6 +257,14 @@ class CannonModel:
             (``sum_l (df/dl)² err_l²``), so stars with poor labels weigh less.
             This trains twice. Whether it helps depends on how right the errors
             are, so the lab chooses it by cross-validation.
+        band_limit : bool, optional
+            Smooth theta along wavelength within the band the line-spread
+            function leaves (``core.bandlimit.band_limit_theta``: a local
+            polynomial over ~2.5 FWHM) and shrink ``theta_cov`` to match. On a
+            grid that oversamples the LSF (several pixels per FWHM) this removes
+            most of the training noise in theta, the main excess of label errors
+            over the Cramér-Rao bound at high S/N (docs/measurements.md). Needs
+            the grid's resolving power; recorded in ``train_info["band_limit"]``.
 
         Returns
         -------
@@ -274,7 +283,15 @@ class CannonModel:
         """
         if label_errors is not None:
             return self._train_with_label_errors(flux, ivar, labels, label_errors, max_iter,
-                                                 s2_rtol)
+                                                 s2_rtol, band_limit)
+        if band_limit:  # refused before the work, with the fix in the message
+            grid = self.grid if self._grid_given else PixelGrid.builtin(np.shape(flux)[-1])
+            if grid is None or grid.resolution is None:
+                raise ValueError(f"band_limit=True needs the grid's resolving power, and "
+                                 f"{'the model has no grid' if grid is None else repr(grid)}"
+                                 f"{'' if grid is None else ' has none'}: give the model a "
+                                 "PixelGrid(..., resolution=R) (read_spectra(..., "
+                                 "resolution=R) gives one)")
         flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
         n_stars, n_pix = flux.shape
         self._set_grid(n_pix)
@@ -369,6 +386,14 @@ class CannonModel:
             theta[bad, 0] = mean
             cov[bad] = 0.0
             s2[bad] = 0.0
+        limited = None
+        if band_limit:
+            from .bandlimit import BAND_LIMIT_ORDER, BAND_LIMIT_WIDTH, band_limit_theta
+            theta, factor = band_limit_theta(theta, self.grid, flags == 0)
+            # Cov of a weighted sum of independent neighbours ~ sum(c²) C_p (C varies slowly)
+            cov = cov * factor[:, None]
+            limited = dict(order=BAND_LIMIT_ORDER, width_fwhm=BAND_LIMIT_WIDTH,
+                           median_variance_factor=float(np.median(factor)))
         self.theta, self.s2, self.theta_cov, self.pixel_flags = theta, s2, cov, flags
         self.training_labels = labels
         self.training_hash = _fingerprint(flux, ivar, labels)
@@ -376,6 +401,8 @@ class CannonModel:
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
                                **self._fit_diagnostics(flux, ivar, design, work))
+        if limited is not None:
+            self.train_info["band_limit"] = limited
         return self
 
     def _fit_diagnostics(self, flux, ivar, design, work, poor_fit_stars=512,
@@ -450,7 +477,8 @@ class CannonModel:
         a, b = z[:, :-1][pair], z[:, 1:][pair]
         return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
 
-    def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol):
+    def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol,
+                                 band_limit=False):
         """``train`` for noisy training labels; see ``label_errors`` there."""
         flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
         errors = as_float64(label_errors, "label_errors")
@@ -473,13 +501,15 @@ class CannonModel:
                                         np.where(rec, errors / labels ** 2, errors),
                                         self.label_names)
         expected = self._model_labels(expected)
-        self.train(flux, ivar, expected, max_iter=max_iter, s2_rtol=s2_rtol)
+        self.train(flux, ivar, expected, max_iter=max_iter, s2_rtol=s2_rtol,
+                   band_limit=band_limit)
         extra = np.empty_like(ivar)  # label errors as flux variance, chunk by chunk
         for a in range(0, len(ivar), 256):
             grad = self.gradient(expected[a:a + 256])  # (n, L, P)
             extra[a:a + 256] = np.einsum("nlp,nl->np", grad ** 2, errors[a:a + 256] ** 2)
         ivar_eff = ivar / (1.0 + ivar * extra)
-        self.train(flux, ivar_eff, expected, max_iter=max_iter, s2_rtol=s2_rtol)
+        self.train(flux, ivar_eff, expected, max_iter=max_iter, s2_rtol=s2_rtol,
+                   band_limit=band_limit)
         self.training_labels = labels  # the ranges users and priors see are the catalogue's
         self.training_hash = _fingerprint(flux, ivar, np.hstack([labels, errors]))
         self.train_info["label_errors"] = dict(
@@ -623,7 +653,8 @@ class CannonModel:
                             reciprocal_labels=self.reciprocal_labels,
                             grid=self.grid if self._grid_given else None)
             m.train(flux[inner], ivar[inner], labels[inner],
-                    label_errors=None if label_errors is None else label_errors[inner])
+                    label_errors=None if label_errors is None else label_errors[inner],
+                    band_limit="band_limit" in (self.train_info or {}))
             r = m.fit(flux[held], ivar[held], progress_bar=progress_bar, **fit_options)
             fitted[held] = np.where(r.ok[:, None], r.labels, np.nan)
             formal[held] = r.errors

@@ -260,7 +260,7 @@ def _coverage(spectra, good):
 
 
 def _train_compare(jwst, labels, *, out_dir, figures, seed, nn, nn_options, nn_training,
-                   cannon_order, backend, progress, log):
+                   cannon_order, backend, progress, log, band_limit=False):
     """StarNet and the Cannon on one seeded 5:1:2 split of the JWST spectra; metrics and plots."""
     from ..core.model import CannonModel
     from ..nn._common import split_indices
@@ -274,13 +274,13 @@ def _train_compare(jwst, labels, *, out_dir, figures, seed, nn, nn_options, nn_t
     log(f"Cannon (order {cannon_order}) on {len(tr)} training spectra")
     t0 = time.perf_counter()
     model = CannonModel(names, order=cannon_order, grid=jwst.grid, backend=backend)
-    model.train(flux[tr], ivar[tr], labels[tr])
+    model.train(flux[tr], ivar[tr], labels[tr], band_limit=band_limit)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = model.fit(flux[te], ivar[te])
     t_fit = time.perf_counter() - t0
     out["cannon"] = _scores(res.labels, res.errors, labels[te], names, ok=res.ok)
-    out["cannon"].update(order=cannon_order, train_time=t_train,
+    out["cannon"].update(order=cannon_order, band_limit=bool(band_limit), train_time=t_train,
                          fit_rate=len(te) / max(t_fit, 1e-9), n_flagged=int((~res.ok).sum()))
     _prediction_figure(res.labels, labels[te], res.errors, names, out_dir, figures,
                        "cannon_predictions", f"The Cannon (order {cannon_order}) on the test "
@@ -350,7 +350,7 @@ def _prediction_figure(pred, true, err, names, out_dir, figures, name, caption):
 def run_jwst_report(catalog, jwst, out_dir, apogee=None, *, force=False, seed=0, n_show=10,
                     id_column=None, continuum_pixels=None, nn=True, nn_options=None,
                     nn_training=None, cannon_order=2, backend="auto", show_progress=None,
-                    log=None):
+                    log=None, resolution=None, cannon_band_limit=False):
     """Run the JWST project and write its report folder.
 
     Parameters
@@ -387,6 +387,11 @@ def run_jwst_report(catalog, jwst, out_dir, apogee=None, *, force=False, seed=0,
     backend : str
     show_progress : bool, optional
     log : callable, optional
+    resolution : float or array_like, optional
+        Resolving power of the JWST spectra (their files do not say it).
+    cannon_band_limit : bool
+        Train the Cannon with theta band-limited to the LSF
+        (``CannonModel.train(band_limit=True)``); needs ``resolution``.
 
     Returns
     -------
@@ -394,6 +399,9 @@ def run_jwst_report(catalog, jwst, out_dir, apogee=None, *, force=False, seed=0,
         The summary written to ``summary.json``.
     """
     log = log or (lambda m: None)
+    if cannon_band_limit and resolution is None:
+        raise ValueError(f"{os.fspath(jwst)}: band-limiting the Cannon needs the spectra's "
+                         "resolving power (resolution=, --resolution)")
     t_start = time.perf_counter()
     out_dir = _prepare_out(out_dir, force)
     figures, summary = [], dict(report_kind="jwst", seed=seed, labels=list(JWST_LABELS))
@@ -404,7 +412,7 @@ def run_jwst_report(catalog, jwst, out_dir, apogee=None, *, force=False, seed=0,
         raise ValueError(f"{cat_path}: the catalogue lacks {', '.join(missing)}")
     summary["catalog"] = dict(path=cat_path, **_catalog_figures(cat, out_dir, figures))
     log(f"catalogue: {summary['catalog']['n_stars']} stars")
-    jw = read_spectra(jwst)
+    jw = read_spectra(jwst, resolution=resolution)
     cm, rule, labels_cat = _match_spectra(cat, cat_path, jw, id_column, "error")
     summary["jwst_match"] = dict(rule=rule, **cm.as_dict(cat.get("APOGEE_ID"), labels_cat,
                                                          JWST_LABELS))
@@ -438,7 +446,7 @@ def run_jwst_report(catalog, jwst, out_dir, apogee=None, *, force=False, seed=0,
     summary["comparison"] = _train_compare(
         jw_m, labels_jw, out_dir=out_dir, figures=figures, seed=seed, nn=nn,
         nn_options=nn_options, nn_training=nn_training, cannon_order=cannon_order,
-        backend=backend, progress=show_progress, log=log)
+        backend=backend, progress=show_progress, log=log, band_limit=cannon_band_limit)
     from .. import __version__
     summary.update(figures=figures, package_version=__version__,
                    created=time.strftime("%Y-%m-%d %H:%M:%S"),

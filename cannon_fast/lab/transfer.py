@@ -108,7 +108,7 @@ def repeat_pulls(keys, labels, errors, ok=None):
 def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
                     ref_errors=None, train_fraction=0.5, seed=0, cannon_order=2, debias=True,
                     nn=False, nn_options=None, nn_training=None, backend="auto",
-                    names=("reference", "spectra"), log=None):
+                    names=("reference", "spectra"), log=None, band_limit=False):
     """Train on the overlap's spectra with the reference labels; label every spectrum.
 
     Parameters
@@ -143,6 +143,10 @@ def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
     names : (str, str)
         The two sets' names in messages.
     log : callable, optional
+    band_limit : bool
+        Train the Cannon with theta band-limited to the LSF
+        (``CannonModel.train(band_limit=True)``); needs the spectra's grid to
+        have its resolving power.
 
     Returns
     -------
@@ -183,7 +187,8 @@ def transfer_labels(ref_keys, ref_labels, spectra, spectra_keys, label_names, *,
     t0 = time.perf_counter()
     model = CannonModel(list(names_l), order=cannon_order, grid=spectra.grid, backend=backend)
     model.train(spectra.flux[train_rows], spectra.ivar[train_rows], reference[train_rows],
-                label_errors=None if ref_err is None else ref_err[train_rows])
+                label_errors=None if ref_err is None else ref_err[train_rows],
+                band_limit=band_limit)
     out.timings["cannon_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = model.fit(spectra.flux, spectra.ivar, debias=debias)
