@@ -302,44 +302,32 @@ class CannonModel:
         # this floor so high that no pixel was re-solved at its s²).
         rows = slice(None, None, max(1, n_stars // 64))
         s2_floor = 1e-6 * float(np.median(1.0 / ivar[rows][valid[rows]]))
+        del valid
 
         s2 = np.zeros(n_pix)
         theta = np.empty((n_pix, self.n_terms))
         cov = np.empty((n_pix, vz.n_packed(self.n_terms)))
         status = np.zeros(n_pix, dtype=np.int8)
-        # One (N, P) work buffer serves every pass (weights, weighted flux, residuals):
-        # fresh (N, P) temporaries cost as much in first-touch page faults as the
-        # arithmetic. Views of its start are contiguous (N, P_a) arrays.
-        work = np.empty(n_stars * n_pix)
+        # Every pass works through its pixels in blocks of `block` columns, in one small
+        # work buffer (three (N, block) arrays) that is reused throughout: whole (N, P)
+        # temporaries cost as much in first-touch page faults and memory traffic as the
+        # arithmetic, and a block's weights, residuals and s² stay in cache between the
+        # products that make them.
+        block = min(n_pix, _pixel_block(n_stars))
+        work = np.empty(3 * n_stars * block)
+        gram = (monomials_t, mono_index)
         # Alternate theta | s² and s² | theta. Only pixels whose s² moved by more than
         # s2_rtol are solved again, so later passes are cheap (most pixels settle at once).
         active = np.arange(n_pix)
         history = []
         for it in range(max_iter):
-            n_act = len(active)
-            buf = work[:n_stars * n_act].reshape(n_stars, n_act)
-            if it == 0:  # all pixels, s² = 0: the weights are ivar itself
-                iv_a, f_a, weights = ivar, flux, ivar
-            else:
-                # np.take gathers columns ~8x faster than fancy indexing
-                iv_a = np.take(ivar, active, axis=1)
-                f_a = np.take(flux, active, axis=1)
-                weights = np.multiply(iv_a, s2[active], out=buf)
-                weights += 1.0
-                np.divide(iv_a, weights, out=weights)  # 1 / (1/ivar + s²); 0 where ivar = 0
-            a_packed = np.ascontiguousarray((monomials_t @ weights)[mono_index].T)  # (P_a, T2)
-            wf = np.multiply(weights, f_a, out=buf)
-            b = np.ascontiguousarray((design.T @ wf).T)  # (P_a, T)
-            th = np.empty((n_act, self.n_terms))
-            cv = np.empty((n_act, cov.shape[1]))
-            st = np.empty(n_act, dtype=np.int8)
-            k.solve_normal_equations(a_packed, b, th, cv, st)
-            theta[active], cov[active], status[active] = th, cv, st
-            resid = np.matmul(design, th.T, out=buf)
-            np.subtract(f_a, resid, out=resid)
-            s2_new = np.empty(n_act)
-            k.s2_update(resid, iv_a, s2_new, np.empty(n_act, dtype=np.int8))
-            s2_new[too_few[active] | (st != 0)] = 0.0
+            s2_new = np.empty(len(active))
+            for j0 in range(0, len(active), block):
+                cols = active[j0:j0 + block]
+                th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work)
+                theta[cols], cov[cols], status[cols] = th, cv, st
+                s2_b[too_few[cols] | (st != 0)] = 0.0
+                s2_new[j0:j0 + block] = s2_b
             old = s2[active]
             moved = (np.abs(s2_new - old) > s2_rtol * np.maximum(s2_new, old)) \
                 & (np.maximum(s2_new, old) > s2_floor)
@@ -378,77 +366,134 @@ class CannonModel:
                                **self._fit_diagnostics(flux, ivar, design, work))
         return self
 
+    def _train_block(self, k, cols, flux, ivar, s2, design, gram, work):
+        """One pass of ``train`` at the training pixels ``cols`` (increasing).
+
+        theta | s² (the weighted least-squares solution at the current ``s2``), then
+        s² | theta. Returns (theta, its packed inverse normal matrix, the solver's
+        status, the new s²) of those pixels. ``gram`` is (the distinct monomials of the
+        design's outer products, transposed; their index into the packed normal
+        matrix); ``work`` holds at least three (N, len(cols)) arrays.
+        """
+        n, m = len(flux), len(cols)
+        iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
+        if cols[-1] - cols[0] == m - 1:  # a run of pixels (all of the first pass)
+            np.copyto(iv, ivar[:, cols[0]:cols[0] + m])
+            np.copyto(f, flux[:, cols[0]:cols[0] + m])
+        else:  # np.take gathers columns ~8x faster than fancy indexing; with out=, only
+            # a mode other than "raise" spares it a buffered copy (cols are valid indices)
+            np.take(ivar, cols, axis=1, out=iv, mode="clip")
+            np.take(flux, cols, axis=1, out=f, mode="clip")
+        s2_b = s2[cols]
+        weights = iv
+        if s2_b.any():  # 1 / (1/ivar + s²); 0 where ivar = 0
+            weights = np.multiply(iv, s2_b, out=buf)
+            weights += 1.0
+            np.divide(iv, weights, out=weights)
+        # each pixel's packed normal matrix sum_n w_n v_n v_n^T from one product over
+        # the distinct monomials v_i v_j only (126 of 231 columns for 5 labels, quadratic)
+        monomials_t, mono_index = gram
+        a_packed = np.take(weights.T @ monomials_t.T, mono_index, axis=1)  # (m, T2)
+        wf = np.multiply(weights, f, out=buf)
+        b = wf.T @ design  # (m, T)
+        th = np.empty((m, self.n_terms))
+        cv = np.empty((m, a_packed.shape[1]))
+        st = np.empty(m, dtype=np.int8)
+        k.solve_normal_equations(a_packed, b, th, cv, st)
+        resid = np.matmul(design, th.T, out=buf)
+        np.subtract(f, resid, out=resid)
+        s2_new = np.empty(m)
+        k.s2_update(resid, iv, s2_new, np.empty(m, dtype=np.int8))
+        return th, cv, st, s2_new
+
     def _fit_diagnostics(self, flux, ivar, design, work, poor_fit_stars=512,
                          neighbour_stars=256):
         """``train_info``'s POOR_FIT limit and neighbour noise correlation.
 
         From the residuals of every ``len(flux) // poor_fit_stars``-th training star
         (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th
-        (``_neighbour_correlation``): the second set is a subset of the first
-        whenever its step is a multiple of the first's (as for every N below 512 or
-        a power of two times 256), and its residuals are then not computed again.
-        ``work`` is training's (N, P) buffer, free by now.
+        (``_neighbour_sums``), at their labels. Both are sums over each star's
+        pixels, so the stars are taken a few at a time in ``work`` (training's flat
+        buffer, free by now): no (N, P) temporaries, the chunk's arrays stay in
+        cache, and each star's residuals are computed once for both.
         """
-        n = len(flux)
+        n, n_pix = flux.shape
         step_p, step_n = max(1, n // poor_fit_stars), max(1, n // neighbour_stars)
-        r, w = self._training_residuals(flux, ivar, design, slice(None, None, step_p), work)
-        limit = self._poor_fit_limit(r, w)
-        if step_n % step_p == 0:
-            r, w = r[::step_n // step_p], w[::step_n // step_p]
-        else:
-            r, w = self._training_residuals(flux, ivar, design, slice(None, None, step_n), work)
-        return dict(neighbour_noise_correlation=self._neighbour_correlation(r, w),
-                    poor_fit_reduced_chi2=limit)
+        rows = np.union1d(np.arange(0, n, step_p), np.arange(0, n, step_n))
+        use = fitted_pixels(self, n_pix)
+        seg = (self.grid.segment_of_pixel if self.grid is not None
+               else np.zeros(n_pix, np.int64))
+        same_seg = ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0)).astype(float)
+        # chunks of ~64k values per array: in cache, yet few enough to keep Python's
+        # overhead small
+        chunk = max(1, min(len(rows), (1 << 16) // n_pix, len(work) // (3 * n_pix)))
+        chi2, dof = np.empty(len(rows)), np.empty(len(rows))
+        keep = rows % step_p == 0
+        sums = np.zeros(4)  # pairs, sum z_p z_p+1, sum z_p², sum z_p+1²
+        for j0 in range(0, len(rows), chunk):
+            sel = rows[j0:j0 + chunk]
+            c = len(sel)
+            r, w, tmp = (work[i * c * n_pix:(i + 1) * c * n_pix].reshape(c, n_pix)
+                         for i in range(3))
+            self._training_residuals(flux, ivar, design, sel, use, r, w)
+            chi2[j0:j0 + c] = np.einsum("ij,ij,ij->i", w, r, r)
+            good = np.greater(w, 0.0, out=tmp)
+            dof[j0:j0 + c] = good.sum(axis=1) - self.n_labels
+            q = sel % step_n == 0
+            if q.any():
+                sums += self._neighbour_sums(r[q], w[q], good[q], same_seg)
+        limit = self._poor_fit_limit(chi2[keep], np.maximum(dof[keep], 1))
+        n_pair, ab, aa, bb = sums
+        corr = 0.0 if n_pair < 100 else float(ab / np.sqrt(aa * bb))
+        return dict(neighbour_noise_correlation=corr, poor_fit_reduced_chi2=limit)
 
-    def _training_residuals(self, flux, ivar, design, rows, work):
+    def _training_residuals(self, flux, ivar, design, rows, use, r_out, w_out):
         """Residuals of the training stars ``rows`` at their labels, and their weights.
 
-        Returns (r, w), each (n, P); ``w = 1 / (1/ivar + s²)``, zero where a star
-        has no data and at the pixels fits do not use. r is a view of ``work``
-        (a flat buffer of at least n * P): (n, P) temporaries cost their page faults.
+        Into ``r_out`` and ``w_out`` (each (len(rows), P)); ``w = 1 / (1/ivar + s²)``,
+        zero where a star has no data and at the pixels fits do not use (``use``
+        False).
         """
+        np.matmul(design[rows], self.theta.T, out=r_out)
+        np.subtract(flux[rows], r_out, out=r_out)
         iv = ivar[rows]
-        n = len(iv)
-        r = np.matmul(design[rows], self.theta.T, out=work[:n * self.n_pixels].reshape(n, -1))
-        np.subtract(flux[rows], r, out=r)
-        w = np.multiply(iv, self.s2)
+        w = np.multiply(iv, self.s2, out=w_out)
         w += 1.0
         np.divide(iv, w, out=w)
-        w[:, ~fitted_pixels(self, self.n_pixels)] = 0.0
-        return r, w
+        if not use.all():
+            w[:, ~use] = 0.0
 
-    def _poor_fit_limit(self, r, w):
+    @staticmethod
+    def _poor_fit_limit(chi2, dof):
         """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
 
         Twice the 99th percentile of the training stars' own reduced chi² at their
         labels (at least 2): a spectrum unlike every training star's, or one the
-        normalization or the masks spoiled, lies far above it. ``r, w`` are
-        ``_training_residuals``.
+        normalization or the masks spoiled, lies far above it.
         """
-        dof = np.maximum((w > 0).sum(axis=1) - self.n_labels, 1)
-        wr2 = w * r
-        wr2 *= r
-        return float(max(2.0, 2.0 * np.percentile(wr2.sum(axis=1) / dof, 99)))
+        return float(max(2.0, 2.0 * np.percentile(chi2 / dof, 99)))
 
-    def _neighbour_correlation(self, r, w):
-        """Correlation of neighbouring pixels' normalized training residuals.
+    @staticmethod
+    def _neighbour_sums(r, w, good, same_seg):
+        """Sums for the correlation of neighbouring pixels' normalized training residuals.
 
         Resampling onto a grid correlates the noise of neighbouring pixels, and
         with it the training noise of neighbouring coefficients; the broadened
         fit's correction for that noise (``fit_broadened``) needs to know how
-        much. From the training stars' residuals ``r`` and weights ``w``
-        (``_training_residuals``; both overwritten), pairs of usable pixels in
-        the same segment.
+        much. From the training stars' residuals ``r``, weights ``w``
+        (``_training_residuals``) and ``good`` (1.0 where w > 0, else 0.0), over
+        pairs of usable pixels in the same segment (``same_seg``, 1.0 or 0.0 for
+        each pixel and the next): (number of pairs, sum z_p z_p+1, sum z_p²,
+        sum z_p+1²) with ``z = r sqrt(w)`` (0 where w = 0, so products with it
+        need no mask); the correlation is the second over the root of the
+        product of the last two.
         """
-        good = w > 0
-        z = np.multiply(r, np.sqrt(w, out=w), out=r)
-        seg = (self.grid.segment_of_pixel if self.grid is not None
-               else np.zeros(self.n_pixels, np.int64))
-        pair = good[:, :-1] & good[:, 1:] & ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0))[None, :]
-        if pair.sum() < 100:
-            return 0.0
-        a, b = z[:, :-1][pair], z[:, 1:][pair]
-        return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+        z = r * np.sqrt(w)
+        z2 = z * z
+        return np.array([np.einsum("ij,ij,j->", good[:, :-1], good[:, 1:], same_seg),
+                         np.einsum("ij,ij,j->", z[:, :-1], z[:, 1:], same_seg),
+                         np.einsum("ij,ij,j->", z2[:, :-1], good[:, 1:], same_seg),
+                         np.einsum("ij,ij,j->", good[:, :-1], z2[:, 1:], same_seg)])
 
     def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol):
         """``train`` for noisy training labels; see ``label_errors`` there."""
@@ -994,6 +1039,15 @@ def _extreme_deconvolution(x, err_var, n_comp, max_iter=300, tol=1e-6, floor=1e-
                 + np.einsum("nk,nkij->kij", resp, post_cov)) / nk[:, None, None]
         covs += floor * np.eye(d)
     return (weights, means, covs), loglike
+
+
+def _pixel_block(n_stars, nbytes=1 << 22):
+    """Pixels per block of ``train``'s passes: three (N, block) float64 arrays in ``nbytes``.
+
+    Small enough that a block's arrays stay in cache between the products and kernels
+    that use them, large enough that the products stay efficient (at least 64 pixels).
+    """
+    return max(64, nbytes // (24 * max(n_stars, 1)))
 
 
 def _check_training_set(flux, ivar, labels, label_names):
