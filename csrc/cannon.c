@@ -322,8 +322,66 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
     return best_s;
 }
 
-int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
-                 double *s2_out, int8_t *status_out)
+/* 2 g'(s2) as s2_dg, and 2 g''(s2) in *ddg: d/ds of each term (r2 u - 1) u is
+ * (1 - 2 r2 u) u^2. For the Newton steps of the warm-started search. */
+CF_SIMD_CLONES
+static double s2_dg_ddg(double s, const double *r2, const double *v, ptrdiff_t m, double *ddg)
+{
+    double acc[CF_LANES] = {0.0}, acc2[CF_LANES] = {0.0};
+    ptrdiff_t i = 0;
+    for (; i + CF_LANES <= m; i += CF_LANES) {
+        for (int j = 0; j < CF_LANES; j++) {
+            double u = 1.0 / (v[i + j] + s);
+            double ru = r2[i + j] * u;
+            acc[j] += (ru - 1.0) * u;
+            acc2[j] += (1.0 - 2.0 * ru) * u * u;
+        }
+    }
+    for (int j = 0; i < m; i++, j++) {
+        double u = 1.0 / (v[i] + s);
+        double ru = r2[i] * u;
+        acc[j] += (ru - 1.0) * u;
+        acc2[j] += (1.0 - 2.0 * ru) * u * u;
+    }
+    *ddg = ((acc2[0] + acc2[4]) + (acc2[2] + acc2[6])) + ((acc2[1] + acc2[5]) + (acc2[3] + acc2[7]));
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* Newton steps on g' from s0 (_reference.s2_grid._warm_one); 0 in *ok: go cold. */
+static double s2_warm_one(double s0, const double *r2, const double *v, ptrdiff_t m, int *ok)
+{
+    double s = s0, dd;
+    double d = s2_dg_ddg(s, r2, v, m, &dd);
+    *ok = 0;
+    for (int it = 0; it < CF_WARM_STEPS; it++) {
+        if (!(dd < 0)) return 0.0; /* not concave here: outside the basin of a maximum */
+        double t = fmin(fmax(s - d / dd, 0.25 * s), 4.0 * s);
+        double eps = 0.25 * CF_S2_RTOL * t;
+        if (fabs(t - s) <= eps) {
+            /* the root is within eps of t: the point eps beyond t, across the root from s,
+             * closes a bracket of width <= 2 eps */
+            double u = d > 0 ? t + eps : t - eps, ddu;
+            double du = s2_dg_ddg(u, r2, v, m, &ddu);
+            if ((d > 0) != (du > 0)) {
+                *ok = 1;
+                return 0.5 * (s + u);
+            }
+            s = u;
+            d = du;
+            dd = ddu;
+            continue;
+        }
+        if (!(t > 0)) return 0.0;
+        s = t;
+        d = s2_dg_ddg(s, r2, v, m, &dd);
+    }
+    return 0.0;
+}
+
+/* cf_s2_update (s2_start NULL) and cf_s2_update_warm */
+static int s2_update_impl(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                          const double *ivar, const double *s2_start, double *s2_out,
+                          int8_t *status_out)
 {
     const ptrdiff_t n_blocks = (n_pix + CF_S2_BLOCK - 1) / CF_S2_BLOCK;
     int err = CF_OK;
@@ -363,14 +421,33 @@ int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const 
                 }
             }
             for (ptrdiff_t j = 0; j < w; j++) {
-                s2_out[p0 + j] = s2_one_pixel(r2 + j * n_stars, vv + j * n_stars, counts[j],
-                                              &status_out[p0 + j]);
+                const double *r2j = r2 + j * n_stars, *vj = vv + j * n_stars;
+                int ok = 0;
+                if (s2_start && counts[j] >= 2 && s2_start[p0 + j] > 0) {
+                    s2_out[p0 + j] = s2_warm_one(s2_start[p0 + j], r2j, vj, counts[j], &ok);
+                    status_out[p0 + j] = 0;
+                }
+                if (!ok)
+                    s2_out[p0 + j] = s2_one_pixel(r2j, vj, counts[j], &status_out[p0 + j]);
             }
         }
         free(r2);
         free(counts);
     }
     return err;
+}
+
+int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
+                 double *s2_out, int8_t *status_out)
+{
+    return s2_update_impl(n_stars, n_pix, resid, ivar, NULL, s2_out, status_out);
+}
+
+int cf_s2_update_warm(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                      const double *ivar, const double *s2_start, double *s2_out,
+                      int8_t *status_out)
+{
+    return s2_update_impl(n_stars, n_pix, resid, ivar, s2_start, s2_out, status_out);
 }
 
 /* ------------------------------------------------------------------ label vectors */

@@ -403,7 +403,9 @@ class CannonModel:
         resid = np.matmul(design, th.T, out=buf)
         np.subtract(f, resid, out=resid)
         s2_new = np.empty(m)
-        k.s2_update(resid, iv, s2_new, np.empty(m, dtype=np.int8))
+        # started from the previous pass's s² (where there is one: 0 runs the full
+        # search), whose theta hardly differs: a few Newton steps instead of a grid
+        k.s2_update_warm(resid, iv, s2_b, s2_new, np.empty(m, dtype=np.int8))
         return th, cv, st, s2_new
 
     def _fit_diagnostics(self, flux, ivar, design, work, poor_fit_stars=512,

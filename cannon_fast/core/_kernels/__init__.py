@@ -7,7 +7,8 @@ arrays.
 from .continuum import continuum_normalize
 from .model_eval import debias_steps, design, lm_fit, star_weights, weighted_square_sum
 from .normal_equations import solve_normal_equations
-from .s2_grid import s2_update
+from .s2_grid import s2_update, s2_update_warm
 
 __all__ = ["debias_steps", "design", "lm_fit", "star_weights", "weighted_square_sum",
-           "solve_normal_equations", "s2_update", "continuum_normalize"]
+           "solve_normal_equations", "s2_update", "s2_update_warm",
+           "continuum_normalize"]

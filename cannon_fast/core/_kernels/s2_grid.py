@@ -5,13 +5,14 @@ the derivative ``g'(s²) = 1/2 sum (r² - v - s²) / (v + s²)²`` (no logarithm
 on the grid): every sign change from + to - on the grid brackets a local
 maximum, regula falsi (Illinois) refines it until the bracket is narrower than
 S2_RTOL of its upper end, and the logarithm is evaluated only at the
-candidates to pick the global one. The tolerance this meets is stated in
-``_reference.s2_grid``.
+candidates to pick the global one. ``s2_update_warm`` starts from a previous
+s² instead (Newton steps on g'). The tolerance both meet, and what the warm
+start may miss, are stated in ``_reference.s2_grid``.
 """
 import numba as nb
 import numpy as np
 
-from .._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL
+from .._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RTOL, WARM_STEPS
 from ._jit import JIT, JIT_FASTMATH, JIT_PARALLEL
 
 _BLOCK = 32  # pixels gathered per block, so reads of (N, P) rows are contiguous
@@ -126,6 +127,59 @@ def _one_pixel(r2, v, m):
     return best_s, 0
 
 
+@nb.njit(**JIT_FASTMATH)
+def _dg_ddg(s, r2, v, m):
+    """``_dg`` and 2 g''(s): d/ds of each term (r2 u - 1) u is (1 - 2 r2 u) u²."""
+    acc = 0.0
+    acc2 = 0.0
+    for i in range(m):
+        u = 1.0 / (v[i] + s)
+        ru = r2[i] * u
+        acc += (ru - 1.0) * u
+        acc2 += (1.0 - 2.0 * ru) * u * u
+    return acc, acc2
+
+
+@nb.njit(**JIT)
+def _warm_one(s0, r2, v, m):
+    """Newton steps on g' from s0 (``_reference.s2_grid._warm_one``); ok False: go cold."""
+    s = s0
+    d, dd = _dg_ddg(s, r2, v, m)
+    for _ in range(WARM_STEPS):
+        if not dd < 0:
+            return 0.0, False
+        t = min(max(s - d / dd, 0.25 * s), 4.0 * s)
+        eps = 0.25 * S2_RTOL * t
+        if abs(t - s) <= eps:
+            u = t + eps if d > 0 else t - eps
+            du, ddu = _dg_ddg(u, r2, v, m)
+            if (d > 0) != (du > 0):
+                return 0.5 * (s + u), True
+            s, d, dd = u, du, ddu
+            continue
+        if not t > 0:
+            return 0.0, False
+        s = t
+        d, dd = _dg_ddg(s, r2, v, m)
+    return 0.0, False
+
+
+@nb.njit(**JIT)
+def _gather(resid, ivar, p0, width, r2, v, counts):
+    """The valid stars' r² and variances of pixels p0.. p0 + width, pixel by pixel."""
+    n_stars = resid.shape[0]
+    counts[:] = 0
+    for n in range(n_stars):
+        for j in range(width):
+            iv = ivar[n, p0 + j]
+            if iv > 0:
+                c = counts[j]
+                rr = resid[n, p0 + j]
+                r2[j, c] = rr * rr
+                v[j, c] = 1.0 / iv
+                counts[j] = c + 1
+
+
 @nb.njit(**JIT_PARALLEL)
 def s2_update(resid, ivar, s2_out, status_out):
     """Maximise the likelihood in s² at every pixel: ``(n),(n)->(),()``."""
@@ -133,21 +187,36 @@ def s2_update(resid, ivar, s2_out, status_out):
     n_blocks = (n_pix + _BLOCK - 1) // _BLOCK
     for blk in nb.prange(n_blocks):
         p0 = blk * _BLOCK
-        p1 = min(p0 + _BLOCK, n_pix)
-        width = p1 - p0
+        width = min(p0 + _BLOCK, n_pix) - p0
         r2 = np.empty((width, n_stars))
         v = np.empty((width, n_stars))
         counts = np.zeros(width, dtype=np.int64)
-        for n in range(n_stars):
-            for j in range(width):
-                iv = ivar[n, p0 + j]
-                if iv > 0:
-                    c = counts[j]
-                    rr = resid[n, p0 + j]
-                    r2[j, c] = rr * rr
-                    v[j, c] = 1.0 / iv
-                    counts[j] = c + 1
+        _gather(resid, ivar, p0, width, r2, v, counts)
         for j in range(width):
             s, st = _one_pixel(r2[j], v[j], counts[j])
+            s2_out[p0 + j] = s
+            status_out[p0 + j] = st
+
+
+@nb.njit(**JIT_PARALLEL)
+def s2_update_warm(resid, ivar, s2_start, s2_out, status_out):
+    """``s2_update`` started from ``s2_start``: ``(n),(n),()->(),()``."""
+    n_stars, n_pix = resid.shape
+    n_blocks = (n_pix + _BLOCK - 1) // _BLOCK
+    for blk in nb.prange(n_blocks):
+        p0 = blk * _BLOCK
+        width = min(p0 + _BLOCK, n_pix) - p0
+        r2 = np.empty((width, n_stars))
+        v = np.empty((width, n_stars))
+        counts = np.zeros(width, dtype=np.int64)
+        _gather(resid, ivar, p0, width, r2, v, counts)
+        for j in range(width):
+            m = counts[j]
+            ok = False
+            if m >= 2 and s2_start[p0 + j] > 0:
+                s, ok = _warm_one(s2_start[p0 + j], r2[j], v[j], m)
+                st = 0
+            if not ok:
+                s, st = _one_pixel(r2[j], v[j], m)
             s2_out[p0 + j] = s
             status_out[p0 + j] = st
