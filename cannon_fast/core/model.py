@@ -325,8 +325,8 @@ class CannonModel:
             s2_new = np.empty(len(active))
             for j0 in range(0, len(active), block):
                 cols = active[j0:j0 + block]
-                th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work)
-                theta[cols], cov[cols], status[cols] = th, cv, st
+                th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work,
+                                                     (theta, cov, status))
                 s2_b[too_few[cols] | (st != 0)] = 0.0
                 s2_new[j0:j0 + block] = s2_b
             old = s2[active]
@@ -367,18 +367,21 @@ class CannonModel:
                                **self._fit_diagnostics(flux, ivar, design, work))
         return self
 
-    def _train_block(self, k, cols, flux, ivar, s2, design, gram, work):
+    def _train_block(self, k, cols, flux, ivar, s2, design, gram, work, out):
         """One pass of ``train`` at the training pixels ``cols`` (increasing).
 
         theta | s² (the weighted least-squares solution at the current ``s2``), then
         s² | theta. Returns (theta, its packed inverse normal matrix, the solver's
         status, the new s²) of those pixels. ``gram`` is (the distinct monomials of the
         design's outer products, transposed; their index into the packed normal
-        matrix); ``work`` holds at least three (N, len(cols)) arrays.
+        matrix); ``work`` holds at least three (N, len(cols)) arrays. theta, the
+        inverse normal matrix and the status are written into ``out`` (the model's
+        (P, ...) arrays) at ``cols``.
         """
         n, m = len(flux), len(cols)
         iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
-        if cols[-1] - cols[0] == m - 1:  # a run of pixels (all of the first pass)
+        run = cols[-1] - cols[0] == m - 1
+        if run:  # a run of pixels (all of the first pass)
             np.copyto(iv, ivar[:, cols[0]:cols[0] + m])
             np.copyto(f, flux[:, cols[0]:cols[0] + m])
         else:  # np.take gathers columns ~8x faster than fancy indexing; with out=, only
@@ -399,10 +402,14 @@ class CannonModel:
         a_packed = np.ascontiguousarray(np.take(monomials_t @ weights, mono_index, axis=0).T)
         wf = np.multiply(weights, f, out=buf)
         b = np.ascontiguousarray((design.T @ wf).T)  # (m, T)
-        th = np.empty((m, self.n_terms))
-        cv = np.empty((m, a_packed.shape[1]))
-        st = np.empty(m, dtype=np.int8)
+        theta, cov, status = out
+        if run:  # the kernel writes straight into the model's arrays
+            th, cv, st = (a[cols[0]:cols[0] + m] for a in out)
+        else:
+            th, cv, st = (np.empty((m,) + a.shape[1:], a.dtype) for a in out)
         k.solve_normal_equations(a_packed, b, th, cv, st)
+        if not run:
+            theta[cols], cov[cols], status[cols] = th, cv, st
         resid = np.matmul(design, th.T, out=buf)
         np.subtract(f, resid, out=resid)
         s2_new = np.empty(m)
@@ -435,16 +442,19 @@ class CannonModel:
         chi2, dof = np.empty(len(rows)), np.empty(len(rows))
         keep = rows % step_p == 0
         sums = np.zeros(4)  # pairs, sum z_p z_p+1, sum z_p², sum z_p+1²
+        theta_t = np.ascontiguousarray(self.theta.T)  # BLAS is faster with it contiguous
         for j0 in range(0, len(rows), chunk):
             sel = rows[j0:j0 + chunk]
             c = len(sel)
+            if sel[-1] - sel[0] == c - 1:  # a run of stars: views, not copies
+                sel = slice(sel[0], sel[0] + c)
             r, w, tmp = (work[i * c * n_pix:(i + 1) * c * n_pix].reshape(c, n_pix)
                          for i in range(3))
-            self._training_residuals(flux, ivar, design, sel, use, r, w)
+            self._training_residuals(flux, ivar, design, theta_t, sel, use, r, w)
             chi2[j0:j0 + c] = np.einsum("ij,ij,ij->i", w, r, r)
             good = np.greater(w, 0.0, out=tmp)
             dof[j0:j0 + c] = good.sum(axis=1) - self.n_labels
-            q = sel % step_n == 0
+            q = rows[j0:j0 + c] % step_n == 0
             if q.any():
                 sums += self._neighbour_sums(r[q], w[q], good[q], same_seg)
         limit = self._poor_fit_limit(chi2[keep], np.maximum(dof[keep], 1))
@@ -452,14 +462,14 @@ class CannonModel:
         corr = 0.0 if n_pair < 100 else float(ab / np.sqrt(aa * bb))
         return dict(neighbour_noise_correlation=corr, poor_fit_reduced_chi2=limit)
 
-    def _training_residuals(self, flux, ivar, design, rows, use, r_out, w_out):
+    def _training_residuals(self, flux, ivar, design, theta_t, rows, use, r_out, w_out):
         """Residuals of the training stars ``rows`` at their labels, and their weights.
 
-        Into ``r_out`` and ``w_out`` (each (len(rows), P)); ``w = 1 / (1/ivar + s²)``,
+        Into ``r_out`` and ``w_out`` (each (n_rows, P)); ``w = 1 / (1/ivar + s²)``,
         zero where a star has no data and at the pixels fits do not use (``use``
-        False).
+        False). ``theta_t``: theta transposed, C-contiguous.
         """
-        np.matmul(design[rows], self.theta.T, out=r_out)
+        np.matmul(design[rows], theta_t, out=r_out)
         np.subtract(flux[rows], r_out, out=r_out)
         iv = ivar[rows]
         w = np.multiply(iv, self.s2, out=w_out)
