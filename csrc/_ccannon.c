@@ -489,6 +489,58 @@ static PyObject *py_weighted_square_sum(PyObject *self, PyObject *args, PyObject
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ training_sums */
+
+PyDoc_STRVAR(training_sums_doc,
+"training_sums(resid, ivar, s2, use, same_seg, pairs, chi2_out, count_out, pair_out)\n--\n\n"
+"Per training star: chi2 at its labels, its pixel count and neighbour-pair sums:\n"
+"``(p),(p),(p),(p),(p),()->(),(),(4)``.\n\n"
+"resid, ivar (N, P) float64; s2 (P,) float64; use, same_seg (P,) bool; pairs (N,) bool\n"
+"-> chi2_out (N,) float64, count_out (N,) int64, pair_out (N, 4) float64.");
+
+static PyObject *py_training_sums(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"resid", "ivar", "s2", "use", "same_seg", "pairs", "chi2_out",
+                             "count_out", "pair_out", NULL};
+    static const char *fn = "training_sums";
+    PyObject *o[9];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO:training_sums", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8]))
+        return NULL;
+    PyArrayObject *resid, *ivar, *s2, *use, *seg, *pairs, *chi2, *cnt, *pair;
+    if (!(resid = as_array(o[0], fn, "resid", F64, 2, IN))) return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
+    if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
+    if (!(use = as_array(o[3], fn, "use", BOOL, 1, IN))) return NULL;
+    if (!(seg = as_array(o[4], fn, "same_seg", BOOL, 1, IN))) return NULL;
+    if (!(pairs = as_array(o[5], fn, "pairs", BOOL, 1, IN))) return NULL;
+    if (!(chi2 = as_array(o[6], fn, "chi2_out", F64, 1, OUT))) return NULL;
+    if (!(cnt = as_array(o[7], fn, "count_out", I64, 1, OUT))) return NULL;
+    if (!(pair = as_array(o[8], fn, "pair_out", F64, 2, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(resid, 0), n_pix = PyArray_DIM(resid, 1);
+    if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
+        check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
+        check_dim(s2, 0, n_pix, fn, "s2", "(P,)", "P") ||
+        check_dim(use, 0, n_pix, fn, "use", "(P,)", "P") ||
+        check_dim(seg, 0, n_pix, fn, "same_seg", "(P,)", "P") ||
+        check_dim(pairs, 0, n_stars, fn, "pairs", "(N,)", "N") ||
+        check_dim(chi2, 0, n_stars, fn, "chi2_out", "(N,)", "N") ||
+        check_dim(cnt, 0, n_stars, fn, "count_out", "(N,)", "N") ||
+        check_dim(pair, 0, n_stars, fn, "pair_out", "(N, 4)", "N") ||
+        check_dim(pair, 1, 4, fn, "pair_out", "(N, 4)", "4"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_training_sums(n_stars, n_pix, (const double *)PyArray_DATA(resid),
+                            (const double *)PyArray_DATA(ivar), (const double *)PyArray_DATA(s2),
+                            (const uint8_t *)PyArray_DATA(use),
+                            (const uint8_t *)PyArray_DATA(seg),
+                            (const uint8_t *)PyArray_DATA(pairs), (double *)PyArray_DATA(chi2),
+                            (int64_t *)PyArray_DATA(cnt), (double *)PyArray_DATA(pair));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ continuum_normalize */
 
 PyDoc_STRVAR(continuum_normalize_doc,
@@ -621,6 +673,8 @@ static PyMethodDef methods[] = {
      s2_update_doc},
     {"s2_update_warm", (PyCFunction)(void (*)(void))py_s2_update_warm,
      METH_VARARGS | METH_KEYWORDS, s2_update_warm_doc},
+    {"training_sums", (PyCFunction)(void (*)(void))py_training_sums,
+     METH_VARARGS | METH_KEYWORDS, training_sums_doc},
     {"lm_fit", (PyCFunction)(void (*)(void))py_lm_fit, METH_VARARGS | METH_KEYWORDS,
      lm_fit_doc},
     {"star_weights", (PyCFunction)(void (*)(void))py_star_weights, METH_VARARGS | METH_KEYWORDS,

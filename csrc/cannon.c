@@ -1180,6 +1180,54 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
     return CF_OK;
 }
 
+/* ------------------------------------------------------------------ training sums */
+
+int cf_training_sums(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                     const double *ivar, const double *s2, const uint8_t *use,
+                     const uint8_t *same_seg, const uint8_t *pairs, double *chi2_out,
+                     int64_t *count_out, double *pair_out)
+{
+    if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        const double *r = resid + i * n_pix;
+        const double *iv = ivar + i * n_pix;
+        double acc = 0.0, n_pair = 0.0, ab = 0.0, aa = 0.0, bb = 0.0, prev_z = 0.0;
+        int64_t cnt = 0;
+        int prev_ok = 0;
+        for (ptrdiff_t p = 0; p < n_pix; p++) {
+            double x = iv[p];
+            int ok = x > 0 && use[p];
+            double z = 0.0;
+            if (ok) {
+                double w = x / (1.0 + x * s2[p]);
+                acc += w * r[p] * r[p];
+                cnt++;
+                if (pairs[i]) {
+                    z = r[p] * sqrt(w);
+                    if (prev_ok && same_seg[p - 1]) {
+                        n_pair += 1.0;
+                        ab += prev_z * z;
+                        aa += prev_z * prev_z;
+                        bb += z * z;
+                    }
+                }
+            }
+            prev_ok = ok;
+            prev_z = z;
+        }
+        chi2_out[i] = acc;
+        count_out[i] = cnt;
+        pair_out[4 * i] = n_pair;
+        pair_out[4 * i + 1] = ab;
+        pair_out[4 * i + 2] = aa;
+        pair_out[4 * i + 3] = bb;
+    }
+    return CF_OK;
+}
+
 /* ------------------------------------------------------------------ weighted sum of squares */
 
 int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, const double *m,

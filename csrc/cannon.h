@@ -236,6 +236,25 @@ int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, c
                            double *out);
 
 /**
+ * Per training star: chi2 at its labels, its pixel count and neighbour-pair sums.
+ * Contract: (p),(p),(p),(p),(p),()->(),(),(4) over stars; the semantics are those of
+ * _reference.model_eval.training_sums.
+ *
+ * @param resid, ivar (N, P): residuals at the training labels, inverse variances.
+ * @param s2 (P,); use (P,): the pixels fits use; same_seg (P,): pixel p and p + 1 in
+ *        one segment; pairs (N,): the stars whose pair sums are wanted.
+ * @param chi2_out (N,): sum w r2 over usable pixels (ivar > 0 and use), w = 1/(1/ivar + s2).
+ * @param count_out (N,): the number of usable pixels.
+ * @param pair_out (N, 4): over pairs of usable neighbours in one segment: their number,
+ *        sum z_p z_p+1, sum z_p^2, sum z_p+1^2 with z = r sqrt(w); zeros where !pairs.
+ * @return CF_OK or CF_ERR_ARG.
+ */
+int cf_training_sums(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                     const double *ivar, const double *s2, const uint8_t *use,
+                     const uint8_t *same_seg, const uint8_t *pairs, double *chi2_out,
+                     int64_t *count_out, double *pair_out);
+
+/**
  * Fit and divide out a per-chip weighted least-squares pseudo-continuum, per star.
  * Contract: (p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c) over stars; the semantics are
  * those of _reference.continuum.continuum_normalize. The fit is in double precision;

@@ -26,7 +26,7 @@ from cannon_fast.core.backends import available_backends, kernels, resolve_backe
 from cannon_fast.testing import make_synthetic
 
 KERNELS = ("solve_normal_equations", "s2_update", "s2_update_warm", "lm_fit", "star_weights",
-           "weighted_square_sum", "debias_steps", "design",
+           "weighted_square_sum", "training_sums", "debias_steps", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -394,6 +394,40 @@ def test_s2_warm_search_settles_by_newton_steps(warm_one, s2_tolerance_problem):
             settled += 1
             assert abs(s - truth[p]) <= _s2_bound(truth[p], v_mean[p]), p
     assert settled >= 75
+
+
+def test_training_sums_match_reference_and_definition(backend):
+    """chi², counts and neighbour-pair sums: every backend against the reference, and
+    the reference against the sums written out pair by pair for one star."""
+    rng = np.random.default_rng(17)
+    n, p = 40, 90
+    resid = rng.normal(size=(n, p)) * 0.01
+    ivar = np.where(rng.uniform(size=(n, p)) < 0.1, 0.0, rng.uniform(5e3, 2e4, (n, p)))
+    s2 = np.where(rng.uniform(size=p) < 0.4, rng.uniform(0, 1e-4, p), 0.0)
+    use = rng.uniform(size=p) > 0.1
+    same_seg = np.ones(p, bool)
+    same_seg[[29, 59, p - 1]] = False  # three segments
+    pairs = rng.uniform(size=n) < 0.5
+
+    def run(k):
+        out = (np.full(n, np.nan), np.full(n, -1, np.int64), np.full((n, 4), np.nan))
+        k.training_sums(resid, ivar, s2, use, same_seg, pairs, *out)
+        return out
+
+    ref_out = run(ref)
+    for got, want in zip(run(kernels(backend)), ref_out):
+        assert_allclose(got, want, rtol=1e-12, atol=0)
+    i = int(np.flatnonzero(pairs)[0])
+    good = (ivar[i] > 0) & use
+    w = np.where(good, 1.0 / (1.0 / np.where(good, ivar[i], 1.0) + s2), 0.0)
+    assert_allclose(ref_out[0][i], np.sum(w * resid[i] ** 2), rtol=1e-12)
+    assert ref_out[1][i] == good.sum()
+    z = resid[i] * np.sqrt(w)
+    pq = [(a, a + 1) for a in range(p - 1) if good[a] and good[a + 1] and same_seg[a]]
+    want = [len(pq), sum(z[a] * z[b] for a, b in pq), sum(z[a] ** 2 for a, _ in pq),
+            sum(z[b] ** 2 for _, b in pq)]
+    assert_allclose(ref_out[2][i], want, rtol=1e-12)
+    assert_array_equal(ref_out[2][~pairs], 0.0)
 
 
 def test_s2_equal_variances_closed_form(backend):
@@ -828,6 +862,9 @@ def _c_ok_args():
                          np.empty((n, 3)), np.empty(n, np.int64)],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
         "weighted_square_sum": [np.ones((n, 4), np.float32), np.ones((n, 4)), np.empty(n)],
+        "training_sums": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
+                          np.ones(4, bool), np.ones(n, bool), np.empty(n),
+                          np.empty(n, np.int64), np.empty((n, 4))],
         "debias_steps": [np.ones((n, l2)), np.ones((n, t)), np.zeros((n, l2)), ex, -np.ones(2),
                          np.ones(2), 0.3, 4, 1e-6, np.zeros((n, 2)), np.empty(n, np.int64)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),

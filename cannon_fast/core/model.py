@@ -423,11 +423,14 @@ class CannonModel:
         """``train_info``'s POOR_FIT limit and neighbour noise correlation.
 
         From the residuals of every ``len(flux) // poor_fit_stars``-th training star
-        (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th
-        (``_neighbour_sums``), at their labels. Both are sums over each star's
-        pixels, so the stars are taken a few at a time in ``work`` (training's flat
-        buffer, free by now): no (N, P) temporaries, the chunk's arrays stay in
-        cache, and each star's residuals are computed once for both.
+        (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th (the
+        correlation of neighbouring pixels' normalized residuals: resampling onto a
+        grid correlates the noise of neighbouring pixels, and with it the training
+        noise of neighbouring coefficients, which the broadened fit's correction for
+        that noise, ``fit_broadened``, needs to know), at their labels. The stars are
+        taken a few at a time in ``work`` (training's flat buffer, free by now), each
+        star's residuals computed once for both, and the kernel ``training_sums``
+        makes every sum in one pass over them.
         """
         n, n_pix = flux.shape
         step_p, step_n = max(1, n // poor_fit_stars), max(1, n // neighbour_stars)
@@ -435,48 +438,28 @@ class CannonModel:
         use = fitted_pixels(self, n_pix)
         seg = (self.grid.segment_of_pixel if self.grid is not None
                else np.zeros(n_pix, np.int64))
-        same_seg = ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0)).astype(float)
-        # chunks of ~256k values per array: in cache, yet few enough to keep Python's
-        # overhead small
-        chunk = max(1, min(len(rows), (1 << 18) // n_pix, len(work) // (3 * n_pix)))
-        chi2, dof = np.empty(len(rows)), np.empty(len(rows))
-        keep = rows % step_p == 0
-        sums = np.zeros(4)  # pairs, sum z_p z_p+1, sum z_p², sum z_p+1²
+        same_seg = np.append((seg[:-1] == seg[1:]) & (seg[:-1] >= 0), False)
+        # chunks of ~256k values: in cache for the kernel, few enough calls
+        chunk = max(1, min(len(rows), (1 << 18) // n_pix, len(work) // n_pix))
+        chi2, count = np.empty(len(rows)), np.empty(len(rows), np.int64)
+        pair = np.empty((len(rows), 4))
         theta_t = np.ascontiguousarray(self.theta.T)  # BLAS is faster with it contiguous
+        k = kernels(self.backend)
         for j0 in range(0, len(rows), chunk):
             sel = rows[j0:j0 + chunk]
             c = len(sel)
+            with_pairs = sel % step_n == 0
             if sel[-1] - sel[0] == c - 1:  # a run of stars: views, not copies
                 sel = slice(sel[0], sel[0] + c)
-            r, w, tmp = (work[i * c * n_pix:(i + 1) * c * n_pix].reshape(c, n_pix)
-                         for i in range(3))
-            self._training_residuals(flux, ivar, design, theta_t, sel, use, r, w)
-            chi2[j0:j0 + c] = np.einsum("ij,ij,ij->i", w, r, r)
-            good = np.greater(w, 0.0, out=tmp)
-            dof[j0:j0 + c] = good.sum(axis=1) - self.n_labels
-            q = rows[j0:j0 + c] % step_n == 0
-            if q.any():
-                sums += self._neighbour_sums(r[q], w[q], good[q], same_seg)
-        limit = self._poor_fit_limit(chi2[keep], np.maximum(dof[keep], 1))
-        n_pair, ab, aa, bb = sums
+            r = np.matmul(design[sel], theta_t, out=work[:c * n_pix].reshape(c, n_pix))
+            np.subtract(flux[sel], r, out=r)
+            k.training_sums(r, np.ascontiguousarray(ivar[sel]), self.s2, use, same_seg,
+                            with_pairs, chi2[j0:j0 + c], count[j0:j0 + c], pair[j0:j0 + c])
+        keep = rows % step_p == 0
+        limit = self._poor_fit_limit(chi2[keep], np.maximum(count[keep] - self.n_labels, 1))
+        n_pair, ab, aa, bb = pair.sum(axis=0)
         corr = 0.0 if n_pair < 100 else float(ab / np.sqrt(aa * bb))
         return dict(neighbour_noise_correlation=corr, poor_fit_reduced_chi2=limit)
-
-    def _training_residuals(self, flux, ivar, design, theta_t, rows, use, r_out, w_out):
-        """Residuals of the training stars ``rows`` at their labels, and their weights.
-
-        Into ``r_out`` and ``w_out`` (each (n_rows, P)); ``w = 1 / (1/ivar + s²)``,
-        zero where a star has no data and at the pixels fits do not use (``use``
-        False). ``theta_t``: theta transposed, C-contiguous.
-        """
-        np.matmul(design[rows], theta_t, out=r_out)
-        np.subtract(flux[rows], r_out, out=r_out)
-        iv = ivar[rows]
-        w = np.multiply(iv, self.s2, out=w_out)
-        w += 1.0
-        np.divide(iv, w, out=w)
-        if not use.all():
-            w[:, ~use] = 0.0
 
     @staticmethod
     def _poor_fit_limit(chi2, dof):
@@ -487,28 +470,6 @@ class CannonModel:
         normalization or the masks spoiled, lies far above it.
         """
         return float(max(2.0, 2.0 * np.percentile(chi2 / dof, 99)))
-
-    @staticmethod
-    def _neighbour_sums(r, w, good, same_seg):
-        """Sums for the correlation of neighbouring pixels' normalized training residuals.
-
-        Resampling onto a grid correlates the noise of neighbouring pixels, and
-        with it the training noise of neighbouring coefficients; the broadened
-        fit's correction for that noise (``fit_broadened``) needs to know how
-        much. From the training stars' residuals ``r``, weights ``w``
-        (``_training_residuals``) and ``good`` (1.0 where w > 0, else 0.0), over
-        pairs of usable pixels in the same segment (``same_seg``, 1.0 or 0.0 for
-        each pixel and the next): (number of pairs, sum z_p z_p+1, sum z_p²,
-        sum z_p+1²) with ``z = r sqrt(w)`` (0 where w = 0, so products with it
-        need no mask); the correlation is the second over the root of the
-        product of the last two.
-        """
-        z = r * np.sqrt(w)
-        z2 = z * z
-        return np.array([np.einsum("ij,ij,j->", good[:, :-1], good[:, 1:], same_seg),
-                         np.einsum("ij,ij,j->", z[:, :-1], z[:, 1:], same_seg),
-                         np.einsum("ij,ij,j->", z2[:, :-1], good[:, 1:], same_seg),
-                         np.einsum("ij,ij,j->", good[:, :-1], z2[:, 1:], same_seg)])
 
     def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol):
         """``train`` for noisy training labels; see ``label_errors`` there."""
