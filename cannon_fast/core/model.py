@@ -309,13 +309,18 @@ class CannonModel:
         theta = np.empty((n_pix, self.n_terms))
         cov = np.empty((n_pix, vz.n_packed(self.n_terms)))
         status = np.zeros(n_pix, dtype=np.int8)
-        # Every pass works through its pixels in blocks of `block` columns, in one small
-        # work buffer (three (N, block) arrays) that is reused throughout: whole (N, P)
-        # temporaries cost as much in first-touch page faults and memory traffic as the
-        # arithmetic, and a block's weights, residuals and s² stay in cache between the
-        # products that make them.
-        block = min(n_pix, _pixel_block(n_stars))
-        work = np.empty(3 * n_stars * block)
+        # Single-threaded, every pass works through its pixels in blocks of `block`
+        # columns, in one small work buffer (three (N, block) arrays) reused throughout:
+        # whole (N, P) temporaries cost as much in first-touch page faults and memory
+        # traffic as the arithmetic, and a block's weights, residuals and s² stay in
+        # cache between the products that make them. With threads, the many short
+        # parallel regions of small blocks cost more than that saves (several times
+        # more on a loaded machine, where a region waits for a descheduled thread): a
+        # pass is one block there, or three for a later pass whose gathered columns
+        # outgrow the one (N, P) buffer.
+        threaded = _kernel_threads(self.backend) > 1
+        block = n_pix if threaded else min(n_pix, _pixel_block(n_stars))
+        work = np.empty(n_stars * n_pix if threaded else 3 * n_stars * block)
         gram = (monomials_t, mono_index)
         # Alternate theta | s² and s² | theta. Only pixels whose s² moved by more than
         # s2_rtol are solved again, so later passes are cheap (most pixels settle at once).
@@ -323,12 +328,13 @@ class CannonModel:
         history = []
         for it in range(max_iter):
             s2_new = np.empty(len(active))
-            for j0 in range(0, len(active), block):
-                cols = active[j0:j0 + block]
+            step = block if it == 0 else min(block, len(work) // (3 * n_stars))
+            for j0 in range(0, len(active), step):
+                cols = active[j0:j0 + step]
                 th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work,
                                                      (theta, cov, status))
                 s2_b[too_few[cols] | (st != 0)] = 0.0
-                s2_new[j0:j0 + block] = s2_b
+                s2_new[j0:j0 + step] = s2_b
             old = s2[active]
             moved = (np.abs(s2_new - old) > s2_rtol * np.maximum(s2_new, old)) \
                 & (np.maximum(s2_new, old) > s2_floor)
@@ -364,7 +370,7 @@ class CannonModel:
         self.error_model = None
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
-                               **self._fit_diagnostics(flux, ivar, design, work))
+                               **self._fit_diagnostics(flux, ivar, design, work, threaded))
         return self
 
     def _train_block(self, k, cols, flux, ivar, s2, design, gram, work, out):
@@ -374,18 +380,22 @@ class CannonModel:
         s² | theta. Returns (theta, its packed inverse normal matrix, the solver's
         status, the new s²) of those pixels. ``gram`` is (the distinct monomials of the
         design's outer products, transposed; their index into the packed normal
-        matrix); ``work`` holds at least three (N, len(cols)) arrays. theta, the
+        matrix); ``work`` holds three (N, len(cols)) arrays, or one when ``cols`` is
+        every pixel (ivar and flux are then used in place). theta, the
         inverse normal matrix and the status are written into ``out`` (the model's
         (P, ...) arrays) at ``cols``.
         """
         n, m = len(flux), len(cols)
-        iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
         run = cols[-1] - cols[0] == m - 1
-        if run:  # a run of pixels (all of the first pass)
+        if m == flux.shape[1]:  # every pixel: the arrays themselves
+            iv, f, buf = ivar, flux, work[:n * m].reshape(n, m)
+        elif run:  # a run of pixels (the first pass): copies, contiguous for the kernels
+            iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
             np.copyto(iv, ivar[:, cols[0]:cols[0] + m])
             np.copyto(f, flux[:, cols[0]:cols[0] + m])
         else:  # np.take gathers columns ~8x faster than fancy indexing; with out=, only
             # a mode other than "raise" spares it a buffered copy (cols are valid indices)
+            iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
             np.take(ivar, cols, axis=1, out=iv, mode="clip")
             np.take(flux, cols, axis=1, out=f, mode="clip")
         s2_b = s2[cols]
@@ -418,7 +428,7 @@ class CannonModel:
         k.s2_update_warm(resid, iv, s2_b, s2_new, np.empty(m, dtype=np.int8))
         return th, cv, st, s2_new
 
-    def _fit_diagnostics(self, flux, ivar, design, work, poor_fit_stars=512,
+    def _fit_diagnostics(self, flux, ivar, design, work, threaded, poor_fit_stars=512,
                          neighbour_stars=256):
         """``train_info``'s POOR_FIT limit and neighbour noise correlation.
 
@@ -428,7 +438,8 @@ class CannonModel:
         grid correlates the noise of neighbouring pixels, and with it the training
         noise of neighbouring coefficients, which the broadened fit's correction for
         that noise, ``fit_broadened``, needs to know), at their labels. The stars are
-        taken a few at a time in ``work`` (training's flat buffer, free by now), each
+        taken a few at a time (all at once if ``threaded``) in ``work`` (training's
+        flat buffer, free by now), each
         star's residuals computed once for both, and the kernel ``training_sums``
         makes every sum in one pass over them.
         """
@@ -439,8 +450,9 @@ class CannonModel:
         seg = (self.grid.segment_of_pixel if self.grid is not None
                else np.zeros(n_pix, np.int64))
         same_seg = np.append((seg[:-1] == seg[1:]) & (seg[:-1] >= 0), False)
-        # chunks of ~256k values: in cache for the kernel, few enough calls
-        chunk = max(1, min(len(rows), (1 << 18) // n_pix, len(work) // n_pix))
+        # chunks of ~256k values: in cache for the kernel, few enough calls; with
+        # threads, as few chunks as the buffer allows (see ``train``)
+        chunk = max(1, min(len(rows), len(work) // n_pix if threaded else (1 << 18) // n_pix))
         chi2, count = np.empty(len(rows)), np.empty(len(rows), np.int64)
         pair = np.empty((len(rows), 4))
         theta_t = np.ascontiguousarray(self.theta.T)  # BLAS is faster with it contiguous
@@ -1017,13 +1029,31 @@ def _extreme_deconvolution(x, err_var, n_comp, max_iter=300, tol=1e-6, floor=1e-
     return (weights, means, covs), loglike
 
 
+def _kernel_threads(backend):
+    """How many threads training's kernels and BLAS products would use here (at most)."""
+    n = 1
+    if backend == "c":
+        from .backends import _ccannon
+        n = _ccannon.max_threads()
+    elif backend == "numba":
+        import numba
+        n = numba.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover - optional: assume BLAS uses every core
+        return max(n, os.cpu_count() or 1)
+    blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max([n] + blas)
+
+
 def _pixel_block(n_stars, nbytes=1 << 22):
     """Pixels per block of ``train``'s passes: three (N, block) float64 arrays in ``nbytes``.
 
     Small enough that a block's arrays stay in cache between the products and kernels
-    that use them, large enough that the products stay efficient (at least 64 pixels).
+    that use them, large enough that the products stay efficient and that the C
+    kernels use all their threads (they split 256 pixels or more): at least 256.
     """
-    return max(64, nbytes // (24 * max(n_stars, 1)))
+    return max(256, nbytes // (24 * max(n_stars, 1)))
 
 
 def _check_training_set(flux, ivar, labels, label_names):
