@@ -397,8 +397,10 @@ def test_s2_warm_search_settles_by_newton_steps(warm_one, s2_tolerance_problem):
 
 
 def test_training_sums_match_reference_and_definition(backend):
-    """chi², counts and neighbour-pair sums: every backend against the reference, and
-    the reference against the sums written out pair by pair for one star."""
+    """chi², counts and neighbour-pair sums: every backend against the reference.
+
+    And the reference against the sums written out pair by pair for one star.
+    """
     rng = np.random.default_rng(17)
     n, p = 40, 90
     resid = rng.normal(size=(n, p)) * 0.01

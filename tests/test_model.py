@@ -143,8 +143,10 @@ def test_training_diagnostics_match_their_definition(backend):
 
 @pytest.mark.parametrize("backend", available_backends())
 def test_blocked_and_whole_pass_training_agree(backend, monkeypatch):
-    """Single-threaded, train works in pixel blocks (here of 256 of 600 pixels, and a
-    later pass gathered); with threads, a pass is one block: the same model."""
+    """Pixel blocks (single-threaded) and one block per pass (threads): the same model.
+
+    Here blocks of 256 of 600 pixels, and a later pass gathered.
+    """
     import cannon_fast.core.model as cm
 
     d = make_synthetic(n_stars=300, n_pix=600, n_labels=3, seed=12, intrinsic_frac=0.5)
