@@ -219,8 +219,9 @@ class CannonModel:
         likelihood (including its ``log(sigma² + s²)`` term) at that theta: a
         grid brackets the maximum and a search in the bracket refines it to a
         relative 5e-5 (absolute below 1e-4 of the pixel's mean noise variance;
-        the tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``).
-        The two steps alternate until no pixel's s² moves by more than
+        the tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``;
+        later passes start from the previous pass's s² with Newton steps instead,
+        to the same tolerance). The two steps alternate until no pixel's s² moves by more than
         ``s2_rtol`` between passes, which converges to the joint
         maximum-likelihood (theta, s²). The returned s² maximises the
         likelihood at the returned theta, which was solved at an s² within
