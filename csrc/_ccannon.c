@@ -171,6 +171,46 @@ static PyObject *py_s2_update(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ s2_update_warm */
+
+PyDoc_STRVAR(s2_update_warm_doc,
+"s2_update_warm(resid, ivar, s2_start, s2_out, status_out)\n--\n\n"
+"``s2_update`` started from ``s2_start`` (Newton steps on g'; the cold search where\n"
+"s2_start is not > 0 or the steps do not settle): ``(n),(n),()->(),()``.\n\n"
+"resid (N, P) float64, ivar (N, P) float64, s2_start (P,) float64\n"
+"-> s2_out (P,) float64, status_out (P,) int8 (1 where fewer than two stars are valid).");
+
+static PyObject *py_s2_update_warm(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"resid", "ivar", "s2_start", "s2_out", "status_out", NULL};
+    static const char *fn = "s2_update_warm";
+    PyObject *o[5];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO:s2_update_warm", kwlist, &o[0], &o[1],
+                                     &o[2], &o[3], &o[4]))
+        return NULL;
+    PyArrayObject *resid, *ivar, *start, *s2, *status;
+    if (!(resid = as_array(o[0], fn, "resid", F64, 2, IN))) return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
+    if (!(start = as_array(o[2], fn, "s2_start", F64, 1, IN))) return NULL;
+    if (!(s2 = as_array(o[3], fn, "s2_out", F64, 1, OUT))) return NULL;
+    if (!(status = as_array(o[4], fn, "status_out", I8, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(resid, 0), n_pix = PyArray_DIM(resid, 1);
+    if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
+        check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
+        check_dim(start, 0, n_pix, fn, "s2_start", "(P,)", "P") ||
+        check_dim(s2, 0, n_pix, fn, "s2_out", "(P,)", "P") ||
+        check_dim(status, 0, n_pix, fn, "status_out", "(P,)", "P"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_s2_update_warm(n_stars, n_pix, (const double *)PyArray_DATA(resid),
+                             (const double *)PyArray_DATA(ivar),
+                             (const double *)PyArray_DATA(start), (double *)PyArray_DATA(s2),
+                             (int8_t *)PyArray_DATA(status));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ lm_fit */
 
 PyDoc_STRVAR(lm_fit_doc,
@@ -449,6 +489,58 @@ static PyObject *py_weighted_square_sum(PyObject *self, PyObject *args, PyObject
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ training_sums */
+
+PyDoc_STRVAR(training_sums_doc,
+"training_sums(resid, ivar, s2, use, same_seg, pairs, chi2_out, count_out, pair_out)\n--\n\n"
+"Per training star: chi2 at its labels, its pixel count and neighbour-pair sums:\n"
+"``(p),(p),(p),(p),(p),()->(),(),(4)``.\n\n"
+"resid, ivar (N, P) float64; s2 (P,) float64; use, same_seg (P,) bool; pairs (N,) bool\n"
+"-> chi2_out (N,) float64, count_out (N,) int64, pair_out (N, 4) float64.");
+
+static PyObject *py_training_sums(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"resid", "ivar", "s2", "use", "same_seg", "pairs", "chi2_out",
+                             "count_out", "pair_out", NULL};
+    static const char *fn = "training_sums";
+    PyObject *o[9];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO:training_sums", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8]))
+        return NULL;
+    PyArrayObject *resid, *ivar, *s2, *use, *seg, *pairs, *chi2, *cnt, *pair;
+    if (!(resid = as_array(o[0], fn, "resid", F64, 2, IN))) return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
+    if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
+    if (!(use = as_array(o[3], fn, "use", BOOL, 1, IN))) return NULL;
+    if (!(seg = as_array(o[4], fn, "same_seg", BOOL, 1, IN))) return NULL;
+    if (!(pairs = as_array(o[5], fn, "pairs", BOOL, 1, IN))) return NULL;
+    if (!(chi2 = as_array(o[6], fn, "chi2_out", F64, 1, OUT))) return NULL;
+    if (!(cnt = as_array(o[7], fn, "count_out", I64, 1, OUT))) return NULL;
+    if (!(pair = as_array(o[8], fn, "pair_out", F64, 2, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(resid, 0), n_pix = PyArray_DIM(resid, 1);
+    if (check_dim(ivar, 0, n_stars, fn, "ivar", "(N, P)", "N") ||
+        check_dim(ivar, 1, n_pix, fn, "ivar", "(N, P)", "P") ||
+        check_dim(s2, 0, n_pix, fn, "s2", "(P,)", "P") ||
+        check_dim(use, 0, n_pix, fn, "use", "(P,)", "P") ||
+        check_dim(seg, 0, n_pix, fn, "same_seg", "(P,)", "P") ||
+        check_dim(pairs, 0, n_stars, fn, "pairs", "(N,)", "N") ||
+        check_dim(chi2, 0, n_stars, fn, "chi2_out", "(N,)", "N") ||
+        check_dim(cnt, 0, n_stars, fn, "count_out", "(N,)", "N") ||
+        check_dim(pair, 0, n_stars, fn, "pair_out", "(N, 4)", "N") ||
+        check_dim(pair, 1, 4, fn, "pair_out", "(N, 4)", "4"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_training_sums(n_stars, n_pix, (const double *)PyArray_DATA(resid),
+                            (const double *)PyArray_DATA(ivar), (const double *)PyArray_DATA(s2),
+                            (const uint8_t *)PyArray_DATA(use),
+                            (const uint8_t *)PyArray_DATA(seg),
+                            (const uint8_t *)PyArray_DATA(pairs), (double *)PyArray_DATA(chi2),
+                            (int64_t *)PyArray_DATA(cnt), (double *)PyArray_DATA(pair));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ continuum_normalize */
 
 PyDoc_STRVAR(continuum_normalize_doc,
@@ -579,6 +671,10 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, solve_normal_equations_doc},
     {"s2_update", (PyCFunction)(void (*)(void))py_s2_update, METH_VARARGS | METH_KEYWORDS,
      s2_update_doc},
+    {"s2_update_warm", (PyCFunction)(void (*)(void))py_s2_update_warm,
+     METH_VARARGS | METH_KEYWORDS, s2_update_warm_doc},
+    {"training_sums", (PyCFunction)(void (*)(void))py_training_sums,
+     METH_VARARGS | METH_KEYWORDS, training_sums_doc},
     {"lm_fit", (PyCFunction)(void (*)(void))py_lm_fit, METH_VARARGS | METH_KEYWORDS,
      lm_fit_doc},
     {"star_weights", (PyCFunction)(void (*)(void))py_star_weights, METH_VARARGS | METH_KEYWORDS,
@@ -629,6 +725,7 @@ PyMODINIT_FUNC PyInit__ccannon(void)
         add_object(m, "S2_FLOOR", PyFloat_FromDouble(CF_S2_FLOOR)) < 0 ||
         add_object(m, "CHOL_RTOL", PyFloat_FromDouble(CF_CHOL_RTOL)) < 0 ||
         PyModule_AddIntConstant(m, "GRID_PER_DECADE", CF_GRID_PER_DECADE) < 0 ||
+        PyModule_AddIntConstant(m, "WARM_STEPS", CF_WARM_STEPS) < 0 ||
         PyModule_AddIntConstant(m, "CONTINUUM_MAX_BASIS", CF_CONT_MAX_BASIS) < 0 ||
         PyModule_AddIntConstant(m, "NOT_CONVERGED", CF_NOT_CONVERGED) < 0 ||
         PyModule_AddIntConstant(m, "HIT_BOUND", CF_HIT_BOUND) < 0 ||

@@ -227,6 +227,37 @@ static double s2_dg_lip(double s, const double *r2, const double *v, ptrdiff_t m
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
+/* 2 g'(s2) as s2_dg, and in *ub a bound on 2 g' over all of [s2, hi] (hi = max r2):
+ * each term f(t) = (r2 - v - t)/(v + t)^2 falls, then rises (its one turning point,
+ * t = v + 2 (r2 - v), is a minimum), so on [s2, hi] it is at most the larger of
+ * f(s2) and f(hi) <= (r2 - v - hi) k with k = 1/(max v + hi)^2 (the numerator is < 0).
+ * ub < 0: g' < 0 on [s2, hi], and beyond hi every term is < 0: no maximum above s2. */
+CF_SIMD_CLONES
+static double s2_dg_ub(double s, const double *r2, const double *v, ptrdiff_t m, double hi,
+                       double k, double *ub)
+{
+    double acc[CF_LANES] = {0.0}, bnd[CF_LANES] = {0.0};
+    ptrdiff_t i = 0;
+    for (; i + CF_LANES <= m; i += CF_LANES) {
+        for (int j = 0; j < CF_LANES; j++) {
+            double u = 1.0 / (v[i + j] + s);
+            double t = (r2[i + j] * u - 1.0) * u;
+            double h = (r2[i + j] - v[i + j] - hi) * k;
+            acc[j] += t;
+            bnd[j] += 0.5 * ((t + h) + fabs(t - h)); /* max(t, h), and it vectorizes */
+        }
+    }
+    for (int j = 0; i < m; i++, j++) {
+        double u = 1.0 / (v[i] + s);
+        double t = (r2[i] * u - 1.0) * u;
+        double h = (r2[i] - v[i] - hi) * k;
+        acc[j] += t;
+        bnd[j] += 0.5 * ((t + h) + fabs(t - h));
+    }
+    *ub = ((bnd[0] + bnd[4]) + (bnd[2] + bnd[6])) + ((bnd[1] + bnd[5]) + (bnd[3] + bnd[7]));
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
 /* g(s2) = -1/2 sum [r2 / (v + s2) + log(v + s2)]: only at the candidates. */
 static double s2_g(double s, const double *r2, const double *v, ptrdiff_t m)
 {
@@ -273,12 +304,14 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
         return 0.0;
     }
     *status = 0;
-    double hi = 0.0, vsum = 0.0;
+    double hi = 0.0, vsum = 0.0, vmax = 0.0;
     for (ptrdiff_t i = 0; i < m; i++) {
         if (r2[i] > hi) hi = r2[i];
+        if (v[i] > vmax) vmax = v[i];
         vsum += v[i];
     }
-    double lo = CF_S2_FLOOR * (vsum / (double)m);
+    const double vmean = vsum / (double)m;
+    double lo = CF_S2_FLOOR * vmean;
     if (hi <= lo) return 0.0;
     double span = ceil(log10(hi / lo) * CF_GRID_PER_DECADE);
     /* hi / lo = inf (a zero variance): no grid, as in the numba kernel */
@@ -297,9 +330,13 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
      * when that is above lo, which skips about two of the five decades of the grid
      * that lie below the noise variance. The last point is hi, where g' < 0 for certain. */
     double s = fmax(lo, fabs(prev_d) / lip);
+    const double k = 1.0 / ((vmax + hi) * (vmax + hi));
     for (;;) {
         if (s > hi) s = hi;
-        double d = s2_dg(s, r2, v, m);
+        /* below half the mean noise variance the bound is never < 0 on these data's
+         * like (the pixel's larger residuals keep it up): the plain g' there */
+        double ub = 1.0;
+        double d = s >= 0.5 * vmean ? s2_dg_ub(s, r2, v, m, hi, k, &ub) : s2_dg(s, r2, v, m);
         if (prev_d > 0 && d <= 0) { /* a local maximum in (prev_s, s) */
             double root = s2_refine(prev_s, s, prev_d, d, r2, v, m);
             if (n_cand == 0) {
@@ -314,7 +351,9 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
             }
             n_cand++;
         }
-        if (s >= hi) break;
+        /* the rest of the grid would find no maximum (s2_dg_ub): about a third of the
+         * scan, the part above the noise variance, is skipped this way */
+        if (s >= hi || ub < 0) break;
         prev_s = s;
         prev_d = d;
         s *= ratio;
@@ -322,8 +361,66 @@ static double s2_one_pixel(const double *r2, const double *v, ptrdiff_t m, int8_
     return best_s;
 }
 
-int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
-                 double *s2_out, int8_t *status_out)
+/* 2 g'(s2) as s2_dg, and 2 g''(s2) in *ddg: d/ds of each term (r2 u - 1) u is
+ * (1 - 2 r2 u) u^2. For the Newton steps of the warm-started search. */
+CF_SIMD_CLONES
+static double s2_dg_ddg(double s, const double *r2, const double *v, ptrdiff_t m, double *ddg)
+{
+    double acc[CF_LANES] = {0.0}, acc2[CF_LANES] = {0.0};
+    ptrdiff_t i = 0;
+    for (; i + CF_LANES <= m; i += CF_LANES) {
+        for (int j = 0; j < CF_LANES; j++) {
+            double u = 1.0 / (v[i + j] + s);
+            double ru = r2[i + j] * u;
+            acc[j] += (ru - 1.0) * u;
+            acc2[j] += (1.0 - 2.0 * ru) * u * u;
+        }
+    }
+    for (int j = 0; i < m; i++, j++) {
+        double u = 1.0 / (v[i] + s);
+        double ru = r2[i] * u;
+        acc[j] += (ru - 1.0) * u;
+        acc2[j] += (1.0 - 2.0 * ru) * u * u;
+    }
+    *ddg = ((acc2[0] + acc2[4]) + (acc2[2] + acc2[6])) + ((acc2[1] + acc2[5]) + (acc2[3] + acc2[7]));
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* Newton steps on g' from s0 (_reference.s2_grid._warm_one); 0 in *ok: go cold. */
+static double s2_warm_one(double s0, const double *r2, const double *v, ptrdiff_t m, int *ok)
+{
+    double s = s0, dd;
+    double d = s2_dg_ddg(s, r2, v, m, &dd);
+    *ok = 0;
+    for (int it = 0; it < CF_WARM_STEPS; it++) {
+        if (!(dd < 0)) return 0.0; /* not concave here: outside the basin of a maximum */
+        double t = fmin(fmax(s - d / dd, 0.25 * s), 4.0 * s);
+        double eps = 0.25 * CF_S2_RTOL * t;
+        if (fabs(t - s) <= eps) {
+            /* the root is within eps of t: the point eps beyond t, across the root from s,
+             * closes a bracket of width <= 2 eps */
+            double u = d > 0 ? t + eps : t - eps, ddu;
+            double du = s2_dg_ddg(u, r2, v, m, &ddu);
+            if ((d > 0) != (du > 0)) {
+                *ok = 1;
+                return 0.5 * (s + u);
+            }
+            s = u;
+            d = du;
+            dd = ddu;
+            continue;
+        }
+        if (!(t > 0)) return 0.0;
+        s = t;
+        d = s2_dg_ddg(s, r2, v, m, &dd);
+    }
+    return 0.0;
+}
+
+/* cf_s2_update (s2_start NULL) and cf_s2_update_warm */
+static int s2_update_impl(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                          const double *ivar, const double *s2_start, double *s2_out,
+                          int8_t *status_out)
 {
     const ptrdiff_t n_blocks = (n_pix + CF_S2_BLOCK - 1) / CF_S2_BLOCK;
     int err = CF_OK;
@@ -363,14 +460,33 @@ int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const 
                 }
             }
             for (ptrdiff_t j = 0; j < w; j++) {
-                s2_out[p0 + j] = s2_one_pixel(r2 + j * n_stars, vv + j * n_stars, counts[j],
-                                              &status_out[p0 + j]);
+                const double *r2j = r2 + j * n_stars, *vj = vv + j * n_stars;
+                int ok = 0;
+                if (s2_start && counts[j] >= 2 && s2_start[p0 + j] > 0) {
+                    s2_out[p0 + j] = s2_warm_one(s2_start[p0 + j], r2j, vj, counts[j], &ok);
+                    status_out[p0 + j] = 0;
+                }
+                if (!ok)
+                    s2_out[p0 + j] = s2_one_pixel(r2j, vj, counts[j], &status_out[p0 + j]);
             }
         }
         free(r2);
         free(counts);
     }
     return err;
+}
+
+int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
+                 double *s2_out, int8_t *status_out)
+{
+    return s2_update_impl(n_stars, n_pix, resid, ivar, NULL, s2_out, status_out);
+}
+
+int cf_s2_update_warm(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                      const double *ivar, const double *s2_start, double *s2_out,
+                      int8_t *status_out)
+{
+    return s2_update_impl(n_stars, n_pix, resid, ivar, s2_start, s2_out, status_out);
 }
 
 /* ------------------------------------------------------------------ label vectors */
@@ -1060,6 +1176,54 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
         moments_out[3 * i] = m0;
         moments_out[3 * i + 1] = m1;
         moments_out[3 * i + 2] = m2;
+    }
+    return CF_OK;
+}
+
+/* ------------------------------------------------------------------ training sums */
+
+int cf_training_sums(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                     const double *ivar, const double *s2, const uint8_t *use,
+                     const uint8_t *same_seg, const uint8_t *pairs, double *chi2_out,
+                     int64_t *count_out, double *pair_out)
+{
+    if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
+    for (ptrdiff_t i = 0; i < n_stars; i++) {
+        const double *r = resid + i * n_pix;
+        const double *iv = ivar + i * n_pix;
+        double acc = 0.0, n_pair = 0.0, ab = 0.0, aa = 0.0, bb = 0.0, prev_z = 0.0;
+        int64_t cnt = 0;
+        int prev_ok = 0;
+        for (ptrdiff_t p = 0; p < n_pix; p++) {
+            double x = iv[p];
+            int ok = x > 0 && use[p];
+            double z = 0.0;
+            if (ok) {
+                double w = x / (1.0 + x * s2[p]);
+                acc += w * r[p] * r[p];
+                cnt++;
+                if (pairs[i]) {
+                    z = r[p] * sqrt(w);
+                    if (prev_ok && same_seg[p - 1]) {
+                        n_pair += 1.0;
+                        ab += prev_z * z;
+                        aa += prev_z * prev_z;
+                        bb += z * z;
+                    }
+                }
+            }
+            prev_ok = ok;
+            prev_z = z;
+        }
+        chi2_out[i] = acc;
+        count_out[i] = cnt;
+        pair_out[4 * i] = n_pair;
+        pair_out[4 * i + 1] = ab;
+        pair_out[4 * i + 2] = aa;
+        pair_out[4 * i + 3] = bb;
     }
     return CF_OK;
 }

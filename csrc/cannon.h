@@ -48,6 +48,7 @@ extern "C" {
 #define CF_S2_RTOL 1e-4      /* s2 is refined to S2_RTOL / 2 of the maximiser, relative */
 #define CF_S2_FLOOR 1e-4     /* grid bottom, as a fraction of the mean noise variance */
 #define CF_GRID_PER_DECADE 3 /* grid points per factor of ten */
+#define CF_WARM_STEPS 8      /* Newton steps of the warm-started s2 search before the cold one */
 
 /* a squared Cholesky pivot at or below this fraction of the largest diagonal entry
  * means singular (the rule of _reference.normal_equations.solve_normal_equations) */
@@ -90,6 +91,23 @@ int cf_solve_normal_equations(ptrdiff_t n_pix, ptrdiff_t n_terms, const double *
  */
 int cf_s2_update(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid, const double *ivar,
                  double *s2_out, int8_t *status_out);
+
+/**
+ * cf_s2_update started from a previous s2 at every pixel.
+ * Contract: (n),(n),()->(),() over pixels.
+ *
+ * Newton steps on g' from s2_start until a step is below S2_RTOL / 4 of the root, then
+ * one evaluation just across it closes a bracket narrower than S2_RTOL of its upper end
+ * (the same tolerance). The cold search where s2_start is not > 0, or where a step
+ * meets g'' >= 0 or does not settle in CF_WARM_STEPS. It finds the maximum the start
+ * lies in the basin of (what that may miss: _reference.s2_grid).
+ *
+ * @param s2_start (P,): where to start.
+ * Other parameters and the return value as cf_s2_update.
+ */
+int cf_s2_update_warm(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                      const double *ivar, const double *s2_start, double *s2_out,
+                      int8_t *status_out);
 
 /**
  * Label vector v(x) and its Jacobian dv/dx for one star.
@@ -216,6 +234,25 @@ int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
  */
 int cf_weighted_square_sum(ptrdiff_t n_stars, ptrdiff_t n_pix, const float *w, const double *m,
                            double *out);
+
+/**
+ * Per training star: chi2 at its labels, its pixel count and neighbour-pair sums.
+ * Contract: (p),(p),(p),(p),(p),()->(),(),(4) over stars; the semantics are those of
+ * _reference.model_eval.training_sums.
+ *
+ * @param resid, ivar (N, P): residuals at the training labels, inverse variances.
+ * @param s2 (P,); use (P,): the pixels fits use; same_seg (P,): pixel p and p + 1 in
+ *        one segment; pairs (N,): the stars whose pair sums are wanted.
+ * @param chi2_out (N,): sum w r2 over usable pixels (ivar > 0 and use), w = 1/(1/ivar + s2).
+ * @param count_out (N,): the number of usable pixels.
+ * @param pair_out (N, 4): over pairs of usable neighbours in one segment: their number,
+ *        sum z_p z_p+1, sum z_p^2, sum z_p+1^2 with z = r sqrt(w); zeros where !pairs.
+ * @return CF_OK or CF_ERR_ARG.
+ */
+int cf_training_sums(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *resid,
+                     const double *ivar, const double *s2, const uint8_t *use,
+                     const uint8_t *same_seg, const uint8_t *pairs, double *chi2_out,
+                     int64_t *count_out, double *pair_out);
 
 /**
  * Fit and divide out a per-chip weighted least-squares pseudo-continuum, per star.

@@ -25,8 +25,8 @@ from cannon_fast.core._reference.s2_grid import GRID_PER_DECADE, S2_FLOOR, S2_RT
 from cannon_fast.core.backends import available_backends, kernels, resolve_backend
 from cannon_fast.testing import make_synthetic
 
-KERNELS = ("solve_normal_equations", "s2_update", "lm_fit", "star_weights",
-           "weighted_square_sum", "debias_steps", "design",
+KERNELS = ("solve_normal_equations", "s2_update", "s2_update_warm", "lm_fit", "star_weights",
+           "weighted_square_sum", "training_sums", "debias_steps", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -358,6 +358,78 @@ def test_s2_meets_the_stated_tolerance(backend, s2_tolerance_problem):
     # both parts of the bound are exercised: well above the floor, and below it
     assert np.sum(truth > 100 * S2_FLOOR * v_mean) > 80
     assert np.sum(truth < S2_FLOOR * v_mean) > 40
+
+
+def test_s2_warm_start_meets_the_stated_tolerance(backend, s2_tolerance_problem):
+    """Started anywhere from half to twice the maximiser (0: the cold search), same bound."""
+    resid, ivar, truth, v_mean = s2_tolerance_problem
+    start = truth * np.random.default_rng(15).uniform(0.5, 2.0, len(truth))
+    s2 = np.full(len(truth), np.nan)
+    status = np.full(len(truth), -1, np.int8)
+    kernels(backend).s2_update_warm(resid, ivar, start, s2, status)
+    assert_array_equal(status, 0)
+    bad = np.flatnonzero(np.abs(s2 - truth) > _s2_bound(truth, v_mean))
+    assert len(bad) == 0, list(zip(bad, s2[bad], truth[bad], v_mean[bad]))
+
+
+@pytest.mark.parametrize("warm_one", ["numpy", "numba"])
+def test_s2_warm_search_settles_by_newton_steps(warm_one, s2_tolerance_problem):
+    """The Newton path itself (not its cold fallback) ends within the bound where s² > 0."""
+    if warm_one == "numba":
+        pytest.importorskip("numba")
+        from cannon_fast.core._kernels.s2_grid import _warm_one
+
+        def run(s0, r2, v):
+            s, ok = _warm_one(s0, r2, v, len(r2))
+            return s if ok else None
+    else:
+        from cannon_fast.core._reference.s2_grid import _warm_one as run
+    resid, ivar, truth, v_mean = s2_tolerance_problem
+    rng = np.random.default_rng(16)
+    settled = 0
+    for p in np.flatnonzero(truth > 100 * S2_FLOOR * v_mean):
+        ok = ivar[:, p] > 0
+        s = run(truth[p] * rng.uniform(0.8, 1.25), resid[ok, p] ** 2, 1.0 / ivar[ok, p])
+        if s is not None:
+            settled += 1
+            assert abs(s - truth[p]) <= _s2_bound(truth[p], v_mean[p]), p
+    assert settled >= 75
+
+
+def test_training_sums_match_reference_and_definition(backend):
+    """chi², counts and neighbour-pair sums: every backend against the reference.
+
+    And the reference against the sums written out pair by pair for one star.
+    """
+    rng = np.random.default_rng(17)
+    n, p = 40, 90
+    resid = rng.normal(size=(n, p)) * 0.01
+    ivar = np.where(rng.uniform(size=(n, p)) < 0.1, 0.0, rng.uniform(5e3, 2e4, (n, p)))
+    s2 = np.where(rng.uniform(size=p) < 0.4, rng.uniform(0, 1e-4, p), 0.0)
+    use = rng.uniform(size=p) > 0.1
+    same_seg = np.ones(p, bool)
+    same_seg[[29, 59, p - 1]] = False  # three segments
+    pairs = rng.uniform(size=n) < 0.5
+
+    def run(k):
+        out = (np.full(n, np.nan), np.full(n, -1, np.int64), np.full((n, 4), np.nan))
+        k.training_sums(resid, ivar, s2, use, same_seg, pairs, *out)
+        return out
+
+    ref_out = run(ref)
+    for got, want in zip(run(kernels(backend)), ref_out):
+        assert_allclose(got, want, rtol=1e-12, atol=0)
+    i = int(np.flatnonzero(pairs)[0])
+    good = (ivar[i] > 0) & use
+    w = np.where(good, 1.0 / (1.0 / np.where(good, ivar[i], 1.0) + s2), 0.0)
+    assert_allclose(ref_out[0][i], np.sum(w * resid[i] ** 2), rtol=1e-12)
+    assert ref_out[1][i] == good.sum()
+    z = resid[i] * np.sqrt(w)
+    pq = [(a, a + 1) for a in range(p - 1) if good[a] and good[a + 1] and same_seg[a]]
+    want = [len(pq), sum(z[a] * z[b] for a, b in pq), sum(z[a] ** 2 for a, _ in pq),
+            sum(z[b] ** 2 for _, b in pq)]
+    assert_allclose(ref_out[2][i], want, rtol=1e-12)
+    assert_array_equal(ref_out[2][~pairs], 0.0)
 
 
 def test_s2_equal_variances_closed_form(backend):
@@ -781,6 +853,8 @@ def _c_ok_args():
         "solve_normal_equations": [a_packed, b, np.empty((4, 3)), np.empty((4, 6)),
                                    np.empty(4, np.int8)],
         "s2_update": [np.ones((5, 4)), np.ones((5, 4)), np.empty(4), np.empty(4, np.int8)],
+        "s2_update_warm": [np.ones((5, 4)), np.ones((5, 4)), np.ones(4), np.empty(4),
+                           np.empty(4, np.int8)],
         "lm_fit": [np.ones((n, l2)), np.ones((n, t)), np.ones(n), ex, np.zeros((n, 2, 2)),
                    -np.ones(2), np.ones(2), 1, 10, 1e-6, 9.0, np.empty((n, 2)), np.empty(n),
                    np.empty(n, np.int64), np.empty(n, np.int64)],
@@ -790,6 +864,9 @@ def _c_ok_args():
                          np.empty((n, 3)), np.empty(n, np.int64)],
         "design": [np.zeros((n, 2)), ex, np.empty((n, t)), np.empty((n, t, 2))],
         "weighted_square_sum": [np.ones((n, 4), np.float32), np.ones((n, 4)), np.empty(n)],
+        "training_sums": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
+                          np.ones(4, bool), np.ones(n, bool), np.empty(n),
+                          np.empty(n, np.int64), np.empty((n, 4))],
         "debias_steps": [np.ones((n, l2)), np.ones((n, t)), np.zeros((n, l2)), ex, -np.ones(2),
                          np.ones(2), 0.3, 4, 1e-6, np.zeros((n, 2)), np.empty(n, np.int64)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
@@ -816,6 +893,7 @@ def test_c_valid_arguments_run(name):
     ("s2_update", 1, np.ones((5, 3)), ValueError, r"ivar has shape \(5, 3\)"),
     ("s2_update", 0, np.ones(20), ValueError, "resid must be 2-dimensional"),
     ("s2_update", 0, np.ones((5, 8))[:, ::2], ValueError, "C-contiguous"),
+    ("s2_update_warm", 2, np.ones(3), ValueError, r"s2_start has shape \(3,\)"),
     ("lm_fit", 3, vz.polynomial_exponents(2, 2).astype(np.int32), TypeError, "exponents"),
     ("lm_fit", 4, np.zeros((2, 2)), ValueError, "starts must be 3-dimensional"),
     ("lm_fit", 4, np.zeros((3, 0, 2)), ValueError, "at least one point"),

@@ -108,6 +108,70 @@ def test_s2_recovers_the_true_intrinsic_scatter(trained, data):
     assert np.median(np.sqrt(trained.s2[data.s2_true == 0])) < 0.3 * noise
 
 
+@pytest.mark.parametrize("backend", available_backends())
+def test_training_diagnostics_match_their_definition(backend):
+    """train_info's POOR_FIT limit and neighbour correlation, recomputed the plain way.
+
+    600 stars: the POOR_FIT limit uses every star, the correlation every second one;
+    a grid of two segments (no pair across the gap) and a pixel without data (unused).
+    """
+    from cannon_fast.core.grid import PixelGrid
+    from cannon_fast.core.model import fitted_pixels
+
+    d = make_synthetic(n_stars=600, n_pix=50, n_labels=3, seed=11, intrinsic_frac=0.5)
+    flux = d.flux.copy()
+    flux[:, 1:] += 0.3 * (flux[:, :-1] - d.true_flux[:, :-1])  # correlated neighbours
+    grid = PixelGrid(np.linspace(15000.0, 15100.0, 50), segments=[(0, 22), (24, 50)])
+    m = CannonModel(d.label_names, backend=backend, grid=grid).train(flux, d.ivar, d.labels)
+    x = vz.label_vector(m.scale_labels(d.labels), m.exponents)
+    r = flux - x @ m.theta.T
+    w = np.where(d.ivar > 0, d.ivar / (1 + d.ivar * m.s2), 0.0)
+    use = fitted_pixels(m, 50)
+    assert not use[-1] and use.sum() == 49
+    w[:, ~use] = 0.0
+    chi2 = (w * r ** 2).sum(axis=1) / np.maximum((w > 0).sum(axis=1) - 3, 1)
+    limit = max(2.0, 2.0 * np.percentile(chi2, 99))
+    assert_allclose(m.train_info["poor_fit_reduced_chi2"], limit, rtol=1e-12)
+    z, good = (r * np.sqrt(w))[::2], (w > 0)[::2]
+    seg = grid.segment_of_pixel
+    pair = good[:, :-1] & good[:, 1:] & (seg[:-1] == seg[1:]) & (seg[:-1] >= 0)
+    a, b = z[:, :-1][pair], z[:, 1:][pair]
+    rho = np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+    assert 0.1 < rho < 0.5
+    assert_allclose(m.train_info["neighbour_noise_correlation"], rho, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_blocked_and_whole_pass_training_agree(backend, monkeypatch):
+    """Pixel blocks (single-threaded) and one block per pass (threads): the same model.
+
+    Here blocks of 256 of 600 pixels, and a later pass gathered.
+    """
+    import cannon_fast.core.model as cm
+
+    d = make_synthetic(n_stars=300, n_pix=600, n_labels=3, seed=12, intrinsic_frac=0.5)
+    ivar = d.ivar.copy()
+    ivar[:295, 5] = 0.0  # a pixel with too few stars
+    models = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(cm, "_kernel_threads", lambda backend, n=threads: n)
+        models[threads] = CannonModel(d.label_names, backend=backend).train(d.flux, ivar,
+                                                                            d.labels)
+    a, b = models[1], models[2]
+    assert len(a.train_info["moving_pixels"]) >= 2 and a.train_info["moving_pixels"][0] > 50
+    assert_array_equal(a.pixel_flags, b.pixel_flags)
+    assert a.pixel_flags[5] != 0
+    # the products' rounding differs between the two, and with it the s² search's path
+    # within its tolerance (5e-5; the numpy reference's Brent search ends anywhere in it),
+    # and theta where it was solved at that s²
+    assert_allclose(a.s2, b.s2, rtol=1e-4, atol=1e-12)
+    assert_allclose(a.theta, b.theta, rtol=1e-6, atol=1e-9)
+    assert_allclose(a.theta_cov, b.theta_cov, rtol=1e-6, atol=1e-15)
+    assert a.train_info["moving_pixels"] == b.train_info["moving_pixels"]
+    for key in ("poor_fit_reduced_chi2", "neighbour_noise_correlation"):
+        assert_allclose(a.train_info[key], b.train_info[key], rtol=1e-6)
+
+
 def test_gradient_matches_finite_differences(trained, data):
     labels = data.labels[:3]
     grad = trained.gradient(labels)

@@ -220,8 +220,9 @@ class CannonModel:
         likelihood (including its ``log(sigma² + s²)`` term) at that theta: a
         grid brackets the maximum and a search in the bracket refines it to a
         relative 5e-5 (absolute below 1e-4 of the pixel's mean noise variance;
-        the tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``).
-        The two steps alternate until no pixel's s² moves by more than
+        the tolerance of every backend, stated in ``cannon_fast._reference.s2_grid``;
+        later passes start from the previous pass's s² with Newton steps instead,
+        to the same tolerance). The two steps alternate until no pixel's s² moves by more than
         ``s2_rtol`` between passes, which converges to the joint
         maximum-likelihood (theta, s²). The returned s² maximises the
         likelihood at the returned theta, which was solved at an s² within
@@ -292,7 +293,8 @@ class CannonModel:
                                  f"{'' if grid is None else ' has none'}: give the model a "
                                  "PixelGrid(..., resolution=R) (read_spectra(..., "
                                  "resolution=R) gives one)")
-        flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
+        flux, ivar, labels, column_sums = _check_training_set(flux, ivar, labels,
+                                                              self.label_names)
         n_stars, n_pix = flux.shape
         self._set_grid(n_pix)
         k = kernels(self.backend)
@@ -308,55 +310,49 @@ class CannonModel:
         mono_first, mono_index = vz.packed_outer_monomials(self.exponents)
         monomials_t = np.ascontiguousarray(vz.packed_outer(design)[:, mono_first].T)  # (M, N)
 
-        valid = ivar > 0
-        if not np.isfinite(flux).all():  # NaN flux is allowed where ivar = 0
-            flux = np.where(valid, flux, 0.0)
-        n_valid = valid.sum(axis=0)
+        # NaN flux is allowed where ivar = 0 (finite column sums: there is none)
+        if not np.isfinite(column_sums[0]).all():
+            flux = np.where(ivar > 0, flux, 0.0)
+            column_sums = (flux.sum(axis=0), column_sums[1])
+        n_valid = np.add.reduce(ivar > 0, axis=0, dtype=np.int32)
         too_few = n_valid < self.n_terms + 1
         # s² below this is "zero" for convergence purposes: 1e-6 of a typical noise
         # variance changes no weight. A median over up to 64 stars, because a mean is
         # ruled by the odd pixel with an enormous variance (one star's mean once made
         # this floor so high that no pixel was re-solved at its s²).
-        rows = slice(None, None, max(1, n_stars // 64))
-        s2_floor = 1e-6 * float(np.median(1.0 / ivar[rows][valid[rows]]))
+        iv_rows = ivar[::max(1, n_stars // 64)]
+        s2_floor = 1e-6 * float(np.median(1.0 / iv_rows[iv_rows > 0]))
 
         s2 = np.zeros(n_pix)
         theta = np.empty((n_pix, self.n_terms))
         cov = np.empty((n_pix, vz.n_packed(self.n_terms)))
         status = np.zeros(n_pix, dtype=np.int8)
-        # One (N, P) work buffer serves every pass (weights, weighted flux, residuals):
-        # fresh (N, P) temporaries cost as much in first-touch page faults as the
-        # arithmetic. Views of its start are contiguous (N, P_a) arrays.
-        work = np.empty(n_stars * n_pix)
+        # Single-threaded, every pass works through its pixels in blocks of `block`
+        # columns, in one small work buffer (three (N, block) arrays) reused throughout:
+        # whole (N, P) temporaries cost as much in first-touch page faults and memory
+        # traffic as the arithmetic, and a block's weights, residuals and s² stay in
+        # cache between the products that make them. With threads, the many short
+        # parallel regions of small blocks cost more than that saves (several times
+        # more on a loaded machine, where a region waits for a descheduled thread): a
+        # pass is one block there, or three for a later pass whose gathered columns
+        # outgrow the one (N, P) buffer.
+        threaded = _kernel_threads(self.backend) > 1
+        block = n_pix if threaded else min(n_pix, _pixel_block(n_stars))
+        work = np.empty(n_stars * n_pix if threaded else 3 * n_stars * block)
+        gram = (monomials_t, mono_index)
         # Alternate theta | s² and s² | theta. Only pixels whose s² moved by more than
         # s2_rtol are solved again, so later passes are cheap (most pixels settle at once).
         active = np.arange(n_pix)
         history = []
         for it in range(max_iter):
-            n_act = len(active)
-            buf = work[:n_stars * n_act].reshape(n_stars, n_act)
-            if it == 0:  # all pixels, s² = 0: the weights are ivar itself
-                iv_a, f_a, weights = ivar, flux, ivar
-            else:
-                # np.take gathers columns ~8x faster than fancy indexing
-                iv_a = np.take(ivar, active, axis=1)
-                f_a = np.take(flux, active, axis=1)
-                weights = np.multiply(iv_a, s2[active], out=buf)
-                weights += 1.0
-                np.divide(iv_a, weights, out=weights)  # 1 / (1/ivar + s²); 0 where ivar = 0
-            a_packed = np.ascontiguousarray((monomials_t @ weights)[mono_index].T)  # (P_a, T2)
-            wf = np.multiply(weights, f_a, out=buf)
-            b = np.ascontiguousarray((design.T @ wf).T)  # (P_a, T)
-            th = np.empty((n_act, self.n_terms))
-            cv = np.empty((n_act, cov.shape[1]))
-            st = np.empty(n_act, dtype=np.int8)
-            k.solve_normal_equations(a_packed, b, th, cv, st)
-            theta[active], cov[active], status[active] = th, cv, st
-            resid = np.matmul(design, th.T, out=buf)
-            np.subtract(f_a, resid, out=resid)
-            s2_new = np.empty(n_act)
-            k.s2_update(resid, iv_a, s2_new, np.empty(n_act, dtype=np.int8))
-            s2_new[too_few[active] | (st != 0)] = 0.0
+            s2_new = np.empty(len(active))
+            step = block if it == 0 else min(block, len(work) // (3 * n_stars))
+            for j0 in range(0, len(active), step):
+                cols = active[j0:j0 + step]
+                th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work,
+                                                     (theta, cov, status))
+                s2_b[too_few[cols] | (st != 0)] = 0.0
+                s2_new[j0:j0 + step] = s2_b
             old = s2[active]
             moved = (np.abs(s2_new - old) > s2_rtol * np.maximum(s2_new, old)) \
                 & (np.maximum(s2_new, old) > s2_floor)
@@ -396,91 +392,129 @@ class CannonModel:
                            median_variance_factor=float(np.median(factor)))
         self.theta, self.s2, self.theta_cov, self.pixel_flags = theta, s2, cov, flags
         self.training_labels = labels
-        self.training_hash = _fingerprint(flux, ivar, labels)
+        self.training_hash = _fingerprint(flux, ivar, labels, column_sums)
         self.error_model = None
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
-                               **self._fit_diagnostics(flux, ivar, design, work))
+                               **self._fit_diagnostics(flux, ivar, design, work, threaded))
         if limited is not None:
             self.train_info["band_limit"] = limited
         return self
 
-    def _fit_diagnostics(self, flux, ivar, design, work, poor_fit_stars=512,
+    def _train_block(self, k, cols, flux, ivar, s2, design, gram, work, out):
+        """One pass of ``train`` at the training pixels ``cols`` (increasing).
+
+        theta | s² (the weighted least-squares solution at the current ``s2``), then
+        s² | theta. Returns (theta, its packed inverse normal matrix, the solver's
+        status, the new s²) of those pixels. ``gram`` is (the distinct monomials of the
+        design's outer products, transposed; their index into the packed normal
+        matrix); ``work`` holds three (N, len(cols)) arrays, or one when ``cols`` is
+        every pixel (ivar and flux are then used in place). theta, the
+        inverse normal matrix and the status are written into ``out`` (the model's
+        (P, ...) arrays) at ``cols``.
+        """
+        n, m = len(flux), len(cols)
+        run = cols[-1] - cols[0] == m - 1
+        if m == flux.shape[1]:  # every pixel: the arrays themselves
+            iv, f, buf = ivar, flux, work[:n * m].reshape(n, m)
+        elif run:  # a run of pixels (the first pass): copies, contiguous for the kernels
+            iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
+            np.copyto(iv, ivar[:, cols[0]:cols[0] + m])
+            np.copyto(f, flux[:, cols[0]:cols[0] + m])
+        else:  # np.take gathers columns ~8x faster than fancy indexing; with out=, only
+            # a mode other than "raise" spares it a buffered copy (cols are valid indices)
+            iv, f, buf = (work[i * n * m:(i + 1) * n * m].reshape(n, m) for i in range(3))
+            np.take(ivar, cols, axis=1, out=iv, mode="clip")
+            np.take(flux, cols, axis=1, out=f, mode="clip")
+        s2_b = s2[cols]
+        weights = iv
+        if s2_b.any():  # 1 / (1/ivar + s²); 0 where ivar = 0
+            weights = np.multiply(iv, s2_b, out=buf)
+            weights += 1.0
+            np.divide(iv, weights, out=weights)
+        # each pixel's packed normal matrix sum_n w_n v_n v_n^T from one product over
+        # the distinct monomials v_i v_j only (126 of 231 columns for 5 labels, quadratic)
+        # (M, N) @ (N, m) then the small transpose: BLAS is ~30 % faster in this
+        # orientation than in (m, N) @ (N, M) (measured on the benchmark's shapes)
+        monomials_t, mono_index = gram
+        a_packed = np.ascontiguousarray(np.take(monomials_t @ weights, mono_index, axis=0).T)
+        wf = np.multiply(weights, f, out=buf)
+        b = np.ascontiguousarray((design.T @ wf).T)  # (m, T)
+        theta, cov, status = out
+        if run:  # the kernel writes straight into the model's arrays
+            th, cv, st = (a[cols[0]:cols[0] + m] for a in out)
+        else:
+            th, cv, st = (np.empty((m,) + a.shape[1:], a.dtype) for a in out)
+        k.solve_normal_equations(a_packed, b, th, cv, st)
+        if not run:
+            theta[cols], cov[cols], status[cols] = th, cv, st
+        resid = np.matmul(design, th.T, out=buf)
+        np.subtract(f, resid, out=resid)
+        s2_new = np.empty(m)
+        # started from the previous pass's s² (where there is one: 0 runs the full
+        # search), whose theta hardly differs: a few Newton steps instead of a grid
+        k.s2_update_warm(resid, iv, s2_b, s2_new, np.empty(m, dtype=np.int8))
+        return th, cv, st, s2_new
+
+    def _fit_diagnostics(self, flux, ivar, design, work, threaded, poor_fit_stars=512,
                          neighbour_stars=256):
         """``train_info``'s POOR_FIT limit and neighbour noise correlation.
 
         From the residuals of every ``len(flux) // poor_fit_stars``-th training star
-        (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th
-        (``_neighbour_correlation``): the second set is a subset of the first
-        whenever its step is a multiple of the first's (as for every N below 512 or
-        a power of two times 256), and its residuals are then not computed again.
-        ``work`` is training's (N, P) buffer, free by now.
+        (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th (the
+        correlation of neighbouring pixels' normalized residuals: resampling onto a
+        grid correlates the noise of neighbouring pixels, and with it the training
+        noise of neighbouring coefficients, which the broadened fit's correction for
+        that noise, ``fit_broadened``, needs to know), at their labels. The stars are
+        taken a few at a time (all at once if ``threaded``) in ``work`` (training's
+        flat buffer, free by now), each
+        star's residuals computed once for both, and the kernel ``training_sums``
+        makes every sum in one pass over them.
         """
-        n = len(flux)
+        n, n_pix = flux.shape
         step_p, step_n = max(1, n // poor_fit_stars), max(1, n // neighbour_stars)
-        r, w = self._training_residuals(flux, ivar, design, slice(None, None, step_p), work)
-        limit = self._poor_fit_limit(r, w)
-        if step_n % step_p == 0:
-            r, w = r[::step_n // step_p], w[::step_n // step_p]
-        else:
-            r, w = self._training_residuals(flux, ivar, design, slice(None, None, step_n), work)
-        return dict(neighbour_noise_correlation=self._neighbour_correlation(r, w),
-                    poor_fit_reduced_chi2=limit)
+        rows = np.union1d(np.arange(0, n, step_p), np.arange(0, n, step_n))
+        use = fitted_pixels(self, n_pix)
+        seg = (self.grid.segment_of_pixel if self.grid is not None
+               else np.zeros(n_pix, np.int64))
+        same_seg = np.append((seg[:-1] == seg[1:]) & (seg[:-1] >= 0), False)
+        # chunks of ~256k values: in cache for the kernel, few enough calls; with
+        # threads, as few chunks as the buffer allows (see ``train``)
+        chunk = max(1, min(len(rows), len(work) // n_pix if threaded else (1 << 18) // n_pix))
+        chi2, count = np.empty(len(rows)), np.empty(len(rows), np.int64)
+        pair = np.empty((len(rows), 4))
+        theta_t = np.ascontiguousarray(self.theta.T)  # BLAS is faster with it contiguous
+        k = kernels(self.backend)
+        for j0 in range(0, len(rows), chunk):
+            sel = rows[j0:j0 + chunk]
+            c = len(sel)
+            with_pairs = sel % step_n == 0
+            if sel[-1] - sel[0] == c - 1:  # a run of stars: views, not copies
+                sel = slice(sel[0], sel[0] + c)
+            r = np.matmul(design[sel], theta_t, out=work[:c * n_pix].reshape(c, n_pix))
+            np.subtract(flux[sel], r, out=r)
+            k.training_sums(r, np.ascontiguousarray(ivar[sel]), self.s2, use, same_seg,
+                            with_pairs, chi2[j0:j0 + c], count[j0:j0 + c], pair[j0:j0 + c])
+        keep = rows % step_p == 0
+        limit = self._poor_fit_limit(chi2[keep], np.maximum(count[keep] - self.n_labels, 1))
+        n_pair, ab, aa, bb = pair.sum(axis=0)
+        corr = 0.0 if n_pair < 100 else float(ab / np.sqrt(aa * bb))
+        return dict(neighbour_noise_correlation=corr, poor_fit_reduced_chi2=limit)
 
-    def _training_residuals(self, flux, ivar, design, rows, work):
-        """Residuals of the training stars ``rows`` at their labels, and their weights.
-
-        Returns (r, w), each (n, P); ``w = 1 / (1/ivar + s²)``, zero where a star
-        has no data and at the pixels fits do not use. r is a view of ``work``
-        (a flat buffer of at least n * P): (n, P) temporaries cost their page faults.
-        """
-        iv = ivar[rows]
-        n = len(iv)
-        r = np.matmul(design[rows], self.theta.T, out=work[:n * self.n_pixels].reshape(n, -1))
-        np.subtract(flux[rows], r, out=r)
-        w = np.multiply(iv, self.s2)
-        w += 1.0
-        np.divide(iv, w, out=w)
-        w[:, ~fitted_pixels(self, self.n_pixels)] = 0.0
-        return r, w
-
-    def _poor_fit_limit(self, r, w):
+    @staticmethod
+    def _poor_fit_limit(chi2, dof):
         """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
 
         Twice the 99th percentile of the training stars' own reduced chi² at their
         labels (at least 2): a spectrum unlike every training star's, or one the
-        normalization or the masks spoiled, lies far above it. ``r, w`` are
-        ``_training_residuals``.
+        normalization or the masks spoiled, lies far above it.
         """
-        dof = np.maximum((w > 0).sum(axis=1) - self.n_labels, 1)
-        wr2 = w * r
-        wr2 *= r
-        return float(max(2.0, 2.0 * np.percentile(wr2.sum(axis=1) / dof, 99)))
-
-    def _neighbour_correlation(self, r, w):
-        """Correlation of neighbouring pixels' normalized training residuals.
-
-        Resampling onto a grid correlates the noise of neighbouring pixels, and
-        with it the training noise of neighbouring coefficients; the broadened
-        fit's correction for that noise (``fit_broadened``) needs to know how
-        much. From the training stars' residuals ``r`` and weights ``w``
-        (``_training_residuals``; both overwritten), pairs of usable pixels in
-        the same segment.
-        """
-        good = w > 0
-        z = np.multiply(r, np.sqrt(w, out=w), out=r)
-        seg = (self.grid.segment_of_pixel if self.grid is not None
-               else np.zeros(self.n_pixels, np.int64))
-        pair = good[:, :-1] & good[:, 1:] & ((seg[:-1] == seg[1:]) & (seg[:-1] >= 0))[None, :]
-        if pair.sum() < 100:
-            return 0.0
-        a, b = z[:, :-1][pair], z[:, 1:][pair]
-        return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+        return float(max(2.0, 2.0 * np.percentile(chi2 / dof, 99)))
 
     def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol,
                                  band_limit=False):
         """``train`` for noisy training labels; see ``label_errors`` there."""
-        flux, ivar, labels = _check_training_set(flux, ivar, labels, self.label_names)
+        flux, ivar, labels, _ = _check_training_set(flux, ivar, labels, self.label_names)
         errors = as_float64(label_errors, "label_errors")
         if errors.ndim == 1 and labels.shape[1] == 1:  # as _check_training_set does for labels
             errors = errors[:, None]
@@ -1027,7 +1061,35 @@ def _extreme_deconvolution(x, err_var, n_comp, max_iter=300, tol=1e-6, floor=1e-
     return (weights, means, covs), loglike
 
 
+def _kernel_threads(backend):
+    """How many threads training's kernels and BLAS products would use here (at most)."""
+    n = 1
+    if backend == "c":
+        from .backends import _ccannon
+        n = _ccannon.max_threads()
+    elif backend == "numba":
+        import numba
+        n = numba.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover - optional: assume BLAS uses every core
+        return max(n, os.cpu_count() or 1)
+    blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max([n] + blas)
+
+
+def _pixel_block(n_stars, nbytes=1 << 22):
+    """Pixels per block of ``train``'s passes: three (N, block) float64 arrays in ``nbytes``.
+
+    Small enough that a block's arrays stay in cache between the products and kernels
+    that use them, large enough that the products stay efficient and that the C
+    kernels use all their threads (they split 256 pixels or more): at least 256.
+    """
+    return max(256, nbytes // (24 * max(n_stars, 1)))
+
+
 def _check_training_set(flux, ivar, labels, label_names):
+    """The training set as float64 arrays, and (flux, ivar) summed over stars; or ValueError."""
     flux = as_float64(flux, "flux", ndim=2)
     ivar = as_float64(ivar, "ivar", ndim=2)
     labels = as_float64(labels, "labels")
@@ -1040,18 +1102,19 @@ def _check_training_set(flux, ivar, labels, label_names):
     if labels.ndim != 2 or labels.shape != (flux.shape[0], len(label_names)):
         raise ValueError(f"labels must have shape (N, L) = ({flux.shape[0]}, {len(label_names)}) "
                          f"for labels {label_names}, got {labels.shape}")
-    check_spectra(flux, ivar)
+    column_sums = (flux.sum(axis=0), ivar.sum(axis=0))
+    check_spectra(flux, ivar, column_sums)
     bad_lab = ~np.isfinite(labels)
     if bad_lab.any():
         n, l = np.argwhere(bad_lab)[0]
         raise ValueError(f"{int(bad_lab.any(axis=1).sum())} training star(s) have missing "
                          f"(non-finite) labels, e.g. star {n} label {label_names[l]}; remove "
                          "them or fill the labels")
-    empty = ~(ivar > 0).any(axis=1)
+    empty = ~(ivar.max(axis=1) > 0)  # ivar >= 0 by now
     if empty.any():
         raise ValueError(f"{int(empty.sum())} training star(s) are masked at every pixel "
                          f"(ivar = 0): {describe_bad(empty, 'star')}")
-    return flux, ivar, labels
+    return flux, ivar, labels, column_sums
 
 
 #: Values catalogues use for "no label" (ASPCAP before DR17, astroNN); never a real label.
@@ -1098,11 +1161,16 @@ def _check_design(design, term_names):
                          f"(condition number {sv[0] / max(sv[-1], 1e-300):.2g})")
 
 
-def _fingerprint(flux, ivar, labels):
-    """A cheap hash of the training set (labels and per-pixel sums of flux and ivar)."""
+def _fingerprint(flux, ivar, labels, column_sums=None):
+    """A cheap hash of the training set (labels and per-pixel sums of flux and ivar).
+
+    ``column_sums``: those sums if the caller has them.
+    """
+    fsum, isum = column_sums if column_sums is not None else (flux.sum(axis=0),
+                                                              ivar.sum(axis=0))
     h = hashlib.sha256()
     h.update(np.asarray(flux.shape, dtype=np.int64).tobytes())
     h.update(labels.tobytes())
-    h.update(flux.sum(axis=0).tobytes())
-    h.update(ivar.sum(axis=0).tobytes())
+    h.update(fsum.tobytes())
+    h.update(isum.tobytes())
     return h.hexdigest()[:16]

@@ -346,6 +346,42 @@ def weighted_square_sum(w, m, out):
         out[i] = acc
 
 
+@nb.njit(**JIT_PARALLEL)
+def training_sums(resid, ivar, s2, use, same_seg, pairs, chi2_out, count_out, pair_out):
+    """Per star: chi², pixel count, neighbour-pair sums: ``(p),(p),(p),(p),(p),()->(),(),(4)``."""
+    n_stars, n_pix = resid.shape
+    for i in nb.prange(n_stars):
+        acc = 0.0
+        cnt = 0
+        n_pair, ab, aa, bb = 0.0, 0.0, 0.0, 0.0
+        prev_ok = False
+        prev_z = 0.0
+        for p in range(n_pix):
+            x = ivar[i, p]
+            ok = x > 0 and use[p]
+            z = 0.0
+            if ok:
+                w = x / (1.0 + x * s2[p])
+                r = resid[i, p]
+                acc += w * r * r
+                cnt += 1
+                if pairs[i]:
+                    z = r * np.sqrt(w)
+                    if prev_ok and same_seg[p - 1]:
+                        n_pair += 1.0
+                        ab += prev_z * z
+                        aa += prev_z * prev_z
+                        bb += z * z
+            prev_ok = ok
+            prev_z = z
+        chi2_out[i] = acc
+        count_out[i] = cnt
+        pair_out[i, 0] = n_pair
+        pair_out[i, 1] = ab
+        pair_out[i, 2] = aa
+        pair_out[i, 3] = bb
+
+
 @nb.njit(**JIT)
 def _positive_definite(a, c, n):
     """Whether ``a[:n, :n]`` is positive definite (every Cholesky pivot > 0); c is scratch."""

@@ -227,6 +227,48 @@ def weighted_square_sum(w, m, out):
     out[...] = np.einsum("np,np->n", w.astype(np.float64) * m, m)
 
 
+def training_sums(resid, ivar, s2, use, same_seg, pairs, chi2_out, count_out, pair_out):
+    """Per training star: chi² at its labels, its pixel count, and neighbour-pair sums.
+
+    Contract: ``(p),(p),(p),(p),(p),()->(),(),(4)`` over stars. ``train_info``'s
+    POOR_FIT limit and neighbour noise correlation from the training residuals in
+    one pass, where numpy makes a dozen over (N, P) temporaries.
+
+    Parameters
+    ----------
+    resid, ivar : ndarray, (N, P)
+        Residuals at the training labels and their inverse variances.
+    s2 : ndarray, (P,)
+    use : ndarray of bool, (P,)
+        The pixels fits use.
+    same_seg : ndarray of bool, (P,)
+        Whether pixel p and pixel p + 1 are in the same segment (the last is ignored).
+    pairs : ndarray of bool, (N,)
+        The stars whose pair sums are wanted (zeros for the others).
+    chi2_out : ndarray, (N,)
+        ``sum_p w r²`` over the usable pixels (``ivar > 0`` and ``use``), with
+        ``w = 1 / (1/ivar + s²)``.
+    count_out : ndarray of int64, (N,)
+        The number of usable pixels.
+    pair_out : ndarray, (N, 4)
+        Over the pairs (p, p + 1) of usable pixels with ``same_seg[p]``: their
+        number, ``sum z_p z_p+1``, ``sum z_p²`` and ``sum z_p+1²`` with
+        ``z = r sqrt(w)``.
+    """
+    good = (ivar > 0) & use[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(good, ivar / (1.0 + ivar * s2[None, :]), 0.0)
+    r = np.where(good, resid, 0.0)
+    chi2_out[...] = np.sum(w * r * r, axis=1)
+    count_out[...] = good.sum(axis=1)
+    z = r * np.sqrt(w)
+    pair = good[:, :-1] & good[:, 1:] & same_seg[None, :-1]
+    a, b = np.where(pair, z[:, :-1], 0.0), np.where(pair, z[:, 1:], 0.0)
+    sums = np.stack([pair.sum(axis=1), (a * b).sum(axis=1), (a * a).sum(axis=1),
+                     (b * b).sum(axis=1)], axis=1)
+    pair_out[...] = np.where(pairs[:, None], sums, 0.0)
+
+
 def _positive_definite(a):
     """Whether ``a`` (L, L) is positive definite: every Cholesky pivot > 0 (NaN: no).
 
