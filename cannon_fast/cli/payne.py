@@ -55,9 +55,10 @@ def register(subparsers, parent):
                     "seeded fraction is held out to measure the emulation error. Fit with "
                     "the result through `cannon-fast fit --model OUT`.")
     a.add_argument("input", help="model spectra .npz (wavelength, flux, labels, label_names)")
-    a.add_argument("--grid", default="apstar",
-                   help="the instrument's pixels: apstar (8575), aspcap (7514), or a file of "
-                        "spectra (.npz/FITS with wavelengths) on them (default: apstar)")
+    a.add_argument("--grid", default="aspcap",
+                   help="the instrument's pixels: aspcap (APOGEE's 7514 on-chip pixels, "
+                        "the default), apstar (8575, gaps included), or a file of spectra "
+                        "(.npz/FITS with wavelengths) on them")
     a.add_argument("--resolution", type=float, default=None,
                    help="resolving power of the LSF (default: the grid's; APOGEE 22,500)")
     a.add_argument("--air", action="store_true",
