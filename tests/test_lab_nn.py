@@ -144,3 +144,57 @@ def test_a_network_trained_on_cannon_spectra_is_reported_apart(run):
     assert res["best"] == ranked[0]
     if res["best"] == "mlp+cannon":
         assert "learnt from the Cannon" in res["headline"]
+
+
+def test_combine_predictions_of_a_seed_ensemble_by_hand():
+    """Mean labels; model errors add the members' spread; flags of any member."""
+    from cannon_fast.lab.nn_compare import combine_predictions
+    from cannon_fast.nn import NNResult
+
+    def result(labels, model_err, pred_err, flags):
+        labels, m, p = (np.array(x, float) for x in (labels, model_err, pred_err))
+        return NNResult(labels=labels, errors=np.hypot(m, p), model_errors=m,
+                        predictive_errors=p, flags=np.array(flags), uncertain=labels > 5,
+                        bad_pixel_fraction=np.zeros(len(labels)), label_names=("A", "B"))
+
+    a = result([[1.0, 2.0], [3.0, 4.0]], [[0.1, 0.2]] * 2, [[0.3, 0.4]] * 2, [0, 1])
+    b = result([[3.0, 2.0], [3.0, 8.0]], [[0.1, 0.2]] * 2, [[0.5, 0.4]] * 2, [2, 0])
+    c = combine_predictions([a, b])
+    np.testing.assert_allclose(c.labels, [[2.0, 2.0], [3.0, 6.0]])
+    # variance of two values x, y about their mean: ((x - y) / 2)^2
+    np.testing.assert_allclose(c.model_errors, np.sqrt([[0.01 + 1.0, 0.04], [0.01, 0.04 + 4.0]]))
+    np.testing.assert_allclose(c.predictive_errors, np.sqrt([[0.17, 0.16]] * 2))
+    np.testing.assert_allclose(c.errors, np.hypot(c.model_errors, c.predictive_errors))
+    assert c.flags.tolist() == [2, 1] and c.uncertain.tolist() == [[False, False], [False, True]]
+    assert combine_predictions([a]) is a
+
+
+def test_a_seed_ensemble_scores_the_mean_of_its_members(run):
+    """members=2: the members are the networks seeds 0 and 1 train alone; scored on their mean."""
+    from cannon_fast.nn import SpectrumRegressor
+
+    s, va, poor, _, _ = run
+    tr = np.arange(240)
+    arch = dict(ARCHS["mlp"])
+    archs = {"mlp x2": dict(arch, members=2, epochs=3, train=dict(lr_schedule="cosine"))}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = compare_networks(
+            s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va], poor,
+            s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
+            epochs=40, progress=False)
+        alone = [SpectrumRegressor(s.label_names, seed=k, device="cpu", **arch).train(
+            s.flux[tr], s.labels[tr], s.ivar[tr], epochs=3, progress=False,
+            lr_schedule="cosine", **TRAIN) for k in (0, 1)]
+        preds = [r.predict(s.flux[va], s.ivar[va], n_samples=20).labels for r in alone]
+    finally:
+        torch.set_num_threads(old)
+    net = res["networks"]["mlp x2"]
+    assert net["members"] == 2 and net["n_epochs"] == 3 and net["lr_schedule"] == "cosine"
+    assert net["n_weights"] == 2 * alone[0].n_parameters
+    assert not np.allclose(preds[0], preds[1])  # two different networks
+    mean = np.mean(preds, axis=0)
+    for j, n in enumerate(s.label_names):
+        rmse = np.sqrt(np.mean((mean[:, j] - s.labels[va, j]) ** 2))
+        assert net["vs_true"][n]["rmse"] == pytest.approx(rmse, rel=1e-9)

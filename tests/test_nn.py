@@ -340,6 +340,25 @@ def test_bfloat16_cnn_inference_path_matches_training_path():
     assert_allclose(fast.numpy(), plain.detach().numpy(), rtol=2e-2, atol=2e-2)
 
 
+def test_cosine_schedule_falls_to_zero_at_the_last_epoch_and_learns(data, mlp):
+    """lr_schedule="cosine": the rate per epoch is the half cosine's, and the network learns."""
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SpectrumRegressor(data.label_names, **MLP).train(data.flux, data.labels, data.ivar,
+                                                         epochs=1, lr_schedule="step")
+    fit = dict(FIT, epochs=30, patience=30)
+    reg = SpectrumRegressor(data.label_names, seed=0, **MLP).train(
+        data.flux, data.labels, data.ivar, lr_schedule="cosine", **fit)
+    h = reg.history
+    assert h["n_epochs"] == 30
+    # recorded after each epoch, i.e. after (k + 1) / 30 of the steps
+    expected = fit["learning_rate"] * 0.5 * (1 + np.cos(np.pi * np.arange(1, 31) / 30))
+    assert np.allclose(h["lr"], expected, rtol=1e-6, atol=1e-12)
+    te = mlp.split["test"]
+    r_plateau = _rmse(mlp.predict(data.flux[te], data.ivar[te]).labels, data.labels[te])
+    r_cosine = _rmse(reg.predict(data.flux[te], data.ivar[te]).labels, data.labels[te])
+    assert np.all(r_cosine < 1.3 * r_plateau)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_is_exact(data, mlp, tmp_path):
     path = tmp_path / "reg.pt"

@@ -10,12 +10,13 @@ also draws the loss curves and the chosen network's predicted-vs-true labels.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
 __all__ = ["LAB_NN_ARCHITECTURES", "LAB_NN_TRAINING", "TARGET_RATIO", "cannon_spectra",
-           "compare_networks"]
+           "combine_predictions", "compare_networks"]
 
 #: The architectures lab step 16 compares. "cnn" is StarNet's layout as
 #: benchmarks/bench_nn.py runs it (its first conv samples every 3rd pixel, which
@@ -27,13 +28,15 @@ LAB_NN_ARCHITECTURES = {
     "cnn": dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(3, 1),
                 pool_size=(1, 4), hidden=(256, 128), dropout=0.1),
     "mlp": dict(arch="mlp", hidden=(256, 128), dropout=0.1),
-    # the same CNN trained on the observed stars plus 2000 spectra of the lab's Cannon
-    # (cannon_spectra(); it learns from the Cannon), at most 30 epochs: each costs ~5x an
-    # observed-only epoch. (4000 spectra, 40 epochs in bfloat16 scored the same on the
-    # demo for twice the CPU: docs/lab.md, step 16.)
+    # the same CNN trained on the observed stars plus 4000 spectra of the lab's Cannon
+    # (cannon_spectra(); it learns from the Cannon), 30 epochs with the learning rate
+    # falling along a cosine, no dropout: with exact labels in plenty, dropout's noise was
+    # what kept it at 1.6-2x the Cannon's RMSE (docs/lab.md, step 16). Its errors are the
+    # predicted (calibrated) ones only; members=2 adds a seed ensemble's spread for twice
+    # the time.
     "cnn+cannon": dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(3, 1),
-                       pool_size=(1, 4), hidden=(256, 128), dropout=0.1, cannon_spectra=2000,
-                       epochs=30),
+                       pool_size=(1, 4), hidden=(256, 128), dropout=0.0, cannon_spectra=4000,
+                       epochs=30, train=dict(lr_schedule="cosine")),
 }
 #: Training settings (benchmarks/bench_nn.py's): the catalogue's label errors go
 #: into the loss, noise augmentation, Adam with a little weight decay, early
@@ -83,6 +86,27 @@ def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
         (n, labels.shape[1]))
     flux = np.asarray(model.predict(drawn), np.float32)
     return flux, np.asarray(ivar)[rng.integers(0, len(ivar), n)], drawn
+
+
+def combine_predictions(results):
+    """One result from a seed ensemble's (a list of :class:`~cannon_fast.nn.NNResult`).
+
+    The labels are the members' mean; the model (epistemic) error adds the
+    members' spread to their mean MC-dropout variance (a deep ensemble,
+    Lakshminarayanan et al. 2017), the predictive error is the root mean of the
+    members' predicted variances, and a flag is set when any member set it.
+    """
+    if len(results) == 1:
+        return results[0]
+    means = np.stack([r.labels for r in results])
+    model_err = np.sqrt(np.mean([r.model_errors ** 2 for r in results], axis=0)
+                        + means.var(axis=0))
+    pred_err = np.sqrt(np.mean([r.predictive_errors ** 2 for r in results], axis=0))
+    return dataclasses.replace(
+        results[0], labels=means.mean(axis=0), errors=np.hypot(model_err, pred_err),
+        model_errors=model_err, predictive_errors=pred_err,
+        flags=np.bitwise_or.reduce([r.flags for r in results]),
+        uncertain=np.any([r.uncertain for r in results], axis=0))
 
 
 def _stats(pred, ref, names):
@@ -169,7 +193,11 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
         Name -> :class:`~cannon_fast.nn.SpectrumRegressor` keyword arguments
         (default :data:`LAB_NN_ARCHITECTURES`); an entry with ``cannon_spectra=n``
         also trains on ``n`` spectra of ``cannon_model`` (:func:`cannon_spectra`),
-        and is skipped without one; ``epochs=n`` caps that network's epochs.
+        and is skipped without one; ``epochs=n`` caps that network's epochs;
+        ``members=n`` makes it a seed ensemble of ``n`` networks (seeds ``seed``,
+        ``seed + 1``, ...; each its own Cannon spectra), scored on the members'
+        mean (:func:`combine_predictions`); ``train=dict(...)`` overrides
+        ``training`` keywords for that network.
     training : dict, optional
         :meth:`~cannon_fast.nn.SpectrumRegressor.train` keyword arguments
         (default :data:`LAB_NN_TRAINING`).
@@ -211,27 +239,36 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
         arch = dict(arch)
         n_cannon = int(arch.pop("cannon_spectra", 0))
         n_epochs = int(arch.pop("epochs", epochs))
+        n_members = int(arch.pop("members", 1))
+        train_kw = dict(training, **arch.pop("train", {}))
         if n_cannon and cannon_model is None:
             skipped[arch_name] = "no Cannon model given"
             continue
-        data = _training_set(train_flux, train_ivar, train_labels, train_errors,
-                             cannon_model, n_cannon, seed)
-        reg = SpectrumRegressor(names, seed=seed, device="cpu", **arch)
-        reg.train(data[0], data[2], data[1], label_errors=data[3], epochs=n_epochs,
-                  progress=progress, **training)
-        t0 = time.perf_counter()
-        res = reg.predict(val_flux, val_ivar, n_samples=20)
-        infer = time.perf_counter() - t0
-        h = reg.history
-        preds[arch_name], regs[arch_name] = res, reg
+        members, results, infer = [], [], 0.0
+        for i in range(n_members):
+            # each member its own seed, hence its own Cannon spectra, split and weights
+            data = _training_set(train_flux, train_ivar, train_labels, train_errors,
+                                 cannon_model, n_cannon, seed + i)
+            reg = SpectrumRegressor(names, seed=seed + i, device="cpu", **arch)
+            reg.train(data[0], data[2], data[1], label_errors=data[3], epochs=n_epochs,
+                      progress=progress, **train_kw)
+            t0 = time.perf_counter()
+            results.append(reg.predict(val_flux, val_ivar, n_samples=20))
+            infer += time.perf_counter() - t0
+            members.append(reg)
+        res = combine_predictions(results)
+        hs = [m.history for m in members]
+        preds[arch_name], regs[arch_name] = res, members
         nets[arch_name] = dict(
             settings={k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
-            cannon_spectra=n_cannon, max_epochs=n_epochs,
-            n_weights=int(reg.n_parameters), n_epochs=int(h["n_epochs"]),
-            best_epoch=int(h["best_epoch"]) + 1,
-            best_val_loss=float(h["val_loss"][h["best_epoch"]]),
-            train_seconds=round(float(h["train_time"]), 1),
-            train_cpu_seconds=round(float(h["train_cpu_time"]), 1),
+            cannon_spectra=n_cannon, max_epochs=n_epochs, members=n_members,
+            lr_schedule=train_kw.get("lr_schedule", "plateau"),
+            n_weights=int(sum(m.n_parameters for m in members)),
+            n_epochs=int(max(h["n_epochs"] for h in hs)),
+            best_epoch=int(max(h["best_epoch"] for h in hs)) + 1,
+            best_val_loss=float(np.mean([h["val_loss"][h["best_epoch"]] for h in hs])),
+            train_seconds=round(float(sum(h["train_time"] for h in hs)), 1),
+            train_cpu_seconds=round(float(sum(h["train_cpu_time"] for h in hs)), 1),
             spectra_per_second=round(len(res.labels) / max(infer, 1e-9), 1),
             vs_catalog=_stats(res.labels, np.asarray(val_catalog, float), names),
             n_bad=int(res.bad.sum()))
@@ -273,13 +310,17 @@ def _loss_figure(regs, chosen):
 
     fig = Figure(figsize=(4.0 * len(regs), 3.3), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(regs), sharey=True))
-    for ax, (name, reg) in zip(axes, regs.items()):
-        h = reg.history
-        ep = np.arange(1, len(h["train_loss"]) + 1)
-        ax.plot(ep, h["train_loss"], label="training")
-        ax.plot(ep, h["val_loss"], label="validation")
-        ax.axvline(h["best_epoch"] + 1, color="0.5", ls=":")
-        ax.set_title(name + (" (chosen)" if name == chosen else ""), fontsize=9)
+    for ax, (name, members) in zip(axes, regs.items()):
+        for i, reg in enumerate(members):  # a seed ensemble: one pair of curves per member
+            h = reg.history
+            ep = np.arange(1, len(h["train_loss"]) + 1)
+            ax.plot(ep, h["train_loss"], color="C0", lw=1.0, alpha=0.8,
+                    label="training" if i == 0 else None)
+            ax.plot(ep, h["val_loss"], color="C1", lw=1.0, alpha=0.8,
+                    label="validation" if i == 0 else None)
+            ax.axvline(h["best_epoch"] + 1, color="0.5", ls=":", lw=0.8)
+        title = name + (f" ({len(members)} seeds)" if len(members) > 1 else "")
+        ax.set_title(title + (" (chosen)" if name == chosen else ""), fontsize=9)
         ax.set_xlabel("epoch")
     axes[0].set_ylabel("loss (NLL)")
     axes[0].legend(fontsize=8)

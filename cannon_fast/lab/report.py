@@ -577,7 +577,11 @@ def _nn_html(s):
     rows += [(k, v, f"{v['n_weights']} weights, {v['n_epochs']} epochs, "
                     f"{v['train_seconds']:.0f} s"
                     + (f", + {v['cannon_spectra']} Cannon spectra" if v.get("cannon_spectra")
-                       else "")) for k, v in nn["networks"].items()]
+                       else "")
+                    + (f", mean of {v['members']} seeds" if v.get("members", 1) > 1 else "")
+                    + (f", {v['lr_schedule']} learning rate" if v.get("lr_schedule", "plateau")
+                       != "plateau" else ""))
+             for k, v in nn["networks"].items()]
     body = [[_esc(name) + (" (chosen)" if name == nn.get("chosen") else "")
              + (" (best)" if name == nn.get("best") and name != nn.get("chosen") else "")]
             + [_fmt(n, st[key][n][k]) for n in labels for k in ("bias", "rmse")] + [_esc(info)]
