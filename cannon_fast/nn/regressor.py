@@ -729,7 +729,7 @@ class SpectrumRegressor:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ inference
-    def predict(self, flux, ivar=None, *, n_samples=30, batch_size=128, seed=None,
+    def predict(self, flux, ivar=None, *, n_samples=30, batch_size=64, seed=None,
                 max_bad_fraction=0.3, uncertain_thresholds=None):
         """Predict labels with MC-dropout and predicted (aleatoric) uncertainties.
 
