@@ -85,7 +85,8 @@ def test_networks_learn_and_figures_and_report(run, tmp_path):
 
 
 def test_cannon_spectra_are_the_models_at_labels_near_the_training_stars():
-    """cannon_spectra: the model's spectra at jittered training labels, a training star's ivar."""
+    """cannon_spectra: the model's spectra at jittered training labels, a training star's ivar
+    and one noise draw at it."""
     from cannon_fast import CannonModel
     from cannon_fast.lab.nn_compare import cannon_spectra
 
@@ -95,7 +96,11 @@ def test_cannon_spectra_are_the_models_at_labels_near_the_training_stars():
     model = CannonModel(s.label_names, order=2).train(s.flux, s.ivar, s.labels)
     flux, ivar, drawn = cannon_spectra(model, labels, s.ivar, 500, jitter=0.1, seed=3)
     assert flux.shape == (500, 60) and ivar.shape == (500, 60) and drawn.shape == (500, 3)
-    np.testing.assert_allclose(flux, model.predict(drawn), rtol=1e-6, atol=1e-6)
+    # the noise is the borrowed ivar's: unit pulls, none at masked pixels
+    pull = (flux - model.predict(drawn)) * np.sqrt(ivar)
+    assert abs(np.std(pull[ivar > 0]) - 1.0) < 0.02 and abs(np.mean(pull[ivar > 0])) < 0.02
+    masked = ivar == 0
+    np.testing.assert_allclose(flux[masked], model.predict(drawn)[masked], rtol=1e-6, atol=1e-6)
     # each ivar row is one training star's
     assert all(any(np.array_equal(r, t) for t in s.ivar) for r in ivar[:20])
     # labels within a few jitters of some complete training star, never near star 0 alone

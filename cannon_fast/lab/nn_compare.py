@@ -49,13 +49,16 @@ _TARGET_LABELS = ("TEFF", "LOGG", "FE_H")
 
 
 def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
-    """Noise-free spectra of a trained Cannon at labels around the training stars'.
+    """Spectra of a trained Cannon at labels around the training stars', with noise.
 
     Each spectrum takes a random training star's labels, moved by Gaussian noise
     of ``jitter`` times each label's spread (so the network sees the space
     between the stars, not only their points), and another random training
-    star's inverse variances: the network's noise augmentation then draws fresh
-    noise at that star's S/N (and its masked pixels stay masked) every epoch.
+    star's inverse variances and one noise draw at them: like an observed star,
+    so that the spectra the network holds out for validation (and calibrates its
+    errors on) are as noisy as real ones. The noise augmentation of training
+    draws fresh noise on top every epoch, as it does for observed stars; masked
+    pixels stay masked.
 
     Parameters
     ----------
@@ -84,8 +87,11 @@ def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
     spread = np.std(labels[rows], axis=0)
     drawn = labels[rng.choice(rows, n)] + jitter * spread * rng.standard_normal(
         (n, labels.shape[1]))
-    flux = np.asarray(model.predict(drawn), np.float32)
-    return flux, np.asarray(ivar)[rng.integers(0, len(ivar), n)], drawn
+    iv = np.asarray(ivar)[rng.integers(0, len(ivar), n)]
+    with np.errstate(divide="ignore"):
+        sigma = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
+    flux = np.asarray(model.predict(drawn) + sigma * rng.standard_normal(iv.shape), np.float32)
+    return flux, iv, drawn
 
 
 def combine_predictions(results):
