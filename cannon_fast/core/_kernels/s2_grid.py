@@ -215,19 +215,8 @@ def _gather(resid, ivar, p0, width, r2, v, counts):
 @nb.njit(**JIT_PARALLEL)
 def s2_update(resid, ivar, s2_out, status_out):
     """Maximise the likelihood in s² at every pixel: ``(n),(n)->(),()``."""
-    n_stars, n_pix = resid.shape
-    n_blocks = (n_pix + _BLOCK - 1) // _BLOCK
-    for blk in nb.prange(n_blocks):
-        p0 = blk * _BLOCK
-        width = min(p0 + _BLOCK, n_pix) - p0
-        r2 = np.empty((width, n_stars))
-        v = np.empty((width, n_stars))
-        counts = np.zeros(width, dtype=np.int64)
-        _gather(resid, ivar, p0, width, r2, v, counts)
-        for j in range(width):
-            s, st = _one_pixel(r2[j], v[j], counts[j])
-            s2_out[p0 + j] = s
-            status_out[p0 + j] = st
+    # a start of 0 takes the full search at every pixel: the warm kernel's cold path
+    s2_update_warm(resid, ivar, np.zeros(resid.shape[1]), s2_out, status_out)
 
 
 @nb.njit(**JIT_PARALLEL)
