@@ -143,8 +143,12 @@ def emulation_errors(emulator, model, labels):
         ``median``, ``mae``, ``p99``, ``max`` over all pixels and spectra, and
         ``per_spectrum_mae`` (N,).
     """
-    truth = model_spectra(model, labels)
-    err = np.abs(model_spectra(emulator, labels) - truth)
+    return _error_summary(model_spectra(emulator, labels) - model_spectra(model, labels))
+
+
+def _error_summary(diff):
+    """|emulator - truth| (N, P): median, mae, p99, max and per_spectrum_mae."""
+    err = np.abs(diff)
     return dict(median=float(np.median(err)), mae=float(err.mean()),
                 p99=float(np.percentile(err, 99)), max=float(err.max()),
                 per_spectrum_mae=err.mean(axis=1))
@@ -215,7 +219,7 @@ def train_on_spectra(flux, labels, label_names, grid, holdout=0.1, seed=0, noise
     emulator : PayneEmulator
         Its box is the labels' range; ``history["holdout"]`` holds the held-out rows.
     errors : dict or None
-        :func:`emulation_errors`-like figures on the held-out spectra.
+        :func:`emulation_errors`' figures on the held-out spectra, and ``n`` of them.
     """
     flux = np.atleast_2d(np.asarray(flux, np.float64))
     labels = np.atleast_2d(np.asarray(labels, np.float64))
@@ -240,8 +244,5 @@ def train_on_spectra(flux, labels, label_names, grid, holdout=0.1, seed=0, noise
     emu.history["holdout"] = out
     errors = None
     if n_out:
-        err = np.abs(emu.predict(labels[out]) - flux[out])
-        errors = dict(n=n_out, median=float(np.median(err)), mae=float(err.mean()),
-                      p99=float(np.percentile(err, 99)), max=float(err.max()),
-                      per_spectrum_mae=err.mean(axis=1))
+        errors = dict(n=n_out, **_error_summary(emu.predict(labels[out]) - flux[out]))
     return emu, errors
