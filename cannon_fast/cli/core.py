@@ -255,6 +255,14 @@ def _is_prepared(inputs):
         or (inputs[0].lower().endswith(".npz") and not os.path.isdir(inputs[0])))
 
 
+def _refuse_raw_options(inputs, args):
+    """--continuum, --degree and --bad-bits normalize apStar files; prepared spectra are done."""
+    if _is_prepared(inputs) and any(v is not None for v in (args.continuum, args.degree,
+                                                            args.bad_bits)):
+        raise ValueError(f"{inputs[0]} holds prepared spectra: --continuum, --degree and "
+                         "--bad-bits apply to apStar files")
+
+
 def _read_for_fit(model, inputs, args):
     """What ``fit`` fits: a store/npz as it is, apStar files masked and normalized."""
     if _is_prepared(inputs):
@@ -286,10 +294,7 @@ def _fit(args):
     if is_emulator_file(model_path):
         return _fit_emulator(args, model_path, inputs)
     model = CannonModel.read(model_path, backend=args.backend)
-    if _is_prepared(inputs) and any(v is not None for v in (args.continuum, args.degree,
-                                                            args.bad_bits)):
-        raise ValueError(f"{inputs[0]} holds prepared spectra: --continuum, --degree and "
-                         "--bad-bits apply to apStar files")
+    _refuse_raw_options(inputs, args)
     data = _read_for_fit(model, inputs, args)
     label = inputs[0] if len(inputs) == 1 else f"{len(inputs)} inputs"
     rows = _rows(args.rows, len(data["flux"]), label)
@@ -338,10 +343,8 @@ def _fit_emulator(args, model_path, inputs):
     if cannon_only:
         raise ValueError(f"{', '.join(cannon_only)} apply to Cannon models; {model_path} is a "
                          "Payne emulator")
+    _refuse_raw_options(inputs, args)
     if _is_prepared(inputs):
-        if any(v is not None for v in (args.continuum, args.degree, args.bad_bits)):
-            raise ValueError(f"{inputs[0]} holds prepared spectra: --continuum, --degree and "
-                             "--bad-bits apply to apStar files")
         data = read_spectra_file(inputs[0])
         model = PayneEmulator.read(model_path, grid=data["grid"])
     else:  # apStar files: masked and normalized for the emulator's grid, as for a Cannon
