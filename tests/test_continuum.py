@@ -227,3 +227,12 @@ def test_model_keeps_its_continuum_record(tmp_path):
     got, degree, source = cn.model_continuum(model, other)
     np.testing.assert_array_equal(got, other)
     assert degree == 2 and source == f"given ({int(other.sum())} pixels, degree 2)"
+
+
+def test_picking_continuum_pixels_needs_theta_or_a_jacobian():
+    """A model with neither theta nor predict_with_jacobian gets a message saying what to give."""
+    from types import SimpleNamespace
+
+    from cannon_fast.core.continuum import continuum_pixels_from_model
+    with pytest.raises(ValueError, match="give the continuum pixels instead"):
+        continuum_pixels_from_model(SimpleNamespace(label_names=["A"], training_labels=None))

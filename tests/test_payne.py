@@ -199,3 +199,15 @@ def test_payne_train_cli_from_model_spectra(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", wavelength=HIRES, flux=_hires_spectra(labels[:3]))
     assert main(["payne-train", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "x.npz")]) == 1
     assert "missing labels, label_names" in capsys.readouterr().err
+    np.savez(tmp_path / "short.npz", wavelength=HIRES[:-5], flux=_hires_spectra(labels[:3]),
+             labels=labels[:3], label_names=np.array(["TEFF", "FE_H"]))
+    assert main(["payne-train", str(tmp_path / "short.npz"), "--out", str(tmp_path / "x.npz")]) == 1
+    assert "do not agree" in capsys.readouterr().err
+    assert main(["payne-train", str(tmp_path / "models.npz"), "--grid", "nope",
+                 "--out", str(tmp_path / "x.npz")]) == 1
+    assert "--grid nope: not apstar, aspcap or an existing file" in capsys.readouterr().err
+    # the default APOGEE grid is far outside these 5,000 A spectra: the file is named
+    assert main(["payne-train", str(tmp_path / "models.npz"), "--out", str(tmp_path / "x.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "models.npz" in err and "the input covers 4985.00-5029.98 A" in err
+    assert not (tmp_path / "x.npz").exists()
