@@ -354,14 +354,15 @@ def _fit_emulator(args, model_path, inputs):
     label = inputs[0] if len(inputs) == 1 else f"{len(inputs)} inputs"
     rows = _rows(args.rows, len(flux), label)
     t0 = time.perf_counter()
-    if args.method == "fast":
-        from ..nn.fast_fit import fit_emulator
-        result = fit_emulator(model, np.asarray(flux[rows]), np.asarray(ivar[rows]),
-                              progress_bar=not args.quiet or None)
-    else:
-        from ..core.fitting import fit_spectra
-        result = fit_spectra(model, np.asarray(flux[rows]), np.asarray(ivar[rows]))
+    result = model.fit(np.asarray(flux[rows]), np.asarray(ivar[rows]),
+                       method="fast" if args.method == "fast" else "generic",
+                       progress_bar=not args.quiet or None)
     dt = time.perf_counter() - t0
+    if not model.calibrated:
+        print(f"cannon-fast fit: WARNING: {model_path} knows nothing of its misfit to real "
+              "spectra: its errors are the formal ones times sqrt(reduced chi²) and nothing is "
+              "POOR_FIT; calibrate it on stars of known labels (cannon-fast payne-calibrate)",
+              file=sys.stderr)
     table = result.to_table(ids=None if ids is None else np.asarray(ids)[rows])
     table.meta["MODEL"] = os.path.basename(model_path)
     from .._util import atomic_path

@@ -1,4 +1,6 @@
-"""``information``, ``payne-train``, ``gradient-template``, ``dd-payne-train``: the Payne family.
+"""``information``, ``payne-train``, ``payne-calibrate``, ``gradient-template``, ``dd-payne-train``.
+
+The Payne family's subcommands.
 
 Fitting with an emulator file goes through ``cannon-fast fit --model EMULATOR.npz``.
 """
@@ -12,7 +14,7 @@ __all__ = ["register", "read_forward_model"]
 
 
 def register(subparsers, parent):
-    """Add ``information``, ``payne-train``, ``gradient-template`` and ``dd-payne-train``."""
+    """Add the Payne family's subcommands (see the module)."""
     p = subparsers.add_parser(
         "information", parents=[parent],
         help="Cramér–Rao bound of each label of a model at a star and S/N",
@@ -71,6 +73,36 @@ def register(subparsers, parent):
     a.add_argument("--out", required=True, help="emulator .npz to write")
     a.add_argument("--force", action="store_true", help="overwrite an existing emulator")
     a.set_defaults(func=_payne_train)
+
+    c = subparsers.add_parser(
+        "payne-calibrate", parents=[parent],
+        help="teach a Payne emulator its misfit to real spectra from stars of known labels",
+        description="An emulator of model spectra fits observed stars with a reduced chi² of "
+                    "many and formal errors of a few K. On reference stars of known labels "
+                    "(normalized as the stars it will fit) this learns its per-pixel model "
+                    "variance s², POOR_FIT's reduced-chi² limit, a linear recalibration of "
+                    "its labels and calibrated errors (<LABEL>_ERR with _ERR_FORMAL and "
+                    "_ERR_MODEL), and writes the emulator with them; `cannon-fast fit --model "
+                    "OUT` then applies them.")
+    from .core import add_continuum_options, add_model_and_inputs
+
+    add_model_and_inputs(c, "REFERENCE", "prepared spectra with labels (a SpectraStore or an "
+                                         ".npz with flux, ivar, labels, label_names), or "
+                                         "apStar files, text files listing them, directories "
+                                         "of them (with --labels-from)")
+    c.add_argument("--labels-from", default=None, metavar="TABLE",
+                   help="FITS table of the reference labels for apStar inputs: APOGEE_ID and "
+                        "a column per label of the emulator (an allStar, a mock's truth.fits); "
+                        "<LABEL>_ERR columns are used as their errors when present")
+    add_continuum_options(c)
+    c.add_argument("--no-s2", action="store_true",
+                   help="leave the model variance s² as it is (fits keep the full weight of "
+                        "the lines the model misses; POOR_FIT's limit is then wide)")
+    c.add_argument("--no-recalibration", action="store_true",
+                   help="no linear recalibration of the labels")
+    c.add_argument("--out", required=True, help="calibrated emulator .npz to write")
+    c.add_argument("--force", action="store_true", help="overwrite an existing emulator")
+    c.set_defaults(func=_payne_calibrate)
 
     d = subparsers.add_parser(
         "dd-payne-train", parents=[parent],
@@ -269,3 +301,107 @@ def _dd_train(args):
           + ", ".join(f"{n} {m:.2f}" for n, m in zip(names, net.gradient_mismatch(template)))
           + f"; wrote {args.out}")
     return 0
+
+
+def _payne_calibrate(args):
+    from ..nn.emulator import PayneEmulator
+    from .core import model_and_inputs
+
+    _refuse(args.out, args.force)
+    model_path, inputs = model_and_inputs(args)
+    flux, ivar, labels, errors, what = _reference_stars(args, model_path, inputs)
+    emu = PayneEmulator.read(model_path)
+    names = list(emu.label_names)
+    inside = ~emu.outside_training(labels)
+    if (~inside).any():
+        print(f"payne-calibrate: leaving out {int((~inside).sum())} reference star(s) whose "
+              "labels are outside the emulator's training box")
+    if inside.sum() < 50:
+        raise ValueError(f"{what}: {int(inside.sum())} reference stars inside the emulator's "
+                         "training box; need >= 50 to calibrate it")
+    em = emu.calibrate(flux[inside], ivar[inside], labels[inside],
+                       label_errors=None if errors is None else errors[inside],
+                       n_rounds=0 if args.no_s2 else 2, linear=not args.no_recalibration)
+    emu.write(args.out)
+    cal = emu.train_info["calibration"]
+    total = em.total(labels[inside], np.zeros_like(labels[inside]))
+    print(f"calibrated {model_path} on {cal['n_used']} of {len(flux)} reference stars "
+          f"({what}): median reduced chi² {cal['median_reduced_chi2_before']:.2f} -> "
+          f"{cal['median_reduced_chi2_after']:.2f}, POOR_FIT above "
+          f"{emu.train_info['poor_fit_reduced_chi2']:.2f}; model-error floor (median) "
+          + ", ".join(f"{n} {v:.3g}" for n, v in zip(names, np.median(total, axis=0)))
+          + f"; wrote {args.out}")
+    return 0
+
+
+def _reference_stars(args, model_path, inputs):
+    """flux, ivar, labels (in the emulator's order), errors or None, and a description."""
+    from ..nn.emulator import PayneEmulator
+    from .core import _is_prepared, _read_for_fit, _refuse_raw_options, read_spectra_file
+
+    names = list(PayneEmulator.read(model_path).label_names)
+    if _is_prepared(inputs):
+        _refuse_raw_options(inputs, args)
+        if args.labels_from:
+            raise ValueError("--labels-from goes with apStar inputs; prepared spectra carry "
+                             "their labels")
+        data = read_spectra_file(inputs[0], need_labels=True)
+        missing = [n for n in names if n not in (data["label_names"] or [])]
+        if missing:
+            raise ValueError(f"{inputs[0]} has no label(s) {missing} of the emulator "
+                             f"(it has {data['label_names']})")
+        cols = [data["label_names"].index(n) for n in names]
+        labels = np.asarray(data["labels"], float)[:, cols]
+        errors = (None if data["label_errors"] is None
+                  else np.asarray(data["label_errors"], float)[:, cols])
+        flux, ivar, what = np.asarray(data["flux"]), np.asarray(data["ivar"]), inputs[0]
+    else:
+        if not args.labels_from:
+            raise ValueError("apStar reference stars need their labels: --labels-from TABLE "
+                             "(APOGEE_ID and a column per label)")
+        data = _read_for_fit(PayneEmulator.read(model_path), inputs, args)
+        labels, errors = _labels_by_id(args.labels_from, data["ids"], names)
+        flux, ivar = data["flux"], data["ivar"]
+        what = f"{len(flux)} apStar files, labels from {args.labels_from}"
+    keep = np.all(np.isfinite(labels), axis=1)
+    if not keep.all():
+        print(f"payne-calibrate: leaving out {int((~keep).sum())} reference star(s) without "
+              "all the labels")
+    errors = None if errors is None else np.where(np.isfinite(errors), errors, 0.0)[keep]
+    return flux[keep], ivar[keep], labels[keep], errors, what
+
+
+def _labels_by_id(path, ids, names):
+    """The ``names`` columns (and ``_ERR`` ones, or None) of a FITS table, by APOGEE_ID."""
+    from astropy.table import Table
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--labels-from {path}: no such file")
+    table = Table.read(path)
+    need = ["APOGEE_ID"] + names
+    missing = [n for n in need if n not in table.colnames]
+    if missing:
+        raise ValueError(f"--labels-from {path} lacks the column(s) {missing}")
+    index = {}
+    for i, key in enumerate(table["APOGEE_ID"]):
+        key = str(key).strip()
+        if key in index:
+            raise ValueError(f"--labels-from {path}: APOGEE_ID {key} is in rows {index[key]} "
+                             f"and {i}")
+        index[key] = i
+    rows = np.array([index.get(str(i).strip(), -1) for i in ids])
+    if (rows < 0).all():
+        raise ValueError(f"--labels-from {path}: none of the {len(ids)} stars is in it, e.g. "
+                         f"{ids[0]}")
+    if (rows < 0).any():
+        print(f"payne-calibrate: {int((rows < 0).sum())} star(s) not in {path}, e.g. "
+              f"{ids[np.argmax(rows < 0)]}: left out")
+
+    def column(name):
+        col = np.asarray(table[name], float)[np.maximum(rows, 0)]
+        return np.where(rows >= 0, col, np.nan)
+
+    labels = np.column_stack([column(n) for n in names])
+    has_err = all(n + "_ERR" in table.colnames for n in names)
+    errors = np.column_stack([column(n + "_ERR") for n in names]) if has_err else None
+    return labels, errors

@@ -21,7 +21,8 @@ should not set everyone's errors).
 
 import numpy as np
 
-__all__ = ["ErrorModel", "fit_error_model", "model_error_part"]
+__all__ = ["ErrorModel", "calibrate_forward_model", "fit_error_model", "model_error_part",
+           "poor_fit_limit", "recalibrate_labels", "scale_by_reduced_chi2"]
 
 #: z-scores of the fitted labels are clipped to this in the floor's label dependence
 Z_CLIP = 3.0
@@ -236,3 +237,139 @@ def _fit_one(r, formal, z, ref_var, sigma0, minimize, start):
     # below or above the calibration stars'), the floor takes what does not scale
     bounds = [(-5, 5), (0.5, 1.5), (None, None)] + [(-3, 3)] * L
     return minimize(nll, start, method="L-BFGS-B", bounds=bounds).x
+
+
+def poor_fit_limit(chi2, dof):
+    """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
+
+    Twice the 99th percentile of the reduced chi² of stars the model describes
+    (a Cannon's training stars at their labels, an emulator's reference stars at
+    their fits; at least 2): a spectrum unlike all of them, or one the
+    normalization or the masks spoiled, lies far above it.
+    """
+    return float(max(2.0, 2.0 * np.nanpercentile(np.asarray(chi2) / np.asarray(dof), 99)))
+
+
+def scale_by_reduced_chi2(result):
+    """A copy of a ``FitResult`` with errors times sqrt(max(1, reduced chi²)), formal ones kept.
+
+    For a forward model that knows nothing of its own misfit (an emulator of
+    noise-free model spectra: no s², no error model), the reduced chi² is the
+    only measure of it a fit has. Scaling by it (the Birge ratio) treats the
+    misfit as noise the ivar understates; a systematic offset of the labels it
+    does not see — that needs ``calibrate_forward_model`` on stars of known labels.
+    """
+    import dataclasses
+
+    with np.errstate(invalid="ignore"):
+        ratio = np.sqrt(np.fmax(np.nan_to_num(result.reduced_chi2, nan=1.0), 1.0))
+    return dataclasses.replace(result, errors=result.errors * ratio[:, None],
+                               covariance=result.covariance * (ratio ** 2)[:, None, None],
+                               formal_errors=result.errors)
+
+
+def calibrate_forward_model(model, flux, ivar, reference, fit, reference_errors=None,
+                            n_rounds=2, linear=True, backend=None):
+    """Teach a forward model its misfit to real spectra from stars of known labels.
+
+    A model of ideal spectra (The Payne trained on ab initio model spectra) fits
+    observed stars with a reduced chi² of many and formal errors of a few K,
+    and nothing in its fits says so. On reference stars (spectra with known
+    labels, normalized as the stars it will fit), this sets what a Cannon learns
+    in training:
+
+    1. ``model.s2``, the per-pixel model variance: the residuals at the fitted
+       labels, s² maximizing their likelihood at every pixel (the Cannon's own
+       s² kernel), fit and s² alternated ``n_rounds`` times;
+    2. ``model.train_info["poor_fit_reduced_chi2"]``, POOR_FIT's limit, from the
+       reference stars' reduced chi² with that s² (``poor_fit_limit``);
+    3. with ``linear`` (default), ``model.train_info["recalibration"]``: the
+       reference labels regressed linearly on all fitted labels (the offsets and
+       scale errors of a model of ideal spectra, as ASPCAP calibrates its labels),
+       applied by ``recalibrate_labels``;
+    4. ``model.error_model``, the (recalibrated) fits' calibrated errors against
+       the reference labels (``fit_error_model``).
+
+    Parameters
+    ----------
+    model : object
+        A forward model with ``label_names``, ``predict``, ``pixel_flags`` and a
+        settable ``s2`` and ``train_info`` (a Payne emulator).
+    flux, ivar : ndarray, (N, P)
+    reference : ndarray, (N, L)
+        The stars' labels; ``reference_errors`` their errors, optional.
+    fit : callable
+        ``fit(flux, ivar) -> FitResult``, the model's fit without calibrated errors.
+    n_rounds : int
+    linear : bool
+    backend : str, optional
+        Kernel backend of the s² search.
+
+    Returns
+    -------
+    ErrorModel
+    """
+    from ._common import fitted_pixels
+    from .backends import kernels, resolve_backend
+
+    flux = np.ascontiguousarray(flux, dtype=np.float64)
+    ivar = np.ascontiguousarray(ivar, dtype=np.float64)
+    reference = np.atleast_2d(np.asarray(reference, float))
+    if reference.shape != (len(flux), len(model.label_names)):
+        raise ValueError(f"reference labels of shape {reference.shape} for {len(flux)} spectra "
+                         f"and labels {list(model.label_names)}")
+    usable = fitted_pixels(model, flux.shape[1])
+    k = kernels(resolve_backend(backend or "auto"))
+    before = None
+    for _ in range(int(n_rounds)):
+        res = fit(flux, ivar)
+        ok = res.ok & np.all(np.isfinite(res.labels), axis=1)
+        if ok.sum() < 10:
+            raise ValueError(f"only {int(ok.sum())} of {len(flux)} reference stars could be "
+                             "fitted; need >= 10 to learn the model's misfit")
+        if before is None:
+            before = float(np.median(res.reduced_chi2[ok]))
+        resid = np.ascontiguousarray(flux[ok] - model.predict(res.labels[ok]))
+        iv = np.ascontiguousarray(np.where(usable & np.isfinite(resid), ivar[ok], 0.0))
+        resid = np.nan_to_num(resid)
+        s2 = np.empty(flux.shape[1])
+        k.s2_update(resid, iv, s2, np.empty(flux.shape[1], dtype=np.int8))
+        model.s2 = s2
+    res = fit(flux, ivar)
+    ok = res.ok & np.all(np.isfinite(res.labels), axis=1)
+    if before is None:
+        before = float(np.median(res.reduced_chi2[ok]))
+    limit = poor_fit_limit(res.chi2[ok], np.maximum(res.n_pixels[ok] - len(model.label_names), 1))
+    use = ok & (res.reduced_chi2 <= limit)
+    info = dict(getattr(model, "train_info", None) or {}, poor_fit_reduced_chi2=limit)
+    info.pop("recalibration", None)
+    if linear:
+        design = np.column_stack([np.ones(use.sum()), res.labels[use]])
+        coef = np.linalg.lstsq(design, reference[use], rcond=None)[0]  # (L + 1, L)
+        info["recalibration"] = coef.tolist()
+        res = recalibrate_labels(res, coef)
+    model.error_model = fit_error_model(
+        np.where(use[:, None], res.labels, np.nan), res.errors, reference, model.label_names,
+        reference_errors=reference_errors, training_labels=reference,
+        info=dict(reference="reference stars", n_rounds=int(n_rounds)))
+    model.train_info = dict(info, calibration=dict(n_stars=int(len(flux)), n_fitted=int(ok.sum()),
+                                             n_used=int(use.sum()),
+                                             median_reduced_chi2_before=before,
+                                             median_reduced_chi2_after=float(
+                                                 np.median(res.reduced_chi2[ok]))))
+    return model.error_model
+
+
+def recalibrate_labels(result, coef):
+    """A copy of a ``FitResult`` with labels ``[1, labels] @ coef`` and the covariance carried.
+
+    ``coef`` (L + 1, L) is ``calibrate_forward_model``'s linear recalibration; the
+    covariance goes as ``B^T C B`` with ``B = coef[1:]``.
+    """
+    import dataclasses
+
+    coef = np.asarray(coef, float)
+    b = coef[1:]
+    cov = np.einsum("il,nij,jm->nlm", b, result.covariance, b)
+    return dataclasses.replace(result, labels=coef[0] + result.labels @ b, covariance=cov,
+                               errors=np.sqrt(np.diagonal(cov, axis1=1, axis2=2)))

@@ -38,7 +38,7 @@ from .continuum import renormalize_to_model
 from ._common import check_spectra, fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
-           "sparse_training"]
+           "mark_poor_fit", "sparse_training"]
 
 #: Bits of ``FitResult.flags``.
 FLAGS = {"NOT_CONVERGED": NOT_CONVERGED, "HIT_BOUND": HIT_BOUND,
@@ -163,16 +163,30 @@ def _mark_label_flags(model, result):
     training labels' range; POOR_FIT, reduced chi² above the model's
     ``train_info["poor_fit_reduced_chi2"]`` (none for a model without it).
     """
-    bits = FLAGS["SPARSE_TRAINING"] | FLAGS["OUTSIDE_TRAINING"] | FLAGS["POOR_FIT"]
+    bits = FLAGS["SPARSE_TRAINING"] | FLAGS["OUTSIDE_TRAINING"]
     flags = result.flags & ~bits
     flags |= np.where(sparse_training(model, result.labels), FLAGS["SPARSE_TRAINING"], 0)
     lo, hi = model.training_labels.min(axis=0), model.training_labels.max(axis=0)
     with np.errstate(invalid="ignore"):
         outside = np.any((result.labels < lo) | (result.labels > hi), axis=1)
-        limit = (getattr(model, "train_info", None) or {}).get("poor_fit_reduced_chi2")
-        poor = result.reduced_chi2 > limit if limit is not None else np.zeros(len(flags), bool)
     flags |= np.where(outside, FLAGS["OUTSIDE_TRAINING"], 0)
-    flags |= np.where(poor, FLAGS["POOR_FIT"], 0)
+    result.flags = flags
+    return mark_poor_fit(model, result)
+
+
+def mark_poor_fit(model, result):
+    """Set POOR_FIT (clearing a stale one) above the model's ``poor_fit_reduced_chi2``.
+
+    The limit is in ``model.train_info`` (``core.errors.poor_fit_limit``): a Cannon's
+    from its training stars, an emulator's from its reference stars
+    (``core.errors.calibrate_forward_model``);
+    a model without one flags nothing.
+    """
+    limit = (getattr(model, "train_info", None) or {}).get("poor_fit_reduced_chi2")
+    flags = result.flags & ~FLAGS["POOR_FIT"]
+    if limit is not None:
+        with np.errstate(invalid="ignore"):
+            flags |= np.where(result.reduced_chi2 > limit, FLAGS["POOR_FIT"], 0)
     result.flags = flags
     return result
 
@@ -1004,7 +1018,7 @@ def fit_generic(forward_model, flux, ivar, n_starts=4, max_iter=100, xtol=1e-7, 
                                reduced_chi2=best_chi / np.maximum(n_pix - n_labels, 1),
                                n_pixels=n_pix, iterations=iters, flags=flags, label_names=names,
                                debiased=False))
-    return FitResult.concatenate(parts)
+    return mark_poor_fit(forward_model, FitResult.concatenate(parts))
 
 
 #: Bound on |BROADENING| in units of the grid's (median) pixel velocity width squared.

@@ -461,7 +461,7 @@ class CannonModel:
         """``train_info``'s POOR_FIT limit and neighbour noise correlation.
 
         From the residuals of every ``len(flux) // poor_fit_stars``-th training star
-        (``_poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th (the
+        (``errors.poor_fit_limit``) and every ``len(flux) // neighbour_stars``-th (the
         correlation of neighbouring pixels' normalized residuals: resampling onto a
         grid correlates the noise of neighbouring pixels, and with it the training
         noise of neighbouring coefficients, which the broadened fit's correction for
@@ -496,20 +496,11 @@ class CannonModel:
             k.training_sums(r, np.ascontiguousarray(ivar[sel]), self.s2, use, same_seg,
                             with_pairs, chi2[j0:j0 + c], count[j0:j0 + c], pair[j0:j0 + c])
         keep = rows % step_p == 0
-        limit = self._poor_fit_limit(chi2[keep], np.maximum(count[keep] - self.n_labels, 1))
+        from .errors import poor_fit_limit
+        limit = poor_fit_limit(chi2[keep], np.maximum(count[keep] - self.n_labels, 1))
         n_pair, ab, aa, bb = pair.sum(axis=0)
         corr = 0.0 if n_pair < 100 else float(ab / np.sqrt(aa * bb))
         return dict(neighbour_noise_correlation=corr, poor_fit_reduced_chi2=limit)
-
-    @staticmethod
-    def _poor_fit_limit(chi2, dof):
-        """The reduced chi² above which a fit is POOR_FIT: the model does not describe it.
-
-        Twice the 99th percentile of the training stars' own reduced chi² at their
-        labels (at least 2): a spectrum unlike every training star's, or one the
-        normalization or the masks spoiled, lies far above it.
-        """
-        return float(max(2.0, 2.0 * np.percentile(chi2 / dof, 99)))
 
     def _train_with_label_errors(self, flux, ivar, labels, label_errors, max_iter, s2_rtol,
                                  band_limit=False):

@@ -22,6 +22,7 @@ import numpy as np
 from .._util import progress
 from ..core import fitting as _fitting
 from ..core.model import fitted_pixels
+from ._activations import _activate, _activation_slope
 
 __all__ = ["fit_emulator", "output_basis"]
 
@@ -51,8 +52,6 @@ def output_basis(emulator, rtol=1e-4, max_rank=80, n_probe=2000, seed=0):
     error : float
         Largest flux difference at the probe labels.
     """
-    from .emulator import _activate
-
     x_train, _ = emulator._scaled(emulator.training_labels[:n_probe])
     rng = np.random.default_rng(seed)
     x = np.vstack([x_train, rng.uniform(-0.5, 0.5, (n_probe, emulator.n_labels))])
@@ -80,8 +79,6 @@ def output_basis(emulator, rtol=1e-4, max_rank=80, n_probe=2000, seed=0):
 
 def _hidden(emulator, x):
     """Last hidden activations (N, H) and their Jacobian in scaled labels (N, H, L)."""
-    from .emulator import _activate, _activation_slope
-
     a = x
     g = np.broadcast_to(np.eye(x.shape[1]), (x.shape[0],) + (x.shape[1],) * 2)
     for w, b in zip(emulator.weights[:-1], emulator.biases[:-1]):
@@ -201,4 +198,4 @@ def fit_emulator(emulator, flux, ivar, rtol=3e-4, max_rank=80, n_starts=2, n_can
             chi2=chi, reduced_chi2=chi / np.maximum(n_good - n_lab, 1), n_pixels=n_good,
             iterations=iters, flags=flags, label_names=list(emulator.label_names),
             debiased=False))
-    return _fitting.FitResult.concatenate(parts)
+    return _fitting.mark_poor_fit(emulator, _fitting.FitResult.concatenate(parts))
