@@ -156,6 +156,33 @@ def test_appending_and_rerunning(tmp_path, small, npz):
     assert again.already_done and again.catalog_rows == 750 and again.n_read == 50
 
 
+def test_several_npz_files_are_one_survey(tmp_path, small, npz):
+    """A survey split over files: chunks straddle them, rows keep the files' order and IDs."""
+    model, flux, ivar, _ = small
+    parts = [(0, 250), (250, 260), (260, 700)]  # one file shorter than a chunk
+    paths = []
+    for k, (a, b) in enumerate(parts):
+        paths.append(tmp_path / f"part{k}.npz")
+        np.savez(paths[-1], flux=flux[a:b].astype(np.float32), ivar=ivar[a:b].astype(np.float32),
+                 ids=np.array([f"STAR{i:04d}" for i in range(a, b)]))
+    whole, split = tmp_path / "whole.fits", tmp_path / "split.fits"
+    sv.label_survey(model, npz, whole, chunk_size=256)
+    s = sv.label_survey(model, paths, split, chunk_size=256)
+    assert (s.n_read, s.n_chunks) == (700, 3)
+    (_, a), (_, b) = _labels(whole), _labels(split)
+    np.testing.assert_array_equal(b["ID"], a["ID"])
+    np.testing.assert_array_equal(b["INDEX"], np.arange(700))
+    np.testing.assert_array_equal(b["TEFF"], a["TEFF"])  # the same chunks, the same fits
+    again = sv.label_survey(model, paths, split, chunk_size=256)
+    assert again.already_done  # the job knows its files
+    # the same file twice, and files of different grids, are refused by name
+    with pytest.raises(ValueError, match="part0.npz is given twice"):
+        sv.label_survey(model, [paths[0], paths[1], str(paths[0])], tmp_path / "x.fits")
+    np.savez(tmp_path / "other.npz", flux=flux[:5, :100], ivar=ivar[:5, :100])
+    with pytest.raises(ValueError, match=r"other.npz \(5 x 100, normalized\) does not go with"):
+        sv.label_survey(model, [paths[0], tmp_path / "other.npz"], tmp_path / "y.fits")
+
+
 def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, capsys):
     """The same inputs with other options never add a second set of rows; --force replaces."""
     model = small[0]

@@ -29,8 +29,9 @@ def register(subparsers, parent):
                     "chunk is done. Stars that cannot be read, normalized or fitted keep a row "
                     "with NaN labels, a flag and a REASON.")
     add_model_and_inputs(p, "INPUTS", "apStar files, text files listing them, directories of "
-                                      "them; or one SpectraStore directory; or one .npz with "
-                                      "flux, ivar (N, P) and optionally ids, bitmask")
+                                      "them; or SpectraStore directories / .npz files with "
+                                      "flux, ivar (N, P) and optionally ids, bitmask (several: "
+                                      "one survey, in the given order)")
     p.add_argument("--out", required=True, metavar="CATALOG",
                    help="output catalogue (.fits, or .parquet); other inputs are appended to it "
                         "if it was made by the same model with the same fit options; the same "

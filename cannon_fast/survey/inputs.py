@@ -55,9 +55,10 @@ def _npz_member(path, key):
 class _Arrays:
     """Rows ``lo:hi`` of an array input (npz or SpectraStore); light to pickle."""
 
-    def __init__(self, kind, path, lo, hi, normalized, n_pixels):
+    def __init__(self, kind, path, lo, hi, normalized, n_pixels, offset=0):
         self.kind, self.path, self.lo, self.hi = kind, path, lo, hi
         self.normalized, self.n_pixels = normalized, n_pixels
+        self.offset = offset  # the survey's number of the file's first row
 
     def __len__(self):
         return self.hi - self.lo
@@ -86,11 +87,42 @@ class _Arrays:
             idk = arrays.get("ids")
             ids = (np.asarray(idk[lo:hi]).astype(str) if idk is not None
                    else np.full(n, "", dtype="<U1"))
-        index = np.arange(lo, hi, dtype=np.int64)
+        index = np.arange(lo, hi, dtype=np.int64) + self.offset
         ids = np.where(ids == "", np.char.add("row", index.astype(str)), ids)
         return dict(flux=flux, ivar=ivar, bitmask=bitmask, ids=ids, index=index,
                     visit=np.zeros(n, np.int16), reason=np.full(n, "", dtype=object),
                     normalized=self.normalized, extra={})
+
+
+class _ArrayParts:
+    """Rows of a survey of several array files: one ``_Arrays`` per file the rows touch."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.normalized = parts[0].normalized
+        self.n_pixels = parts[0].n_pixels
+
+    @property
+    def n_items(self):
+        return sum(p.n_items for p in self.parts)
+
+    def read(self):
+        """The parts' chunk dicts joined (see ``_Arrays.read``)."""
+        got = [p.read() for p in self.parts]
+        if len(got) == 1:
+            return got[0]
+        out = dict(got[0])
+        for k in ("flux", "ivar", "ids", "index", "visit", "reason"):
+            out[k] = np.concatenate([g[k] for g in got])
+        masks = [g["bitmask"] for g in got]
+        if any(m is None for m in masks):
+            if not all(m is None for m in masks):
+                raise ValueError(f"{self.parts[0].path} and the other array files of this "
+                                 "survey differ: some have a bitmask, some not")
+            out["bitmask"] = None
+        else:
+            out["bitmask"] = np.concatenate(masks)
+        return out
 
 
 def _open_npz(path):
@@ -258,10 +290,16 @@ def _expand_inputs(inputs):
         else:
             raise FileNotFoundError(f"{p}: no such input (expected apStar files, a list of them, "
                                     "a directory, a SpectraStore or an .npz)")
-    if arrays and (paths or len(arrays) > 1):
-        raise ValueError("give either one SpectraStore or .npz, or any number of apStar files, "
-                         "lists and directories; not a mixture")
-    return arrays[0] if arrays else ("apstar", paths)
+    if arrays and paths:
+        raise ValueError("give either SpectraStores or .npz files, or any number of apStar "
+                         "files, lists and directories; not a mixture")
+    seen = {}
+    for _, p in arrays:  # the same stars twice would be labeled twice
+        real = os.path.realpath(p)
+        if real in seen:
+            raise ValueError(f"{p} is given twice (as {seen[real]} too)")
+        seen[real] = p
+    return ("arrays", arrays) if arrays else ("apstar", paths)
 
 
 def open_inputs(inputs, visits=False, normalized=None, release=None, bad_bits=None):
@@ -271,10 +309,11 @@ def open_inputs(inputs, visits=False, normalized=None, release=None, bad_bits=No
     ----------
     inputs : str, os.PathLike or sequence of them
         apStar files, text files listing them (one per line, relative to the
-        list's directory), directories searched for ``apStar-*.fits``; or one
-        SpectraStore directory; or one ``.npz`` with ``flux``, ``ivar`` (N, P)
+        list's directory), directories searched for ``apStar-*.fits``; or
+        SpectraStore directories and ``.npz`` files with ``flux``, ``ivar`` (N, P)
         and optionally ``ids`` (or ``apogee_id``), ``bitmask`` (APOGEE_PIXMASK)
-        and ``normalized`` (bool).
+        and ``normalized`` (bool): several are one survey, read in the given
+        order (one pixel grid, all raw or all normalized).
     visits : bool
         Also label every visit spectrum of apStar files.
     normalized : bool, optional
@@ -295,16 +334,41 @@ def open_inputs(inputs, visits=False, normalized=None, release=None, bad_bits=No
         return _open_apstar(found[1], visits, normalized, release, bad_bits)
     if visits:
         raise ValueError("visit spectra (--visits) are only available from apStar files; "
-                         f"{found[1]} holds one spectrum per star")
-    kind, path = found
-    path = os.path.abspath(path)
-    if kind == "store":
-        n, p, norm, ident = _describe_store(path, normalized)
-    else:
-        n, p, norm, ident = _describe_npz(path, normalized)
-    ident["normalized"] = bool(norm)
-    return _Source(kind, ident, n, p, bool(norm), f"{path} ({n} spectra x {p} pixels)",
-                   lambda lo, hi: _Arrays(kind, path, lo, hi, bool(norm), p))
+                         f"{found[1][0][1]} holds one spectrum per star")
+    return _open_arrays(found[1], normalized)
+
+
+def _open_arrays(arrays, normalized):
+    """The ``_Source`` of one or several npz files / SpectraStores, read in the given order."""
+    files = []
+    for kind, path in arrays:
+        path = os.path.abspath(path)
+        describe = _describe_store if kind == "store" else _describe_npz
+        n, p, norm, ident = describe(path, normalized)
+        ident["normalized"] = bool(norm)
+        if files and (p, norm) != (files[0][3], files[0][4]):
+            raise ValueError(f"{path} ({n} x {p}, {'normalized' if norm else 'raw'}) does not go "
+                             f"with {files[0][1]} ({files[0][3]} pixels, "
+                             f"{'normalized' if files[0][4] else 'raw'}): one survey, one grid")
+        files.append((kind, path, n, p, bool(norm), ident))
+    kind, path, n, p, norm, ident = files[0]
+    if len(files) == 1:  # the identity a one-file job always had (its catalogues resume)
+        return _Source(kind, ident, n, p, norm, f"{path} ({n} spectra x {p} pixels)",
+                       lambda lo, hi: _Arrays(kind, path, lo, hi, norm, p))
+    starts = np.cumsum([0] + [f[2] for f in files])
+
+    def make_chunk(lo, hi):
+        parts = []
+        for (k, fpath, _, _, _, _), a, b in zip(files, starts[:-1], starts[1:]):
+            if lo < b and hi > a:
+                parts.append(_Arrays(k, fpath, max(lo, a) - a, min(hi, b) - a, norm, p,
+                                     offset=int(a)))
+        return _ArrayParts(parts)
+
+    total = int(starts[-1])
+    return _Source("arrays", dict(kind="arrays", parts=[f[5] for f in files]), total, p, norm,
+                   f"{len(files)} array files, {files[0][1]} ... ({total} spectra x {p} pixels)",
+                   make_chunk)
 
 
 def _open_apstar(paths, visits, normalized, release, bad_bits=None):
