@@ -67,3 +67,29 @@ def test_fits_and_files(trained, tmp_path):
     h = 1e-3
     fd = (back.predict(truth + [0, h]) - back.predict(truth - [0, h])) / (2 * h)
     np.testing.assert_allclose(jac[0, :, 1], fd[0], atol=1e-6)
+
+
+def test_calibrate_learns_the_misfit_and_keeps_it(trained, tmp_path):
+    """The Payne's fit/calibrate (EmulatorFits): shifted 'real' stars, an honest fit, the file."""
+    trained.write(tmp_path / "tp.npz")
+    emu = TransformerPayne.read(tmp_path / "tp.npz")  # a copy to calibrate
+    rng = np.random.default_rng(3)
+    labels = label_design([[4300.0, 5700.0], [-0.8, 0.3]], 60, seed=4)
+    shift = np.array([60.0, 0.05])  # the stars look like the model at labels + shift
+    flux = toy_flux(labels + shift, GRID.wavelength) + rng.normal(0, 0.01, (60, GRID.n_pixels))
+    ivar = np.full_like(flux, 1e4)
+    raw = emu.fit(flux, ivar, n_starts=2)  # no s², no error model: formal x sqrt(chi2r)
+    np.testing.assert_allclose(raw.errors, raw.formal_errors * np.sqrt(
+        np.fmax(raw.reduced_chi2, 1))[:, None], rtol=1e-12)
+    emu.calibrate(flux[:40], ivar[:40], labels[:40], n_rounds=1)
+    res = emu.fit(flux[40:], ivar[40:], n_starts=2)
+    before = np.median(raw.labels[40:] - labels[40:], axis=0)
+    after = np.median(res.labels - labels[40:], axis=0)
+    assert np.all(np.abs(after) < 0.5 * np.abs(before))  # the offset recalibrated away
+    assert np.all(res.errors >= res.formal_errors - 1e-12)
+    emu.write(tmp_path / "cal.npz")
+    back = TransformerPayne.read(tmp_path / "cal.npz")
+    assert back.calibrated and back.train_info == emu.train_info
+    np.testing.assert_allclose(back.s2, emu.s2)
+    np.testing.assert_allclose(back.fit(flux[40:45], ivar[40:45], n_starts=2).errors,
+                               emu.fit(flux[40:45], ivar[40:45], n_starts=2).errors, rtol=1e-8)

@@ -19,7 +19,6 @@ Ting, Y.-S., Conroy, C., Rix, H.-W. & Cargile, P. 2019, ApJ 879, 69 (The Payne).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 
@@ -28,13 +27,14 @@ import numpy as np
 from .._util import atomic_path, describe_bad
 from .._util import progress as _progress
 from ._activations import ACTIVATIONS, _activate, _activation_slope
+from ._calibrated import EmulatorFits
 from ._files import grid_arrays, grid_from_npz, open_npz
 
 __all__ = ["PayneEmulator", "train_emulator"]
 
 _FORMAT = "cannon_fast.PayneEmulator"
 _VERSION = 1
-class PayneEmulator:
+class PayneEmulator(EmulatorFits):
     """A trained labels -> spectrum MLP as numpy arrays (a generic forward model).
 
     Parameters
@@ -74,6 +74,10 @@ class PayneEmulator:
         (:meth:`calibrate`); empty for an emulator of model spectra alone.
     error_model : cannon_fast.core.errors.ErrorModel or None
         Calibrated errors (:meth:`calibrate`), applied by :meth:`fit`.
+
+    Notes
+    -----
+    ``fit`` and ``calibrate`` come from :class:`cannon_fast.nn._calibrated.EmulatorFits`.
     """
 
     def __init__(self, weights, biases, label_names, x_min, x_max, training_labels=None,
@@ -212,90 +216,12 @@ class PayneEmulator:
             g = np.matmul(self.weights[k + 1], g)  # (N, H_next or P, L)
         return out, g
 
-    # ------------------------------------------------------------------ fits
-    def fit(self, flux, ivar, method="fast", calibrated_errors=True, recalibrate_labels=True,
-            **kwargs):
-        """Fit labels to normalized spectra; errors as honest as the emulator can make them.
-
-        Parameters
-        ----------
-        flux, ivar : array_like, (N, P)
-        method : {"fast", "generic"}
-            :func:`cannon_fast.nn.fast_fit.fit_emulator` (moments of chi² in the
-            output layer's low-rank basis) or :func:`cannon_fast.fit_spectra`'s
-            Levenberg-Marquardt on the full Jacobian.
-        calibrated_errors : bool
-            With an ``error_model`` (:meth:`calibrate`), ``errors`` are the
-            calibrated ones; without one and without ``s2`` (an emulator of model
-            spectra, which knows nothing of its misfit to real ones; s² all 0 alike) they are the
-            formal errors times sqrt(max(1, reduced chi²)). ``formal_errors``
-            keeps the fit's own either way. False: the formal errors alone.
-        recalibrate_labels : bool
-            Apply :meth:`calibrate`'s linear recalibration of the labels (if any).
-        **kwargs
-            Passed to the fitting function.
-
-        Returns
-        -------
-        FitResult
-        """
-        from ..core.errors import recalibrate_labels as _recalibrate
-        from ..core.errors import scale_by_reduced_chi2
-        from ..core.fitting import fit_generic
+    @staticmethod
+    def _fast_fit(emulator, flux, ivar, **kwargs):
+        """The Payne's own fast fit (``nn.fast_fit``) for ``fit(method="fast")``."""
         from .fast_fit import fit_emulator
 
-        if method not in ("fast", "generic"):
-            raise ValueError(f"unknown method {method!r}; choose 'fast' or 'generic'")
-        res = (fit_emulator if method == "fast" else fit_generic)(self, flux, ivar, **kwargs)
-        coef = self.train_info.get("recalibration")
-        if coef is not None and recalibrate_labels:
-            res = _recalibrate(res, coef)
-        if not calibrated_errors:
-            return res
-        if self.error_model is not None:
-            return self.error_model.apply(res)
-        # s² all zero (an emulator of model spectra): no variance for its misfit either
-        return res if self.s2 is not None and np.any(self.s2 > 0) else scale_by_reduced_chi2(res)
-
-    @property
-    def calibrated(self):
-        """True when :meth:`calibrate` has taught the emulator its misfit to real spectra."""
-        return self.error_model is not None
-
-    def calibrate(self, flux, ivar, labels, label_errors=None, n_rounds=2, linear=True,
-                  method="fast"):
-        """Learn the emulator's misfit to real spectra from stars of known labels.
-
-        Sets ``s2`` (per-pixel model variance), POOR_FIT's limit and the linear
-        recalibration (in ``train_info``) and ``error_model`` from fits to these reference stars
-        (:func:`cannon_fast.core.errors.calibrate_forward_model`); :meth:`write`
-        keeps them. The stars must be normalized as the stars the emulator will
-        fit, and should span their labels.
-
-        Parameters
-        ----------
-        flux, ivar : array_like, (N, P)
-        labels : array_like, (N, L)
-            The reference labels, in the emulator's label order.
-        label_errors : array_like, (N, L), optional
-        n_rounds : int
-            Fit / s² rounds.
-        linear : bool
-            Also learn a linear recalibration of the labels (the reference labels
-            regressed on all fitted labels), which :meth:`fit` applies.
-        method : {"fast", "generic"}
-
-        Returns
-        -------
-        ErrorModel
-        """
-        from ..core.errors import calibrate_forward_model
-
-        return calibrate_forward_model(
-            self, flux, ivar, labels, reference_errors=label_errors, n_rounds=n_rounds,
-            linear=linear, fit=lambda f, iv: self.fit(f, iv, method=method,
-                                                      calibrated_errors=False,
-                                                      recalibrate_labels=False))
+        return fit_emulator(emulator, flux, ivar, **kwargs)
 
     # ------------------------------------------------------------------ export
     @classmethod
@@ -351,13 +277,9 @@ class PayneEmulator:
             "training_labels": self.training_labels, "pixel_flags": self.pixel_flags,
             "negative_slope": np.array(self.negative_slope),
             "n_layers": np.array(len(self.weights)),
-            "s2": np.zeros(0) if self.s2 is None else self.s2,
-            "has_s2": np.array(self.s2 is not None),
             "activation": np.array(self.activation),
-            "train_info": np.array(json.dumps(self.train_info)),
-            "error_model": np.array(json.dumps(None if self.error_model is None
-                                               else self.error_model.to_dict())),
         }
+        arrays.update(self._calibration_arrays())
         arrays.update(grid_arrays(self.grid))
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             arrays[f"W{k}"], arrays[f"b{k}"] = w, b
@@ -392,19 +314,13 @@ class PayneEmulator:
             emu = cls([data[f"W{k}"] for k in range(n)], [data[f"b{k}"] for k in range(n)],
                       [str(s) for s in data["label_names"]], data["x_min"], data["x_max"],
                       training_labels=data["training_labels"],
-                      s2=data["s2"] if bool(data["has_s2"]) else None,
                       pixel_flags=data["pixel_flags"],
                       negative_slope=float(data["negative_slope"]),
                       label_bounds=data["label_bounds"],
                       activation=(str(data["activation"]) if "activation" in data.files
                                   else "leaky_relu"),
                       grid=own_grid)
-            if "train_info" in data.files:  # files written before calibration have neither
-                emu.train_info = json.loads(str(data["train_info"]))
-                record = json.loads(str(data["error_model"]))
-                if record is not None:
-                    from ..core.errors import ErrorModel
-                    emu.error_model = ErrorModel.from_dict(record)
+            emu._read_calibration(data)
             emu._read_extra(data, path)
         emu.check_grid(grid, what=f"the spectra to use {path} with")
         return emu

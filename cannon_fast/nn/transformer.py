@@ -31,6 +31,7 @@ import numpy as np
 
 from .._util import atomic_path
 from .._util import progress as _progress
+from ._calibrated import EmulatorFits
 from ._files import grid_arrays, grid_from_npz, open_npz
 
 __all__ = ["TransformerPayne", "train_transformer"]
@@ -89,7 +90,7 @@ def _network(config):
                 c["wave_max"], c["min_period"])
 
 
-class TransformerPayne:
+class TransformerPayne(EmulatorFits):
     """A trained TransformerPayne as a forward model.
 
     Parameters
@@ -126,6 +127,8 @@ class TransformerPayne:
             else np.atleast_2d(np.asarray(training_labels, np.float64))
         self.grid = grid
         self.s2 = None
+        self.train_info = {}  # its calibration (``calibrate``), as The Payne's
+        self.error_model = None
         self.history = {}
         self._torch = torch
         self._step = 1e-4  # central-difference step, scaled labels
@@ -193,6 +196,7 @@ class TransformerPayne:
                       wavelength=self.wavelength, training_labels=self.training_labels,
                       label_bounds=self.label_bounds)
         arrays.update(grid_arrays(self.grid))
+        arrays.update(self._calibration_arrays())
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
@@ -211,6 +215,7 @@ class TransformerPayne:
             emu = cls(net, meta["config"], meta["label_names"], data["x_min"], data["x_max"],
                       data["wavelength"], training_labels=data["training_labels"], grid=own_grid)
             emu.label_bounds = np.array(data["label_bounds"])
+            emu._read_calibration(data)
         emu.check_grid(grid, what=f"the spectra to use {path} with")
         return emu
 
