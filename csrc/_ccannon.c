@@ -354,6 +354,75 @@ static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ sandwich_covariance */
+
+PyDoc_STRVAR(sandwich_covariance_doc,
+"sandwich_covariance(g_packed, b_packed, cbar_packed, kappa, extra, x, exponents, cap, "
+"cov_out, capped_out, withheld_out)\n--\n\n"
+"The de-biased fit's covariance H^-1 (F (1 + kappa v^T Cbar v) + extra) H^-1 (H the capped\n"
+"F - B_x; NaN where H is singular) and the correction the cap withheld, in errors:\n"
+"``(t2),(t2),(t2),(),(l,l),(l),(t,l),()->(l,l),(),()`` over stars.\n\n"
+"g_packed, b_packed (N, T(T+1)/2), cbar_packed (T(T+1)/2,), kappa (N,), extra (N, L, L),\n"
+"x (N, L) float64; exponents (T, L) int64; cap float -> cov_out (N, L, L) float64,\n"
+"capped_out (N,) int64, withheld_out (N,) float64.");
+
+static PyObject *py_sandwich_covariance(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"g_packed", "b_packed", "cbar_packed", "kappa", "extra", "x",
+                             "exponents", "cap", "cov_out", "capped_out", "withheld_out",
+                             NULL};
+    static const char *fn = "sandwich_covariance";
+    PyObject *o[7], *q[3];
+    double cap;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOdOOO:sandwich_covariance", kwlist,
+                                     &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &cap,
+                                     &q[0], &q[1], &q[2]))
+        return NULL;
+    PyArrayObject *g, *b, *cb, *ka, *ext, *x, *ex, *cov, *capd, *wh;
+    if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
+    if (!(b = as_array(o[1], fn, "b_packed", F64, 2, IN))) return NULL;
+    if (!(cb = as_array(o[2], fn, "cbar_packed", F64, 1, IN))) return NULL;
+    if (!(ka = as_array(o[3], fn, "kappa", F64, 1, IN))) return NULL;
+    if (!(ext = as_array(o[4], fn, "extra", F64, 3, IN))) return NULL;
+    if (!(x = as_array(o[5], fn, "x", F64, 2, IN))) return NULL;
+    if (!(ex = as_array(o[6], fn, "exponents", I64, 2, IN))) return NULL;
+    if (!(cov = as_array(q[0], fn, "cov_out", F64, 3, OUT))) return NULL;
+    if (!(capd = as_array(q[1], fn, "capped_out", I64, 1, OUT))) return NULL;
+    if (!(wh = as_array(q[2], fn, "withheld_out", F64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(x, 0);
+    npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
+    npy_intp n2 = n_terms * (n_terms + 1) / 2;
+    if (check_dim(x, 1, n_labels, fn, "x", "(N, L)", "L") ||
+        check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(b, 0, n_stars, fn, "b_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(b, 1, n2, fn, "b_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(cb, 0, n2, fn, "cbar_packed", "(T(T+1)/2,)", "T(T+1)/2") ||
+        check_dim(ka, 0, n_stars, fn, "kappa", "(N,)", "N") ||
+        check_dim(ext, 0, n_stars, fn, "extra", "(N, L, L)", "N") ||
+        check_dim(ext, 1, n_labels, fn, "extra", "(N, L, L)", "L") ||
+        check_dim(ext, 2, n_labels, fn, "extra", "(N, L, L)", "L") ||
+        check_dim(cov, 0, n_stars, fn, "cov_out", "(N, L, L)", "N") ||
+        check_dim(cov, 1, n_labels, fn, "cov_out", "(N, L, L)", "L") ||
+        check_dim(cov, 2, n_labels, fn, "cov_out", "(N, L, L)", "L") ||
+        check_dim(capd, 0, n_stars, fn, "capped_out", "(N,)", "N") ||
+        check_dim(wh, 0, n_stars, fn, "withheld_out", "(N,)", "N"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_sandwich_covariance(n_stars, n_terms, n_labels, (const double *)PyArray_DATA(g),
+                                  (const double *)PyArray_DATA(b),
+                                  (const double *)PyArray_DATA(cb),
+                                  (const double *)PyArray_DATA(ka),
+                                  (const double *)PyArray_DATA(ext),
+                                  (const double *)PyArray_DATA(x),
+                                  (const int64_t *)PyArray_DATA(ex), cap,
+                                  (double *)PyArray_DATA(cov), (int64_t *)PyArray_DATA(capd),
+                                  (double *)PyArray_DATA(wh));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ star_weights */
 
 PyDoc_STRVAR(star_weights_doc,
@@ -681,6 +750,8 @@ static PyMethodDef methods[] = {
      star_weights_doc},
     {"debias_steps", (PyCFunction)(void (*)(void))py_debias_steps, METH_VARARGS | METH_KEYWORDS,
      debias_steps_doc},
+    {"sandwich_covariance", (PyCFunction)(void (*)(void))py_sandwich_covariance,
+     METH_VARARGS | METH_KEYWORDS, sandwich_covariance_doc},
     {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
      design_doc},
     {"weighted_square_sum", (PyCFunction)(void (*)(void))py_weighted_square_sum,

@@ -1128,6 +1128,120 @@ int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
     return err;
 }
 
+/* The de-biased covariance of one star at its labels (_reference.sandwich_covariance):
+ * H^-1 (F (1 + kappa v^T Cbar v) + extra) H^-1 with H the capped F - B_x, and the
+ * correction the cap withheld, max_l |(H^-1 (b - push b))_l| / sigma_l. */
+int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                           const double *g_packed, const double *b_packed,
+                           const double *cbar_packed, const double *kappa, const double *extra,
+                           const double *x, const int64_t *exponents, double cap,
+                           double *cov_out, int64_t *capped_out, double *withheld_out)
+{
+    const ptrdiff_t nt = n_terms, nl = n_labels, n2 = nt * (nt + 1) / 2;
+    int err = CF_OK;
+    if (n_stars < 0 || nt < 0 || nl < 0) return CF_ERR_ARG;
+    if (n_stars == 0) return CF_OK;
+    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        /* g, b, cbar (T, T); zero, v, gv (T); dv, gdv (T, L); scratch, bias, pushed, rest,
+           step, r, lam, vec, col, unit (L); fisher, bmat, hess, hinv, mid, m, chol, a, u,
+           tmp (L, L) */
+        size_t n_dbl = (size_t)(3 * nt * nt + 3 * nt + 2 * nt * nl + 10 * nl + 10 * nl * nl + 1);
+        double *blk = (double *)calloc(n_dbl, sizeof(double));
+        if (!blk) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        double *g = blk, *b = g + nt * nt, *cbar = b + nt * nt, *zero = cbar + nt * nt;
+        double *v = zero + nt, *gv = v + nt, *dv = gv + nt, *gdv = dv + nt * nl;
+        double *scratch = gdv + nt * nl, *bias = scratch + nl, *pushed = bias + nl;
+        double *rest = pushed + nl, *step = rest + nl, *r = step + nl, *col = r + nl;
+        double *unit = col + nl, *fisher = unit + nl, *bmat = fisher + nl * nl;
+        double *hess = bmat + nl * nl, *hinv = hess + nl * nl, *mid = hinv + nl * nl;
+        double *m = mid + nl * nl;
+        capped_scratch cs;
+        cs.chol = m + nl * nl;
+        cs.a = cs.chol + nl * nl;
+        cs.u = cs.a + nl * nl;
+        cs.tmp = cs.u + nl * nl;
+        cs.lam = cs.tmp + nl * nl;
+        cs.vec = cs.lam + nl;
+        if (blk) {
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t c = a; c < nt; c++, k++) cbar[a * nt + c] = cbar[c * nt + a] =
+                    cbar_packed[k];
+            }
+        }
+        CF_OMP(omp for schedule(dynamic, 8))
+        for (ptrdiff_t i = 0; i < n_stars; i++) {
+            if (!blk) continue;
+            const double *gp = g_packed + i * n2, *bp = b_packed + i * n2;
+            double *cov = cov_out + i * nl * nl;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t c = a; c < nt; c++, k++) {
+                    g[a * nt + c] = g[c * nt + a] = gp[k];
+                    b[a * nt + c] = b[c * nt + a] = bp[k];
+                }
+            }
+            cf_label_vector_and_jacobian(nt, nl, x + i * nl, exponents, v, dv);
+            lm_grad_hess(g, zero, v, dv, nt, nl, gv, gdv, scratch, fisher);
+            lm_grad_hess(b, zero, v, dv, nt, nl, gv, gdv, bias, bmat); /* bias = dv^T B v */
+            memcpy(pushed, bias, sizeof(double) * (size_t)nl);
+            capped_out[i] = capped_step(fisher, bmat, cap, nl, hess, pushed, &cs);
+            double lev = 0.0;
+            for (ptrdiff_t t = 0; t < nt; t++) {
+                double acc = 0.0;
+                for (ptrdiff_t s2 = 0; s2 < nt; s2++) acc += cbar[s2 * nt + t] * v[s2];
+                lev += v[t] * acc;
+            }
+            double scale = 1.0 + kappa[i] * lev;
+            int ok = 1;
+            for (ptrdiff_t j = 0; j < nl && ok; j++) { /* hinv, column by column */
+                for (ptrdiff_t q = 0; q < nl; q++) unit[q] = q == j ? 1.0 : 0.0;
+                ok = solve_small(hess, unit, col, nl, m, r);
+                for (ptrdiff_t q = 0; q < nl; q++) hinv[q * nl + j] = col[q];
+            }
+            if (!ok) {
+                for (ptrdiff_t q = 0; q < nl * nl; q++) cov[q] = NAN;
+                withheld_out[i] = 0.0;
+                continue;
+            }
+            const double *ex = extra + i * nl * nl;
+            for (ptrdiff_t l = 0; l < nl; l++) { /* mid = middle hinv^T */
+                for (ptrdiff_t q = 0; q < nl; q++) {
+                    double s = 0.0;
+                    for (ptrdiff_t p = 0; p < nl; p++)
+                        s += (fisher[l * nl + p] * scale + ex[l * nl + p]) * hinv[q * nl + p];
+                    mid[l * nl + q] = s;
+                }
+            }
+            for (ptrdiff_t l = 0; l < nl; l++) {
+                for (ptrdiff_t q = 0; q < nl; q++) {
+                    double s = 0.0;
+                    for (ptrdiff_t p = 0; p < nl; p++) s += hinv[l * nl + p] * mid[p * nl + q];
+                    cov[l * nl + q] = s;
+                }
+            }
+            for (ptrdiff_t l = 0; l < nl; l++) rest[l] = bias[l] - pushed[l];
+            if (!solve_small(hess, rest, step, nl, m, r)) {
+                for (ptrdiff_t l = 0; l < nl; l++) step[l] = 0.0;
+            }
+            double worst = 0.0;
+            for (ptrdiff_t l = 0; l < nl; l++) {
+                double ratio = fabs(step[l]) / sqrt(fabs(cov[l * nl + l]));
+                if (ratio > worst) worst = ratio; /* NaN (0 / 0) counts as 0 */
+            }
+            withheld_out[i] = worst;
+        }
+        free(blk);
+    }
+    return err;
+}
+
 /* ------------------------------------------------------------------ star weights */
 
 int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,

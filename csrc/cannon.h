@@ -222,6 +222,27 @@ int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
                     ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *capped_out);
 
 /**
+ * The de-biased fit's covariance in scaled labels, H^-1 (F (1 + kappa v^T Cbar v) + extra)
+ * H^-1 with H the capped F - B_x, and the correction the cap withheld in standard errors.
+ * Contract: (t2),(t2),(t2),(),(l,l),(l),(t,l),()->(l,l),(),() over stars; the semantics
+ * are those of _reference.model_eval.sandwich_covariance.
+ *
+ * @param g_packed, b_packed (N, T(T+1)/2): packed G and B.
+ * @param cbar_packed (T(T+1)/2,): packed Cbar (shared).
+ * @param kappa (N,); extra (N, L, L): the two forms of the training-noise term.
+ * @param x (N, L): the de-biased fit; exponents (T, L); cap the eigenvalue cap.
+ * @param cov_out (N, L, L): NaN where H is singular.
+ * @param capped_out (N,): 1 where an eigenvalue exceeds cap at x.
+ * @param withheld_out (N,).
+ * @return CF_OK, or CF_ERR_NOMEM.
+ */
+int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                           const double *g_packed, const double *b_packed,
+                           const double *cbar_packed, const double *kappa, const double *extra,
+                           const double *x, const int64_t *exponents, double cap,
+                           double *cov_out, int64_t *capped_out, double *withheld_out);
+
+/**
  * sum_p w m^2 per star (the chi^2 of a model at fitted labels, from its residuals).
  * Contract: (p),(p)->() over stars.
  *

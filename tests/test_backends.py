@@ -26,7 +26,7 @@ from cannon_fast.core.backends import available_backends, kernels, resolve_backe
 from cannon_fast.testing import make_synthetic
 
 KERNELS = ("solve_normal_equations", "s2_update", "s2_update_warm", "lm_fit", "star_weights",
-           "weighted_square_sum", "training_sums", "debias_steps", "design",
+           "weighted_square_sum", "training_sums", "debias_steps", "sandwich_covariance", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -598,16 +598,75 @@ def test_debias_steps_match_reference(backend, debias_problem):
     assert_array_equal(x0, p["x"])
 
 
+def _sandwich(k, p, x, kappa, extra, cap=0.3):
+    n, n_labels = x.shape
+    cov = np.full((n, n_labels, n_labels), -1.0)
+    capped, withheld = np.full(n, -1, np.int64), np.full(n, -1.0)
+    cbar = np.ascontiguousarray(p["b"].mean(axis=0) / 1e3)
+    k.sandwich_covariance(p["g"], p["b"], cbar, kappa, extra, x, p["exponents"], cap, cov,
+                          capped, withheld)
+    return cov, capped, withheld
+
+
+def test_sandwich_covariance_matches_reference(backend, debias_problem):
+    """The kernels' de-biased covariance and withheld correction against the reference's."""
+    p = debias_problem
+    x, _ = _debias_steps(ref, p)
+    rng = np.random.default_rng(4)
+    n, n_labels = x.shape
+    kappa = rng.uniform(0, 2, n)
+    a = rng.normal(size=(n, n_labels, n_labels))
+    for extra in (np.zeros((n, n_labels, n_labels)), 1e3 * a @ np.swapaxes(a, 1, 2)):
+        cov, capped, withheld = _sandwich(kernels(backend), p, x, kappa, extra)
+        cov_r, capped_r, withheld_r = _sandwich(ref, p, x, kappa, extra)
+        assert_array_equal(capped, capped_r)
+        assert 0 < capped.sum() < n
+        assert_allclose(cov, cov_r, rtol=1e-9, atol=0)
+        assert_allclose(withheld, withheld_r, rtol=1e-8, atol=1e-12)
+        assert np.all(withheld[capped == 0] < 1e-6) and np.all(withheld[capped == 1] > 0)
+
+
+def test_sandwich_covariance_by_definition(backend, debias_problem):
+    """Below the cap: (F - B_x)^-1 F (1 + kappa v^T Cbar v) (F - B_x)^-1, F and B_x at x."""
+    p = debias_problem
+    x, _ = _debias_steps(ref, p)
+    n = len(x)
+    kappa = np.full(n, 0.5)
+    cov, capped, _ = _sandwich(kernels(backend), p, x, kappa, np.zeros(x.shape + x.shape[1:]))
+    cbar = vz.unpack_symmetric(p["b"].mean(axis=0) / 1e3, len(p["exponents"]))
+    v, dv = vz.label_vector(x, p["exponents"]), vz.label_vector_jacobian(x, p["exponents"])
+    for i in np.flatnonzero(capped == 0):
+        g = vz.unpack_symmetric(p["g"][i], len(v[i]))
+        b = vz.unpack_symmetric(p["b"][i], len(v[i]))
+        fisher, bmat = dv[i].T @ g @ dv[i], dv[i].T @ b @ dv[i]
+        hinv = np.linalg.inv(fisher - bmat)
+        expected = hinv @ fisher @ hinv * (1.0 + 0.5 * v[i] @ cbar @ v[i])
+        assert_allclose(cov[i], expected, rtol=1e-9)
+
+
+def test_sandwich_covariance_singular_hessian_gives_nan(backend):
+    """G = 0: F and H are singular, the covariance NaN, nothing withheld."""
+    ex = vz.polynomial_exponents(2, 2)
+    n, l2 = 3, vz.n_packed(len(ex))
+    cov = np.zeros((n, 2, 2))
+    capped, withheld = np.full(n, -1, np.int64), np.full(n, -1.0)
+    kernels(backend).sandwich_covariance(np.zeros((n, l2)), np.zeros((n, l2)), np.zeros(l2),
+                                         np.zeros(n), np.zeros((n, 2, 2)), np.zeros((n, 2)), ex,
+                                         0.3, cov, capped, withheld)
+    assert np.all(np.isnan(cov))
+    assert_array_equal(withheld, 0.0)
+    assert_array_equal(capped, 0)
+
+
 def test_capped_step_matrices_match_the_batched_form():
-    """The reference's per-star capped Hessian and push against fitting._capped_hessian."""
-    from cannon_fast.core import fitting
+    """The reference's per-star capped Hessian and push against its batched form."""
     rng = np.random.default_rng(2)
     a = rng.normal(size=(60, 4, 4))
     fisher = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(4)
     c = rng.normal(size=(60, 4, 4))
     bmat = (c @ np.swapaxes(c, 1, 2)) * np.geomspace(0.01, 3, 60)[:, None, None]
     fisher[-1] = -np.eye(4)  # not positive definite: no correction
-    hess, push, capped = fitting._capped_hessian(fisher, bmat, cap=0.3)
+    hess, push, capped = ref.model_eval.capped_hessian(fisher, bmat, cap=0.3)
     assert 0 < capped.sum() < 59
     for i in range(60):
         h_i, p_i, c_i = capped_step_matrices(fisher[i], bmat[i], 0.3)
@@ -869,6 +928,9 @@ def _c_ok_args():
                           np.empty(n, np.int64), np.empty((n, 4))],
         "debias_steps": [np.ones((n, l2)), np.ones((n, t)), np.zeros((n, l2)), ex, -np.ones(2),
                          np.ones(2), 0.3, 4, 1e-6, np.zeros((n, 2)), np.empty(n, np.int64)],
+        "sandwich_covariance": [np.ones((n, l2)), np.zeros((n, l2)), np.zeros(l2), np.zeros(n),
+                                np.zeros((n, 2, 2)), np.zeros((n, 2)), ex, 0.3,
+                                np.empty((n, 2, 2)), np.empty(n, np.int64), np.empty(n)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
                                 np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
                                 np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
@@ -909,6 +971,9 @@ def test_c_valid_arguments_run(name):
     ("weighted_square_sum", 0, np.ones((3, 4)), TypeError, "w must have dtype float32"),
     ("debias_steps", 2, np.ones((3, 5)), ValueError, r"b_packed has shape \(3, 5\)"),
     ("debias_steps", 7, -1, ValueError, "n_steps must be >= 0"),
+    ("sandwich_covariance", 2, np.zeros(5), ValueError, r"cbar_packed has shape \(5,\)"),
+    ("sandwich_covariance", 4, np.zeros((3, 2, 3)), ValueError, "extra has shape"),
+    ("sandwich_covariance", 9, np.empty(3), TypeError, "capped_out must have dtype int64"),
     ("weighted_square_sum", 1, np.ones((3, 5)), ValueError, r"m has shape \(3, 5\)"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
     ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,

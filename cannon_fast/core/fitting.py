@@ -32,6 +32,8 @@ import numpy as np
 
 from . import vectorizer as vz
 from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from ._reference.model_eval import batched_inverse as _inverse
+from ._reference.model_eval import batched_solve as _solve_batched
 from .._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
@@ -70,8 +72,8 @@ SPARSE_QUANTILE = 95.0
 #: over benchmark, demo and mock data (docs/measurements.md).
 DEBIAS_LAMBDA_CAP = 0.3
 #: DEBIAS_CAPPED marks a star only where the correction the cap withholds (one Newton
-#: step, ``_withheld_correction``) exceeds this many standard errors in some label: the
-#: cap bites on every star of a small training set (the demo's), and a flag on every star
+#: step, ``_reference.model_eval.withheld_correction``) exceeds this many standard errors
+#: in some label: the cap bites on every star of a small training set (the demo's), and a flag on every star
 #: says nothing. On the demo's validation stars that step predicts part of the error
 #: against the truth, and the flagged stars' errors are ~3x the others' (docs/measurements.md).
 DEBIAS_CAPPED_SIGMA = 2.0
@@ -528,35 +530,37 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         # chi², Fisher matrix and covariance at the solution
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
         k.design(x, model.exponents, v, dv)
-        g_full = vz.unpack_symmetric(g, n_terms)
         # chi² from the residuals themselves (G, accumulated in float32, is not used here):
         # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
         m = np.matmul(v, pre["theta_rest"].T, out=m_buf[:n])  # model minus its constant term
         chi2 = np.empty(n)
         k.weighted_square_sum(w, m, chi2)
         chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
-        dvt = np.swapaxes(dv, 1, 2)
-        fisher = dvt @ g_full @ dv  # (n, L, L)
         if debias:
-            b_full = vz.unpack_symmetric(b, n_terms)
-            hess, push, capped = _capped_hessian(fisher, dvt @ b_full @ dv)
+            # the sandwich and what the eigenvalue cap withheld, per star in the kernel
             if exact_debias:
                 q = (vz.packed_outer(v) * pre["twice"]).astype(np.float32) @ cov32.T  # v^T C_p v
                 q *= w
                 q *= w
                 s_t = np.zeros_like(g)  # sum_p w² q_p theta theta^T
                 s_t[:, pre["g_columns"]] = q @ theta_outer32
+                dvt = np.swapaxes(dv, 1, 2)
                 extra = dvt @ vz.unpack_symmetric(s_t, n_terms) @ dv
+                kappa = np.zeros(n)
             else:
-                # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ lev * kappa * F
-                lev = np.einsum("nt,nt->n", v, (vz.unpack_symmetric(cbar, n_terms) @ v.T).T)
+                # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ (v^T Cbar v) kappa F
+                extra = np.zeros((n, n_labels, n_labels))
                 kappa = mom[:, 2] / np.maximum(mom[:, 0], 1e-300)
-                extra = (lev * kappa)[:, None, None] * fisher
-            cov_x = _sandwich(hess, fisher + extra)
-            withheld = _withheld_correction(hess, push, dvt @ (b_full @ v[:, :, None]), cov_x)
-            status[capped & fittable & (withheld > DEBIAS_CAPPED_SIGMA)] |= FLAGS["DEBIAS_CAPPED"]
+            cov_x, capped, withheld = (np.empty((n, n_labels, n_labels)), np.empty(n, np.int64),
+                                       np.empty(n))
+            k.sandwich_covariance(g, np.ascontiguousarray(b), cbar, kappa, extra, x,
+                                  model.exponents, float(DEBIAS_LAMBDA_CAP), cov_x, capped,
+                                  withheld)
+            hit = (capped == 1) & fittable & (withheld > DEBIAS_CAPPED_SIGMA)
+            status[hit] |= FLAGS["DEBIAS_CAPPED"]
         else:
-            cov_x = _inverse(fisher)
+            g_full = vz.unpack_symmetric(g, n_terms)
+            cov_x = _inverse(np.swapaxes(dv, 1, 2) @ g_full @ dv)
         # a non-positive-definite covariance means the fit is not trustworthy
         diag = np.diagonal(cov_x, axis1=1, axis2=2)
         failed = ~np.all(np.isfinite(diag) & (diag > 0), axis=1) & fittable
@@ -621,94 +625,11 @@ def fitted_spectra(model, result, rows=slice(None)):
     return out
 
 
-def _capped_hessian(fisher, bmat, cap=None):
-    """``F - B`` with the generalized eigenvalues of B against F capped at ``cap``.
-
-    In the coordinates where F is the identity and B is diagonal (eigenvalues
-    lambda), the plain fit is shrunk by (1 - lambda) and the correction divides
-    by it. Capping lambda bounds that amplification; the push ``dv^T B v`` is
-    scaled by ``min(1, cap / lambda)`` along the same directions so the capped
-    correction stays consistent.
-
-    Returns
-    -------
-    hess : ndarray, (n, L, L)
-        The capped ``F - B``; F itself for a star whose F is not positive definite.
-    push_scale : ndarray, (n, L, L)
-        The operator applied to ``dv^T B v``; the identity where nothing is capped.
-    capped : ndarray of bool, (n,)
-    """
-    cap = DEBIAS_LAMBDA_CAP if cap is None else cap
-    n, n_labels = fisher.shape[0], fisher.shape[1]
-    # Every eigenvalue is below the cap exactly where cap * F - B is positive definite:
-    # those stars (most of them) need no eigendecomposition.
-    easy = _batched_cholesky(cap * fisher - bmat)[1]
-    hess = fisher - bmat
-    push = np.repeat(np.eye(n_labels)[None], n, axis=0)
-    capped = np.zeros(n, bool)
-    hard = np.flatnonzero(~easy)
-    if len(hard) == 0:
-        return hess, push, capped
-    fisher, bmat = fisher[hard], bmat[hard]
-    hess[hard] = fisher
-    # stars whose F is not positive definite get no correction
-    chol, fine = _batched_cholesky(fisher)
-    c = chol[fine]
-    a = np.linalg.solve(c, np.swapaxes(np.linalg.solve(c, bmat[fine]), 1, 2))  # L^-1 B L^-T
-    lam, u = np.linalg.eigh(0.5 * (a + np.swapaxes(a, 1, 2)))
-    capped[hard[fine]] = lam.max(axis=1) > cap
-    ut = np.swapaxes(u, 1, 2)
-    hess[hard[fine]] = c @ ((u * (1.0 - np.minimum(lam, cap))[:, None, :]) @ ut) \
-        @ np.swapaxes(c, 1, 2)
-    scale = np.where(lam > cap, cap / np.where(lam > cap, lam, 1.0), 1.0)
-    push[hard[fine]] = c @ ((u * scale[:, None, :]) @ ut) @ np.linalg.inv(c)
-    push[hard[~fine]] = 0.0
-    return hess, push, capped
-
-
-def _withheld_correction(hess, push, bias_push, cov_x):
-    """How much de-biasing correction the cap left out, in units of each label's error.
-
-    At the capped solution the plain gradient balances ``push @ b`` (``b`` =
-    ``dv^T B v``, the pull of the model's training noise toward the centre of the
-    training set); the full correction would balance ``b`` itself. One Newton step
-    at the capped curvature, ``hess^-1 (I - push) b``, is the part withheld, a lower
-    bound on the pull the fit still carries. Returns, per star, its largest ratio
-    to the label's standard error (0 where nothing was capped).
-    """
-    rest = bias_push[:, :, 0] - (push @ bias_push)[:, :, 0]
-    step = _solve_batched(hess, rest)
-    sigma = np.sqrt(np.abs(np.diagonal(cov_x, axis1=1, axis2=2)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.abs(step) / sigma
-    return np.nan_to_num(ratio, nan=0.0, posinf=np.inf).max(axis=1)
-
-
-def _batched_cholesky(a):
-    """Lower Cholesky factors of (n, L, L) matrices, vectorised over n (L is small).
-
-    Returns ``(chol, ok)``; ``ok`` is False where a matrix is not positive definite
-    (its factor is then meaningless). One numpy call per entry instead of one LAPACK
-    call per matrix, and no exception for the whole batch when one matrix fails.
-    """
-    n, size = a.shape[0], a.shape[1]
-    c = np.zeros_like(a)
-    ok = np.ones(n, bool)
-    for j in range(size):
-        d = a[:, j, j] - np.einsum("nk,nk->n", c[:, j, :j], c[:, j, :j])
-        ok &= d > 0
-        dj = np.sqrt(np.where(d > 0, d, 1.0))
-        c[:, j, j] = dj
-        for i in range(j + 1, size):
-            c[:, i, j] = (a[:, i, j] - np.einsum("nk,nk->n", c[:, i, :j], c[:, j, :j])) / dj
-    return c, ok
-
-
 def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     """Newton steps on the (capped) corrected objective ``chi² - v^T B v``, in place on x[idx].
 
-    Each step recomputes the capped Hessian (``_capped_hessian``; reusing the first
-    one can diverge); a star stops where a step is no smaller than the one before
+    Each step recomputes the capped Hessian (``_reference.model_eval.capped_hessian``;
+    reusing the first one can diverge); a star stops where a step is no smaller than the one before
     it, so a correction can only converge, never run away. Per star in the
     backend's ``debias_steps`` (``_reference.model_eval.debias_steps``).
     Returns where a label ends on a bound (the steps are clipped to them, as LM's
@@ -723,19 +644,6 @@ def _debias(k, x, idx, g, h, b, exponents, lo, hi):
                   axis=1)
 
 
-def _solve_batched(a, rhs):
-    try:
-        return np.linalg.solve(a, rhs[:, :, None])[:, :, 0]
-    except np.linalg.LinAlgError:
-        out = np.zeros_like(rhs)
-        for i in range(len(a)):
-            try:
-                out[i] = np.linalg.solve(a[i], rhs[i])
-            except np.linalg.LinAlgError:
-                pass
-        return out
-
-
 def _run_lm(k, g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2):
     """Call the backend's ``lm_fit`` on C-contiguous copies; returns (x, iterations, status)."""
     n, n_labels = len(c), exponents.shape[1]
@@ -745,25 +653,6 @@ def _run_lm(k, g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, dis
              exponents, np.ascontiguousarray(starts), lo, hi, int(n_polish), int(max_iter),
              float(xtol), float(disagree_dchi2), x, phi, it, st)
     return x, it, st
-
-
-def _inverse(m):
-    """Batched inverse; NaN for singular matrices instead of failing the batch."""
-    try:
-        return np.linalg.inv(m)
-    except np.linalg.LinAlgError:
-        out = np.full_like(m, np.nan)
-        for i in range(len(m)):
-            try:
-                out[i] = np.linalg.inv(m[i])
-            except np.linalg.LinAlgError:
-                pass
-        return out
-
-
-def _sandwich(hess, middle):
-    hinv = _inverse(hess)
-    return hinv @ middle @ np.swapaxes(hinv, 1, 2)
 
 
 def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):
