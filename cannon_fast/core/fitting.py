@@ -74,8 +74,9 @@ DEBIAS_LAMBDA_CAP = 0.3
 #: DEBIAS_CAPPED marks a star only where the correction the cap withholds (one Newton
 #: step, ``_reference.model_eval.withheld_correction``) exceeds this many standard errors
 #: in some label: the cap bites on every star of a small training set (the demo's), and a
-#: flag on every star says nothing. On the demo's validation stars that step predicts part of the error
-#: against the truth, and the flagged stars' errors are ~3x the others' (docs/measurements.md).
+#: flag on every star says nothing. On the demo's validation stars that step predicts part
+#: of the error against the truth, and the flagged stars' errors are ~3x the others'
+#: (docs/measurements.md).
 DEBIAS_CAPPED_SIGMA = 2.0
 #: Newton steps on the corrected objective, from the plain minimum (at most) ...
 DEBIAS_STEPS = 4
