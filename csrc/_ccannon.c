@@ -431,8 +431,8 @@ PyDoc_STRVAR(star_weights_doc,
 "Weights (float32), ``w (f - theta0)``, its chi2, good-pixel counts and weight moments\n"
 "per star, and 1 where the star may hold values the input check refuses:\n"
 "``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``.\n\n"
-"flux, ivar (N, P) float64; s2 (P,) float64; good_pix (P,) bool; theta0, t_pix (P,) float64\n"
-"-> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
+"flux, ivar (N, P) float64, or both float32; s2 (P,) float64; good_pix (P,) bool; theta0,\n"
+"t_pix (P,) float64 -> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
 "moments_out (N, 3) float64, bad_out (N,) int64.");
 
 static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
@@ -446,8 +446,16 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
                                      &o[9], &o[10], &o[11]))
         return NULL;
     PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom, *bad;
-    if (!(flux = as_array(o[0], fn, "flux", F64, 2, IN))) return NULL;
-    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
+    /* the spectra are both float64 or both float32, as flux is */
+    int single = PyArray_Check(o[0]) &&
+                 PyArray_EquivTypenums(PyArray_TYPE((PyArrayObject *)o[0]), NPY_FLOAT32);
+    int ft = single ? NPY_FLOAT32 : NPY_FLOAT64;
+    if (!(flux = as_array(o[0], fn, "flux", ft, single ? "float32" : "float64 or float32", 2,
+                          IN)))
+        return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", ft, single ? "float32 (as flux)" : "float64 (as flux)",
+                          2, IN)))
+        return NULL;
     if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
     if (!(good = as_array(o[3], fn, "good_pix", BOOL, 1, IN))) return NULL;
     if (!(th0 = as_array(o[4], fn, "theta0", F64, 1, IN))) return NULL;
@@ -477,8 +485,8 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     int code;
     Py_BEGIN_ALLOW_THREADS
-    code = cf_star_weights(n_stars, n_pix, (const double *)PyArray_DATA(flux),
-                           (const double *)PyArray_DATA(ivar), (const double *)PyArray_DATA(s2),
+    code = cf_star_weights(n_stars, n_pix, PyArray_DATA(flux), PyArray_DATA(ivar), single,
+                           (const double *)PyArray_DATA(s2),
                            (const uint8_t *)PyArray_DATA(good),
                            (const double *)PyArray_DATA(th0), (const double *)PyArray_DATA(tp),
                            (float *)PyArray_DATA(w), (double *)PyArray_DATA(wr),

@@ -1244,10 +1244,55 @@ int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_lab
 
 /* ------------------------------------------------------------------ star weights */
 
-int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
-                    const double *s2, const uint8_t *good_pix, const double *theta0,
-                    const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out, int64_t *bad_out)
+/* One star's pass (the body of cf_star_weights) for spectra of type TYPE: float32
+ * spectra are read as they are, each value widened to double exactly, so the results are
+ * those of a float64 copy without the copy (for a survey, a pass as long as this one). */
+#define CF_STAR_WEIGHTS_ROW(NAME, TYPE)                                                   \
+static void NAME(ptrdiff_t n_pix, const TYPE *f, const TYPE *iv, const double *s2,        \
+                 const uint8_t *good_pix, const double *theta0, const double *t_pix,      \
+                 float *wo, double *wro, double *c_out, int64_t *npix_out,                \
+                 double *moments_out, int64_t *bad_out)                                   \
+{                                                                                         \
+    double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0, sum_iv = 0.0, sum_f = 0.0;            \
+    int64_t cnt = 0, neg = 0;                                                             \
+    for (ptrdiff_t p = 0; p < n_pix; p++) {                                               \
+        double x = (double)iv[p];                                                         \
+        /* the input check rides along, as check_spectra's fast path: a sum with a NaN   \
+           or inf in it is not finite (a finite sum can also overflow: a false alarm,    \
+           which check_spectra then clears) */                                            \
+        sum_iv += x;                                                                      \
+        neg += x < 0.0;                                                                   \
+        sum_f += x > 0.0 ? (double)f[p] : 0.0;                                            \
+        if (x > 0 && good_pix[p]) {                                                       \
+            double w = x / (1.0 + x * s2[p]); /* 1 / (1/ivar + s2), one division */       \
+            double r = (double)f[p] - theta0[p];                                          \
+            wo[p] = (float)w;                                                             \
+            wro[p] = w * r;                                                               \
+            acc += w * r * r;                                                             \
+            cnt++;                                                                        \
+            m0 += w;                                                                      \
+            m1 += w * t_pix[p];                                                           \
+            m2 += w * w * t_pix[p];                                                       \
+        } else {                                                                          \
+            wo[p] = 0.0f;                                                                 \
+            wro[p] = 0.0;                                                                 \
+        }                                                                                 \
+    }                                                                                     \
+    *c_out = acc;                                                                         \
+    *npix_out = cnt;                                                                      \
+    *bad_out = !isfinite(sum_iv) || neg > 0 || !isfinite(sum_f);                          \
+    moments_out[0] = m0;                                                                  \
+    moments_out[1] = m1;                                                                  \
+    moments_out[2] = m2;                                                                  \
+}
+
+CF_STAR_WEIGHTS_ROW(star_weights_row_f64, double)
+CF_STAR_WEIGHTS_ROW(star_weights_row_f32, float)
+
+int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const void *flux, const void *ivar,
+                    int single, const double *s2, const uint8_t *good_pix,
+                    const double *theta0, const double *t_pix, float *w_out, double *wr_out,
+                    double *c_out, int64_t *npix_out, double *moments_out, int64_t *bad_out)
 {
     if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
     const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
@@ -1255,41 +1300,17 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
     /* one pass over each spectrum: this kernel is bound by memory bandwidth */
     CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
     for (ptrdiff_t i = 0; i < n_stars; i++) {
-        const double *f = flux + i * n_pix;
-        const double *iv = ivar + i * n_pix;
-        float *wo = w_out + i * n_pix;
-        double *wro = wr_out + i * n_pix;
-        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0, sum_iv = 0.0, sum_f = 0.0;
-        int64_t cnt = 0, neg = 0;
-        for (ptrdiff_t p = 0; p < n_pix; p++) {
-            double x = iv[p];
-            /* the input check rides along, as check_spectra's fast path: a sum with a NaN
-               or inf in it is not finite (a finite sum can also overflow: a false alarm,
-               which check_spectra then clears) */
-            sum_iv += x;
-            neg += x < 0.0;
-            sum_f += x > 0.0 ? f[p] : 0.0;
-            if (x > 0 && good_pix[p]) {
-                double w = 1.0 / (1.0 / x + s2[p]);
-                double r = f[p] - theta0[p];
-                wo[p] = (float)w;
-                wro[p] = w * r;
-                acc += w * r * r;
-                cnt++;
-                m0 += w;
-                m1 += w * t_pix[p];
-                m2 += w * w * t_pix[p];
-            } else {
-                wo[p] = 0.0f;
-                wro[p] = 0.0;
-            }
+        if (single) {
+            star_weights_row_f32(n_pix, (const float *)flux + i * n_pix,
+                                 (const float *)ivar + i * n_pix, s2, good_pix, theta0, t_pix,
+                                 w_out + i * n_pix, wr_out + i * n_pix, c_out + i,
+                                 npix_out + i, moments_out + 3 * i, bad_out + i);
+        } else {
+            star_weights_row_f64(n_pix, (const double *)flux + i * n_pix,
+                                 (const double *)ivar + i * n_pix, s2, good_pix, theta0, t_pix,
+                                 w_out + i * n_pix, wr_out + i * n_pix, c_out + i,
+                                 npix_out + i, moments_out + 3 * i, bad_out + i);
         }
-        c_out[i] = acc;
-        npix_out[i] = cnt;
-        bad_out[i] = !isfinite(sum_iv) || neg > 0 || !isfinite(sum_f);
-        moments_out[3 * i] = m0;
-        moments_out[3 * i + 1] = m1;
-        moments_out[3 * i + 2] = m2;
     }
     return CF_OK;
 }

@@ -196,10 +196,10 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
  *        over all pixels, good or not; check_spectra then decides (a sum can overflow).
  * @return CF_OK.
  */
-int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
-                    const double *s2, const uint8_t *good_pix, const double *theta0,
-                    const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out, int64_t *bad_out);
+int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const void *flux, const void *ivar,
+                    int single, const double *s2, const uint8_t *good_pix,
+                    const double *theta0, const double *t_pix, float *w_out, double *wr_out,
+                    double *c_out, int64_t *npix_out, double *moments_out, int64_t *bad_out);
 
 /**
  * Newton steps on the de-biased objective chi^2 - v^T B v from the plain minimum, with the

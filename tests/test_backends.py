@@ -512,6 +512,16 @@ def test_star_weights_match_reference(fast_backend, weights_problem):
     assert np.all(w[masked] == 0) and np.all(wr[masked] == 0) and np.all(w[~masked] > 0)
 
 
+def test_star_weights_read_float32_spectra_as_their_float64_copy(backend, weights_problem):
+    """float32 flux and ivar give exactly what their float64 copy gives (no copy made)."""
+    flux, ivar = (a.astype(np.float32) for a in weights_problem[:2])
+    rest = weights_problem[2:]
+    single = _weights(kernels(backend), flux, ivar, *rest)
+    double = _weights(kernels(backend), flux.astype(np.float64), ivar.astype(np.float64), *rest)
+    for a, b in zip(single, double):
+        assert_array_equal(a, b)
+
+
 def test_star_weights_by_hand(backend):
     # ivar 4, s² 0.25: w = 1 / (0.25 + 0.25) = 2; r = 1.5 - 1 = 0.5
     flux, ivar = np.array([[1.5, 9.0, 1.5]]), np.array([[4.0, 0.0, 4.0]])
@@ -964,6 +974,10 @@ def test_c_valid_arguments_run(name):
     ("lm_fit", 9, "tight", TypeError, "must be real number"),
     ("lm_fit", 14, np.empty(2, np.int64), ValueError, "status_out has shape"),
     ("star_weights", 3, np.ones(4), TypeError, "good_pix must have dtype bool"),
+    ("star_weights", 1, np.ones((3, 4), np.float32), TypeError,
+     r"ivar must have dtype float64 \(as flux\)"),
+    ("star_weights", 0, np.ones((3, 4), np.int64), TypeError,
+     "flux must have dtype float64 or float32"),
     ("star_weights", 6, np.empty((3, 4)), TypeError, "w_out must have dtype float32"),
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
     ("star_weights", 11, np.empty(2, np.int64), ValueError, "bad_out has shape"),

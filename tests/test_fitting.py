@@ -40,6 +40,18 @@ def test_chi2_is_the_direct_sum(setup):
     assert_allclose(r.reduced_chi2, direct / (r.n_pixels - 3), rtol=1e-7)
 
 
+def test_float32_spectra_fit_as_their_float64_copy(setup, backend):
+    """float32 spectra (a survey's) are read as they are: the fit of their float64 copy."""
+    model, _, test = setup
+    f32, i32 = test.flux.astype(np.float32), test.ivar.astype(np.float32)
+    for options in (dict(), dict(debias=False), dict(refine_continuum=True)):
+        single = model.fit(f32, i32, backend=backend, **options)
+        double = model.fit(f32.astype(np.float64), i32.astype(np.float64), backend=backend,
+                           **options)
+        for name in ("labels", "errors", "chi2", "flags"):
+            assert_array_equal(getattr(single, name), getattr(double, name), err_msg=name)
+
+
 def test_debiased_fast_matches_its_reference(setup, monkeypatch):
     """Fast de-biased fit vs minimising chi² - sum_p w_p v^T C_p v directly (L-BFGS-B)."""
     from cannon_fast.core import fitting

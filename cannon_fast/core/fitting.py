@@ -303,14 +303,22 @@ class FitResult:
         return cls(label_names=parts[0].label_names, debiased=parts[0].debiased, **fields)
 
 
-def _check_fit_input(flux, ivar, n_pixels, check_values=True):
+def _check_fit_input(flux, ivar, n_pixels, check_values=True, keep_float32=False):
     """Float64 (N, P) spectra on the model's grid; their values checked unless told not to.
 
     ``check_values=False``: the caller checks them itself (``fit_cannon``'s weights
     kernel runs ``check_spectra``'s fast test in the pass it makes anyway).
+    ``keep_float32``: C-contiguous float32 flux and ivar stay float32 (the weights
+    kernel reads them as they are; a float64 copy of a survey's float32 spectra costs
+    as much as that whole pass).
     """
-    flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
-    ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
+    if keep_float32 and all(isinstance(a, np.ndarray) and a.dtype == np.float32
+                            and a.ndim in (1, 2) for a in (flux, ivar)):
+        flux = np.ascontiguousarray(np.atleast_2d(flux))
+        ivar = np.ascontiguousarray(np.atleast_2d(ivar))
+    else:
+        flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
+        ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
     if flux.shape != ivar.shape:
         raise ValueError(f"flux and ivar shapes differ: {flux.shape} vs {ivar.shape}")
     if n_pixels is not None and flux.shape[1] != n_pixels:
@@ -407,7 +415,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     model._require_trained()
     _check_broadening(debias, broadening)
     # the values are checked by the weights kernel, in its pass over the spectra
-    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels, check_values=False)
+    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels, check_values=False,
+                                  keep_float32=True)
     backend = resolve_backend(backend or model.backend)
     settings = _FitSettings(debias=debias, exact_debias=exact_debias, n_starts=n_starts,
                             n_polish=n_polish, batch_size=batch_size, max_iter=max_iter,
@@ -446,7 +455,7 @@ def _refine_continuum(model, flux, ivar, result, batch_size, backend):
 
     One correction per segment of the model's grid (``model.segments``).
     """
-    refined_flux, refined_ivar = np.empty_like(flux), np.empty_like(ivar)
+    refined_flux, refined_ivar = np.empty(flux.shape), np.empty(ivar.shape)  # float64
     for a in range(0, len(flux), batch_size):  # bounds the (batch, P) temporaries
         rows = slice(a, a + batch_size)
         refined_flux[rows], refined_ivar[rows] = renormalize_to_model(

@@ -285,7 +285,8 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
                  moments_out, bad_out):
     """Weights, ``w (f - theta0)``, chi², good pixels, moments and a bad-value test per star.
 
-    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``
+    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``; flux and ivar float64 or both float32
+    (compiled for each).
     """
     n_stars, n_pix = flux.shape
     for i in nb.prange(n_stars):
@@ -306,7 +307,7 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
             if iv > 0.0:
                 sum_f += flux[i, p]
             if iv > 0 and good_pix[p]:
-                w = 1.0 / (1.0 / iv + s2[p])
+                w = iv / (1.0 + iv * s2[p])  # 1 / (1/ivar + s2) with one division
                 r = flux[i, p] - theta0[p]
                 w_out[i, p] = w
                 wr_out[i, p] = w * r

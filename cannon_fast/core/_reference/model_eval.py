@@ -156,6 +156,8 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     Parameters
     ----------
     flux, ivar : ndarray, (N, P)
+        float64, or both float32 (read as they are: each value widens to float64 exactly,
+        so the results are those of a float64 copy, without the copy).
     s2 : ndarray, (P,)
     good_pix : ndarray of bool, (P,)
     theta0 : ndarray, (P,)
@@ -163,7 +165,8 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     t_pix : ndarray, (P,)
         Per-pixel scale of ``Cov(theta_p)`` (see ``cannon_fast.core.fitting._precompute``).
     w_out : ndarray of float32, (N, P)
-        ``1 / (1/ivar + s²)``; 0 where ``ivar = 0`` or the pixel is bad.
+        ``1 / (1/ivar + s²)``, computed as ``ivar / (1 + ivar s²)`` (one division); 0
+        where ``ivar = 0`` or the pixel is bad.
     wr_out : ndarray, (N, P)
         ``w (f - theta0)``.
     c_out : ndarray, (N,)
@@ -178,10 +181,12 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
         its input in this pass instead of three more over the whole survey, and asks
         ``check_spectra`` for the verdict and message only where this is 1.
     """
+    flux, ivar = flux.astype(np.float64), ivar.astype(np.float64)
     valid = (ivar > 0) & good_pix[None, :]
     # bad values (counted in bad_out, refused by the caller) may make NaN here: no warnings
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        w = np.where(valid, 1.0 / (1.0 / np.where(valid, ivar, 1.0) + s2[None, :]), 0.0)
+        iv = np.where(valid, ivar, 0.0)
+        w = iv / (1.0 + iv * s2[None, :])
         r = np.where(valid, flux - theta0[None, :], 0.0)
         w_out[...] = w
         wr_out[...] = w * r
