@@ -214,34 +214,36 @@ static PyObject *py_s2_update_warm(PyObject *self, PyObject *args, PyObject *kwd
 /* ------------------------------------------------------------------ lm_fit */
 
 PyDoc_STRVAR(lm_fit_doc,
-"lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2, "
-"x_out, phi_out, iters_out, status_out)\n--\n\n"
-"Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts per star:\n"
-"``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``.\n\n"
-"g_packed (N, T2), h (N, T), c (N,), exponents (T, L) int64, starts (N, K, L), lo (L,), hi (L,)\n"
+"lm_fit(g_packed, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol, "
+"disagree_dchi2, x_out, phi_out, iters_out, status_out)\n--\n\n"
+"Minimise ``c - 2 h.v + v^T G v``, LM from the ``n_polish`` of K starts per star of lowest\n"
+"objective ``first``: ``(t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),()``.\n\n"
+"g_packed (N, T2), h (N, T), c (N,), exponents (T, L) int64, starts (N, K, L), first (N, K),\n"
+"lo (L,), hi (L,)\n"
 "float64; n_polish >= 1, max_iter >= 0 int; xtol, disagree_dchi2 float -> x_out (N, L),\n"
 "phi_out (N,) float64, iters_out (N,) int64, status_out (N,) int64 (bits NOT_CONVERGED,\n"
 "HIT_BOUND, STARTS_DISAGREE).");
 
 static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"g_packed", "h", "c", "exponents", "starts", "lo", "hi",
+    static char *kwlist[] = {"g_packed", "h", "c", "exponents", "starts", "first", "lo", "hi",
                              "n_polish", "max_iter", "xtol", "disagree_dchi2", "x_out",
                              "phi_out", "iters_out", "status_out", NULL};
     static const char *fn = "lm_fit";
-    PyObject *o[7], *q[4];
+    PyObject *o[8], *q[4];
     Py_ssize_t n_polish, max_iter;
     double xtol, disagree;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOnnddOOOO:lm_fit", kwlist, &o[0], &o[1],
-                                     &o[2], &o[3], &o[4], &o[5], &o[6], &n_polish, &max_iter,
-                                     &xtol, &disagree, &q[0], &q[1], &q[2], &q[3]))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOnnddOOOO:lm_fit", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[7], &o[5], &o[6], &n_polish,
+                                     &max_iter, &xtol, &disagree, &q[0], &q[1], &q[2], &q[3]))
         return NULL;
-    PyArrayObject *g, *h, *c, *ex, *st, *lo, *hi, *x, *phi, *it, *status;
+    PyArrayObject *g, *h, *c, *ex, *st, *fi, *lo, *hi, *x, *phi, *it, *status;
     if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
     if (!(h = as_array(o[1], fn, "h", F64, 2, IN))) return NULL;
     if (!(c = as_array(o[2], fn, "c", F64, 1, IN))) return NULL;
     if (!(ex = as_array(o[3], fn, "exponents", I64, 2, IN))) return NULL;
     if (!(st = as_array(o[4], fn, "starts", F64, 3, IN))) return NULL;
+    if (!(fi = as_array(o[7], fn, "first", F64, 2, IN))) return NULL;
     if (!(lo = as_array(o[5], fn, "lo", F64, 1, IN))) return NULL;
     if (!(hi = as_array(o[6], fn, "hi", F64, 1, IN))) return NULL;
     if (!(x = as_array(q[0], fn, "x_out", F64, 2, OUT))) return NULL;
@@ -251,12 +253,20 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
     npy_intp n_stars = PyArray_DIM(c, 0);
     npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
     npy_intp n_cand = PyArray_DIM(st, 1), n2 = n_terms * (n_terms + 1) / 2;
+    if (n_cand < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: starts must hold at least one point per star, got shape (%zd, 0, %zd)",
+                     fn, (Py_ssize_t)n_stars, (Py_ssize_t)n_labels);
+        return NULL;
+    }
     if (check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
         check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
         check_dim(h, 0, n_stars, fn, "h", "(N, T)", "N") ||
         check_dim(h, 1, n_terms, fn, "h", "(N, T)", "T") ||
         check_dim(st, 0, n_stars, fn, "starts", "(N, K, L)", "N") ||
         check_dim(st, 2, n_labels, fn, "starts", "(N, K, L)", "L") ||
+        check_dim(fi, 0, n_stars, fn, "first", "(N, K)", "N") ||
+        check_dim(fi, 1, n_cand, fn, "first", "(N, K)", "K") ||
         check_dim(lo, 0, n_labels, fn, "lo", "(L,)", "L") ||
         check_dim(hi, 0, n_labels, fn, "hi", "(L,)", "L") ||
         check_dim(x, 0, n_stars, fn, "x_out", "(N, L)", "N") ||
@@ -265,12 +275,6 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
         check_dim(it, 0, n_stars, fn, "iters_out", "(N,)", "N") ||
         check_dim(status, 0, n_stars, fn, "status_out", "(N,)", "N"))
         return NULL;
-    if (n_cand < 1) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: starts must hold at least one point per star, got shape (%zd, 0, %zd)",
-                     fn, (Py_ssize_t)n_stars, (Py_ssize_t)n_labels);
-        return NULL;
-    }
     if (n_polish < 1) {
         PyErr_Format(PyExc_ValueError, "%s: n_polish must be >= 1, got %zd", fn, n_polish);
         return NULL;
@@ -284,7 +288,8 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
     code = cf_lm_fit(n_stars, n_terms, n_labels, n_cand, (const double *)PyArray_DATA(g),
                      (const double *)PyArray_DATA(h), (const double *)PyArray_DATA(c),
                      (const int64_t *)PyArray_DATA(ex), (const double *)PyArray_DATA(st),
-                     (const double *)PyArray_DATA(lo), (const double *)PyArray_DATA(hi),
+                     (const double *)PyArray_DATA(fi), (const double *)PyArray_DATA(lo),
+                     (const double *)PyArray_DATA(hi),
                      n_polish, max_iter, xtol, disagree, (double *)PyArray_DATA(x),
                      (double *)PyArray_DATA(phi), (int64_t *)PyArray_DATA(it),
                      (int64_t *)PyArray_DATA(status));

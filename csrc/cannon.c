@@ -559,7 +559,6 @@ typedef struct {
     double *gv;    /* (T,) */
     double *gdv;   /* (T, L) */
     double *cand;  /* (K, L) */
-    double *first; /* (K,) */
     double *ends;  /* (R, L) */
     double *phis;  /* (R,) */
     double *x;     /* (L,) */
@@ -577,7 +576,7 @@ typedef struct {
 
 static int lm_scratch_alloc(lm_scratch *s, ptrdiff_t nt, ptrdiff_t nl, ptrdiff_t k, ptrdiff_t r)
 {
-    size_t n_dbl = (size_t)(nt * nt + 2 * nt + 2 * nt * nl + k * nl + k + r * nl + r
+    size_t n_dbl = (size_t)(nt * nt + 2 * nt + 2 * nt * nl + k * nl + r * nl + r
                             + 5 * nl + 3 * nl * nl + 1);
     size_t bytes = sizeof(double) * n_dbl + sizeof(ptrdiff_t) * (size_t)(k + 1)
                    + sizeof(int) * (size_t)(r + 1);
@@ -590,7 +589,6 @@ static int lm_scratch_alloc(lm_scratch *s, ptrdiff_t nt, ptrdiff_t nl, ptrdiff_t
     s->dv = d; d += nt * nl;
     s->gdv = d; d += nt * nl;
     s->cand = d; d += k * nl;
-    s->first = d; d += k;
     s->ends = d; d += r * nl;
     s->phis = d; d += r;
     s->x = d; d += nl;
@@ -794,8 +792,9 @@ static int less_nan_last(double a, double b)
 
 int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_t n_cand,
               const double *g_packed, const double *h, const double *c,
-              const int64_t *exponents, const double *starts, const double *lo,
-              const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter, double xtol,
+              const int64_t *exponents, const double *starts, const double *first,
+              const double *lo, const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter,
+              double xtol,
               double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
               int64_t *status_out)
 {
@@ -829,7 +828,9 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
                     s.g[b * nt + a] = gp[k];
                 }
             }
-            /* the objective at every clipped start is O(T^2): nearly free */
+            /* the starts, clipped; their objective (first) comes from the caller: one
+               BLAS product for a batch */
+            const double *fi = first + i * n_cand;
             for (ptrdiff_t j = 0; j < n_cand; j++) {
                 double *cj = s.cand + j * nl;
                 for (ptrdiff_t l = 0; l < nl; l++) {
@@ -837,12 +838,11 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
                     x = x > lo[l] ? x : lo[l];
                     cj[l] = x < hi[l] ? x : hi[l];
                 }
-                s.first[j] = lm_objective(cj, c[i], hrow, s.g, exponents, nt, nl, s.v);
             }
             /* stable insertion sort of the candidates (K is small) */
             for (ptrdiff_t j = 0; j < n_cand; j++) {
                 ptrdiff_t q = j;
-                while (q > 0 && less_nan_last(s.first[j], s.first[s.order[q - 1]])) {
+                while (q > 0 && less_nan_last(fi[j], fi[s.order[q - 1]])) {
                     s.order[q] = s.order[q - 1];
                     q--;
                 }

@@ -141,8 +141,9 @@ int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const do
 
 /**
  * Minimise c - 2 h.v(x) + v(x)^T G v(x) per star within bounds, by
- * Levenberg-Marquardt from the n_polish best of the star's K clipped starting points.
- * Contract: (t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),() over stars
+ * Levenberg-Marquardt from the n_polish best (lowest first) of the star's K clipped
+ * starting points.
+ * Contract: (t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),() over stars
  * (starts is per star).
  *
  * @param n_stars N: number of stars.
@@ -154,6 +155,8 @@ int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const do
  * @param c (N,): sum_p w_p f_p^2.
  * @param exponents (T, L): the exponent of each label in each term.
  * @param starts (N, K, L): candidate starting points of each star, in scaled labels.
+ * @param first (N, K): the objective at each clipped start (the caller's: one BLAS
+ *        product for a batch, _reference.model_eval.start_objectives); only its order is used.
  * @param lo (L,): lower bounds in scaled labels.
  * @param hi (L,): upper bounds in scaled labels.
  * @param n_polish LM runs from this many of the best candidates (>= 1).
@@ -168,9 +171,9 @@ int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const do
  */
 int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_t n_cand,
               const double *g_packed, const double *h, const double *c,
-              const int64_t *exponents, const double *starts, const double *lo,
-              const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter, double xtol,
-              double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
+              const int64_t *exponents, const double *starts, const double *first,
+              const double *lo, const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter,
+              double xtol, double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
               int64_t *status_out);
 
 /**

@@ -81,7 +81,8 @@ def _lm(k, g, h, c, exponents, starts, lo, hi, n_polish=2, max_iter=100, xtol=1e
     n, n_labels = len(c), exponents.shape[1]
     x, phi = np.full((n, n_labels), np.nan), np.full(n, np.nan)
     it, st = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-    k.lm_fit(g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree,
+    first = ref.model_eval.start_objectives(g, h, c, exponents, starts, lo, hi)
+    k.lm_fit(g, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol, disagree,
              x, phi, it, st)
     return x, phi, it, st
 
@@ -581,9 +582,8 @@ def debias_problem(lm_problem):
     noise = rng.normal(scale=0.01, size=(300, len(p["exponents"])))
     w = rng.uniform(1e3, 1e4, size=(n, 300))
     b = (w @ vz.packed_outer(noise)) * np.geomspace(0.3, 300, n)[:, None]
-    x = np.full((n, p["exponents"].shape[1]), np.nan)
-    ref.lm_fit(p["g"], p["h"], p["c"], p["exponents"], p["starts"], p["lo"], p["hi"], 2, 100,
-               1e-10, 9.0, x, np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64))
+    x = _lm(ref, p["g"], p["h"], p["c"], p["exponents"], p["starts"], p["lo"], p["hi"],
+            xtol=1e-10)[0]
     return dict(p, b=np.ascontiguousarray(b), x=x)
 
 
@@ -701,6 +701,23 @@ def test_lm_fit_matches_reference(fast_backend, lm_problem):
         _, _, it_nb, _ = _lm(nb_kernels, *args)
         assert np.mean(it == it_nb) >= 0.9
     assert_allclose(x, lm_problem["x_true"], atol=0.05)  # and the fits are right
+
+
+def test_start_objectives_are_the_objective_at_each_clipped_start(lm_problem):
+    """The batch product against c - 2 h.v + v^T G v star by star, shared and per-star starts."""
+    p = lm_problem
+    lo, hi = p["lo"] * 0.5, p["hi"] * 0.5  # some starts are clipped
+    n_terms = len(p["exponents"])
+    shared = p["starts"][0]
+    for starts in (shared, p["starts"]):
+        first = ref.model_eval.start_objectives(p["g"], p["h"], p["c"], p["exponents"], starts,
+                                                lo, hi)
+        for i in range(len(p["c"])):
+            g = vz.unpack_symmetric(p["g"][i], n_terms)
+            own = starts if starts.ndim == 2 else starts[i]
+            v = vz.label_vector(np.clip(own, lo, hi), p["exponents"])
+            direct = p["c"][i] - 2 * v @ p["h"][i] + np.einsum("kt,tu,ku->k", v, g, v)
+            assert_allclose(first[i], direct, rtol=1e-12)
 
 
 def test_lm_fit_status_bits(backend, lm_problem):
@@ -925,7 +942,8 @@ def _c_ok_args():
         "s2_update_warm": [np.ones((5, 4)), np.ones((5, 4)), np.ones(4), np.empty(4),
                            np.empty(4, np.int8)],
         "lm_fit": [np.ones((n, l2)), np.ones((n, t)), np.ones(n), ex, np.zeros((n, 2, 2)),
-                   -np.ones(2), np.ones(2), 1, 10, 1e-6, 9.0, np.empty((n, 2)), np.empty(n),
+                   np.zeros((n, 2)), -np.ones(2), np.ones(2), 1, 10, 1e-6, 9.0,
+                   np.empty((n, 2)), np.empty(n),
                    np.empty(n, np.int64), np.empty(n, np.int64)],
         "star_weights": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
                          np.ones(4), np.ones(4), np.empty((n, 4), np.float32),
@@ -969,10 +987,11 @@ def test_c_valid_arguments_run(name):
     ("lm_fit", 3, vz.polynomial_exponents(2, 2).astype(np.int32), TypeError, "exponents"),
     ("lm_fit", 4, np.zeros((2, 2)), ValueError, "starts must be 3-dimensional"),
     ("lm_fit", 4, np.zeros((3, 0, 2)), ValueError, "at least one point"),
-    ("lm_fit", 7, 0, ValueError, "n_polish must be >= 1"),
-    ("lm_fit", 8, -1, ValueError, "max_iter must be >= 0"),
-    ("lm_fit", 9, "tight", TypeError, "must be real number"),
-    ("lm_fit", 14, np.empty(2, np.int64), ValueError, "status_out has shape"),
+    ("lm_fit", 5, np.zeros((3, 3)), ValueError, r"first has shape \(3, 3\)"),
+    ("lm_fit", 8, 0, ValueError, "n_polish must be >= 1"),
+    ("lm_fit", 9, -1, ValueError, "max_iter must be >= 0"),
+    ("lm_fit", 10, "tight", TypeError, "must be real number"),
+    ("lm_fit", 15, np.empty(2, np.int64), ValueError, "status_out has shape"),
     ("star_weights", 3, np.ones(4), TypeError, "good_pix must have dtype bool"),
     ("star_weights", 1, np.ones((3, 4), np.float32), TypeError,
      r"ivar must have dtype float64 \(as flux\)"),

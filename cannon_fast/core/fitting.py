@@ -34,6 +34,7 @@ from . import vectorizer as vz
 from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
 from ._reference.model_eval import batched_inverse as _inverse
 from ._reference.model_eval import batched_solve as _solve_batched
+from ._reference.model_eval import start_objectives
 from .._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
@@ -527,8 +528,7 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         idx = np.flatnonzero(fittable)
         if len(idx):
             x[idx], iters[idx], status[idx] = _run_lm(
-                k, g[idx], h[idx], c[idx], model.exponents,
-                np.broadcast_to(starts, (len(idx),) + starts.shape), lo, hi, n_polish, max_iter,
+                k, g[idx], h[idx], c[idx], model.exponents, starts, lo, hi, n_polish, max_iter,
                 xtol, disagree_dchi2)
             if debias:
                 at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
@@ -680,13 +680,19 @@ def _debias(k, x, idx, g, h, b, exponents, lo, hi):
 
 
 def _run_lm(k, g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2):
-    """Call the backend's ``lm_fit`` on C-contiguous copies; returns (x, iterations, status)."""
+    """Call the backend's ``lm_fit`` from starts (K, L) shared by all stars; (x, iters, status).
+
+    The objective at every start is one BLAS product for the batch
+    (``start_objectives``); the kernel polishes the best ``n_polish`` of them.
+    """
     n, n_labels = len(c), exponents.shape[1]
+    g, h, c = np.ascontiguousarray(g), np.ascontiguousarray(h), np.ascontiguousarray(c)
+    first = np.ascontiguousarray(start_objectives(g, h, c, exponents, starts, lo, hi))
     x, phi = np.empty((n, n_labels)), np.empty(n)
     it, st = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    k.lm_fit(np.ascontiguousarray(g), np.ascontiguousarray(h), np.ascontiguousarray(c),
-             exponents, np.ascontiguousarray(starts), lo, hi, int(n_polish), int(max_iter),
-             float(xtol), float(disagree_dchi2), x, phi, it, st)
+    k.lm_fit(g, h, c, exponents, np.ascontiguousarray(np.broadcast_to(starts, (n,) + starts.shape)),
+             first, lo, hi, int(n_polish), int(max_iter), float(xtol), float(disagree_dchi2),
+             x, phi, it, st)
     return x, it, st
 
 

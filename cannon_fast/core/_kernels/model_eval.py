@@ -215,11 +215,11 @@ def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
 
 
 @nb.njit(**JIT_PARALLEL)
-def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
-           x_out, phi_out, iters_out, status_out):
+def lm_fit(g_packed, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol,
+           disagree_dchi2, x_out, phi_out, iters_out, status_out):
     """Minimise ``c - 2 h.v + v^T G v`` per star, LM from its ``n_polish`` best starts.
 
-    ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``
+    ``(t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),()``
     """
     n_stars = c.shape[0]
     n_terms, n_labels = exponents.shape
@@ -236,12 +236,10 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         v = np.empty(n_terms)
         dv = np.empty((n_terms, n_labels))
         cand = np.empty((n_cand, n_labels))
-        first = np.empty(n_cand)
         for s in range(n_cand):
             for l in range(n_labels):
                 cand[s, l] = min(max(starts[i, s, l], lo[l]), hi[l])
-            first[s] = _objective(cand[s], c[i], h[i], g, exponents, v, dv)
-        order = np.argsort(first, kind="mergesort")
+        order = np.argsort(first[i], kind="mergesort")
         ends = np.empty((n_runs, n_labels))
         phis = np.empty(n_runs)
         convs = np.zeros(n_runs, dtype=np.bool_)

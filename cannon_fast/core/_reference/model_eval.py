@@ -46,14 +46,36 @@ def _objective(x, c, h, g, exponents):
     return c - 2.0 * h @ v + v @ g @ v
 
 
-def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
-           x_out, phi_out, iters_out, status_out):
+def start_objectives(g_packed, h, c, exponents, starts, lo, hi):
+    """The objective ``c - 2 h.v + v^T G v`` of each star at each start, clipped to the bounds.
+
+    ``starts`` (K, L) shared by all stars: one (N, T(T+1)/2) x (T(T+1)/2, K) product for
+    the batch (``v^T G v`` is the packed G against the packed ``v v^T``, off-diagonal
+    entries twice), instead of K evaluations per star in the LM kernel; or (N, K, L), a
+    set per star. Returns (N, K), ``lm_fit``'s ``first``.
+    """
+    n_terms = exponents.shape[0]
+    cand = np.clip(starts, lo, hi)
+    iu, ju = np.triu_indices(n_terms)
+    twice = np.where(iu == ju, 1.0, 2.0)
+    if cand.ndim == 2:
+        v = label_vector(cand, exponents)  # (K, T)
+        vv = v[:, iu] * v[:, ju] * twice  # (K, T2)
+        return c[:, None] - 2.0 * h @ v.T + g_packed @ vv.T
+    n, k, n_labels = cand.shape
+    v = label_vector(cand.reshape(-1, n_labels), exponents).reshape(n, k, n_terms)
+    vv = v[:, :, iu] * v[:, :, ju] * twice
+    return c[:, None] - 2.0 * np.einsum("nt,nkt->nk", h, v) + np.einsum("nq,nkq->nk", g_packed, vv)
+
+
+def lm_fit(g_packed, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol,
+           disagree_dchi2, x_out, phi_out, iters_out, status_out):
     """Minimise ``c - 2 h.v(x) + v(x)^T G v(x)`` from several starts within bounds.
 
-    The objective is evaluated at every starting point (O(T²) each); LM runs
-    from the ``n_polish`` best of them and the best end point wins.
+    LM runs from the ``n_polish`` starting points of lowest objective ``first``
+    (``start_objectives``: one BLAS product for a batch) and the best end point wins.
 
-    Contract: ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()`` over stars
+    Contract: ``(t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),()`` over stars
     (``starts`` is per star).
 
     Parameters
@@ -65,6 +87,9 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
     exponents : ndarray of int64, (T, L)
     starts : ndarray, (N, K, L)
         Candidate starting points of each star, in scaled labels.
+    first : ndarray, (N, K)
+        The objective at each start clipped to the bounds (``start_objectives``); only
+        its order matters (which starts are polished).
     lo, hi : ndarray, (L,)
         Bounds in scaled labels.
     n_polish : int
@@ -86,8 +111,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         g = unpack_symmetric(g_packed[i], n_terms)
         ends, phis, its, convs = [], [], [], []
         cand = np.clip(starts[i], lo, hi)
-        first = np.array([_objective(x0, c[i], h[i], g, exponents) for x0 in cand])
-        for j in np.argsort(first, kind="stable")[:n_polish]:
+        for j in np.argsort(first[i], kind="stable")[:n_polish]:
             x = cand[j].copy()
             phi = _objective(x, c[i], h[i], g, exponents)
             lam, converged, it = 1e-3, False, 0
