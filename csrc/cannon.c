@@ -1141,7 +1141,9 @@ int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_lab
     int err = CF_OK;
     if (n_stars < 0 || nt < 0 || nl < 0) return CF_ERR_ARG;
     if (n_stars == 0) return CF_OK;
-    const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
+    /* a few microseconds a star: threads woken for a batch cost more than they save on a
+       busy machine (as for cf_design) */
+    const int nthr = team_size(n_stars, 65536);
     (void)nthr; /* unused without OpenMP */
     CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
     {

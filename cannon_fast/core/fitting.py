@@ -495,7 +495,7 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
     bounds = model.scaled_label_bounds  # (2, L)
     lo, hi = np.ascontiguousarray(bounds[0]), np.ascontiguousarray(bounds[1])
     batch = min(batch_size, n_stars)
-    w_buf, wr_buf, m_buf = _work_buffers(batch, model.n_pixels)
+    w_buf, wr_buf = _work_buffers(batch, model.n_pixels)
     parts = []
     bar = progress(total=n_stars, desc="fitting labels", unit="star",
                    disable=None if progress_bar is None and n_stars > batch_size
@@ -539,11 +539,10 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         k.design(x, model.exponents, v, dv)
         # chi² from the residuals themselves (G, accumulated in float32, is not used here):
         # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
+        # the model minus its constant term, in wr's buffer (wr is done with once h is made)
+        m = np.matmul(v, pre["theta_rest"].T, out=wr_buf[:n])
         chi2 = np.empty(n)
-        for a in range(0, n, _MODEL_BLOCK):  # the model (minus its constant term), in blocks
-            rows = slice(a, min(a + _MODEL_BLOCK, n))
-            m = np.matmul(v[rows], pre["theta_rest"].T, out=m_buf[:rows.stop - a])
-            k.weighted_square_sum(w[rows], m, chi2[rows])
+        k.weighted_square_sum(w, m, chi2)
         chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
         if debias:
             # the sandwich and what the eigenvalue cap withheld, per star in the kernel
@@ -597,25 +596,17 @@ _BUFFERS = threading.local()
 
 
 def _work_buffers(batch, n_pix):
-    """(batch, P) weights (float32), weighted residuals and (block, P) model buffers.
+    """(batch, P) buffers of the weights (float32) and of the weighted residuals (float64).
 
-    Kept per thread from one fit to the next of the same size (~60 MB for 512 stars of
+    Kept per thread from one fit to the next of the same size (~50 MB for 512 stars of
     8575 pixels): fresh ones cost their first-touch page faults in every call, as much as
     a fifth of a 1024-star call's fit (a survey chunk fits 1024 stars at a time).
     """
-    shapes = ((batch, n_pix), (batch, n_pix), (min(batch, _MODEL_BLOCK), n_pix))
     kept = getattr(_BUFFERS, "arrays", None)
-    if kept is None or any(a.shape[0] < s[0] or a.shape[1] != s[1]
-                           for a, s in zip(kept, shapes)):
-        kept = (np.empty(shapes[0], np.float32), np.empty(shapes[1]), np.empty(shapes[2]))
+    if kept is None or kept[0].shape[0] < batch or kept[0].shape[1] != n_pix:
+        kept = (np.empty((batch, n_pix), np.float32), np.empty((batch, n_pix)))
         _BUFFERS.arrays = kept
     return kept
-
-
-#: Stars per block of the model spectra the chi² is summed from: a block small enough to
-#: stay in cache between the product that writes it and the pass that reads it (faster by
-#: a quarter than the whole batch at once on the benchmark, docs/measurements.md).
-_MODEL_BLOCK = 128
 
 
 def _refuse_values(flux, ivar, rows):

@@ -625,7 +625,7 @@ def _inverse_into(a, out, n):
     return True
 
 
-@nb.njit(**JIT_PARALLEL)
+@nb.njit(**JIT)  # serial: a few us a star, less than waking threads costs (as design)
 def sandwich_covariance(g_packed, b_packed, cbar_packed, kappa, extra, x, exponents, cap,
                         cov_out, capped_out, withheld_out):
     """The de-biased covariance and the withheld correction per star.
@@ -636,7 +636,7 @@ def sandwich_covariance(g_packed, b_packed, cbar_packed, kappa, extra, x, expone
     n_terms, n_labels = exponents.shape
     cbar = np.empty((n_terms, n_terms))
     _unpack_into(cbar_packed, cbar)
-    for i in nb.prange(x.shape[0]):
+    for i in range(x.shape[0]):
         g = np.empty((n_terms, n_terms))
         b = np.empty((n_terms, n_terms))
         _unpack_into(g_packed[i], g)
