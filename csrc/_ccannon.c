@@ -214,34 +214,36 @@ static PyObject *py_s2_update_warm(PyObject *self, PyObject *args, PyObject *kwd
 /* ------------------------------------------------------------------ lm_fit */
 
 PyDoc_STRVAR(lm_fit_doc,
-"lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2, "
-"x_out, phi_out, iters_out, status_out)\n--\n\n"
-"Minimise ``c - 2 h.v + v^T G v``, LM from the best ``n_polish`` of K starts per star:\n"
-"``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``.\n\n"
-"g_packed (N, T2), h (N, T), c (N,), exponents (T, L) int64, starts (N, K, L), lo (L,), hi (L,)\n"
+"lm_fit(g_packed, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol, "
+"disagree_dchi2, x_out, phi_out, iters_out, status_out)\n--\n\n"
+"Minimise ``c - 2 h.v + v^T G v``, LM from the ``n_polish`` of K starts per star of lowest\n"
+"objective ``first``: ``(t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),()``.\n\n"
+"g_packed (N, T2), h (N, T), c (N,), exponents (T, L) int64, starts (N, K, L), first (N, K),\n"
+"lo (L,), hi (L,)\n"
 "float64; n_polish >= 1, max_iter >= 0 int; xtol, disagree_dchi2 float -> x_out (N, L),\n"
 "phi_out (N,) float64, iters_out (N,) int64, status_out (N,) int64 (bits NOT_CONVERGED,\n"
 "HIT_BOUND, STARTS_DISAGREE).");
 
 static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"g_packed", "h", "c", "exponents", "starts", "lo", "hi",
+    static char *kwlist[] = {"g_packed", "h", "c", "exponents", "starts", "first", "lo", "hi",
                              "n_polish", "max_iter", "xtol", "disagree_dchi2", "x_out",
                              "phi_out", "iters_out", "status_out", NULL};
     static const char *fn = "lm_fit";
-    PyObject *o[7], *q[4];
+    PyObject *o[8], *q[4];
     Py_ssize_t n_polish, max_iter;
     double xtol, disagree;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOnnddOOOO:lm_fit", kwlist, &o[0], &o[1],
-                                     &o[2], &o[3], &o[4], &o[5], &o[6], &n_polish, &max_iter,
-                                     &xtol, &disagree, &q[0], &q[1], &q[2], &q[3]))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOnnddOOOO:lm_fit", kwlist, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[7], &o[5], &o[6], &n_polish,
+                                     &max_iter, &xtol, &disagree, &q[0], &q[1], &q[2], &q[3]))
         return NULL;
-    PyArrayObject *g, *h, *c, *ex, *st, *lo, *hi, *x, *phi, *it, *status;
+    PyArrayObject *g, *h, *c, *ex, *st, *fi, *lo, *hi, *x, *phi, *it, *status;
     if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
     if (!(h = as_array(o[1], fn, "h", F64, 2, IN))) return NULL;
     if (!(c = as_array(o[2], fn, "c", F64, 1, IN))) return NULL;
     if (!(ex = as_array(o[3], fn, "exponents", I64, 2, IN))) return NULL;
     if (!(st = as_array(o[4], fn, "starts", F64, 3, IN))) return NULL;
+    if (!(fi = as_array(o[7], fn, "first", F64, 2, IN))) return NULL;
     if (!(lo = as_array(o[5], fn, "lo", F64, 1, IN))) return NULL;
     if (!(hi = as_array(o[6], fn, "hi", F64, 1, IN))) return NULL;
     if (!(x = as_array(q[0], fn, "x_out", F64, 2, OUT))) return NULL;
@@ -251,12 +253,20 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
     npy_intp n_stars = PyArray_DIM(c, 0);
     npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
     npy_intp n_cand = PyArray_DIM(st, 1), n2 = n_terms * (n_terms + 1) / 2;
+    if (n_cand < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: starts must hold at least one point per star, got shape (%zd, 0, %zd)",
+                     fn, (Py_ssize_t)n_stars, (Py_ssize_t)n_labels);
+        return NULL;
+    }
     if (check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
         check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
         check_dim(h, 0, n_stars, fn, "h", "(N, T)", "N") ||
         check_dim(h, 1, n_terms, fn, "h", "(N, T)", "T") ||
         check_dim(st, 0, n_stars, fn, "starts", "(N, K, L)", "N") ||
         check_dim(st, 2, n_labels, fn, "starts", "(N, K, L)", "L") ||
+        check_dim(fi, 0, n_stars, fn, "first", "(N, K)", "N") ||
+        check_dim(fi, 1, n_cand, fn, "first", "(N, K)", "K") ||
         check_dim(lo, 0, n_labels, fn, "lo", "(L,)", "L") ||
         check_dim(hi, 0, n_labels, fn, "hi", "(L,)", "L") ||
         check_dim(x, 0, n_stars, fn, "x_out", "(N, L)", "N") ||
@@ -265,12 +275,6 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
         check_dim(it, 0, n_stars, fn, "iters_out", "(N,)", "N") ||
         check_dim(status, 0, n_stars, fn, "status_out", "(N,)", "N"))
         return NULL;
-    if (n_cand < 1) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: starts must hold at least one point per star, got shape (%zd, 0, %zd)",
-                     fn, (Py_ssize_t)n_stars, (Py_ssize_t)n_labels);
-        return NULL;
-    }
     if (n_polish < 1) {
         PyErr_Format(PyExc_ValueError, "%s: n_polish must be >= 1, got %zd", fn, n_polish);
         return NULL;
@@ -284,7 +288,8 @@ static PyObject *py_lm_fit(PyObject *self, PyObject *args, PyObject *kwds)
     code = cf_lm_fit(n_stars, n_terms, n_labels, n_cand, (const double *)PyArray_DATA(g),
                      (const double *)PyArray_DATA(h), (const double *)PyArray_DATA(c),
                      (const int64_t *)PyArray_DATA(ex), (const double *)PyArray_DATA(st),
-                     (const double *)PyArray_DATA(lo), (const double *)PyArray_DATA(hi),
+                     (const double *)PyArray_DATA(fi), (const double *)PyArray_DATA(lo),
+                     (const double *)PyArray_DATA(hi),
                      n_polish, max_iter, xtol, disagree, (double *)PyArray_DATA(x),
                      (double *)PyArray_DATA(phi), (int64_t *)PyArray_DATA(it),
                      (int64_t *)PyArray_DATA(status));
@@ -354,6 +359,75 @@ static PyObject *py_debias_steps(PyObject *self, PyObject *args, PyObject *kwds)
     return finish(code, fn);
 }
 
+/* ------------------------------------------------------------------ sandwich_covariance */
+
+PyDoc_STRVAR(sandwich_covariance_doc,
+"sandwich_covariance(g_packed, b_packed, cbar_packed, kappa, extra, x, exponents, cap, "
+"cov_out, capped_out, withheld_out)\n--\n\n"
+"The de-biased fit's covariance H^-1 (F (1 + kappa v^T Cbar v) + extra) H^-1 (H the capped\n"
+"F - B_x; NaN where H is singular) and the correction the cap withheld, in errors:\n"
+"``(t2),(t2),(t2),(),(l,l),(l),(t,l),()->(l,l),(),()`` over stars.\n\n"
+"g_packed, b_packed (N, T(T+1)/2), cbar_packed (T(T+1)/2,), kappa (N,), extra (N, L, L),\n"
+"x (N, L) float64; exponents (T, L) int64; cap float -> cov_out (N, L, L) float64,\n"
+"capped_out (N,) int64, withheld_out (N,) float64.");
+
+static PyObject *py_sandwich_covariance(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"g_packed", "b_packed", "cbar_packed", "kappa", "extra", "x",
+                             "exponents", "cap", "cov_out", "capped_out", "withheld_out",
+                             NULL};
+    static const char *fn = "sandwich_covariance";
+    PyObject *o[7], *q[3];
+    double cap;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOdOOO:sandwich_covariance", kwlist,
+                                     &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &cap,
+                                     &q[0], &q[1], &q[2]))
+        return NULL;
+    PyArrayObject *g, *b, *cb, *ka, *ext, *x, *ex, *cov, *capd, *wh;
+    if (!(g = as_array(o[0], fn, "g_packed", F64, 2, IN))) return NULL;
+    if (!(b = as_array(o[1], fn, "b_packed", F64, 2, IN))) return NULL;
+    if (!(cb = as_array(o[2], fn, "cbar_packed", F64, 1, IN))) return NULL;
+    if (!(ka = as_array(o[3], fn, "kappa", F64, 1, IN))) return NULL;
+    if (!(ext = as_array(o[4], fn, "extra", F64, 3, IN))) return NULL;
+    if (!(x = as_array(o[5], fn, "x", F64, 2, IN))) return NULL;
+    if (!(ex = as_array(o[6], fn, "exponents", I64, 2, IN))) return NULL;
+    if (!(cov = as_array(q[0], fn, "cov_out", F64, 3, OUT))) return NULL;
+    if (!(capd = as_array(q[1], fn, "capped_out", I64, 1, OUT))) return NULL;
+    if (!(wh = as_array(q[2], fn, "withheld_out", F64, 1, OUT))) return NULL;
+    npy_intp n_stars = PyArray_DIM(x, 0);
+    npy_intp n_terms = PyArray_DIM(ex, 0), n_labels = PyArray_DIM(ex, 1);
+    npy_intp n2 = n_terms * (n_terms + 1) / 2;
+    if (check_dim(x, 1, n_labels, fn, "x", "(N, L)", "L") ||
+        check_dim(g, 0, n_stars, fn, "g_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(g, 1, n2, fn, "g_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(b, 0, n_stars, fn, "b_packed", "(N, T(T+1)/2)", "N") ||
+        check_dim(b, 1, n2, fn, "b_packed", "(N, T(T+1)/2)", "T(T+1)/2") ||
+        check_dim(cb, 0, n2, fn, "cbar_packed", "(T(T+1)/2,)", "T(T+1)/2") ||
+        check_dim(ka, 0, n_stars, fn, "kappa", "(N,)", "N") ||
+        check_dim(ext, 0, n_stars, fn, "extra", "(N, L, L)", "N") ||
+        check_dim(ext, 1, n_labels, fn, "extra", "(N, L, L)", "L") ||
+        check_dim(ext, 2, n_labels, fn, "extra", "(N, L, L)", "L") ||
+        check_dim(cov, 0, n_stars, fn, "cov_out", "(N, L, L)", "N") ||
+        check_dim(cov, 1, n_labels, fn, "cov_out", "(N, L, L)", "L") ||
+        check_dim(cov, 2, n_labels, fn, "cov_out", "(N, L, L)", "L") ||
+        check_dim(capd, 0, n_stars, fn, "capped_out", "(N,)", "N") ||
+        check_dim(wh, 0, n_stars, fn, "withheld_out", "(N,)", "N"))
+        return NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = cf_sandwich_covariance(n_stars, n_terms, n_labels, (const double *)PyArray_DATA(g),
+                                  (const double *)PyArray_DATA(b),
+                                  (const double *)PyArray_DATA(cb),
+                                  (const double *)PyArray_DATA(ka),
+                                  (const double *)PyArray_DATA(ext),
+                                  (const double *)PyArray_DATA(x),
+                                  (const int64_t *)PyArray_DATA(ex), cap,
+                                  (double *)PyArray_DATA(cov), (int64_t *)PyArray_DATA(capd),
+                                  (double *)PyArray_DATA(wh));
+    Py_END_ALLOW_THREADS
+    return finish(code, fn);
+}
+
 /* ------------------------------------------------------------------ star_weights */
 
 PyDoc_STRVAR(star_weights_doc,
@@ -362,8 +436,8 @@ PyDoc_STRVAR(star_weights_doc,
 "Weights (float32), ``w (f - theta0)``, its chi2, good-pixel counts and weight moments\n"
 "per star, and 1 where the star may hold values the input check refuses:\n"
 "``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``.\n\n"
-"flux, ivar (N, P) float64; s2 (P,) float64; good_pix (P,) bool; theta0, t_pix (P,) float64\n"
-"-> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
+"flux, ivar (N, P) float64, or both float32; s2 (P,) float64; good_pix (P,) bool; theta0,\n"
+"t_pix (P,) float64 -> w_out (N, P) float32, wr_out (N, P), c_out (N,) float64, npix_out (N,) int64,\n"
 "moments_out (N, 3) float64, bad_out (N,) int64.");
 
 static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
@@ -377,8 +451,16 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
                                      &o[9], &o[10], &o[11]))
         return NULL;
     PyArrayObject *flux, *ivar, *s2, *good, *th0, *tp, *w, *wr, *c, *np_, *mom, *bad;
-    if (!(flux = as_array(o[0], fn, "flux", F64, 2, IN))) return NULL;
-    if (!(ivar = as_array(o[1], fn, "ivar", F64, 2, IN))) return NULL;
+    /* the spectra are both float64 or both float32, as flux is */
+    int single = PyArray_Check(o[0]) &&
+                 PyArray_EquivTypenums(PyArray_TYPE((PyArrayObject *)o[0]), NPY_FLOAT32);
+    int ft = single ? NPY_FLOAT32 : NPY_FLOAT64;
+    if (!(flux = as_array(o[0], fn, "flux", ft, single ? "float32" : "float64 or float32", 2,
+                          IN)))
+        return NULL;
+    if (!(ivar = as_array(o[1], fn, "ivar", ft, single ? "float32 (as flux)" : "float64 (as flux)",
+                          2, IN)))
+        return NULL;
     if (!(s2 = as_array(o[2], fn, "s2", F64, 1, IN))) return NULL;
     if (!(good = as_array(o[3], fn, "good_pix", BOOL, 1, IN))) return NULL;
     if (!(th0 = as_array(o[4], fn, "theta0", F64, 1, IN))) return NULL;
@@ -408,8 +490,8 @@ static PyObject *py_star_weights(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     int code;
     Py_BEGIN_ALLOW_THREADS
-    code = cf_star_weights(n_stars, n_pix, (const double *)PyArray_DATA(flux),
-                           (const double *)PyArray_DATA(ivar), (const double *)PyArray_DATA(s2),
+    code = cf_star_weights(n_stars, n_pix, PyArray_DATA(flux), PyArray_DATA(ivar), single,
+                           (const double *)PyArray_DATA(s2),
                            (const uint8_t *)PyArray_DATA(good),
                            (const double *)PyArray_DATA(th0), (const double *)PyArray_DATA(tp),
                            (float *)PyArray_DATA(w), (double *)PyArray_DATA(wr),
@@ -681,6 +763,8 @@ static PyMethodDef methods[] = {
      star_weights_doc},
     {"debias_steps", (PyCFunction)(void (*)(void))py_debias_steps, METH_VARARGS | METH_KEYWORDS,
      debias_steps_doc},
+    {"sandwich_covariance", (PyCFunction)(void (*)(void))py_sandwich_covariance,
+     METH_VARARGS | METH_KEYWORDS, sandwich_covariance_doc},
     {"design", (PyCFunction)(void (*)(void))py_design, METH_VARARGS | METH_KEYWORDS,
      design_doc},
     {"weighted_square_sum", (PyCFunction)(void (*)(void))py_weighted_square_sum,

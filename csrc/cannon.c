@@ -559,7 +559,6 @@ typedef struct {
     double *gv;    /* (T,) */
     double *gdv;   /* (T, L) */
     double *cand;  /* (K, L) */
-    double *first; /* (K,) */
     double *ends;  /* (R, L) */
     double *phis;  /* (R,) */
     double *x;     /* (L,) */
@@ -577,7 +576,7 @@ typedef struct {
 
 static int lm_scratch_alloc(lm_scratch *s, ptrdiff_t nt, ptrdiff_t nl, ptrdiff_t k, ptrdiff_t r)
 {
-    size_t n_dbl = (size_t)(nt * nt + 2 * nt + 2 * nt * nl + k * nl + k + r * nl + r
+    size_t n_dbl = (size_t)(nt * nt + 2 * nt + 2 * nt * nl + k * nl + r * nl + r
                             + 5 * nl + 3 * nl * nl + 1);
     size_t bytes = sizeof(double) * n_dbl + sizeof(ptrdiff_t) * (size_t)(k + 1)
                    + sizeof(int) * (size_t)(r + 1);
@@ -590,7 +589,6 @@ static int lm_scratch_alloc(lm_scratch *s, ptrdiff_t nt, ptrdiff_t nl, ptrdiff_t
     s->dv = d; d += nt * nl;
     s->gdv = d; d += nt * nl;
     s->cand = d; d += k * nl;
-    s->first = d; d += k;
     s->ends = d; d += r * nl;
     s->phis = d; d += r;
     s->x = d; d += nl;
@@ -794,8 +792,9 @@ static int less_nan_last(double a, double b)
 
 int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_t n_cand,
               const double *g_packed, const double *h, const double *c,
-              const int64_t *exponents, const double *starts, const double *lo,
-              const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter, double xtol,
+              const int64_t *exponents, const double *starts, const double *first,
+              const double *lo, const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter,
+              double xtol,
               double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
               int64_t *status_out)
 {
@@ -829,7 +828,9 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
                     s.g[b * nt + a] = gp[k];
                 }
             }
-            /* the objective at every clipped start is O(T^2): nearly free */
+            /* the starts, clipped; their objective (first) comes from the caller: one
+               BLAS product for a batch */
+            const double *fi = first + i * n_cand;
             for (ptrdiff_t j = 0; j < n_cand; j++) {
                 double *cj = s.cand + j * nl;
                 for (ptrdiff_t l = 0; l < nl; l++) {
@@ -837,12 +838,11 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
                     x = x > lo[l] ? x : lo[l];
                     cj[l] = x < hi[l] ? x : hi[l];
                 }
-                s.first[j] = lm_objective(cj, c[i], hrow, s.g, exponents, nt, nl, s.v);
             }
             /* stable insertion sort of the candidates (K is small) */
             for (ptrdiff_t j = 0; j < n_cand; j++) {
                 ptrdiff_t q = j;
-                while (q > 0 && less_nan_last(s.first[j], s.first[s.order[q - 1]])) {
+                while (q > 0 && less_nan_last(fi[j], fi[s.order[q - 1]])) {
                     s.order[q] = s.order[q - 1];
                     q--;
                 }
@@ -1128,12 +1128,173 @@ int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
     return err;
 }
 
+/* The de-biased covariance of one star at its labels (_reference.sandwich_covariance):
+ * H^-1 (F (1 + kappa v^T Cbar v) + extra) H^-1 with H the capped F - B_x, and the
+ * correction the cap withheld, max_l |(H^-1 (b - push b))_l| / sigma_l. */
+int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                           const double *g_packed, const double *b_packed,
+                           const double *cbar_packed, const double *kappa, const double *extra,
+                           const double *x, const int64_t *exponents, double cap,
+                           double *cov_out, int64_t *capped_out, double *withheld_out)
+{
+    const ptrdiff_t nt = n_terms, nl = n_labels, n2 = nt * (nt + 1) / 2;
+    int err = CF_OK;
+    if (n_stars < 0 || nt < 0 || nl < 0) return CF_ERR_ARG;
+    if (n_stars == 0) return CF_OK;
+    /* a few microseconds a star: threads woken for a batch cost more than they save on a
+       busy machine (as for cf_design) */
+    const int nthr = team_size(n_stars, 65536);
+    (void)nthr; /* unused without OpenMP */
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        /* g, b, cbar (T, T); zero, v, gv (T); dv, gdv (T, L); scratch, bias, pushed, rest,
+           step, r, lam, vec, col, unit (L); fisher, bmat, hess, hinv, mid, m, chol, a, u,
+           tmp (L, L) */
+        size_t n_dbl = (size_t)(3 * nt * nt + 3 * nt + 2 * nt * nl + 10 * nl + 10 * nl * nl + 1);
+        double *blk = (double *)calloc(n_dbl, sizeof(double));
+        if (!blk) {
+            CF_OMP(omp atomic write)
+            err = CF_ERR_NOMEM;
+        }
+        double *g = blk, *b = g + nt * nt, *cbar = b + nt * nt, *zero = cbar + nt * nt;
+        double *v = zero + nt, *gv = v + nt, *dv = gv + nt, *gdv = dv + nt * nl;
+        double *scratch = gdv + nt * nl, *bias = scratch + nl, *pushed = bias + nl;
+        double *rest = pushed + nl, *step = rest + nl, *r = step + nl, *col = r + nl;
+        double *unit = col + nl, *fisher = unit + nl, *bmat = fisher + nl * nl;
+        double *hess = bmat + nl * nl, *hinv = hess + nl * nl, *mid = hinv + nl * nl;
+        double *m = mid + nl * nl;
+        capped_scratch cs;
+        cs.chol = m + nl * nl;
+        cs.a = cs.chol + nl * nl;
+        cs.u = cs.a + nl * nl;
+        cs.tmp = cs.u + nl * nl;
+        cs.lam = cs.tmp + nl * nl;
+        cs.vec = cs.lam + nl;
+        if (blk) {
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t c = a; c < nt; c++, k++) cbar[a * nt + c] = cbar[c * nt + a] =
+                    cbar_packed[k];
+            }
+        }
+        CF_OMP(omp for schedule(dynamic, 8))
+        for (ptrdiff_t i = 0; i < n_stars; i++) {
+            if (!blk) continue;
+            const double *gp = g_packed + i * n2, *bp = b_packed + i * n2;
+            double *cov = cov_out + i * nl * nl;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t a = 0; a < nt; a++) {
+                for (ptrdiff_t c = a; c < nt; c++, k++) {
+                    g[a * nt + c] = g[c * nt + a] = gp[k];
+                    b[a * nt + c] = b[c * nt + a] = bp[k];
+                }
+            }
+            cf_label_vector_and_jacobian(nt, nl, x + i * nl, exponents, v, dv);
+            lm_grad_hess(g, zero, v, dv, nt, nl, gv, gdv, scratch, fisher);
+            lm_grad_hess(b, zero, v, dv, nt, nl, gv, gdv, bias, bmat); /* bias = dv^T B v */
+            memcpy(pushed, bias, sizeof(double) * (size_t)nl);
+            capped_out[i] = capped_step(fisher, bmat, cap, nl, hess, pushed, &cs);
+            double lev = 0.0;
+            for (ptrdiff_t t = 0; t < nt; t++) {
+                double acc = 0.0;
+                for (ptrdiff_t s2 = 0; s2 < nt; s2++) acc += cbar[s2 * nt + t] * v[s2];
+                lev += v[t] * acc;
+            }
+            double scale = 1.0 + kappa[i] * lev;
+            int ok = 1;
+            for (ptrdiff_t j = 0; j < nl && ok; j++) { /* hinv, column by column */
+                for (ptrdiff_t q = 0; q < nl; q++) unit[q] = q == j ? 1.0 : 0.0;
+                ok = solve_small(hess, unit, col, nl, m, r);
+                for (ptrdiff_t q = 0; q < nl; q++) hinv[q * nl + j] = col[q];
+            }
+            if (!ok) {
+                for (ptrdiff_t q = 0; q < nl * nl; q++) cov[q] = NAN;
+                withheld_out[i] = 0.0;
+                continue;
+            }
+            const double *ex = extra + i * nl * nl;
+            for (ptrdiff_t l = 0; l < nl; l++) { /* mid = middle hinv^T */
+                for (ptrdiff_t q = 0; q < nl; q++) {
+                    double s = 0.0;
+                    for (ptrdiff_t p = 0; p < nl; p++)
+                        s += (fisher[l * nl + p] * scale + ex[l * nl + p]) * hinv[q * nl + p];
+                    mid[l * nl + q] = s;
+                }
+            }
+            for (ptrdiff_t l = 0; l < nl; l++) {
+                for (ptrdiff_t q = 0; q < nl; q++) {
+                    double s = 0.0;
+                    for (ptrdiff_t p = 0; p < nl; p++) s += hinv[l * nl + p] * mid[p * nl + q];
+                    cov[l * nl + q] = s;
+                }
+            }
+            for (ptrdiff_t l = 0; l < nl; l++) rest[l] = bias[l] - pushed[l];
+            if (!solve_small(hess, rest, step, nl, m, r)) {
+                for (ptrdiff_t l = 0; l < nl; l++) step[l] = 0.0;
+            }
+            double worst = 0.0;
+            for (ptrdiff_t l = 0; l < nl; l++) {
+                double ratio = fabs(step[l]) / sqrt(fabs(cov[l * nl + l]));
+                if (ratio > worst) worst = ratio; /* NaN (0 / 0) counts as 0 */
+            }
+            withheld_out[i] = worst;
+        }
+        free(blk);
+    }
+    return err;
+}
+
 /* ------------------------------------------------------------------ star weights */
 
-int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
-                    const double *s2, const uint8_t *good_pix, const double *theta0,
-                    const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out, int64_t *bad_out)
+/* One star's pass (the body of cf_star_weights) for spectra of type TYPE: float32
+ * spectra are read as they are, each value widened to double exactly, so the results are
+ * those of a float64 copy without the copy (for a survey, a pass as long as this one). */
+#define CF_STAR_WEIGHTS_ROW(NAME, TYPE)                                                   \
+static void NAME(ptrdiff_t n_pix, const TYPE *f, const TYPE *iv, const double *s2,        \
+                 const uint8_t *good_pix, const double *theta0, const double *t_pix,      \
+                 float *wo, double *wro, double *c_out, int64_t *npix_out,                \
+                 double *moments_out, int64_t *bad_out)                                   \
+{                                                                                         \
+    double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0, sum_iv = 0.0, sum_f = 0.0;            \
+    int64_t cnt = 0, neg = 0;                                                             \
+    for (ptrdiff_t p = 0; p < n_pix; p++) {                                               \
+        double x = (double)iv[p];                                                         \
+        /* the input check rides along, as check_spectra's fast path: a sum with a NaN   \
+           or inf in it is not finite (a finite sum can also overflow: a false alarm,    \
+           which check_spectra then clears) */                                            \
+        sum_iv += x;                                                                      \
+        neg += x < 0.0;                                                                   \
+        sum_f += x > 0.0 ? (double)f[p] : 0.0;                                            \
+        if (x > 0 && good_pix[p]) {                                                       \
+            double w = x / (1.0 + x * s2[p]); /* 1 / (1/ivar + s2), one division */       \
+            double r = (double)f[p] - theta0[p];                                          \
+            wo[p] = (float)w;                                                             \
+            wro[p] = w * r;                                                               \
+            acc += w * r * r;                                                             \
+            cnt++;                                                                        \
+            m0 += w;                                                                      \
+            m1 += w * t_pix[p];                                                           \
+            m2 += w * w * t_pix[p];                                                       \
+        } else {                                                                          \
+            wo[p] = 0.0f;                                                                 \
+            wro[p] = 0.0;                                                                 \
+        }                                                                                 \
+    }                                                                                     \
+    *c_out = acc;                                                                         \
+    *npix_out = cnt;                                                                      \
+    *bad_out = !isfinite(sum_iv) || neg > 0 || !isfinite(sum_f);                          \
+    moments_out[0] = m0;                                                                  \
+    moments_out[1] = m1;                                                                  \
+    moments_out[2] = m2;                                                                  \
+}
+
+CF_STAR_WEIGHTS_ROW(star_weights_row_f64, double)
+CF_STAR_WEIGHTS_ROW(star_weights_row_f32, float)
+
+int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const void *flux, const void *ivar,
+                    int single, const double *s2, const uint8_t *good_pix,
+                    const double *theta0, const double *t_pix, float *w_out, double *wr_out,
+                    double *c_out, int64_t *npix_out, double *moments_out, int64_t *bad_out)
 {
     if (n_stars < 0 || n_pix < 0) return CF_ERR_ARG;
     const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
@@ -1141,41 +1302,17 @@ int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, cons
     /* one pass over each spectrum: this kernel is bound by memory bandwidth */
     CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
     for (ptrdiff_t i = 0; i < n_stars; i++) {
-        const double *f = flux + i * n_pix;
-        const double *iv = ivar + i * n_pix;
-        float *wo = w_out + i * n_pix;
-        double *wro = wr_out + i * n_pix;
-        double acc = 0.0, m0 = 0.0, m1 = 0.0, m2 = 0.0, sum_iv = 0.0, sum_f = 0.0;
-        int64_t cnt = 0, neg = 0;
-        for (ptrdiff_t p = 0; p < n_pix; p++) {
-            double x = iv[p];
-            /* the input check rides along, as check_spectra's fast path: a sum with a NaN
-               or inf in it is not finite (a finite sum can also overflow: a false alarm,
-               which check_spectra then clears) */
-            sum_iv += x;
-            neg += x < 0.0;
-            sum_f += x > 0.0 ? f[p] : 0.0;
-            if (x > 0 && good_pix[p]) {
-                double w = 1.0 / (1.0 / x + s2[p]);
-                double r = f[p] - theta0[p];
-                wo[p] = (float)w;
-                wro[p] = w * r;
-                acc += w * r * r;
-                cnt++;
-                m0 += w;
-                m1 += w * t_pix[p];
-                m2 += w * w * t_pix[p];
-            } else {
-                wo[p] = 0.0f;
-                wro[p] = 0.0;
-            }
+        if (single) {
+            star_weights_row_f32(n_pix, (const float *)flux + i * n_pix,
+                                 (const float *)ivar + i * n_pix, s2, good_pix, theta0, t_pix,
+                                 w_out + i * n_pix, wr_out + i * n_pix, c_out + i,
+                                 npix_out + i, moments_out + 3 * i, bad_out + i);
+        } else {
+            star_weights_row_f64(n_pix, (const double *)flux + i * n_pix,
+                                 (const double *)ivar + i * n_pix, s2, good_pix, theta0, t_pix,
+                                 w_out + i * n_pix, wr_out + i * n_pix, c_out + i,
+                                 npix_out + i, moments_out + 3 * i, bad_out + i);
         }
-        c_out[i] = acc;
-        npix_out[i] = cnt;
-        bad_out[i] = !isfinite(sum_iv) || neg > 0 || !isfinite(sum_f);
-        moments_out[3 * i] = m0;
-        moments_out[3 * i + 1] = m1;
-        moments_out[3 * i + 2] = m2;
     }
     return CF_OK;
 }

@@ -141,8 +141,9 @@ int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const do
 
 /**
  * Minimise c - 2 h.v(x) + v(x)^T G v(x) per star within bounds, by
- * Levenberg-Marquardt from the n_polish best of the star's K clipped starting points.
- * Contract: (t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),() over stars
+ * Levenberg-Marquardt from the n_polish best (lowest first) of the star's K clipped
+ * starting points.
+ * Contract: (t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),() over stars
  * (starts is per star).
  *
  * @param n_stars N: number of stars.
@@ -154,6 +155,8 @@ int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const do
  * @param c (N,): sum_p w_p f_p^2.
  * @param exponents (T, L): the exponent of each label in each term.
  * @param starts (N, K, L): candidate starting points of each star, in scaled labels.
+ * @param first (N, K): the objective at each clipped start (the caller's: one BLAS
+ *        product for a batch, _reference.model_eval.start_objectives); only its order is used.
  * @param lo (L,): lower bounds in scaled labels.
  * @param hi (L,): upper bounds in scaled labels.
  * @param n_polish LM runs from this many of the best candidates (>= 1).
@@ -168,9 +171,9 @@ int cf_design(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, const do
  */
 int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_t n_cand,
               const double *g_packed, const double *h, const double *c,
-              const int64_t *exponents, const double *starts, const double *lo,
-              const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter, double xtol,
-              double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
+              const int64_t *exponents, const double *starts, const double *first,
+              const double *lo, const double *hi, ptrdiff_t n_polish, ptrdiff_t max_iter,
+              double xtol, double disagree_dchi2, double *x_out, double *phi_out, int64_t *iters_out,
               int64_t *status_out);
 
 /**
@@ -196,10 +199,10 @@ int cf_lm_fit(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels, ptrdiff_
  *        over all pixels, good or not; check_spectra then decides (a sum can overflow).
  * @return CF_OK.
  */
-int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const double *flux, const double *ivar,
-                    const double *s2, const uint8_t *good_pix, const double *theta0,
-                    const double *t_pix, float *w_out, double *wr_out, double *c_out,
-                    int64_t *npix_out, double *moments_out, int64_t *bad_out);
+int cf_star_weights(ptrdiff_t n_stars, ptrdiff_t n_pix, const void *flux, const void *ivar,
+                    int single, const double *s2, const uint8_t *good_pix,
+                    const double *theta0, const double *t_pix, float *w_out, double *wr_out,
+                    double *c_out, int64_t *npix_out, double *moments_out, int64_t *bad_out);
 
 /**
  * Newton steps on the de-biased objective chi^2 - v^T B v from the plain minimum, with the
@@ -220,6 +223,27 @@ int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
                     const double *g_packed, const double *h, const double *b_packed,
                     const int64_t *exponents, const double *lo, const double *hi, double cap,
                     ptrdiff_t n_steps, double xtol, double *x_inout, int64_t *capped_out);
+
+/**
+ * The de-biased fit's covariance in scaled labels, H^-1 (F (1 + kappa v^T Cbar v) + extra)
+ * H^-1 with H the capped F - B_x, and the correction the cap withheld in standard errors.
+ * Contract: (t2),(t2),(t2),(),(l,l),(l),(t,l),()->(l,l),(),() over stars; the semantics
+ * are those of _reference.model_eval.sandwich_covariance.
+ *
+ * @param g_packed, b_packed (N, T(T+1)/2): packed G and B.
+ * @param cbar_packed (T(T+1)/2,): packed Cbar (shared).
+ * @param kappa (N,); extra (N, L, L): the two forms of the training-noise term.
+ * @param x (N, L): the de-biased fit; exponents (T, L); cap the eigenvalue cap.
+ * @param cov_out (N, L, L): NaN where H is singular.
+ * @param capped_out (N,): 1 where an eigenvalue exceeds cap at x.
+ * @param withheld_out (N,).
+ * @return CF_OK, or CF_ERR_NOMEM.
+ */
+int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
+                           const double *g_packed, const double *b_packed,
+                           const double *cbar_packed, const double *kappa, const double *extra,
+                           const double *x, const int64_t *exponents, double cap,
+                           double *cov_out, int64_t *capped_out, double *withheld_out);
 
 /**
  * sum_p w m^2 per star (the chi^2 of a model at fitted labels, from its residuals).

@@ -26,7 +26,7 @@ from cannon_fast.core.backends import available_backends, kernels, resolve_backe
 from cannon_fast.testing import make_synthetic
 
 KERNELS = ("solve_normal_equations", "s2_update", "s2_update_warm", "lm_fit", "star_weights",
-           "weighted_square_sum", "training_sums", "debias_steps", "design",
+           "weighted_square_sum", "training_sums", "debias_steps", "sandwich_covariance", "design",
            "continuum_normalize")
 needs_c = pytest.mark.skipif(backends._ccannon is None, reason="C extension not built")
 
@@ -81,7 +81,8 @@ def _lm(k, g, h, c, exponents, starts, lo, hi, n_polish=2, max_iter=100, xtol=1e
     n, n_labels = len(c), exponents.shape[1]
     x, phi = np.full((n, n_labels), np.nan), np.full(n, np.nan)
     it, st = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-    k.lm_fit(g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree,
+    first = ref.model_eval.start_objectives(g, h, c, exponents, starts, lo, hi)
+    k.lm_fit(g, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol, disagree,
              x, phi, it, st)
     return x, phi, it, st
 
@@ -512,6 +513,16 @@ def test_star_weights_match_reference(fast_backend, weights_problem):
     assert np.all(w[masked] == 0) and np.all(wr[masked] == 0) and np.all(w[~masked] > 0)
 
 
+def test_star_weights_read_float32_spectra_as_their_float64_copy(backend, weights_problem):
+    """float32 flux and ivar give exactly what their float64 copy gives (no copy made)."""
+    flux, ivar = (a.astype(np.float32) for a in weights_problem[:2])
+    rest = weights_problem[2:]
+    single = _weights(kernels(backend), flux, ivar, *rest)
+    double = _weights(kernels(backend), flux.astype(np.float64), ivar.astype(np.float64), *rest)
+    for a, b in zip(single, double):
+        assert_array_equal(a, b)
+
+
 def test_star_weights_by_hand(backend):
     # ivar 4, s² 0.25: w = 1 / (0.25 + 0.25) = 2; r = 1.5 - 1 = 0.5
     flux, ivar = np.array([[1.5, 9.0, 1.5]]), np.array([[4.0, 0.0, 4.0]])
@@ -571,9 +582,8 @@ def debias_problem(lm_problem):
     noise = rng.normal(scale=0.01, size=(300, len(p["exponents"])))
     w = rng.uniform(1e3, 1e4, size=(n, 300))
     b = (w @ vz.packed_outer(noise)) * np.geomspace(0.3, 300, n)[:, None]
-    x = np.full((n, p["exponents"].shape[1]), np.nan)
-    ref.lm_fit(p["g"], p["h"], p["c"], p["exponents"], p["starts"], p["lo"], p["hi"], 2, 100,
-               1e-10, 9.0, x, np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64))
+    x = _lm(ref, p["g"], p["h"], p["c"], p["exponents"], p["starts"], p["lo"], p["hi"],
+            xtol=1e-10)[0]
     return dict(p, b=np.ascontiguousarray(b), x=x)
 
 
@@ -598,16 +608,75 @@ def test_debias_steps_match_reference(backend, debias_problem):
     assert_array_equal(x0, p["x"])
 
 
+def _sandwich(k, p, x, kappa, extra, cap=0.3):
+    n, n_labels = x.shape
+    cov = np.full((n, n_labels, n_labels), -1.0)
+    capped, withheld = np.full(n, -1, np.int64), np.full(n, -1.0)
+    cbar = np.ascontiguousarray(p["b"].mean(axis=0) / 1e3)
+    k.sandwich_covariance(p["g"], p["b"], cbar, kappa, extra, x, p["exponents"], cap, cov,
+                          capped, withheld)
+    return cov, capped, withheld
+
+
+def test_sandwich_covariance_matches_reference(backend, debias_problem):
+    """The kernels' de-biased covariance and withheld correction against the reference's."""
+    p = debias_problem
+    x, _ = _debias_steps(ref, p)
+    rng = np.random.default_rng(4)
+    n, n_labels = x.shape
+    kappa = rng.uniform(0, 2, n)
+    a = rng.normal(size=(n, n_labels, n_labels))
+    for extra in (np.zeros((n, n_labels, n_labels)), 1e3 * a @ np.swapaxes(a, 1, 2)):
+        cov, capped, withheld = _sandwich(kernels(backend), p, x, kappa, extra)
+        cov_r, capped_r, withheld_r = _sandwich(ref, p, x, kappa, extra)
+        assert_array_equal(capped, capped_r)
+        assert 0 < capped.sum() < n
+        assert_allclose(cov, cov_r, rtol=1e-9, atol=0)
+        assert_allclose(withheld, withheld_r, rtol=1e-8, atol=1e-12)
+        assert np.all(withheld[capped == 0] < 1e-6) and np.all(withheld[capped == 1] > 0)
+
+
+def test_sandwich_covariance_by_definition(backend, debias_problem):
+    """Below the cap: (F - B_x)^-1 F (1 + kappa v^T Cbar v) (F - B_x)^-1, F and B_x at x."""
+    p = debias_problem
+    x, _ = _debias_steps(ref, p)
+    n = len(x)
+    kappa = np.full(n, 0.5)
+    cov, capped, _ = _sandwich(kernels(backend), p, x, kappa, np.zeros(x.shape + x.shape[1:]))
+    cbar = vz.unpack_symmetric(p["b"].mean(axis=0) / 1e3, len(p["exponents"]))
+    v, dv = vz.label_vector(x, p["exponents"]), vz.label_vector_jacobian(x, p["exponents"])
+    for i in np.flatnonzero(capped == 0):
+        g = vz.unpack_symmetric(p["g"][i], len(v[i]))
+        b = vz.unpack_symmetric(p["b"][i], len(v[i]))
+        fisher, bmat = dv[i].T @ g @ dv[i], dv[i].T @ b @ dv[i]
+        hinv = np.linalg.inv(fisher - bmat)
+        expected = hinv @ fisher @ hinv * (1.0 + 0.5 * v[i] @ cbar @ v[i])
+        assert_allclose(cov[i], expected, rtol=1e-9)
+
+
+def test_sandwich_covariance_singular_hessian_gives_nan(backend):
+    """G = 0: F and H are singular, the covariance NaN, nothing withheld."""
+    ex = vz.polynomial_exponents(2, 2)
+    n, l2 = 3, vz.n_packed(len(ex))
+    cov = np.zeros((n, 2, 2))
+    capped, withheld = np.full(n, -1, np.int64), np.full(n, -1.0)
+    kernels(backend).sandwich_covariance(np.zeros((n, l2)), np.zeros((n, l2)), np.zeros(l2),
+                                         np.zeros(n), np.zeros((n, 2, 2)), np.zeros((n, 2)), ex,
+                                         0.3, cov, capped, withheld)
+    assert np.all(np.isnan(cov))
+    assert_array_equal(withheld, 0.0)
+    assert_array_equal(capped, 0)
+
+
 def test_capped_step_matrices_match_the_batched_form():
-    """The reference's per-star capped Hessian and push against fitting._capped_hessian."""
-    from cannon_fast.core import fitting
+    """The reference's per-star capped Hessian and push against its batched form."""
     rng = np.random.default_rng(2)
     a = rng.normal(size=(60, 4, 4))
     fisher = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(4)
     c = rng.normal(size=(60, 4, 4))
     bmat = (c @ np.swapaxes(c, 1, 2)) * np.geomspace(0.01, 3, 60)[:, None, None]
     fisher[-1] = -np.eye(4)  # not positive definite: no correction
-    hess, push, capped = fitting._capped_hessian(fisher, bmat, cap=0.3)
+    hess, push, capped = ref.model_eval.capped_hessian(fisher, bmat, cap=0.3)
     assert 0 < capped.sum() < 59
     for i in range(60):
         h_i, p_i, c_i = capped_step_matrices(fisher[i], bmat[i], 0.3)
@@ -632,6 +701,23 @@ def test_lm_fit_matches_reference(fast_backend, lm_problem):
         _, _, it_nb, _ = _lm(nb_kernels, *args)
         assert np.mean(it == it_nb) >= 0.9
     assert_allclose(x, lm_problem["x_true"], atol=0.05)  # and the fits are right
+
+
+def test_start_objectives_are_the_objective_at_each_clipped_start(lm_problem):
+    """The batch product against c - 2 h.v + v^T G v star by star, shared and per-star starts."""
+    p = lm_problem
+    lo, hi = p["lo"] * 0.5, p["hi"] * 0.5  # some starts are clipped
+    n_terms = len(p["exponents"])
+    shared = p["starts"][0]
+    for starts in (shared, p["starts"]):
+        first = ref.model_eval.start_objectives(p["g"], p["h"], p["c"], p["exponents"], starts,
+                                                lo, hi)
+        for i in range(len(p["c"])):
+            g = vz.unpack_symmetric(p["g"][i], n_terms)
+            own = starts if starts.ndim == 2 else starts[i]
+            v = vz.label_vector(np.clip(own, lo, hi), p["exponents"])
+            direct = p["c"][i] - 2 * v @ p["h"][i] + np.einsum("kt,tu,ku->k", v, g, v)
+            assert_allclose(first[i], direct, rtol=1e-12)
 
 
 def test_lm_fit_status_bits(backend, lm_problem):
@@ -856,7 +942,8 @@ def _c_ok_args():
         "s2_update_warm": [np.ones((5, 4)), np.ones((5, 4)), np.ones(4), np.empty(4),
                            np.empty(4, np.int8)],
         "lm_fit": [np.ones((n, l2)), np.ones((n, t)), np.ones(n), ex, np.zeros((n, 2, 2)),
-                   -np.ones(2), np.ones(2), 1, 10, 1e-6, 9.0, np.empty((n, 2)), np.empty(n),
+                   np.zeros((n, 2)), -np.ones(2), np.ones(2), 1, 10, 1e-6, 9.0,
+                   np.empty((n, 2)), np.empty(n),
                    np.empty(n, np.int64), np.empty(n, np.int64)],
         "star_weights": [np.ones((n, 4)), np.ones((n, 4)), np.zeros(4), np.ones(4, bool),
                          np.ones(4), np.ones(4), np.empty((n, 4), np.float32),
@@ -869,6 +956,9 @@ def _c_ok_args():
                           np.empty(n, np.int64), np.empty((n, 4))],
         "debias_steps": [np.ones((n, l2)), np.ones((n, t)), np.zeros((n, l2)), ex, -np.ones(2),
                          np.ones(2), 0.3, 4, 1e-6, np.zeros((n, 2)), np.empty(n, np.int64)],
+        "sandwich_covariance": [np.ones((n, l2)), np.zeros((n, l2)), np.zeros(l2), np.zeros(n),
+                                np.zeros((n, 2, 2)), np.zeros((n, 2)), ex, 0.3,
+                                np.empty((n, 2, 2)), np.empty(n, np.int64), np.empty(n)],
         "continuum_normalize": [np.ones((n, 6)), np.ones((n, 6)), np.ones((6, 2)),
                                 np.zeros(6, np.int64), np.ones(6, np.uint8), 1, 2,
                                 np.empty((n, 6)), np.empty((n, 6)), np.empty((0, 6)),
@@ -897,11 +987,16 @@ def test_c_valid_arguments_run(name):
     ("lm_fit", 3, vz.polynomial_exponents(2, 2).astype(np.int32), TypeError, "exponents"),
     ("lm_fit", 4, np.zeros((2, 2)), ValueError, "starts must be 3-dimensional"),
     ("lm_fit", 4, np.zeros((3, 0, 2)), ValueError, "at least one point"),
-    ("lm_fit", 7, 0, ValueError, "n_polish must be >= 1"),
-    ("lm_fit", 8, -1, ValueError, "max_iter must be >= 0"),
-    ("lm_fit", 9, "tight", TypeError, "must be real number"),
-    ("lm_fit", 14, np.empty(2, np.int64), ValueError, "status_out has shape"),
+    ("lm_fit", 5, np.zeros((3, 3)), ValueError, r"first has shape \(3, 3\)"),
+    ("lm_fit", 8, 0, ValueError, "n_polish must be >= 1"),
+    ("lm_fit", 9, -1, ValueError, "max_iter must be >= 0"),
+    ("lm_fit", 10, "tight", TypeError, "must be real number"),
+    ("lm_fit", 15, np.empty(2, np.int64), ValueError, "status_out has shape"),
     ("star_weights", 3, np.ones(4), TypeError, "good_pix must have dtype bool"),
+    ("star_weights", 1, np.ones((3, 4), np.float32), TypeError,
+     r"ivar must have dtype float64 \(as flux\)"),
+    ("star_weights", 0, np.ones((3, 4), np.int64), TypeError,
+     "flux must have dtype float64 or float32"),
     ("star_weights", 6, np.empty((3, 4)), TypeError, "w_out must have dtype float32"),
     ("star_weights", 10, np.empty((3, 2)), ValueError, "moments_out has shape"),
     ("star_weights", 11, np.empty(2, np.int64), ValueError, "bad_out has shape"),
@@ -909,6 +1004,9 @@ def test_c_valid_arguments_run(name):
     ("weighted_square_sum", 0, np.ones((3, 4)), TypeError, "w must have dtype float32"),
     ("debias_steps", 2, np.ones((3, 5)), ValueError, r"b_packed has shape \(3, 5\)"),
     ("debias_steps", 7, -1, ValueError, "n_steps must be >= 0"),
+    ("sandwich_covariance", 2, np.zeros(5), ValueError, r"cbar_packed has shape \(5,\)"),
+    ("sandwich_covariance", 4, np.zeros((3, 2, 3)), ValueError, "extra has shape"),
+    ("sandwich_covariance", 9, np.empty(3), TypeError, "capped_out must have dtype int64"),
     ("weighted_square_sum", 1, np.ones((3, 5)), ValueError, r"m has shape \(3, 5\)"),
     ("design", 1, np.zeros((6, 2)), TypeError, "exponents must have dtype int64"),
     ("continuum_normalize", 0, np.ones((3, 6), np.int64), TypeError,

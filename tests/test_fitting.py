@@ -40,6 +40,18 @@ def test_chi2_is_the_direct_sum(setup):
     assert_allclose(r.reduced_chi2, direct / (r.n_pixels - 3), rtol=1e-7)
 
 
+def test_float32_spectra_fit_as_their_float64_copy(setup, backend):
+    """float32 spectra (a survey's) are read as they are: the fit of their float64 copy."""
+    model, _, test = setup
+    f32, i32 = test.flux.astype(np.float32), test.ivar.astype(np.float32)
+    for options in (dict(), dict(debias=False), dict(refine_continuum=True)):
+        single = model.fit(f32, i32, backend=backend, **options)
+        double = model.fit(f32.astype(np.float64), i32.astype(np.float64), backend=backend,
+                           **options)
+        for name in ("labels", "errors", "chi2", "flags"):
+            assert_array_equal(getattr(single, name), getattr(double, name), err_msg=name)
+
+
 def test_debiased_fast_matches_its_reference(setup, monkeypatch):
     """Fast de-biased fit vs minimising chi² - sum_p w_p v^T C_p v directly (L-BFGS-B)."""
     from cannon_fast.core import fitting
@@ -215,7 +227,7 @@ def test_capped_hessian_matches_a_generalized_eigendecomposition():
     """F - B with the eigenvalues of B against F capped, checked star by star with scipy."""
     from scipy.linalg import eigh
 
-    from cannon_fast.core.fitting import _capped_hessian
+    from cannon_fast.core._reference.model_eval import capped_hessian
     rng = np.random.default_rng(8)
     n, size, cap = 40, 4, 0.3
     a = rng.normal(size=(n, size, size))
@@ -223,7 +235,7 @@ def test_capped_hessian_matches_a_generalized_eigendecomposition():
     b = rng.normal(size=(n, size, size))
     # B from small to large against F, so that some stars are capped and some are not
     bmat = np.geomspace(1e-3, 3.0, n)[:, None, None] * (b @ np.swapaxes(b, 1, 2))
-    hess, push, capped = _capped_hessian(fisher, bmat, cap)
+    hess, push, capped = capped_hessian(fisher, bmat, cap)
     assert 0 < capped.sum() < n
     for i in range(n):
         lam, u = eigh(bmat[i], fisher[i])  # B u = lam F u, u^T F u = I

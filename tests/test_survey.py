@@ -441,6 +441,36 @@ def test_catalog_records_the_job(tmp_path, small, npz):
     assert set(meta["flags"].values()) >= {1, 2, 4, 8, 16, 128, 256, 1 << 16, 1 << 17, 1 << 18}
 
 
+def test_fittable_spectra_copied_only_where_they_need_cleaning():
+    """Clean spectra go to the fit as they are, spoiled ones are cleaned in a copy.
+
+    Spoiled: non-finite values, negative ivar or an unusable row (weight 0, flux 1).
+    """
+    from cannon_fast.survey.chunk import _fittable
+    rng = np.random.default_rng(0)
+    f = rng.normal(1, 0.1, (4, 50)).astype(np.float32)
+    v = rng.uniform(0, 100, (4, 50)).astype(np.float32)
+    v[:, ::7] = 0.0
+    usable = np.ones(4, bool)
+    f2, v2 = _fittable(f, v, usable)
+    assert f2 is f and v2 is v
+    for spoil in ("nan_flux", "inf_ivar", "negative", "unusable"):
+        fb, vb, ub = f.copy(), v.copy(), usable.copy()
+        if spoil == "nan_flux":
+            fb[1, 3] = np.nan
+        elif spoil == "inf_ivar":
+            vb[2, 4] = np.inf
+        elif spoil == "negative":
+            vb[0, 5] = -1.0
+        else:
+            ub[3] = False
+        f2, v2 = _fittable(fb, vb, ub)
+        ok = ub[:, None] & np.isfinite(fb) & np.isfinite(vb) & (vb > 0)
+        np.testing.assert_array_equal(f2, np.where(ok, fb, 1.0))
+        np.testing.assert_array_equal(v2, np.where(ok, vb, 0.0))
+        assert np.all(np.isfinite(f2)) and np.all(v2 >= 0) and np.all(v2 < np.inf)
+
+
 def test_flag_bits_are_distinct():
     from cannon_fast.core.fitting import FLAGS
 

@@ -80,7 +80,8 @@ def kernels(backend):
     """Return the kernel module for a resolved backend name.
 
     Every module exposes ``solve_normal_equations``, ``s2_update``, ``lm_fit``,
-    ``star_weights``, ``weighted_square_sum``, ``design`` and ``continuum_normalize``
+    ``star_weights``, ``weighted_square_sum``, ``debias_steps``, ``sandwich_covariance``,
+    ``design`` and ``continuum_normalize``
     with the signatures and contracts of ``_reference``.
     """
     if backend == "c":

@@ -32,6 +32,9 @@ import numpy as np
 
 from . import vectorizer as vz
 from ._reference.model_eval import HIT_BOUND, NOT_CONVERGED, STARTS_DISAGREE
+from ._reference.model_eval import batched_inverse as _inverse
+from ._reference.model_eval import batched_solve as _solve_batched
+from ._reference.model_eval import start_objectives
 from .._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
@@ -70,10 +73,11 @@ SPARSE_QUANTILE = 95.0
 #: over benchmark, demo and mock data (docs/measurements.md).
 DEBIAS_LAMBDA_CAP = 0.3
 #: DEBIAS_CAPPED marks a star only where the correction the cap withholds (one Newton
-#: step, ``_withheld_correction``) exceeds this many standard errors in some label: the
-#: cap bites on every star of a small training set (the demo's), and a flag on every star
-#: says nothing. On the demo's validation stars that step predicts part of the error
-#: against the truth, and the flagged stars' errors are ~3x the others' (docs/measurements.md).
+#: step, ``_reference.model_eval.withheld_correction``) exceeds this many standard errors
+#: in some label: the cap bites on every star of a small training set (the demo's), and a
+#: flag on every star says nothing. On the demo's validation stars that step predicts part
+#: of the error against the truth, and the flagged stars' errors are ~3x the others'
+#: (docs/measurements.md).
 DEBIAS_CAPPED_SIGMA = 2.0
 #: Newton steps on the corrected objective, from the plain minimum (at most) ...
 DEBIAS_STEPS = 4
@@ -314,14 +318,22 @@ class FitResult:
         return cls(label_names=parts[0].label_names, debiased=parts[0].debiased, **fields)
 
 
-def _check_fit_input(flux, ivar, n_pixels, check_values=True):
+def _check_fit_input(flux, ivar, n_pixels, check_values=True, keep_float32=False):
     """Float64 (N, P) spectra on the model's grid; their values checked unless told not to.
 
     ``check_values=False``: the caller checks them itself (``fit_cannon``'s weights
     kernel runs ``check_spectra``'s fast test in the pass it makes anyway).
+    ``keep_float32``: C-contiguous float32 flux and ivar stay float32 (the weights
+    kernel reads them as they are; a float64 copy of a survey's float32 spectra costs
+    as much as that whole pass).
     """
-    flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
-    ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
+    if keep_float32 and all(isinstance(a, np.ndarray) and a.dtype == np.float32
+                            and a.ndim in (1, 2) for a in (flux, ivar)):
+        flux = np.ascontiguousarray(np.atleast_2d(flux))
+        ivar = np.ascontiguousarray(np.atleast_2d(ivar))
+    else:
+        flux = as_float64(np.atleast_2d(flux), "flux", ndim=2)
+        ivar = as_float64(np.atleast_2d(ivar), "ivar", ndim=2)
     if flux.shape != ivar.shape:
         raise ValueError(f"flux and ivar shapes differ: {flux.shape} vs {ivar.shape}")
     if n_pixels is not None and flux.shape[1] != n_pixels:
@@ -418,7 +430,8 @@ def fit_cannon(model, flux, ivar, debias=True, exact_debias=False, n_starts=32, 
     model._require_trained()
     _check_broadening(debias, broadening)
     # the values are checked by the weights kernel, in its pass over the spectra
-    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels, check_values=False)
+    flux, ivar = _check_fit_input(flux, ivar, model.n_pixels, check_values=False,
+                                  keep_float32=True)
     backend = resolve_backend(backend or model.backend)
     settings = _FitSettings(debias=debias, exact_debias=exact_debias, n_starts=n_starts,
                             n_polish=n_polish, batch_size=batch_size, max_iter=max_iter,
@@ -457,7 +470,7 @@ def _refine_continuum(model, flux, ivar, result, batch_size, backend):
 
     One correction per segment of the model's grid (``model.segments``).
     """
-    refined_flux, refined_ivar = np.empty_like(flux), np.empty_like(ivar)
+    refined_flux, refined_ivar = np.empty(flux.shape), np.empty(ivar.shape)  # float64
     for a in range(0, len(flux), batch_size):  # bounds the (batch, P) temporaries
         rows = slice(a, a + batch_size)
         refined_flux[rows], refined_ivar[rows] = renormalize_to_model(
@@ -496,10 +509,7 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
     bounds = model.scaled_label_bounds  # (2, L)
     lo, hi = np.ascontiguousarray(bounds[0]), np.ascontiguousarray(bounds[1])
     batch = min(batch_size, n_stars)
-    # batch buffers, reused: fresh (batch, P) arrays would cost their page faults again
-    w_buf = np.empty((batch, model.n_pixels), dtype=np.float32)
-    wr_buf = np.empty((batch, model.n_pixels))
-    m_buf = np.empty((batch, model.n_pixels))
+    w_buf, wr_buf = _work_buffers(batch, model.n_pixels)
     parts = []
     bar = progress(total=n_stars, desc="fitting labels", unit="star",
                    disable=None if progress_bar is None and n_stars > batch_size
@@ -532,8 +542,7 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         idx = np.flatnonzero(fittable)
         if len(idx):
             x[idx], iters[idx], status[idx] = _run_lm(
-                k, g[idx], h[idx], c[idx], model.exponents,
-                np.broadcast_to(starts, (len(idx),) + starts.shape), lo, hi, n_polish, max_iter,
+                k, g[idx], h[idx], c[idx], model.exponents, starts, lo, hi, n_polish, max_iter,
                 xtol, disagree_dchi2)
             if debias:
                 at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
@@ -542,35 +551,38 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         # chi², Fisher matrix and covariance at the solution
         v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
         k.design(x, model.exponents, v, dv)
-        g_full = vz.unpack_symmetric(g, n_terms)
         # chi² from the residuals themselves (G, accumulated in float32, is not used here):
         # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
-        m = np.matmul(v, pre["theta_rest"].T, out=m_buf[:n])  # model minus its constant term
+        # the model minus its constant term, in wr's buffer (wr is done with once h is made)
+        m = np.matmul(v, pre["theta_rest"].T, out=wr_buf[:n])
         chi2 = np.empty(n)
         k.weighted_square_sum(w, m, chi2)
         chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
-        dvt = np.swapaxes(dv, 1, 2)
-        fisher = dvt @ g_full @ dv  # (n, L, L)
         if debias:
-            b_full = vz.unpack_symmetric(b, n_terms)
-            hess, push, capped = _capped_hessian(fisher, dvt @ b_full @ dv)
+            # the sandwich and what the eigenvalue cap withheld, per star in the kernel
             if exact_debias:
                 q = (vz.packed_outer(v) * pre["twice"]).astype(np.float32) @ cov32.T  # v^T C_p v
                 q *= w
                 q *= w
                 s_t = np.zeros_like(g)  # sum_p w² q_p theta theta^T
                 s_t[:, pre["g_columns"]] = q @ theta_outer32
+                dvt = np.swapaxes(dv, 1, 2)
                 extra = dvt @ vz.unpack_symmetric(s_t, n_terms) @ dv
+                kappa = np.zeros(n)
             else:
-                # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ lev * kappa * F
-                lev = np.einsum("nt,nt->n", v, (vz.unpack_symmetric(cbar, n_terms) @ v.T).T)
+                # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ (v^T Cbar v) kappa F
+                extra = np.zeros((n, n_labels, n_labels))
                 kappa = mom[:, 2] / np.maximum(mom[:, 0], 1e-300)
-                extra = (lev * kappa)[:, None, None] * fisher
-            cov_x = _sandwich(hess, fisher + extra)
-            withheld = _withheld_correction(hess, push, dvt @ (b_full @ v[:, :, None]), cov_x)
-            status[capped & fittable & (withheld > DEBIAS_CAPPED_SIGMA)] |= FLAGS["DEBIAS_CAPPED"]
+            cov_x, capped, withheld = (np.empty((n, n_labels, n_labels)), np.empty(n, np.int64),
+                                       np.empty(n))
+            k.sandwich_covariance(g, np.ascontiguousarray(b), cbar, kappa, extra, x,
+                                  model.exponents, float(DEBIAS_LAMBDA_CAP), cov_x, capped,
+                                  withheld)
+            hit = (capped == 1) & fittable & (withheld > DEBIAS_CAPPED_SIGMA)
+            status[hit] |= FLAGS["DEBIAS_CAPPED"]
         else:
-            cov_x = _inverse(fisher)
+            g_full = vz.unpack_symmetric(g, n_terms)
+            cov_x = _inverse(np.swapaxes(dv, 1, 2) @ g_full @ dv)
         # a non-positive-definite covariance means the fit is not trustworthy
         diag = np.diagonal(cov_x, axis1=1, axis2=2)
         failed = ~np.all(np.isfinite(diag) & (diag > 0), axis=1) & fittable
@@ -591,6 +603,24 @@ def _fit_batches(model, flux, ivar, settings, check_values=True):
         bar.update(n)
     bar.close()
     return FitResult.concatenate(parts)
+
+
+#: Each thread's batch buffers of its last fit (see _work_buffers).
+_BUFFERS = threading.local()
+
+
+def _work_buffers(batch, n_pix):
+    """(batch, P) buffers of the weights (float32) and of the weighted residuals (float64).
+
+    Kept per thread from one fit to the next of the same size (~50 MB for 512 stars of
+    8575 pixels): fresh ones cost their first-touch page faults in every call, as much as
+    a fifth of a 1024-star call's fit (a survey chunk fits 1024 stars at a time).
+    """
+    kept = getattr(_BUFFERS, "arrays", None)
+    if kept is None or kept[0].shape[0] < batch or kept[0].shape[1] != n_pix:
+        kept = (np.empty((batch, n_pix), np.float32), np.empty((batch, n_pix)))
+        _BUFFERS.arrays = kept
+    return kept
 
 
 def _refuse_values(flux, ivar, rows):
@@ -635,94 +665,11 @@ def fitted_spectra(model, result, rows=slice(None)):
     return out
 
 
-def _capped_hessian(fisher, bmat, cap=None):
-    """``F - B`` with the generalized eigenvalues of B against F capped at ``cap``.
-
-    In the coordinates where F is the identity and B is diagonal (eigenvalues
-    lambda), the plain fit is shrunk by (1 - lambda) and the correction divides
-    by it. Capping lambda bounds that amplification; the push ``dv^T B v`` is
-    scaled by ``min(1, cap / lambda)`` along the same directions so the capped
-    correction stays consistent.
-
-    Returns
-    -------
-    hess : ndarray, (n, L, L)
-        The capped ``F - B``; F itself for a star whose F is not positive definite.
-    push_scale : ndarray, (n, L, L)
-        The operator applied to ``dv^T B v``; the identity where nothing is capped.
-    capped : ndarray of bool, (n,)
-    """
-    cap = DEBIAS_LAMBDA_CAP if cap is None else cap
-    n, n_labels = fisher.shape[0], fisher.shape[1]
-    # Every eigenvalue is below the cap exactly where cap * F - B is positive definite:
-    # those stars (most of them) need no eigendecomposition.
-    easy = _batched_cholesky(cap * fisher - bmat)[1]
-    hess = fisher - bmat
-    push = np.repeat(np.eye(n_labels)[None], n, axis=0)
-    capped = np.zeros(n, bool)
-    hard = np.flatnonzero(~easy)
-    if len(hard) == 0:
-        return hess, push, capped
-    fisher, bmat = fisher[hard], bmat[hard]
-    hess[hard] = fisher
-    # stars whose F is not positive definite get no correction
-    chol, fine = _batched_cholesky(fisher)
-    c = chol[fine]
-    a = np.linalg.solve(c, np.swapaxes(np.linalg.solve(c, bmat[fine]), 1, 2))  # L^-1 B L^-T
-    lam, u = np.linalg.eigh(0.5 * (a + np.swapaxes(a, 1, 2)))
-    capped[hard[fine]] = lam.max(axis=1) > cap
-    ut = np.swapaxes(u, 1, 2)
-    hess[hard[fine]] = c @ ((u * (1.0 - np.minimum(lam, cap))[:, None, :]) @ ut) \
-        @ np.swapaxes(c, 1, 2)
-    scale = np.where(lam > cap, cap / np.where(lam > cap, lam, 1.0), 1.0)
-    push[hard[fine]] = c @ ((u * scale[:, None, :]) @ ut) @ np.linalg.inv(c)
-    push[hard[~fine]] = 0.0
-    return hess, push, capped
-
-
-def _withheld_correction(hess, push, bias_push, cov_x):
-    """How much de-biasing correction the cap left out, in units of each label's error.
-
-    At the capped solution the plain gradient balances ``push @ b`` (``b`` =
-    ``dv^T B v``, the pull of the model's training noise toward the centre of the
-    training set); the full correction would balance ``b`` itself. One Newton step
-    at the capped curvature, ``hess^-1 (I - push) b``, is the part withheld, a lower
-    bound on the pull the fit still carries. Returns, per star, its largest ratio
-    to the label's standard error (0 where nothing was capped).
-    """
-    rest = bias_push[:, :, 0] - (push @ bias_push)[:, :, 0]
-    step = _solve_batched(hess, rest)
-    sigma = np.sqrt(np.abs(np.diagonal(cov_x, axis1=1, axis2=2)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.abs(step) / sigma
-    return np.nan_to_num(ratio, nan=0.0, posinf=np.inf).max(axis=1)
-
-
-def _batched_cholesky(a):
-    """Lower Cholesky factors of (n, L, L) matrices, vectorised over n (L is small).
-
-    Returns ``(chol, ok)``; ``ok`` is False where a matrix is not positive definite
-    (its factor is then meaningless). One numpy call per entry instead of one LAPACK
-    call per matrix, and no exception for the whole batch when one matrix fails.
-    """
-    n, size = a.shape[0], a.shape[1]
-    c = np.zeros_like(a)
-    ok = np.ones(n, bool)
-    for j in range(size):
-        d = a[:, j, j] - np.einsum("nk,nk->n", c[:, j, :j], c[:, j, :j])
-        ok &= d > 0
-        dj = np.sqrt(np.where(d > 0, d, 1.0))
-        c[:, j, j] = dj
-        for i in range(j + 1, size):
-            c[:, i, j] = (a[:, i, j] - np.einsum("nk,nk->n", c[:, i, :j], c[:, j, :j])) / dj
-    return c, ok
-
-
 def _debias(k, x, idx, g, h, b, exponents, lo, hi):
     """Newton steps on the (capped) corrected objective ``chi² - v^T B v``, in place on x[idx].
 
-    Each step recomputes the capped Hessian (``_capped_hessian``; reusing the first
-    one can diverge); a star stops where a step is no smaller than the one before
+    Each step recomputes the capped Hessian (``_reference.model_eval.capped_hessian``;
+    reusing the first one can diverge); a star stops where a step is no smaller than the one before
     it, so a correction can only converge, never run away. Per star in the
     backend's ``debias_steps`` (``_reference.model_eval.debias_steps``).
     Returns where a label ends on a bound (the steps are clipped to them, as LM's
@@ -737,47 +684,21 @@ def _debias(k, x, idx, g, h, b, exponents, lo, hi):
                   axis=1)
 
 
-def _solve_batched(a, rhs):
-    try:
-        return np.linalg.solve(a, rhs[:, :, None])[:, :, 0]
-    except np.linalg.LinAlgError:
-        out = np.zeros_like(rhs)
-        for i in range(len(a)):
-            try:
-                out[i] = np.linalg.solve(a[i], rhs[i])
-            except np.linalg.LinAlgError:
-                pass
-        return out
-
-
 def _run_lm(k, g, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2):
-    """Call the backend's ``lm_fit`` on C-contiguous copies; returns (x, iterations, status)."""
+    """Call the backend's ``lm_fit`` from starts (K, L) shared by all stars; (x, iters, status).
+
+    The objective at every start is one BLAS product for the batch
+    (``start_objectives``); the kernel polishes the best ``n_polish`` of them.
+    """
     n, n_labels = len(c), exponents.shape[1]
+    g, h, c = np.ascontiguousarray(g), np.ascontiguousarray(h), np.ascontiguousarray(c)
+    first = np.ascontiguousarray(start_objectives(g, h, c, exponents, starts, lo, hi))
     x, phi = np.empty((n, n_labels)), np.empty(n)
     it, st = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    k.lm_fit(np.ascontiguousarray(g), np.ascontiguousarray(h), np.ascontiguousarray(c),
-             exponents, np.ascontiguousarray(starts), lo, hi, int(n_polish), int(max_iter),
-             float(xtol), float(disagree_dchi2), x, phi, it, st)
+    k.lm_fit(g, h, c, exponents, np.ascontiguousarray(np.broadcast_to(starts, (n,) + starts.shape)),
+             first, lo, hi, int(n_polish), int(max_iter), float(xtol), float(disagree_dchi2),
+             x, phi, it, st)
     return x, it, st
-
-
-def _inverse(m):
-    """Batched inverse; NaN for singular matrices instead of failing the batch."""
-    try:
-        return np.linalg.inv(m)
-    except np.linalg.LinAlgError:
-        out = np.full_like(m, np.nan)
-        for i in range(len(m)):
-            try:
-                out[i] = np.linalg.inv(m[i])
-            except np.linalg.LinAlgError:
-                pass
-        return out
-
-
-def _sandwich(hess, middle):
-    hinv = _inverse(hess)
-    return hinv @ middle @ np.swapaxes(hinv, 1, 2)
 
 
 def fit_trf(model, flux, ivar, n_starts=8, debias=False, progress_bar=None):

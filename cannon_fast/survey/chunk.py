@@ -187,11 +187,7 @@ def _fit_rows(model, flux, ivar, usable, reason, options):
         b = min(a + _FIT_SLICE, n)
         f = flux[a:b] if cols is None else flux[a:b][:, cols]
         v = ivar[a:b] if cols is None else ivar[a:b][:, cols]
-        # a pixel with non-finite values carries no weight (instead of failing the chunk)
-        with np.errstate(invalid="ignore"):
-            ok = usable[a:b, None] & np.isfinite(f) & np.isfinite(v) & (v > 0)
-        f = np.where(ok, f, 1.0)
-        v = np.where(ok, v, 0.0)
+        f, v = _fittable(f, v, usable[a:b])
         for lo, hi, res in _fit_slice(model, f, v, a, fit_kw, r["flags"], reason):
             r["labels"][lo:hi], r["cov"][lo:hi] = res.labels, res.covariance
             r["formal"][lo:hi] = res.errors if res.formal_errors is None else res.formal_errors
@@ -211,6 +207,22 @@ def _fit_rows(model, flux, ivar, usable, reason, options):
     if not with_broadening:
         r["broad"] = None
     return r
+
+
+def _fittable(f, v, usable):
+    """(flux, ivar) the fit accepts: no weight on non-finite values or unusable rows.
+
+    A pixel with non-finite values carries no weight (instead of failing the chunk).
+    Spectra with none, all rows usable and no negative ivar (normalized survey spectra,
+    nearly always) are returned as they are: three reductions instead of the copies,
+    ~40 us/star of a survey's 8575-pixel spectra (the fit reads no flux where ivar = 0).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        if (usable.all() and np.isfinite(f.sum(dtype=np.float64))
+                and np.isfinite(v.sum(dtype=np.float64)) and v.min(initial=0.0) >= 0):
+            return f, v
+        ok = usable[:, None] & np.isfinite(f) & np.isfinite(v) & (v > 0)
+    return np.where(ok, f, 1.0), np.where(ok, v, 0.0)
 
 
 def _fit_slice(model, f, v, a, fit_kw, fitflags, reason):

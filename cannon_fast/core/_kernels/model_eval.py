@@ -215,11 +215,11 @@ def _lm_one(x, c, h, g, exponents, lo, hi, max_iter, xtol, v, dv):
 
 
 @nb.njit(**JIT_PARALLEL)
-def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
-           x_out, phi_out, iters_out, status_out):
+def lm_fit(g_packed, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol,
+           disagree_dchi2, x_out, phi_out, iters_out, status_out):
     """Minimise ``c - 2 h.v + v^T G v`` per star, LM from its ``n_polish`` best starts.
 
-    ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()``
+    ``(t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),()``
     """
     n_stars = c.shape[0]
     n_terms, n_labels = exponents.shape
@@ -236,12 +236,10 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         v = np.empty(n_terms)
         dv = np.empty((n_terms, n_labels))
         cand = np.empty((n_cand, n_labels))
-        first = np.empty(n_cand)
         for s in range(n_cand):
             for l in range(n_labels):
                 cand[s, l] = min(max(starts[i, s, l], lo[l]), hi[l])
-            first[s] = _objective(cand[s], c[i], h[i], g, exponents, v, dv)
-        order = np.argsort(first, kind="mergesort")
+        order = np.argsort(first[i], kind="mergesort")
         ends = np.empty((n_runs, n_labels))
         phis = np.empty(n_runs)
         convs = np.zeros(n_runs, dtype=np.bool_)
@@ -285,7 +283,8 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
                  moments_out, bad_out):
     """Weights, ``w (f - theta0)``, chi², good pixels, moments and a bad-value test per star.
 
-    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``
+    ``(p),(p),(p),(p),(p),(p)->(p),(p),(),(),(3),()``; flux and ivar float64 or both float32
+    (compiled for each).
     """
     n_stars, n_pix = flux.shape
     for i in nb.prange(n_stars):
@@ -306,7 +305,7 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
             if iv > 0.0:
                 sum_f += flux[i, p]
             if iv > 0 and good_pix[p]:
-                w = 1.0 / (1.0 / iv + s2[p])
+                w = iv / (1.0 + iv * s2[p])  # 1 / (1/ivar + s2) with one division
                 r = flux[i, p] - theta0[p]
                 w_out[i, p] = w
                 wr_out[i, p] = w * r
@@ -597,3 +596,97 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
         capped_out[i] = capped
         for l in range(n_labels):
             x_inout[i, l] = x[l]
+
+
+@nb.njit(**JIT)
+def _unpack_into(packed, out):
+    """The symmetric (T, T) ``out`` from its packed upper triangle (row-major)."""
+    n = out.shape[0]
+    k = 0
+    for a in range(n):
+        for c in range(a, n):
+            out[a, c] = packed[k]
+            out[c, a] = packed[k]
+            k += 1
+
+
+@nb.njit(**JIT)
+def _inverse_into(a, out, n):
+    """``out = a^-1`` column by column (a is not changed); False if a is singular."""
+    col = np.empty(n)
+    rhs = np.empty(n)
+    for j in range(n):
+        for i in range(n):
+            rhs[i] = 1.0 if i == j else 0.0
+        if not gauss_solve_inplace(a.copy(), rhs, col, n, 0.0):
+            return False
+        for i in range(n):
+            out[i, j] = col[i]
+    return True
+
+
+@nb.njit(**JIT)  # serial: a few us a star, less than waking threads costs (as design)
+def sandwich_covariance(g_packed, b_packed, cbar_packed, kappa, extra, x, exponents, cap,
+                        cov_out, capped_out, withheld_out):
+    """The de-biased covariance and the withheld correction per star.
+
+    ``(t2),(t2),(t2),(),(l,l),(l),(t,l),()->(l,l),(),()``; see
+    ``_reference.sandwich_covariance``.
+    """
+    n_terms, n_labels = exponents.shape
+    cbar = np.empty((n_terms, n_terms))
+    _unpack_into(cbar_packed, cbar)
+    for i in range(x.shape[0]):
+        g = np.empty((n_terms, n_terms))
+        b = np.empty((n_terms, n_terms))
+        _unpack_into(g_packed[i], g)
+        _unpack_into(b_packed[i], b)
+        v = np.empty(n_terms)
+        dv = np.empty((n_terms, n_labels))
+        gv = np.empty(n_terms)
+        zero = np.zeros(n_terms)
+        label_vector_and_jacobian(x[i], exponents, v, dv)
+        scratch = np.empty(n_labels)
+        fisher = np.empty((n_labels, n_labels))
+        bmat = np.empty((n_labels, n_labels))
+        bias = np.empty(n_labels)
+        _grad_hess(g, zero, v, dv, scratch, fisher, gv)
+        _grad_hess(b, zero, v, dv, bias, bmat, gv)  # bias = dv^T B v
+        hess = np.empty((n_labels, n_labels))
+        pushed = bias.copy()
+        capped_out[i] = 1 if _capped_step(fisher, bmat, cap, hess, pushed) else 0
+        _sym_matvec(cbar, v, gv)
+        lev = 0.0
+        for t in range(n_terms):
+            lev += v[t] * gv[t]
+        scale = 1.0 + kappa[i] * lev
+        hinv = np.empty((n_labels, n_labels))
+        if not _inverse_into(hess, hinv, n_labels):
+            cov_out[i] = np.nan
+            withheld_out[i] = 0.0
+            continue
+        mid = np.empty((n_labels, n_labels))  # middle @ hinv^T
+        for l in range(n_labels):
+            for m in range(n_labels):
+                s = 0.0
+                for k in range(n_labels):
+                    s += (fisher[l, k] * scale + extra[i, l, k]) * hinv[m, k]
+                mid[l, m] = s
+        for l in range(n_labels):
+            for m in range(n_labels):
+                s = 0.0
+                for k in range(n_labels):
+                    s += hinv[l, k] * mid[k, m]
+                cov_out[i, l, m] = s
+        rest = np.empty(n_labels)
+        for l in range(n_labels):
+            rest[l] = bias[l] - pushed[l]
+        step = np.zeros(n_labels)
+        if not gauss_solve_inplace(hess.copy(), rest, step, n_labels, 0.0):
+            step[:] = 0.0
+        worst = 0.0
+        for l in range(n_labels):
+            ratio = abs(step[l]) / np.sqrt(abs(cov_out[i, l, l]))
+            if ratio > worst:  # NaN (0 / 0) counts as 0
+                worst = ratio
+        withheld_out[i] = worst

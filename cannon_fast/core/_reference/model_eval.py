@@ -46,14 +46,36 @@ def _objective(x, c, h, g, exponents):
     return c - 2.0 * h @ v + v @ g @ v
 
 
-def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, disagree_dchi2,
-           x_out, phi_out, iters_out, status_out):
+def start_objectives(g_packed, h, c, exponents, starts, lo, hi):
+    """The objective ``c - 2 h.v + v^T G v`` of each star at each start, clipped to the bounds.
+
+    ``starts`` (K, L) shared by all stars: one (N, T(T+1)/2) x (T(T+1)/2, K) product for
+    the batch (``v^T G v`` is the packed G against the packed ``v v^T``, off-diagonal
+    entries twice), instead of K evaluations per star in the LM kernel; or (N, K, L), a
+    set per star. Returns (N, K), ``lm_fit``'s ``first``.
+    """
+    n_terms = exponents.shape[0]
+    cand = np.clip(starts, lo, hi)
+    iu, ju = np.triu_indices(n_terms)
+    twice = np.where(iu == ju, 1.0, 2.0)
+    if cand.ndim == 2:
+        v = label_vector(cand, exponents)  # (K, T)
+        vv = v[:, iu] * v[:, ju] * twice  # (K, T2)
+        return c[:, None] - 2.0 * h @ v.T + g_packed @ vv.T
+    n, k, n_labels = cand.shape
+    v = label_vector(cand.reshape(-1, n_labels), exponents).reshape(n, k, n_terms)
+    vv = v[:, :, iu] * v[:, :, ju] * twice
+    return c[:, None] - 2.0 * np.einsum("nt,nkt->nk", h, v) + np.einsum("nq,nkq->nk", g_packed, vv)
+
+
+def lm_fit(g_packed, h, c, exponents, starts, first, lo, hi, n_polish, max_iter, xtol,
+           disagree_dchi2, x_out, phi_out, iters_out, status_out):
     """Minimise ``c - 2 h.v(x) + v(x)^T G v(x)`` from several starts within bounds.
 
-    The objective is evaluated at every starting point (O(T²) each); LM runs
-    from the ``n_polish`` best of them and the best end point wins.
+    LM runs from the ``n_polish`` starting points of lowest objective ``first``
+    (``start_objectives``: one BLAS product for a batch) and the best end point wins.
 
-    Contract: ``(t2),(t),(),(t,l),(k,l),(l),(l),(),(),(),()->(l),(),(),()`` over stars
+    Contract: ``(t2),(t),(),(t,l),(k,l),(k),(l),(l),(),(),(),()->(l),(),(),()`` over stars
     (``starts`` is per star).
 
     Parameters
@@ -65,6 +87,9 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
     exponents : ndarray of int64, (T, L)
     starts : ndarray, (N, K, L)
         Candidate starting points of each star, in scaled labels.
+    first : ndarray, (N, K)
+        The objective at each start clipped to the bounds (``start_objectives``); only
+        its order matters (which starts are polished).
     lo, hi : ndarray, (L,)
         Bounds in scaled labels.
     n_polish : int
@@ -86,8 +111,7 @@ def lm_fit(g_packed, h, c, exponents, starts, lo, hi, n_polish, max_iter, xtol, 
         g = unpack_symmetric(g_packed[i], n_terms)
         ends, phis, its, convs = [], [], [], []
         cand = np.clip(starts[i], lo, hi)
-        first = np.array([_objective(x0, c[i], h[i], g, exponents) for x0 in cand])
-        for j in np.argsort(first, kind="stable")[:n_polish]:
+        for j in np.argsort(first[i], kind="stable")[:n_polish]:
             x = cand[j].copy()
             phi = _objective(x, c[i], h[i], g, exponents)
             lam, converged, it = 1e-3, False, 0
@@ -156,6 +180,8 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     Parameters
     ----------
     flux, ivar : ndarray, (N, P)
+        float64, or both float32 (read as they are: each value widens to float64 exactly,
+        so the results are those of a float64 copy, without the copy).
     s2 : ndarray, (P,)
     good_pix : ndarray of bool, (P,)
     theta0 : ndarray, (P,)
@@ -163,7 +189,8 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
     t_pix : ndarray, (P,)
         Per-pixel scale of ``Cov(theta_p)`` (see ``cannon_fast.core.fitting._precompute``).
     w_out : ndarray of float32, (N, P)
-        ``1 / (1/ivar + s²)``; 0 where ``ivar = 0`` or the pixel is bad.
+        ``1 / (1/ivar + s²)``, computed as ``ivar / (1 + ivar s²)`` (one division); 0
+        where ``ivar = 0`` or the pixel is bad.
     wr_out : ndarray, (N, P)
         ``w (f - theta0)``.
     c_out : ndarray, (N,)
@@ -178,10 +205,12 @@ def star_weights(flux, ivar, s2, good_pix, theta0, t_pix, w_out, wr_out, c_out, 
         its input in this pass instead of three more over the whole survey, and asks
         ``check_spectra`` for the verdict and message only where this is 1.
     """
+    flux, ivar = flux.astype(np.float64), ivar.astype(np.float64)
     valid = (ivar > 0) & good_pix[None, :]
     # bad values (counted in bad_out, refused by the caller) may make NaN here: no warnings
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        w = np.where(valid, 1.0 / (1.0 / np.where(valid, ivar, 1.0) + s2[None, :]), 0.0)
+        iv = np.where(valid, ivar, 0.0)
+        w = iv / (1.0 + iv * s2[None, :])
         r = np.where(valid, flux - theta0[None, :], 0.0)
         w_out[...] = w
         wr_out[...] = w * r
@@ -272,7 +301,7 @@ def training_sums(resid, ivar, s2, use, same_seg, pairs, chi2_out, count_out, pa
 def _positive_definite(a):
     """Whether ``a`` (L, L) is positive definite: every Cholesky pivot > 0 (NaN: no).
 
-    The rule of ``fitting._batched_cholesky`` (no relative tolerance: this is a test
+    The rule of ``batched_cholesky`` (no relative tolerance: this is a test
     of the eigenvalues' sign, not of a solve's conditioning).
     """
     n = len(a)
@@ -288,7 +317,7 @@ def _positive_definite(a):
 
 
 def capped_step_matrices(fisher, bmat, cap):
-    """The capped Hessian and push operator of one star (``fitting._capped_hessian``).
+    """The capped Hessian and push operator of one star (``capped_hessian``, batched).
 
     In the coordinates where F is the identity and B_x is diagonal (eigenvalues
     lambda), the Hessian ``F - B_x`` has ``1 - min(lambda, cap)`` and the push
@@ -366,3 +395,162 @@ def debias_steps(g_packed, h, b_packed, exponents, lo, hi, cap, n_steps, xtol, x
                 break
         capped_out[i] = capped
         x_inout[i] = x
+
+
+def batched_inverse(m):
+    """Inverses of (n, L, L) matrices; NaN for a singular one instead of failing the batch."""
+    try:
+        return np.linalg.inv(m)
+    except np.linalg.LinAlgError:
+        out = np.full_like(m, np.nan)
+        for i in range(len(m)):
+            try:
+                out[i] = np.linalg.inv(m[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def batched_solve(a, rhs):
+    """``a x = rhs`` for (n, L, L) and (n, L); 0 for a singular ``a`` instead of failing."""
+    try:
+        return np.linalg.solve(a, rhs[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        out = np.zeros_like(rhs)
+        for i in range(len(a)):
+            try:
+                out[i] = np.linalg.solve(a[i], rhs[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def batched_cholesky(a):
+    """Lower Cholesky factors of (n, L, L) matrices, vectorised over n (L is small).
+
+    Returns ``(chol, ok)``; ``ok`` is False where a matrix is not positive definite
+    (its factor is then meaningless). One numpy call per entry instead of one LAPACK
+    call per matrix, and no exception for the whole batch when one matrix fails.
+    """
+    n, size = a.shape[0], a.shape[1]
+    c = np.zeros_like(a)
+    ok = np.ones(n, bool)
+    for j in range(size):
+        d = a[:, j, j] - np.einsum("nk,nk->n", c[:, j, :j], c[:, j, :j])
+        ok &= d > 0
+        dj = np.sqrt(np.where(d > 0, d, 1.0))
+        c[:, j, j] = dj
+        for i in range(j + 1, size):
+            c[:, i, j] = (a[:, i, j] - np.einsum("nk,nk->n", c[:, i, :j], c[:, j, :j])) / dj
+    return c, ok
+
+
+def capped_hessian(fisher, bmat, cap):
+    """``F - B`` with the generalized eigenvalues of B against F capped at ``cap`` (batched).
+
+    In the coordinates where F is the identity and B is diagonal (eigenvalues
+    lambda), the plain fit is shrunk by (1 - lambda) and the correction divides
+    by it. Capping lambda bounds that amplification; the push ``dv^T B v`` is
+    scaled by ``min(1, cap / lambda)`` along the same directions so the capped
+    correction stays consistent. ``capped_step_matrices`` is the per-star form.
+
+    Returns
+    -------
+    hess : ndarray, (n, L, L)
+        The capped ``F - B``; F itself for a star whose F is not positive definite.
+    push_scale : ndarray, (n, L, L)
+        The operator applied to ``dv^T B v``; the identity where nothing is capped.
+    capped : ndarray of bool, (n,)
+    """
+    n, n_labels = fisher.shape[0], fisher.shape[1]
+    # Every eigenvalue is below the cap exactly where cap * F - B is positive definite:
+    # those stars (most of them) need no eigendecomposition.
+    easy = batched_cholesky(cap * fisher - bmat)[1]
+    hess = fisher - bmat
+    push = np.repeat(np.eye(n_labels)[None], n, axis=0)
+    capped = np.zeros(n, bool)
+    hard = np.flatnonzero(~easy)
+    if len(hard) == 0:
+        return hess, push, capped
+    fisher, bmat = fisher[hard], bmat[hard]
+    hess[hard] = fisher
+    # stars whose F is not positive definite get no correction
+    chol, fine = batched_cholesky(fisher)
+    c = chol[fine]
+    a = np.linalg.solve(c, np.swapaxes(np.linalg.solve(c, bmat[fine]), 1, 2))  # L^-1 B L^-T
+    lam, u = np.linalg.eigh(0.5 * (a + np.swapaxes(a, 1, 2)))
+    capped[hard[fine]] = lam.max(axis=1) > cap
+    ut = np.swapaxes(u, 1, 2)
+    hess[hard[fine]] = c @ ((u * (1.0 - np.minimum(lam, cap))[:, None, :]) @ ut) \
+        @ np.swapaxes(c, 1, 2)
+    scale = np.where(lam > cap, cap / np.where(lam > cap, lam, 1.0), 1.0)
+    push[hard[fine]] = c @ ((u * scale[:, None, :]) @ ut) @ np.linalg.inv(c)
+    push[hard[~fine]] = 0.0
+    return hess, push, capped
+
+
+def withheld_correction(hess, push, bias_push, cov_x):
+    """How much de-biasing correction the cap left out, in units of each label's error.
+
+    At the capped solution the plain gradient balances ``push @ b`` (``b`` =
+    ``dv^T B v``, the pull of the model's training noise toward the centre of the
+    training set); the full correction would balance ``b`` itself. One Newton step
+    at the capped curvature, ``hess^-1 (I - push) b``, is the part withheld, a lower
+    bound on the pull the fit still carries. Returns, per star, its largest ratio
+    to the label's standard error (0 where nothing was capped).
+    """
+    rest = bias_push - (push @ bias_push[:, :, None])[:, :, 0]
+    step = batched_solve(hess, rest)
+    sigma = np.sqrt(np.abs(np.diagonal(cov_x, axis1=1, axis2=2)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.abs(step) / sigma
+    return np.nan_to_num(ratio, nan=0.0, posinf=np.inf).max(axis=1)
+
+
+def sandwich_covariance(g_packed, b_packed, cbar_packed, kappa, extra, x, exponents, cap,
+                        cov_out, capped_out, withheld_out):
+    """The de-biased fit's covariance in scaled labels, and what its eigenvalue cap withheld.
+
+    At the labels ``x``, with ``F = dv^T G dv`` (the Fisher matrix) and
+    ``B_x = dv^T B dv``: the capped Hessian ``H`` of ``capped_hessian(F, B_x, cap)``
+    and the sandwich ``H^-1 (F (1 + kappa v^T Cbar v) + extra) H^-1``, the middle
+    the Fisher matrix plus the model's training noise as extra per-pixel noise
+    (``fitting`` module docstring): ``kappa v^T Cbar v F`` its factorised form
+    (``fitting._precompute``), ``extra`` the exact one (pass the unused one as 0).
+    NaN where ``H`` is singular. ``withheld_out``: ``withheld_correction``, the
+    correction the cap held back in standard errors (0 where nothing was capped).
+
+    Contract: ``(t2),(t2),(t2),(),(l,l),(l),(t,l),()->(l,l),(),()`` over stars
+    (``cbar_packed``, ``exponents`` and ``cap`` shared).
+
+    Parameters
+    ----------
+    g_packed, b_packed : ndarray, (N, T(T+1)/2)
+        Packed ``G`` and ``B = sum_p w_p Cov(theta_p)``.
+    cbar_packed : ndarray, (T(T+1)/2,)
+        Packed ``Cbar``, the common shape of ``Cov(theta_p)``.
+    kappa : ndarray, (N,)
+    extra : ndarray, (N, L, L)
+    x : ndarray, (N, L)
+        The de-biased fit's scaled labels.
+    exponents : ndarray of int64, (T, L)
+    cap : float
+        ``fitting.DEBIAS_LAMBDA_CAP``.
+    cov_out : ndarray, (N, L, L)
+    capped_out : ndarray of int64, (N,)
+        1 where an eigenvalue of B_x against F exceeds ``cap`` at ``x``.
+    withheld_out : ndarray, (N,)
+    """
+    n_terms = exponents.shape[0]
+    v, dv = label_vector(x, exponents), label_vector_jacobian(x, exponents)
+    dvt = np.swapaxes(dv, 1, 2)
+    g = unpack_symmetric(g_packed, n_terms)
+    b = unpack_symmetric(b_packed, n_terms)
+    fisher = dvt @ g @ dv
+    hess, push, capped = capped_hessian(fisher, dvt @ b @ dv, cap)
+    lev = np.einsum("nt,tu,nu->n", v, unpack_symmetric(cbar_packed, n_terms), v)
+    hinv = batched_inverse(hess)
+    cov = hinv @ (fisher * (1.0 + kappa * lev)[:, None, None] + extra) @ np.swapaxes(hinv, 1, 2)
+    cov_out[...] = cov
+    capped_out[...] = capped
+    withheld_out[...] = withheld_correction(hess, push, (dvt @ (b @ v[:, :, None]))[:, :, 0], cov)
