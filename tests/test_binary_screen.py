@@ -218,10 +218,18 @@ def test_a_secondary_model_makes_companions_the_model_cannot(setup):
     scale = np.std(te.labels, axis=0)
     rms_own = np.sqrt(np.mean((own.primary_labels[f] - te.labels[f]) ** 2, axis=0)) / scale
     rms_sec = np.sqrt(np.mean((with_sec.primary_labels[f] - te.labels[f]) ** 2, axis=0)) / scale
-    # Teff and log g, which the companion's lines confuse most, come ~2x closer (measured
-    # 0.58x and 0.44x); no label gets worse
-    assert np.all(rms_sec[:2] < 0.67 * rms_own[:2]) and np.all(rms_sec < 1.05 * rms_own)
+    # Teff and log g, which the companion's lines confuse most, come closer (measured
+    # 0.74x and 0.61x; 0.58x and 0.44x without the extra starts, which help the model's
+    # own templates more); no label gets worse
+    assert np.all(rms_sec[:2] < 0.85 * rms_own[:2]) and np.all(rms_sec < 1.05 * rms_own)
     assert abs(np.median(with_sec.weight[f]) - 0.3) < 0.1
+    # the extra starts from other templates keep, star by star, the composite of lowest
+    # chi2: never above the refined path's alone, lower for some stars
+    one = cb.screen_binaries(m, flux, te.ivar, single.labels, secondary_model=dwarfs,
+                             n_starts=0)
+    assert np.all(np.isnan(with_sec.primary_chi2[~f])) and np.all(np.isfinite(one.primary_chi2[f]))
+    assert np.all(with_sec.primary_chi2[f] <= one.primary_chi2[f])
+    assert np.sum(with_sec.primary_chi2[f] < one.primary_chi2[f] - 1.0) >= 0.1 * f.sum()
     # a secondary model on other pixels is refused, naming both
     short = make_synthetic(n_stars=100, n_pix=700, n_labels=3, seed=78)
     other_grid = CannonModel(short.label_names, grid=short.grid).train(short.flux, short.ivar,

@@ -59,6 +59,8 @@ class BinaryScreen:
     primary_labels : ndarray, (N, L)
         Labels of the composite fit's primary (NaN where not flagged).
     primary_errors : ndarray, (N, L)
+    primary_chi2 : ndarray, (N,)
+        χ² of the composite fit that gave the primary labels (NaN where not flagged).
     """
 
     delta_chi2: np.ndarray
@@ -69,6 +71,7 @@ class BinaryScreen:
     min_delta_chi2: float
     primary_labels: np.ndarray
     primary_errors: np.ndarray
+    primary_chi2: np.ndarray = None
 
     def __len__(self):
         return len(self.delta_chi2)
@@ -175,6 +178,13 @@ class _Scorer:
         rotation), and a composite must do better than a broadened single star.
         d enters as (s - m0) - (m1 - m0), m0 the group's own spectrum (``templates``).
         """
+        gain, wt = self.gains(rows, labels, Sc, m0)
+        k = np.argmax(gain, axis=1)
+        i = np.arange(len(rows))
+        return gain[i, k], k, wt[i, k]
+
+    def gains(self, rows, labels, Sc, m0):
+        """Δχ² and light share of every template and velocity, (n, V*K) each (see ``score``)."""
         use = self.use
         Sc2 = Sc * Sc
         m1, g = self.primary(labels)
@@ -183,7 +193,6 @@ class _Scorer:
         res, m1c = f - m1, m1 - m0
         wr, wm, wg = w_ * res, w_ * m1c, w_ * g
 
-        n = len(rows)
         # the three products with the templates in one GEMM
         rSc, mSc, gSc = np.split((np.vstack([wr, wm, wg]).astype(np.float32) @ Sc.T)
                                  .astype(np.float64), 3)
@@ -200,19 +209,17 @@ class _Scorer:
             b_p = b_dd - b_dg * b_dg / bgg
             wt = np.clip(a_p / b_p, 0.0, self.max_weight)
         gain = np.where(b_p > 0, 2.0 * wt * a_p - wt * wt * b_p, 0.0)
-        k = np.argmax(gain, axis=1)
-        i = np.arange(n)
         # in units of the single fit's reduced chi2 (at least 1): a spectrum the model
         # describes badly (a star unlike the training set) improves with any template
         dof = max(int(use.sum()) - self.model.n_labels - 1, 1)
         chi2_single = np.sum(wr * res, axis=1) - (a_g * a_g / bgg)[:, 0]
         rchi2 = np.maximum(chi2_single / dof, 1.0)
-        return gain[i, k] / rchi2, k, wt[i, k]
+        return gain / rchi2[:, None], wt
 
 
 def screen_binaries(model, flux, ivar, labels, *, min_delta_chi2=DEFAULT_MIN_DELTA_CHI2,
                     velocities=np.arange(-40.0, 41.0, 4.0), n_teff=8, n_logg=6,
-                    max_weight=0.6, feh_step=0.1, n_refine=2, batch_size=256,
+                    max_weight=0.6, feh_step=0.1, n_refine=2, n_starts=10, batch_size=256,
                     secondary_model=None, progress_bar=False):
     """Score every star as single or composite; flag and correct the likely binaries.
 
@@ -301,13 +308,13 @@ def screen_binaries(model, flux, ivar, labels, *, min_delta_chi2=DEFAULT_MIN_DEL
             rows = np.flatnonzero(flagged & (group == gkey))
             tmpl[gkey] = sc.templates(np.median(labels[rows], axis=0))
             _, best[rows], weight[rows] = sc.score(rows, labels[rows], *tmpl[gkey])
-    prim, prim_err = _composite_primaries(sc, flagged, labels, best, weight, tmpl, group,
-                                          n_refine)
+    prim, prim_err, prim_chi2 = _composite_primaries(sc, flagged, labels, best, weight, tmpl,
+                                                     group, n_refine, n_starts)
     K = len(sc.pairs)
     secondary[flagged] = sc.pairs[best[flagged] % K]
     velocity[flagged] = velocities[best[flagged] // K]
     return BinaryScreen(dchi2, weight, velocity, secondary, flagged, float(min_delta_chi2),
-                        prim, prim_err)
+                        prim, prim_err, prim_chi2)
 
 
 def train_secondary_model(flux, ivar, labels, label_names, grid=None, backend="auto",
@@ -362,7 +369,13 @@ def check_secondary_model(model, secondary_model):
                          f"the model's ({model.n_pixels}): train both on the same grid")
 
 
-def _composite_primaries(sc, flagged, labels, best, weight, tmpl, group, n_refine):
+#: Gauss-Newton steps of each extra composite fit before the primary's own fit (3 per round
+#: in the refined path; on two mock surveys 1, 2 and 3 steps chose primaries as good)
+CANDIDATE_STEPS = 1
+
+
+def _composite_primaries(sc, flagged, labels, best, weight, tmpl, group, n_refine,
+                         n_starts=0):
     """Primary labels of the flagged stars: the composite fit, then the primary's own fit.
 
     Each round fits the primary's labels and the secondary's light jointly
@@ -371,30 +384,71 @@ def _composite_primaries(sc, flagged, labels, best, weight, tmpl, group, n_refin
     templates (made at the group's median labels); templates at each star's own labels
     were tried and changed the primaries by < 1 % at 20x the cost. The labels and
     errors reported come from the model's own fit of ``(f - secondary) / (1 - w)``.
-    ``best`` and ``weight`` of the flagged stars are updated in place.
+
+    The composite's χ² has several minima over the secondary's template, and the
+    primary's log g moves with the one found (a wrong companion is made up for by the
+    primary's lines). So besides that path, each of the ``n_starts`` templates that
+    score best beside the single-star fit is fitted jointly with the primary (one
+    round, kept fixed), and each star keeps the candidate whose final fit has the
+    lowest χ². ``best`` and ``weight`` of the flagged stars are updated in place.
     """
     prim = np.full(labels.shape, np.nan)
     prim_err = np.full(labels.shape, np.nan)
+    prim_chi2 = np.full(len(labels), np.nan)
     idx = np.flatnonzero(flagged)
     if not len(idx) or n_refine < 1:
-        return prim, prim_err
-    use, cur = sc.use, labels[idx].copy()
-    for it in range(n_refine):
-        cur, sec, w = _joint_composite(sc, idx, cur, best, tmpl, group)
-        weight[idx] = w
-        if it + 1 < n_refine:   # the secondary that best fits beside the new primary
+        return prim, prim_err, prim_chi2
+    cands = [_composite_candidate(sc, idx, labels[idx], best[idx], tmpl, group, n_refine)]
+    K = len(sc.pairs)
+    if n_starts > 0:
+        # each template at its best velocity beside the single-star fit, best first
+        ranked = np.zeros((len(idx), K), np.int64)
+        for gkey in np.unique(group[idx]):
+            sel = group[idx] == gkey
+            gain = sc.gains(idx[sel], labels[idx[sel]], *tmpl[gkey])[0]
+            gain = gain.reshape(sel.sum(), -1, K)                       # (n, V, K)
+            v = np.argmax(gain, axis=1)                                 # (n, K)
+            order = np.argsort(-np.max(gain, axis=1), axis=1, kind="stable")
+            ranked[sel] = np.take_along_axis(v * K + np.arange(K), order, axis=1)
+        for j in range(min(n_starts, K)):
+            cands.append(_composite_candidate(sc, idx, labels[idx], ranked[:, j], tmpl,
+                                              group, 1, CANDIDATE_STEPS))
+    chi2 = np.stack([c["chi2"] for c in cands])
+    pick = np.argmin(np.where(np.isfinite(chi2), chi2, np.inf), axis=0)
+    take = {k: np.stack([c[k] for c in cands])[pick, np.arange(len(idx))]
+            for k in ("labels", "errors", "best", "weight", "chi2")}
+    prim[idx], prim_err[idx] = take["labels"], take["errors"]
+    best[idx], weight[idx] = take["best"], take["weight"]
+    prim_chi2[idx] = np.where(np.isfinite(take["chi2"]), take["chi2"], np.nan)
+    return prim, prim_err, prim_chi2
+
+
+def _composite_candidate(sc, idx, labels, best, tmpl, group, n_rounds, n_steps=3):
+    """One composite fit of stars ``idx`` from the secondary templates ``best``.
+
+    ``n_rounds`` joint fits, the template re-chosen between them, then the primary's
+    own (broadened) fit of the light the secondary leaves. Returns a dict of the
+    primary's labels and errors (NaN where that fit failed), the final fit's χ²
+    (inf there), and the secondary's template index and light share.
+    """
+    use, cur, best = sc.use, labels.copy(), best.copy()
+    full = np.zeros(len(sc.flux), np.int64)
+    for it in range(n_rounds):
+        full[idx] = best
+        cur, sec, w = _joint_composite(sc, idx, cur, full, tmpl, group, n_steps)
+        if it + 1 < n_rounds:   # the secondary that best fits beside the new primary
             for gkey in np.unique(group[idx]):
                 sel = group[idx] == gkey
-                _, best[idx[sel]], _ = sc.score(idx[sel], cur[sel], *tmpl[gkey])
+                _, best[sel], _ = sc.score(idx[sel], cur[sel], *tmpl[gkey])
     f_p, iv_p = sc.flux[idx].copy(), sc.ivar[idx].copy()
     f_p[:, use] = (f_p[:, use] - sec) / (1.0 - w[:, None])
     iv_p[:, use] = iv_p[:, use] * (1.0 - w[:, None]) ** 2
     # with extra line broadening, as the single-star fits that vary in macroturbulence
     r = sc.model.fit(f_p, iv_p, debias=False, calibrated_errors=False, broadening=True)
     ok = r.ok & np.all(np.isfinite(r.labels), axis=1)
-    prim[idx] = np.where(ok[:, None], r.labels, np.nan)
-    prim_err[idx] = np.where(ok[:, None], r.errors, np.nan)
-    return prim, prim_err
+    return dict(labels=np.where(ok[:, None], r.labels, np.nan),
+                errors=np.where(ok[:, None], r.errors, np.nan),
+                chi2=np.where(ok, r.chi2, np.inf), best=best, weight=w)
 
 
 def _joint_composite(sc, idx, labels, best, tmpl, group, n_steps=3, batch_size=32):

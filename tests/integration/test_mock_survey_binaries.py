@@ -56,12 +56,12 @@ def test_singles_and_corrected_primaries_against_the_truth(binary_lab):
     singles = v["true_singles_vs_true"]
     # the issue's targets: singles' Teff <= 30 K and [Fe/H] <= 0.02 dex against the truth
     assert singles["TEFF"]["scatter"] <= 30 and singles["FE_H"]["scatter"] <= 0.02, singles
-    # the composite fit's primaries (secondaries from the survey's own dwarfs): within 2x
-    # the singles' scatter in Teff and [Fe/H] (the issue's target); log g better than the
-    # single-star fits' but not within 2x (measured 2.3x, see docs/lab.md step 15)
+    # the composite fit's primaries (secondaries from the survey's own dwarfs, the lowest
+    # chi2 of several starts): within 2x the singles' rms, the issue's target (measured
+    # 1.38x / 1.97x / 1.56x; log g has the least room, see docs/lab.md step 15)
     assert binary_lab["binaries"]["secondary_model"]["n_stars"] >= 50
     comp, one = v["flagged_composite_fit_vs_true"], v["flagged_single_fit_vs_true"]
-    for n in ("TEFF", "FE_H"):
+    for n in ("TEFF", "LOGG", "FE_H"):
         assert comp[n]["rms"] <= 2.0 * singles[n]["rms"], (n, comp[n], singles[n])
     for n in ("TEFF", "LOGG", "FE_H"):
         assert comp[n]["rms"] < 0.6 * one[n]["rms"], (n, comp[n], one[n])
