@@ -792,7 +792,7 @@ def test_bad_bits_apply_to_apstar_files(tmp_path, full_grid):
     np.testing.assert_allclose(lab["bits"], lab["clean"], rtol=1e-4)
 
 
-def test_binary_columns_with_a_secondary_model(tmp_path, small, npz):
+def test_binary_columns_with_a_secondary_model(tmp_path, small, npz, monkeypatch):
     """Label with --binaries and a secondary model: the columns a direct screen gives.
 
     The secondary model is part of the job's identity; one for other pixels is refused.
@@ -823,6 +823,12 @@ def test_binary_columns_with_a_secondary_model(tmp_path, small, npz):
     # the same inputs screened with the model's own secondaries are another job
     with pytest.raises(sv.SurveyError, match="binaries"):
         sv.label_survey(model, npz, out, chunk_size=700, binaries=True)
+    # and so is a job of another version of the screen: no catalogue holds rows of both
+    import cannon_fast.core.binaries as cb
+
+    monkeypatch.setattr(cb, "SCREEN_VERSION", cb.SCREEN_VERSION + 1)
+    with pytest.raises(sv.SurveyError, match="binary_screen"):
+        sv.label_survey(model, npz, out, chunk_size=700, binaries=dwarfs)
     wide = make_synthetic(n_stars=100, n_pix=150, n_labels=3, seed=9)
     other_pixels = CannonModel(wide.label_names, grid=wide.grid).train(wide.flux, wide.ivar,
                                                                        wide.labels)

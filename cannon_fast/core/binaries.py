@@ -36,6 +36,10 @@ __all__ = ["BinaryScreen", "screen_binaries", "train_secondary_model", "check_se
 
 #: χ² improvement above which a star is flagged as a likely binary
 DEFAULT_MIN_DELTA_CHI2 = 100.0
+#: The screen's algorithm, recorded by survey jobs (``label --binaries``): raised when a
+#: change moves its columns, so that a job started before does not resume with rows of both
+#: (2: the composite primaries from several secondary starts)
+SCREEN_VERSION = 2
 
 
 @dataclasses.dataclass

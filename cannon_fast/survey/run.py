@@ -414,8 +414,11 @@ def _job_identity(mh, source, chunk_size, backend, options):
                continuum=(hashlib.sha256(np.packbits(options["continuum_pixels"]).tobytes())
                           .hexdigest()[:16] if "continuum_pixels" in options else None))
     if options.get("binaries"):   # only when asked: older jobs keep their ids
+        from ..core.binaries import SCREEN_VERSION
+
         sec = options.get("secondary_model")
         job["binaries"] = True if sec is None else model_hash(sec)
+        job["binary_screen"] = SCREEN_VERSION
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     return job, job_id
 
@@ -434,7 +437,7 @@ def _flat(job):
 
 #: Job options that change how labels are measured: a catalogue holds one setting of each.
 #: (The chunk size and the backend change only the rounding.)
-_METHOD_OPTIONS = ("degree", "bad_bits", "continuum", "binaries")
+_METHOD_OPTIONS = ("degree", "bad_bits", "continuum", "binaries", "binary_screen")
 
 
 def _method(job):
