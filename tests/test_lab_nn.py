@@ -141,6 +141,15 @@ def test_a_network_trained_on_cannon_spectra_is_reported_apart(run):
         torch.set_num_threads(old)
     nets = res["networks"]
     assert nets["mlp+cannon"]["cannon_spectra"] == 300 and nets["mlp"]["cannon_spectra"] == 0
+    # its errors are calibrated on the observed stars of its validation split only
+    from cannon_fast.nn._common import split_indices
+    _, v_obs, _ = split_indices(240, TRAIN["split"], 0)
+    _, v_all, _ = split_indices(540, TRAIN["split"], 0)
+    assert nets["mlp"]["n_calibration_stars"] == len(v_obs)
+    assert nets["mlp+cannon"]["n_calibration_stars"] == int((v_all < 240).sum()) < len(v_all)
+    for net in nets.values():
+        for v in net["true_within_1sigma"].values():
+            assert 0 <= v["fraction"] <= 1 and v["pull_std"] > 0
     assert res["chosen"] == "mlp"
     ranked = sorted(nets, key=lambda k: (-sum(v["met"] for n, v in nets[k]["targets"].items()
                                               if n != "all_met"),
