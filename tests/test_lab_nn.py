@@ -132,11 +132,12 @@ def test_a_network_trained_on_cannon_spectra_is_reported_apart(run):
             s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
             epochs=3, progress=False)
         assert list(no_model["networks"]) == ["mlp"] and "mlp+cannon" in no_model["skipped"]
+        assert no_model["networks"]["mlp"]["calibrated_against"] == "catalogue labels and errors"
         model = CannonModel(s.label_names, order=2).train(s.flux[tr], s.ivar[tr], s.labels[tr])
         res = compare_networks(
             s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va], poor,
             s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
-            epochs=3, progress=False, cannon_model=model)
+            epochs=3, progress=False, cannon_model=model, train_truth=s.labels[tr])
     finally:
         torch.set_num_threads(old)
     nets = res["networks"]
@@ -148,6 +149,7 @@ def test_a_network_trained_on_cannon_spectra_is_reported_apart(run):
     assert nets["mlp"]["n_calibration_stars"] == len(v_obs)
     assert nets["mlp+cannon"]["n_calibration_stars"] == int((v_all < 240).sum()) < len(v_all)
     for net in nets.values():
+        assert net["calibrated_against"] == "true labels"
         for v in net["true_within_1sigma"].values():
             assert 0 <= v["fraction"] <= 1 and v["pull_std"] > 0
     assert res["chosen"] == "mlp"

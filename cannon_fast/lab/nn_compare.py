@@ -188,7 +188,7 @@ def _targets(nn_stats, cannon_stats, names):
 def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, val_catalog,
                      cannon_labels, label_names, *, train_errors=None, val_truth=None,
                      architectures=None, training=None, epochs=150, seed=0, progress=None,
-                     cannon_model=None):
+                     cannon_model=None, train_truth=None):
     """Train several network architectures and compare them with the Cannon (lab step 16).
 
     Parameters
@@ -227,6 +227,13 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
         Progress bars.
     cannon_model : cannon_fast.CannonModel, optional
         The Cannon trained on these training stars (same label order).
+    train_truth : array_like, (N_train, L), optional
+        True labels of the training stars (a simulation). Each network's error
+        scale is then calibrated on them, over the observed stars of its own
+        validation split (never the lab's validation stars), as the lab
+        calibrates the Cannon's errors; without them, on the catalogue labels with
+        their stated errors, which a catalogue that understates its errors makes
+        too large.
 
     Returns
     -------
@@ -274,8 +281,11 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
             observed = np.arange(len(data[0])) < len(train_flux) if n_cannon else None
             reg.train(data[0], data[2], data[1], label_errors=data[3], epochs=n_epochs,
                       progress=progress, calibrate_on=observed, **train_kw)
-            n_cal.append(len(reg.split["val"]) if observed is None
-                         else int(observed[reg.split["val"]].sum()))
+            cal = reg.split["val"]
+            cal = cal if observed is None else cal[observed[cal]]
+            if train_truth is not None:   # rows < len(train_flux): observed stars
+                reg.calibrate(data[0][cal], np.asarray(train_truth, float)[cal], data[1][cal])
+            n_cal.append(len(cal))
             t0 = time.perf_counter()
             results.append(reg.predict(val_flux, val_ivar, n_samples=20))
             infer += time.perf_counter() - t0
@@ -295,7 +305,9 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
             train_cpu_seconds=round(float(sum(h["train_cpu_time"] for h in hs)), 1),
             spectra_per_second=round(len(res.labels) / max(infer, 1e-9), 1),
             vs_catalog=_stats(res.labels, np.asarray(val_catalog, float), names),
-            n_bad=int(res.bad.sum()), n_calibration_stars=int(min(n_cal)))
+            n_bad=int(res.bad.sum()), n_calibration_stars=int(min(n_cal)),
+            calibrated_against="true labels" if train_truth is not None
+            else "catalogue labels and errors")
         if val_truth is not None:
             nets[arch_name]["vs_true"] = _stats(res.labels, ref, names)
             nets[arch_name]["true_within_1sigma"] = _coverage(res, ref, names)
