@@ -109,6 +109,12 @@ def test_cannon_spectra_are_the_models_at_labels_near_the_training_stars():
     assert dist.max() < 0.6
     again = cannon_spectra(model, labels, s.ivar, 500, jitter=0.1, seed=3)
     assert np.array_equal(again[2], drawn)  # seeded
+    # a nearly-zero ivar (some files' bad pixels) gets the augmentation's capped noise
+    from cannon_fast.nn.regressor import NOISE_SIGMA_CAP
+    tiny = np.where(np.arange(60) == 7, 1e-20, s.ivar)
+    f2, iv2, d2 = cannon_spectra(model, labels, tiny, 500, jitter=0.1, seed=3)
+    resid = (f2 - model.predict(d2))[:, 7]
+    assert np.all(iv2[:, 7] == 1e-20) and 0.8 < np.std(resid) / NOISE_SIGMA_CAP < 1.2
     with pytest.raises(ValueError, match="no training star has every label"):
         cannon_spectra(model, np.full_like(labels, np.nan), s.ivar, 5)
 

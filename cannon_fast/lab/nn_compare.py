@@ -54,7 +54,8 @@ def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
     Each spectrum takes a random training star's labels, moved by Gaussian noise
     of ``jitter`` times each label's spread (so the network sees the space
     between the stars, not only their points), and another random training
-    star's inverse variances and one noise draw at them: like an observed star,
+    star's inverse variances and one noise draw at them (sigma capped at
+    :data:`~cannon_fast.nn.regressor.NOISE_SIGMA_CAP`): like an observed star,
     so that the spectra the network holds out for validation are as noisy as real
     ones. (Its errors are calibrated on observed stars only: a Cannon spectrum is
     the Cannon's exactly, without its misfit to real stars.) The noise augmentation of training
@@ -89,8 +90,12 @@ def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
     drawn = labels[rng.choice(rows, n)] + jitter * spread * rng.standard_normal(
         (n, labels.shape[1]))
     iv = np.asarray(ivar)[rng.integers(0, len(ivar), n)]
-    with np.errstate(divide="ignore"):
-        sigma = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
+    from ..nn.regressor import NOISE_SIGMA_CAP
+
+    # capped as the augmentation's: a pixel with ivar 1e-20 (the mock survey has them)
+    # would otherwise get noise of 1e10 and set the network's input scale
+    sigma = np.where(iv > 0, np.minimum(1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)),
+                                        NOISE_SIGMA_CAP), 0.0)
     flux = np.asarray(model.predict(drawn) + sigma * rng.standard_normal(iv.shape), np.float32)
     return flux, iv, drawn
 

@@ -31,6 +31,10 @@ ARCHITECTURES = ("cnn", "mlp")
 PRECISIONS = ("float32", "bfloat16")
 #: Learning-rate schedules of :meth:`SpectrumRegressor.train`.
 LR_SCHEDULES = ("plateau", "cosine")
+#: Largest per-pixel noise sigma drawn (the noise augmentation's, and the noise of
+#: synthetic spectra at a borrowed star's ivar): a nearly-zero ivar, which some files
+#: give their bad pixels instead of 0, must not turn into noise that swamps the flux.
+NOISE_SIGMA_CAP = 0.05
 # Bounds on the predicted log-variance (standardized labels): keeps exp() finite early on.
 _LOGVAR_MIN, _LOGVAR_MAX = -14.0, 6.0
 #: Default "uncertain label" thresholds on the total 1-sigma error, after astroNN's
@@ -541,7 +545,8 @@ class SpectrumRegressor:
             (its effect on the mock survey: ``docs/measurements.md``).
         augment_noise : float
             Data augmentation: each training batch gets fresh Gaussian noise of
-            ``augment_noise`` times each pixel's own sigma (capped at 0.05;
+            ``augment_noise`` times each pixel's own sigma (capped at
+            :data:`NOISE_SIGMA_CAP`;
             needs ``ivar``);
             a regularizer against over-fitting small training sets.
         progress : bool, optional
@@ -602,8 +607,8 @@ class SpectrumRegressor:
                 raise ValueError("augment_noise needs ivar")
             iv = np.asarray(ivar, float)
             iv = iv[None, :] if iv.ndim == 1 else iv
-            # capped: a nearly-zero ivar must not turn into noise that swamps the flux
-            sigma = np.where(good, np.minimum(1.0 / np.sqrt(np.where(good, iv, 1.0)), 0.05), 0.0)
+            sigma = np.where(good, np.minimum(1.0 / np.sqrt(np.where(good, iv, 1.0)),
+                                              NOISE_SIGMA_CAP), 0.0)
             sigma_t = torch.as_tensor((augment_noise * sigma[tr]).astype(np.float32), device=dev)
 
         def tensors(idx):
