@@ -22,7 +22,7 @@ from cannon_fast.instruments import (CrossMatch, crossmatch_sets, parse_row_inde
                                      read_spectra, read_spectrum_tables)
 from cannon_fast.instruments.read import Spectra
 from cannon_fast.lab import mist_web, pipeline
-from cannon_fast.lab.jwst import run_jwst_report
+from cannon_fast.lab.jwst import run_jwst_report, train_starnet_with_cannon
 from cannon_fast.lab.transfer import transfer_labels
 from cannon_fast.apogee import catalog
 from cannon_fast.core import broadening, information
@@ -91,6 +91,7 @@ DOCUMENTED = {
     "crossmatch_sets": (crossmatch_sets, None),
     "cm.describe": (CrossMatch.describe, None),
     "run_jwst_report": (run_jwst_report, None),
+    "train_starnet_with_cannon": (train_starnet_with_cannon, None),
     "transfer_labels": (transfer_labels, None),
     "reg.layer_summary": (SpectrumRegressor.layer_summary, None),
     "DistanceNetwork": (DistanceNetwork, SpectrumRegressor),

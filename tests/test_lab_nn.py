@@ -109,6 +109,12 @@ def test_cannon_spectra_are_the_models_at_labels_near_the_training_stars():
     assert dist.max() < 0.6
     again = cannon_spectra(model, labels, s.ivar, 500, jitter=0.1, seed=3)
     assert np.array_equal(again[2], drawn)  # seeded
+    # a nearly-zero ivar (some files' bad pixels) gets the augmentation's capped noise
+    from cannon_fast.nn.regressor import NOISE_SIGMA_CAP
+    tiny = np.where(np.arange(60) == 7, 1e-20, s.ivar)
+    f2, iv2, d2 = cannon_spectra(model, labels, tiny, 500, jitter=0.1, seed=3)
+    resid = (f2 - model.predict(d2))[:, 7]
+    assert np.all(iv2[:, 7] == 1e-20) and 0.8 < np.std(resid) / NOISE_SIGMA_CAP < 1.2
     with pytest.raises(ValueError, match="no training star has every label"):
         cannon_spectra(model, np.full_like(labels, np.nan), s.ivar, 5)
 
@@ -132,15 +138,26 @@ def test_a_network_trained_on_cannon_spectra_is_reported_apart(run):
             s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
             epochs=3, progress=False)
         assert list(no_model["networks"]) == ["mlp"] and "mlp+cannon" in no_model["skipped"]
+        assert no_model["networks"]["mlp"]["calibrated_against"] == "catalogue labels and errors"
         model = CannonModel(s.label_names, order=2).train(s.flux[tr], s.ivar[tr], s.labels[tr])
         res = compare_networks(
             s.flux[tr], s.ivar[tr], s.labels[tr], s.flux[va], s.ivar[va], s.labels[va], poor,
             s.label_names, val_truth=s.labels[va], architectures=archs, training=TRAIN,
-            epochs=3, progress=False, cannon_model=model)
+            epochs=3, progress=False, cannon_model=model, train_truth=s.labels[tr])
     finally:
         torch.set_num_threads(old)
     nets = res["networks"]
     assert nets["mlp+cannon"]["cannon_spectra"] == 300 and nets["mlp"]["cannon_spectra"] == 0
+    # its errors are calibrated on the observed stars of its validation split only
+    from cannon_fast.nn._common import split_indices
+    _, v_obs, _ = split_indices(240, TRAIN["split"], 0)
+    _, v_all, _ = split_indices(540, TRAIN["split"], 0)
+    assert nets["mlp"]["n_calibration_stars"] == len(v_obs)
+    assert nets["mlp+cannon"]["n_calibration_stars"] == int((v_all < 240).sum()) < len(v_all)
+    for net in nets.values():
+        assert net["calibrated_against"] == "true labels"
+        for v in net["true_within_1sigma"].values():
+            assert 0 <= v["fraction"] <= 1 and v["pull_std"] > 0
     assert res["chosen"] == "mlp"
     ranked = sorted(nets, key=lambda k: (-sum(v["met"] for n, v in nets[k]["targets"].items()
                                               if n != "all_met"),

@@ -359,6 +359,51 @@ def test_cosine_schedule_falls_to_zero_at_the_last_epoch_and_learns(data, mlp):
     assert np.all(r_cosine < 1.3 * r_plateau)
 
 
+def test_given_split_and_errors_calibrated_on_observed_stars_only(data):
+    """split= given rows; calibrate_on= keeps synthetic spectra out of the error scale.
+
+    Half the stars play "observed" ones, whose labels carry a scatter the spectra do not
+    show (a model's misfit to real stars), half "synthetic" ones with exact labels. Errors
+    calibrated on the whole validation split (mostly exact labels) are too small for held-out
+    observed stars; calibrated on its observed stars only they cover about 68 % of them.
+    """
+    rng = np.random.default_rng(1)
+    obs = np.arange(400) < 200
+    labels = data.labels + obs[:, None] * data.labels.std(0) * rng.standard_normal(
+        data.labels.shape)
+    split = dict(train=np.r_[0:110, 200:360], val=np.r_[110:140, 360:400], test=np.r_[140:200])
+    fit = dict(FIT, epochs=40, split=split)
+    on_obs = SpectrumRegressor(data.label_names, seed=0, **MLP).train(
+        data.flux, labels, data.ivar, calibrate_on=obs, **fit)
+    assert all(np.array_equal(on_obs.split[k], np.sort(v)) for k, v in split.items())
+    scale = on_obs.error_scale.copy()
+    # the same as calibrating afterwards on the observed validation stars
+    assert_allclose(on_obs.calibrate(data.flux[110:140], labels[110:140], data.ivar[110:140]),
+                    scale, rtol=1e-12)
+    te = split["test"]
+    within_obs = calibration_fraction(*(lambda r: (r.labels, r.errors))(
+        on_obs.predict(data.flux[te], data.ivar[te])), labels[te])
+    on_all = on_obs.calibrate(data.flux[split["val"]], labels[split["val"]],
+                              data.ivar[split["val"]])
+    within_all = calibration_fraction(*(lambda r: (r.labels, r.errors))(
+        on_obs.predict(data.flux[te], data.ivar[te])), labels[te])
+    assert np.all(scale > 1.1 * on_all), (scale, on_all)
+    assert 0.55 < within_obs.mean() < 0.85, within_obs
+    assert within_all.mean() < within_obs.mean() - 0.1, (within_all, within_obs)
+    reg = SpectrumRegressor(data.label_names, **MLP)
+    for bad, match in ((dict(train=[0, 1], val=[1, 2]), "overlap"),
+                       (dict(train=[0, 1], val=[400]), "outside"),
+                       (dict(train=[0, 1]), "'train' and 'val'"),
+                       (dict(train=[0, 1], val=[]), "must not be empty")):
+        with pytest.raises(ValueError, match=match):
+            reg.train(data.flux, labels, data.ivar, split=bad, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="calibrate_on has shape"):
+        reg.train(data.flux, labels, data.ivar, calibrate_on=obs[:10], epochs=1, progress=False)
+    with pytest.raises(ValueError, match="only 5 validation stars"):
+        reg.train(data.flux, labels, data.ivar, split=dict(split, val=np.r_[135:140, 360:400]),
+                  calibrate_on=obs, epochs=1, progress=False)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_is_exact(data, mlp, tmp_path):
     path = tmp_path / "reg.pt"

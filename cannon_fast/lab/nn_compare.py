@@ -32,8 +32,8 @@ LAB_NN_ARCHITECTURES = {
     # (cannon_spectra(); it learns from the Cannon), 30 epochs with the learning rate
     # falling along a cosine, no dropout: with exact labels in plenty, dropout's noise was
     # what kept it at 1.6-2x the Cannon's RMSE (docs/lab.md, step 16). Its errors are the
-    # predicted (calibrated) ones only; members=2 adds a seed ensemble's spread for twice
-    # the time.
+    # predicted ones only, calibrated on the observed validation stars; members=2 adds a
+    # seed ensemble's spread for twice the time.
     "cnn+cannon": dict(arch="cnn", filters=(8, 16), kernel_size=(8, 8), stride=(3, 1),
                        pool_size=(1, 4), hidden=(256, 128), dropout=0.0, cannon_spectra=4000,
                        epochs=30, train=dict(lr_schedule="cosine")),
@@ -54,9 +54,11 @@ def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
     Each spectrum takes a random training star's labels, moved by Gaussian noise
     of ``jitter`` times each label's spread (so the network sees the space
     between the stars, not only their points), and another random training
-    star's inverse variances and one noise draw at them: like an observed star,
-    so that the spectra the network holds out for validation (and calibrates its
-    errors on) are as noisy as real ones. The noise augmentation of training
+    star's inverse variances and one noise draw at them (sigma capped at
+    :data:`~cannon_fast.nn.regressor.NOISE_SIGMA_CAP`): like an observed star,
+    so that the spectra the network holds out for validation are as noisy as real
+    ones. (Its errors are calibrated on observed stars only: a Cannon spectrum is
+    the Cannon's exactly, without its misfit to real stars.) The noise augmentation of training
     draws fresh noise on top every epoch, as it does for observed stars; masked
     pixels stay masked.
 
@@ -88,8 +90,12 @@ def cannon_spectra(model, labels, ivar, n, *, jitter=0.15, seed=0):
     drawn = labels[rng.choice(rows, n)] + jitter * spread * rng.standard_normal(
         (n, labels.shape[1]))
     iv = np.asarray(ivar)[rng.integers(0, len(ivar), n)]
-    with np.errstate(divide="ignore"):
-        sigma = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
+    from ..nn.regressor import NOISE_SIGMA_CAP
+
+    # capped as the augmentation's: a pixel with ivar 1e-20 (the mock survey has them)
+    # would otherwise get noise of 1e10 and set the network's input scale
+    sigma = np.where(iv > 0, np.minimum(1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)),
+                                        NOISE_SIGMA_CAP), 0.0)
     flux = np.asarray(model.predict(drawn) + sigma * rng.standard_normal(iv.shape), np.float32)
     return flux, iv, drawn
 
@@ -127,6 +133,18 @@ def _stats(pred, ref, names):
         out[n] = dict(bias=float(d.mean()), rmse=float(np.sqrt(np.mean(d ** 2))),
                       mad_scatter=float(1.4826 * np.median(np.abs(d - np.median(d)))),
                       n=int(ok.sum()))
+    return out
+
+
+def _coverage(res, ref, names):
+    """Fraction of reference labels within the stated 1 sigma, and the pull std, per label."""
+    d = res.labels - ref
+    out = {}
+    for j, n in enumerate(names):
+        ok = np.isfinite(d[:, j]) & (res.errors[:, j] > 0)
+        pull = d[ok, j] / res.errors[ok, j]
+        out[n] = dict(fraction=float(np.mean(np.abs(pull) < 1)) if ok.any() else None,
+                      pull_std=float(np.std(pull)) if ok.any() else None)
     return out
 
 
@@ -175,7 +193,7 @@ def _targets(nn_stats, cannon_stats, names):
 def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, val_catalog,
                      cannon_labels, label_names, *, train_errors=None, val_truth=None,
                      architectures=None, training=None, epochs=150, seed=0, progress=None,
-                     cannon_model=None):
+                     cannon_model=None, train_truth=None):
     """Train several network architectures and compare them with the Cannon (lab step 16).
 
     Parameters
@@ -214,6 +232,13 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
         Progress bars.
     cannon_model : cannon_fast.CannonModel, optional
         The Cannon trained on these training stars (same label order).
+    train_truth : array_like, (N_train, L), optional
+        True labels of the training stars (a simulation). Each network's error
+        scale is then calibrated on them, over the observed stars of its own
+        validation split (never the lab's validation stars), as the lab
+        calibrates the Cannon's errors; without them, on the catalogue labels with
+        their stated errors, which a catalogue that understates its errors makes
+        too large.
 
     Returns
     -------
@@ -250,14 +275,22 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
         if n_cannon and cannon_model is None:
             skipped[arch_name] = "no Cannon model given"
             continue
-        members, results, infer = [], [], 0.0
+        members, results, infer, n_cal = [], [], 0.0, []
         for i in range(n_members):
             # each member its own seed, hence its own Cannon spectra, split and weights
             data = _training_set(train_flux, train_ivar, train_labels, train_errors,
                                  cannon_model, n_cannon, seed + i)
             reg = SpectrumRegressor(names, seed=seed + i, device="cpu", **arch)
+            # the error scale from observed stars only: Cannon spectra know nothing of
+            # the Cannon's misfit to real stars, errors calibrated on them are too small
+            observed = np.arange(len(data[0])) < len(train_flux) if n_cannon else None
             reg.train(data[0], data[2], data[1], label_errors=data[3], epochs=n_epochs,
-                      progress=progress, **train_kw)
+                      progress=progress, calibrate_on=observed, **train_kw)
+            cal = reg.split["val"]
+            cal = cal if observed is None else cal[observed[cal]]
+            if train_truth is not None:   # rows < len(train_flux): observed stars
+                reg.calibrate(data[0][cal], np.asarray(train_truth, float)[cal], data[1][cal])
+            n_cal.append(len(cal))
             t0 = time.perf_counter()
             results.append(reg.predict(val_flux, val_ivar, n_samples=20))
             infer += time.perf_counter() - t0
@@ -277,9 +310,12 @@ def compare_networks(train_flux, train_ivar, train_labels, val_flux, val_ivar, v
             train_cpu_seconds=round(float(sum(h["train_cpu_time"] for h in hs)), 1),
             spectra_per_second=round(len(res.labels) / max(infer, 1e-9), 1),
             vs_catalog=_stats(res.labels, np.asarray(val_catalog, float), names),
-            n_bad=int(res.bad.sum()))
+            n_bad=int(res.bad.sum()), n_calibration_stars=int(min(n_cal)),
+            calibrated_against="true labels" if train_truth is not None
+            else "catalogue labels and errors")
         if val_truth is not None:
             nets[arch_name]["vs_true"] = _stats(res.labels, ref, names)
+            nets[arch_name]["true_within_1sigma"] = _coverage(res, ref, names)
         nets[arch_name]["targets"] = _targets(nets[arch_name][key], cannon_stats[key], names)
     # validation losses compare only networks validated on the same (observed) stars
     observed = [k for k, v in nets.items() if not v["cannon_spectra"]] or list(nets)

@@ -671,6 +671,7 @@ def _extra_nn(inputs):
         inputs["train_flux"], inputs["train_ivar"], inputs["train_labels"], inputs["val_flux"],
         inputs["val_ivar"], inputs["val_catalog"], inputs["val_cannon"], LAB_LABELS,
         train_errors=inputs["train_errors"], val_truth=inputs.get("val_truth"),
+        train_truth=inputs.get("train_truth"),
         epochs=inputs["nn_epochs"], seed=inputs["seed"], progress=inputs["show"],
         cannon_model=inputs["model"])
 
@@ -1764,6 +1765,7 @@ def _extras_inputs(ctx):
                 val_flux=ctx.flux[va], val_ivar=ctx.ivar[va], val_catalog=ctx.val_cat,
                 val_truth=ctx.val_true, train_flux=ctx.flux[tr], train_ivar=ctx.ivar[tr],
                 train_labels=ctx.cat_labels[tr], nn_epochs=ctx.opts.nn_epochs,
+                train_truth=ctx.truth_labels[tr] if ctx.truth_labels is not None else None,
                 train_errors=ctx.train_errors, val_cannon=np.asarray(ctx.primary.labels),
                 mystery_catalog=ctx.cat_labels[mystery],
                 mystery_truth=ctx.truth_labels[mystery] if ctx.truth_labels is not None

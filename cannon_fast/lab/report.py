@@ -580,7 +580,15 @@ def _nn_html(s):
                        else "")
                     + (f", mean of {v['members']} seeds" if v.get("members", 1) > 1 else "")
                     + (f", {v['lr_schedule']} learning rate" if v.get("lr_schedule", "plateau")
-                       != "plateau" else ""))
+                       != "plateau" else "")
+                    + (f"; errors calibrated on {v['n_calibration_stars']} "
+                       + ("observed " if v.get("cannon_spectra") else "")
+                       + f"stars against their {v.get('calibrated_against', 'catalogue labels')}"
+                       if "n_calibration_stars" in v else "")
+                    + ("; true labels within 1σ: " + " / ".join(
+                        f"{100 * c['fraction']:.0f}" for c in v["true_within_1sigma"].values()
+                        if c.get("fraction") is not None) + " %"
+                       if v.get("true_within_1sigma") else ""))
              for k, v in nn["networks"].items()]
     body = [[_esc(name) + (" (chosen)" if name == nn.get("chosen") else "")
              + (" (best)" if name == nn.get("best") and name != nn.get("chosen") else "")]

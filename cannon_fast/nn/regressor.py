@@ -31,6 +31,10 @@ ARCHITECTURES = ("cnn", "mlp")
 PRECISIONS = ("float32", "bfloat16")
 #: Learning-rate schedules of :meth:`SpectrumRegressor.train`.
 LR_SCHEDULES = ("plateau", "cosine")
+#: Largest per-pixel noise sigma drawn (the noise augmentation's, and the noise of
+#: synthetic spectra at a borrowed star's ivar): a nearly-zero ivar, which some files
+#: give their bad pixels instead of 0, must not turn into noise that swamps the flux.
+NOISE_SIGMA_CAP = 0.05
 # Bounds on the predicted log-variance (standardized labels): keeps exp() finite early on.
 _LOGVAR_MIN, _LOGVAR_MAX = -14.0, 6.0
 #: Default "uncertain label" thresholds on the total 1-sigma error, after astroNN's
@@ -114,6 +118,25 @@ def _make_config(arch, n_pixels, n_labels, filters, kernel_size, stride, pool_si
     else:
         cfg["n_features"] = cfg["n_pixels"]
     return cfg
+
+
+def _split(n, split, seed):
+    """(train, val, test) rows: a seeded split by ratio, or given rows checked."""
+    if not isinstance(split, dict):
+        return split_indices(n, split, seed)
+    unknown = set(split) - {"train", "val", "test"}
+    if unknown or not {"train", "val"} <= set(split):
+        raise ValueError(f"split as a dict needs 'train' and 'val' (and may have 'test'), got "
+                         f"{sorted(split)}")
+    parts = [np.asarray(split.get(k, []), np.int64).ravel() for k in ("train", "val", "test")]
+    allp = np.concatenate(parts)
+    if allp.size and (allp.min() < 0 or allp.max() >= n):
+        raise ValueError(f"split has rows outside 0..{n - 1}")
+    if np.unique(allp).size != allp.size:
+        raise ValueError("split's train, val and test rows overlap or repeat")
+    if not parts[0].size or not parts[1].size:
+        raise ValueError("split's train and val parts must not be empty")
+    return tuple(np.sort(p) for p in parts)
 
 
 def _conv_max_pool(conv, x, pool):
@@ -458,8 +481,8 @@ class SpectrumRegressor:
     def train(self, flux, labels, ivar=None, *, label_errors=None, split=(5, 1, 2),
               epochs=100, batch_size=64, learning_rate=1e-3, weight_decay=0.0, patience=10,
               min_delta=1e-4, lr_factor=0.5, lr_patience=4, missing_value=MISSING_VALUE,
-              max_bad_fraction=0.3, calibrate=True, augment_noise=0.0, ema_decay=0.99,
-              lr_schedule="plateau", progress=None):
+              max_bad_fraction=0.3, calibrate=True, calibrate_on=None, augment_noise=0.0,
+              ema_decay=0.99, lr_schedule="plateau", progress=None):
         """Train on normalized spectra with (possibly incomplete) labels.
 
         The stars are split (seeded) into train/validation/test by ``split``;
@@ -480,8 +503,11 @@ class SpectrumRegressor:
         label_errors : array_like, (N, L), optional
             1-sigma errors of the training labels (astroNN adds their variance to
             the predicted one, so the network learns only the scatter beyond them).
-        split : (float, float, float)
-            Train : validation : test ratio (5:1:2 as in StarNet's lab).
+        split : (float, float, float) or dict
+            Train : validation : test ratio (5:1:2 as in StarNet's lab), or the
+            parts themselves: ``{"train": rows, "val": rows}`` (and optionally
+            ``"test"``), disjoint row indices, e.g. to validate on observed
+            stars only while training also on synthetic spectra.
         epochs, batch_size, learning_rate, weight_decay : int, int, float, float
             Adam optimization.
         patience, min_delta : int, float
@@ -505,6 +531,11 @@ class SpectrumRegressor:
             have heavier tails than a Gaussian; this post-hoc step (Kuleshov
             et al. 2018) fixes both. With ``label_errors`` the validation
             labels' errors are added in quadrature first.
+        calibrate_on : array_like of bool, (N,), optional
+            The stars whose validation members set ``error_scale`` (default:
+            every validation star). Pass False for synthetic spectra (e.g. a
+            Cannon's): they know nothing of the model's misfit to real stars, so
+            errors calibrated on them come out too small for real ones.
         ema_decay : float
             Keep an exponential moving average of the weights (Polyak averaging,
             decay per optimizer step, bias-corrected over the first steps); the
@@ -514,7 +545,8 @@ class SpectrumRegressor:
             (its effect on the mock survey: ``docs/measurements.md``).
         augment_noise : float
             Data augmentation: each training batch gets fresh Gaussian noise of
-            ``augment_noise`` times each pixel's own sigma (capped at 0.05;
+            ``augment_noise`` times each pixel's own sigma (capped at
+            :data:`NOISE_SIGMA_CAP`;
             needs ``ivar``);
             a regularizer against over-fitting small training sets.
         progress : bool, optional
@@ -545,7 +577,14 @@ class SpectrumRegressor:
                                  f"{labels.shape}")
             label_errors = np.where(np.isfinite(label_errors), label_errors, 0.0)
         cfg = _make_config(n_pixels=n_pix, n_labels=self.n_labels, **self._arch_args)
-        tr, va, te = split_indices(n, split, self.seed)
+        tr, va, te = _split(n, split, self.seed)
+        if calibrate_on is not None:
+            calibrate_on = np.asarray(calibrate_on, bool)
+            if calibrate_on.shape != (n,):
+                raise ValueError(f"calibrate_on has shape {calibrate_on.shape}, not ({n},)")
+            if calibrate and calibrate_on[va].sum() < 10:
+                raise ValueError(f"only {int(calibrate_on[va].sum())} validation stars may "
+                                 "calibrate the errors (calibrate_on); at least 10 are needed")
         for part, idx in (("training", tr), ("validation", va)):
             empty = np.all(np.isnan(labels[idx]), axis=0)
             if empty.any():
@@ -568,8 +607,8 @@ class SpectrumRegressor:
                 raise ValueError("augment_noise needs ivar")
             iv = np.asarray(ivar, float)
             iv = iv[None, :] if iv.ndim == 1 else iv
-            # capped: a nearly-zero ivar must not turn into noise that swamps the flux
-            sigma = np.where(good, np.minimum(1.0 / np.sqrt(np.where(good, iv, 1.0)), 0.05), 0.0)
+            sigma = np.where(good, np.minimum(1.0 / np.sqrt(np.where(good, iv, 1.0)),
+                                              NOISE_SIGMA_CAP), 0.0)
             sigma_t = torch.as_tensor((augment_noise * sigma[tr]).astype(np.float32), device=dev)
 
         def tensors(idx):
@@ -663,8 +702,9 @@ class SpectrumRegressor:
         net.eval()
         self.error_scale = np.ones(self.n_labels)
         if calibrate:
-            val_err = None if label_errors is None else label_errors[va]
-            self.calibrate(flux[va], labels[va], np.where(good[va], 1.0, 0.0),
+            cal = va if calibrate_on is None else va[calibrate_on[va]]
+            val_err = None if label_errors is None else label_errors[cal]
+            self.calibrate(flux[cal], labels[cal], np.where(good[cal], 1.0, 0.0),
                            label_errors=val_err)
         hist.update(best_epoch=best_epoch, train_time=time.perf_counter() - t0,
                     train_cpu_time=time.process_time() - c0,
