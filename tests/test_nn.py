@@ -701,3 +701,13 @@ def test_cli_predict_visits_of_apstar_files(tmp_path, capsys):
     f = fitsio.read(str(out))
     np.testing.assert_array_equal(f["teff"], t["teff"])
     assert np.all(np.abs(t["teff"][1:4] - t["teff"][0]) < 5 * t["e_teff"][1:4])
+
+
+def test_a_network_without_dropout_predicts_in_one_pass(data):
+    """MC-dropout samples of a dropout-0 network would all be the same network."""
+    reg = SpectrumRegressor(data.label_names, seed=0, **dict(MLP, dropout=0.0)).train(
+        data.flux[:200], data.labels[:200], data.ivar[:200], **dict(FIT, epochs=3))
+    many = reg.predict(data.flux[200:260], data.ivar[200:260], n_samples=30)
+    one = reg.predict(data.flux[200:260], data.ivar[200:260], n_samples=1)
+    np.testing.assert_allclose(many.labels, one.labels, rtol=1e-6)
+    np.testing.assert_allclose(many.errors, one.errors, rtol=1e-6)

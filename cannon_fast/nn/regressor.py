@@ -781,7 +781,7 @@ class SpectrumRegressor:
             Pixels with ``ivar == 0`` are masked; NaN flux must be masked.
         n_samples : int
             MC-dropout samples; 1 or 0 switches dropout off (errors are then the
-            predicted ones only).
+            predicted ones only), as does a network trained without dropout.
         batch_size : int
             Spectra per forward pass; small enough that a batch's feature maps
             stay in the CPU's cache.
@@ -807,7 +807,8 @@ class SpectrumRegressor:
         n = flux.shape[0]
         bad_frac = 1.0 - good.mean(axis=1)
         dev = self.device
-        s_count = max(int(n_samples), 1)
+        # without dropout the samples would all be the same network: one pass does
+        s_count = max(int(n_samples), 1) if self.config["dropout"] > 0 else 1
         mean = np.empty((n, self.n_labels))
         mvar = np.zeros((n, self.n_labels))
         avar = np.empty((n, self.n_labels))
