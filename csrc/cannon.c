@@ -971,6 +971,17 @@ typedef struct {
     double *chol, *a, *u, *lam, *tmp, *vec; /* (L, L) x 4, (L,) x 2 */
 } capped_scratch;
 
+/* The scratch carved out of a thread's block from `base` on: 4 (L, L) and 2 (L,). */
+static void capped_scratch_at(capped_scratch *cs, double *base, ptrdiff_t nl)
+{
+    cs->chol = base;
+    cs->a = cs->chol + nl * nl;
+    cs->u = cs->a + nl * nl;
+    cs->tmp = cs->u + nl * nl;
+    cs->lam = cs->tmp + nl * nl;
+    cs->vec = cs->lam + nl;
+}
+
 /* The capped Hessian and pushed bias of one star (_reference.capped_step_matrices):
  * work = F - B_x and push as it is where cap F - B_x is positive definite (returns 0);
  * else, with F = C C^T and C^-1 B_x C^-T = U diag(lam) U^T,
@@ -1076,12 +1087,7 @@ int cf_debias_steps(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_labels,
         double *push = plain + nl, *step = push + nl, *r = step + nl, *fisher = r + nl;
         double *bmat = fisher + nl * nl, *work = bmat + nl * nl, *m = work + nl * nl;
         capped_scratch cs;
-        cs.chol = m + nl * nl;
-        cs.a = cs.chol + nl * nl;
-        cs.u = cs.a + nl * nl;
-        cs.tmp = cs.u + nl * nl;
-        cs.lam = cs.tmp + nl * nl;
-        cs.vec = cs.lam + nl;
+        capped_scratch_at(&cs, m + nl * nl, nl);
         CF_OMP(omp for schedule(dynamic, 8))
         for (ptrdiff_t i = 0; i < n_stars; i++) {
             if (!blk) continue;
@@ -1164,12 +1170,7 @@ int cf_sandwich_covariance(ptrdiff_t n_stars, ptrdiff_t n_terms, ptrdiff_t n_lab
         double *hess = bmat + nl * nl, *hinv = hess + nl * nl, *mid = hinv + nl * nl;
         double *m = mid + nl * nl;
         capped_scratch cs;
-        cs.chol = m + nl * nl;
-        cs.a = cs.chol + nl * nl;
-        cs.u = cs.a + nl * nl;
-        cs.tmp = cs.u + nl * nl;
-        cs.lam = cs.tmp + nl * nl;
-        cs.vec = cs.lam + nl;
+        capped_scratch_at(&cs, m + nl * nl, nl);
         if (blk) {
             ptrdiff_t k = 0;
             for (ptrdiff_t a = 0; a < nt; a++) {
