@@ -131,3 +131,60 @@ def test_payne_calibrate_cli(calibrated, tmp_path, capsys):
                  str(tmp_path / "ref.npz"), "--out", str(tmp_path / "cal.npz")]) != 0
     assert "exists" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_payne_calibrate_bad_inputs(calibrated, tmp_path, capsys):
+    """Each refusal names what is wrong: grid, labels, too few stars, the label table."""
+    from cannon_fast.cli import main
+    from cannon_fast.cli.payne import _labels_by_id
+    from cannon_fast.core.grid import PixelGrid
+
+    model, _, labels, flux, ivar = calibrated
+    grid = PixelGrid.linear(15100.0, 15400.0, model.n_pixels, name="emu")
+    plain = PayneEmulator(model.weights, model.biases, NAMES, LO, HI, activation="tanh",
+                          training_labels=model.training_labels, grid=grid)
+    plain.write(tmp_path / "emu.npz")
+    emu = str(tmp_path / "emu.npz")
+
+    def run(*argv):
+        code = main(["payne-calibrate", "--model", emu, *map(str, argv), "--out",
+                     str(tmp_path / "out.npz")])
+        return code, capsys.readouterr().err
+
+    # spectra of another grid, as `fit` refuses them
+    np.savez(tmp_path / "other.npz", flux=flux, ivar=ivar, labels=labels,
+             label_names=np.array(NAMES), wavelength=grid.wavelength + 5.0)
+    code, err = run(tmp_path / "other.npz")
+    assert code != 0 and "trained on the grid" in err and "other.npz" in err
+    # too few reference stars inside the box
+    np.savez(tmp_path / "few.npz", flux=flux[:40], ivar=ivar[:40], labels=labels[:40],
+             label_names=np.array(NAMES), wavelength=grid.wavelength)
+    code, err = run(tmp_path / "few.npz")
+    assert code != 0 and "40 reference stars inside the emulator's training box" in err
+    # --labels-from goes with apStar files; apStar files need it
+    code, err = run(tmp_path / "few.npz", "--labels-from", tmp_path / "t.fits")
+    assert code != 0 and "--labels-from goes with apStar inputs" in err
+    code, err = run(tmp_path / "apStar-dr17-2M00000000+0000000.fits")
+    assert code != 0 and "need their labels: --labels-from TABLE" in err
+    assert not (tmp_path / "out.npz").exists()
+
+    # the label table: missing file and columns, no star in it, repeated IDs
+    from astropy.table import Table
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        _labels_by_id(str(tmp_path / "none.fits"), ["A"], NAMES)
+    Table({"APOGEE_ID": ["A", "B"], "TEFF": [4500.0, 4600.0]}).write(tmp_path / "t.fits")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['LOGG', 'FE_H'\]"):
+        _labels_by_id(str(tmp_path / "t.fits"), ["A"], NAMES)
+    t = Table({"APOGEE_ID": ["A", "B", "B", "C", "C"], "TEFF": [4500.0, 4600, 4600, 4700, 4800],
+               "LOGG": [2.0, 2.1, 2.1, 2.2, 2.2], "FE_H": [0.0, 0.1, 0.1, 0.2, 0.2],
+               "SNR": [50.0, 80, 60, 70, 70]})
+    t.write(tmp_path / "lab.fits")
+    with pytest.raises(ValueError, match="none of the 1 stars is in it, e.g. Z"):
+        _labels_by_id(str(tmp_path / "lab.fits"), ["Z"], NAMES)
+    got, err = _labels_by_id(str(tmp_path / "lab.fits"), ["A ", "B", "C", "Z"], NAMES)
+    assert err is None
+    np.testing.assert_array_equal(got[:2], [[4500.0, 2.0, 0.0], [4600.0, 2.1, 0.1]])
+    assert np.isnan(got[2:]).all()  # C's rows disagree in TEFF at equal S/N; Z is absent
+    out = capsys.readouterr().out
+    assert "1 star(s) not in" in out and "1 star(s) with rows that disagree in" in out

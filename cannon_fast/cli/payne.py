@@ -309,8 +309,8 @@ def _payne_calibrate(args):
 
     _refuse(args.out, args.force)
     model_path, inputs = model_and_inputs(args)
-    flux, ivar, labels, errors, what = _reference_stars(args, model_path, inputs)
     emu = PayneEmulator.read(model_path)
+    flux, ivar, labels, errors, what = _reference_stars(args, emu, inputs)
     names = list(emu.label_names)
     inside = ~emu.outside_training(labels)
     if (~inside).any():
@@ -334,18 +334,18 @@ def _payne_calibrate(args):
     return 0
 
 
-def _reference_stars(args, model_path, inputs):
+def _reference_stars(args, emu, inputs):
     """flux, ivar, labels (in the emulator's order), errors or None, and a description."""
-    from ..nn.emulator import PayneEmulator
     from .core import _is_prepared, _read_for_fit, _refuse_raw_options, read_spectra_file
 
-    names = list(PayneEmulator.read(model_path).label_names)
+    names = list(emu.label_names)
     if _is_prepared(inputs):
         _refuse_raw_options(inputs, args)
         if args.labels_from:
             raise ValueError("--labels-from goes with apStar inputs; prepared spectra carry "
                              "their labels")
         data = read_spectra_file(inputs[0], need_labels=True)
+        emu.check_grid(data["grid"], what=f"the spectra of {inputs[0]}")  # as fit does
         missing = [n for n in names if n not in (data["label_names"] or [])]
         if missing:
             raise ValueError(f"{inputs[0]} has no label(s) {missing} of the emulator "
@@ -359,7 +359,7 @@ def _reference_stars(args, model_path, inputs):
         if not args.labels_from:
             raise ValueError("apStar reference stars need their labels: --labels-from TABLE "
                              "(APOGEE_ID and a column per label)")
-        data = _read_for_fit(PayneEmulator.read(model_path), inputs, args)
+        data = _read_for_fit(emu, inputs, args)
         labels, errors = _labels_by_id(args.labels_from, data["ids"], names)
         flux, ivar = data["flux"], data["ivar"]
         what = f"{len(flux)} apStar files, labels from {args.labels_from}"
@@ -372,8 +372,14 @@ def _reference_stars(args, model_path, inputs):
 
 
 def _labels_by_id(path, ids, names):
-    """The ``names`` columns (and ``_ERR`` ones, or None) of a FITS table, by APOGEE_ID."""
+    """The ``names`` columns (and ``_ERR`` ones, or None) of a FITS table, by APOGEE_ID.
+
+    Matched as every allStar reader here matches (``apogee.files.match_ids``: a repeated
+    ID takes its highest-S/N row; rows that then disagree in the labels give no match).
+    """
     from astropy.table import Table
+
+    from ..apogee.files import AMBIGUOUS_MATCH, match_ids
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"--labels-from {path}: no such file")
@@ -382,20 +388,15 @@ def _labels_by_id(path, ids, names):
     missing = [n for n in need if n not in table.colnames]
     if missing:
         raise ValueError(f"--labels-from {path} lacks the column(s) {missing}")
-    index = {}
-    for i, key in enumerate(table["APOGEE_ID"]):
-        key = str(key).strip()
-        if key in index:
-            raise ValueError(f"--labels-from {path}: APOGEE_ID {key} is in rows {index[key]} "
-                             f"and {i}")
-        index[key] = i
-    rows = np.array([index.get(str(i).strip(), -1) for i in ids])
+    ids = np.char.strip(np.asarray(ids).astype(str))
+    rows = match_ids(table, ids, labels=names)
     if (rows < 0).all():
         raise ValueError(f"--labels-from {path}: none of the {len(ids)} stars is in it, e.g. "
                          f"{ids[0]}")
-    if (rows < 0).any():
-        print(f"payne-calibrate: {int((rows < 0).sum())} star(s) not in {path}, e.g. "
-              f"{ids[np.argmax(rows < 0)]}: left out")
+    for code, why in ((-1, "not in"), (AMBIGUOUS_MATCH, "with rows that disagree in")):
+        if (rows == code).any():
+            print(f"payne-calibrate: {int((rows == code).sum())} star(s) {why} {path}, e.g. "
+                  f"{ids[np.argmax(rows == code)]}: left out")
 
     def column(name):
         col = np.asarray(table[name], float)[np.maximum(rows, 0)]
