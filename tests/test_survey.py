@@ -181,6 +181,11 @@ def test_several_npz_files_are_one_survey(tmp_path, small, npz):
     np.savez(tmp_path / "other.npz", flux=flux[:5, :100], ivar=ivar[:5, :100])
     with pytest.raises(ValueError, match=r"other.npz \(5 x 100, normalized\) does not go with"):
         sv.label_survey(model, [paths[0], tmp_path / "other.npz"], tmp_path / "y.fits")
+    np.savez(tmp_path / "masked.npz", flux=flux[:5].astype(np.float32),
+             ivar=ivar[:5].astype(np.float32), bitmask=np.zeros((5, flux.shape[1]), np.uint16),
+             normalized=True)
+    with pytest.raises(ValueError, match="masked.npz has bitmask and .*part0.npz has none"):
+        sv.label_survey(model, [paths[0], tmp_path / "masked.npz"], tmp_path / "z.fits")
 
 
 def test_rerun_with_other_options_is_refused_or_forced(tmp_path, small, npz, capsys):

@@ -114,14 +114,9 @@ class _ArrayParts:
         out = dict(got[0])
         for k in ("flux", "ivar", "ids", "index", "visit", "reason"):
             out[k] = np.concatenate([g[k] for g in got])
-        masks = [g["bitmask"] for g in got]
-        if any(m is None for m in masks):
-            if not all(m is None for m in masks):
-                raise ValueError(f"{self.parts[0].path} and the other array files of this "
-                                 "survey differ: some have a bitmask, some not")
-            out["bitmask"] = None
-        else:
-            out["bitmask"] = np.concatenate(masks)
+        # all files have a bitmask or none (``_open_arrays``)
+        out["bitmask"] = (None if got[0]["bitmask"] is None
+                          else np.concatenate([g["bitmask"] for g in got]))
         return out
 
 
@@ -344,14 +339,18 @@ def _open_arrays(arrays, normalized):
     for kind, path in arrays:
         path = os.path.abspath(path)
         describe = _describe_store if kind == "store" else _describe_npz
-        n, p, norm, ident = describe(path, normalized)
+        n, p, norm, ident, masked = describe(path, normalized)
         ident["normalized"] = bool(norm)
         if files and (p, norm) != (files[0][3], files[0][4]):
             raise ValueError(f"{path} ({n} x {p}, {'normalized' if norm else 'raw'}) does not go "
                              f"with {files[0][1]} ({files[0][3]} pixels, "
                              f"{'normalized' if files[0][4] else 'raw'}): one survey, one grid")
-        files.append((kind, path, n, p, bool(norm), ident))
-    kind, path, n, p, norm, ident = files[0]
+        if files and masked != files[0][6]:  # one survey, masked one way
+            raise ValueError(f"{path} {'has' if masked else 'has no'} bitmask and "
+                             f"{files[0][1]} {'has' if files[0][6] else 'has none'}: give the "
+                             "files of one survey the same arrays")
+        files.append((kind, path, n, p, bool(norm), ident, masked))
+    kind, path, n, p, norm, ident, _ = files[0]
     if len(files) == 1:  # the identity a one-file job always had (its catalogues resume)
         return _Source(kind, ident, n, p, norm, f"{path} ({n} spectra x {p} pixels)",
                        lambda lo, hi: _Arrays(kind, path, lo, hi, norm, p))
@@ -359,7 +358,7 @@ def _open_arrays(arrays, normalized):
 
     def make_chunk(lo, hi):
         parts = []
-        for (k, fpath, _, _, _, _), a, b in zip(files, starts[:-1], starts[1:]):
+        for (k, fpath, *_), a, b in zip(files, starts[:-1], starts[1:]):
             if lo < b and hi > a:
                 parts.append(_Arrays(k, fpath, max(lo, a) - a, min(hi, b) - a, norm, p,
                                      offset=int(a)))
@@ -387,18 +386,18 @@ def _open_apstar(paths, visits, normalized, release, bad_bits=None):
 
 
 def _describe_store(path, normalized):
-    """(N, P, normalized, identity) of a SpectraStore (always normalized spectra)."""
+    """(N, P, normalized, identity, has a bitmask) of a SpectraStore (normalized, no mask)."""
     from ..store import SpectraStore
 
     s = SpectraStore(path)
     n, p = s.n_stars, s.n_pixels
     if normalized is False:
         raise ValueError(f"{path}: a SpectraStore holds normalized spectra")
-    return n, p, True, dict(kind="store", path=path, n=n, p=p)
+    return n, p, True, dict(kind="store", path=path, n=n, p=p), False
 
 
 def _describe_npz(path, normalized):
-    """(N, P, normalized, identity) of an npz, checking its arrays' shapes."""
+    """(N, P, normalized, identity, has a bitmask) of an npz, checking its arrays' shapes."""
     arrays = _open_npz(path)
     flux, ivar = arrays["flux"], arrays["ivar"]
     if flux.ndim != 2 or ivar.shape != flux.shape:
@@ -416,4 +415,4 @@ def _describe_npz(path, normalized):
                 and _looks_normalized(np.asarray(flux[:64]), np.asarray(ivar[:64])))
     st = os.stat(path)
     return n, p, norm, dict(kind="npz", path=path, n=n, p=p, size=st.st_size,
-                            mtime_ns=st.st_mtime_ns)
+                            mtime_ns=st.st_mtime_ns), arrays["bitmask"] is not None
