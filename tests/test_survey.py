@@ -309,6 +309,18 @@ def test_raw_npz_is_masked_and_normalized(tmp_path, full_grid):
     np.testing.assert_allclose(got["LOGG"], ref["LOGG"], atol=0.05)
 
 
+def _three_apstar_stars(root, s, continuum_seed):
+    """Stars 140-142 of ``s`` (noise-free, S/N 250) as apStar files under ROOT/apo25m/F1."""
+    d = root / "apo25m" / "F1"
+    d.mkdir(parents=True)
+    c = _continuum(3, continuum_seed)
+    ids = [f"2M0000000{i}+0000000" for i in range(3)]
+    for i, sid in enumerate(ids):
+        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[140 + i] * c[i],
+                      0.004 * c[i], nvis=1, apogee_id=sid, seed=i)
+    return ids
+
+
 def _write_apstar(path, flux, err, nvis, apogee_id, seed):
     """Write a minimal DR17-like apStar: combined, global-weighted, ``nvis`` visit rows."""
     rng = np.random.default_rng(seed)
@@ -591,13 +603,7 @@ def test_fit_and_label_read_apstar_files_as_prepare_normalizes_them(tmp_path, fu
     mpath = tmp_path / "m.npz"
     record_continuum(model.__class__.read(_write(model, tmp_path / "bare.npz"),
                                           backend="numba"), cont, degree=3).write(mpath)
-    d = tmp_path / "stars" / "apo25m" / "F1"
-    d.mkdir(parents=True)
-    c = _continuum(3, 7)
-    ids = [f"2M0000000{i}+0000000" for i in range(3)]
-    for i, sid in enumerate(ids):
-        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[140 + i] * c[i],
-                      0.004 * c[i], nvis=1, apogee_id=sid, seed=i)
+    ids = _three_apstar_stars(tmp_path / "stars", s, continuum_seed=7)
     cat = np.zeros(3, dtype=[("APOGEE_ID", "S20"), ("TELESCOPE", "S8"), ("FIELD", "S8"),
                              ("SNR", "f4"), ("TEFF", "f4"), ("LOGG", "f4"), ("FE_H", "f4")])
     cat["APOGEE_ID"], cat["TELESCOPE"], cat["FIELD"] = ids, "apo25m", "F1"
@@ -648,13 +654,7 @@ def test_fit_with_an_emulator_reads_apstar_files(tmp_path, full_grid):
     assert picked.sum() > 100 and cont[picked].mean() > 3 * cont.mean()
     epath = tmp_path / "emu.npz"
     emu.write(epath)
-    d = tmp_path / "stars" / "apo25m" / "F1"
-    d.mkdir(parents=True)
-    c = _continuum(3, 8)
-    ids = [f"2M0000000{i}+0000000" for i in range(3)]
-    for i, sid in enumerate(ids):
-        _write_apstar(d / f"apStar-dr17-{sid}.fits", s.true_flux[140 + i] * c[i],
-                      0.004 * c[i], nvis=1, apogee_id=sid, seed=i)
+    ids = _three_apstar_stars(tmp_path / "stars", s, continuum_seed=8)
     np.save(tmp_path / "cont.npy", cont)
     for tag, extra in (("given", ["--continuum", str(tmp_path / "cont.npy")]), ("picked", [])):
         assert main(["fit", str(tmp_path / "stars"), "--model", str(epath), "--out",
