@@ -212,6 +212,35 @@ def test_mc_dropout_errors(data, mlp):
     assert_allclose(one.errors, one.predictive_errors)
 
 
+def test_mc_head_samples_what_torch_dropout_does():
+    from cannon_fast.nn.regressor import _dropout_mask, _mc_head
+
+    torch.manual_seed(3)
+    p = 0.1
+    m = _dropout_mask((1000, 1000), p, torch.float32, "cpu")
+    values = torch.unique(m)
+    assert_allclose(values.numpy(), [0.0, 1.0 / (1.0 - p)], rtol=1e-6)
+    kept = (m > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 4 * np.sqrt(p * (1 - p) / m.numel())
+    # masks of one draw are independent across rows and columns: no repeating pattern
+    rows = (m > 0).double()
+    assert abs(torch.corrcoef(rows[:, :2].T)[0, 1].item()) < 0.1
+    # the head's output samples have torch's dropout mean and spread
+    head = torch.nn.Sequential(torch.nn.Dropout(p), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                               torch.nn.Dropout(p), torch.nn.Linear(32, 3))
+    z = torch.rand(1, 64).repeat(20000, 1)
+    with torch.inference_mode():
+        ours = _mc_head(head, z, True)
+        head.train()
+        theirs = head(z)
+        head.eval()
+        off, plain = _mc_head(head, z[:1], False), head(z[:1])
+    ours, theirs = ours.numpy(), theirs.numpy()
+    assert_allclose(ours.mean(0), theirs.mean(0), atol=5 * theirs.std(0).max() / 141)
+    assert_allclose(ours.std(0), theirs.std(0), rtol=0.05)
+    assert_array_equal(off.numpy(), plain.numpy())
+
+
 def test_flags(data, mlp):
     flux, ivar = data.flux[:6].copy(), data.ivar[:6].copy()
     ivar[0, :90] = 0.0  # 75 % masked
