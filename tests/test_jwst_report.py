@@ -170,7 +170,8 @@ def test_jwst_starnet_on_cannon_spectra(project, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "x"), "--no-nn", "--cannon-spectra", "5"]) == 1
     assert "cannon_spectra trains a network" in capsys.readouterr().err
     out = tmp_path / "r"
-    assert main(base + ["--out", str(out), "--cannon-spectra", "300"]) == 0
+    assert main(base + ["--out", str(out), "--cannon-spectra", "300",
+                        "--precision", "bfloat16"]) == 0
     assert "StarNet+Cannon (learnt from the Cannon) RMSE" in capsys.readouterr().out
     comp = json.loads((out / "summary.json").read_text())["comparison"]
     sc, st = comp["starnet_cannon"], comp["starnet"]
@@ -179,6 +180,7 @@ def test_jwst_starnet_on_cannon_spectra(project, tmp_path, capsys):
     assert sc["n_calibration_stars"] == len(va) and sc["n_test"] == st["n_test"] == len(te)
     assert sc["architecture"]["dropout"] == 0.0 and st["architecture"]["dropout"] == 0.1
     assert sc["training"]["lr_schedule"] == "cosine" and sc["n_epochs"] == 4
+    assert sc["precision"] == st["precision"] == "bfloat16"
     for n in ("TEFF", "LOGG", "FE_H"):
         assert comp["starnet_cannon_over_cannon_rmse"][n] == pytest.approx(
             sc["metrics"][n]["rmse"] / comp["cannon"]["metrics"][n]["rmse"])

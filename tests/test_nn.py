@@ -624,6 +624,15 @@ def test_cli_train_and_predict(data, tmp_path):
     out2 = tmp_path / "labels2.fits"   # --model, as in fit, label, mcmc
     assert main(["nn-predict", "--model", str(ck), str(npz), "--out", str(out2), "-q"]) == 0
     assert len(Table.read(out2)) == len(t)
+    out3 = tmp_path / "labels_bf16.fits"
+    assert main(["nn-predict", str(ck), str(npz), "-o", str(out3), "--n-samples", "1",
+                 "--precision", "bfloat16", "-q"]) == 0
+    assert main(["nn-predict", str(ck), str(npz), "-o", str(out2), "--n-samples", "1",
+                 "--force", "-q"]) == 0
+    t16, t32 = Table.read(out3), Table.read(out2)
+    for name in data.label_names:
+        d = np.asarray(t16[name]) - np.asarray(t32[name])
+        assert 0 < np.abs(d).max() < 0.05 * np.ptp(data.labels[:, data.label_names.index(name)])
     emu = tmp_path / "emu.npz"
     assert main(["nn-train", str(npz), "-o", str(emu), "--kind", "emulator", "--hidden", "16",
                  "16", "--epochs", "5", "-q"]) == 0

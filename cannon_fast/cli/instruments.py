@@ -57,6 +57,9 @@ def register(subparsers, parent):
                    help="max-pool after each conv layer, 1 = none (1,4)")
     g.add_argument("--hidden", type=_ints, default=(256, 128), help="dense widths (256,128)")
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="arithmetic of the layers: bfloat16 is faster on CPUs with AVX-512 "
+                   "BF16 / AMX (docs/measurements.md), slower elsewhere")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--learning-rate", type=float, default=1e-3)
@@ -102,7 +105,7 @@ def _jwst(args):
     quiet = getattr(args, "quiet", False)
     ks = args.kernel_size[0] if len(args.kernel_size) == 1 else args.kernel_size
     nn_options = dict(filters=args.filters, kernel_size=ks, pool_size=args.pool_size,
-                      hidden=args.hidden, dropout=args.dropout)
+                      hidden=args.hidden, dropout=args.dropout, precision=args.precision)
     nn_training = dict(epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, patience=args.patience)
     t0 = time.perf_counter()
