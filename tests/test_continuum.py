@@ -251,6 +251,10 @@ def test_bitmask_and_out_buffers():
     np.testing.assert_array_equal(got.flux, want.flux)
     np.testing.assert_array_equal(got.ivar, want.ivar)
     np.testing.assert_array_equal(got.flags, want.flags)
+    # a big-endian bitmask (an npz from another machine) and a boolean one
+    for other, bits in ((bm.astype(">i2"), 2), ((bm & 2) != 0, 1)):
+        again = cn.normalize(flux, ivar, cp, bitmask=other, bad_bits=bits)
+        np.testing.assert_array_equal(again.ivar, want.ivar)
     with pytest.raises(ValueError, match="out arrays must be C-contiguous"):
         cn.normalize(flux, ivar, cp, out=(out[0][:, :100], out[1]))
     with pytest.raises(ValueError, match="bitmask float64"):

@@ -193,9 +193,13 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
         raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must have the same (N, P) shape")
     if bitmask is not None:
         bitmask = np.atleast_2d(np.asarray(bitmask))
-        if bitmask.shape != flux.shape or bitmask.dtype.kind not in "iu":
+        if bitmask.shape != flux.shape or bitmask.dtype.kind not in "biu":
             raise ValueError(f"bitmask {bitmask.dtype} {bitmask.shape} must be integers of the "
                              f"spectra's (N, P) shape {flux.shape}")
+        if bitmask.dtype.kind == "b":
+            bitmask = bitmask.view(np.uint8)
+        elif not bitmask.dtype.isnative:  # the kernels read native integers
+            bitmask = bitmask.astype(bitmask.dtype.newbyteorder("="))
     n, p = flux.shape
     chip_ranges = segment_ranges(segments, p)
     basis, chip = chebyshev_basis(degree, chip_ranges, p)

@@ -110,7 +110,7 @@ def _rows(a, lo, hi, dtype=None):
             and (dtype is None or rows.dtype == dtype)):
         _read_ahead(a, lo, hi)
         return np.asarray(rows)
-    return np.array(rows, dtype=dtype)
+    return np.array(rows, dtype=dtype or rows.dtype.newbyteorder("="))
 
 
 def _read_ahead(m, lo, hi):
