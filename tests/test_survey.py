@@ -313,13 +313,14 @@ def test_raw_npz_is_masked_and_normalized(tmp_path, full_grid):
 @pytest.mark.parametrize("backend", ["c", "numba"])
 def test_raw_chunks_label_as_the_masking_then_normalizing_pipeline(tmp_path, full_grid,
                                                                    backend):
-    """One pass (bitmask read by the normalization, spectra viewed in the file, buffers kept
-    from chunk to chunk) gives the labels of masking a copy, normalizing it and cleaning it.
+    """One pass over raw chunks labels as masking a copy, normalizing and cleaning it did.
 
-    Bit for bit, with every kind of bad pixel: flagged bits (one bit beyond what a uint16
-    holds is asked for), NaN flux, infinite and negative ivar, and a finite float32 ivar
-    so large that its normalized value overflows to inf (the fit refuses the slice, which
-    is then cleaned). Chunks of 17 rows: the last one is shorter than the kept buffers.
+    One pass: the bitmask read by the normalization, spectra viewed in the file, buffers
+    kept from chunk to chunk. Bit for bit, with every kind of bad pixel: flagged bits
+    (one bit beyond what a uint16 holds is asked for), NaN flux, infinite and negative
+    ivar, and a finite float32 ivar so large that its normalized value overflows to inf
+    (the fit refuses the slice, which is then cleaned). Chunks of 17 rows: the last one
+    is shorter than the kept buffers.
     """
     from cannon_fast.apogee.bitmask import bit_value
     from cannon_fast.core.continuum import normalize
