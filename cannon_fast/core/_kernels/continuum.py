@@ -43,12 +43,12 @@ def continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
         if bitmask.shape != flux.shape or bitmask.dtype.kind not in "iu":
             raise TypeError(f"continuum_normalize: bitmask must be an integer array of shape "
                             f"{flux.shape}, got {bitmask.dtype} {bitmask.shape}")
-        ivar = np.where(bit_set(bitmask, bits), ivar.dtype.type(0), ivar)
+        ivar = np.where(_bit_set(bitmask, bits), ivar.dtype.type(0), ivar)
     _normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels, flux_out, ivar_out,
                cont_out, status_out)
 
 
-def bit_set(bitmask, bits):
+def _bit_set(bitmask, bits):
     """``int64(bitmask) & bits != 0``, without an int64 copy when ``bits`` fits the dtype."""
     if 0 <= bits <= np.iinfo(bitmask.dtype).max:
         return (bitmask & bitmask.dtype.type(bits)) != 0
