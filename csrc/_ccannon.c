@@ -627,25 +627,28 @@ static PyObject *py_training_sums(PyObject *self, PyObject *args, PyObject *kwds
 
 PyDoc_STRVAR(continuum_normalize_doc,
 "continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels, flux_out, "
-"ivar_out, cont_out, status_out)\n--\n\n"
+"ivar_out, cont_out, status_out, bitmask=None, bits=0)\n--\n\n"
 "Per-chip weighted least-squares continuum, divided out:\n"
 "``(p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c)`` over stars.\n\n"
 "flux, ivar (N, P) float64 or float32; basis (P, K) float64; chip (P,) int64 (-1: gap);\n"
 "is_cont (P,) uint8; n_chips >= 0, min_pixels int -> flux_out, ivar_out (N, P) and cont_out\n"
 "(N, P) or (0, P) (empty: not stored), all of flux's dtype; status_out (N, C) int64\n"
-"(0 ok, 1 no usable pixel, 2 too few continuum pixels, 3 bad fit). The fit is in float64.");
+"(0 ok, 1 no usable pixel, 2 too few continuum pixels, 3 bad fit). The fit is in float64.\n"
+"bitmask: None or (N, P) of an integer dtype (8-64 bits): a pixel with\n"
+"int64(bitmask) & bits != 0 is not usable, as if its ivar were 0.");
 
 static PyObject *py_continuum_normalize(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"flux", "ivar", "basis", "chip", "is_cont", "n_chips",
                              "min_pixels", "flux_out", "ivar_out", "cont_out", "status_out",
-                             NULL};
+                             "bitmask", "bits", NULL};
     static const char *fn = "continuum_normalize";
-    PyObject *o[5], *q[4];
+    PyObject *o[5], *q[4], *bm_obj = Py_None;
     Py_ssize_t n_chips, min_pixels;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOnnOOOO:continuum_normalize", kwlist,
+    long long bits = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOnnOOOO|OL:continuum_normalize", kwlist,
                                      &o[0], &o[1], &o[2], &o[3], &o[4], &n_chips, &min_pixels,
-                                     &q[0], &q[1], &q[2], &q[3]))
+                                     &q[0], &q[1], &q[2], &q[3], &bm_obj, &bits))
         return NULL;
     /* the spectra are all float64 or all float32, as flux is */
     int single = PyArray_Check(o[0]) &&
@@ -687,6 +690,34 @@ static PyObject *py_continuum_normalize(PyObject *self, PyObject *args, PyObject
         return NULL;
     void *co_ptr = PyArray_DIM(co, 0) ? PyArray_DATA(co) : NULL;
     int code;
+    if (bm_obj != Py_None) { /* any integer dtype: its width and sign are passed on */
+        PyArrayObject *bm = (PyArrayObject *)bm_obj;
+        if (!PyArray_Check(bm_obj) || !PyArray_ISINTEGER(bm) || !PyArray_ISNOTSWAPPED(bm)) {
+            PyErr_Format(PyExc_TypeError, "%s: bitmask must be None or a numpy.ndarray of an "
+                         "integer dtype (native byte order), got %R", fn, bm_obj);
+            return NULL;
+        }
+        int bytes = (int)PyArray_ITEMSIZE(bm);
+        if (PyArray_NDIM(bm) != 2 || !PyArray_IS_C_CONTIGUOUS(bm) ||
+            check_dim(bm, 0, n_stars, fn, "bitmask", "(N, P)", "N") ||
+            check_dim(bm, 1, n_pix, fn, "bitmask", "(N, P)", "P")) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "%s: bitmask must be a C-contiguous (N, P) array",
+                             fn);
+            return NULL;
+        }
+        int is_signed = PyArray_ISSIGNED(bm) ? 1 : 0;
+        const void *bm_data = PyArray_DATA(bm);
+        Py_BEGIN_ALLOW_THREADS
+        code = cf_continuum_normalize_masked(
+            n_stars, n_pix, n_basis, n_chips, PyArray_DATA(flux), PyArray_DATA(ivar),
+            (const double *)PyArray_DATA(basis), (const int64_t *)PyArray_DATA(chip),
+            (const uint8_t *)PyArray_DATA(cont), min_pixels, PyArray_DATA(fo), PyArray_DATA(io),
+            co_ptr, (int64_t *)PyArray_DATA(status), single, bm_data, bytes, is_signed,
+            (int64_t)bits);
+        Py_END_ALLOW_THREADS
+        return finish(code, fn);
+    }
     Py_BEGIN_ALLOW_THREADS
     if (single) {
         code = cf_continuum_normalize_f32(

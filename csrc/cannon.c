@@ -1523,12 +1523,42 @@ static inline ptrdiff_t cont_divide_run(const cont_layout *cl, const double *coe
     return bad;
 }
 
+/* cont_divide_run for the survey's case (float spectra, degree 3, no continuum kept),
+ * written so that GCC vectorizes it: 64-bit lanes throughout (double compares, an int64
+ * count), no branches. The same operations on the same values as cont_divide, hence
+ * the same results to the bit. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-trapping-math")))
+#endif
+static ptrdiff_t cont_divide_f32_k4(const double *basis, const double *coef, ptrdiff_t lo,
+                                    ptrdiff_t hi, const float *restrict f,
+                                    const float *restrict w, float *restrict fo,
+                                    float *restrict wo)
+{
+    const double c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
+    int64_t bad = 0;
+    for (ptrdiff_t j = lo; j < hi; j++) {
+        const double *bj = basis + 4 * j;
+        double cont = c0 * bj[0] + c1 * bj[1] + c2 * bj[2] + c3 * bj[3];
+        double fj = (double)f[j], wj = (double)w[j];
+        int64_t g = (wj > 0.0) & (wj < INFINITY) & (fabs(fj) < INFINITY);
+        int64_t ok = g & (cont > 0.0) & (cont < INFINITY);
+        double fn = fj / cont, wn = wj * cont * cont;
+        fo[j] = ok ? (float)fn : 1.0f;
+        wo[j] = ok ? (float)wn : 0.0f;
+        bad += g & (ok ^ 1);
+    }
+    return (ptrdiff_t)bad;
+}
+
 /* cont_divide_run with constant flags at each call, so each of the four is specialised:
  * the hot loop has no test of the precision or of co per pixel. */
 static ptrdiff_t cont_divide_any(const cont_layout *cl, const double *coef, ptrdiff_t lo,
                                  ptrdiff_t hi, const void *f, const void *w, void *fo,
                                  void *wo, void *co, int single)
 {
+    if (single && !co && cl->k == 4)
+        return cont_divide_f32_k4(cl->basis, coef, lo, hi, f, w, fo, wo);
     if (single) {
         return co ? cont_divide_run(cl, coef, lo, hi, f, w, fo, wo, co, 1, 1)
                   : cont_divide_run(cl, coef, lo, hi, f, w, fo, wo, NULL, 1, 0);
@@ -1619,13 +1649,70 @@ static inline void cont_one_star(const cont_layout *cl, const void *f, const voi
     }
 }
 
-/* Both precisions (single != 0: float spectra). */
+/* Bit pattern of element j of a bitmask row of `bytes` bytes per element, as numpy's
+ * astype(int64) gives it (signed types sign-extended). */
+static inline int64_t mask_at(const void *row, ptrdiff_t j, int bytes, int is_signed)
+{
+    switch (bytes) {
+    case 1: return is_signed ? (int64_t)((const int8_t *)row)[j]
+                             : (int64_t)((const uint8_t *)row)[j];
+    case 2: return is_signed ? (int64_t)((const int16_t *)row)[j]
+                             : (int64_t)((const uint16_t *)row)[j];
+    case 4: return is_signed ? (int64_t)((const int32_t *)row)[j]
+                             : (int64_t)((const uint32_t *)row)[j];
+    default: return ((const int64_t *)row)[j];
+    }
+}
+
+/* The masking pass of one star: ws = w where no bad bit is set, else 0. Called with
+ * constant `bytes`, `is_signed` and `single`, so each loop is specialised (and
+ * vectorizable) with no test of the types per pixel. */
+static inline void mask_row(const void *w, const void *bm, int64_t bits, ptrdiff_t n_pix,
+                            void *ws, int bytes, int is_signed, int single)
+{
+    for (ptrdiff_t j = 0; j < n_pix; j++) {
+        int bad = (mask_at(bm, j, bytes, is_signed) & bits) != 0;
+        if (single) {
+            float x = ((const float *)w)[j];
+            ((float *)ws)[j] = bad ? 0.0f : x;
+        } else {
+            double x = ((const double *)w)[j];
+            ((double *)ws)[j] = bad ? 0.0 : x;
+        }
+    }
+}
+
+static void mask_row_any(const void *w, const void *bm, int64_t bits, ptrdiff_t n_pix,
+                         void *ws, int bytes, int is_signed, int single)
+{
+#define CF_MASK_ROW(B, S)                                                                   \
+    do {                                                                                   \
+        if (single) mask_row(w, bm, bits, n_pix, ws, B, S, 1);                             \
+        else mask_row(w, bm, bits, n_pix, ws, B, S, 0);                                    \
+    } while (0)
+    switch (bytes * 2 + (is_signed != 0)) {
+    case 2: CF_MASK_ROW(1, 0); break;
+    case 3: CF_MASK_ROW(1, 1); break;
+    case 4: CF_MASK_ROW(2, 0); break;
+    case 5: CF_MASK_ROW(2, 1); break;
+    case 8: CF_MASK_ROW(4, 0); break;
+    case 9: CF_MASK_ROW(4, 1); break;
+    default: CF_MASK_ROW(8, 1); break;
+    }
+#undef CF_MASK_ROW
+}
+
+/* Both precisions (single != 0: float spectra); bitmask NULL or (N, P) of mask_bytes
+ * bytes per element. */
 static int cont_driver(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t k, ptrdiff_t n_chips,
                        const void *flux, const void *ivar, const double *basis,
                        const int64_t *chip, const uint8_t *is_cont, ptrdiff_t min_pixels,
                        void *flux_out, void *ivar_out, void *cont_out, int64_t *status_out,
-                       int single)
+                       int single, const void *bitmask, int mask_bytes, int mask_signed,
+                       int64_t bits)
 {
+    if (bitmask && mask_bytes != 1 && mask_bytes != 2 && mask_bytes != 4 && mask_bytes != 8)
+        return CF_ERR_ARG;
     if (n_stars < 0 || n_pix < 0 || n_chips < 0) return CF_ERR_ARG;
     const ptrdiff_t np = n_pix;
     if (k < 1 || k > CF_CONT_MAX_BASIS) { /* every chip a bad fit, as the reference */
@@ -1644,22 +1731,39 @@ static int cont_driver(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t k, ptrdiff_
     const size_t size = single ? sizeof(float) : sizeof(double);
     const int nthr = team_size(n_stars, CF_PAR_MIN_STARS);
     (void)nthr; /* unused without OpenMP */
-    /* one pass over each spectrum, bound by memory bandwidth */
-    CF_OMP(omp parallel for schedule(static) if (nthr > 1) num_threads(nthr))
-    for (ptrdiff_t i = 0; i < n_stars; i++) {
-        size_t off = (size_t)i * (size_t)np * size;
-        const void *f = (const char *)flux + off, *w = (const char *)ivar + off;
-        void *fo = (char *)flux_out + off, *wo = (char *)ivar_out + off;
-        void *co = cont_out ? (void *)((char *)cont_out + off) : NULL;
-        int64_t *st = status_out + i * n_chips;
-        if (single) {
-            cont_one_star(&cl, f, w, fo, wo, co, st, 1);
-        } else {
-            cont_one_star(&cl, f, w, fo, wo, co, st, 0);
+    int nomem = 0;
+    /* one pass over each spectrum, bound by memory bandwidth (with a bitmask, the masked
+     * ivar row goes through a scratch row that stays in cache) */
+    CF_OMP(omp parallel if (nthr > 1) num_threads(nthr))
+    {
+        void *ws = bitmask ? malloc((size_t)np * size + 1) : NULL;
+        if (bitmask && !ws) {
+            CF_OMP(omp atomic write)
+            nomem = 1;
         }
+        CF_OMP(omp for schedule(static))
+        for (ptrdiff_t i = 0; i < n_stars; i++) {
+            if (bitmask && !ws) continue;
+            size_t off = (size_t)i * (size_t)np * size;
+            const void *f = (const char *)flux + off, *w = (const char *)ivar + off;
+            void *fo = (char *)flux_out + off, *wo = (char *)ivar_out + off;
+            void *co = cont_out ? (void *)((char *)cont_out + off) : NULL;
+            int64_t *st = status_out + i * n_chips;
+            if (bitmask) {
+                const void *bm = (const char *)bitmask + (size_t)i * (size_t)np * mask_bytes;
+                mask_row_any(w, bm, bits, np, ws, mask_bytes, mask_signed, single);
+                w = ws;
+            }
+            if (single) {
+                cont_one_star(&cl, f, w, fo, wo, co, st, 1);
+            } else {
+                cont_one_star(&cl, f, w, fo, wo, co, st, 0);
+            }
+        }
+        free(ws);
     }
     free(cl.block);
-    return CF_OK;
+    return nomem ? CF_ERR_NOMEM : CF_OK;
 }
 
 int cf_continuum_normalize(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
@@ -1669,7 +1773,7 @@ int cf_continuum_normalize(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis
                            double *cont_out, int64_t *status_out)
 {
     return cont_driver(n_stars, n_pix, n_basis, n_chips, flux, ivar, basis, chip, is_cont,
-                       min_pixels, flux_out, ivar_out, cont_out, status_out, 0);
+                       min_pixels, flux_out, ivar_out, cont_out, status_out, 0, NULL, 0, 0, 0);
 }
 
 int cf_continuum_normalize_f32(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
@@ -1679,5 +1783,18 @@ int cf_continuum_normalize_f32(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_b
                                float *ivar_out, float *cont_out, int64_t *status_out)
 {
     return cont_driver(n_stars, n_pix, n_basis, n_chips, flux, ivar, basis, chip, is_cont,
-                       min_pixels, flux_out, ivar_out, cont_out, status_out, 1);
+                       min_pixels, flux_out, ivar_out, cont_out, status_out, 1, NULL, 0, 0, 0);
+}
+
+int cf_continuum_normalize_masked(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
+                                  ptrdiff_t n_chips, const void *flux, const void *ivar,
+                                  const double *basis, const int64_t *chip,
+                                  const uint8_t *is_cont, ptrdiff_t min_pixels, void *flux_out,
+                                  void *ivar_out, void *cont_out, int64_t *status_out,
+                                  int single, const void *bitmask, int mask_bytes,
+                                  int mask_signed, int64_t bits)
+{
+    return cont_driver(n_stars, n_pix, n_basis, n_chips, flux, ivar, basis, chip, is_cont,
+                       min_pixels, flux_out, ivar_out, cont_out, status_out, single != 0,
+                       bitmask, mask_bytes, mask_signed, bits);
 }

@@ -323,6 +323,22 @@ int cf_continuum_normalize_f32(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_b
                                const uint8_t *is_cont, ptrdiff_t min_pixels, float *flux_out,
                                float *ivar_out, float *cont_out, int64_t *status_out);
 
+/**
+ * cf_continuum_normalize (single == 0: double spectra) or cf_continuum_normalize_f32
+ * (single != 0: float spectra, void pointers of that type) with a bitmask: a pixel whose
+ * bitmask element, read as an integer of mask_bytes (1, 2, 4 or 8) bytes, signed if
+ * mask_signed, and widened to int64 as numpy's astype(int64) does, has a bit of `bits`
+ * set is not usable, as if its ivar were 0. NULL bitmask: no masking.
+ * @return CF_OK, CF_ERR_ARG (e.g. another mask_bytes) or CF_ERR_NOMEM.
+ */
+int cf_continuum_normalize_masked(ptrdiff_t n_stars, ptrdiff_t n_pix, ptrdiff_t n_basis,
+                                  ptrdiff_t n_chips, const void *flux, const void *ivar,
+                                  const double *basis, const int64_t *chip,
+                                  const uint8_t *is_cont, ptrdiff_t min_pixels, void *flux_out,
+                                  void *ivar_out, void *cont_out, int64_t *status_out,
+                                  int single, const void *bitmask, int mask_bytes,
+                                  int mask_signed, int64_t bits);
+
 /** Number of threads the parallel loops use (1 without OpenMP). */
 int cf_max_threads(void);
 

@@ -873,6 +873,40 @@ def test_continuum_bad_fits(backend, continuum_problem):
         assert np.all(st == 3) and np.all(fo == 1) and np.all(io == 0) and np.all(co == 0)
 
 
+@pytest.mark.parametrize("mask_dtype", [np.uint8, np.int16, np.uint16, np.int32, np.int64])
+def test_continuum_bitmask_is_a_zero_ivar(backend, continuum_problem, mask_dtype):
+    """A pixel with a bad bit set is normalized as if its ivar were 0, for every bitmask type.
+
+    The same bits (to the last one) as zeroing ivar first, in both precisions, and the
+    reference's rule for bits beyond the dtype: a signed value widens as numpy's
+    astype(int64) does (-1 of int16 has every bit of an int64 set).
+    """
+    cp = dict(continuum_problem)
+    rng = np.random.default_rng(5)
+    n, p = cp["flux"].shape
+    info = np.iinfo(mask_dtype)
+    bitmask = rng.integers(0, 8, (n, p)).astype(mask_dtype)  # bits 0-2; bit 2 = "bad"
+    bitmask[8, :40] = 4  # most of chip 0's continuum pixels of star 8: too few
+    if info.min < 0:
+        bitmask[9, 150:160] = -1  # sign bits: bad for bits beyond the dtype too
+    k = kernels(backend)
+    for dtype in (np.float64, np.float32):
+        flux, ivar = cp["flux"].astype(dtype), cp["ivar"].astype(dtype)
+        for bits in (4, 1 << 40):
+            bad = (bitmask.astype(np.int64) & bits) != 0
+            assert bad.any() == (bits == 4 or info.min < 0)
+            want = _continuum(k, **{**cp, "flux": flux, "ivar": np.where(bad, 0, ivar)})
+            out = (np.full((n, p), np.nan, dtype), np.full((n, p), np.nan, dtype),
+                   np.full((n, p), np.nan, dtype), np.full((n, 3), -1, np.int64))
+            k.continuum_normalize(flux, ivar, cp["basis"], cp["chip"], cp["is_cont"], 3,
+                                  cp["min_pixels"], *out, bitmask=bitmask, bits=bits)
+            for a, b in zip(out, want):
+                assert_array_equal(a, b)
+            if bits == 4:
+                assert out[3][8, 0] == 2 and want[3][8, 0] == 2
+                assert np.all(out[1][bad] == 0) and np.all(out[0][bad] == 1)
+
+
 @needs_c
 def test_c_continuum_constants_are_the_reference_constants():
     from cannon_fast.core._reference.continuum import MAX_BASIS

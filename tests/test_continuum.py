@@ -236,3 +236,26 @@ def test_picking_continuum_pixels_needs_theta_or_a_jacobian():
     from cannon_fast.core.continuum import continuum_pixels_from_model
     with pytest.raises(ValueError, match="give the continuum pixels instead"):
         continuum_pixels_from_model(SimpleNamespace(label_names=["A"], training_labels=None))
+
+
+def test_bitmask_and_out_buffers():
+    """``bitmask`` leaves out flagged pixels as ivar = 0 would; ``out`` is written in place."""
+    flux, ivar, cp, _, _, _ = _synthetic(n=6, noise=0.01)
+    flux, ivar = flux.astype(np.float32), ivar.astype(np.float32)
+    rng = np.random.default_rng(3)
+    bm = rng.choice(np.array([0, 0, 2, 8], np.int16), size=flux.shape)
+    want = cn.normalize(flux, np.where((bm & 2) != 0, 0, ivar), cp)
+    out = (np.full(flux.shape, np.nan, np.float32), np.full(flux.shape, np.nan, np.float32))
+    got = cn.normalize(flux, ivar, cp, bitmask=bm, bad_bits=2, out=out)
+    assert got.flux is out[0] and got.ivar is out[1]
+    np.testing.assert_array_equal(got.flux, want.flux)
+    np.testing.assert_array_equal(got.ivar, want.ivar)
+    np.testing.assert_array_equal(got.flags, want.flags)
+    # a big-endian bitmask (an npz from another machine) and a boolean one
+    for other, bits in ((bm.astype(">i2"), 2), ((bm & 2) != 0, 1)):
+        again = cn.normalize(flux, ivar, cp, bitmask=other, bad_bits=bits)
+        np.testing.assert_array_equal(again.ivar, want.ivar)
+    with pytest.raises(ValueError, match="out arrays must be C-contiguous"):
+        cn.normalize(flux, ivar, cp, out=(out[0][:, :100], out[1]))
+    with pytest.raises(ValueError, match="bitmask float64"):
+        cn.normalize(flux, ivar, cp, bitmask=bm.astype(float), bad_bits=2)

@@ -11,6 +11,7 @@ from cannon_fast import CannonModel
 from cannon_fast import survey as sv
 from cannon_fast.cli import main
 from cannon_fast.apogee.files import CHIP_RANGES, NPIX
+from cannon_fast.core.backends import available_backends
 from cannon_fast.store import SpectraStore
 from cannon_fast.testing import make_synthetic
 
@@ -307,6 +308,69 @@ def test_raw_npz_is_masked_and_normalized(tmp_path, full_grid):
     _, ref = _labels(tmp_path / "norm.fits")
     np.testing.assert_allclose(got["TEFF"], ref["TEFF"], rtol=0.01)
     np.testing.assert_allclose(got["LOGG"], ref["LOGG"], atol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_raw_chunks_label_as_the_masking_then_normalizing_pipeline(tmp_path, full_grid,
+                                                                   backend):
+    """One pass over raw chunks labels as masking a copy, normalizing and cleaning it did.
+
+    One pass: the bitmask read by the normalization, spectra viewed in the file, buffers
+    kept from chunk to chunk. Bit for bit, with every kind of bad pixel: flagged bits
+    (one bit beyond what a uint16 holds is asked for), NaN flux, infinite and negative
+    ivar, and a finite float32 ivar so large that its normalized value overflows to inf
+    (the fit refuses the slice, which is then cleaned). Chunks of 17 rows: the last one
+    is shorter than the kept buffers.
+    """
+    from cannon_fast.apogee.bitmask import bit_value
+    from cannon_fast.core.continuum import normalize
+    from cannon_fast.survey.chunk import _fittable, _mask_raw
+
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} not available")
+    model, cont, s = full_grid
+    flux, ivar = s.flux[120:], s.ivar[120:]
+    n = len(flux)
+    c = _continuum(n, 2)
+    rng = np.random.default_rng(4)
+    raw = (flux * c).astype(np.float32)
+    riv = (ivar / c ** 2).astype(np.float32)
+    bm = rng.choice(np.array([0, 0, 0, 1, 1 << 9, 1 << 12], np.uint16), size=raw.shape)
+    raw[3, 5000:5005] = np.nan
+    riv[4, 6000:6003] = np.inf
+    riv[5, 7000:7003] = -1.0
+    on_line = np.flatnonzero(~cont & (np.arange(NPIX) > 4000) & (np.arange(NPIX) < 6000))[:2]
+    riv[6, on_line] = 3e38  # finite, but x continuum² overflows float32
+    bm[6, on_line] = 0
+    path = tmp_path / "raw.npz"
+    np.savez(path, flux=raw, ivar=riv, bitmask=bm)
+    bits = bit_value([0, 12]) | (1 << 20)
+    m = CannonModel.read(_write_model(model, tmp_path), backend=backend)
+    sv.label_survey(m, path, tmp_path / "cat.fits", continuum_pixels=cont, chunk_size=17,
+                    bad_bits=[0, 12])
+    _, got = _labels(tmp_path / "cat.fits")
+    # the pipeline before, chunk by chunk (the fit's float32 products depend on the
+    # batch): a masked copy, normalized, cleaned, fitted
+    f, v = raw.copy(), riv.copy()
+    _mask_raw(f, v, bm, bits)
+    ns = normalize(f, v, cont, backend=backend)
+    assert not np.all(np.isfinite(ns.ivar[6]))  # the overflow is there
+    want = [m.fit(*_fittable(ns.flux[a:a + 17], ns.ivar[a:a + 17], np.ones(17, bool)[:n - a]),
+                  progress_bar=False) for a in range(0, n, 17)]
+    assert np.all(np.isfinite(got["TEFF"]))
+    for i, name in enumerate(model.label_names):
+        np.testing.assert_array_equal(got[name], np.concatenate([w.labels[:, i] for w in want]))
+        np.testing.assert_array_equal(got[name + "_ERR"],
+                                      np.concatenate([w.errors[:, i] for w in want]))
+    np.testing.assert_array_equal(got["CHI2"], np.concatenate([w.chi2 for w in want]))
+    np.testing.assert_array_equal(got["CONTINUUM_FLAGS"], ns.flags)
+
+
+def _write_model(model, tmp_path):
+    path = tmp_path / "model.npz"
+    if not path.exists():
+        model.write(path)
+    return path
 
 
 def _three_apstar_stars(root, s, continuum_seed):

@@ -141,7 +141,8 @@ def _as_mask(continuum_pixels, npix):
 
 
 def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None,
-              min_pixels=None, backend="auto", batch=2048, dtype=np.float32, keep_continuum=False):
+              min_pixels=None, backend="auto", batch=2048, dtype=np.float32, keep_continuum=False,
+              bitmask=None, bad_bits=0, out=None):
     """Pseudo-continuum normalize spectra, segment (chip) by segment.
 
     Parameters
@@ -168,6 +169,16 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
         Output float type (float32 halves memory; the fit is in float64).
     keep_continuum : bool
         Also return the fitted continuum.
+    bitmask : array_like of an integer dtype, shape (N, P) or (P,), optional
+        Quality bits per pixel (e.g. APOGEE's PIXMASK): pixels with any of
+        ``bad_bits`` set carry no weight, as if their ivar were 0. Raw spectra
+        are masked as they are normalized (one pass, the inputs left untouched).
+    bad_bits : int
+        The bits of ``bitmask`` that mark a bad pixel.
+    out : (ndarray, ndarray), optional
+        C-contiguous (N, P) arrays of ``dtype`` to write the normalized flux and ivar
+        into (e.g. buffers kept from one chunk of a survey to the next: fresh arrays
+        cost their first-touch page faults every time).
 
     Returns
     -------
@@ -180,6 +191,15 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
     ivar = np.atleast_2d(ivar)
     if flux.shape != ivar.shape or flux.ndim != 2:
         raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must have the same (N, P) shape")
+    if bitmask is not None:
+        bitmask = np.atleast_2d(np.asarray(bitmask))
+        if bitmask.shape != flux.shape or bitmask.dtype.kind not in "biu":
+            raise ValueError(f"bitmask {bitmask.dtype} {bitmask.shape} must be integers of the "
+                             f"spectra's (N, P) shape {flux.shape}")
+        if bitmask.dtype.kind == "b":
+            bitmask = bitmask.view(np.uint8)
+        elif not bitmask.dtype.isnative:  # the kernels read native integers
+            bitmask = bitmask.astype(bitmask.dtype.newbyteorder("="))
     n, p = flux.shape
     chip_ranges = segment_ranges(segments, p)
     basis, chip = chebyshev_basis(degree, chip_ranges, p)
@@ -196,8 +216,14 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
                              f"segment {c} (pixels {chip_ranges[c][0]}-"
                              f"{chip_ranges[c][1] - 1}); need >= {min_pixels}")
     dtype = np.dtype(dtype)
-    fo = np.empty((n, p), dtype)
-    io = np.empty((n, p), dtype)
+    if out is None:
+        fo, io = np.empty((n, p), dtype), np.empty((n, p), dtype)
+    else:
+        fo, io = out
+        for a in (fo, io):
+            if a.shape != (n, p) or a.dtype != dtype or not a.flags.c_contiguous:
+                raise ValueError(f"out arrays must be C-contiguous {dtype} of shape "
+                                 f"{(n, p)}, got {a.dtype} {a.shape}")
     co = np.empty((n, p), dtype) if keep_continuum else None
     status = np.zeros((n, n_chips), np.int64)
     kern = kernels(resolve_backend(backend)).continuum_normalize
@@ -214,7 +240,9 @@ def normalize(flux, ivar, continuum_pixels, degree=DEFAULT_DEGREE, segments=None
             cc = np.empty((0, p), kdt)
         else:
             cc = co[lo:hi] if direct else np.empty((hi - lo, p), kdt)
-        kern(f, v, basis, chip, cont_u8, n_chips, int(min_pixels), a, b, cc, status[lo:hi])
+        m = None if bitmask is None else np.ascontiguousarray(bitmask[lo:hi])
+        kern(f, v, basis, chip, cont_u8, n_chips, int(min_pixels), a, b, cc, status[lo:hi],
+             bitmask=m, bits=int(bad_bits))
         if not direct:
             fo[lo:hi] = a
             io[lo:hi] = b

@@ -49,7 +49,9 @@ def _npz_member(path, key):
         return None
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    # copy-on-write: the arrays are writeable (kernels compiled for writeable arrays take
+    # them) and a write, if any, stays in this process's memory, never in the file
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
 
 
 class _Arrays:
@@ -81,9 +83,9 @@ class _Arrays:
             bitmask = None
         else:
             arrays = _open_npz(self.path)
-            flux = np.array(arrays["flux"][lo:hi], dtype=np.float32)
-            ivar = np.array(arrays["ivar"][lo:hi], dtype=np.float32)
-            bitmask = None if arrays.get("bitmask") is None else np.array(arrays["bitmask"][lo:hi])
+            flux = _rows(arrays["flux"], lo, hi, np.float32)
+            ivar = _rows(arrays["ivar"], lo, hi, np.float32)
+            bitmask = None if arrays.get("bitmask") is None else _rows(arrays["bitmask"], lo, hi)
             idk = arrays.get("ids")
             ids = (np.asarray(idk[lo:hi]).astype(str) if idk is not None
                    else np.full(n, "", dtype="<U1"))
@@ -92,6 +94,40 @@ class _Arrays:
         return dict(flux=flux, ivar=ivar, bitmask=bitmask, ids=ids, index=index,
                     visit=np.zeros(n, np.int16), reason=np.full(n, "", dtype=object),
                     normalized=self.normalized, extra={})
+
+
+def _rows(a, lo, hi, dtype=None):
+    """Rows ``lo:hi`` of an npz member, as a view of the file's mapping if they can be.
+
+    A view of the memory-mapped file (copy-on-write) if the member has the wanted
+    dtype (native order), else a copy in ``dtype``. The view saves the copy (a third
+    of a raw chunk's read, mask and normalize); the chunk only reads its arrays (the
+    normalization masks and writes new ones). The OS is asked to read the rows' pages
+    ahead, so that a chunk prefetched in a thread still reads its file meanwhile.
+    """
+    rows = a[lo:hi]
+    if (isinstance(a, np.memmap) and rows.dtype.isnative and rows.flags.c_contiguous
+            and (dtype is None or rows.dtype == dtype)):
+        _read_ahead(a, lo, hi)
+        return np.asarray(rows)
+    return np.array(rows, dtype=dtype or rows.dtype.newbyteorder("="))
+
+
+def _read_ahead(m, lo, hi):
+    """Ask the OS to read rows ``lo:hi`` of a memory-mapped member ahead (if it can)."""
+    if not hasattr(os, "posix_fadvise") or m.filename is None:
+        return
+    row = m.dtype.itemsize * int(np.prod(m.shape[1:]))
+    try:
+        fd = os.open(m.filename, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, m.offset + lo * row, (hi - lo) * row, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _ArrayParts:

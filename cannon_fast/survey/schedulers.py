@@ -11,7 +11,7 @@ import os
 import time
 
 from ._threads import limit_threads
-from .chunk import _fit_chunk, process_chunk
+from .chunk import _fit_chunk, keep_buffers, process_chunk, reused_buffers
 
 __all__ = ["run_chunks"]
 
@@ -50,7 +50,7 @@ def _run_here(model, chunks, options, done):
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = iter(chunks)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, reused_buffers():
         item = next(chunks, None)
         reading = pool.submit(item[1].read) if item is not None else None
         while item is not None:
@@ -111,6 +111,7 @@ def _pool_init(model, n_threads, parent_pid=None):
     global _WORKER_MODEL
     _WORKER_MODEL = model
     limit_threads(n_threads)  # for the worker's life: the process is the survey's own
+    keep_buffers()  # likewise: its chunks normalize into the same two buffers
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
 

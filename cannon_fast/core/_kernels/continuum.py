@@ -26,15 +26,39 @@ def _sig(ft):
                    nb.int64, nb.int64, ft[:, ::1], ft[:, ::1], ft[:, ::1], nb.int64[:, ::1])
 
 
-@nb.njit([_sig(nb.float64), _sig(nb.float32)], **JIT_PARALLEL)
 def continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
-                        flux_out, ivar_out, cont_out, status_out):
+                        flux_out, ivar_out, cont_out, status_out, bitmask=None, bits=0):
     """Per-chip weighted least-squares continuum, divided out.
 
     ``(p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c)`` over stars.
 
-    ``cont_out`` may have zero rows, in which case the continuum is not stored.
+    ``cont_out`` may have zero rows, in which case the continuum is not stored. A
+    ``bitmask`` (N, P) of any integer dtype zeroes ivar where ``bits`` are set, here
+    with numpy before the JIT kernel: a numba kernel per bitmask dtype would cost ~10 s
+    of compilation each, and the masking pass fused into the normalization is the C
+    kernel's (the backend ``auto`` picks).
     """
+    if bitmask is not None:
+        bitmask = np.asarray(bitmask)
+        if bitmask.shape != flux.shape or bitmask.dtype.kind not in "iu":
+            raise TypeError(f"continuum_normalize: bitmask must be an integer array of shape "
+                            f"{flux.shape}, got {bitmask.dtype} {bitmask.shape}")
+        ivar = np.where(_bit_set(bitmask, bits), ivar.dtype.type(0), ivar)
+    _normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels, flux_out, ivar_out,
+               cont_out, status_out)
+
+
+def _bit_set(bitmask, bits):
+    """``int64(bitmask) & bits != 0``, without an int64 copy when ``bits`` fits the dtype."""
+    if 0 <= bits <= np.iinfo(bitmask.dtype).max:
+        return (bitmask & bitmask.dtype.type(bits)) != 0
+    return (bitmask.astype(np.int64) & np.int64(bits)) != 0
+
+
+@nb.njit([_sig(nb.float64), _sig(nb.float32)], **JIT_PARALLEL)
+def _normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
+               flux_out, ivar_out, cont_out, status_out):
+    """The JIT kernel (``continuum_normalize`` without a bitmask)."""
     n, p = flux.shape
     k = basis.shape[1]
     keep = cont_out.shape[0] == n

@@ -28,13 +28,15 @@ MAX_BASIS = 8
 
 
 def continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
-                        flux_out, ivar_out, cont_out, status_out):
+                        flux_out, ivar_out, cont_out, status_out, bitmask=None, bits=0):
     """Fit and divide out a per-chip weighted least-squares pseudo-continuum.
 
-    Contract: ``(p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c)`` over stars.
+    Contract: ``(p),(p),(p,k),(p),(p),(),()->(p),(p),(p),(c)`` over stars
+    (``bitmask`` another ``(p)``).
 
     For each star and chip ``c``, the pixels with ``chip == c`` that are
-    *usable* (finite flux, finite ``ivar > 0``) and continuum pixels give the
+    *usable* (finite flux, finite ``ivar > 0`` and, with a ``bitmask``, none
+    of ``bits`` set) and continuum pixels give the
     weighted normal equations ``B^T W B coef = B^T W f``. The chip is fitted
     when there are at least ``max(min_pixels, K)`` of them and the normal
     matrix is not singular by the rule of
@@ -66,6 +68,12 @@ def continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
         The continuum (0 where not fitted); an empty array skips it.
     status_out : ndarray of int64, (N, C)
         One of the ``STATUS_*`` codes per star and chip.
+    bitmask : ndarray of an integer dtype (8 to 64 bits), (N, P), optional
+        Quality bits of each pixel (e.g. APOGEE's PIXMASK): a pixel with
+        ``int64(bitmask) & bits != 0`` is not usable, as if its ivar were 0.
+        This masks raw spectra as they are normalized, without a masked copy.
+    bits : int
+        The bad bits (an int64 bit pattern).
     """
     n, p = flux.shape
     k = basis.shape[1]
@@ -83,6 +91,8 @@ def continuum_normalize(flux, ivar, basis, chip, is_cont, n_chips, min_pixels,
     cont_pix = np.asarray(is_cont) != 0
     with np.errstate(invalid="ignore"):
         usable = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)  # (N, P)
+    if bitmask is not None:
+        usable &= (np.asarray(bitmask).astype(np.int64) & np.int64(bits)) == 0
     for s in range(n):
         for c in range(n_chips):
             on = chip == c
