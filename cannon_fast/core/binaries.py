@@ -636,10 +636,15 @@ def _continuous_secondary(sc, idx, labels, teff2, logg2, amounts, n_steps, batch
             S = np.stack([(s[:, i0] * (1 - t) + s[:, i0 + 1] * t)[:, use] for i0, t in ops],
                          axis=1)                                        # (n, V, P_use)
             dS = None
-            if free:
-                dS = np.stack([(ds[:, :, i0] * (1 - t) + ds[:, :, i0 + 1] * t)[:, :, use]
-                               for i0, t in ops], axis=2)               # (n, 2, V, P_use)
-                dS = np.einsum("nv,nkvp->nkp", amounts[part], dS)
+            if free:   # Σ_v a_v ∂s_v/∂θ₂, over the velocities that carry light (few: NNLS)
+                dS = np.zeros((len(s), 2, int(use.sum())))
+                for v, (i0, t) in enumerate(ops):
+                    a_v = amounts[part, v]
+                    on = np.flatnonzero(a_v > 0)
+                    if len(on):
+                        d_on = ds[on]
+                        dS[on] += a_v[on, None, None] * (d_on[:, :, i0] * (1 - t)
+                                                         + d_on[:, :, i0 + 1] * t)[:, :, use]
             labels[part], sec[part], w[part], amounts[part], dth = _composite_step(
                 sc, idx[part], labels[part], w[part], S, extra=dS)
             if free:
