@@ -57,7 +57,8 @@ class BinaryScreen:
     velocity : ndarray, (N,)
         Secondary minus primary velocity, km/s.
     secondary : ndarray, (N, 2)
-        The best template's TEFF and LOGG.
+        The secondary's TEFF and LOGG: the best template's, refined off the template
+        grid for the flagged stars (``n_secondary_steps``).
     flagged : ndarray of bool, (N,)
         Likely binaries: ``delta_chi2`` above ``min_delta_chi2``.
     min_delta_chi2 : float
