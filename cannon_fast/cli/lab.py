@@ -80,6 +80,10 @@ def register(subparsers, parent):
                    help="do not screen the stars for unresolved binaries (by default the "
                         "flagged training stars leave the training set and the validation "
                         "stars get BINARY_* columns)")
+    p.add_argument("--training-margin", action="store_true",
+                   help="train also on the stars up to 400 K and 0.3 dex past the hot and "
+                        "dwarf cuts (never validated): the stars at the cuts are then not at "
+                        "the model's edge (docs/lab.md, step 15)")
     p.add_argument("--label-errors", choices=("auto", "yes", "no"), default="auto",
                    help="train with the catalogue's label errors (regression-calibrated "
                         "labels, error-weighted stars); auto: chosen by cross-validation when "
@@ -131,6 +135,7 @@ def _demo(args):
                       test_step=args.test_step,
                       label_errors={"auto": "auto", "yes": True, "no": False}[args.label_errors],
                       binary_screen=not args.no_binary_screen,
+                      training_margin=args.training_margin,
                       show_progress=False if quiet else None,
                       stars=args.star,
                       isochrone_source=args.isochrone_source,

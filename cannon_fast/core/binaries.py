@@ -21,7 +21,7 @@ far beyond what pure noise gives for the ~500 templates and velocities tried,
 ~10-20, and above what the model's own misfit gives most single stars; the rates
 measured on mock surveys are in docs/lab.md). Flagged stars get primary
 labels from a fit of ``(f - w s) / (1 - w)``: the composite fit with the secondary
-held at its best template.
+from its best template, then its TEFF and LOGG refined off the template grid.
 """
 
 import dataclasses
@@ -38,8 +38,9 @@ __all__ = ["BinaryScreen", "screen_binaries", "train_secondary_model", "check_se
 DEFAULT_MIN_DELTA_CHI2 = 100.0
 #: The screen's algorithm, recorded by survey jobs (``label --binaries``): raised when a
 #: change moves its columns, so that a job started before does not resume with rows of both
-#: (2: the composite primaries from several secondary starts)
-SCREEN_VERSION = 2
+#: (2: the composite primaries from several secondary starts; 3: the secondary's TEFF and
+#: LOGG fitted, not a template's)
+SCREEN_VERSION = 3
 
 
 @dataclasses.dataclass
@@ -56,7 +57,8 @@ class BinaryScreen:
     velocity : ndarray, (N,)
         Secondary minus primary velocity, km/s.
     secondary : ndarray, (N, 2)
-        The best template's TEFF and LOGG.
+        The secondary's TEFF and LOGG: the best template's, refined off the template
+        grid for the flagged stars (``n_secondary_steps``).
     flagged : ndarray of bool, (N,)
         Likely binaries: ``delta_chi2`` above ``min_delta_chi2``.
     min_delta_chi2 : float
@@ -224,7 +226,7 @@ class _Scorer:
 def screen_binaries(model, flux, ivar, labels, *, min_delta_chi2=DEFAULT_MIN_DELTA_CHI2,
                     velocities=np.arange(-40.0, 41.0, 4.0), n_teff=8, n_logg=6,
                     max_weight=0.6, feh_step=0.1, n_refine=2, n_starts=10, batch_size=256,
-                    secondary_model=None, progress_bar=False):
+                    secondary_model=None, n_secondary_steps=4, progress_bar=False):
     """Score every star as single or composite; flag and correct the likely binaries.
 
     Parameters
@@ -257,6 +259,10 @@ def screen_binaries(model, flux, ivar, labels, *, min_delta_chi2=DEFAULT_MIN_DEL
         templates). The companions of giants are mostly main-sequence stars, which a
         model trained on giants cannot make: a model trained on the survey's dwarfs
         (same pixels, TEFF and LOGG among its labels) gives templates like them.
+    n_secondary_steps : int
+        Gauss-Newton steps with the secondary's TEFF and LOGG free (continuous, not on
+        the template grid) from the best composite found; kept per star where the final
+        χ² is lower. 0 keeps the grid's template.
     progress_bar : bool
 
     Returns
@@ -312,10 +318,11 @@ def screen_binaries(model, flux, ivar, labels, *, min_delta_chi2=DEFAULT_MIN_DEL
             rows = np.flatnonzero(flagged & (group == gkey))
             tmpl[gkey] = sc.templates(np.median(labels[rows], axis=0))
             _, best[rows], weight[rows] = sc.score(rows, labels[rows], *tmpl[gkey])
-    prim, prim_err, prim_chi2 = _composite_primaries(sc, flagged, labels, best, weight, tmpl,
-                                                     group, n_refine, n_starts)
+    prim, prim_err, prim_chi2, sec2 = _composite_primaries(
+        sc, flagged, labels, best, weight, tmpl, group, n_refine, n_starts, n_secondary_steps)
     K = len(sc.pairs)
-    secondary[flagged] = sc.pairs[best[flagged] % K]
+    secondary[flagged] = np.where(np.isfinite(sec2[flagged]), sec2[flagged],
+                                  sc.pairs[best[flagged] % K])
     velocity[flagged] = velocities[best[flagged] // K]
     return BinaryScreen(dchi2, weight, velocity, secondary, flagged, float(min_delta_chi2),
                         prim, prim_err, prim_chi2)
@@ -379,7 +386,7 @@ CANDIDATE_STEPS = 1
 
 
 def _composite_primaries(sc, flagged, labels, best, weight, tmpl, group, n_refine,
-                         n_starts=0):
+                         n_starts=0, n_secondary_steps=0):
     """Primary labels of the flagged stars: the composite fit, then the primary's own fit.
 
     Each round fits the primary's labels and the secondary's light jointly
@@ -394,14 +401,17 @@ def _composite_primaries(sc, flagged, labels, best, weight, tmpl, group, n_refin
     primary's lines). So besides that path, each of the ``n_starts`` templates that
     score best beside the single-star fit is fitted jointly with the primary (one
     round, kept fixed), and each star keeps the candidate whose final fit has the
-    lowest χ². ``best`` and ``weight`` of the flagged stars are updated in place.
+    lowest χ². The chosen composite is then refined with the secondary's TEFF and LOGG
+    free (``_continuous_secondary``, ``n_secondary_steps`` steps) and the refinement kept
+    where its final χ² is lower. ``best`` and ``weight`` of the flagged stars are updated
+    in place; also returns the secondary's TEFF/LOGG (N, 2; NaN where not flagged).
     """
     prim = np.full(labels.shape, np.nan)
     prim_err = np.full(labels.shape, np.nan)
     prim_chi2 = np.full(len(labels), np.nan)
     idx = np.flatnonzero(flagged)
     if not len(idx) or n_refine < 1:
-        return prim, prim_err, prim_chi2
+        return prim, prim_err, prim_chi2, np.full((len(labels), 2), np.nan)
     cands = [_composite_candidate(sc, idx, labels[idx], best[idx], tmpl, group, n_refine)]
     K = len(sc.pairs)
     if n_starts > 0:
@@ -421,10 +431,35 @@ def _composite_primaries(sc, flagged, labels, best, weight, tmpl, group, n_refin
     pick = np.argmin(np.where(np.isfinite(chi2), chi2, np.inf), axis=0)
     take = {k: np.stack([c[k] for c in cands])[pick, np.arange(len(idx))]
             for k in ("labels", "errors", "best", "weight", "chi2")}
+    take["secondary"] = sc.pairs[take["best"] % K].astype(float)
+    ok = np.isfinite(take["chi2"])
+    if n_secondary_steps > 0 and ok.any():
+        # the chosen template refined with the secondary's TEFF and LOGG free; kept
+        # where its composite fits better (a step can end in a worse minimum)
+        c = _continuous_candidate(sc, idx[ok], {k: v[ok] for k, v in take.items()},
+                                  n_secondary_steps)
+        better = np.zeros(len(idx), bool)
+        better[ok] = c["chi2"] < take["chi2"][ok]
+        for k in ("labels", "errors", "weight", "chi2", "secondary"):
+            take[k][better] = c[k][better[ok]]
     prim[idx], prim_err[idx] = take["labels"], take["errors"]
+    secondary = np.full((len(labels), 2), np.nan)
+    secondary[idx] = take["secondary"]
     best[idx], weight[idx] = take["best"], take["weight"]
     prim_chi2[idx] = np.where(np.isfinite(take["chi2"]), take["chi2"], np.nan)
-    return prim, prim_err, prim_chi2
+    return prim, prim_err, prim_chi2, secondary
+
+
+def _continuous_candidate(sc, idx, take, n_steps):
+    """The chosen candidate refined with a continuous secondary, then the primary's own fit."""
+    K, V = len(sc.pairs), len(sc.velocities)
+    amounts = np.zeros((len(idx), V))
+    amounts[np.arange(len(idx)), take["best"] // K] = take["weight"]
+    cur, theta, sec, w = _continuous_secondary(sc, idx, take["labels"], take["secondary"][:, 0],
+                                               take["secondary"][:, 1], amounts, n_steps)
+    out = _primary_own_fit(sc, idx, sec, w)
+    out.update(weight=w, secondary=theta)
+    return out
 
 
 def _composite_candidate(sc, idx, labels, best, tmpl, group, n_rounds, n_steps=3):
@@ -435,7 +470,7 @@ def _composite_candidate(sc, idx, labels, best, tmpl, group, n_rounds, n_steps=3
     primary's labels and errors (NaN where that fit failed), the final fit's χ²
     (inf there), and the secondary's template index and light share.
     """
-    use, cur, best = sc.use, labels.copy(), best.copy()
+    cur, best = labels.copy(), best.copy()
     full = np.zeros(len(sc.flux), np.int64)
     for it in range(n_rounds):
         full[idx] = best
@@ -444,6 +479,18 @@ def _composite_candidate(sc, idx, labels, best, tmpl, group, n_rounds, n_steps=3
             for gkey in np.unique(group[idx]):
                 sel = group[idx] == gkey
                 _, best[sel], _ = sc.score(idx[sel], cur[sel], *tmpl[gkey])
+    out = _primary_own_fit(sc, idx, sec, w)
+    out.update(best=best, weight=w)
+    return out
+
+
+def _primary_own_fit(sc, idx, sec, w):
+    """The model's own fit of the light ``(f - sec) / (1 - w)`` the secondary leaves.
+
+    Returns a dict of the primary's labels and errors (NaN where that fit failed) and
+    its χ² (inf there).
+    """
+    use = sc.use
     f_p, iv_p = sc.flux[idx].copy(), sc.ivar[idx].copy()
     f_p[:, use] = (f_p[:, use] - sec) / (1.0 - w[:, None])
     iv_p[:, use] = iv_p[:, use] * (1.0 - w[:, None]) ** 2
@@ -452,7 +499,7 @@ def _composite_candidate(sc, idx, labels, best, tmpl, group, n_rounds, n_steps=3
     ok = r.ok & np.all(np.isfinite(r.labels), axis=1)
     return dict(labels=np.where(ok[:, None], r.labels, np.nan),
                 errors=np.where(ok[:, None], r.errors, np.nan),
-                chi2=np.where(ok, r.chi2, np.inf), best=best, weight=w)
+                chi2=np.where(ok, r.chi2, np.inf))
 
 
 def _joint_composite(sc, idx, labels, best, tmpl, group, n_steps=3, batch_size=32):
@@ -483,12 +530,18 @@ def _joint_composite(sc, idx, labels, best, tmpl, group, n_steps=3, batch_size=3
                       for i in idx[part]]).astype(np.float64)
         for _ in range(n_steps):
             labels[part], sec[part], w[part] = _composite_step(sc, idx[part], labels[part],
-                                                               w[part], S)
+                                                               w[part], S)[:3]
     return labels, sec, w
 
 
-def _composite_step(sc, rows, labels, w, S):
-    """One joint step for a batch of stars with templates ``S`` (see ``_joint_composite``)."""
+def _composite_step(sc, rows, labels, w, S, extra=None):
+    """One joint step for a batch of stars with templates ``S`` (see ``_joint_composite``).
+
+    ``extra`` (n, E, P_use): more columns with signed coefficients (the secondary's
+    label derivatives in ``_continuous_secondary``). Returns the new labels, the
+    secondary's flux and light share, its amounts per velocity (n, V) and the extra
+    columns' coefficients (n, E; None without them).
+    """
     from scipy.optimize import nnls
 
     model, use = sc.model, sc.use
@@ -498,13 +551,20 @@ def _composite_step(sc, rows, labels, w, S):
     J = model.gradient(labels)[:, :, use] * (1.0 - w)[:, None, None]  # (n, L, P_use)
     sw = np.sqrt(sc.pixel_weights(rows))
     scale = np.sqrt(np.sum((J * sw[:, None]) ** 2, axis=2)) + 1e-30   # (n, L)
-    D = np.concatenate([S - m[:, None], g[:, None], J / scale[:, :, None]], axis=1)
+    cols = [S - m[:, None], g[:, None], J / scale[:, :, None]]
+    E = 0
+    if extra is not None:
+        E = extra.shape[1]
+        escale = np.sqrt(np.sum((extra * sw[:, None]) ** 2, axis=2)) + 1e-30
+        cols.append(extra / escale[:, :, None])
+    D = np.concatenate(cols, axis=1)
     D *= sw[:, None]                                                   # (n, C, P_use)
     y = (sc.flux[rows][:, use] - m) * sw
     A = D @ D.transpose(0, 2, 1)
     b = np.einsum("ncp,np->nc", D, y)
     lo, hi = model.label_bounds.T
     labels, sec, w = labels.copy(), np.zeros_like(m), np.zeros(n)
+    amounts_all, dextra = np.zeros((n, V)), (np.zeros((n, E)) if E else None)
     for k in range(n):
         Ak = A[k] + 1e-10 * np.trace(A[k]) / len(A[k]) * np.eye(len(A[k]))
         R = np.linalg.cholesky(Ak).T                     # Aₖ = RᵀR
@@ -512,11 +572,87 @@ def _composite_step(sc, rows, labels, w, S):
         R = np.hstack([R, -R[:, V:]])                    # broadening and labels, both signs
         coef, _ = nnls(R, yk, maxiter=50 * R.shape[1])
         amounts = coef[:V]
-        signed = coef[V:V + 1 + L] - coef[V + 1 + L:]    # β, then the label step
-        labels[k] = np.clip(labels[k] + signed[1:] / scale[k], lo, hi)
+        signed = coef[V:V + 1 + L + E] - coef[V + 1 + L + E:]   # β, the label step, extra
+        labels[k] = np.clip(labels[k] + signed[1:1 + L] / scale[k], lo, hi)
+        if E:
+            dextra[k] = signed[1 + L:] / escale[k]
         total = float(amounts.sum())
         if total > sc.max_weight:                        # keep it a secondary
             amounts = amounts * (sc.max_weight / total)
             total = sc.max_weight
-        sec[k], w[k] = amounts @ S[k], total
-    return labels, sec, w
+        sec[k], w[k], amounts_all[k] = amounts @ S[k], total, amounts
+    return labels, sec, w, amounts_all, dextra
+
+
+def _shift_operator(wavelength, velocities):
+    """Per velocity, the neighbours and weights of the linear interpolation of a shift.
+
+    As ``_shifted`` does, as index arrays that shift a batch of spectra at once.
+    """
+    ops = []
+    for v in velocities:
+        src = wavelength / (1.0 + v / C_KMS)
+        i0 = np.clip(np.searchsorted(wavelength, src) - 1, 0, len(wavelength) - 2)
+        t = np.clip((src - wavelength[i0]) / (wavelength[i0 + 1] - wavelength[i0]), 0.0, 1.0)
+        ops.append((i0, t))
+    return ops
+
+
+def _continuous_secondary(sc, idx, labels, teff2, logg2, amounts, n_steps, batch_size=16):
+    """Gauss-Newton steps with the secondary's TEFF and LOGG free, not a template's.
+
+    The composite ``(1 - w) m(ℓ) + Σ_v a_v s_v(θ₂) + β g`` of ``_joint_composite``, with
+    the secondary's spectrum ``s(θ₂)`` made by the secondary model at each star's own
+    TEFF2/LOGG2 (its composition the primary's) and the columns ``Σ_v a_v ∂s_v/∂θ₂``
+    (at the current amounts) in each step's least squares. Starts from the best
+    candidate's template, light and primary; the last step holds θ₂ and solves the
+    amounts. Returns the primary labels, θ₂ (n, 2), the secondary's flux on the fitted
+    pixels and its light share.
+    """
+    sm, model = sc.secondary_model, sc.model
+    names2 = sm.label_names
+    jt, jg = names2.index("TEFF"), names2.index("LOGG")
+    shared = [(j, model.label_names.index(n)) for j, n in enumerate(names2)
+              if n in model.label_names and j not in (jt, jg)]
+    tl = sm.training_labels[:, [jt, jg]]
+    lo2, hi2 = np.percentile(tl, 0.5, axis=0), np.percentile(tl, 99.5, axis=0)
+    ops = _shift_operator(sc.wave, sc.velocities)
+    use = sc.use
+    labels = labels.copy()
+    theta = np.column_stack([teff2, logg2]).astype(float)
+    amounts = amounts.copy()
+    sec = np.zeros((len(idx), int(use.sum())))
+    w = np.zeros(len(idx))
+    base2 = np.median(sm.training_labels, axis=0)
+    for a in range(0, len(idx), batch_size):
+        part = slice(a, a + batch_size)
+        for step in range(n_steps + 1):
+            lab2 = np.repeat(base2[None], len(labels[part]), axis=0)
+            for j2, j1 in shared:
+                lab2[:, j2] = labels[part, j1]
+            lab2[:, jt], lab2[:, jg] = theta[part, 0], theta[part, 1]
+            s = sm.predict(lab2)
+            free = step < n_steps
+            ds = sm.gradient(lab2)[:, [jt, jg]] if free else None
+            S = np.stack([(s[:, i0] * (1 - t) + s[:, i0 + 1] * t)[:, use] for i0, t in ops],
+                         axis=1)                                        # (n, V, P_use)
+            dS = None
+            if free:   # Σ_v a_v ∂s_v/∂θ₂, over the velocities that carry light (few: NNLS)
+                dS = np.zeros((len(s), 2, int(use.sum())))
+                for v, (i0, t) in enumerate(ops):
+                    a_v = amounts[part, v]
+                    on = np.flatnonzero(a_v > 0)
+                    if len(on):
+                        d_on = ds[on]
+                        dS[on] += a_v[on, None, None] * (d_on[:, :, i0] * (1 - t)
+                                                         + d_on[:, :, i0 + 1] * t)[:, :, use]
+            labels[part], sec[part], w[part], amounts[part], dth = _composite_step(
+                sc, idx[part], labels[part], w[part], S, extra=dS)
+            if free:
+                theta[part] = np.clip(theta[part] + np.clip(dth, -MAX_SECONDARY_STEP,
+                                                            MAX_SECONDARY_STEP), lo2, hi2)
+    return labels, theta, sec, w
+
+
+#: largest change of the secondary's TEFF and LOGG in one step of ``_continuous_secondary``
+MAX_SECONDARY_STEP = np.array([250.0, 0.25])

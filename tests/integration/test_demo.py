@@ -80,3 +80,22 @@ def test_cli_report_rebuilds_and_demo_refuses_then_forces(lab, tmp_path, capsys)
     assert "report.html" in capsys.readouterr().out
     assert main(["demo", "--out", str(out), "-q"]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_training_margin_trains_past_the_cuts_and_validates_inside(tmp_path):
+    """``training_margin=True``: stars just past the hot and dwarf cuts train the model only."""
+    from cannon_fast import CannonModel
+
+    s = run_lab(out_dir=tmp_path / "report", n_stars=150, cache_dir=tmp_path / "cache",
+                seed=1, extras=False, min_stars=40, show_progress=False, log=None,
+                training_margin=True)
+    m = s["training_margin"]
+    assert (m["teff_max"], m["logg_max"]) == (6100.0, 4.3)
+    assert 0 < m["n_training"] <= m["n_stars"], m
+    # the split of the kept stars is the lab's own; the margin's stars come on top
+    assert s["n_train"] + s["n_validation"] + 1 == s["cuts"]["n_kept"]
+    model = CannonModel.read(tmp_path / "report" / "model.fits")
+    assert len(model.training_labels) == s["n_train"] + m["n_training"]
+    j = LAB_LABELS.index("TEFF"), LAB_LABELS.index("LOGG")
+    past = (model.training_labels[:, j[0]] > 5700) | (model.training_labels[:, j[1]] > 4.0)
+    assert past.sum() >= m["n_training"] - 1   # (catalogue labels: one may sit on the edge)

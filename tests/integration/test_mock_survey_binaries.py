@@ -58,7 +58,8 @@ def test_singles_and_corrected_primaries_against_the_truth(binary_lab):
     assert singles["TEFF"]["scatter"] <= 30 and singles["FE_H"]["scatter"] <= 0.02, singles
     # the composite fit's primaries (secondaries from the survey's own dwarfs, the lowest
     # chi2 of several starts): within 2x the singles' rms, the issue's target (measured
-    # 1.38x / 1.97x / 1.56x; log g has the least room, see docs/lab.md step 15)
+    # 1.35x / 1.84x / 1.53x with the continuous secondary, 1.38x / 1.97x / 1.56x without;
+    # log g has the least room, see docs/lab.md step 15)
     assert binary_lab["binaries"]["secondary_model"]["n_stars"] >= 50
     comp, one = v["flagged_composite_fit_vs_true"], v["flagged_single_fit_vs_true"]
     for n in ("TEFF", "LOGG", "FE_H"):
