@@ -517,3 +517,46 @@ def test_flags_say_why_not_to_trust_a_star(setup):
         assert "POOR_FIT" not in model.fit(flux, ivar).flag_names(1)
     finally:
         model.train_info["poor_fit_reduced_chi2"] = limit
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "numpy"])
+def test_batches_in_concurrent_streams_give_the_one_stream_fit(setup, backend, monkeypatch):
+    """Batches fitted by two single-threaded streams: the serial fit to the last bit.
+
+    Also: the process's thread limits are put back, a bad value in a later batch is
+    refused as in one stream, and two such fits started at once (one of them then runs
+    as one stream) give the same results.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cannon_fast.core import threads
+    from cannon_fast.core.threads import kernel_threads, limited_threads
+
+    model, _, test = setup
+    model.fit(test.flux[:2], test.ivar[:2], backend=backend)  # numba: picks its threading layer
+    monkeypatch.setattr(threads, "kernel_threads", lambda backend: 2)
+    if backend == "numba":
+        import numba
+        if numba.threading_layer() not in ("omp", "tbb"):
+            pytest.skip(f"numba's {numba.threading_layer()} layer: fits run as one stream")
+    assert threads.stream_count(backend, 5) == 2 and threads.stream_count(backend, 1) == 1
+    before = kernel_threads(backend)
+    for options in (dict(), dict(debias=False), dict(exact_debias=True)):
+        streams = model.fit(test.flux, test.ivar, batch_size=8, backend=backend, **options)
+        assert kernel_threads(backend) == before
+        with limited_threads(1):
+            monkeypatch.setattr(threads, "kernel_threads", lambda backend: 1)
+            one = model.fit(test.flux, test.ivar, batch_size=8, backend=backend, **options)
+            monkeypatch.setattr(threads, "kernel_threads", lambda backend: 2)
+        for name in ("labels", "errors", "covariance", "chi2", "flags", "iterations"):
+            assert getattr(streams, name).tobytes() == getattr(one, name).tobytes(), name
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: model.fit(test.flux, test.ivar, batch_size=8,
+                                                 backend=backend), range(2)))
+    assert all(b.labels.tobytes() == both[0].labels.tobytes() for b in both)
+    assert kernel_threads(backend) == before
+    ivar = test.ivar.copy()
+    ivar[33, 7:9] = -1.0
+    with pytest.raises(ValueError, match=r"ivar has negative values at star 33 \(2 pixels"):
+        model.fit(test.flux, ivar, batch_size=8, backend=backend)
+    assert kernel_threads(backend) == before

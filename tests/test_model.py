@@ -142,23 +142,29 @@ def test_training_diagnostics_match_their_definition(backend):
 
 
 @pytest.mark.parametrize("backend", available_backends())
-def test_blocked_and_whole_pass_training_agree(backend, monkeypatch):
-    """Pixel blocks (single-threaded) and one block per pass (threads): the same model.
+def test_blocked_streamed_and_whole_pass_training_agree(backend, monkeypatch):
+    """Pixel blocks one after another, the same blocks in concurrent streams, one block
+    per pass (threads without streams): the same model, the first two to the last bit.
 
-    Here blocks of 256 of 600 pixels, and a later pass gathered.
+    Here blocks of 128 of 600 pixels, and a later pass gathered.
     """
     import cannon_fast.core.model as cm
 
     d = make_synthetic(n_stars=300, n_pix=600, n_labels=3, seed=12, intrinsic_frac=0.5)
     ivar = d.ivar.copy()
     ivar[:295, 5] = 0.0  # a pixel with too few stars
+    monkeypatch.setattr(cm, "_pixel_block", lambda n_stars: 128)
     models = {}
-    for threads in (1, 2):
-        monkeypatch.setattr(cm, "_kernel_threads", lambda backend, n=threads: n)
-        models[threads] = CannonModel(d.label_names, backend=backend).train(d.flux, ivar,
-                                                                            d.labels)
-    a, b = models[1], models[2]
+    for mode, streams, threads in (("blocks", 1, 1), ("streams", 2, 1), ("whole", 1, 2)):
+        monkeypatch.setattr(cm, "stream_count", lambda backend, n, k=streams: min(k, n))
+        monkeypatch.setattr(cm, "kernel_threads", lambda backend, k=threads: k)
+        models[mode] = CannonModel(d.label_names, backend=backend).train(d.flux, ivar,
+                                                                         d.labels)
+    a, b = models["blocks"], models["whole"]
     assert len(a.train_info["moving_pixels"]) >= 2 and a.train_info["moving_pixels"][0] > 50
+    for name in ("theta", "s2", "theta_cov", "pixel_flags"):
+        assert getattr(a, name).tobytes() == getattr(models["streams"], name).tobytes(), name
+    assert a.train_info == models["streams"].train_info
     assert_array_equal(a.pixel_flags, b.pixel_flags)
     assert a.pixel_flags[5] != 0
     # the products' rounding differs between the two, and with it the s² search's path

@@ -638,7 +638,7 @@ def c_thread_cap():
 
 
 def test_thread_limits_are_put_back(small, npz, c_thread_cap):
-    from cannon_fast.survey._threads import limited_threads
+    from cannon_fast.core.threads import limited_threads
 
     before = _thread_settings()
     with pytest.raises(KeyError):

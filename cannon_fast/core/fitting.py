@@ -24,6 +24,7 @@ flux, which acts as extra per-pixel noise for one star).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import threading
@@ -38,6 +39,7 @@ from ._reference.model_eval import start_objectives
 from .._util import as_float64, progress
 from .backends import kernels, resolve_backend
 from .continuum import renormalize_to_model
+from .threads import map_in_streams, stream_count
 from ._common import check_spectra, fitted_pixels, label_scaling
 
 __all__ = ["FitResult", "FLAGS", "fit_cannon", "fit_spectra", "fit_trf", "fitted_spectra",
@@ -493,134 +495,176 @@ def _fit_once(model, flux, ivar, settings, check_values=True):
 
 
 def _fit_batches(model, flux, ivar, settings, check_values=True):
-    """The fast batched fit (the body of ``fit_cannon``), before ``_mark_label_flags``."""
-    (debias, exact_debias, n_starts, n_polish, batch_size, max_iter, xtol, disagree_dchi2,
-     backend, progress_bar) = (settings.debias, settings.exact_debias, settings.n_starts,
-                               settings.n_polish, settings.batch_size, settings.max_iter,
-                               settings.xtol, settings.disagree_dchi2, settings.backend,
-                               settings.progress_bar)
-    k = kernels(backend)
+    """The fast batched fit (the body of ``fit_cannon``), before ``_mark_label_flags``.
+
+    Batches run one after another, or in concurrent single-threaded streams when
+    the kernels and BLAS have several threads (``threads.map_in_streams``): the
+    same result to the last bit either way.
+    """
+    n_stars, batch_size = flux.shape[0], settings.batch_size
     pre = _precompute(model)
-    n_stars, n_terms, n_labels = flux.shape[0], model.n_terms, model.n_labels
-    theta_outer32, cbar = pre["theta_outer32"], pre["cbar"]
-    if debias and exact_debias:
-        cov32 = np.ascontiguousarray(model.theta_cov.astype(np.float32))
-    starts = model.starting_points(max(1, int(n_starts)))
-    bounds = model.scaled_label_bounds  # (2, L)
-    lo, hi = np.ascontiguousarray(bounds[0]), np.ascontiguousarray(bounds[1])
-    batch = min(batch_size, n_stars)
-    w_buf, wr_buf = _work_buffers(batch, model.n_pixels)
-    parts = []
+    job = dict(model=model, flux=flux, ivar=ivar, settings=settings, pre=pre,
+               k=kernels(settings.backend), check_values=check_values,
+               starts=model.starting_points(max(1, int(settings.n_starts))),
+               bounds=np.ascontiguousarray(model.scaled_label_bounds))  # (2, L)
+    if settings.debias and settings.exact_debias:
+        job["cov32"] = np.ascontiguousarray(model.theta_cov.astype(np.float32))
+    slices = [slice(a, min(a + batch_size, n_stars)) for a in range(0, n_stars, batch_size)]
     bar = progress(total=n_stars, desc="fitting labels", unit="star",
-                   disable=None if progress_bar is None and n_stars > batch_size
-                   else not progress_bar)
-    for start in range(0, n_stars, batch_size):
-        sl = slice(start, min(start + batch_size, n_stars))
-        n = sl.stop - sl.start
-        w, wr = w_buf[:n], wr_buf[:n]
-        c, n_pix, mom = np.empty(n), np.empty(n, dtype=np.int64), np.empty((n, 3))
-        bad = np.empty(n, dtype=np.int64)
-        k.star_weights(flux[sl], ivar[sl], model.s2, pre["good_pix"], pre["theta0"],
-                       pre["t_pix"], w, wr, c, n_pix, mom, bad)
-        if check_values and bad.any():
-            _refuse_values(flux, ivar, sl)
-        # chi²(x) = c - 2 h.v + v^T G v with r = f - theta_0 (the constant term's row of
-        # G and entry of h are zero); G in float32 costs half, and its rounding moves
-        # the labels by ~1e-6 of their errors.
-        g = np.zeros((n, vz.n_packed(n_terms)))  # (n, T2)
-        g[:, pre["g_columns"]] = w @ theta_outer32
-        h = wr @ pre["theta_rest"]  # (n, T)
-        if debias:
-            if exact_debias:
-                b = (w @ cov32).astype(np.float64)
-            else:
-                b = np.outer(mom[:, 1], cbar)
-        x = np.zeros((n, n_labels))
-        iters = np.zeros(n, dtype=np.int64)
-        status = np.zeros(n, dtype=np.int64)
-        fittable = n_pix >= min_good_pixels(n_labels, pre["good_pix"].sum())
-        idx = np.flatnonzero(fittable)
-        if len(idx):
-            x[idx], iters[idx], status[idx] = _run_lm(
-                k, g[idx], h[idx], c[idx], model.exponents, starts, lo, hi, n_polish, max_iter,
-                xtol, disagree_dchi2)
-            if debias:
-                at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
-                status[idx[at_bound]] |= FLAGS["HIT_BOUND"]
-        status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
-        # chi², Fisher matrix and covariance at the solution
-        v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
-        k.design(x, model.exponents, v, dv)
-        # chi² from the residuals themselves (G, accumulated in float32, is not used here):
-        # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
-        # the model minus its constant term, in wr's buffer (wr is done with once h is made)
-        m = np.matmul(v, pre["theta_rest"].T, out=wr_buf[:n])
-        chi2 = np.empty(n)
-        k.weighted_square_sum(w, m, chi2)
-        chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
-        if debias:
-            # the sandwich and what the eigenvalue cap withheld, per star in the kernel
-            if exact_debias:
-                q = (vz.packed_outer(v) * pre["twice"]).astype(np.float32) @ cov32.T  # v^T C_p v
-                q *= w
-                q *= w
-                s_t = np.zeros_like(g)  # sum_p w² q_p theta theta^T
-                s_t[:, pre["g_columns"]] = q @ theta_outer32
-                dvt = np.swapaxes(dv, 1, 2)
-                extra = dvt @ vz.unpack_symmetric(s_t, n_terms) @ dv
-                kappa = np.zeros(n)
-            else:
-                # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ (v^T Cbar v) kappa F
-                extra = np.zeros((n, n_labels, n_labels))
-                kappa = mom[:, 2] / np.maximum(mom[:, 0], 1e-300)
-            cov_x, capped, withheld = (np.empty((n, n_labels, n_labels)), np.empty(n, np.int64),
-                                       np.empty(n))
-            k.sandwich_covariance(g, np.ascontiguousarray(b), cbar, kappa, extra, x,
-                                  model.exponents, float(DEBIAS_LAMBDA_CAP), cov_x, capped,
-                                  withheld)
-            hit = (capped == 1) & fittable & (withheld > DEBIAS_CAPPED_SIGMA)
-            status[hit] |= FLAGS["DEBIAS_CAPPED"]
-        else:
-            g_full = vz.unpack_symmetric(g, n_terms)
-            cov_x = _inverse(np.swapaxes(dv, 1, 2) @ g_full @ dv)
-        # a non-positive-definite covariance means the fit is not trustworthy
-        diag = np.diagonal(cov_x, axis1=1, axis2=2)
-        failed = ~np.all(np.isfinite(diag) & (diag > 0), axis=1) & fittable
-        status[failed] |= FLAGS["FAILED"]
-        d = model.label_derivatives(x)  # d label / d x
-        cov_phys = cov_x * d[:, :, None] * d[:, None, :]
-        labels = model.unscale_labels(x)
-        labels[~fittable] = np.nan
-        cov_phys[~fittable] = np.nan
-        diag = np.diagonal(cov_phys, axis1=1, axis2=2)
-        errors = np.sqrt(np.where(diag > 0, diag, np.nan))
-        dof = np.maximum(n_pix - n_labels, 1)
-        parts.append(FitResult(labels=labels, errors=errors, covariance=cov_phys,
-                               chi2=np.where(fittable, chi2, np.nan),
-                               reduced_chi2=np.where(fittable, chi2 / dof, np.nan),
-                               n_pixels=n_pix, iterations=iters, flags=status,
-                               label_names=list(model.label_names), debiased=bool(debias)))
-        bar.update(n)
+                   disable=None if settings.progress_bar is None and n_stars > batch_size
+                   else not settings.progress_bar)
+    parts = []
+    shape = (min(batch_size, n_stars), model.n_pixels)
+    # Batches alternate BLAS products with kernels: with threads inside each, cores
+    # idle (``threads`` says why), so several threads run batches side by side instead
+    streams = stream_count(settings.backend, len(slices))
+    for part in map_in_streams(lambda sl: _fit_batch_buffered(job, sl, shape), slices,
+                               streams, settings.backend):
+        parts.append(part)
+        bar.update(len(part))
     bar.close()
     return FitResult.concatenate(parts)
 
 
-#: Each thread's batch buffers of its last fit (see _work_buffers).
-_BUFFERS = threading.local()
+def _fit_batch_buffered(job, sl, shape):
+    with _BUFFERS.take(*shape) as buffers:
+        return _fit_batch(job, sl, buffers)
 
 
-def _work_buffers(batch, n_pix):
-    """(batch, P) buffers of the weights (float32) and of the weighted residuals (float64).
+def _fit_batch(job, sl, buffers):
+    """Fit the spectra ``sl`` of a job (``_fit_batches``) with (batch, P) work ``buffers``."""
+    model, settings, pre, k = job["model"], job["settings"], job["pre"], job["k"]
+    flux, ivar = job["flux"][sl], job["ivar"][sl]
+    n, n_terms, n_labels = len(flux), model.n_terms, model.n_labels
+    debias, exact_debias = settings.debias, settings.exact_debias
+    w, wr = buffers[0][:n], buffers[1][:n]
+    c, n_pix, mom = np.empty(n), np.empty(n, dtype=np.int64), np.empty((n, 3))
+    bad = np.empty(n, dtype=np.int64)
+    k.star_weights(flux, ivar, model.s2, pre["good_pix"], pre["theta0"], pre["t_pix"], w,
+                   wr, c, n_pix, mom, bad)
+    if job["check_values"] and bad.any():
+        _refuse_values(job["flux"], job["ivar"], sl)
+    # chi²(x) = c - 2 h.v + v^T G v with r = f - theta_0 (the constant term's row of
+    # G and entry of h are zero); G in float32 costs half, and its rounding moves
+    # the labels by ~1e-6 of their errors.
+    g = np.zeros((n, vz.n_packed(n_terms)))  # (n, T2)
+    g[:, pre["g_columns"]] = w @ pre["theta_outer32"]
+    h = wr @ pre["theta_rest"]  # (n, T)
+    if debias:
+        if exact_debias:
+            b = (w @ job["cov32"]).astype(np.float64)
+        else:
+            b = np.outer(mom[:, 1], pre["cbar"])
+    x = np.zeros((n, n_labels))
+    iters = np.zeros(n, dtype=np.int64)
+    status = np.zeros(n, dtype=np.int64)
+    fittable = n_pix >= min_good_pixels(n_labels, pre["good_pix"].sum())
+    idx = np.flatnonzero(fittable)
+    lo, hi = job["bounds"]
+    if len(idx):
+        x[idx], iters[idx], status[idx] = _run_lm(
+            k, g[idx], h[idx], c[idx], model.exponents, job["starts"], lo, hi,
+            settings.n_polish, settings.max_iter, settings.xtol, settings.disagree_dchi2)
+        if debias:
+            at_bound = _debias(k, x, idx, g, h, b, model.exponents, lo, hi)
+            status[idx[at_bound]] |= FLAGS["HIT_BOUND"]
+    status[~fittable] = FLAGS["TOO_FEW_PIXELS"]
+    # chi², Fisher matrix and covariance at the solution
+    v, dv = np.empty((n, n_terms)), np.empty((n, n_terms, n_labels))
+    k.design(x, model.exponents, v, dv)
+    # chi² from the residuals themselves (G, accumulated in float32, is not used here):
+    # c - 2 sum w r m + sum w m², and sum w r m = h.v exactly (h is float64)
+    # the model minus its constant term, in wr's buffer (wr is done with once h is made)
+    m = np.matmul(v, pre["theta_rest"].T, out=buffers[1][:n])
+    chi2 = np.empty(n)
+    k.weighted_square_sum(w, m, chi2)
+    chi2 += c - 2.0 * np.einsum("nt,nt->n", h, v)
+    if debias:
+        cov_x, capped = _debiased_covariance(job, w, g, b, mom, v, dv, x)
+        status[capped & fittable] |= FLAGS["DEBIAS_CAPPED"]
+    else:
+        g_full = vz.unpack_symmetric(g, n_terms)
+        cov_x = _inverse(np.swapaxes(dv, 1, 2) @ g_full @ dv)
+    # a non-positive-definite covariance means the fit is not trustworthy
+    diag = np.diagonal(cov_x, axis1=1, axis2=2)
+    failed = ~np.all(np.isfinite(diag) & (diag > 0), axis=1) & fittable
+    status[failed] |= FLAGS["FAILED"]
+    d = model.label_derivatives(x)  # d label / d x
+    cov_phys = cov_x * d[:, :, None] * d[:, None, :]
+    labels = model.unscale_labels(x)
+    labels[~fittable] = np.nan
+    cov_phys[~fittable] = np.nan
+    diag = np.diagonal(cov_phys, axis1=1, axis2=2)
+    errors = np.sqrt(np.where(diag > 0, diag, np.nan))
+    dof = np.maximum(n_pix - n_labels, 1)
+    return FitResult(labels=labels, errors=errors, covariance=cov_phys,
+                     chi2=np.where(fittable, chi2, np.nan),
+                     reduced_chi2=np.where(fittable, chi2 / dof, np.nan),
+                     n_pixels=n_pix, iterations=iters, flags=status,
+                     label_names=list(model.label_names), debiased=bool(debias))
 
-    Kept per thread from one fit to the next of the same size (~50 MB for 512 stars of
-    8575 pixels): fresh ones cost their first-touch page faults in every call, as much as
-    a fifth of a 1024-star call's fit (a survey chunk fits 1024 stars at a time).
+
+def _debiased_covariance(job, w, g, b, mom, v, dv, x):
+    """The sandwich covariance of de-biased fits and where the eigenvalue cap withheld much.
+
+    Per star in the kernel; returns (n, L, L) and a bool mask (DEBIAS_CAPPED).
     """
-    kept = getattr(_BUFFERS, "arrays", None)
-    if kept is None or kept[0].shape[0] < batch or kept[0].shape[1] != n_pix:
-        kept = (np.empty((batch, n_pix), np.float32), np.empty((batch, n_pix)))
-        _BUFFERS.arrays = kept
-    return kept
+    model, pre, k = job["model"], job["pre"], job["k"]
+    n, n_terms, n_labels = len(x), model.n_terms, model.n_labels
+    if job["settings"].exact_debias:
+        cov32 = job["cov32"]
+        q = (vz.packed_outer(v) * pre["twice"]).astype(np.float32) @ cov32.T  # v^T C_p v
+        q *= w
+        q *= w
+        s_t = np.zeros_like(g)  # sum_p w² q_p theta theta^T
+        s_t[:, pre["g_columns"]] = q @ pre["theta_outer32"]
+        dvt = np.swapaxes(dv, 1, 2)
+        extra = dvt @ vz.unpack_symmetric(s_t, n_terms) @ dv
+        kappa = np.zeros(n)
+    else:
+        # q_p ~ t_p (v^T Cbar v) and w_p² t_p ~ kappa w_p: S ~ (v^T Cbar v) kappa F
+        extra = np.zeros((n, n_labels, n_labels))
+        kappa = mom[:, 2] / np.maximum(mom[:, 0], 1e-300)
+    cov_x, capped, withheld = (np.empty((n, n_labels, n_labels)), np.empty(n, np.int64),
+                               np.empty(n))
+    k.sandwich_covariance(g, np.ascontiguousarray(b), pre["cbar"], kappa, extra, x,
+                          model.exponents, float(DEBIAS_LAMBDA_CAP), cov_x, capped, withheld)
+    return cov_x, (capped == 1) & (withheld > DEBIAS_CAPPED_SIGMA)
+
+
+class _BufferPool:
+    """(batch, P) work buffers of the weights (float32) and weighted residuals (float64).
+
+    Kept from one fit to the next (~50 MB for 512 stars of 8575 pixels): fresh ones
+    cost their first-touch page faults in every call, as much as a fifth of a
+    1024-star call's fit (a survey chunk fits 1024 stars at a time). A pool, not one
+    set per thread, so that a fit's short-lived stream threads reuse them too; it
+    keeps at most as many sets as were in use at once, up to ``max_kept``.
+    """
+
+    def __init__(self, max_kept=8):
+        self._lock = threading.Lock()
+        self._spare = []
+        self.max_kept = max_kept
+
+    @contextlib.contextmanager
+    def take(self, batch, n_pix):
+        with self._lock:
+            fits = [i for i, (w, _) in enumerate(self._spare)
+                    if w.shape[0] >= batch and w.shape[1] == n_pix]
+            buffers = self._spare.pop(fits[-1]) if fits else None
+        if buffers is None:
+            buffers = (np.empty((batch, n_pix), np.float32), np.empty((batch, n_pix)))
+        try:
+            yield buffers
+        finally:
+            with self._lock:
+                self._spare.append(buffers)
+                del self._spare[:-self.max_kept]
+
+
+#: The fits' work buffers (see _BufferPool).
+_BUFFERS = _BufferPool()
 
 
 def _refuse_values(flux, ivar, rows):

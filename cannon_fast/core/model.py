@@ -18,6 +18,7 @@ from ._common import (PIXEL_FLAGS, UNUSABLE_PIXEL_FLAGS, check_spectra, fitted_p
                       label_scaling)
 from .backends import kernels, resolve_backend
 from .grid import PixelGrid
+from .threads import kernel_threads, map_in_streams, stream_count
 
 __all__ = ["CannonModel", "PIXEL_FLAGS", "UNUSABLE_PIXEL_FLAGS", "fitted_pixels",
            "expected_true_labels", "MAX_PRIOR_COMPONENTS"]
@@ -327,32 +328,43 @@ class CannonModel:
         theta = np.empty((n_pix, self.n_terms))
         cov = np.empty((n_pix, vz.n_packed(self.n_terms)))
         status = np.zeros(n_pix, dtype=np.int8)
-        # Single-threaded, every pass works through its pixels in blocks of `block`
-        # columns, in one small work buffer (three (N, block) arrays) reused throughout:
-        # whole (N, P) temporaries cost as much in first-touch page faults and memory
-        # traffic as the arithmetic, and a block's weights, residuals and s² stay in
-        # cache between the products that make them. With threads, the many short
-        # parallel regions of small blocks cost more than that saves (several times
-        # more on a loaded machine, where a region waits for a descheduled thread): a
-        # pass is one block there, or three for a later pass whose gathered columns
-        # outgrow the one (N, P) buffer.
-        threaded = _kernel_threads(self.backend) > 1
+        # Every pass works through its pixels in blocks of `block` columns, each in one
+        # small work buffer (three (N, block) arrays) reused throughout: whole (N, P)
+        # temporaries cost as much in first-touch page faults and memory traffic as the
+        # arithmetic, and a block's weights, residuals and s² stay in cache between the
+        # products that make them. With several threads, the blocks run side by side in
+        # single-threaded streams, one buffer each (``threads``: threads inside each
+        # product and kernel leave cores idle), so the model does not depend on the
+        # thread count. Where streams cannot run (the numpy reference, numba's workqueue
+        # layer) but threads do, the many short parallel regions of small blocks cost
+        # more than blocks save (several times more on a loaded machine, where a region
+        # waits for a descheduled thread): a pass is one block there, or three for a
+        # later pass whose gathered columns outgrow the one (N, P) buffer.
+        streams = stream_count(self.backend, n_pix // _pixel_block(n_stars))
+        threaded = streams == 1 and kernel_threads(self.backend) > 1
         block = n_pix if threaded else min(n_pix, _pixel_block(n_stars))
-        work = np.empty(n_stars * n_pix if threaded else 3 * n_stars * block)
+        works = [np.empty(n_stars * n_pix if threaded else 3 * n_stars * block)
+                 for _ in range(streams)]
         gram = (monomials_t, mono_index)
+
+        def solve_block(j0, work):
+            cols = active[j0:j0 + step]
+            th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work,
+                                                 (theta, cov, status))
+            s2_b[too_few[cols] | (st != 0)] = 0.0
+            s2_new[j0:j0 + step] = s2_b
+
         # Alternate theta | s² and s² | theta. Only pixels whose s² moved by more than
         # s2_rtol are solved again, so later passes are cheap (most pixels settle at once).
         active = np.arange(n_pix)
         history = []
         for it in range(max_iter):
             s2_new = np.empty(len(active))
-            step = block if it == 0 else min(block, len(work) // (3 * n_stars))
-            for j0 in range(0, len(active), step):
-                cols = active[j0:j0 + step]
-                th, cv, st, s2_b = self._train_block(k, cols, flux, ivar, s2, design, gram, work,
-                                                     (theta, cov, status))
-                s2_b[too_few[cols] | (st != 0)] = 0.0
-                s2_new[j0:j0 + step] = s2_b
+            step = block if it == 0 else min(block, len(works[0]) // (3 * n_stars))
+            starts = range(0, len(active), step)
+            for _ in map_in_streams(solve_block, starts, min(streams, len(starts)),
+                                    self.backend, works):
+                pass
             old = s2[active]
             moved = (np.abs(s2_new - old) > s2_rtol * np.maximum(s2_new, old)) \
                 & (np.maximum(s2_new, old) > s2_floor)
@@ -394,9 +406,10 @@ class CannonModel:
         self.training_labels = labels
         self.training_hash = _fingerprint(flux, ivar, labels, column_sums)
         self.error_model = None
+        diagnostics = self._fit_diagnostics(flux, ivar, design, works, threaded, streams)
         self.train_info = dict(n_stars=n_stars, n_pixels=n_pix, iterations=len(history),
                                moving_pixels=history, n_flagged_pixels=int((flags > 0).sum()),
-                               **self._fit_diagnostics(flux, ivar, design, work, threaded))
+                               **diagnostics)
         if limited is not None:
             self.train_info["band_limit"] = limited
         return self
@@ -456,8 +469,8 @@ class CannonModel:
         k.s2_update_warm(resid, iv, s2_b, s2_new, np.empty(m, dtype=np.int8))
         return th, cv, st, s2_new
 
-    def _fit_diagnostics(self, flux, ivar, design, work, threaded, poor_fit_stars=512,
-                         neighbour_stars=256):
+    def _fit_diagnostics(self, flux, ivar, design, works, threaded, streams,
+                         poor_fit_stars=512, neighbour_stars=256):
         """``train_info``'s POOR_FIT limit and neighbour noise correlation.
 
         From the residuals of every ``len(flux) // poor_fit_stars``-th training star
@@ -466,10 +479,10 @@ class CannonModel:
         grid correlates the noise of neighbouring pixels, and with it the training
         noise of neighbouring coefficients, which the broadened fit's correction for
         that noise, ``fit_broadened``, needs to know), at their labels. The stars are
-        taken a few at a time (all at once if ``threaded``) in ``work`` (training's
-        flat buffer, free by now), each
-        star's residuals computed once for both, and the kernel ``training_sums``
-        makes every sum in one pass over them.
+        taken a few at a time (all at once if ``threaded``) in ``works`` (training's
+        flat buffers, free by now; one per stream, as in ``train``), each star's
+        residuals computed once for both, and the kernel ``training_sums`` makes
+        every sum in one pass over them.
         """
         n, n_pix = flux.shape
         step_p, step_n = max(1, n // poor_fit_stars), max(1, n // neighbour_stars)
@@ -480,12 +493,14 @@ class CannonModel:
         same_seg = np.append((seg[:-1] == seg[1:]) & (seg[:-1] >= 0), False)
         # chunks of ~256k values: in cache for the kernel, few enough calls; with
         # threads, as few chunks as the buffer allows (see ``train``)
-        chunk = max(1, min(len(rows), len(work) // n_pix if threaded else (1 << 18) // n_pix))
+        fit_in = len(works[0]) // n_pix
+        chunk = max(1, min(len(rows), fit_in if threaded else min(fit_in, (1 << 18) // n_pix)))
         chi2, count = np.empty(len(rows)), np.empty(len(rows), np.int64)
         pair = np.empty((len(rows), 4))
         theta_t = np.ascontiguousarray(self.theta.T)  # BLAS is faster with it contiguous
         k = kernels(self.backend)
-        for j0 in range(0, len(rows), chunk):
+
+        def sums(j0, work):
             sel = rows[j0:j0 + chunk]
             c = len(sel)
             with_pairs = sel % step_n == 0
@@ -495,6 +510,10 @@ class CannonModel:
             np.subtract(flux[sel], r, out=r)
             k.training_sums(r, np.ascontiguousarray(ivar[sel]), self.s2, use, same_seg,
                             with_pairs, chi2[j0:j0 + c], count[j0:j0 + c], pair[j0:j0 + c])
+
+        starts = range(0, len(rows), chunk)
+        for _ in map_in_streams(sums, starts, min(streams, len(starts)), self.backend, works):
+            pass
         keep = rows % step_p == 0
         from .errors import poor_fit_limit
         limit = poor_fit_limit(chi2[keep], np.maximum(count[keep] - self.n_labels, 1))
@@ -1050,23 +1069,6 @@ def _extreme_deconvolution(x, err_var, n_comp, max_iter=300, tol=1e-6, floor=1e-
                 + np.einsum("nk,nkij->kij", resp, post_cov)) / nk[:, None, None]
         covs += floor * np.eye(d)
     return (weights, means, covs), loglike
-
-
-def _kernel_threads(backend):
-    """How many threads training's kernels and BLAS products would use here (at most)."""
-    n = 1
-    if backend == "c":
-        from .backends import _ccannon
-        n = _ccannon.max_threads()
-    elif backend == "numba":
-        import numba
-        n = numba.get_num_threads()
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:  # pragma: no cover - optional: assume BLAS uses every core
-        return max(n, os.cpu_count() or 1)
-    blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    return max([n] + blas)
 
 
 def _pixel_block(n_stars, nbytes=1 << 22):

@@ -15,7 +15,7 @@ from ..core.errors import model_error_part
 from ..core.fitting import BAD_FLAGS, WARNING_FLAGS
 from ..core.grid import segment_index
 from ..core.fitting import FLAGS as _FIT_FLAG_BITS
-from ._threads import limited_threads
+from ..core.threads import limited_threads
 
 __all__ = ["SURVEY_FLAGS", "ALL_FLAGS", "process_chunk", "reused_buffers"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from ._threads import limit_threads
+from ..core.threads import limit_threads
 from .chunk import _fit_chunk, keep_buffers, process_chunk, reused_buffers
 
 __all__ = ["run_chunks"]
