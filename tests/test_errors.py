@@ -59,10 +59,89 @@ def test_error_model_record_round_trip_and_bad_records():
     bad["params"]["TEFF"]["floor"] = [0.0]
     with pytest.raises(ValueError, match="bad parameters for TEFF"):
         ErrorModel.from_dict(bad)
+    bad = em.to_dict()
+    bad["params"]["LOGG"]["curvature"] = [0.1]
+    with pytest.raises(ValueError, match="bad parameters for LOGG"):
+        ErrorModel.from_dict(bad)
     with pytest.raises(ValueError, match="not an error-model record"):
         ErrorModel.from_dict({"label_names": ["TEFF"]})
     with pytest.raises(ValueError, match="usable held-out fits"):
         fit_error_model(fitted[:10], formal[:10], ref[:10], ["TEFF", "LOGG"])
+
+
+def _draw_u_shaped(n, rng):
+    """Held-out 'fits' whose model floor rises towards both ends of TEFF, at S/N 40-600.
+
+    As a model misfits its coolest and hottest stars: at high S/N, where the floor is
+    nearly all of the error, a floor monotone in the labels understates both ends.
+    """
+    labels = np.column_stack([rng.normal(4800, 300, n), rng.normal(2.6, 0.5, n)])
+    snr = np.exp(rng.uniform(np.log(40), np.log(600), n))
+    formal = np.column_stack([1500 / snr, 3.0 / snr])
+    z = (labels[:, 0] - 4800) / 300
+    floor = np.column_stack([25 * np.exp(0.2 * np.clip(z, -2, 2) ** 2), np.full(n, 0.05)])
+    fitted = labels + rng.normal(size=labels.shape) * np.hypot(1.5 * formal, floor)
+    return fitted, formal, labels, snr, np.abs(z)
+
+
+def _pull_std_by_bin(em, fitted, formal, ref, snr, absz):
+    """TEFF pull std per S/N bin (<100, 100-200, >200) x (bulk |z| < 1, ends |z| > 1.5)."""
+    pulls = (fitted - ref)[:, 0] / em.total(fitted, formal)[:, 0]
+    return np.array([[np.std(pulls[(snr >= lo) & (snr < hi) & part])
+                      for part in (absz < 1, absz > 1.5)]
+                     for lo, hi in ((0, 100), (100, 200), (200, np.inf))])
+
+
+def test_floor_follows_a_misfit_rising_at_both_ends_of_a_label():
+    """Calibrated pulls in every S/N bin, bulk and ends alike; without curvature not."""
+    rng = np.random.default_rng(0)
+    cal, new = _draw_u_shaped(6000, rng), _draw_u_shaped(6000, rng)
+    em = fit_error_model(*cal[:3], ["TEFF", "LOGG"], curvature=True)
+    std = _pull_std_by_bin(em, *new)
+    assert np.all(np.abs(std - 1) < 0.15), std
+    assert em.params["TEFF"]["curvature"][0] > 0.08
+    # the log-linear floor alone fits the bulk and understates the ends, most where the
+    # floor is all of the error
+    flat = fit_error_model(*cal[:3], ["TEFF", "LOGG"])
+    assert "curvature" not in flat.params["TEFF"]
+    std_flat = _pull_std_by_bin(flat, *new)
+    assert std_flat[2, 1] > 1.3 and np.all(std_flat[:, 1] > std[:, 1]), std_flat
+
+
+def test_noise_part_keeps_at_least_the_formal_error():
+    """The noise part stays at the formal error when the residuals are smaller.
+
+    An ivar that overstates the noise: the noise part is not shrunk below the formal
+    error, and a floor does not replace it.
+    """
+    rng = np.random.default_rng(5)
+    labels = np.column_stack([rng.normal(4800, 300, 3000), rng.normal(2.6, 0.5, 3000)])
+    formal = np.column_stack([rng.uniform(5, 40, 3000), rng.uniform(0.01, 0.08, 3000)])
+    fitted = labels + rng.normal(size=labels.shape) * np.hypot(0.5 * formal, [10, 0.02])
+    em = fit_error_model(fitted, formal, labels, ["TEFF", "LOGG"])
+    assert all(em.params[n]["scale"] == pytest.approx(1.0) for n in ("TEFF", "LOGG"))
+    noise, _ = em.parts(fitted, formal)
+    near = np.abs(formal / [em.params[n]["sigma0"] for n in ("TEFF", "LOGG")] - 1) < 0.05
+    assert np.allclose(noise[near], formal[near], rtol=0.05)
+
+
+def test_records_without_curvature_still_give_a_log_linear_floor():
+    """Error models written before the curvature load and give the errors they gave."""
+    rng = np.random.default_rng(4)
+    fitted, formal, ref, snr, _ = _draw_u_shaped(600, rng)
+    d = fit_error_model(fitted, formal, ref, ["TEFF", "LOGG"], curvature=True).to_dict()
+    for p in d["params"].values():
+        p.pop("curvature")
+    old = ErrorModel.from_dict(d)
+    z = np.clip((fitted - old.center) / old.spread, -3, 3)
+    for j, name in enumerate(["TEFF", "LOGG"]):
+        p = d["params"][name]
+        noise = p["scale"] * p["sigma0"] * (formal[:, j] / p["sigma0"]) ** p["power"]
+        b = np.asarray(p["floor"])
+        floor = np.exp(b[0] + np.clip(z @ b[1:], -np.log(4), np.log(4)))
+        expect = np.fmax(np.hypot(noise, floor), formal[:, j])
+        assert np.allclose(old.total(fitted, formal)[:, j], expect, rtol=1e-12)
+    assert "curvature" not in old.to_dict()["params"]["TEFF"]
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,20 @@ labels' errors), which does not shrink with S/N. Cross-validation measures both:
 held-out stars' (fit - reference) against their formal errors. Per label, the
 variance is modelled as
 
-    var = s² σ₀² (σ / σ₀)^(2γ) + exp(2 (b₀ + clip(b · z, ±ln 4)))
+    var = s² σ₀² (σ / σ₀)^(2γ) + exp(2 (b₀ + clip(b · z + c · z², ±ln 4)))
 
-with σ the formal error, σ₀ its median in the calibration set, and z the fitted
-labels standardized by the training labels (clipped to ±3): the floor varies with
-the labels by at most a factor 4 either way, so a star far outside the training set
-does not extrapolate it. The parameters are fitted by
-maximum likelihood with the reference labels' own stated errors added to the
-variance, and refitted once without stars beyond 5 sigma (binaries and failed fits
-should not set everyone's errors).
+with s >= 1 (the noise the ivar states is in every fit), σ the formal error, σ₀ its
+median in the calibration set, and z the fitted labels standardized by the training
+labels (clipped to ±3): the floor varies with the labels by at most a factor 4 either
+way, so a star far outside the training set does not extrapolate it. The curvature c
+(>= 0, one per label; optional, on for models of ideal spectra) lets the floor rise
+towards both ends of a label: such a model misfits its coolest and its hottest stars
+more than the bulk, and a floor log-linear in the labels, monotone in each, would
+average the two ends with the middle and understate both; the stars of highest S/N,
+whose error is nearly all floor, would show it first. The parameters are fitted by
+maximum likelihood with the reference labels' own stated errors added to the variance,
+and refitted once without stars beyond 5 sigma (binaries and failed fits should not
+set everyone's errors).
 """
 
 import numpy as np
@@ -32,6 +37,11 @@ CLIP_SIGMA = 5.0
 #: (model errors differ across label space by a few, not by orders of magnitude; a small
 #: calibration set must not extrapolate them to hundreds of K at its edges)
 FLOOR_RANGE = 4.0
+#: upper bound of the floor's curvature c per label (z² reaches 9 at the clip, so the
+#: factor-4 range binds long before it)
+CURVATURE_MAX = 3.0
+#: lower bound of the noise part's scale s (the noise the ivar states is in every fit)
+NOISE_SCALE_MIN = 1.0
 
 
 class ErrorModel:
@@ -49,7 +59,9 @@ class ErrorModel:
         Standardization of the labels for the floor's label dependence.
     params : dict of str -> dict
         Per label: ``scale`` (s), ``power`` (γ), ``sigma0`` (σ₀), ``floor`` (b₀
-        followed by the L coefficients b).
+        followed by the L coefficients b) and, optionally, ``curvature`` (the L
+        coefficients c; without it, as in records written before it, the floor is
+        log-linear in the labels).
     info : dict, optional
         How it was calibrated (reference, number of stars, fit options, ...).
     """
@@ -78,7 +90,7 @@ class ErrorModel:
         for j, name in enumerate(self.label_names):
             p = self.params[name]
             noise[:, j] = _noise_sigma(formal[:, j], p["scale"], p["power"], p["sigma0"])
-            floor[:, j] = _floor(np.asarray(p["floor"], float), z)
+            floor[:, j] = _floor(np.asarray(p["floor"], float), z, p.get("curvature"))
         return noise, floor
 
     def total(self, labels, formal):
@@ -126,7 +138,8 @@ class ErrorModel:
                 raise ValueError("center/spread do not match the labels")
             for n in em.label_names:
                 p = em.params[n]
-                if np.asarray(p["floor"]).shape != (L + 1,) or not p["sigma0"] > 0:
+                if np.asarray(p["floor"]).shape != (L + 1,) or not p["sigma0"] > 0 or (
+                        "curvature" in p and np.asarray(p["curvature"]).shape != (L,)):
                     raise ValueError(f"bad parameters for {n}")
         except (KeyError, TypeError) as err:
             raise ValueError(f"not an error-model record: {err}") from None
@@ -145,7 +158,7 @@ def _noise_sigma(formal, scale, power, sigma0):
 
 
 def fit_error_model(fitted, formal, reference, label_names, reference_errors=None,
-                    training_labels=None, info=None):
+                    training_labels=None, info=None, curvature=False):
     """Fit an ``ErrorModel`` to held-out fits and reference labels.
 
     Parameters
@@ -166,6 +179,13 @@ def fit_error_model(fitted, formal, reference, label_names, reference_errors=Non
         (default: ``reference``).
     info : dict, optional
         Recorded with the model (e.g. the reference's name).
+    curvature : bool
+        Let the floor rise towards both ends of each label (c · z², c >= 0): for a
+        model of ideal spectra, whose misfit grows towards the ends of its label
+        range (``calibrate_forward_model`` sets it). Off, the floor is log-linear in
+        the labels: a data-driven model cross-validated on the survey's own stars
+        misfits its edges mostly in catastrophic fits, and the curvature spent on
+        them overstated the errors of its other high-S/N stars (docs/lab.md).
 
     Returns
     -------
@@ -191,13 +211,15 @@ def fit_error_model(fitted, formal, reference, label_names, reference_errors=Non
     for j, name in enumerate(label_names):
         r = fitted[:, j] - reference[:, j]
         ok = np.isfinite(r) & np.isfinite(formal[:, j]) & (formal[:, j] > 0)
-        if ok.sum() < 4 * (L + 3):
+        n_min = 4 * (3 + L + (L if curvature else 0))  # four stars a parameter
+        if ok.sum() < n_min:
             raise ValueError(f"{name}: only {int(ok.sum())} usable held-out fits to calibrate "
-                             f"errors on (need >= {4 * (L + 3)})")
+                             f"errors on (need >= {n_min})")
         sigma0 = float(np.median(formal[ok, j]))
         p = None
         for _ in range(2):
-            p = _fit_one(r[ok], formal[ok, j], z[ok], ref_var[ok, j], sigma0, minimize, p)
+            p = _fit_one(r[ok], formal[ok, j], z[ok], ref_var[ok, j], sigma0, minimize, p,
+                         curvature)
             var = _variance(p, formal[:, j], z, sigma0) + ref_var[:, j]
             with np.errstate(invalid="ignore"):
                 keep = ok & (np.abs(r) <= CLIP_SIGMA * np.sqrt(var))
@@ -206,22 +228,29 @@ def fit_error_model(fitted, formal, reference, label_names, reference_errors=Non
             ok = keep
         n_used.append(int(ok.sum()))
         params[name] = dict(scale=float(np.exp(p[0])), power=float(p[1]), sigma0=sigma0,
-                            floor=[float(x) for x in p[2:]])
+                            floor=[float(x) for x in p[2:L + 3]])
+        if curvature:
+            params[name]["curvature"] = [float(x) for x in p[L + 3:]]
     info = dict(info or {}, n_stars=int(len(fitted)), n_used=dict(zip(label_names, n_used)))
     return ErrorModel(label_names, center, spread, params, info)
 
 
-def _floor(coef, z):
+def _floor(coef, z, curvature=None):
     lim = np.log(FLOOR_RANGE)
-    return np.exp(coef[0] + np.clip(z @ coef[1:], -lim, lim))
+    shape = z @ coef[1:]
+    if curvature is not None:
+        shape = shape + (z * z) @ np.asarray(curvature, float)
+    return np.exp(coef[0] + np.clip(shape, -lim, lim))
 
 
 def _variance(p, formal, z, sigma0):
-    return _noise_sigma(formal, np.exp(p[0]), p[1], sigma0) ** 2 + _floor(p[2:], z) ** 2
+    L = z.shape[1]
+    return (_noise_sigma(formal, np.exp(p[0]), p[1], sigma0) ** 2
+            + _floor(p[2:L + 3], z, p[L + 3:] if len(p) > L + 3 else None) ** 2)
 
 
-def _fit_one(r, formal, z, ref_var, sigma0, minimize, start):
-    """Maximum-likelihood parameters (log s, γ, b₀, b) of one label."""
+def _fit_one(r, formal, z, ref_var, sigma0, minimize, start, curvature):
+    """Maximum-likelihood parameters (log s, γ, b₀, b[, c]) of one label."""
     L = z.shape[1]
 
     def nll(p):
@@ -229,13 +258,19 @@ def _fit_one(r, formal, z, ref_var, sigma0, minimize, start):
         return 0.5 * np.sum(r * r / v + np.log(v))
 
     if start is None:
-        start = np.zeros(3 + L)
+        start = np.zeros(3 + L + (L if curvature else 0))
         start[1] = 1.0
         start[2] = np.log(max(np.std(r), 1e-12) / 2)
     # the noise part scales with the formal error (power 1 for noise the ivar understates
     # by a constant factor); the bounds keep it physical where it extrapolates (S/N far
-    # below or above the calibration stars'), the floor takes what does not scale
-    bounds = [(-5, 5), (0.5, 1.5), (None, None)] + [(-3, 3)] * L
+    # below or above the calibration stars'), the floor takes what does not scale. Its
+    # scale s is at least 1: the noise the ivar states is in every fit. Over the
+    # calibration stars' S/N range a floor shaped by the labels can otherwise stand in for
+    # it (s near 0), and below that range the errors then stop growing as the noise does.
+    # The curvature is not negative: a floor dipping at a label's ends would be a small
+    # calibration set's accident, not a model that fits its edge stars better
+    bounds = ([(np.log(NOISE_SCALE_MIN), 5), (0.5, 1.5), (None, None)] + [(-3, 3)] * L
+              + [(0, CURVATURE_MAX)] * (L if curvature else 0))
     return minimize(nll, start, method="L-BFGS-B", bounds=bounds).x
 
 
@@ -288,7 +323,8 @@ def calibrate_forward_model(model, flux, ivar, reference, fit, reference_errors=
        scale errors of a model of ideal spectra, as ASPCAP calibrates its labels),
        applied by ``recalibrate_labels``;
     4. ``model.error_model``, the (recalibrated) fits' calibrated errors against
-       the reference labels (``fit_error_model``).
+       the reference labels (``fit_error_model`` with the floor's curvature: a
+       model of ideal spectra misfits most at both ends of its labels).
 
     Parameters
     ----------
@@ -351,7 +387,7 @@ def calibrate_forward_model(model, flux, ivar, reference, fit, reference_errors=
     model.error_model = fit_error_model(
         np.where(use[:, None], res.labels, np.nan), res.errors, reference, model.label_names,
         reference_errors=reference_errors, training_labels=reference,
-        info=dict(reference="reference stars", n_rounds=int(n_rounds)))
+        info=dict(reference="reference stars", n_rounds=int(n_rounds)), curvature=True)
     model.train_info = dict(info, calibration=dict(n_stars=int(len(flux)), n_fitted=int(ok.sum()),
                                              n_used=int(use.sum()),
                                              median_reduced_chi2_before=before,
