@@ -5,7 +5,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from cannon_fast import CannonModel, available_backends, fit_spectra
 from cannon_fast.core import vectorizer as vz
-from cannon_fast.core.fitting import FLAGS, fit_trf
+from cannon_fast.core.fitting import FLAGS, fit_broadened, fit_trf
 from cannon_fast.testing import make_synthetic, synthetic_grid
 
 
@@ -550,6 +550,16 @@ def test_batches_in_concurrent_streams_give_the_one_stream_fit(setup, backend, m
             monkeypatch.setattr(threads, "kernel_threads", lambda backend: 2)
         for name in ("labels", "errors", "covariance", "chi2", "flags", "iterations"):
             assert getattr(streams, name).tobytes() == getattr(one, name).tobytes(), name
+    # the broadened fit's batches too (numpy and BLAS only)
+    start = model.fit(test.flux, test.ivar, debias=False, backend=backend)
+    monkeypatch.setattr(model, "backend", backend)  # streams follow the model's backend
+    broad = fit_broadened(model, test.flux, test.ivar, start=start, batch_size=8)
+    with limited_threads(1):
+        monkeypatch.setattr(threads, "kernel_threads", lambda backend: 1)
+        one = fit_broadened(model, test.flux, test.ivar, start=start, batch_size=8)
+        monkeypatch.setattr(threads, "kernel_threads", lambda backend: 2)
+    for name in ("labels", "errors", "broadening", "broadening_error", "chi2", "flags"):
+        assert getattr(broad, name).tobytes() == getattr(one, name).tobytes(), name
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda _: model.fit(test.flux, test.ivar, batch_size=8,
                                                  backend=backend), range(2)))

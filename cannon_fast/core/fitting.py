@@ -1177,7 +1177,7 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
     bar = progress(total=len(use), desc="fitting labels + broadening", unit="star",
                    disable=None if progress_bar is None and len(use) > batch_size
                    else not progress_bar)
-    for b0 in range(0, len(use), batch_size):
+    def fit_batch(b0):
         rows = use[b0:b0 + batch_size]
         n = len(rows)
         f, w, _ = _batch_weights(flux[rows], ivar[rows], model.s2, broad.good_pixels)
@@ -1219,6 +1219,14 @@ def fit_broadened(model, flux, ivar, start=None, batch_size=256, max_iter=100, x
         flags[np.any(np.isclose(p, lo) | np.isclose(p, hi), axis=1)] |= FLAGS["HIT_BOUND"]
         flags[~np.all(np.isfinite(diag) & (diag > 0), axis=1)] |= FLAGS["FAILED"]
         out.flags[rows] |= flags
+        return n
+
+    # batches side by side in single-threaded streams when there are threads (as
+    # fit_cannon's): each writes its own rows of `out`; numpy and BLAS only, so the
+    # model's backend only says whether streams are allowed
+    backend = resolve_backend(model.backend)
+    batches = range(0, len(use), batch_size)
+    for n in map_in_streams(fit_batch, batches, stream_count(backend, len(batches)), backend):
         bar.update(n)
     bar.close()
     return _mark_label_flags(model, out)
