@@ -27,9 +27,18 @@ def test_streams_keep_order_lend_each_scratch_once_and_put_limits_back(backend):
     assert got == [i * i for i in range(12)]
     assert all(n == 1 for _, n in seen)  # kernels and BLAS held to one thread inside
     assert threads.kernel_threads(backend) == before
-    # an error in a task reaches the caller, and the limits are still put back
+    # an error in a task reaches the caller, the items not started are dropped, and the
+    # limits are still put back
+    started = []
+
+    def fails_at_5(i):
+        started.append(i)
+        time.sleep(0.01)
+        return 1 // (i - 5)
+
     with pytest.raises(ZeroDivisionError):
-        list(threads.map_in_streams(lambda i: 1 // (i - 5), range(8), 2, backend))
+        list(threads.map_in_streams(fails_at_5, range(200), 2, backend))
+    assert len(started) < 50
     assert threads.kernel_threads(backend) == before
 
 

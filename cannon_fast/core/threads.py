@@ -216,5 +216,9 @@ def _threaded_map(fn, items, n_streams, backend, scratch):
         finally:
             free.put(s)
 
-    with limited_threads(1, numba=numba), ThreadPoolExecutor(n_streams) as pool:
-        yield from pool.map(task, items)
+    with limited_threads(1, numba=numba):
+        pool = ThreadPoolExecutor(n_streams)
+        try:
+            yield from pool.map(task, items)
+        finally:  # after an error (or an abandoned map) the items not started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
