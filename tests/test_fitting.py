@@ -570,3 +570,19 @@ def test_batches_in_concurrent_streams_give_the_one_stream_fit(setup, backend, m
     with pytest.raises(ValueError, match=r"ivar has negative values at star 33 \(2 pixels"):
         model.fit(test.flux, ivar, batch_size=8, backend=backend)
     assert kernel_threads(backend) == before
+
+
+def test_work_buffer_pool_holds_no_more_sets_than_were_in_use_at_once():
+    """A set for another grid or a smaller batch is replaced, not kept beside the new one."""
+    from cannon_fast.core.fitting import _BufferPool
+
+    pool = _BufferPool()
+    for batch, n_pix in ((64, 300), (32, 300), (64, 400), (128, 400), (16, 300)):
+        with pool.take(batch, n_pix) as (w, wr):
+            assert w.shape[0] >= batch and w.shape[1] == n_pix and wr.shape == w.shape
+    assert len(pool._spare) == 1
+    with pool.take(64, 300) as first, pool.take(64, 300) as second:  # two streams at once
+        assert first[0] is not second[0]
+    assert len(pool._spare) == 2
+    with pool.take(32, 300) as again:  # reused, not made anew
+        assert again[0] is first[0] or again[0] is second[0]

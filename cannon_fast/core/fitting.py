@@ -638,21 +638,26 @@ class _BufferPool:
     Kept from one fit to the next (~50 MB for 512 stars of 8575 pixels): fresh ones
     cost their first-touch page faults in every call, as much as a fifth of a
     1024-star call's fit (a survey chunk fits 1024 stars at a time). A pool, not one
-    set per thread, so that a fit's short-lived stream threads reuse them too; it
-    keeps at most as many sets as were in use at once, up to ``max_kept``.
+    set per thread, so that a fit's short-lived stream threads reuse them too. A set
+    that fits no request is dropped when a new one is made in its place, so the pool
+    never holds more sets than were ever in use at once.
     """
 
-    def __init__(self, max_kept=8):
+    def __init__(self):
         self._lock = threading.Lock()
         self._spare = []
-        self.max_kept = max_kept
 
     @contextlib.contextmanager
     def take(self, batch, n_pix):
         with self._lock:
             fits = [i for i, (w, _) in enumerate(self._spare)
                     if w.shape[0] >= batch and w.shape[1] == n_pix]
-            buffers = self._spare.pop(fits[-1]) if fits else None
+            if fits:
+                buffers = self._spare.pop(fits[-1])
+            else:
+                if self._spare:  # too small, or for another grid: this request replaces it
+                    self._spare.pop(0)
+                buffers = None
         if buffers is None:
             buffers = (np.empty((batch, n_pix), np.float32), np.empty((batch, n_pix)))
         try:
@@ -660,7 +665,6 @@ class _BufferPool:
         finally:
             with self._lock:
                 self._spare.append(buffers)
-                del self._spare[:-self.max_kept]
 
 
 #: The fits' work buffers (see _BufferPool).

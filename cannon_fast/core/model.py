@@ -340,9 +340,10 @@ class CannonModel:
         # more than blocks save (several times more on a loaded machine, where a region
         # waits for a descheduled thread): a pass is one block there, or three for a
         # later pass whose gathered columns outgrow the one (N, P) buffer.
-        streams = stream_count(self.backend, n_pix // _pixel_block(n_stars))
+        pixel_block = _pixel_block(n_stars)
+        streams = stream_count(self.backend, n_pix // pixel_block)
         threaded = streams == 1 and kernel_threads(self.backend) > 1
-        block = n_pix if threaded else min(n_pix, _pixel_block(n_stars))
+        block = n_pix if threaded else min(n_pix, pixel_block)
         works = [np.empty(n_stars * n_pix if threaded else 3 * n_stars * block)
                  for _ in range(streams)]
         gram = (monomials_t, mono_index)

@@ -7,7 +7,8 @@ alternates products and kernels runs faster as independent single-threaded
 streams, one per core: the survey's worker processes (single-threaded for their
 whole life, :func:`limit_threads`), a chunk run in a caller's process with
 ``n_threads`` (:func:`limited_threads`, which leaves the caller's settings as it
-found them), and the batches of one fit (``fitting``'s threads).
+found them), and within one call the batches of a fit, the pixel blocks of
+training (:func:`map_in_streams`).
 """
 from __future__ import annotations
 
