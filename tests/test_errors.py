@@ -174,6 +174,30 @@ def test_calibration_of_an_exact_model_keeps_errors_honest(calibrated):
     assert np.array_equal(raw.errors, r.formal_errors)
 
 
+
+def test_cli_fit_writes_the_calibrated_errors(calibrated, tmp_path):
+    """`cannon-fast fit` gives the errors `model.fit` and `label` give, with both parts."""
+    from astropy.table import Table
+
+    from cannon_fast.cli import main
+
+    m, test = calibrated
+    m.write(tmp_path / "m.npz")
+    np.savez(tmp_path / "s.npz", flux=test.flux[:50], ivar=test.ivar[:50])
+    for method in ("fast", "trf"):
+        out = tmp_path / f"{method}.fits"
+        assert main(["fit", str(tmp_path / "s.npz"), "--model", str(tmp_path / "m.npz"),
+                     "--out", str(out), "--no-debias", "--method", method, "-q"]) == 0
+        t = Table.read(out)
+        formal = np.column_stack([t[n + "_ERR_FORMAL"] for n in m.label_names])
+        total = np.column_stack([t[n + "_ERR"] for n in m.label_names])
+        model_part = np.column_stack([t[n + "_ERR_MODEL"] for n in m.label_names])
+        assert np.allclose(total ** 2, formal ** 2 + model_part ** 2)
+        assert np.all(total >= formal) and np.any(model_part > 0)
+    r = m.fit(test.flux[:50], test.ivar[:50], debias=False)
+    assert np.allclose(np.column_stack([Table.read(tmp_path / "fast.fits")[n + "_ERR"]
+                                        for n in m.label_names]), r.errors)
+
 def _correlated(spectra, seed, width=4):
     """The same stars with pixel-correlated noise of the stated per-pixel sigma.
 

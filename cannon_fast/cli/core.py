@@ -308,6 +308,8 @@ def _fit(args):
         print(f"cannon-fast fit: WARNING: {mismatch}", file=sys.stderr)
     result = fit_spectra(model, np.asarray(data["flux"][rows]), np.asarray(data["ivar"][rows]),
                          method=args.method, **kwargs)
+    if model.error_model is not None:  # the calibrated errors, as model.fit and label give
+        result = model.error_model.apply(result)
     dt = time.perf_counter() - t0
     ids = None if data["ids"] is None else np.asarray(data["ids"][rows])
     table = result.to_table(ids=ids)
